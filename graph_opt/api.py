@@ -1,0 +1,77 @@
+"""The Python API: the same operations as the CLI (`optimize`, `verify`, `inspect`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import onnx
+
+from graph_opt.data import Dataset, load_data
+from graph_opt.model_io import load_model
+from graph_opt.pass_base import Pass
+from graph_opt.pipeline import Pipeline, PipelineResult
+from graph_opt.registry import parse_spec
+from graph_opt.stats import ModelStats, measure_latency, model_stats
+from graph_opt.verify import ParityReport
+from graph_opt.verify import verify as _verify
+
+# The default recipe: every pass that is exact and always safe.
+DEFAULT_PASSES = ("fold_batchnorm", "cleanup")
+
+
+def _model(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+    return model_or_path if isinstance(model_or_path, onnx.ModelProto) else load_model(model_or_path)
+
+
+def _passes(passes: Sequence[Pass | str] | None) -> list[Pass]:
+    return [p if isinstance(p, Pass) else parse_spec(p) for p in (passes if passes is not None else DEFAULT_PASSES)]
+
+
+def optimize(model_or_path: onnx.ModelProto | str | os.PathLike, passes: Sequence[Pass | str] | None = None, *,
+             data: Any = None, calib_data: Any = None, shapes: dict[str, tuple[int, ...]] | None = None,
+             tolerances: dict[str, float] | None = None, rollback: bool = True, latency: bool = True,
+             latency_runs: int = 100, threads: int = 1, seed: int = 0, n_random: int = 8) -> PipelineResult:
+    """Run `passes` (configured passes or `name:key=value` specs) and verify against the original.
+
+    `data` (npz path, directory, dict of arrays, CalibrationDataReader, Dataset, or None for seeded
+    random inputs) is used for verification, and for calibration unless `calib_data` is given.
+    """
+    model = _model(model_or_path)
+    configured = _passes(passes)
+    verify_data = load_data(data, model, shapes=shapes, n_random=n_random, seed=seed)
+    calib = load_data(calib_data, model, shapes=shapes, seed=seed) if calib_data is not None else verify_data
+    pipeline = Pipeline(configured, verify_data=verify_data, calib_data=calib, tolerances=tolerances,
+                        rollback=rollback, latency=latency, latency_runs=latency_runs, threads=threads,
+                        seed=seed, shapes=shapes)
+    return pipeline.run(model)
+
+
+def verify(original: onnx.ModelProto | str | os.PathLike, candidate: onnx.ModelProto | str | os.PathLike, *,
+           data: Any = None, labels: Any = None, shapes: dict[str, tuple[int, ...]] | None = None,
+           tolerances: dict[str, float] | None = None, threads: int = 1, seed: int = 0,
+           n_random: int = 8, temperature: float = 1.0) -> ParityReport:
+    """Compare `candidate` to `original` under onnxruntime (optimizations off) on the same inputs."""
+    ref = _model(original)
+    cand = _model(candidate)
+    dataset: Dataset = load_data(data, ref, shapes=shapes, n_random=n_random, seed=seed)
+    if labels is not None:
+        import numpy as np
+
+        dataset = Dataset(dataset.inputs, np.asarray(labels), dataset.source)
+    return _verify(ref, cand, dataset, tolerances=tolerances, threads=threads, temperature=temperature)
+
+
+def inspect(model_or_path: onnx.ModelProto | str | os.PathLike, *, shapes: dict[str, tuple[int, ...]] | None = None,
+            latency: bool = True, runs: int = 50, threads: int = 1, seed: int = 0) -> ModelStats:
+    """Op histogram, parameters, bytes, MACs per layer and (optionally) median ORT latency."""
+    path_bytes = None
+    if not isinstance(model_or_path, onnx.ModelProto):
+        path_bytes = os.path.getsize(model_or_path) if os.path.isfile(model_or_path) else None
+    model = _model(model_or_path)
+    stats = model_stats(model, shapes=shapes, file_bytes=path_bytes)
+    if latency:
+        feed = load_data(None, model, shapes=shapes, n_random=1, seed=seed).sample(0)
+        stats.latency_ms = measure_latency([model], feed, runs=runs, threads=threads)[0]
+    return stats

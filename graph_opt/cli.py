@@ -1,0 +1,225 @@
+"""The `graph-opt` command line: the only place that prints.
+
+    graph-opt optimize MODEL -o OUT [--pass SPEC]... [--recipe FILE] [--data PATH] [--input-shape NAME=DIMS]...
+                             [--tolerance METRIC=VALUE]... [--report FILE.json] [--json]
+    graph-opt optimize --example -o OUT            (the built-in model and its data)
+    graph-opt verify ORIGINAL CANDIDATE [--data PATH] [--labels FILE] [--tolerance METRIC=VALUE]... [--json]
+    graph-opt inspect MODEL [--json]
+    graph-opt passes [--json]
+
+Exit codes: 0 success, 1 verification failed its tolerance, 2 user error (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graph_opt import api
+from graph_opt.data import Dataset, load_data, parse_shape_spec
+from graph_opt.errors import DataError, GraphOptError, ModelSaveError
+from graph_opt.model_io import write_atomic, load_model, save_model
+from graph_opt.pipeline import Pipeline
+from graph_opt.registry import catalog, describe, load_recipe, parse_spec
+from graph_opt.report import jsonable, parity_table, pipeline_table, stats_text
+from graph_opt.verify import parse_tolerance
+
+EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USER_ERROR = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too by default)
+        raise GraphOptError(f"{message} (see {self.prog} --help)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="graph-opt", description="Compress ONNX models by graph rewrites; verify parity under onnxruntime.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    opt = sub.add_parser("optimize", help="run passes on a model, verify against the original, save")
+    opt.add_argument("model", nargs="?", help="input .onnx model")
+    opt.add_argument("--example", action="store_true", help="use the built-in example model and its data")
+    opt.add_argument("-o", "--output", required=True, help="where to write the optimized model")
+    opt.add_argument("--pass", dest="passes", action="append", default=[], metavar="SPEC",
+                     help="a pass, as name or name:key=value,key=value (repeatable, run in order)")
+    opt.add_argument("--recipe", help="YAML/JSON file with an ordered list of passes")
+    _data_args(opt)
+    opt.add_argument("--calib-data", help="calibration data (default: --data)")
+    opt.add_argument("--report", help="JSON report path (default: OUTPUT with .json suffix)")
+    opt.add_argument("--no-rollback", action="store_true",
+                     help="stop with exit 1 (writing nothing) when a pass exceeds the tolerance, instead of rolling it back")
+    opt.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    opt.add_argument("--latency-runs", type=int, default=100, help="timed runs per model (interleaved)")
+    opt.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    ver = sub.add_parser("verify", help="compare a candidate model with the original under onnxruntime")
+    ver.add_argument("original")
+    ver.add_argument("candidate")
+    _data_args(ver)
+    ver.add_argument("--labels", help=".npy file of class labels (or use a 'labels' key in the .npz)")
+    ver.add_argument("--temperature", type=float, default=1.0, help="temperature of the KD loss")
+    ver.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    ins = sub.add_parser("inspect", help="op histogram, parameters, bytes, MACs per layer, latency")
+    ins.add_argument("model")
+    ins.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS")
+    ins.add_argument("--threads", type=int, default=1)
+    ins.add_argument("--runs", type=int, default=50, help="timed runs for the latency median")
+    ins.add_argument("--no-latency", action="store_true")
+    ins.add_argument("--json", action="store_true")
+
+    ps = sub.add_parser("passes", help="list every pass with its options and defaults")
+    ps.add_argument("--json", action="store_true")
+    return parser
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help=".npz file or directory of .npz files (default: seeded random inputs)")
+    p.add_argument("--samples", type=int, default=8, help="number of random samples when no --data is given")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS",
+                   help="bind dynamic dims, e.g. input=1x3x224x224 (repeatable)")
+    p.add_argument("--tolerance", action="append", default=[], metavar="METRIC=VALUE",
+                   help="e.g. cosine=0.999, snr_db=30, accuracy_drop=0.01, max_abs=1e-3 (repeatable)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _shapes(specs: list[str]) -> dict[str, tuple[int, ...]] | None:
+    return dict(parse_shape_spec(s) for s in specs) or None
+
+
+def _tolerances(specs: list[str]) -> dict[str, float]:
+    return dict(parse_tolerance(s) for s in specs)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(jsonable(obj), indent=2, default=str))
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    if args.example == bool(args.model):
+        raise GraphOptError("give either MODEL or --example")
+    shapes = _shapes(args.input_shape)
+    tolerances = _tolerances(args.tolerance)
+    passes = [parse_spec(s) for s in args.passes]
+    if args.recipe:
+        passes = load_recipe(args.recipe) + passes
+    if not passes:
+        passes = [parse_spec(s) for s in api.DEFAULT_PASSES]
+    if args.example:
+        from graph_opt import example
+
+        source = example.example_model_path()
+        model = example.example_model()
+        verify_data = load_data(args.data, model, shapes=shapes) if args.data else example.example_test()
+        calib = load_data(args.calib_data, model, shapes=shapes) if args.calib_data else example.example_calibration()
+    else:
+        source = Path(args.model)
+        model = load_model(source)
+        verify_data = load_data(args.data, model, shapes=shapes, n_random=args.samples, seed=args.seed)
+        calib = load_data(args.calib_data, model, shapes=shapes) if args.calib_data else verify_data
+    out = Path(args.output)
+    report_path = Path(args.report) if args.report else out.with_suffix(".json")
+    for target in (out, report_path):
+        if target.resolve() == source.resolve():
+            raise ModelSaveError(f"refusing to overwrite the input model {source}; choose another output path")
+        if not target.resolve().parent.is_dir():
+            raise ModelSaveError(f"output directory does not exist: {target.resolve().parent}")
+    pipeline = Pipeline(passes, verify_data=verify_data, calib_data=calib, tolerances=tolerances,
+                        rollback=not args.no_rollback, latency=not args.no_latency, latency_runs=args.latency_runs,
+                        threads=args.threads, seed=args.seed, shapes=shapes)
+    result = pipeline.run(model)
+    doc = {"input": str(source), "output": None, **result.to_dict()}
+    if not result.passed:
+        if args.json:
+            _print_json(doc)
+        else:
+            print(pipeline_table(result))
+        print(f"graph-opt: verification failed, nothing written: {result.stopped}", file=sys.stderr)
+        return EXIT_VERIFY_FAILED
+    saved = save_model(result.model, out, protect=(source,))
+    doc["output"] = str(saved)
+    doc["output_file_bytes"] = saved.stat().st_size
+    write_atomic(report_path.resolve(), json.dumps(jsonable(doc), indent=2, default=str).encode())
+    if args.json:
+        _print_json(doc)
+    else:
+        print(pipeline_table(result))
+        print(f"\nwrote {saved} ({saved.stat().st_size:,} bytes) and report {report_path}")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    shapes = _shapes(args.input_shape)
+    tolerances = _tolerances(args.tolerance)
+    original = load_model(args.original)
+    candidate = load_model(args.candidate)
+    data = load_data(args.data, original, shapes=shapes, n_random=args.samples, seed=args.seed)
+    if args.labels:
+        try:
+            labels = np.load(args.labels, allow_pickle=False)
+        except Exception as exc:
+            raise DataError(f"cannot read labels {args.labels}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+        if len(labels) != len(data):
+            raise DataError(f"{len(labels)} labels for {len(data)} samples")
+        data = Dataset(data.inputs, labels, data.source)
+    report = api._verify(original, candidate, data, tolerances=tolerances, threads=args.threads,
+                         temperature=args.temperature)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(parity_table(report))
+    return EXIT_OK if report.passed else EXIT_VERIFY_FAILED
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    stats = api.inspect(args.model, shapes=_shapes(args.input_shape), latency=not args.no_latency,
+                        runs=args.runs, threads=args.threads)
+    if args.json:
+        _print_json(stats.to_dict())
+    else:
+        print(stats_text(stats))
+    return EXIT_OK
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    entries = [{"name": cls.name, "summary": cls.summary(), "options": describe(cls)} for cls in catalog()]
+    if args.json:
+        _print_json(entries)
+        return EXIT_OK
+    for e in entries:
+        print(f"{e['name']}: {e['summary']}")
+        for o in e["options"]:
+            print(f"    {o['option']} ({o['type']}, default {o['default']!r})")
+    return EXIT_OK
+
+
+COMMANDS = {"optimize": cmd_optimize, "verify": cmd_verify, "inspect": cmd_inspect, "passes": cmd_passes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="graph-opt: %(message)s")
+        if not args.command:
+            parser.print_help(sys.stderr)
+            return EXIT_USER_ERROR
+        return COMMANDS[args.command](args)
+    except GraphOptError as exc:
+        print(f"graph-opt: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("graph-opt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

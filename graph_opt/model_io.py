@@ -1,0 +1,246 @@
+"""Model I/O: loading with external data, atomic saving, validation, graphsurgeon conversion.
+
+Loading checks what a user can get wrong before onnx does anything surprising: the path exists,
+the bytes parse as a ModelProto that has a graph, every external-data reference stays inside the
+model's folder and the referenced bytes exist. Saving never touches the input path and writes
+through a temporary file renamed into place, so a crash leaves either the old file or the new one.
+Models whose tensors exceed protobuf's 2 GB limit are saved with external data automatically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import external_data_helper
+
+from graph_opt.errors import InvalidModelError, ModelLoadError, ModelSaveError
+
+log = logging.getLogger(__name__)
+
+# Protobuf refuses to serialize messages of 2 GiB or more; stay clear of the limit.
+PROTOBUF_LIMIT = 2**31 - 2**20
+
+
+def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model with its external data; raise `ModelLoadError` with one clear line."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}")
+    if not path.is_file():
+        raise ModelLoadError(f"not a file: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, onnx may raise others
+        raise ModelLoadError(f"{path} is not a valid ONNX model (cannot parse: {_first_line(exc)})") from None
+    if not model.HasField("graph") or model.ir_version == 0:
+        raise ModelLoadError(f"{path} is not a valid ONNX model (no graph or no IR version)")
+    _load_external_data(model, path.parent.resolve(), path)
+    if check:
+        try:
+            if not needs_external_data(model):
+                onnx.checker.check_model(model)
+        except Exception as exc:
+            raise ModelLoadError(f"{path} fails onnx.checker: {_first_line(exc)}") from None
+    return model
+
+
+def _load_external_data(model: onnx.ModelProto, base: Path, path: Path) -> None:
+    tensors = [t for t in external_data_helper._get_all_tensors(model) if _is_external(t)]
+    for tensor in tensors:
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        target = (base / location).resolve()
+        if not location or os.path.isabs(location) or not _is_within(target, base):
+            raise ModelLoadError(
+                f"{path}: external data location {location!r} of tensor {tensor.name!r} "
+                "points outside the model's folder; refusing to read it")
+        if not target.is_file():
+            raise ModelLoadError(f"{path}: external data file missing for tensor {tensor.name!r}: {target}")
+        offset = int(info.get("offset", 0) or 0)
+        length = info.get("length")
+        needed = offset + (int(length) if length else 0)
+        if target.stat().st_size < needed:
+            raise ModelLoadError(
+                f"{path}: external data file {target.name} is truncated "
+                f"(tensor {tensor.name!r} needs {needed} bytes, file has {target.stat().st_size})")
+    if tensors:
+        try:
+            external_data_helper.load_external_data_for_model(model, str(base))
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: cannot read external data: {_first_line(exc)}") from None
+
+
+def _is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _is_within(target: Path, base: Path) -> bool:
+    try:
+        target.relative_to(base)
+        return True
+    except ValueError:
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of all weight data (initializers, Constant nodes, subgraphs), without serializing."""
+    total = 0
+    for t in external_data_helper._get_all_tensors(model):
+        if t.HasField("raw_data"):
+            total += len(t.raw_data)
+        else:
+            total += 4 * (len(t.float_data) + len(t.int32_data)) + 8 * (len(t.int64_data) + len(t.double_data))
+    return total
+
+
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    """True when the model cannot be one protobuf file (≥ 2 GB)."""
+    return tensor_bytes(model) >= PROTOBUF_LIMIT
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
+               protect: tuple[str | os.PathLike, ...] = (),
+               external_data: bool | None = None) -> Path:
+    """Write `model` to `path` atomically (temporary file, then rename).
+
+    `protect` lists paths that must never be overwritten (the input model). `external_data`
+    None chooses automatically: external data when the model would exceed protobuf's 2 GB limit;
+    the data then goes to `<name>.data` next to the model.
+    """
+    path = Path(path)
+    target = path.resolve()
+    for p in protect:
+        if p is not None and Path(p).exists() and target == Path(p).resolve():
+            raise ModelSaveError(f"refusing to overwrite the input model {p}; choose another output path")
+    if not target.parent.is_dir():
+        raise ModelSaveError(f"output directory does not exist: {target.parent}")
+    if target.is_dir():
+        raise ModelSaveError(f"output path is a directory: {target}")
+    if external_data is None:
+        external_data = needs_external_data(model)
+    try:
+        if external_data:
+            _save_external(model, target)
+        else:
+            write_atomic(target, model.SerializeToString())
+    except OSError as exc:
+        raise ModelSaveError(f"cannot write {target}: {exc.strerror or exc}") from None
+    return target
+
+
+def write_atomic(target: Path, payload: bytes) -> None:
+    """Write bytes through a temporary file in the same folder, fsync, then rename into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _save_external(model: onnx.ModelProto, target: Path) -> None:
+    """Model + `<name>.data`, both written in a private temp dir then renamed into place."""
+    data_name = target.name + ".data"
+    tmpdir = tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        tmp_model = Path(tmpdir) / target.name
+        onnx.save_model(work, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        # The data file goes first: a model file is only ever visible next to complete data.
+        os.replace(Path(tmpdir) / data_name, target.parent / data_name)
+        os.replace(tmp_model, target)
+    finally:
+        for leftover in Path(tmpdir).glob("*"):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        with contextlib.suppress(OSError):
+            os.rmdir(tmpdir)
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy (protobuf CopyFrom copies every byte, weights included)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def check_model(model: onnx.ModelProto, *, full: bool = True) -> onnx.ModelProto:
+    """Run onnx.checker (with strict shape inference when `full`); return the shape-inferred model.
+
+    Raises `InvalidModelError` with the checker's first line.
+    """
+    try:
+        if not needs_external_data(model):
+            onnx.checker.check_model(model, full_check=full)
+            return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=full)
+        return model  # > 2 GB: the checker needs a path; callers check the saved file instead
+    except Exception as exc:
+        raise InvalidModelError(f"model fails onnx.checker: {_first_line(exc)}") from None
+
+
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    """ModelProto → graphsurgeon Graph that owns private copies of every weight.
+
+    graphsurgeon shares numpy arrays between graphs (and `Graph.copy()` does too), so a pass that
+    edits a weight in place would edit the caller's model; here every Constant gets its own array.
+    """
+    graph = gs.import_onnx(model)
+    for tensor in _all_tensors(graph):
+        if isinstance(tensor, gs.Constant):
+            tensor.values = np.array(tensor.values, copy=True)
+    return graph
+
+
+def _all_tensors(graph: gs.Graph):
+    seen = set()
+    for g in [graph, *_subgraphs(graph)]:
+        for tensor in g.tensors().values():
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                yield tensor
+
+
+def _subgraphs(graph: gs.Graph):
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            for sub in value if isinstance(value, list) else [value]:
+                if isinstance(sub, gs.Graph):
+                    yield sub
+                    yield from _subgraphs(sub)
+
+
+def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """graphsurgeon Graph → ModelProto keeping `like`'s IR version, opsets, metadata and functions."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = like.ir_version
+    del model.opset_import[:]
+    model.opset_import.extend(like.opset_import)
+    model.producer_name = like.producer_name
+    model.producer_version = like.producer_version
+    model.domain = like.domain
+    model.model_version = like.model_version
+    model.doc_string = like.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(like.metadata_props)
+    del model.functions[:]
+    model.functions.extend(like.functions)
+    return model

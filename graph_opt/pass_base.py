@@ -1,0 +1,138 @@
+"""The pass contract: one entry point, a new model out, an honest `modified` flag and a report.
+
+A pass is a frozen keyword-only dataclass whose fields are its typed options::
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class FactorizeGemm(Pass):
+        name: ClassVar[str] = "factorize_gemm"
+        rank_ratio: float = 0.5
+
+        def run(self, model, report, ctx):
+            ...  # match, then rewrite; report.rewrite(...) / report.skip(...)
+            return model
+
+`Pass.__call__` owns the template: it hands `run` a private deep copy (so the caller's model is
+never mutated, whatever `run` does), and derives `modified` from what `run` reported as
+rewritten, so the flag cannot drift from the report. Validity of the output (onnx.checker,
+onnxruntime load, fidelity) is checked by the pipeline after every pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+
+from graph_opt.model_io import copy_model
+
+if typing.TYPE_CHECKING:
+    from graph_opt.data import Dataset
+
+
+@dataclass
+class Skip:
+    """A node (or group) the pass looked at and left untouched, with the reason."""
+
+    node: str
+    reason: str
+
+
+@dataclass
+class PassReport:
+    """What one pass did: rewritten nodes with their chosen parameters, skips with reasons."""
+
+    pass_name: str
+    options: dict[str, Any]
+    rewritten: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def rewrite(self, node: str, **details: Any) -> None:
+        self.rewritten.append({"node": node, **details})
+
+    def skip(self, node: str, reason: str) -> None:
+        self.skipped.append(Skip(node, reason))
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pass": self.pass_name,
+            "options": _jsonable(self.options),
+            "rewritten": _jsonable(self.rewritten),
+            "skipped": [{"node": s.node, "reason": s.reason} for s in self.skipped],
+            "notes": list(self.notes),
+        }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    return value
+
+
+@dataclass(frozen=True)
+class PassResult:
+    model: onnx.ModelProto
+    modified: bool
+    report: PassReport
+
+
+@dataclass
+class PassContext:
+    """What a pass may use besides the model: calibration data, the original model, a seed."""
+
+    data: Dataset | None = None
+    original: onnx.ModelProto | None = None
+    history: list[PassReport] = field(default_factory=list)
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pass:
+    """Base class of every pass. Subclasses are frozen kw-only dataclasses (fields = options)."""
+
+    name: ClassVar[str] = ""
+    needs_data: ClassVar[bool] = False
+
+    def __call__(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> PassResult:
+        report = PassReport(self.name, self.options())
+        out = self.run(copy_model(model), report, ctx or PassContext())
+        return PassResult(out, bool(report.rewritten), report)
+
+    def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
+        """Rewrite `model` (a private copy: editing it is fine) and return the result."""
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def spec(self) -> str:
+        """The `name:key=value,...` spelling of this configured pass (non-default options only)."""
+        changed = [f"{f.name}={_spell(getattr(self, f.name))}" for f in dataclasses.fields(self)
+                   if getattr(self, f.name) != f.default]
+        return self.name + (":" + ",".join(changed) if changed else "")
+
+
+def _spell(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    return str(value)

@@ -1,0 +1,256 @@
+"""The one parity harness: run the original and a candidate under onnxruntime and compare.
+
+Strict defaults, shared by the pipeline, the CLI and the tests: CPU execution provider, graph
+optimizations OFF (onnxruntime's own fusions must not hide a wrong rewrite), explicit thread count,
+the same seeded or user-given inputs for both models. Per output it reports max abs error,
+relative L2 error, cosine similarity and SNR; for 2-D float outputs read as logits, top-1/top-5
+agreement and the soft-label KD loss; task accuracy of both models when labels are known.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from graph_opt import metrics
+from graph_opt.data import Dataset, batch_size_for
+from graph_opt.errors import GraphOptError, InvalidModelError
+from graph_opt.progress import progress
+
+log = logging.getLogger(__name__)
+
+
+def session_options(*, optimize: bool = False, threads: int = 1) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    # Spinning worker threads steal CPU from the next session timed on a 2-core machine.
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
+def make_session(model: onnx.ModelProto, *, optimize: bool = False, threads: int = 1) -> ort.InferenceSession:
+    """An onnxruntime CPU session; a model that onnxruntime refuses raises `InvalidModelError`."""
+    try:
+        return ort.InferenceSession(model.SerializeToString(), session_options(optimize=optimize, threads=threads),
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InvalidModelError(f"onnxruntime cannot load the model: {first[:300]}") from None
+
+
+def run_model(model_or_session: onnx.ModelProto | ort.InferenceSession, data: Dataset, *,
+              batch_size: int | None = None, threads: int = 1, desc: str = "run") -> dict[str, np.ndarray]:
+    """All outputs of the model over every sample of `data`, concatenated on axis 0."""
+    if isinstance(model_or_session, onnx.ModelProto):
+        session = make_session(model_or_session, threads=threads)
+        bs = batch_size or batch_size_for(model_or_session)
+    else:
+        session = model_or_session
+        bs = batch_size or 32
+    names = [o.name for o in session.get_outputs()]
+    chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    n = len(data)
+    for feed in progress(data.batches(bs), total=math.ceil(n / bs), desc=desc):
+        try:
+            outs = session.run(names, feed)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise GraphOptError(f"onnxruntime failed to run the model on {data.source}: {first[:300]}") from None
+        for name, value in zip(names, outs):
+            chunks[name].append(np.asarray(value))
+    return {name: _concat(parts) for name, parts in chunks.items()}
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    if len(parts) == 1:
+        return parts[0]
+    if all(p.ndim and p.shape[1:] == parts[0].shape[1:] for p in parts):
+        return np.concatenate(parts)
+    return np.concatenate([p.ravel() for p in parts])  # varying shapes: compare element-wise
+
+
+@dataclass
+class OutputParity:
+    name: str
+    shape: tuple[int, ...]
+    max_abs: float
+    rel_error: float
+    cosine: float
+    snr_db: float
+    top1: float | None = None
+    top5: float | None = None
+    kd_loss: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _num(v) for k, v in self.__dict__.items()}
+
+
+def _num(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return "inf" if v > 0 else ("-inf" if v < 0 else "nan")
+    if isinstance(v, tuple):
+        return list(v)
+    return v
+
+
+@dataclass
+class ParityReport:
+    """Candidate vs reference on the same inputs."""
+
+    outputs: list[OutputParity]
+    samples: int
+    data_source: str
+    accuracy_reference: float | None = None
+    accuracy_candidate: float | None = None
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def cosine(self) -> float:
+        return min(o.cosine for o in self.outputs)
+
+    @property
+    def snr_db(self) -> float:
+        return min(o.snr_db for o in self.outputs)
+
+    @property
+    def max_abs(self) -> float:
+        return max(o.max_abs for o in self.outputs)
+
+    @property
+    def rel_error(self) -> float:
+        return max(o.rel_error for o in self.outputs)
+
+    @property
+    def top1(self) -> float | None:
+        values = [o.top1 for o in self.outputs if o.top1 is not None]
+        return min(values) if values else None
+
+    def metric(self, name: str) -> float | None:
+        """Worst value over outputs of one tolerance metric."""
+        if name == "accuracy":
+            return self.accuracy_candidate
+        if name == "accuracy_drop":
+            if self.accuracy_reference is None or self.accuracy_candidate is None:
+                return None
+            return self.accuracy_reference - self.accuracy_candidate
+        values = [getattr(o, name) for o in self.outputs if getattr(o, name) is not None]
+        if not values:
+            return None
+        return min(values) if TOLERANCE_METRICS[name] == "min" else max(values)
+
+    @property
+    def passed(self) -> bool:
+        return not self.violations
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "data": self.data_source,
+            "outputs": [o.to_dict() for o in self.outputs],
+            "accuracy_reference": self.accuracy_reference,
+            "accuracy_candidate": self.accuracy_candidate,
+            "violations": list(self.violations),
+            "passed": self.passed,
+        }
+
+
+# metric → whether the tolerance is a floor ("min") or a ceiling ("max")
+TOLERANCE_METRICS = {
+    "cosine": "min", "snr_db": "min", "top1": "min", "top5": "min", "accuracy": "min",
+    "max_abs": "max", "rel_error": "max", "kd_loss": "max", "accuracy_drop": "max",
+}
+
+
+def parse_tolerance(text: str) -> tuple[str, float]:
+    """``cosine=0.999`` → ('cosine', 0.999)."""
+    name, sep, value = text.partition("=")
+    name = name.strip()
+    if not sep or name not in TOLERANCE_METRICS:
+        raise GraphOptError(f"bad --tolerance {text!r}: expected METRIC=VALUE with METRIC one of "
+                            + ", ".join(TOLERANCE_METRICS))
+    try:
+        return name, float(value)
+    except ValueError:
+        raise GraphOptError(f"bad --tolerance {text!r}: {value!r} is not a number") from None
+
+
+def check_tolerances(report: ParityReport, tolerances: dict[str, float]) -> list[str]:
+    """Human-readable violations of `tolerances` (empty when all hold)."""
+    out = []
+    for name, bound in tolerances.items():
+        value = report.metric(name)
+        if value is None:
+            out.append(f"{name}: not measurable on this model/data (no labels or no logits output)")
+            continue
+        kind = TOLERANCE_METRICS[name]
+        if (kind == "min" and not value >= bound) or (kind == "max" and not value <= bound):
+            out.append(f"{name} = {value:.6g} {'<' if kind == 'min' else '>'} {bound:g}")
+    return out
+
+
+def is_logits(value: np.ndarray) -> bool:
+    return value.dtype.kind == "f" and value.ndim == 2 and value.shape[1] >= 2
+
+
+def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], *,
+                    labels: np.ndarray | None = None, temperature: float = 1.0,
+                    data_source: str = "", tolerances: dict[str, float] | None = None) -> ParityReport:
+    outputs = []
+    missing = [n for n in reference if n not in candidate]
+    if missing:
+        raise InvalidModelError(f"candidate lacks output {missing[0]!r} of the original model")
+    acc_ref = acc_cand = None
+    for name, ref in reference.items():
+        cand = candidate[name]
+        if ref.shape != cand.shape:
+            raise InvalidModelError(f"output {name!r}: candidate shape {cand.shape} differs from original {ref.shape}")
+        if ref.dtype.kind not in "fiub":
+            continue
+        par = OutputParity(name, tuple(ref.shape), metrics.max_abs_error(ref, cand), metrics.rel_error(ref, cand),
+                           metrics.cosine(ref, cand), metrics.snr_db(ref, cand))
+        if is_logits(ref) and np.all(np.isfinite(cand)):
+            par.top1 = metrics.top1_agreement(ref, cand)
+            par.top5 = metrics.topk_agreement(ref, cand, 5)
+            par.kd_loss = metrics.kd_loss(ref, cand, temperature=temperature)
+            if labels is not None and acc_ref is None and len(labels) == len(ref):
+                acc_ref = metrics.accuracy(ref, labels)
+                acc_cand = metrics.accuracy(cand, labels)
+        outputs.append(par)
+    report = ParityReport(outputs, len(next(iter(reference.values()))) if reference else 0, data_source, acc_ref, acc_cand)
+    if tolerances:
+        report.violations = check_tolerances(report, tolerances)
+    return report
+
+
+class Reference:
+    """The original model's outputs on a dataset, computed once and compared against many candidates."""
+
+    def __init__(self, original: onnx.ModelProto, data: Dataset, *, threads: int = 1, temperature: float = 1.0):
+        self.data = data
+        self.batch_size = batch_size_for(original)
+        self.threads = threads
+        self.temperature = temperature
+        self.outputs = run_model(original, data, batch_size=self.batch_size, threads=threads, desc="reference")
+
+    def compare(self, candidate: onnx.ModelProto, tolerances: dict[str, float] | None = None) -> ParityReport:
+        cand = run_model(candidate, self.data, batch_size=self.batch_size, threads=self.threads, desc="candidate")
+        return compare_outputs(self.outputs, cand, labels=self.data.labels, temperature=self.temperature,
+                               data_source=self.data.source, tolerances=tolerances)
+
+
+def verify(original: onnx.ModelProto, candidate: onnx.ModelProto, data: Dataset, *,
+           tolerances: dict[str, float] | None = None, threads: int = 1, temperature: float = 1.0) -> ParityReport:
+    """Run both models on `data` (optimizations off) and compare every output."""
+    return Reference(original, data, threads=threads, temperature=temperature).compare(candidate, tolerances)

@@ -1,0 +1,1 @@
+"""Pure numerics (numpy/tensorly only): decompositions, quantizers, importance scores, solvers."""

@@ -1,0 +1,11 @@
+"""The passes of graph-opt, one module each; `PASSES` is the registry, one explicit list."""
+
+from graph_opt.passes.cleanup import Cleanup
+from graph_opt.passes.fold_batchnorm import FoldBatchnorm
+
+PASSES = (
+    FoldBatchnorm,
+    Cleanup,
+)
+
+__all__ = ["PASSES", "Cleanup", "FoldBatchnorm"]

@@ -1,0 +1,62 @@
+"""Small graphsurgeon helpers shared by the passes (matching, naming, constant access)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+
+def constant(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant tensor (initializer or Constant node output), else None."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        value = tensor.inputs[0].attrs.get("value")
+        if isinstance(value, gs.Constant):
+            return np.asarray(value.values)
+    return None
+
+
+def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(t is tensor for t in graph.outputs)
+
+
+def sole_consumer(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
+    """The only node reading `tensor`, when it is not also a graph output."""
+    if len(tensor.outputs) != 1 or is_graph_output(graph, tensor):
+        return None
+    return tensor.outputs[0]
+
+
+def used_once(tensor: gs.Tensor) -> bool:
+    """True when exactly one node input slot reads this tensor (weights shared by nodes fail)."""
+    return sum(1 for node in tensor.outputs for t in node.inputs if t is tensor) == 1
+
+
+class Namer:
+    """Fresh, unique tensor/node names derived from a base (never reuses an existing name)."""
+
+    def __init__(self, graph: gs.Graph):
+        self.taken = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+
+    def __call__(self, base: str) -> str:
+        base = base or "t"
+        if base not in self.taken:
+            self.taken.add(base)
+            return base
+        for i in itertools.count(1):
+            name = f"{base}_{i}"
+            if name not in self.taken:
+                self.taken.add(name)
+                return name
+        raise AssertionError("unreachable")
+
+
+def node_label(node: gs.Node, index: int | None = None) -> str:
+    """A name for reports, also for nodes exported without one."""
+    if node.name:
+        return node.name
+    out = node.outputs[0].name if node.outputs else "?"
+    return f"{node.op}({out})"

@@ -1,0 +1,129 @@
+import os
+import zipfile
+
+import numpy as np
+import onnx
+import pytest
+from builders import GraphBuilder, conv_bn_model, gemm_bn_model
+
+from graph_opt.errors import ModelLoadError, ModelSaveError
+from graph_opt.model_io import check_model, load_model, save_model, to_graph, to_model
+
+
+def _big_weight_model():
+    g = GraphBuilder()
+    x = g.input("x", ["N", 64])
+    g.output(g.gemm(x, 64, 64, name="fc"), ["N", 64])
+    return g.build()
+
+
+def test_round_trip(tmp_path):
+    model = conv_bn_model()
+    path = save_model(model, tmp_path / "m.onnx")
+    assert load_model(path).SerializeToString() == model.SerializeToString()
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temp files left
+
+
+def test_external_data_round_trip(tmp_path):
+    model = _big_weight_model()
+    path = save_model(model, tmp_path / "m.onnx", external_data=True)
+    assert (tmp_path / "m.onnx.data").is_file()
+    raw = onnx.load(str(path), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in raw.graph.initializer)
+    loaded = load_model(path)
+    for a, b in zip(loaded.graph.initializer, model.graph.initializer):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+
+
+def test_refuses_to_overwrite_input(tmp_path):
+    path = save_model(conv_bn_model(), tmp_path / "in.onnx")
+    before = path.read_bytes()
+    with pytest.raises(ModelSaveError, match="refusing to overwrite"):
+        save_model(gemm_bn_model(), tmp_path / "sub" / ".." / "in.onnx", protect=(path,))
+    assert path.read_bytes() == before
+
+
+def test_save_into_missing_directory(tmp_path):
+    with pytest.raises(ModelSaveError, match="does not exist"):
+        save_model(conv_bn_model(), tmp_path / "nope" / "m.onnx")
+
+
+def test_failed_write_leaves_previous_file(tmp_path, monkeypatch):
+    path = save_model(conv_bn_model(), tmp_path / "m.onnx")
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(ModelSaveError, match="No space left"):
+        save_model(gemm_bn_model(), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "not a valid ONNX model"),
+    (os.urandom(256), "not a valid ONNX model"),
+])
+def test_load_rejects_garbage(tmp_path, content, message):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(path)
+
+
+def test_load_rejects_zip_and_truncated(tmp_path):
+    z = tmp_path / "z.onnx"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("a.txt", "hello" * 100)
+    with pytest.raises(ModelLoadError):
+        load_model(z)
+    good = conv_bn_model().SerializeToString()
+    t = tmp_path / "t.onnx"
+    t.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ModelLoadError):
+        load_model(t)
+
+
+def test_load_missing_file(tmp_path):
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_model(tmp_path / "missing.onnx")
+
+
+def test_missing_and_truncated_external_data(tmp_path):
+    path = save_model(_big_weight_model(), tmp_path / "m.onnx", external_data=True)
+    data = tmp_path / "m.onnx.data"
+    payload = data.read_bytes()
+    data.write_bytes(payload[:10])
+    with pytest.raises(ModelLoadError, match="truncated"):
+        load_model(path)
+    data.unlink()
+    with pytest.raises(ModelLoadError, match="missing"):
+        load_model(path)
+
+
+def test_external_data_outside_folder_is_refused(tmp_path):
+    path = save_model(_big_weight_model(), tmp_path / "m.onnx", external_data=True)
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../../etc/passwd"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(ModelLoadError, match="outside the model's folder"):
+        load_model(path)
+
+
+def test_graphsurgeon_copy_owns_its_weights():
+    model = conv_bn_model()
+    before = model.SerializeToString()
+    graph = to_graph(model)
+    for t in graph.tensors().values():
+        if hasattr(t, "values"):
+            t.values[...] = 0  # in-place edit of the graph's arrays
+    assert model.SerializeToString() == before
+    again = to_model(graph, model)
+    assert again.opset_import == model.opset_import and again.ir_version == model.ir_version
+    check_model(again)

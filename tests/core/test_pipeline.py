@@ -1,0 +1,89 @@
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import onnx
+from builders import op_count, small_cnn
+from onnx import numpy_helper
+
+from graph_opt.data import random_dataset
+from graph_opt.pass_base import Pass
+from graph_opt.passes import Cleanup, FoldBatchnorm
+from graph_opt.pipeline import Pipeline
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScaleHead(Pass):
+    """Deliberately wrong rewrite: scales the head weight."""
+
+    name: ClassVar[str] = "scale_head"
+    factor: float = 1.5
+
+    def run(self, model, report, ctx):
+        for i, t in enumerate(model.graph.initializer):
+            if t.name == "head.w":
+                model.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * self.factor, t.name))
+                report.rewrite("head", factor=self.factor)
+        return model
+
+
+@dataclass(frozen=True, kw_only=True)
+class Breaker(Pass):
+    """Emits a model that fails onnx.checker (a node reading a tensor nobody produces)."""
+
+    name: ClassVar[str] = "breaker"
+
+    def run(self, model, report, ctx):
+        model.graph.node[0].input[0] = "does_not_exist"
+        report.rewrite(model.graph.node[0].name)
+        return model
+
+
+def _pipeline(passes, **kw):
+    model = small_cnn()
+    return model, Pipeline(passes, verify_data=random_dataset(model, 8), latency=False, **kw)
+
+
+def test_exact_passes_are_accepted_and_recorded():
+    model, pipe = _pipeline([FoldBatchnorm(), Cleanup()], tolerances={"max_abs": 1e-4})
+    result = pipe.run(model)
+    fold, clean = result.steps
+    assert fold.accepted and fold.modified and fold.parity.max_abs < 1e-4
+    assert op_count(result.model, "BatchNormalization") == 0
+    assert not clean.modified and clean.parity is fold.parity  # nothing changed, nothing re-run
+    assert fold.stats.params < result.baseline.stats.params
+    assert result.passed and result.to_dict()["steps"][0]["report"]["pass"] == "fold_batchnorm"
+
+
+def test_tolerance_violation_rolls_back():
+    model, pipe = _pipeline([FoldBatchnorm(), ScaleHead(), Cleanup()], tolerances={"snr_db": 40})
+    result = pipe.run(model)
+    fold, scale, clean = result.steps
+    assert fold.accepted
+    assert not scale.accepted and "tolerance exceeded: snr_db" in scale.reason
+    assert scale.model is fold.model  # the pipeline continued from the model before the bad pass
+    w = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    np.testing.assert_array_equal(w["head.w"], {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}["head.w"])
+    assert result.passed
+
+
+def test_no_rollback_stops():
+    model, pipe = _pipeline([ScaleHead(), FoldBatchnorm()], tolerances={"snr_db": 40}, rollback=False)
+    result = pipe.run(model)
+    assert not result.passed and result.stopped.startswith("scale_head")
+    assert len(result.steps) == 1
+
+
+def test_invalid_output_is_rolled_back_even_without_tolerance():
+    model, pipe = _pipeline([Breaker()])
+    result = pipe.run(model)
+    assert not result.steps[0].accepted and "invalid output" in result.steps[0].reason
+    assert result.model is model
+
+
+def test_latency_is_measured_for_each_distinct_model():
+    model = small_cnn()
+    pipe = Pipeline([FoldBatchnorm(), Cleanup()], verify_data=random_dataset(model, 2), latency_runs=5)
+    result = pipe.run(model)
+    assert result.baseline.stats.latency_ms > 0 and result.steps[0].stats.latency_ms > 0
+    assert result.steps[1].stats is result.steps[0].stats

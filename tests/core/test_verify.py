@@ -1,0 +1,84 @@
+import numpy as np
+import onnx
+import pytest
+from builders import small_cnn
+from onnx import numpy_helper
+
+from graph_opt import metrics
+from graph_opt.data import random_dataset
+from graph_opt.errors import GraphOptError
+from graph_opt.verify import check_tolerances, parse_tolerance, run_model, verify
+
+
+def _perturbed(model, name, factor):
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for i, t in enumerate(out.graph.initializer):
+        if t.name == name:
+            out.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * factor, name))
+    return out
+
+
+def test_identical_models_are_exact():
+    model = small_cnn()
+    report = verify(model, model, random_dataset(model, 16))
+    (out,) = report.outputs
+    assert out.max_abs == 0 and out.cosine == 1.0 and out.snr_db == float("inf")
+    assert out.top1 == 1.0 and out.top5 == 1.0 and abs(out.kd_loss) < 1e-12
+    assert report.passed
+
+
+def test_catches_a_wrong_rewrite():
+    model = small_cnn()
+    wrong = _perturbed(model, "head.w", 1.05)  # a 5% error in one weight: a subtly wrong rewrite
+    data = random_dataset(model, 16)
+    report = verify(model, wrong, data, tolerances={"max_abs": 1e-5, "snr_db": 60})
+    assert report.max_abs > 1e-3
+    assert 20 < report.snr_db < 60
+    assert not report.passed and len(report.violations) == 2
+
+
+def test_accuracy_with_labels():
+    model = small_cnn()
+    data = random_dataset(model, 20)
+    ref = run_model(model, data)["logits"]
+    assert ref.shape == (20, 10)
+    data.labels = np.argmax(ref, 1)
+    data.labels[:5] = (data.labels[:5] + 1) % 10
+    report = verify(model, model, data, tolerances={"accuracy": 0.8, "accuracy_drop": 0.0})
+    assert report.accuracy_reference == pytest.approx(0.75)
+    assert report.accuracy_candidate == pytest.approx(0.75)
+    assert report.violations == ["accuracy = 0.75 < 0.8"]
+
+
+def test_metrics_on_known_values():
+    t = np.array([[1.0, 2.0, 3.0], [3.0, 1.0, 0.0]])
+    s = np.array([[1.0, 3.0, 2.0], [3.0, 1.0, 0.0]])
+    assert metrics.top1_agreement(t, s) == 0.5
+    assert metrics.topk_agreement(t, s, 2) == 1.0
+    assert metrics.cosine([1, 0], [0, 1]) == 0.0
+    assert metrics.snr_db(np.ones(4), np.ones(4) * 1.1) == pytest.approx(20.0)
+    assert metrics.rel_error(np.ones(4), np.ones(4) * 1.1) == pytest.approx(0.1)
+    # KD loss: T²·KL, zero for identical logits, positive otherwise, and known for a 2-class case
+    assert metrics.kd_loss(t, t) == pytest.approx(0.0, abs=1e-12)
+    p = np.array([[0.0, 0.0]])
+    q = np.array([[0.0, np.log(3.0)]])  # softmax = [0.25, 0.75]
+    expected = 0.5 * np.log(0.5 / 0.25) + 0.5 * np.log(0.5 / 0.75)
+    assert metrics.kd_loss(p, q) == pytest.approx(expected)
+    assert metrics.kd_loss(p, q, temperature=2.0) > 0
+    ce = -np.log(0.75)
+    assert metrics.kd_loss(p, q, alpha=0.0, labels=np.array([1])) == pytest.approx(ce)
+
+
+def test_tolerance_parsing():
+    assert parse_tolerance("cosine=0.99") == ("cosine", 0.99)
+    with pytest.raises(GraphOptError, match="METRIC=VALUE"):
+        parse_tolerance("bogus=1")
+    with pytest.raises(GraphOptError, match="not a number"):
+        parse_tolerance("cosine=high")
+
+
+def test_unmeasurable_tolerance_is_a_violation():
+    model = small_cnn()
+    report = verify(model, model, random_dataset(model, 4))
+    assert check_tolerances(report, {"accuracy_drop": 0.01})[0].startswith("accuracy_drop: not measurable")
