@@ -1,0 +1,437 @@
+"""Streaming activation-range observers for calibration: numbers in, numbers out (numpy only).
+
+An observer is fed one batch at a time (``update``) and keeps a fixed amount of state, whatever
+the number of batches, so calibration never holds every intermediate tensor in memory.
+``range(method=...)`` turns the state into a real range ``(lo, hi)`` for ``quant.compute_params``
+(which widens it to include 0). Two observers of the same kind combine with ``merge``.
+
+``MinMaxObserver`` keeps the running min and max: streaming is exactly the batch result.
+
+``HistogramObserver`` keeps the running min/max plus a histogram of fixed size.
+
+Histogram design — a power-of-two grid anchored at zero:
+
+- ``2N`` bins (``N = bins_per_side``, a power of two, default 4096) of width ``w = 2^e`` cover
+  ``[−N·w, N·w)``; bin ``i`` (``−N ≤ i < N``) holds ``x`` with ``floor(x / w) = i``. ``e`` is the
+  smallest integer with ``max|x| < N·2^e``: a function of the largest magnitude seen, nothing else.
+- When a batch exceeds the covered range, ``e`` grows by ``k`` and each group of ``2^k`` adjacent
+  bins merges into one. Because the edges are multiples of a power of two anchored at 0, a coarse
+  bin is *exactly* the union of the fine bins it replaces: re-binning loses nothing relative to
+  having used the coarse grid from the start (``floor(floor(x/w)/2^k) = floor(x/(w·2^k))``), and
+  ``x / 2^e`` is exact in floating point. Hence the histogram after any sequence of batches — or
+  after ``merge`` — is bit-identical to the histogram of the concatenated data, and every range
+  derived from it is identical too (stronger than the "within one bin" one might expect).
+- The price is resolution: ``max|x|`` lands in the upper half of the covered range, so
+  ``[0, max|x|]`` spans between ``N/2`` and ``N`` bins (≥ 2048 by default); derived thresholds are
+  resolved to one bin ``w ≤ 2·max|x|/N``. Zero is always a bin edge, so the |x| histogram is the
+  fold of the two halves, with no approximation.
+- Non-finite values (NaN, ±inf) are skipped and counted in ``n_nonfinite``. Exact zeros are
+  also counted apart (``n_zero``): they are exactly representable whatever the range, so entropy
+  and mse leave them out (otherwise the spike of zeros after a ReLU dominates KL and drags the
+  threshold down); percentile counts them as data.
+
+Range methods (``symmetric=True`` works on |x|, giving a threshold ``T``; the returned range is
+the observed ``[min, max]`` clipped to ``[−T, T]``; ``symmetric=False`` works on signed values):
+
+- ``minmax``: the exact observed min and max.
+- ``percentile``: ``T`` is the ``p``-th percentile of |x| (linear inside a bin). Asymmetric: the
+  ``100 − p`` % tail mass is split evenly between the two tails, or put on the one populated side
+  of one-sided data (e.g. after ReLU).
+- ``entropy`` (the KL-divergence criterion of TensorRT's int8 calibration, implemented from the
+  idea): for each candidate ``T`` = an edge ``i·w`` with ``i ≥ M`` (``M`` = number of quantized
+  levels on the side: 128 for symmetric int8), the reference ``P`` is the |x| histogram up to
+  ``T`` with all the mass beyond ``T`` added to its last bin (what clipping does); ``Q`` merges
+  the unclipped bins below ``T`` into ``M`` contiguous groups and spreads each group's mass
+  evenly over the group's non-empty bins (what quantizing does). ``Q`` is mixed with a
+  ``1e−8`` share of uniform mass so that clipped mass falling where ``Q`` is empty costs a
+  finite, logarithmic penalty. The ``T`` minimizing ``KL(P‖Q)`` wins (ties: the larger ``T``);
+  every bin edge is a candidate, each scored in O(M) from prefix sums. ``T`` is never below
+  ``M`` bins: a linear histogram cannot see finer, so with outliers at ``A`` the threshold
+  cannot drop below about ``A·M/N`` (``A/32`` by default for int8).
+  Asymmetric: each side is searched on its own with ``L/2`` levels (``L`` levels in all), or
+  ``L`` levels for one-sided data.
+- ``mse``: minimizes the expected squared error of quantize→dequantize over the histogram, each
+  bin's mass at its centre: values inside ``[lo, hi]`` cost ``Δ²/12`` (rounding noise, ``Δ`` the
+  grid step: ``T/k`` symmetric with ``k = L/2 − 1``, ``(hi − lo)/(L − 1)`` asymmetric), values
+  outside cost their squared distance to the clip point; exact zeros cost nothing. Symmetric:
+  every edge is tried. Asymmetric: a grid of at most 256×256 ``(lo, hi)`` edge pairs, then every
+  pair between the best one's grid neighbours (a local refinement: on a multi-modal objective
+  the global optimum could in principle be missed). Squared error weighs outliers heavily: with
+  a share ``f`` of the data at ``A``, the optimum is about ``T = A·f / (f + 1/(12k²))``, so MSE
+  clips far below ``A`` only when ``f ≪ 1/(12k²)`` (≈ 5e−6 for symmetric 8 bits: one value in
+  10⁶ gives ``T ≈ 0.16·A``); percentile and entropy do not weigh the outliers' distance.
+
+Precision of the histogram methods: one bin ``w`` (for percentile, plus the sampling noise of
+the data itself).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Literal
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from .quant import qrange, symmetric_steps
+
+__all__ = ["HistogramObserver", "MinMaxObserver", "RangeMethod"]
+
+RangeMethod = Literal["minmax", "percentile", "entropy", "mse"]
+
+_CHUNK = 1 << 20  # elements per step inside update(): bounds temporary memory per batch
+_MSE_GRID = 256  # per side, for the asymmetric 2-D search
+_KL_SMOOTHING = 1e-8  # share of uniform mass mixed into Q so that KL stays finite
+
+
+def _finite_chunks(x: ArrayLike) -> Iterator[tuple[np.ndarray, int]]:
+    """Yield float64 1-D chunks of the finite values of ``x`` and the count of the others."""
+    a = np.asarray(x)
+    if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_) or np.iscomplexobj(a):
+        raise ValueError(f"cannot observe an array of dtype {a.dtype}")
+    flat = a.reshape(-1)
+    for start in range(0, flat.size, _CHUNK):
+        chunk = flat[start : start + _CHUNK].astype(np.float64)
+        finite = np.isfinite(chunk)
+        if finite.all():
+            yield chunk, 0
+        else:
+            yield chunk[finite], int(chunk.size - finite.sum())
+
+
+class MinMaxObserver:
+    """Running min and max of the finite values seen; exact under streaming and merging."""
+
+    def __init__(self) -> None:
+        self.min: float = math.inf
+        self.max: float = -math.inf
+        self.count: int = 0
+        self.n_nonfinite: int = 0
+
+    def update(self, x: ArrayLike) -> None:
+        """Observe one batch (any shape)."""
+        for chunk, bad in _finite_chunks(x):
+            self.n_nonfinite += bad
+            if chunk.size:
+                self.min = min(self.min, float(chunk.min()))
+                self.max = max(self.max, float(chunk.max()))
+                self.count += int(chunk.size)
+
+    def merge(self, other: MinMaxObserver) -> MinMaxObserver:
+        """Fold ``other`` into this observer (in place) and return it."""
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+        self.count += other.count
+        self.n_nonfinite += other.n_nonfinite
+        return self
+
+    def range(self, method: RangeMethod = "minmax", **_: object) -> tuple[float, float]:
+        """The observed ``(min, max)``; only ``method='minmax'`` is available here."""
+        if method != "minmax":
+            raise ValueError(f"MinMaxObserver only supports method='minmax', not {method!r}")
+        if self.count == 0:
+            raise ValueError("observer has seen no finite value")
+        return self.min, self.max
+
+
+class HistogramObserver(MinMaxObserver):
+    """Running min/max plus a zero-anchored power-of-two histogram (see the module docstring)."""
+
+    def __init__(self, bins_per_side: int = 4096) -> None:
+        super().__init__()
+        n = int(bins_per_side)
+        if n < 2 or n & (n - 1):
+            raise ValueError(f"bins_per_side must be a power of two >= 2, got {bins_per_side}")
+        self.bins_per_side = n
+        # None while every value seen is exactly 0 (they sit in bin 0 = [0, w) for any w).
+        self.exponent: int | None = None
+        self.counts = np.zeros(2 * n, dtype=np.int64)
+        # Exact zeros (padding, ReLU) sit in bin 0 but are exactly representable at any range,
+        # so entropy and mse leave them out: they carry no information about the threshold.
+        self.n_zero = 0
+
+    # -- state
+
+    @property
+    def bin_width(self) -> float:
+        """Current bin width ``2^e`` (0.0 while only zeros were seen)."""
+        return 0.0 if self.exponent is None else math.ldexp(1.0, self.exponent)
+
+    def histogram(self) -> tuple[np.ndarray, np.ndarray]:
+        """A copy of ``(counts, edges)``: ``2N`` signed bins and their ``2N + 1`` edges."""
+        n = self.bins_per_side
+        return self.counts.copy(), np.arange(-n, n + 1, dtype=np.float64) * self.bin_width
+
+    def _exponent_for(self, amax: float) -> int:
+        # Smallest e with amax < N * 2^e; frexp gives amax/N = m * 2^e with 0.5 <= m < 1.
+        e = math.frexp(amax / self.bins_per_side)[1]
+        while math.ldexp(self.bins_per_side, e) <= amax:  # guard against rounding in amax/N
+            e += 1
+        return e
+
+    def _regrid(self, counts: np.ndarray, e_from: int | None, e_to: int) -> np.ndarray:
+        """Counts on grid ``e_from`` re-expressed on the coarser grid ``e_to`` (exact merge)."""
+        if e_from is None or e_from == e_to:
+            return counts
+        n = self.bins_per_side
+        # Integer floor division by 2^shift is exact for negative bins too; past 2^62 every
+        # bin maps to -1 or 0 anyway, so the shift can be capped.
+        shift = min(e_to - e_from, 62)
+        new_index = np.floor_divide(np.arange(-n, n, dtype=np.int64), np.int64(1) << shift) + n
+        out = np.zeros_like(counts)
+        np.add.at(out, new_index, counts)
+        return out
+
+    def update(self, x: ArrayLike) -> None:
+        """Observe one batch (any shape)."""
+        n = self.bins_per_side
+        for chunk, bad in _finite_chunks(x):
+            self.n_nonfinite += bad
+            if not chunk.size:
+                continue
+            lo, hi = float(chunk.min()), float(chunk.max())
+            self.min, self.max = min(self.min, lo), max(self.max, hi)
+            self.count += int(chunk.size)
+            self.n_zero += int(np.count_nonzero(chunk == 0))
+            amax = max(-self.min, self.max)
+            if amax > 0:
+                e = self._exponent_for(amax)
+                if self.exponent is None or e > self.exponent:
+                    self.counts = self._regrid(self.counts, self.exponent, e)
+                    self.exponent = e
+            if self.exponent is None:  # all zeros so far
+                self.counts[n] += chunk.size
+                continue
+            # x * 2^-e is exact, floor gives the bin; |x| < N*2^e keeps it in [-N, N-1].
+            idx = np.floor(np.ldexp(chunk, -self.exponent)).astype(np.int64)
+            # A negative value so tiny that x * 2^-e underflows to -0.0 still belongs to bin -1.
+            idx = np.where(chunk < 0, np.minimum(idx, -1), idx) + n
+            self.counts += np.bincount(idx, minlength=2 * n)
+
+    def merge(self, other: MinMaxObserver) -> HistogramObserver:
+        """Fold another HistogramObserver with the same ``bins_per_side`` into this one."""
+        if not isinstance(other, HistogramObserver) or other.bins_per_side != self.bins_per_side:
+            raise ValueError("can only merge a HistogramObserver with the same bins_per_side")
+        exps = [e for e in (self.exponent, other.exponent) if e is not None]
+        e = max(exps) if exps else None
+        if e is not None:
+            self.counts = self._regrid(self.counts, self.exponent, e) + self._regrid(
+                other.counts, other.exponent, e
+            )
+        else:
+            self.counts = self.counts + other.counts
+        self.exponent = e
+        self.n_zero += other.n_zero
+        super().merge(other)
+        return self
+
+    # -- ranges
+
+    def range(
+        self,
+        method: RangeMethod = "minmax",
+        *,
+        percentile: float = 99.99,
+        symmetric: bool = True,
+        dtype: str = "int8",
+    ) -> tuple[float, float]:
+        """Real range ``(lo, hi)`` by ``method``; ``dtype`` sets the levels for entropy/mse."""
+        if self.count == 0:
+            raise ValueError("observer has seen no finite value")
+        if method == "minmax" or self.exponent is None:  # all-zero data: nothing to clip
+            if method not in ("minmax", "percentile", "entropy", "mse"):
+                raise ValueError(f"unknown range method {method!r}")
+            return self.min, self.max
+        qmin, qmax = qrange(dtype)
+        levels = qmax - qmin + 1
+        if method == "percentile":
+            if not 0.0 < percentile <= 100.0:
+                raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+            return self._percentile_range(percentile, symmetric)
+        if method == "entropy":
+            if symmetric:
+                return self._clip_symmetric(self._kl_threshold(self._folded(False), levels // 2))
+            return self._entropy_asymmetric(levels)
+        if method == "mse":
+            if symmetric:
+                return self._clip_symmetric(self._mse_symmetric(symmetric_steps(dtype)))
+            return self._mse_asymmetric(levels - 1)
+        raise ValueError(f"unknown range method {method!r}")
+
+    def _clip_symmetric(self, t: float) -> tuple[float, float]:
+        return max(self.min, -t), min(self.max, t)
+
+    def _halves(self, with_zeros: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """|x| histograms of the positive side and of the negative side, bin j = [j·w, (j+1)·w)."""
+        n = self.bins_per_side
+        pos = self.counts[n:].copy()
+        if not with_zeros:
+            pos[0] -= self.n_zero
+        # Negative bin -j-1 holds x in [-(j+1)w, -jw), i.e. |x| in (jw, (j+1)w]: fold onto bin j.
+        return pos, self.counts[:n][::-1].copy()
+
+    def _folded(self, with_zeros: bool = True) -> np.ndarray:
+        pos, neg = self._halves(with_zeros)
+        return pos + neg
+
+    def _trim(self, h: np.ndarray) -> np.ndarray:
+        nz = np.flatnonzero(h)
+        return h[: nz[-1] + 1] if nz.size else h[:0]
+
+    # percentile
+
+    def _upper_quantile(self, h: np.ndarray, tail: float) -> float:
+        """Point of an |x|-style histogram (bins from 0) with mass ``tail`` above it."""
+        cum = np.cumsum(h, dtype=np.float64)
+        target = cum[-1] - tail
+        if target <= 0:
+            return 0.0
+        j = int(np.searchsorted(cum, target, side="left"))
+        before = cum[j - 1] if j else 0.0
+        frac = (target - before) / h[j] if h[j] else 0.0
+        return (j + frac) * self.bin_width
+
+    def _percentile_range(self, p: float, symmetric: bool) -> tuple[float, float]:
+        tail = (100.0 - p) / 100.0 * self.count
+        if symmetric:
+            return self._clip_symmetric(self._upper_quantile(self._folded(), tail))
+        pos, neg = self._halves()
+        if self.min >= 0 or self.max <= 0:  # one-sided: the whole tail on the populated side
+            tail_pos = tail if self.max > 0 else 0.0
+            tail_neg = tail - tail_pos
+        else:
+            tail_pos = tail_neg = tail / 2
+        hi = min(self.max, self._upper_quantile(pos, tail_pos)) if self.max > 0 else self.max
+        lo = max(self.min, -self._upper_quantile(neg, tail_neg)) if self.min < 0 else self.min
+        return lo, hi
+
+    # entropy
+
+    def _kl_threshold(self, hist: np.ndarray, levels: int) -> float:
+        """Threshold minimizing KL(P‖Q) for an |x| histogram quantized to ``levels`` levels.
+
+        Every candidate ``i`` (bins kept) from ``levels`` to ``n`` is scored at once from prefix
+        sums: Q is constant over the non-empty bins of each group, so KL needs only the group
+        masses and non-empty counts, O(levels) per candidate instead of O(n).
+        """
+        h = self._trim(hist).astype(np.float64)
+        n = h.size
+        m = levels
+        if n <= m:  # the grid is already finer than the histogram: clipping cannot help
+            return n * self.bin_width
+
+        def prefix(v: np.ndarray) -> np.ndarray:
+            return np.concatenate([[0.0], np.cumsum(v)])
+
+        def xlogx(v: np.ndarray) -> np.ndarray:
+            return np.where(v > 0, v * np.log(np.where(v > 0, v, 1.0)), 0.0)
+
+        mass, nonempty, hlogh = prefix(h), prefix((h > 0).astype(np.float64)), prefix(xlogx(h))
+        total = mass[-1]
+        candidates = np.arange(m, n + 1)  # how many bins are kept
+        kl = np.empty(candidates.size)
+        # Blocks of candidates keep the (candidates × levels) temporaries to a few MB.
+        block = max(1, (1 << 18) // (m + 1))
+        for b0 in range(0, candidates.size, block):
+            i = candidates[b0 : b0 + block]
+            tail = total - mass[i]  # clipped mass, piled onto bin i-1 of the reference P
+            last = h[i - 1]
+            # sum P log P with P in counts: the untouched bins, plus the last bin with the tail.
+            plogp = hlogh[i - 1] + xlogx(last + tail)
+            # Groups of the quantized Q: bins [starts[g], starts[g+1]) for g < m, starts[m] = i.
+            starts = (np.arange(m + 1)[None, :] * i[:, None]) // m
+            g_mass = mass[starts[:, 1:]] - mass[starts[:, :-1]]
+            g_nonempty = nonempty[starts[:, 1:]] - nonempty[starts[:, :-1]]
+            kept = mass[i][:, None]  # Q's mass: the kept bins only
+            uniform = _KL_SMOOTHING / i
+            with np.errstate(divide="ignore", invalid="ignore"):
+                # Q on a non-empty bin of group g, mixed with uniform mass over the i bins so
+                # that clipped mass landing in an empty bin costs a finite, logarithmic penalty.
+                q_bin = (1.0 - _KL_SMOOTHING) * g_mass / g_nonempty / kept + uniform[:, None]
+                plogq = np.sum(np.where(g_nonempty > 0, g_mass * np.log(q_bin), 0.0), axis=1)
+                plogq += tail * np.log(np.where(last > 0, q_bin[:, -1], uniform))
+            kl[b0 : b0 + block] = np.where(
+                kept[:, 0] > 0, (plogp - plogq) / total - math.log(total), np.inf
+            )
+        # Ties (within rounding) keep the larger threshold: clip no more than needed.
+        best = candidates[np.flatnonzero(kl <= kl.min() + 1e-12)[-1]]
+        return float(best) * self.bin_width
+
+    def _entropy_asymmetric(self, levels: int) -> tuple[float, float]:
+        pos, neg = self._halves(with_zeros=False)
+        if self.min >= 0:
+            return self.min, min(self.max, self._kl_threshold(pos, levels))
+        if self.max <= 0:
+            return max(self.min, -self._kl_threshold(neg, levels)), self.max
+        half = levels // 2
+        return (
+            max(self.min, -self._kl_threshold(neg, half)),
+            min(self.max, self._kl_threshold(pos, half)),
+        )
+
+    # mse
+
+    @staticmethod
+    def _clip_costs(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For an |x| histogram in bin units (centres j + 0.5), clipping at edge t = 0..n:
+        the squared clip error sum_{j>=t} h_j (c_j - t)^2 and the clipped count sum_{j>=t} h_j."""
+        n = h.size
+        c = np.arange(n, dtype=np.float64) + 0.5
+
+        def suffix(v: np.ndarray) -> np.ndarray:
+            return np.concatenate([np.cumsum(v[::-1])[::-1], [0.0]])
+
+        s0, s1, s2 = suffix(h), suffix(h * c), suffix(h * c * c)
+        t = np.arange(n + 1, dtype=np.float64)
+        cost = np.maximum(s2 - 2.0 * t * s1 + t * t * s0, 0.0)
+        return cost, s0
+
+    def _mse_symmetric(self, steps: int) -> float:
+        h = self._trim(self._folded(False)).astype(np.float64)
+        w = self.bin_width
+        cost, clipped = self._clip_costs(h)
+        t = np.arange(h.size + 1, dtype=np.float64)
+        inside = h.sum() - clipped
+        mse = cost + inside * (t / steps) ** 2 / 12.0  # in bin units squared
+        mse[0] = math.inf  # T = 0 is not a scale
+        k = int(np.argmin(mse))
+        return k * w
+
+    def _mse_asymmetric(self, steps: int) -> tuple[float, float]:
+        pos, neg = self._halves(with_zeros=False)
+        hp = self._trim(pos).astype(np.float64) if self.max > 0 else np.zeros(0)
+        hn = self._trim(neg).astype(np.float64) if self.min < 0 else np.zeros(0)
+        cost_p, out_p = self._clip_costs(hp)
+        cost_n, out_n = self._clip_costs(hn)
+        total = hp.sum() + hn.sum()
+        tp = np.arange(hp.size + 1, dtype=np.float64)
+        tn = np.arange(hn.size + 1, dtype=np.float64)
+
+        def score(i_n: np.ndarray, i_p: np.ndarray) -> np.ndarray:
+            """MSE (bin units) of the range [-tn[i_n], tp[i_p]] for an outer grid of indices."""
+            a, b = i_n[:, None], i_p[None, :]
+            width = tn[a] + tp[b]
+            inside = total - out_n[a] - out_p[b]
+            m = cost_n[a] + cost_p[b] + inside * (width / steps) ** 2 / 12.0
+            return np.where(width > 0, m, math.inf)
+
+        def grid(size: int) -> np.ndarray:
+            return np.unique(
+                np.linspace(0, size, min(size + 1, _MSE_GRID)).round().astype(np.int64)
+            )
+
+        gn, gp = grid(hn.size), grid(hp.size)
+        s = score(gn, gp)
+        a, b = np.unravel_index(int(np.argmin(s)), s.shape)
+        bn, bp = int(gn[a]), int(gp[b])
+        # Refine at full resolution between the neighbouring coarse candidates.
+        rn = np.arange(int(gn[max(a - 1, 0)]), int(gn[min(a + 1, gn.size - 1)]) + 1)
+        rp = np.arange(int(gp[max(b - 1, 0)]), int(gp[min(b + 1, gp.size - 1)]) + 1)
+        s = score(rn, rp)
+        a, b = np.unravel_index(int(np.argmin(s)), s.shape)
+        bn, bp = int(rn[a]), int(rp[b])
+        w = self.bin_width
+        lo = max(self.min, -bn * w) if self.min < 0 else self.min
+        hi = min(self.max, bp * w) if self.max > 0 else self.max
+        return lo, hi

@@ -1,0 +1,321 @@
+"""Tests of the streaming calibration observers: streaming equals batch, ranges on known
+distributions, outliers clipped by percentile/entropy/mse but not by minmax, bounded state."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from graph_opt.kernels import calib, quant
+
+FUZZ = settings(derandomize=True, max_examples=15, deadline=None, print_blob=True)
+METHODS = ["minmax", "percentile", "entropy", "mse"]
+
+
+def normal_upper_quantile(tail: float) -> float:
+    """z with P(N(0,1) > z) = tail, by bisection on erfc (no scipy needed)."""
+    lo, hi = 0.0, 40.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if 0.5 * math.erfc(mid / math.sqrt(2)) > tail:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def fed(batches, bins: int = 4096) -> calib.HistogramObserver:
+    obs = calib.HistogramObserver(bins)
+    for b in batches:
+        obs.update(b)
+    return obs
+
+
+def all_ranges(obs: calib.HistogramObserver) -> list[tuple[float, float]]:
+    out = [obs.range(m, symmetric=sym) for m in METHODS for sym in (True, False)]
+    return out + [obs.range(m, dtype="int4") for m in ("entropy", "mse")]
+
+
+def reference_kl_threshold(h: np.ndarray, levels: int) -> int:
+    """Bins kept by the KL criterion, straight from its definition, one candidate at a time."""
+    h = h[: np.flatnonzero(h)[-1] + 1].astype(np.float64)
+    best_i, best_kl = len(h), np.inf
+    for i in range(len(h), levels - 1, -1):
+        p = h[:i].copy()
+        p[-1] += h[i:].sum()
+        q = np.zeros(i)
+        edges = [(g * i) // levels for g in range(levels + 1)]
+        for a, b in itertools.pairwise(edges):
+            nonempty = h[a:b] > 0
+            if nonempty.any():
+                q[a:b][nonempty] = h[a:b].sum() / nonempty.sum()
+        if q.sum() == 0:
+            continue
+        p, q = p / p.sum(), (1 - 1e-8) * q / q.sum() + 1e-8 / i
+        kl = sum(pj * np.log(pj / qj) for pj, qj in zip(p, q) if pj > 0)
+        if kl < best_kl - 1e-12:
+            best_i, best_kl = i, kl
+    return best_i
+
+
+# --------------------------------------------------------------------------- streaming == batch
+
+
+def test_minmax_streaming_equals_batch_exactly():
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((3, 50)) * (i + 1) + i for i in range(10)]
+    batches[4][0, 0] = np.nan
+    batches[7][1, 1] = -np.inf
+    obs = calib.MinMaxObserver()
+    for b in batches:
+        obs.update(b)
+    whole = np.concatenate([b.ravel() for b in batches])
+    finite = whole[np.isfinite(whole)]
+    assert obs.range() == (float(finite.min()), float(finite.max()))
+    assert obs.count == finite.size and obs.n_nonfinite == 2
+    one = calib.MinMaxObserver()
+    one.update(whole)
+    assert one.range() == obs.range()
+    a, b = calib.MinMaxObserver(), calib.MinMaxObserver()
+    for i, batch in enumerate(batches):
+        (a if i % 2 else b).update(batch)
+    assert a.merge(b).range() == obs.range()
+
+
+@FUZZ
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n_batches=st.integers(1, 10),
+    growth=st.sampled_from([1.0, 1.7, 10.0]),
+    bins=st.sampled_from([64, 4096]),
+)
+def test_histogram_streaming_equals_batch(seed, n_batches, growth, bins):
+    """Batches whose range grows force re-binning; the result must equal one concatenated batch."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for i in range(n_batches):
+        b = rng.standard_normal(int(rng.integers(1, 3000))) * growth**i + rng.uniform(-1, 1)
+        batches.append(np.maximum(b, 0) if rng.random() < 0.3 else b)  # some exact zeros
+    streamed = fed(batches, bins)
+    whole = fed([np.concatenate(batches)], bins)
+    np.testing.assert_array_equal(streamed.counts, whole.counts)
+    assert streamed.bin_width == whole.bin_width
+    assert (streamed.min, streamed.max) == (whole.min, whole.max)
+    assert all_ranges(streamed) == all_ranges(whole)
+    # Merging observers built on any split of the batches gives the same state again.
+    cut = int(rng.integers(0, n_batches + 1))
+    merged = fed(batches[:cut], bins).merge(fed(batches[cut:], bins))
+    np.testing.assert_array_equal(merged.counts, whole.counts)
+    assert merged.n_zero == streamed.n_zero == whole.n_zero
+    assert all_ranges(merged) == all_ranges(whole)
+
+
+def test_histogram_ranges_within_one_bin_of_exact_batch_statistics():
+    """Against statistics computed on the raw concatenated data, not on a histogram."""
+    rng = np.random.default_rng(1)
+    batches = [rng.standard_normal(100_000) * (1 + i / 5) for i in range(10)]
+    obs = fed(batches)
+    x = np.abs(np.concatenate(batches))
+    t = obs.range("percentile", percentile=99.9)[1]
+    assert abs(t - np.percentile(x, 99.9)) <= obs.bin_width
+    whole = np.concatenate(batches)
+    assert obs.range("minmax") == (float(whole.min()), float(whole.max()))
+
+
+def test_rebinning_is_exact_even_for_extreme_magnitudes():
+    batches = [
+        np.array([-1e-310, 3e-300]),
+        np.array([-2.0, 0.0, 5e-324]),
+        np.array([1e300, -7.5e299]),
+    ]
+    np.testing.assert_array_equal(fed(batches).counts, fed([np.concatenate(batches)]).counts)
+    assert fed(batches).counts.sum() == 7
+
+
+def test_state_is_bounded_independent_of_batches():
+    obs = calib.HistogramObserver(1024)
+    rng = np.random.default_rng(2)
+    sizes = []
+    for i in range(50):
+        obs.update(rng.standard_normal(1000) * (i + 1))
+        sizes.append(sum(v.nbytes for v in vars(obs).values() if isinstance(v, np.ndarray)))
+    assert len(set(sizes)) == 1 and sizes[0] == 2 * 1024 * 8
+
+
+# --------------------------------------------------------------------------- known distributions
+
+
+def test_uniform_all_methods_near_a():
+    a = 2.5
+    x = np.random.default_rng(3).uniform(-a, a, 1_000_000)
+    obs = fed(np.array_split(x, 10))
+    lo, hi = obs.range("minmax")
+    assert lo == pytest.approx(-a, rel=1e-3) and hi == pytest.approx(a, rel=1e-3)
+    assert obs.range("percentile", percentile=99.99)[1] == pytest.approx(
+        a * 0.9999, abs=2 * obs.bin_width
+    )
+    for method in ("entropy", "mse"):
+        for symmetric in (True, False):
+            lo, hi = obs.range(method, symmetric=symmetric)
+            assert hi == pytest.approx(a, rel=0.02) and lo == pytest.approx(-a, rel=0.02), (
+                method,
+                symmetric,
+            )
+
+
+def test_gaussian_percentile_is_the_normal_quantile():
+    x = np.random.default_rng(4).standard_normal(2_000_000)
+    obs = fed(np.array_split(x, 10))
+    z = normal_upper_quantile(0.0001 / 2)  # 99.99 % of |x| <=> 0.005 % in each tail: 3.8906
+    lo, hi = obs.range("percentile", percentile=99.99)
+    assert hi == pytest.approx(z, abs=0.05) and lo == -hi
+    lo, hi = obs.range("percentile", percentile=99.99, symmetric=False)  # tails split evenly
+    assert hi == pytest.approx(z, abs=0.08) and lo == pytest.approx(-z, abs=0.08)
+    lo, hi = obs.range("percentile", percentile=99.0)
+    assert hi == pytest.approx(normal_upper_quantile(0.005), abs=0.02)
+
+
+def expected_gaussian_mse(t: float, steps: int) -> float:
+    """Expected squared error of a symmetric quantizer with clip t on N(0, 1), Δ²/12 inside."""
+    tail = 0.5 * math.erfc(t / math.sqrt(2))
+    pdf = math.exp(-t * t / 2) / math.sqrt(2 * math.pi)
+    clip = 2 * ((1 + t * t) * tail - t * pdf)  # 2 ∫_t^∞ (x - t)² φ(x) dx
+    return clip + (1 - 2 * tail) * (t / steps) ** 2 / 12
+
+
+@pytest.mark.parametrize("dtype,tol", [("int4", 0.04), ("int8", 0.25)])
+def test_gaussian_mse_threshold_matches_the_analytic_optimum(dtype, tol):
+    steps = quant.symmetric_steps(dtype)
+    grid = np.linspace(0.5, 6.0, 5501)
+    t_star = grid[np.argmin([expected_gaussian_mse(t, steps) for t in grid])]
+    x = np.random.default_rng(5).standard_normal(1_000_000)
+    t = fed(np.array_split(x, 4)).range("mse", dtype=dtype)[1]
+    # int8's optimum sits far in the tail (~4σ) where a finite sample is thin, hence the wider
+    # tolerance; int4's (~2.5σ) is well sampled.
+    assert t == pytest.approx(t_star, abs=tol)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_entropy_matches_the_definition_computed_candidate_by_candidate(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(20_000) * rng.uniform(0.5, 2)
+    x[:3] = rng.uniform(5, 40, 3) * np.sign(rng.standard_normal(3))  # a few outliers
+    obs = fed([x], bins=256)
+    counts, _ = obs.histogram()
+    folded = counts[256:] + counts[:256][::-1]
+    for levels, dtype in [(128, "int8"), (8, "int4")]:
+        want = reference_kl_threshold(folded, levels) * obs.bin_width
+        lo, hi = obs.range("entropy", dtype=dtype)
+        assert hi == pytest.approx(min(want, obs.max)) and lo == pytest.approx(max(-want, obs.min))
+
+
+def test_gaussian_entropy_clips_inside_the_observed_range():
+    x = np.random.default_rng(6).standard_normal(1_000_000)
+    obs = fed([x])
+    t8 = obs.range("entropy")[1]
+    t4 = obs.range("entropy", dtype="int4")[1]
+    assert 3.0 < t8 <= obs.max and 1.5 < t4 < t8  # fewer levels: clip harder
+
+
+def test_outliers_clipped_by_percentile_entropy_mse_but_not_minmax():
+    rng = np.random.default_rng(7)
+    n, big = 1_000_000, 1000.0
+    x = rng.standard_normal(n)
+    x[rng.integers(0, n)] = big  # one huge outlier
+    obs = fed(np.array_split(x, 10))
+    assert obs.range("minmax")[1] == big
+    assert obs.range("percentile")[1] < 5.0
+    assert obs.range("entropy")[1] < big / 10
+    # MSE weighs the outlier squared: its optimum is analytic here. With Δ = T/127 the noise is
+    # T²/(12·127²) per value and the clipped outlier costs (big − T)²/n, so
+    # T* = big / (1 + n / (12·127²)) ≈ 0.16·big.
+    t_star = big / (1 + n / (12 * 127**2))
+    t = obs.range("mse")[1]
+    assert t < big / 4 and t == pytest.approx(t_star, abs=3 * obs.bin_width)
+    for method in ("percentile", "entropy"):
+        lo, hi = obs.range(method, symmetric=False)
+        assert hi < big / 10 and lo < 0, method
+    # Asymmetric, the grid spends no levels on a negative side as wide as the outlier, so the
+    # noise is lower and MSE keeps more: with Δ = (hi − lo)/255 the optimum in hi solves
+    # a·(hi − lo) = big − hi, a = (values inside [lo, hi])/(12·255²), i.e. hi* ≈ 0.44·big.
+    lo, hi = obs.range("mse", symmetric=False)
+    a = np.count_nonzero((x >= lo) & (x <= hi)) / (12 * 255**2)
+    assert hi < big / 2 and hi == pytest.approx((big + a * lo) / (1 + a), abs=3 * obs.bin_width)
+    # Negative outliers are clipped on their own side too.
+    obs_neg = fed([-x])
+    assert obs_neg.range("percentile", symmetric=False)[0] > -5.0
+    assert obs_neg.range("entropy", symmetric=False)[0] > -big / 10
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_mse_range_nearly_minimizes_the_actual_quantization_error(symmetric, dtype):
+    """Fake-quantize the real data with the chosen range and with many other ranges."""
+    rng = np.random.default_rng(8)
+    x = np.concatenate([rng.gamma(2.0, 1.0, 150_000) - 1.0, -rng.exponential(0.3, 50_000)])
+    obs = fed(np.array_split(x, 5))
+    qdtype = dtype if symmetric else ("uint8" if dtype == "int8" else "uint4")
+
+    def actual_mse(lo: float, hi: float) -> float:
+        p = quant.compute_params((lo, hi), qdtype, symmetric=symmetric)
+        return float(np.mean((quant.fake_quantize(x, p) - x) ** 2))
+
+    chosen = actual_mse(*obs.range("mse", symmetric=symmetric, dtype=qdtype))
+    others = [
+        obs.range(m, symmetric=symmetric, dtype=qdtype) for m in ("minmax", "percentile", "entropy")
+    ]
+    others += [(-rng.uniform(0, -x.min()), rng.uniform(0, x.max())) for _ in range(60)]
+    best_other = min(actual_mse(lo, hi) for lo, hi in others)
+    assert chosen <= best_other * 1.03
+
+
+def test_relu_output_one_sided_ranges_and_zero_spike_ignored():
+    x = np.maximum(np.random.default_rng(9).standard_normal(1_000_000), 0.0)  # half exact zeros
+    obs = fed(np.array_split(x, 10))
+    assert obs.n_zero == np.count_nonzero(x == 0)
+    for method in METHODS:
+        lo, hi = obs.range(method, symmetric=False, dtype="uint8")
+        assert lo == 0.0 and 3.0 < hi <= x.max(), method
+    # The top 0.01 % of all values is the top 0.01 % of N(0, 1): P(Z > T) = 1e−4.
+    assert obs.range("percentile", symmetric=False)[1] == pytest.approx(
+        normal_upper_quantile(0.0001), abs=0.05
+    )
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+def test_all_zero_and_empty_and_bad_arguments():
+    obs = calib.HistogramObserver()
+    with pytest.raises(ValueError, match="no finite value"):
+        obs.range()
+    obs.update(np.zeros((4, 4)))
+    obs.update(np.array([np.nan, np.inf]))
+    assert obs.n_nonfinite == 2 and obs.bin_width == 0.0
+    for method in METHODS:
+        assert obs.range(method) == (0.0, 0.0)
+    obs.update(np.array([3.0, -1.0]))  # the stored zeros survive the first real grid
+    assert obs.counts.sum() == 18 and obs.n_zero == 16
+    with pytest.raises(ValueError, match="unknown range method"):
+        obs.range("kl")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="percentile"):
+        obs.range("percentile", percentile=0.0)
+    with pytest.raises(ValueError, match="power of two"):
+        calib.HistogramObserver(1000)
+    with pytest.raises(ValueError, match="same bins_per_side"):
+        calib.HistogramObserver(64).merge(calib.HistogramObserver(128))
+    with pytest.raises(ValueError, match="only supports"):
+        calib.MinMaxObserver().range("entropy")
+
+
+def test_ranges_feed_compute_params():
+    x = np.random.default_rng(10).standard_normal(10_000).astype(np.float32)
+    obs = fed([x])
+    for method in METHODS:
+        p = quant.compute_params(obs.range(method), "int8")
+        assert float(p.scale) > 0 and np.all(quant.fake_quantize(np.float32(0.0), p) == 0.0)
