@@ -9,6 +9,7 @@ from typing import Any
 import onnx
 
 from graph_opt.data import Dataset, load_data
+from graph_opt.intermediates import divergence, feature_distances
 from graph_opt.model_io import load_model
 from graph_opt.pass_base import Pass
 from graph_opt.pipeline import Pipeline, PipelineResult
@@ -51,8 +52,14 @@ def optimize(model_or_path: onnx.ModelProto | str | os.PathLike, passes: Sequenc
 def verify(original: onnx.ModelProto | str | os.PathLike, candidate: onnx.ModelProto | str | os.PathLike, *,
            data: Any = None, labels: Any = None, shapes: dict[str, tuple[int, ...]] | None = None,
            tolerances: dict[str, float] | None = None, threads: int = 1, seed: int = 0,
-           n_random: int = 8, temperature: float = 1.0) -> ParityReport:
-    """Compare `candidate` to `original` under onnxruntime (optimizations off) on the same inputs."""
+           n_random: int = 8, temperature: float = 1.0, layers: bool = False,
+           features: Sequence[str | tuple[str, str]] = ()) -> ParityReport:
+    """Compare `candidate` to `original` under onnxruntime (optimizations off) on the same inputs.
+
+    `layers=True` adds the per-layer divergence (SNR of every tensor both models compute, in the
+    original's order); `features` names intermediate tensors (or (teacher, student) pairs when a
+    rewrite renamed them) whose feature-map distance ½‖A_s − A_t‖²/n is reported.
+    """
     ref = _model(original)
     cand = _model(candidate)
     dataset: Dataset = load_data(data, ref, shapes=shapes, n_random=n_random, seed=seed)
@@ -60,7 +67,13 @@ def verify(original: onnx.ModelProto | str | os.PathLike, candidate: onnx.ModelP
         import numpy as np
 
         dataset = Dataset(dataset.inputs, np.asarray(labels), dataset.source)
-    return _verify(ref, cand, dataset, tolerances=tolerances, threads=threads, temperature=temperature)
+    report = _verify(ref, cand, dataset, tolerances=tolerances, threads=threads, temperature=temperature)
+    if layers:
+        report.layers = divergence(ref, cand, dataset, threads=threads, shapes=shapes)
+    if features:
+        pairs = [(f, f) if isinstance(f, str) else tuple(f) for f in features]
+        report.features = feature_distances(ref, cand, dataset, pairs, threads=threads)
+    return report
 
 
 def inspect(model_or_path: onnx.ModelProto | str | os.PathLike, *, shapes: dict[str, tuple[int, ...]] | None = None,

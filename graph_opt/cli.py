@@ -27,7 +27,8 @@ from graph_opt.errors import DataError, GraphOptError, ModelSaveError
 from graph_opt.model_io import write_atomic, load_model, save_model
 from graph_opt.pipeline import Pipeline
 from graph_opt.registry import catalog, describe, load_recipe, parse_spec
-from graph_opt.report import jsonable, parity_table, pipeline_table, stats_text
+from graph_opt.intermediates import first_divergence
+from graph_opt.report import jsonable, layers_table, parity_table, pipeline_table, stats_text
 from graph_opt.verify import parse_tolerance
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USER_ERROR = 0, 1, 2
@@ -65,6 +66,11 @@ def _build_parser() -> argparse.ArgumentParser:
     _data_args(ver)
     ver.add_argument("--labels", help=".npy file of class labels (or use a 'labels' key in the .npz)")
     ver.add_argument("--temperature", type=float, default=1.0, help="temperature of the KD loss")
+    ver.add_argument("--layers", action="store_true",
+                     help="per-layer divergence: SNR of every tensor both models compute, first one below --diverge-snr")
+    ver.add_argument("--diverge-snr", type=float, default=30.0, help="SNR (dB) under which a layer counts as diverged")
+    ver.add_argument("--feature", action="append", default=[], metavar="TENSOR[=STUDENT_TENSOR]",
+                     help="feature-map distance between intermediate tensors (repeatable)")
     ver.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     ins = sub.add_parser("inspect", help="op histogram, parameters, bytes, MACs per layer, latency")
@@ -170,12 +176,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if len(labels) != len(data):
             raise DataError(f"{len(labels)} labels for {len(data)} samples")
         data = Dataset(data.inputs, labels, data.source)
-    report = api._verify(original, candidate, data, tolerances=tolerances, threads=args.threads,
-                         temperature=args.temperature)
+    features = [tuple(f.split("=", 1)) if "=" in f else f for f in args.feature]
+    report = api.verify(original, candidate, data=data, tolerances=tolerances, threads=args.threads,
+                        temperature=args.temperature, layers=args.layers, features=features)
+    first = first_divergence(report.layers, args.diverge_snr) if args.layers else None
     if args.json:
-        _print_json(report.to_dict())
+        doc = report.to_dict()
+        if args.layers:
+            doc["first_divergence"] = first.to_dict() if first else None
+        _print_json(doc)
     else:
         print(parity_table(report))
+        if args.layers:
+            print(layers_table(report.layers))
+            print(f"first divergence (SNR < {args.diverge_snr:g} dB): "
+                  + (f"{first.tensor} (produced by {first.producer}, {first.snr_db:.1f} dB)" if first else "none"))
     return EXIT_OK if report.passed else EXIT_VERIFY_FAILED
 
 

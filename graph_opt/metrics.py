@@ -6,7 +6,10 @@ All functions take numpy arrays and compute in float64. Conventions:
 - `top1_agreement`: share of samples whose arg-max class is the same;
   `top5_agreement`: share whose teacher top-1 class is among the student's 5 best;
 - `kd_loss`: soft-label distillation loss α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1 − α)·CE(s, y),
-  averaged over samples (the CE term only when labels are given).
+  averaged over samples (the CE term only when labels are given);
+- `feature_distance`: ½‖A_s − A_t‖_F² divided by the number of elements (attention/feature maps);
+- `relation_distance`: mean squared difference of the sample-by-sample cosine-similarity (Gram)
+  matrices of teacher and student features on one batch, ‖G_s − G_t‖_F² / n².
 """
 
 from __future__ import annotations
@@ -93,3 +96,23 @@ def kd_loss(teacher: np.ndarray, student: np.ndarray, *, temperature: float = 1.
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(_logits2d(logits), 1) == np.asarray(labels).ravel()))
+
+
+def feature_distance(teacher: np.ndarray, student: np.ndarray) -> float:
+    """½‖A_s − A_t‖_F², normalized per element."""
+    t, s = _flat(teacher), _flat(student)
+    return float(0.5 * np.sum((s - t) ** 2) / max(t.size, 1))
+
+
+def gram(features: np.ndarray) -> np.ndarray:
+    """Cosine-similarity matrix between the samples (rows) of a batch of features."""
+    f = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+    norms = np.linalg.norm(f, axis=1, keepdims=True)
+    f = f / np.where(norms == 0, 1.0, norms)
+    return f @ f.T
+
+
+def relation_distance(teacher: np.ndarray, student: np.ndarray) -> float:
+    """‖G_s − G_t‖_F² / n² between the sample-similarity matrices of one batch."""
+    gt, gs = gram(teacher), gram(student)
+    return float(np.sum((gs - gt) ** 2) / max(gt.size, 1))

@@ -105,17 +105,24 @@ def _step_row(rec: StepRecord, base: ModelStats, is_base: bool) -> list[str]:
 
 
 def parity_table(report: ParityReport) -> str:
-    headers = ["output", "shape", "max abs", "rel err", "cosine", "SNR dB", "top-1", "top-5", "KD loss"]
+    headers = ["output", "shape", "max abs", "rel err", "cosine", "SNR dB", "top-1", "top-5", "KD loss", "relation"]
     rows = [[o.name, "x".join(map(str, o.shape)), _fmt(o.max_abs, ".3g"), _fmt(o.rel_error, ".3g"),
              _fmt(o.cosine, ".6f"), _fmt(o.snr_db, ".1f"), _fmt(o.top1, ".4f"), _fmt(o.top5, ".4f"),
-             _fmt(o.kd_loss, ".3g")] for o in report.outputs]
+             _fmt(o.kd_loss, ".3g"), _fmt(o.relation, ".3g")] for o in report.outputs]
     lines = [f"{report.samples} samples from {report.data_source}", table(headers, rows)]
     if report.accuracy_reference is not None:
         lines.append(f"accuracy: original {100 * report.accuracy_reference:.2f}%, "
                      f"candidate {100 * report.accuracy_candidate:.2f}%")
+    for name, value in report.features.items():
+        lines.append(f"feature distance {name}: {value:.6g}")
     if report.violations:
         lines.append("FAILED: " + "; ".join(report.violations))
     return "\n".join(lines)
+
+
+def layers_table(layers: list) -> str:
+    rows = [[l.tensor, l.producer, _fmt(l.snr_db, ".1f"), _fmt(l.cosine, ".6f"), _fmt(l.rel_error, ".3g")] for l in layers]
+    return table(["tensor", "producer", "SNR dB", "cosine", "rel err"], rows)
 
 
 def stats_text(stats: ModelStats, top: int = 10) -> str:

@@ -92,6 +92,7 @@ class OutputParity:
     top1: float | None = None
     top5: float | None = None
     kd_loss: float | None = None
+    relation: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: _num(v) for k, v in self.__dict__.items()}
@@ -115,6 +116,8 @@ class ParityReport:
     accuracy_reference: float | None = None
     accuracy_candidate: float | None = None
     violations: list[str] = field(default_factory=list)
+    layers: list = field(default_factory=list)  # LayerDivergence, teacher order (optional)
+    features: dict[str, float] = field(default_factory=dict)  # feature-map distances (optional)
 
     @property
     def cosine(self) -> float:
@@ -163,13 +166,15 @@ class ParityReport:
             "accuracy_candidate": self.accuracy_candidate,
             "violations": list(self.violations),
             "passed": self.passed,
+            **({"layers": [l.to_dict() for l in self.layers]} if self.layers else {}),
+            **({"features": dict(self.features)} if self.features else {}),
         }
 
 
 # metric → whether the tolerance is a floor ("min") or a ceiling ("max")
 TOLERANCE_METRICS = {
     "cosine": "min", "snr_db": "min", "top1": "min", "top5": "min", "accuracy": "min",
-    "max_abs": "max", "rel_error": "max", "kd_loss": "max", "accuracy_drop": "max",
+    "max_abs": "max", "rel_error": "max", "kd_loss": "max", "accuracy_drop": "max", "relation": "max",
 }
 
 
@@ -220,6 +225,8 @@ def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.nd
             continue
         par = OutputParity(name, tuple(ref.shape), metrics.max_abs_error(ref, cand), metrics.rel_error(ref, cand),
                            metrics.cosine(ref, cand), metrics.snr_db(ref, cand))
+        if ref.ndim >= 2 and ref.dtype.kind == "f" and len(ref) > 1:
+            par.relation = _relation(ref, cand)
         if is_logits(ref) and np.all(np.isfinite(cand)):
             par.top1 = metrics.top1_agreement(ref, cand)
             par.top5 = metrics.topk_agreement(ref, cand, 5)
@@ -232,6 +239,13 @@ def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.nd
     if tolerances:
         report.violations = check_tolerances(report, tolerances)
     return report
+
+
+def _relation(ref: np.ndarray, cand: np.ndarray, batch: int = 256) -> float:
+    """Relation (Gram) distance averaged over batches of at most `batch` samples."""
+    values = [metrics.relation_distance(ref[i:i + batch], cand[i:i + batch])
+              for i in range(0, len(ref), batch) if len(ref[i:i + batch]) > 1]
+    return float(np.mean(values)) if values else 0.0
 
 
 class Reference:
