@@ -127,3 +127,13 @@ def test_graphsurgeon_copy_owns_its_weights():
     again = to_model(graph, model)
     assert again.opset_import == model.opset_import and again.ir_version == model.ir_version
     check_model(again)
+
+
+def test_switches_to_external_data_above_the_protobuf_limit(tmp_path, monkeypatch):
+    import graph_opt.model_io as mio
+
+    model = _big_weight_model()
+    monkeypatch.setattr(mio, "PROTOBUF_LIMIT", 1024)  # pretend 16 KB of weights is "over 2 GB"
+    path = save_model(model, tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx.data").is_file()
+    assert load_model(path).graph.initializer[0].raw_data == model.graph.initializer[0].raw_data
