@@ -1,11 +1,16 @@
 """The passes of graph-opt, one module each; `PASSES` is the registry, one explicit list."""
 
 from graph_opt.passes.cleanup import Cleanup
+from graph_opt.passes.factorize_conv import FactorizeConv
+from graph_opt.passes.factorize_gemm import FactorizeGemm
 from graph_opt.passes.fold_batchnorm import FoldBatchnorm
 
 PASSES = (
     FoldBatchnorm,
     Cleanup,
+    FactorizeGemm,
+    FactorizeConv,
 )
 
-__all__ = ["PASSES", "Cleanup", "FoldBatchnorm"]
+
+__all__ = ["PASSES", "Cleanup", "FactorizeConv", "FactorizeGemm", "FoldBatchnorm"]
