@@ -19,6 +19,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -136,6 +137,10 @@ class LowRankPass(Pass):
 
     def name_filter(self, label: str) -> str | None:
         """Why the layer is not selected by name, or None."""
+        if FACTOR_NAME.search(label):
+            # Factorizing a factor again (e.g. the 1x1 convs Tucker-2 made) compounds the error
+            # for little saving: the factors are already thin.
+            return "already a low-rank factor from an earlier factorization"
         if self.include and not any(fnmatch.fnmatchcase(label, p) for p in self.include):
             return f"name matches no include pattern ({', '.join(self.include)})"
         for pattern in self.exclude:
@@ -324,6 +329,10 @@ class Plan:
     tail: list[gs.Tensor]  # extra inputs of the last step (bias)
     suffix: str  # node names are <original>/<suffix>_<i>
     details: dict[str, Any]
+
+
+# Names apply_plan gives the nodes it creates: <original>/<suffix>_<i>.
+FACTOR_NAME = re.compile(r"/(svd|tucker2|cp|spatial_svd)_\d+$")
 
 
 def base_name(node: gs.Node) -> str:

@@ -358,3 +358,18 @@ def test_unbound_sequence_dim_needs_data_for_macs():
     info = fired(result, 2, "MatMul")
     assert info["macs_before"] == 12 * 128 * 128 and info["rank"] == 32
     assert parity(model, result.model, {"x": data.inputs["x"]}) < 1e-4
+
+
+def test_does_not_refactorize_the_factors_of_an_earlier_factorization():
+    from builders import GraphBuilder
+
+    from graph_opt.passes.factorize_conv import FactorizeConv
+
+    g = GraphBuilder(seed=3)
+    x = g.input("x", ["N", 96, 12, 12])
+    g.output(g.conv(x, 96, 96, 3, name="big"), ["N", 96, 12, 12])
+    tucker = FactorizeConv(rank=64, latency_gate=False, align=0)(g.build())
+    assert [n.name for n in tucker.model.graph.node] == ["big/tucker2_0", "big/tucker2_1", "big/tucker2_2"]
+    again = FactorizeGemm(rank=8, latency_gate=False, align=0)(tucker.model)
+    assert not again.modified
+    assert {s.reason for s in again.report.skipped} == {"already a low-rank factor from an earlier factorization"}
