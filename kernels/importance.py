@@ -29,7 +29,8 @@ Channel selection: ``select_channels(scores, ratio, scope=...)`` picks the chann
 every group: ``floor(ratio · n)`` per group of ``n`` channels (``scope='layer'``), or
 ``floor(ratio · Σ n)`` in total over all groups ranked together (``scope='global'``; scores are
 first divided by their group's mean so that layers of different scale compare), always keeping at
-least ``min_keep`` channels per group and never choosing a channel marked not ``eligible``.
+least ``min_keep`` channels per group and never choosing a channel marked not ``eligible``;
+``round_to`` rounds every group's kept count up to a multiple (hardware-friendly widths).
 """
 
 from __future__ import annotations
@@ -169,16 +170,34 @@ def nm_mask(w: ArrayLike, n: int, m: int, axis: int) -> np.ndarray:
 
 
 def select_channels(scores: Sequence[ArrayLike], ratio: float, *, scope: Literal["layer", "global"] = "layer",
-                    eligible: Sequence[ArrayLike] | None = None, min_keep: int = 1) -> list[np.ndarray]:
+                    eligible: Sequence[ArrayLike] | None = None, min_keep: int = 1,
+                    round_to: int = 1) -> list[np.ndarray]:
     """Boolean masks, True = prune, one per group of channel scores (lowest scores pruned first).
 
     `layer`: floor(ratio · n) per group. `global`: floor(ratio · Σ n) over all groups together,
     each group's scores divided by its mean first. A group keeps at least `min_keep` channels and
-    ineligible channels are never chosen, so fewer channels may be pruned than asked for.
+    ineligible channels are never chosen, so fewer channels may be pruned than asked for. With
+    `round_to` > 1 the kept count of every group is then rounded *up* to a multiple of it (or to
+    the whole group) by sparing its highest-scored chosen channels: never more pruned than asked.
     """
     _check_fraction(ratio, "ratio")
     if min_keep < 0:
         raise ValueError("min_keep must be >= 0")
+    if round_to < 1:
+        raise ValueError("round_to must be >= 1")
+    masks = _select(scores, ratio, scope, eligible, min_keep)
+    if round_to > 1:
+        for s, mask in zip(scores, masks):
+            s = np.asarray(s, dtype=np.float64).reshape(-1)
+            kept = mask.size - int(mask.sum())
+            spare = min(mask.size, -(-kept // round_to) * round_to) - kept
+            if spare > 0:
+                chosen = np.flatnonzero(mask)
+                mask[chosen[np.argsort(-s[chosen], kind="stable")[:spare]]] = False
+    return masks
+
+
+def _select(scores, ratio, scope, eligible, min_keep) -> list[np.ndarray]:
     groups = [np.asarray(s, dtype=np.float64).reshape(-1) for s in scores]
     ok = [np.ones(g.size, bool) if eligible is None else np.asarray(e, bool).reshape(-1)
           for g, e in zip(groups, eligible if eligible is not None else groups)]

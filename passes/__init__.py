@@ -4,13 +4,16 @@ from graph_opt.passes.cleanup import Cleanup
 from graph_opt.passes.factorize_conv import FactorizeConv
 from graph_opt.passes.factorize_gemm import FactorizeGemm
 from graph_opt.passes.fold_batchnorm import FoldBatchnorm
+from graph_opt.passes.prune_channels import PruneChannels
+from graph_opt.passes.prune_weights import PruneWeights
 
 PASSES = (
     FoldBatchnorm,
     Cleanup,
+    PruneWeights,
+    PruneChannels,
     FactorizeGemm,
     FactorizeConv,
 )
 
-
-__all__ = ["PASSES", "Cleanup", "FactorizeConv", "FactorizeGemm", "FoldBatchnorm"]
+__all__ = ["PASSES", "Cleanup", "FactorizeConv", "FactorizeGemm", "FoldBatchnorm", "PruneChannels", "PruneWeights"]
