@@ -1,0 +1,139 @@
+"""Shared measurement code for the benchmark scripts: one table row per model variant.
+
+Every number a benchmark publishes comes from `measure(...)`, which for one zoo model and a set of
+variants (name → ModelProto) computes, in one process and one run:
+
+- parameters, MACs (batch 1) and serialized size of each variant (`graph_opt.stats`);
+- fidelity against the original on the eval split (graph-opt's parity harness: onnxruntime CPU,
+  optimizations off): cosine and SNR of the outputs, top-1 agreement for logits;
+- the task metric of each variant (accuracy, paraphrase retrieval, detection agreement);
+- latency ratios to the original: every variant timed in the same process, interleaved with a
+  rotating order, medians of `runs` runs each, graph optimizations on (as deployed), spinning
+  worker threads stopped (FINDINGS.md), one sample per run;
+- how busy the machine was while measuring (other processes' CPU share), because ratios from a
+  busy machine are unreliable.
+
+Results go to `benchmarks/results/<bench>.json` and a Markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from graph_opt.stats import measure_latency, model_stats
+from graph_opt.verify import compare_outputs, run_model
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Share of total CPU time used by anything (this process included) over `seconds`."""
+    def snap():
+        with open("/proc/stat") as fh:
+            vals = [int(v) for v in fh.readline().split()[1:]]
+        idle = vals[3] + vals[4]
+        return sum(vals), idle
+
+    t0, i0 = snap()
+    time.sleep(seconds)
+    t1, i1 = snap()
+    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+
+
+@dataclass
+class Row:
+    model: str
+    variant: str
+    params: int
+    macs: int | None
+    file_bytes: int
+    params_ratio: float
+    macs_ratio: float | None
+    size_ratio: float
+    latency_ms: float
+    latency_ratio: float
+    cosine: float
+    snr_db: float
+    top1_agreement: float | None
+    task: dict[str, float]
+    rewritten: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def measure(zm, variants: dict[str, onnx.ModelProto], *, runs: int = 200, threads: int = 1,
+            extras: dict[str, dict[str, Any]] | None = None) -> list[Row]:
+    """Rows for the original ('fp32') and every variant of one zoo model, measured in one run."""
+    original = zm.load()
+    models = {"fp32": original, **variants}
+    ref_out = run_model(original, zm.eval, threads=threads, desc=f"{zm.name} fp32")
+    stats = {name: model_stats(m, shapes=zm.shapes) for name, m in models.items()}
+    feed = zm.eval.sample(0)
+    busy_before = cpu_busy(0.5)
+    latencies = measure_latency(list(models.values()), feed, runs=runs, threads=threads)
+    busy_after = cpu_busy(0.5)
+    base = stats["fp32"]
+    rows = []
+    for (name, model), lat in zip(models.items(), latencies):
+        out = ref_out if name == "fp32" else run_model(model, zm.eval, threads=threads, desc=f"{zm.name} {name}")
+        parity = compare_outputs(ref_out, out, data_source=zm.name)
+        st = stats[name]
+        rows.append(Row(
+            model=zm.name, variant=name, params=st.params, macs=st.macs, file_bytes=st.file_bytes,
+            params_ratio=st.params / base.params, macs_ratio=(st.macs / base.macs) if st.macs and base.macs else None,
+            size_ratio=st.file_bytes / base.file_bytes, latency_ms=lat, latency_ratio=lat / latencies[0],
+            cosine=parity.cosine, snr_db=parity.snr_db, top1_agreement=parity.top1, task=zm.evaluate(out),
+            extra={"cpu_busy_before": round(busy_before, 3), "cpu_busy_after": round(busy_after, 3),
+                   **((extras or {}).get(name, {}))},
+        ))
+    return rows
+
+
+def environment() -> dict[str, Any]:
+    return {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def save(bench: str, rows: list[Row], meta: dict[str, Any] | None = None) -> Path:
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"{bench}.json"
+    doc = {"bench": bench, "environment": environment(), **(meta or {}), "rows": [asdict(r) for r in rows]}
+    path.write_text(json.dumps(doc, indent=1, default=_default))
+    return path
+
+
+def _default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, float) and not np.isfinite(o):
+        return str(o)
+    return str(o)
+
+
+def markdown(rows: list[Row], task_keys: list[str] | None = None) -> str:
+    keys = task_keys if task_keys is not None else sorted({k for r in rows for k in r.task})
+    head = ["model", "variant", "params", "MACs", "size", "latency", "cosine", "top-1 agr", *keys, "rewritten"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r.model, r.variant, f"{r.params_ratio:.2f}x", "-" if r.macs_ratio is None else f"{r.macs_ratio:.2f}x",
+                 f"{r.size_ratio:.2f}x", f"{r.latency_ratio:.2f}x", f"{r.cosine:.4f}",
+                 "-" if r.top1_agreement is None else f"{r.top1_agreement:.3f}",
+                 *[_cell(r.task.get(k)) for k in keys], str(r.rewritten)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
