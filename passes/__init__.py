@@ -6,6 +6,7 @@ from graph_opt.passes.factorize_gemm import FactorizeGemm
 from graph_opt.passes.fold_batchnorm import FoldBatchnorm
 from graph_opt.passes.prune_channels import PruneChannels
 from graph_opt.passes.prune_weights import PruneWeights
+from graph_opt.passes.quantize import Quantize
 
 PASSES = (
     FoldBatchnorm,
@@ -14,6 +15,8 @@ PASSES = (
     PruneChannels,
     FactorizeGemm,
     FactorizeConv,
+    Quantize,
 )
 
-__all__ = ["PASSES", "Cleanup", "FactorizeConv", "FactorizeGemm", "FoldBatchnorm", "PruneChannels", "PruneWeights"]
+__all__ = ["PASSES", "Cleanup", "FactorizeConv", "FactorizeGemm", "FoldBatchnorm", "PruneChannels", "PruneWeights",
+           "Quantize"]

@@ -1,0 +1,1190 @@
+"""quantize: store weights as integers and run activations in int8, as onnxruntime fuses QDQ.
+
+Before::
+
+    x → Conv(W, b) → Relu → MaxPool → Flatten → Gemm(W2, b2) → y
+
+After (static activations, the default when calibration data is given)::
+
+    x → Q → DQ ─┐                                    (activation: uint8, own scale)
+    Wq → DQ ────┼→ Conv → Relu → Q → DQ → MaxPool → Q → DQ → Flatten → Q → DQ ─┐
+    bq → DQ ────┘     (Relu absorbed: one range [0, max] after it)    (shared scale)
+                                                       W2q → DQ, b2q → DQ ─┴→ Gemm → y
+
+onnxruntime (graph optimizations on) turns each such group into one integer kernel:
+QLinearConv, QGemm, QLinearMatMul or MatMulIntegerToFloat, int8 MaxPool/Flatten/Reshape,
+QLinearAdd/QLinearMul/QLinearConcat/QLinearGlobalAveragePool/QLinearAveragePool.
+
+Plan, then apply
+----------------
+`make_plan` decides everything first — per tensor: dtype, scale, zero point, axis, block size,
+and for activations the calibrated range (`passes._qplan.QuantPlan`, JSON-serializable; the report
+carries it compactly) — and one step (`apply_plan`) inserts the nodes. Float weights are removed
+from the model: the DequantizeLinear of a weight outputs the weight's old name, so the layer is
+untouched and the file really shrinks.
+
+Numerics (all from `graph_opt.kernels.quant`): ``q = saturate(round(x/s) + z)``, ``x̂ = (q − z)·s``.
+
+- Weights, ``weights=int8|uint8|int4``: symmetric by default (``s = max|w|/k``, k = 127/7 steps),
+  per output channel (``per_channel``) on the axis that indexes the layer's outputs — Conv: 0;
+  Gemm: 0 if transB=1 else 1; MatMul ``x @ W`` with W of shape [..., K, N]: the last axis — or per
+  tensor. Exception: a batched (3-D+) MatMul weight with quantized activations is per tensor,
+  because onnxruntime's fused kernels reject a per-column scale on it at run time (the model
+  loads, then the first run fails). Blocks (``block_size`` > 0) run along the reduction axis
+  (MatMul and Gemm transB=0: 0, Gemm transB=1: 1, Conv: 1) with one scale per block per output
+  channel. ``weights=int4`` on
+  MatMul/Gemm uses blocks of 128 unless ``block_size`` says otherwise (0: per channel): the
+  weight-only transformer recipe, DQ(int4, blocked, axis 0) → MatMul, which onnxruntime fuses
+  into MatMulNBits.
+- ``weights=ternary`` (TWN): per output channel ``Δ = 0.7·mean|w|``, codes ``sign(w)·[|w| > Δ]``,
+  ``α = mean(|w| : |w| > Δ)``; ``weights=binary``: codes ``sign(w)``, ``α = mean|w|``. Both are
+  stored as int2 codes with α as the DequantizeLinear scale, so the dequantized weight is exactly
+  ``α·code`` (α in float32); ``per_channel`` does not apply (α is always per channel).
+- Activations (static, ``activations=uint8|int8``): one asymmetric per-tensor scale from the range
+  calibrated on ``ctx.data`` (``calibration``: minmax, percentile, entropy (KL) or mse, see
+  `graph_opt.kernels.calib`). The range always contains 0, and a one-sided range [0, max] puts
+  the zero point at qmin, which is what lets onnxruntime drop a Relu/Clip in front of the Q.
+- Bias of a layer whose input and weight are quantized (int8/uint8, not blocked): int32 with
+  ``s_b = s_x·s_w`` (per channel when the weight is), zero point 0 — the layout QLinearConv/QGemm
+  take. Kept in float (the layer then runs as DQ → float op) when it would overflow int32, when
+  Gemm has alpha ≠ 1 or beta ≠ 1, or when C is not one value per output column.
+- ``reduce_range`` (default on): with quantized activations, int8 weights use a 7-bit grid
+  (±63). Measured on an AVX2 CPU without VNNI (onnxruntime 1.32): full-range s8 weights with u8
+  activations saturate inside the u8×s8 kernels (vpmaddubsw) — errors of up to 221 output steps
+  in QLinearConv and 188 in QLinearMatMul that the verification harness (optimizations off) never
+  sees; with 7-bit weights ≤ 1 step, at the same latency. uint8 weights (u8×u8) do not saturate.
+
+Calibration is one streaming pass: a private copy of the model exposes every candidate tensor as
+an extra output, onnxruntime runs it batch by batch (at most ``max_samples`` samples), each batch
+updates one observer per tensor (MinMaxObserver, or HistogramObserver for the other methods) and
+is dropped; memory is bounded by one batch. For minmax, streaming equals one big batch exactly
+(the histogram methods are also batch-invariant, see `kernels.calib`). minmax is the default
+because it never clips: measured with real calibration data, percentile and entropy clipped the
+outlier features of a MiniLM sentence encoder (embedding cosine 0.927 vs 0.992 with minmax), while
+on a YOLOv8n detector entropy beat minmax (output SNR 35 vs 26 dB) — worth trying per model.
+
+Placement (what gets a QDQ)
+---------------------------
+- Conv/Gemm/MatMul (``op_types``) with a constant float32 weight: weight and bias as above; the
+  activation input gets a Q/DQ; the output gets one — after a Relu/Clip that is its only reader
+  (the activation is absorbed into the output range) — except that a Gemm/MatMul output is
+  quantized only when a quantized node reads it (otherwise onnxruntime runs QGemm /
+  MatMulIntegerToFloat with a float output, more accurate and as fast).
+- MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze on a quantized tensor: the output shares
+  the input's scale and zero point (exact: these ops only move or select values), so onnxruntime
+  drops the pair and runs them in int8.
+- Add, Mul (two non-constant inputs), Concat, AveragePool, GlobalAveragePool with a quantized input:
+  each input and the output get their own scales (QLinearAdd, QLinearConcat, …).
+- A tensor produced inside the quantized region is read through its DequantizeLinear by every
+  reader (the producer's output is renamed, the DQ takes the original name, so graph outputs keep
+  their names); a float tensor quantized for a quantized reader keeps its float value for the
+  other readers.
+- Never: a Concat whose calibrated input ranges differ by more than ``CONCAT_RANGE_RATIO`` (10×)
+  — one output scale would erase the small-range input (a detector concatenating box pixels 0–640
+  with class probabilities 0–1); the Concat, and the graph output it feeds, stay float, and each
+  input keeps its own scale.
+- ``exclude``: fnmatch patterns on op types or node names, never quantized. ``keep_float``:
+  patterns on node or tensor names kept in full precision (a matching tensor never gets a QDQ).
+- Sensitivity (``sensitivity_snr_db``, needs data): every quantized layer is measured in
+  isolation on the calibration data in one more streaming pass — a copy of the layer reading the
+  float model's own input through the planned QDQ and dequantized weight, against the float
+  output (SNR of input + weight quantization), combined with the SNR of quantizing its output
+  tensor (noise powers add); a second copy with the float input and bias gives the weight-only
+  SNR. A layer below the threshold runs weight-only when that SNR clears it (its activations stay
+  float), else it stays float entirely; Add/Concat/pooling below it stay float; the placement is
+  then redone. The report gives each layer's SNRs. ``'auto'``: 20 dB for int8/uint8 weights,
+  10 dB for int4, off for ternary/binary (whose weight error is far larger by design).
+
+Weight-only modes (float activations, DQ(weight) → float op): ``activations=none``; weights
+int4/ternary/binary or blocked (onnxruntime has no integer conv/gemm kernel for them); and, with
+a note, static activations requested without calibration data (``ctx.data`` is None).
+
+Opset: per-channel DequantizeLinear needs opset 13, int4 and blocks 21, int2 25. A model below
+the need is upgraded first — by bumping the opset import when no op it uses changed between the
+two versions, else with ``onnx.version_converter`` (then checked to load in onnxruntime) — and the
+report says which. The IR version is raised to the one the new opset requires.
+
+Skipped, with the reason in the report: layer op types not in ``op_types``; excluded or
+keep_float nodes; weights that are not constants, not float32, contain NaN/inf, are shared with
+another node, or are 1-D (matrix-vector MatMul); MatMul with the constant on the left or with two
+activation operands (attention scores: left float); layers already quantized (an input from
+DequantizeLinear or an output into QuantizeLinear), and quantized ops themselves
+(QuantizeLinear/DequantizeLinear/QLinear*/MatMulInteger/ConvInteger/MatMulNBits/QGemm …): never
+quantized twice; Conv/Gemm/MatMul inside If/Loop/Scan subgraphs (not quantized, said so);
+activation tensors that are not float32 or were never observed; sensitive layers (SNR below the
+threshold); Concats with mismatched ranges; a model whose opset cannot be upgraded.
+
+Lossy, bounded per element: a weight moves by at most s/2 (s its channel's/block's scale; for
+ternary/binary the error is |w − α·code|, by design large); an activation inside its calibrated
+range by at most s_x/2 (values outside saturate: percentile/entropy/mse clip on purpose); biases
+by s_x·s_w/2. Weights already on the grid (w = s·k, |k| ≤ 127) with ``activations=none`` come
+back exactly.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from graph_opt.data import Dataset, batch_size_for
+from graph_opt.errors import GraphOptError
+from graph_opt.kernels.calib import HistogramObserver, MinMaxObserver
+from graph_opt.kernels.quant import (
+    MIN_SCALE,
+    QuantParams,
+    binary_weights,
+    blockwise_params,
+    compute_params,
+    fake_quantize,
+    pack_int2,
+    pack_int4,
+    quantize,
+    symmetric_steps,
+    ternary_weights,
+)
+from graph_opt.model_io import copy_model
+from graph_opt.pass_base import Pass, PassContext, PassReport
+from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
+from graph_opt.progress import progress
+from graph_opt.verify import make_session
+
+log = logging.getLogger(__name__)
+
+LAYER_OPS = ("Conv", "Gemm", "MatMul")
+# Ops that only move or select values: the output shares the input's scale (ORT drops the QDQ).
+SHARED_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
+# Ops with an integer kernel in onnxruntime taking per-input scales and an output scale.
+OWN_OPS = ("Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool")
+ABSORBED_OPS = ("Relu", "Clip")
+QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+    "MatMulInteger", "ConvInteger", "MatMulNBits", "QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+    "QAttention", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearGlobalAveragePool",
+    "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearWhere",
+    "QLinearReduceMean", "QLinearConvTranspose", "QEmbedLayerNormalization", "DequantizeBFP", "QuantizeBFP",
+})
+# One shared output scale cannot serve Concat inputs whose ranges differ by more than this.
+CONCAT_RANGE_RATIO = 10.0
+AUTO_SNR_DB = {"int8": 20.0, "uint8": 20.0, "int4": 10.0, "ternary": None, "binary": None}
+INT4_AUTO_BLOCK = 128
+_INT32_MAX = 2**31 - 1
+_ONNX_DTYPES = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8, "int4": TensorProto.INT4,
+                "uint4": TensorProto.UINT4, "int2": TensorProto.INT2, "uint2": TensorProto.UINT2,
+                "int32": TensorProto.INT32}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Quantize(Pass):
+    """Quantize weights (int8/uint8/int4/ternary/binary) and activations (static QDQ, ORT-fusable)."""
+
+    name: ClassVar[str] = "quantize"
+    weights: Literal["int8", "uint8", "int4", "ternary", "binary"] = "int8"
+    activations: Literal["uint8", "int8", "none"] = "uint8"
+    calibration: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
+    percentile: float = 99.99
+    per_channel: bool = True
+    symmetric: bool = True
+    block_size: int | None = None
+    reduce_range: bool = True
+    op_types: tuple[str, ...] = LAYER_OPS
+    exclude: tuple[str, ...] = ()
+    keep_float: tuple[str, ...] = ()
+    sensitivity_snr_db: float | Literal["auto"] | None = "auto"
+    max_samples: int = 256
+
+    def __post_init__(self) -> None:
+        bad = [op for op in self.op_types if op not in LAYER_OPS]
+        if bad:
+            raise ValueError(f"op_types may only name {', '.join(LAYER_OPS)} (got {', '.join(bad)}); "
+                             "Add/Concat/pooling follow the quantized layers automatically, use exclude to stop them")
+        if self.block_size is not None and self.block_size < 0:
+            raise ValueError("block_size must be >= 0 (0: never blocked, None: automatic)")
+        if not 0.0 < self.percentile <= 100.0:
+            raise ValueError("percentile must be in (0, 100]")
+        if self.max_samples < 1:
+            raise ValueError("max_samples must be >= 1")
+
+    def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
+        plan, work = make_plan(model, ctx.data, self)
+        for d in plan.nodes:
+            if d.action != "quantize":
+                report.skip(d.node, d.reason)
+        if plan.empty:
+            return model
+        out = apply_plan(work, plan)
+        _report(plan, report, model, out)
+        return out
+
+    def plan(self, model: onnx.ModelProto, data: Dataset | None = None, *, batch_size: int | None = None) -> QuantPlan:
+        """The plan this pass would apply to `model` (for inspection; nothing is rewritten)."""
+        return make_plan(model, data, self, batch_size=batch_size)[0]
+
+    # -- derived settings
+
+    def threshold_db(self) -> float | None:
+        if self.sensitivity_snr_db == "auto":
+            return AUTO_SNR_DB[self.weights]
+        return self.sensitivity_snr_db
+
+    def required_opset(self) -> int:
+        if self.weights in ("ternary", "binary"):
+            return 25
+        if self.weights == "int4" or (self.block_size or 0) > 0:
+            return 21
+        return 13 if self.per_channel else 10  # DequantizeLinear's axis attribute came with opset 13
+
+
+# =============================================================================== graph index
+
+
+class _Index:
+    """Producers, consumers, constants and unique labels of a model's main graph (read-only)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        g = model.graph
+        self.model = model
+        self.nodes = list(g.node)
+        self.inits = {t.name: t for t in g.initializer}
+        self.graph_inputs = [i.name for i in g.input if i.name not in self.inits]
+        self.graph_outputs = {o.name for o in g.output}
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[tuple[int, int]]] = {}
+        for idx, node in enumerate(self.nodes):
+            for out in node.output:
+                if out:
+                    self.producer[out] = idx
+            for slot, name in enumerate(node.input):
+                if name:
+                    self.consumers.setdefault(name, []).append((idx, slot))
+        counts: dict[str, int] = {}
+        for node in self.nodes:
+            counts[node.name] = counts.get(node.name, 0) + 1
+        self.labels = [n.name if n.name and counts[n.name] == 1 else f"{n.op_type}({n.output[0] if n.output else idx})"
+                       for idx, n in enumerate(self.nodes)]
+        self._const: dict[str, np.ndarray | None] = {}
+
+    def const(self, name: str) -> np.ndarray | None:
+        """Value of an initializer or Constant-node output, else None."""
+        if not name:
+            return None
+        if name not in self._const:
+            value = None
+            if name in self.inits:
+                value = numpy_helper.to_array(self.inits[name])
+            elif name in self.producer:
+                node = self.nodes[self.producer[name]]
+                if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                    for a in node.attribute:
+                        if a.name == "value":
+                            value = numpy_helper.to_array(a.t)
+            self._const[name] = value
+        return self._const[name]
+
+    def const_dtype(self, name: str) -> int | None:
+        if name in self.inits:
+            return self.inits[name].data_type
+        if name in self.producer:
+            node = self.nodes[self.producer[name]]
+            for a in node.attribute:
+                if node.op_type == "Constant" and a.name == "value":
+                    return a.t.data_type
+        return None
+
+    def is_const(self, name: str) -> bool:
+        return name in self.inits or (name in self.producer and self.nodes[self.producer[name]].op_type == "Constant")
+
+    def readers(self, name: str) -> list[tuple[int, int]]:
+        return self.consumers.get(name, [])
+
+    def sole_reader(self, name: str) -> int | None:
+        """The only node reading `name` (through one input slot), when it is not a graph output."""
+        readers = self.readers(name)
+        if len(readers) != 1 or name in self.graph_outputs:
+            return None
+        return readers[0][0]
+
+    def producer_op(self, name: str) -> str | None:
+        idx = self.producer.get(name)
+        return None if idx is None else self.nodes[idx].op_type
+
+
+def _matches(patterns: Iterable[str], *names: str) -> str | None:
+    for p in patterns:
+        for n in names:
+            if n and fnmatch.fnmatchcase(n, p):
+                return p
+    return None
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 1
+
+
+# =============================================================================== layers
+
+
+@dataclass
+class _Layer:
+    """A Conv/Gemm/MatMul with a constant weight that the pass can quantize."""
+
+    idx: int
+    label: str
+    op: str
+    x: str
+    w: str
+    wv: np.ndarray
+    axis: int          # output-channel axis of the weight
+    red_axis: int      # reduction axis (blocks run along it)
+    b: str | None = None
+    bv: np.ndarray | None = None
+    bias_float: str = ""  # why the bias cannot become int32 ('' when it can)
+
+
+def _match_layer(ix: _Index, idx: int) -> _Layer | str:
+    """The layer when quantizable, else the reason it is not (pure: no edits)."""
+    node = ix.nodes[idx]
+    op = node.op_type
+    ins = list(node.input)
+    for name in ins:
+        if ix.producer_op(name) == "DequantizeLinear":
+            return f"already quantized: input {name!r} comes from DequantizeLinear (never quantized twice)"
+    for out in node.output:
+        if any(ix.nodes[r].op_type == "QuantizeLinear" for r, _ in ix.readers(out)):
+            return "already quantized: its output feeds QuantizeLinear (never quantized twice)"
+    if len(ins) < 2:
+        return f"{op} without a weight input"
+    x, w = ins[0], ins[1]
+    if op == "MatMul":
+        xc, wc = ix.is_const(x), ix.is_const(w)
+        if xc and not wc:
+            return "the constant is the left operand (W @ x); only x @ W is quantized"
+        if not xc and not wc:
+            return "both operands are activations (e.g. attention scores); kept float"
+        if xc and wc:
+            return "both operands are constants"
+    elif not ix.is_const(w):
+        return "weight is not a constant"
+    if ix.is_const(x):
+        return "input is a constant"
+    if ix.const_dtype(w) != TensorProto.FLOAT:
+        return f"weight is {TensorProto.DataType.Name(ix.const_dtype(w) or 0)}, only FLOAT weights are quantized"
+    wv = ix.const(w)
+    if wv is None:
+        return "weight is not a constant"
+    if not np.all(np.isfinite(wv)):
+        return "weight contains NaN or inf"
+    if len(ix.readers(w)) != 1:
+        return f"weight {w!r} is shared with another node"
+    if op == "Conv":
+        if wv.ndim < 3:
+            return f"Conv weight has rank {wv.ndim}"
+        axis, red = 0, 1
+    elif op == "Gemm":
+        if wv.ndim != 2:
+            return "Gemm weight is not 2-D"
+        trans_b = _attr(node, "transB", 0)
+        axis, red = (0, 1) if trans_b else (1, 0)
+    else:
+        if wv.ndim < 2:
+            return "1-D weight (matrix-vector product)"
+        axis, red = wv.ndim - 1, wv.ndim - 2
+    layer = _Layer(idx, ix.labels[idx], op, x, w, wv, axis, red)
+    bias = ins[2] if op in ("Conv", "Gemm") and len(ins) > 2 and ins[2] else None
+    if bias is not None:
+        layer.b = bias
+        n_out = wv.shape[axis]
+        bv = ix.const(bias)
+        if bv is None or ix.const_dtype(bias) != TensorProto.FLOAT:
+            layer.bias_float = "bias is not a float constant"
+        elif len(ix.readers(bias)) != 1:
+            layer.bias_float = "bias is shared with another node"
+        elif not np.all(np.isfinite(bv)):
+            layer.bias_float = "bias contains NaN or inf"
+        elif op == "Conv" and bv.shape != (n_out,):
+            layer.bias_float = f"bias shape {bv.shape} is not ({n_out},)"
+        elif op == "Gemm" and (bv.shape not in ((n_out,), (1, n_out))):
+            layer.bias_float = f"Gemm C of shape {bv.shape} is not one value per output column"
+        elif op == "Gemm" and (_attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0):
+            layer.bias_float = "Gemm alpha or beta is not 1"
+        else:
+            layer.bv = bv
+    return layer
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _subgraph_layers(node: onnx.NodeProto) -> int:
+    count = 0
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            for n in g.node:
+                count += n.op_type in LAYER_OPS
+                count += _subgraph_layers(n)
+    return count
+
+
+# =============================================================================== weights
+
+
+def _block_for(layer: _Layer, opts: Quantize) -> int:
+    if opts.block_size is not None:
+        return opts.block_size
+    if opts.weights == "int4" and layer.op in ("MatMul", "Gemm"):
+        return INT4_AUTO_BLOCK
+    return 0
+
+
+def _reduced_params(w: np.ndarray, axis: int | None, symmetric: bool) -> QuantParams:
+    """int8 params on a 7-bit grid (codes within [-64, 63]): the int8 params of a range widened so
+    that the grid step doubles (see `reduce_range` in the module docstring)."""
+    others = tuple(i for i in range(w.ndim) if i != axis) if axis is not None else None
+    lo = np.minimum(np.min(w, axis=others), 0.0).astype(np.float64)
+    hi = np.maximum(np.max(w, axis=others), 0.0).astype(np.float64)
+    if symmetric:
+        amax = np.maximum(-lo, hi) * (symmetric_steps("int8") / 63.0)
+        lo, hi = -amax, amax
+    else:
+        pad = (hi - lo) * (64.0 / 127.0)
+        lo, hi = lo - pad, hi + pad
+    return compute_params((lo, hi), "int8", symmetric=symmetric, axis=axis)
+
+
+def _quantize_weight(layer: _Layer, opts: Quantize, static: bool) -> TensorQuant:
+    w = layer.wv
+    shape = tuple(int(d) for d in w.shape)
+    if opts.weights in ("ternary", "binary"):
+        codes, p = (ternary_weights if opts.weights == "ternary" else binary_weights)(w, layer.axis)
+        return TensorQuant.from_params(layer.w, "weight", p, scheme=opts.weights, shape=shape, codes=codes)
+    dtype = opts.weights
+    block = _block_for(layer, opts)
+    if block > 0:
+        p = blockwise_params(w, block, layer.red_axis, dtype, symmetric=opts.symmetric)
+    else:
+        axis = layer.axis if opts.per_channel else None
+        if static and layer.op == "MatMul" and w.ndim > 2:
+            # A 1-D per-column scale on a batched weight makes onnxruntime's fused MatMulIntegerToFloat /
+            # QLinearMatMul fail at run time (its B zero point must be per [.., 1, N] slice): per tensor.
+            axis = None
+        if static and dtype == "int8" and opts.reduce_range:
+            p = _reduced_params(w, axis, opts.symmetric)
+        else:
+            p = compute_params(w, dtype, symmetric=opts.symmetric, axis=axis)
+    return TensorQuant.from_params(layer.w, "weight", p, shape=shape, codes=quantize(w, p))
+
+
+def _quantize_bias(layer: _Layer, x_scale: np.ndarray, wq: TensorQuant) -> TensorQuant | str:
+    """int32 bias with scale s_x·s_w (per channel when the weight is), or why it stays float."""
+    s = (np.float32(x_scale) * wq.scale).astype(np.float32)
+    s = np.maximum(s, np.float32(MIN_SCALE))
+    bv = layer.bv.astype(np.float64)
+    flat = bv.reshape(-1)
+    codes = np.rint(flat / (s.astype(np.float64) if s.ndim else float(s)))
+    if np.any(np.abs(codes) > _INT32_MAX):
+        return "bias / (s_x·s_w) overflows int32"
+    axis = None if s.ndim == 0 else bv.ndim - 1
+    return TensorQuant(layer.b, "bias", "int32", s, np.zeros(s.shape, np.int32), axis=axis, scheme="bias",
+                       shape=tuple(int(d) for d in bv.shape), codes=codes.astype(np.int32).reshape(bv.shape))
+
+
+# =============================================================================== calibration
+
+
+def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method: str, *,
+              batch_size: int | None = None, max_samples: int | None = None) -> dict[str, MinMaxObserver]:
+    """One streaming pass over `data`: one observer per float32 tensor in `tensors`.
+
+    The tensors become extra outputs of a private copy of `model`; each batch updates the
+    observers and is dropped. Tensors that turn out not to be float32 are left out.
+    """
+    if max_samples is not None:
+        data = data.take(max_samples)
+    inputs = set(data.inputs)
+    wanted = [t for t in dict.fromkeys(tensors) if t not in inputs]
+    work = copy_model(model)
+    present = {o.name for o in work.graph.output}
+    for t in wanted:
+        if t not in present:
+            work.graph.output.append(onnx.ValueInfoProto(name=t))
+    session = make_session(work)
+    make = MinMaxObserver if method == "minmax" else HistogramObserver
+    observers: dict[str, MinMaxObserver] = {}
+    dropped: set[str] = set()
+    bs = batch_size or batch_size_for(model, 8)
+    for feed in progress(data.batches(bs), total=math.ceil(len(data) / bs), desc="calibrate"):
+        values = dict(zip(wanted, session.run(wanted, feed))) if wanted else {}
+        values.update({t: feed[t] for t in tensors if t in inputs})
+        for t in tensors:
+            v = values.get(t)
+            if t in dropped or v is None:
+                continue
+            if np.asarray(v).dtype != np.float32:
+                dropped.add(t)
+                observers.pop(t, None)
+                continue
+            observers.setdefault(t, make()).update(v)
+        del values
+    return {t: o for t, o in observers.items() if o.count}
+
+
+def _range(obs: MinMaxObserver, opts: Quantize) -> tuple[float, float]:
+    if isinstance(obs, HistogramObserver):
+        return obs.range(opts.calibration, percentile=opts.percentile, symmetric=False, dtype=opts.activations)
+    return obs.range("minmax")
+
+
+# =============================================================================== placement
+
+
+@dataclass
+class _Placement:
+    acts: dict[str, TensorQuant] = field(default_factory=dict)
+    decisions: dict[int, NodeDecision] = field(default_factory=dict)
+    static: set[int] = field(default_factory=set)  # layers whose activation input is quantized
+
+
+def _place(ix: _Index, layers: dict[int, _Layer], candidates: set[int], ranges: dict[str, tuple[float, float]],
+           opts: Quantize, forced_float: dict[int, str]) -> _Placement:
+    """Decide which activation tensors get a QDQ (see 'Placement' in the module docstring)."""
+    pl = _Placement()
+    region: set[str] = set()               # tensors whose producer is quantized: every reader reads DQ
+    pending: dict[str, tuple[int, str | None]] = {}  # Gemm/MatMul outputs quantized only if read quantized
+    readers: dict[str, list[str]] = {}     # float-produced tensors: the quantized readers (labels)
+
+    def keep(t: str) -> bool:
+        return _matches(opts.keep_float, t) is not None
+
+    def own(t: str) -> TensorQuant:
+        if t not in pl.acts:
+            lo, hi = ranges[t]
+            p = compute_params((lo, hi), opts.activations, symmetric=False)
+            pl.acts[t] = TensorQuant.from_params(t, "activation", p, method=opts.calibration, range=(lo, hi))
+        return pl.acts[t]
+
+    def materialize(t: str) -> None:
+        if t in pending:
+            idx, absorbed = pending.pop(t)
+            own(t)
+            region.add(t)
+            pl.decisions[idx].output, pl.decisions[idx].absorbed = t, absorbed
+
+    def quantized(t: str) -> bool:
+        return t in region or t in pending
+
+    def usable(t: str) -> bool:
+        return quantized(t) or (t in ranges and not keep(t))
+
+    def use(t: str, idx: int) -> None:
+        materialize(t)
+        if t not in region:
+            own(t)
+            readers.setdefault(t, []).append(ix.labels[idx])
+
+    def span(t: str) -> float | None:
+        r = ranges.get(t) or (pl.acts[t].range if t in pl.acts else None)
+        return None if r is None else max(abs(r[0]), abs(r[1]))
+
+    def chain_output(idx: int) -> tuple[str | None, str | None, str]:
+        """(tensor quantized after node idx, the Relu/Clip absorbed, why none)."""
+        y = ix.nodes[idx].output[0]
+        r = ix.sole_reader(y)
+        t, absorbed = y, None
+        if (r is not None and ix.nodes[r].op_type in ABSORBED_OPS and not _excluded(ix, r, opts)
+                and r not in forced_float):
+            t, absorbed = ix.nodes[r].output[0], ix.labels[r]
+        if keep(t):
+            return None, None, f"output {t!r} kept float (keep_float)"
+        if t not in ranges:
+            return None, None, f"output {t!r} is not a float32 tensor seen in calibration"
+        return t, absorbed, ""
+
+    for idx, node in enumerate(ix.nodes):
+        op, label = node.op_type, ix.labels[idx]
+        if idx in layers:
+            if idx in forced_float:
+                continue
+            layer = layers[idx]
+            d = pl.decisions[idx] = NodeDecision(label, op, "quantize", weight=layer.w)
+            if idx not in candidates:
+                d.reason = "weight-only"
+                continue
+            if not usable(layer.x):
+                d.reason = f"weight-only: input {layer.x!r} is kept float or not a float32 tensor seen in calibration"
+                continue
+            use(layer.x, idx)
+            d.inputs = [layer.x]
+            pl.static.add(idx)
+            t, absorbed, why = chain_output(idx)
+            if t is None:
+                d.reason = why
+            elif op in ("Gemm", "MatMul"):
+                pending[t] = (idx, absorbed)
+            else:
+                own(t)
+                region.add(t)
+                d.output, d.absorbed = t, absorbed
+            continue
+        if _excluded(ix, idx, opts) or idx in forced_float or node.domain not in ("", "ai.onnx"):
+            continue
+        data_inputs = [t for t in node.input if t and not ix.is_const(t)]
+        if op in SHARED_OPS:
+            if not node.input or node.input[0] not in data_inputs or not quantized(node.input[0]):
+                continue
+            src, out = node.input[0], node.output[0]
+            if keep(out) or len([o for o in node.output if o]) != 1:
+                continue
+            materialize(src)
+            base = pl.acts[src]
+            pl.acts[out] = TensorQuant(out, "activation", base.dtype, base.scale, base.zero_point, scheme="shared",
+                                       shared_with=base.shared_with or src, method=base.method, range=base.range)
+            region.add(out)
+            pl.decisions[idx] = NodeDecision(label, op, "quantize", "shares its input's scale (int8 data movement)",
+                                             inputs=[src], output=out)
+            continue
+        if op not in OWN_OPS or not any(quantized(t) for t in data_inputs):
+            continue
+        if op in ("Add", "Mul") and len(data_inputs) != 2:
+            continue
+        if op in ("AveragePool", "GlobalAveragePool") and data_inputs != [node.input[0]]:
+            continue
+        if not all(usable(t) for t in data_inputs):
+            continue
+        if op == "Concat":
+            spans = [a for a in (span(t) for t in data_inputs) if a]
+            if spans and max(spans) / min(spans) > CONCAT_RANGE_RATIO:
+                pl.decisions[idx] = NodeDecision(
+                    label, op, "float",
+                    f"input ranges differ by {max(spans) / min(spans):.0f}x (max |x| from {min(spans):.3g} to "
+                    f"{max(spans):.3g}): one output scale would erase the small-range input; the Concat and its "
+                    "output stay float, each input keeps its own scale")
+                continue
+        t, absorbed, why = chain_output(idx)
+        if t is None:
+            pl.decisions[idx] = NodeDecision(label, op, "float", why)
+            continue
+        for inp in data_inputs:
+            use(inp, idx)
+        own(t)
+        region.add(t)
+        pl.decisions[idx] = NodeDecision(label, op, "quantize", "own output scale", inputs=list(data_inputs),
+                                         output=t, absorbed=absorbed)
+    for t, (idx, _) in pending.items():
+        pl.decisions[idx].reason = ("float output: nothing quantized reads it (onnxruntime fuses the "
+                                    "float-output form: QGemm / MatMulIntegerToFloat)")
+    for t, q in pl.acts.items():
+        q.consumers = None if t in region else readers.get(t, [])
+    return pl
+
+
+def _excluded(ix: _Index, idx: int, opts: Quantize) -> str | None:
+    node = ix.nodes[idx]
+    return (_matches(opts.exclude, node.op_type, node.name, ix.labels[idx])
+            or _matches(opts.keep_float, node.name, ix.labels[idx]))
+
+
+# =============================================================================== sensitivity
+
+
+def _sensitivity(model: onnx.ModelProto, ix: _Index, layers: dict[int, _Layer], weights: dict[int, TensorQuant],
+                 biases: dict[int, TensorQuant], pl: _Placement, data: Dataset, opts: Quantize,
+                 batch_size: int | None) -> dict[int, dict[str, float]]:
+    """Per quantized node: SNR (dB) of its own quantization, measured in isolation on `data`."""
+    work = copy_model(model)
+    g = work.graph
+    taken = {t for n in g.node for t in (*n.input, *n.output)} | {t.name for t in g.initializer}
+    taken |= {n.name for n in g.node}
+    namer = _Namer(taken)
+    probe_of: dict[int, tuple[str, str]] = {}  # layer idx -> (float output, probe output)
+    wo_of: dict[int, str] = {}                  # static layer idx -> weight-only probe output
+    qdq_done: dict[str, str] = {}
+    for idx, wq in weights.items():
+        layer = layers[idx]
+        node = ix.nodes[idx]
+        x = layer.x
+        if idx in pl.static and layer.x in pl.acts:
+            if x not in qdq_done:
+                s, z = _param_inits(g, namer, x, pl.acts[x])
+                q, dq = namer(f"{x}_probe_q"), namer(f"{x}_probe_dq")
+                g.node.extend([helper.make_node("QuantizeLinear", [x, s, z], [q]),
+                               helper.make_node("DequantizeLinear", [q, s, z], [dq])])
+                qdq_done[x] = dq
+            x = qdq_done[x]
+        w = _dq_weight(g, namer, wq, namer(f"{layer.w}_probe"))
+        ins = [x, w]
+        if layer.b is not None:
+            ins.append(_dq_weight(g, namer, biases[idx], namer(f"{layer.b}_probe")) if idx in biases else layer.b)
+        probe_of[idx] = (node.output[0], _probe(g, namer, ix, idx, ins))
+        if x != layer.x:  # also the weight-only variant: float input, float bias, same weight
+            wo_of[idx] = _probe(g, namer, ix, idx, [layer.x, w] + ([layer.b] if layer.b else []))
+    measured = [t for t, q in pl.acts.items() if q.scheme != "shared"]
+    names = list(dict.fromkeys([t for pair in probe_of.values() for t in pair] + list(wo_of.values()) + measured))
+    names = [n for n in names if n not in data.inputs]
+    present = {o.name for o in g.output}
+    for t in names:
+        if t not in present:
+            g.output.append(onnx.ValueInfoProto(name=t))
+    session = make_session(work)
+    sub = data.take(opts.max_samples)
+    bs = batch_size or batch_size_for(model, 8)
+    acc: dict[str, list[float]] = {}
+
+    def add(key: str, ref: np.ndarray, cand: np.ndarray) -> None:
+        r = np.asarray(ref, np.float64).ravel()
+        d = r - np.asarray(cand, np.float64).ravel()
+        a = acc.setdefault(key, [0.0, 0.0])
+        a[0] += float(r @ r)
+        a[1] += float(d @ d)
+
+    for feed in progress(sub.batches(bs), total=math.ceil(len(sub) / bs), desc="sensitivity"):
+        values = dict(zip(names, session.run(names, feed)))
+        values.update({t: feed[t] for t in measured if t in feed})
+        for idx, (y, p) in probe_of.items():
+            add(f"layer:{idx}", values[y], values[p])
+            if idx in wo_of:
+                add(f"weight_only:{idx}", values[y], values[wo_of[idx]])
+        for t in measured:
+            add(f"tensor:{t}", values[t], fake_quantize(values[t], pl.acts[t].params()))
+        del values
+
+    def snr(key: str) -> float:
+        ref, noise = acc.get(key, (0.0, 0.0))
+        if noise <= 0.0:
+            return math.inf
+        return 10.0 * math.log10(ref / noise) if ref > 0 else -math.inf
+
+    def combine(*values: float) -> float:
+        total = sum(10.0 ** (-v / 10.0) for v in values if v != math.inf)
+        return math.inf if total == 0 else -10.0 * math.log10(total)
+
+    out: dict[int, dict[str, float]] = {}
+    for idx, d in pl.decisions.items():
+        if d.action != "quantize" or (d.output in pl.acts and pl.acts[d.output].scheme == "shared"):
+            continue  # shared-scale ops add no error of their own
+        parts: dict[str, float] = {}
+        if idx in probe_of:
+            parts["layer_snr_db"] = snr(f"layer:{idx}")
+        elif d.inputs:
+            parts["input_snr_db"] = combine(*(snr(f"tensor:{t}") for t in d.inputs if t in measured))
+        if d.output and d.output in measured:
+            parts["output_snr_db"] = snr(f"tensor:{d.output}")
+        if not parts:
+            continue
+        parts["snr_db"] = combine(*parts.values())
+        if idx in wo_of:
+            parts["weight_only_snr_db"] = snr(f"weight_only:{idx}")
+        out[idx] = {k: round(v, 2) if math.isfinite(v) else v for k, v in parts.items()}
+    return out
+
+
+def _probe(g: onnx.GraphProto, namer: _Namer, ix: _Index, idx: int, inputs: list[str]) -> str:
+    """A copy of layer `idx` reading `inputs`, appended to `g`; returns its output name."""
+    node = ix.nodes[idx]
+    out = namer(f"{node.output[0]}_probe")
+    probe = helper.make_node(node.op_type, inputs, [out], name=namer(f"{ix.labels[idx]}_probe"))
+    probe.attribute.extend(node.attribute)
+    g.node.append(probe)
+    return out
+
+
+# =============================================================================== the plan
+
+
+def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
+              batch_size: int | None = None) -> tuple[QuantPlan, onnx.ModelProto]:
+    """Decide everything (pure with respect to `model`): the plan and the model it applies to.
+
+    The returned model is `model` itself, or a copy upgraded to the opset the plan needs.
+    """
+    ix = _Index(model)
+    decisions: list[NodeDecision] = []
+    layers: dict[int, _Layer] = {}
+    n_qdq = 0
+    for idx, node in enumerate(ix.nodes):
+        op, label = node.op_type, ix.labels[idx]
+        if op in ("QuantizeLinear", "DequantizeLinear"):
+            n_qdq += 1
+            continue
+        if op in QUANTIZED_OPS or op.startswith("QLinear"):
+            decisions.append(NodeDecision(label, op, "skip", f"already quantized ({op}); never quantized twice"))
+            continue
+        inner = _subgraph_layers(node)
+        if inner:
+            decisions.append(NodeDecision(label, op, "skip", f"{inner} Conv/Gemm/MatMul inside its subgraphs left "
+                                                           "in float (subgraphs are not quantized)"))
+            continue
+        if op not in LAYER_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        if op not in opts.op_types:
+            decisions.append(NodeDecision(label, op, "skip", f"op type {op} not in op_types"))
+            continue
+        pattern = _excluded(ix, idx, opts)
+        if pattern:
+            decisions.append(NodeDecision(label, op, "float", f"matches exclude/keep_float pattern {pattern!r}"))
+            continue
+        match = _match_layer(ix, idx)
+        if isinstance(match, str):
+            decisions.append(NodeDecision(label, op, "skip", match))
+            continue
+        layers[idx] = match
+    notes: list[str] = []
+    if n_qdq:
+        decisions.append(NodeDecision(f"QuantizeLinear/DequantizeLinear ×{n_qdq}", "QDQ", "skip",
+                                      "already quantized: existing QDQ nodes are left as they are"))
+    current = _opset(model)
+    target = max(current, opts.required_opset())
+    plan = QuantPlan(opset=target, nodes=decisions, notes=notes)
+    if not layers:
+        return plan, model
+
+    if target > current:
+        upgraded = _upgrade_opset(model, target)
+        if isinstance(upgraded, str):
+            plan.nodes = decisions + [NodeDecision(ix.labels[i], layers[i].op, "skip", upgraded) for i in layers]
+            return plan, model
+        model, how = upgraded
+        notes.append(f"opset upgraded {current} → {target} ({how}); IR version {model.ir_version}")
+        ix = _Index(model)
+        layers = {}
+        for idx in range(len(ix.nodes)):
+            if ix.nodes[idx].op_type in opts.op_types and not _excluded(ix, idx, opts):
+                match = _match_layer(ix, idx)
+                if not isinstance(match, str):
+                    layers[idx] = match
+
+    # Which layers may run with quantized activations.
+    wants_static = opts.activations != "none"
+    static_kind = opts.weights in ("int8", "uint8")
+    candidates = {i for i, lay in layers.items() if _block_for(lay, opts) == 0} if static_kind else set()
+    if wants_static and not static_kind:
+        notes.append(f"weights={opts.weights}: onnxruntime has no integer conv/gemm kernel for these weights, "
+                     "so activations stay float (weight-only)")
+    elif wants_static and len(candidates) < len(layers):
+        notes.append("blocked weights are weight-only (activations stay float for those layers)")
+    if wants_static and static_kind and opts.activations == "int8" and opts.weights == "uint8":
+        notes.append("int8 activations with uint8 weights: onnxruntime has no fused kernel for this pair "
+                     "(the QDQ graph stays correct but runs in float); prefer uint8 activations")
+    ranges: dict[str, tuple[float, float]] = {}
+    if wants_static and candidates and data is None:
+        notes.append("no calibration data: activations left in float, weights quantized (weight-only); "
+                     "pass data to quantize activations")
+        candidates = set()
+    if wants_static and candidates:
+        tensors = _calibration_tensors(ix, layers, candidates)
+        try:
+            observers = calibrate(model, data, tensors, opts.calibration, batch_size=batch_size,
+                                  max_samples=opts.max_samples)
+        except GraphOptError as exc:
+            notes.append(f"calibration failed, activations left in float (weight-only): {exc}")
+            observers, candidates = {}, set()
+        for t, obs in observers.items():
+            ranges[t] = _range(obs, opts)
+        n = min(len(data), opts.max_samples)
+        notes.append(f"activations {opts.activations} per tensor, asymmetric, ranges by {opts.calibration} "
+                     f"over {n} samples ({len(ranges)} tensors observed in one streaming pass)")
+
+    forced: dict[int, str] = {}
+    pl = _place(ix, layers, candidates, ranges, opts, forced)
+    weights, biases = _weights_and_biases(layers, pl, opts)
+
+    threshold = opts.threshold_db()
+    sens: dict[int, dict[str, float]] = {}
+    if threshold is not None and data is not None and weights:
+        sens = _sensitivity(model, ix, layers, weights, biases, pl, data, opts, batch_size)
+        weight_only: dict[int, str] = {}
+        for idx, values in sens.items():
+            if values["snr_db"] >= threshold:
+                continue
+            detail = ", ".join(f"{k} {v}" for k, v in values.items() if k != "snr_db")
+            if values.get("weight_only_snr_db", -math.inf) >= threshold:
+                weight_only[idx] = (f"weight-only: quantized activations too lossy (SNR {values['snr_db']:.1f} dB "
+                                    f"< {threshold:g} dB; {detail})")
+            else:
+                forced[idx] = f"sensitive: SNR {values['snr_db']:.1f} dB < {threshold:g} dB ({detail})"
+        if forced or weight_only:
+            pl = _place(ix, layers, candidates - set(weight_only), ranges, opts, forced)
+            weights, biases = _weights_and_biases(layers, pl, opts)
+        for idx, values in sens.items():
+            if idx in pl.decisions and idx not in forced:
+                pl.decisions[idx].sensitivity = values
+                if idx in weight_only:
+                    pl.decisions[idx].reason = weight_only[idx]
+        notes.append(f"sensitivity threshold {threshold:g} dB: {len(forced)} of {len(sens)} nodes kept float, "
+                     f"{len(weight_only)} layers weight-only")
+
+    for idx in sorted(set(pl.decisions) | set(forced)):
+        if idx in forced:
+            decisions.append(NodeDecision(ix.labels[idx], ix.nodes[idx].op_type, "float", forced[idx],
+                                          sensitivity=sens.get(idx)))
+        else:
+            d = pl.decisions[idx]
+            if idx in biases:
+                d.bias = biases[idx].tensor
+            decisions.append(d)
+    for tq in [*weights.values(), *biases.values(), *pl.acts.values()]:
+        plan.add(tq)
+    for idx, lay in layers.items():
+        if idx in forced or idx not in pl.static or lay.b is None or idx in biases:
+            continue
+        reason = lay.bias_float or "bias kept float"
+        d = pl.decisions.get(idx)
+        if d is not None:
+            d.reason = (d.reason + "; " if d.reason else "") + f"bias float: {reason}"
+    return plan, model
+
+
+def _weights_and_biases(layers: dict[int, _Layer], pl: _Placement, opts: Quantize):
+    weights: dict[int, TensorQuant] = {}
+    biases: dict[int, TensorQuant] = {}
+    for idx, layer in layers.items():
+        if idx not in pl.decisions:
+            continue
+        static = idx in pl.static
+        wq = _quantize_weight(layer, opts, static)
+        weights[idx] = wq
+        if static and layer.bv is not None and wq.block_size is None:
+            bq = _quantize_bias(layer, pl.acts[layer.x].scale, wq)
+            if isinstance(bq, str):
+                layer.bias_float = bq
+            else:
+                biases[idx] = bq
+    return weights, biases
+
+
+def _calibration_tensors(ix: _Index, layers: dict[int, _Layer], candidates: set[int]) -> list[str]:
+    out: list[str] = []
+    for idx, node in enumerate(ix.nodes):
+        op = node.op_type
+        if idx in layers:
+            if idx in candidates:
+                out += [layers[idx].x, node.output[0]]
+        elif op in OWN_OPS or op in ABSORBED_OPS:
+            out += [t for t in node.input if t and not ix.is_const(t)][: None if op in ("Concat", "Add", "Mul") else 1]
+            out += node.output[:1]
+    return list(dict.fromkeys(t for t in out if t))
+
+
+# =============================================================================== opset
+
+
+def _upgrade_opset(model: onnx.ModelProto, target: int) -> tuple[onnx.ModelProto, str] | str:
+    """The model at opset `target` and how it got there, or why it cannot."""
+    current = _opset(model)
+    ops = {n.op_type for n in _all_nodes(model.graph) if n.domain in ("", "ai.onnx")}
+    unchanged = True
+    for op in ops:
+        try:
+            unchanged &= onnx.defs.get_schema(op, target).since_version <= current
+        except Exception:
+            unchanged = False
+    if unchanged:
+        out = copy_model(model)
+        for imp in out.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                imp.version = target
+        how = "opset import bumped: no op of the model changed between the two versions"
+    else:
+        try:
+            out = onnx.version_converter.convert_version(model, target)
+            onnx.checker.check_model(out)
+        except Exception as exc:
+            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            return f"cannot upgrade opset {current} → {target} (needed by weights): {text}"
+        how = "onnx.version_converter"
+    try:
+        min_ir = helper.find_min_ir_version_for(list(out.opset_import), ignore_unknown=True)
+    except Exception:
+        min_ir = out.ir_version
+    out.ir_version = max(out.ir_version, int(min_ir))
+    if how == "onnx.version_converter":
+        try:
+            make_session(out)
+        except GraphOptError as exc:
+            return f"opset {current} → {target} by onnx.version_converter gives a model onnxruntime refuses: {exc}"
+    return out, how
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _all_nodes(g)
+
+
+# =============================================================================== apply
+
+
+class _Namer:
+    def __init__(self, taken: set[str]):
+        self.taken = set(taken)
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 0
+        while name in self.taken:
+            i += 1
+            name = f"{base}_{i}"
+        self.taken.add(name)
+        return name
+
+
+def _int_tensor(name: str, dtype: str, codes: np.ndarray) -> TensorProto:
+    codes = np.asarray(codes)
+    if dtype in ("int4", "uint4"):
+        return helper.make_tensor(name, _ONNX_DTYPES[dtype], codes.shape, pack_int4(codes).tobytes(), raw=True)
+    if dtype in ("int2", "uint2"):
+        return helper.make_tensor(name, _ONNX_DTYPES[dtype], codes.shape, pack_int2(codes).tobytes(), raw=True)
+    np_dtype = {"int8": np.int8, "uint8": np.uint8, "int32": np.int32}[dtype]
+    return numpy_helper.from_array(codes.astype(np_dtype), name)
+
+
+def _param_inits(g: onnx.GraphProto, namer: _Namer, base: str, tq: TensorQuant) -> tuple[str, str]:
+    """Scale and zero-point initializers of `tq` ('' zero point for int32 biases, whose zero point is
+    0 by definition; onnxruntime's QGemm fusion needs the weight's zero point present, even at 0)."""
+    s = namer(f"{base}_scale")
+    g.initializer.append(numpy_helper.from_array(tq.scale.astype(np.float32), s))
+    if tq.role == "bias":
+        return s, ""
+    z = namer(f"{base}_zero_point")
+    g.initializer.append(_int_tensor(z, tq.dtype, tq.zero_point))
+    return s, z
+
+
+def _dq_weight(g: onnx.GraphProto, namer: _Namer, tq: TensorQuant, out: str) -> str:
+    """Add the integer initializer of a weight/bias and its DequantizeLinear writing `out`."""
+    q = namer(f"{tq.tensor}_quantized")
+    g.initializer.append(_int_tensor(q, tq.dtype, tq.codes))
+    s, z = _param_inits(g, namer, tq.tensor, tq)
+    attrs = {}
+    if tq.axis is not None:
+        attrs["axis"] = tq.axis
+    if tq.block_size is not None:
+        attrs["block_size"] = tq.block_size
+    g.node.append(helper.make_node("DequantizeLinear", [q, s] + ([z] if z else []), [out],
+                                   name=namer(f"{tq.tensor}_DequantizeLinear"), **attrs))
+    return out
+
+
+def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
+    """Insert the plan's QuantizeLinear/DequantizeLinear nodes into a copy of `model`.
+
+    Weights and biases: integer initializer + DequantizeLinear writing the weight's old name (the
+    float initializer, or its Constant node, is removed). Activations: Q → DQ after the producer;
+    a tensor with ``consumers=None`` keeps its name on the DQ output (the producer's output is
+    renamed), otherwise only the listed nodes read the new DQ output.
+    """
+    if _opset(model) < plan.opset:
+        raise ValueError(f"the plan needs opset {plan.opset}, the model has {_opset(model)}")
+    ix = _Index(model)
+    out = copy_model(model)
+    g = out.graph
+    taken = {t for n in g.node for t in (*n.input, *n.output)} | {t.name for t in g.initializer} | \
+        {n.name for n in g.node} | {i.name for i in g.input} | {o.name for o in g.output}
+    namer = _Namer(taken)
+    label_idx = {label: i for i, label in enumerate(ix.labels)}
+    old_nodes = list(g.node)
+    del g.node[:]
+
+    # Weights and biases: DequantizeLinear nodes first (they read initializers only).
+    replaced = {t.tensor for t in plan.tensors.values() if t.role in ("weight", "bias")}
+    drop_nodes = {ix.producer[t] for t in replaced if t in ix.producer}
+    keep_inits = [t for t in g.initializer if t.name not in replaced]
+    del g.initializer[:]
+    g.initializer.extend(keep_inits)
+    kept_inputs = [i for i in g.input if i.name not in replaced]
+    del g.input[:]
+    g.input.extend(kept_inputs)
+    for tq in plan.tensors.values():
+        if tq.role in ("weight", "bias"):
+            if tq.codes is None:
+                raise ValueError(f"plan entry {tq.tensor!r} has no codes (plans read from JSON cannot be applied)")
+            _dq_weight(g, namer, tq, tq.tensor)
+
+    # Activations.
+    param_names: dict[str, tuple[str, str]] = {}
+    rename: dict[str, str] = {}              # producer output -> new float name
+    redirect: dict[tuple[int, str], str] = {}  # (reader node, tensor) -> DQ output
+    after: dict[int, list[onnx.NodeProto]] = {}
+    acts = [t for t in plan.tensors.values() if t.role == "activation"]
+    for tq in sorted(acts, key=lambda q: q.shared_with is not None):
+        t = tq.tensor
+        if tq.shared_with is not None and tq.shared_with in param_names:
+            s, z = param_names[tq.shared_with]
+        else:
+            s, z = _param_inits(g, namer, t, tq)
+        param_names[t] = (s, z)
+        q = namer(f"{t}_quantized")
+        if tq.consumers is None:
+            src = namer(f"{t}_float")
+            rename[t] = src
+            dq_out = t
+        else:
+            src = t
+            dq_out = namer(f"{t}_dequantized")
+            for label in tq.consumers:
+                redirect[(label_idx[label], t)] = dq_out
+        nodes = [helper.make_node("QuantizeLinear", [src, s, z], [q], name=namer(f"{t}_QuantizeLinear")),
+                 helper.make_node("DequantizeLinear", [q, s, z], [dq_out], name=namer(f"{t}_DequantizeLinear"))]
+        after.setdefault(ix.producer.get(t, -1), []).extend(nodes)
+    g.node.extend(after.get(-1, []))
+    for idx, node in enumerate(old_nodes):
+        if idx in drop_nodes:
+            continue
+        for slot, name in enumerate(node.input):
+            if (idx, name) in redirect:
+                node.input[slot] = redirect[(idx, name)]
+        for slot, name in enumerate(node.output):
+            if name in rename:
+                node.output[slot] = rename[name]
+        g.node.append(node)
+        g.node.extend(after.get(idx, []))
+    return out
+
+
+# =============================================================================== report
+
+
+def _report(plan: QuantPlan, report: PassReport, before: onnx.ModelProto, after: onnx.ModelProto) -> None:
+    for d in plan.nodes:
+        if d.action != "quantize":
+            continue
+        details: dict[str, object] = {"op": d.op}
+        if d.weight:
+            w = plan.tensors[d.weight]
+            details["weight"] = {"dtype": w.dtype, "scheme": w.scheme, "granularity": w.granularity,
+                                 **({"axis": w.axis} if w.axis is not None else {}),
+                                 **({"block_size": w.block_size} if w.block_size else {})}
+            if d.bias:
+                details["bias"] = "int32"
+        details["input"] = d.inputs or "float"
+        details["output"] = d.output or "float"
+        if d.absorbed:
+            details["absorbed"] = d.absorbed
+        if d.sensitivity:
+            details["snr_db"] = d.sensitivity.get("snr_db")
+        if d.reason:
+            details["note"] = d.reason
+        report.rewrite(d.node, **details)
+    for note in plan.notes:
+        report.note(note)
+    before_bytes, after_bytes = before.ByteSize(), after.ByteSize()
+    report.note(f"model bytes {before_bytes} → {after_bytes} ({before_bytes / max(after_bytes, 1):.2f}× smaller)")
+    report.note("plan: " + plan.to_json(compact=True))

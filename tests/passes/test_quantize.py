@@ -1,0 +1,537 @@
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from builders import GraphBuilder, assert_valid, op_count, run, small_cnn
+from onnx import TensorProto, helper
+
+from graph_opt.data import Dataset, random_dataset
+from graph_opt.kernels.quant import (
+    binary_weights,
+    blockwise_params,
+    compute_params,
+    fake_quantize,
+    ternary_weights,
+)
+from graph_opt.metrics import cosine
+from graph_opt.pass_base import PassContext
+from graph_opt.passes.fold_batchnorm import FoldBatchnorm
+from graph_opt.passes.quantize import CONCAT_RANGE_RATIO, Quantize, apply_plan
+
+
+def _ctx(model, n=32, seed=0):
+    return PassContext(data=random_dataset(model, n, seed=seed))
+
+
+def _outputs(model, data):
+    return run(model, data.inputs)
+
+
+def _float_weight_names(model):
+    return {t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) and
+            int(np.prod(t.dims)) > 16}
+
+
+def _optimized_ops(model, tmp_path):
+    """Op types after onnxruntime's own optimizations (all levels), read back from the saved file."""
+    path = tmp_path / "optimized.onnx"
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(path)
+    opts.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def _expose(model, names):
+    """A copy of `model` with extra float outputs (e.g. the DequantizeLinear output of a weight)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for n in names:
+        out.graph.output.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, None))
+    return out
+
+
+def _assert_deployable(original, quantized, data, floor=0.999):
+    """Runs under onnxruntime as deployed (all optimizations on, fused integer kernels) with parity."""
+    fused = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+    for ref, got in zip(_outputs(original, data), fused.run(None, data.inputs)):
+        assert cosine(ref, got) >= floor
+
+
+def _dq_outputs(model, names, feeds):
+    sess = ort.InferenceSession(_expose(model, names).SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def mlp(seed=0, k=32, hidden=64, n=10):
+    g = GraphBuilder(seed=seed)
+    x = g.input("x", ["N", k])
+    h = g.node("MatMul", [x, g.weight("fc1.w", (k, hidden), 0.3)], name="fc1")
+    h = g.node("Relu", [g.node("Add", [h, g.weight("fc1.b", (hidden,))])])
+    h = g.node("MatMul", [h, g.weight("fc2.w", (hidden, hidden), 0.2)], name="fc2")
+    h = g.node("Relu", [h])
+    y = g.gemm(h, hidden, n, name="head")
+    g.node("Identity", [y], ["logits"])
+    g.output("logits", ["N", n])
+    return g.build()
+
+
+def conv_chain(seed=0, opset=17):
+    """Conv-Relu-MaxPool-Conv-Relu: a chain onnxruntime can run entirely in int8."""
+    g = GraphBuilder(seed=seed, opset=opset)
+    x = g.input("x", ["N", 4, 8, 8])
+    a = g.node("Relu", [g.conv(x, 4, 16, name="c1")])
+    a = g.node("MaxPool", [a], kernel_shape=[2, 2], strides=[2, 2])
+    y = g.node("Relu", [g.conv(a, 16, 8, name="c2")], ["y"])
+    g.output(y, ["N", 8, 4, 4])
+    return g.build()
+
+
+# ----------------------------------------------------------------------------- static int8
+
+
+def test_small_cnn_int8_static_parity_and_fusion(tmp_path):
+    model = FoldBatchnorm()(small_cnn()).model
+    assert op_count(model, "QuantizeLinear") == 0  # vacuity guard
+    weights = _float_weight_names(model)
+    result = Quantize()(model, _ctx(model))
+    assert result.modified
+    out = result.model
+    assert_valid(out)
+    assert op_count(out, "QuantizeLinear") >= 5 and op_count(out, "DequantizeLinear") >= 10
+    assert not (_float_weight_names(out) & weights), "float weights must be removed"
+    layers = [e for e in result.report.rewritten if e["op"] in ("Conv", "Gemm")]
+    assert len(layers) == 5 and all(e["weight"]["granularity"] == "channel" for e in layers)
+    assert all(e.get("bias") == "int32" for e in layers)
+    test = random_dataset(model, 16, seed=7)
+    ref, got = _outputs(model, test)[0], _outputs(out, test)[0]
+    assert cosine(ref, got) >= 0.999
+    _assert_deployable(model, out, test)
+    ops = _optimized_ops(out, tmp_path)
+    assert ops.count("QLinearConv") == 4 and "QGemm" in ops and "QLinearAdd" in ops
+    assert "Conv" not in ops and "Gemm" not in ops
+
+
+def test_conv_chain_becomes_qlinearconv_with_relu_absorbed(tmp_path):
+    model = conv_chain()
+    result = Quantize()(model, _ctx(model))
+    assert_valid(result.model)
+    rewritten = {e["node"]: e for e in result.report.rewritten}
+    assert rewritten["c1"]["absorbed"] and rewritten["c2"]["output"] == "y"
+    ops = _optimized_ops(result.model, tmp_path)
+    assert ops.count("QLinearConv") == 2 and "Conv" not in ops and "Relu" not in ops
+    assert "MaxPool" in ops or "NhwcMaxPool" in ops  # int8 MaxPool: the shared scale let ORT drop the QDQ
+    # The graph output keeps its name and its float type.
+    assert [o.name for o in result.model.graph.output] == ["y"]
+    test = random_dataset(model, 8, seed=3)
+    assert cosine(_outputs(model, test)[0], _outputs(result.model, test)[0]) >= 0.999
+    _assert_deployable(model, result.model, test)
+
+
+def test_mlp_matmul_int8_static(tmp_path):
+    model = mlp()
+    result = Quantize()(model, _ctx(model, 256))  # minmax: enough samples that test data stays in range
+    out = result.model
+    assert_valid(out)
+    assert not (_float_weight_names(out) & {"fc1.w", "fc2.w", "head.w"})
+    test = random_dataset(model, 32, seed=9)
+    assert cosine(_outputs(model, test)[0], _outputs(out, test)[0]) >= 0.999
+    _assert_deployable(model, out, test)
+    ops = _optimized_ops(out, tmp_path)
+    # fc1 + its bias Add become QGemm (float output), fc2 QLinearMatMul, the head QGemm.
+    integer = ("QLinearMatMul", "MatMulIntegerToFloat", "QGemm")
+    assert sum(ops.count(op) for op in integer) == 3 and "QLinearMatMul" in ops
+    assert "MatMul" not in ops and "Gemm" not in ops
+
+
+def test_batched_matmul_weight_runs_fused(tmp_path):
+    g = GraphBuilder(seed=0)
+    x = g.input("x", ["N", 3, 5, 16])
+    y = g.node("MatMul", [x, g.weight("w3", (3, 16, 8), 0.3)], name="mm")
+    g.output(g.node("Relu", [y], ["y"]), ["N", 3, 5, 8])
+    model = g.build()
+    result = Quantize()(model, _ctx(model))
+    assert result.report.rewritten[0]["weight"]["granularity"] == "tensor" and result.report.rewritten[0]["input"]
+    _assert_deployable(model, result.model, random_dataset(model, 8, seed=3))
+    assert "MatMul" not in _optimized_ops(result.model, tmp_path)
+
+
+def test_int8_weights_use_a_7_bit_grid_when_activations_are_uint8():
+    # u8 activations x full-range s8 weights saturate in onnxruntime's AVX2 kernels (see docstring).
+    model = conv_chain()
+    plan = Quantize(sensitivity_snr_db=None).plan(model, random_dataset(model, 8))
+    for t in plan.by_role("weight"):
+        assert np.abs(t.codes).max() == 63
+    plan = Quantize(sensitivity_snr_db=None, reduce_range=False).plan(model, random_dataset(model, 8))
+    assert max(np.abs(t.codes).max() for t in plan.by_role("weight")) == 127
+
+
+@pytest.mark.parametrize("weights,symmetric", [("uint8", True), ("int8", False), ("uint8", False)])
+def test_other_weight_types_stay_fusable(weights, symmetric, tmp_path):
+    model = conv_chain()
+    result = Quantize(weights=weights, symmetric=symmetric)(model, _ctx(model))
+    assert_valid(result.model)
+    assert _optimized_ops(result.model, tmp_path).count("QLinearConv") == 2
+    test = random_dataset(model, 8, seed=3)
+    ref = _outputs(model, test)[0]
+    assert cosine(ref, _outputs(result.model, test)[0]) >= 0.999
+    _assert_deployable(model, result.model, test)  # the fused integer kernels keep that parity
+
+
+# ----------------------------------------------------------------------------- weights only
+
+
+def _single_layer(op, trans_b=1, k=24, n=12, opset=17, scale=0.5):
+    g = GraphBuilder(seed=3, opset=opset)
+    if op == "Conv":
+        x = g.input("x", ["N", k, 5, 5])
+        g.output(g.conv(x, k, n, name="layer"), ["N", n, 5, 5])
+        return g.build(), "layer.w", 0
+    x = g.input("x", ["N", k])
+    if op == "Gemm":
+        y = g.gemm(x, k, n, trans_b=trans_b, name="layer")
+        axis = 0 if trans_b else 1
+    else:
+        y = g.node("MatMul", [x, g.weight("layer.w", (k, n), scale)], name="layer")
+        axis = 1
+    g.output(y, ["N", n])
+    return g.build(), "layer.w", axis
+
+
+@pytest.mark.parametrize("op,trans_b", [("Conv", 1), ("Gemm", 0), ("Gemm", 1), ("MatMul", 1)])
+def test_per_channel_axis_matches_fake_quantization(op, trans_b):
+    model, wname, axis = _single_layer(op, trans_b)
+    w = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}[wname]
+    result = Quantize(activations="none")(model)
+    assert result.report.rewritten[0]["weight"]["axis"] == axis
+    feeds = random_dataset(model, 2).inputs
+    got = _dq_outputs(result.model, [wname], feeds)[wname]
+    expected = fake_quantize(w, compute_params(w, "int8", axis=axis))
+    np.testing.assert_array_equal(got, expected)
+    # A wrong axis would give a different tensor (the test can tell them apart).
+    other = fake_quantize(w, compute_params(w, "int8", axis=(axis + 1) % w.ndim))
+    assert not np.array_equal(got, other)
+
+
+@pytest.mark.parametrize("op,trans_b", [("Conv", 1), ("Gemm", 0), ("MatMul", 1)])
+def test_weights_on_the_grid_are_exact_weight_only(op, trans_b):
+    model, wname, axis = _single_layer(op, trans_b)
+    rng = np.random.default_rng(0)
+    for t in model.graph.initializer:
+        if t.name == wname:
+            w = onnx.numpy_helper.to_array(t)
+            shape = [1] * w.ndim
+            shape[axis] = w.shape[axis]
+            s = rng.uniform(0.001, 0.01, w.shape[axis]).astype(np.float32).reshape(shape)
+            codes = rng.integers(-127, 128, w.shape)
+            codes[(0,) * w.ndim] = 127
+            codes = np.moveaxis(codes, axis, 0)
+            codes[:, (0,) * (w.ndim - 1)] = 127  # every channel reaches the top of the grid
+            codes = np.moveaxis(codes, 0, axis)
+            t.CopyFrom(onnx.numpy_helper.from_array((codes * s).astype(np.float32), wname))
+    result = Quantize(activations="none")(model)
+    assert result.modified and op_count(result.model, "QuantizeLinear") == 0
+    data = random_dataset(model, 4, seed=1)
+    np.testing.assert_allclose(_outputs(result.model, data)[0], _outputs(model, data)[0], atol=1e-6, rtol=0)
+
+
+def test_no_data_falls_back_to_weight_only_and_says_so():
+    model = conv_chain()
+    result = Quantize()(model)  # activations=uint8 requested, but no calibration data
+    assert result.modified
+    assert op_count(result.model, "QuantizeLinear") == 0 and op_count(result.model, "DequantizeLinear") == 2
+    assert any("no calibration data" in n and "weight-only" in n for n in result.report.notes)
+    assert_valid(result.model)
+
+
+# ----------------------------------------------------------------------------- int4 / int2
+
+
+def test_int4_weight_only_matmul_is_blocked_along_k(tmp_path):
+    model, wname, _ = _single_layer("MatMul", k=256, n=32)
+    w = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}[wname]
+    result = Quantize(weights="int4")(model, _ctx(model, 8))
+    out = result.model
+    assert_valid(out)
+    entry = result.report.rewritten[0]
+    assert entry["weight"] == {"dtype": "int4", "scheme": "affine", "granularity": "block", "axis": 0,
+                               "block_size": 128}
+    assert entry["input"] == "float"  # weight-only
+    assert max(i.version for i in out.opset_import if i.domain == "") >= 21
+    q = {t.name: t for t in out.graph.initializer if t.data_type == TensorProto.INT4}
+    assert len(q[f"{wname}_quantized"].raw_data) == w.size // 2  # two codes per byte
+    got = _dq_outputs(out, [wname], random_dataset(model, 2).inputs)[wname]
+    np.testing.assert_array_equal(got, fake_quantize(w, blockwise_params(w, 128, 0, "int4")))
+    assert "MatMulNBits" in _optimized_ops(out, tmp_path)
+
+
+@pytest.mark.parametrize("kind,kernel", [("ternary", ternary_weights), ("binary", binary_weights)])
+def test_ternary_binary_dequantize_to_alpha_times_codes(kind, kernel):
+    model, wname, axis = _single_layer("Gemm", trans_b=1)
+    w = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}[wname]
+    result = Quantize(weights=kind)(model, _ctx(model, 8))
+    out = result.model
+    assert_valid(out)
+    assert [i.version for i in out.opset_import if i.domain == ""] == [25]
+    assert any("opset upgraded 17 → 25" in n for n in result.report.notes)
+    assert any(t.data_type == TensorProto.INT2 for t in out.graph.initializer)
+    codes, params = kernel(w, axis)
+    got = _dq_outputs(out, [wname], random_dataset(model, 2).inputs)[wname]
+    np.testing.assert_array_equal(got, codes.astype(np.float32) * params.scale[:, None])
+    assert set(np.unique(codes)) <= {-1, 0, 1}
+    _assert_deployable(model, out, random_dataset(model, 4), floor=0.5)  # loads and runs as deployed
+
+
+def test_ternary_file_really_shrinks_16x():
+    g = GraphBuilder(seed=0)
+    x = g.input("x", ["N", 512])
+    g.output(g.gemm(x, 512, 512, name="big"), ["N", 512])
+    model = g.build()
+    before = len(model.SerializeToString())
+    result = Quantize(weights="ternary")(model)
+    after = len(result.model.SerializeToString())
+    assert before / after >= 14, (before, after)  # 1 MiB of float32 → 64 KiB of int2 (+ scales, bias)
+    assert "big.w" not in {t.name for t in result.model.graph.initializer}
+    assert_valid(result.model)
+
+
+def test_opset_11_model_is_upgraded_for_per_channel():
+    model = conv_chain(opset=11)
+    result = Quantize()(model, _ctx(model))
+    assert [i.version for i in result.model.opset_import if i.domain == ""] == [13]
+    assert any("opset upgraded 11 → 13" in n for n in result.report.notes)
+    assert_valid(result.model)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy"])
+def test_streaming_calibration_equals_one_batch(method):
+    model = FoldBatchnorm()(small_cnn()).model
+    data = random_dataset(model, 24, seed=2)
+    q = Quantize(calibration=method, sensitivity_snr_db=None)
+    one = q.plan(model, data, batch_size=24)
+    many = q.plan(model, data, batch_size=1)
+    acts = one.by_role("activation")
+    assert len(acts) >= 5
+    for t in acts:
+        other = many.tensors[t.tensor]
+        assert t.range == other.range
+        np.testing.assert_array_equal(t.scale, other.scale)
+        np.testing.assert_array_equal(t.zero_point, other.zero_point)
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_clipping_methods_tighten_an_outlier_range(method):
+    model = conv_chain()
+    data = random_dataset(model, 32, seed=4)
+    data.inputs["x"][0, 0, 0, 0] = 80.0  # one outlier in 8192 values
+    wide = Quantize(sensitivity_snr_db=None).plan(model, data).tensors["x"].range
+    tight = Quantize(calibration=method, percentile=99.9, sensitivity_snr_db=None).plan(model, data).tensors["x"].range
+    assert wide[1] == 80.0 and tight[1] < 20.0
+
+
+# ----------------------------------------------------------------------------- placement rules
+
+
+def detector_head(seed=0):
+    """Boxes in pixels (hundreds) and class probabilities (0..1) concatenated into one output."""
+    g = GraphBuilder(seed=seed)
+    x = g.input("x", ["N", 8, 4, 4])
+    box = g.node("Conv", [x, g.weight("box.w", (4, 8, 1, 1), 60.0)], name="box", kernel_shape=[1, 1])
+    logit = g.node("Conv", [x, g.weight("cls.w", (3, 8, 1, 1), 0.4)], name="cls", kernel_shape=[1, 1])
+    prob = g.node("Sigmoid", [logit])
+    g.node("Concat", [box, prob], ["out"], name="concat", axis=1)
+    g.output("out", ["N", 7, 4, 4])
+    return g.build()
+
+
+def test_detector_concat_with_mismatched_ranges_keeps_probabilities_accurate():
+    model = detector_head()
+    result = Quantize()(model, _ctx(model, 32))
+    out = result.model
+    assert_valid(out)
+    skip = {s.node: s.reason for s in result.report.skipped}
+    assert "ranges differ" in skip["concat"]
+    rewritten = {e["node"] for e in result.report.rewritten}
+    assert {"box", "cls"} <= rewritten  # the convs are still quantized, each with its own output scale
+    test = random_dataset(model, 16, seed=8)
+    ref, got = _outputs(model, test)[0], _outputs(out, test)[0]
+    assert np.max(np.abs(ref[:, :4])) > 100 * CONCAT_RANGE_RATIO / 10  # vacuity: boxes span hundreds
+    assert np.max(np.abs(ref[:, 4:] - got[:, 4:])) <= 0.02
+    # One shared 8-bit scale over the concatenated range would have a step of ~range/255 > 1.
+    assert (np.max(ref) - np.min(ref)) / 255 > 1.0
+    fused = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.max(np.abs(ref[:, 4:] - fused.run(None, test.inputs)[0][:, 4:])) <= 0.02
+
+
+def test_attention_style_matmul_is_left_float():
+    g = GraphBuilder()
+    q = g.input("q", ["N", 4, 8])
+    k = g.input("k", ["N", 8, 4])
+    g.output(g.node("MatMul", [q, k], ["y"], name="scores"), ["N", 4, 4])
+    model = g.build()
+    result = Quantize()(model, _ctx(model))
+    assert not result.modified
+    assert "both operands are activations" in result.report.skipped[0].reason
+
+
+def test_exclude_and_keep_float():
+    model = conv_chain()
+    result = Quantize(exclude=("c2",))(model, _ctx(model))
+    assert {e["node"] for e in result.report.rewritten if e["op"] == "Conv"} == {"c1"}
+    assert "exclude" in {s.node: s.reason for s in result.report.skipped}["c2"]
+    assert "c2.w" in _float_weight_names(result.model)
+    result = Quantize(exclude=("Conv",))(model, _ctx(model))
+    assert not result.modified
+    result = Quantize(keep_float=("y",))(model, _ctx(model))
+    c2 = {e["node"]: e for e in result.report.rewritten}["c2"]
+    assert c2["output"] == "float" and "keep_float" in c2["note"]
+    assert op_count(result.model, "QuantizeLinear") == 3  # x, c1 Relu output, the MaxPool (shared scale)
+
+
+def test_shared_weight_is_skipped():
+    g = GraphBuilder()
+    x = g.input("x", ["N", 8])
+    w = g.weight("shared.w", (8, 8))
+    h = g.node("MatMul", [x, w], name="m1")
+    g.output(g.node("MatMul", [h, w], ["y"], name="m2"), ["N", 8])
+    result = Quantize()(g.build())
+    assert not result.modified
+    assert all("shared" in s.reason for s in result.report.skipped)
+
+
+def _two_layer_mlp(w1):
+    g = GraphBuilder(seed=1)
+    x = g.input("x", ["N", 32])
+    h = g.node("Relu", [g.node("MatMul", [x, g.const("fc1.w", w1)], name="fc1")])
+    g.output(g.node("MatMul", [h, g.weight("fc2.w", (16, 8), 0.3)], ["y"], name="fc2"), ["N", 8])
+    return g.build()
+
+
+def test_layer_with_lossy_activations_falls_back_to_weight_only():
+    w = (np.random.default_rng(1).standard_normal((32, 16)) * 0.3).astype(np.float32)
+    w[0] = 0.0  # the outlier feature carries no signal, but it sets the input's range
+    model = _two_layer_mlp(w)
+    data = random_dataset(model, 32, seed=0)
+    data.inputs["x"][:, 0] = 3000.0
+    result = Quantize()(model, PassContext(data=data))
+    entries = {e["node"]: e for e in result.report.rewritten}
+    fc1 = entries["fc1"]
+    assert fc1["input"] == "float" and "weight-only: quantized activations too lossy" in fc1["note"]
+    assert "dB < 20 dB" in fc1["note"] and fc1["snr_db"] < 20
+    assert entries["fc2"]["input"] != "float" and entries["fc2"]["snr_db"] > 20
+    assert "x_scale" not in {t.name for t in result.model.graph.initializer}  # the input stays float
+    test = Dataset({"x": data.inputs["x"][:16]})
+    assert cosine(_outputs(model, test)[0], _outputs(result.model, test)[0]) >= 0.999
+    _assert_deployable(model, result.model, test)
+    # Without the check the layer would be ruined.
+    blind = Quantize(sensitivity_snr_db=None)(model, PassContext(data=data)).model
+    assert cosine(_outputs(model, test)[0], _outputs(blind, test)[0]) < 0.99
+
+
+def test_layer_whose_weights_do_not_survive_stays_float():
+    w = (np.random.default_rng(1).standard_normal((32, 16)) * 0.3).astype(np.float32)
+    w[0] = 1000.0  # one huge weight per output channel sets every channel's scale ...
+    model = _two_layer_mlp(w)
+    data = random_dataset(model, 32, seed=0)
+    data.inputs["x"][:, 0] = 0.0  # ... and multiplies a silent input: the rest of the weights round to 0
+    result = Quantize()(model, PassContext(data=data))
+    skipped = {s.node: s.reason for s in result.report.skipped}
+    assert skipped["fc1"].startswith("sensitive: SNR") and "dB < 20 dB" in skipped["fc1"]
+    assert "weight_only_snr_db" in skipped["fc1"]
+    assert "fc1.w" in _float_weight_names(result.model)
+    assert {e["node"] for e in result.report.rewritten} == {"fc2"}
+    test = Dataset({"x": data.inputs["x"][:16]})
+    assert cosine(_outputs(model, test)[0], _outputs(result.model, test)[0]) >= 0.999
+
+
+def test_factorized_layers_are_quantized_too():
+    g = GraphBuilder(seed=2)
+    x = g.input("x", ["N", 32])
+    h = g.gemm(x, 32, 8, bias=False, name="lowrank_a")  # a factorized Gemm: two thin layers
+    y = g.gemm(h, 8, 16, name="lowrank_b")
+    g.output(g.node("Relu", [y], ["y"]), ["N", 16])
+    model = g.build()
+    result = Quantize()(model, _ctx(model, 32))
+    assert {e["node"] for e in result.report.rewritten} >= {"lowrank_a", "lowrank_b"}
+    test = random_dataset(model, 16, seed=5)
+    assert cosine(_outputs(model, test)[0], _outputs(result.model, test)[0]) >= 0.999
+    _assert_deployable(model, result.model, test)
+
+
+def test_already_quantized_model_is_never_quantized_twice():
+    model = conv_chain()
+    once = Quantize()(model, _ctx(model)).model
+    again = Quantize()(once, _ctx(model))
+    assert not again.modified
+    reasons = [s.reason for s in again.report.skipped]
+    assert any("already quantized" in r for r in reasons)
+    assert again.model.SerializeToString() == once.SerializeToString()
+
+
+def test_nothing_to_do_leaves_the_model_untouched():
+    g = GraphBuilder()
+    g.output(g.node("Relu", [g.input("x", ["N", 4])], ["y"]), ["N", 4])
+    model = g.build()
+    result = Quantize()(model, _ctx(model))
+    assert not result.modified and result.model.SerializeToString() == model.SerializeToString()
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="op_types"):
+        Quantize(op_types=("Add",))
+    with pytest.raises(ValueError, match="block_size"):
+        Quantize(block_size=-1)
+
+
+def test_report_carries_a_compact_json_plan_and_apply_is_separate():
+    model = FoldBatchnorm()(small_cnn()).model
+    data = random_dataset(model, 16)
+    result = Quantize()(model, PassContext(data=data))
+    [note] = [n for n in result.report.notes if n.startswith("plan: ")]
+    plan = json.loads(note[len("plan: "):])
+    assert len(note) < 20000
+    roles = {t["role"] for t in plan["tensors"]}
+    assert roles == {"weight", "bias", "activation"}
+    json.dumps(result.report.to_dict())  # the whole report is JSON-serializable
+    # The plan alone determines the rewrite.
+    q = Quantize()
+    again = apply_plan(model, q.plan(model, data))
+    assert again.SerializeToString() == result.model.SerializeToString()
+
+
+def test_weight_in_a_constant_node_is_replaced_and_the_node_removed():
+    g = GraphBuilder(seed=4)
+    x = g.input("x", ["N", 16])
+    w = (g.rng.standard_normal((16, 8)) * 0.5).astype(np.float32)
+    g.node("Constant", [], ["cw"], name="const_w", value=onnx.numpy_helper.from_array(w, "cw"))
+    g.output(g.node("MatMul", [x, "cw"], ["y"], name="mm"), ["N", 8])
+    model = g.build()
+    result = Quantize(activations="none")(model)
+    assert op_count(result.model, "Constant") == 0 and op_count(result.model, "DequantizeLinear") == 1
+    assert_valid(result.model)
+    got = _dq_outputs(result.model, ["cw"], random_dataset(model, 2).inputs)["cw"]
+    np.testing.assert_array_equal(got, fake_quantize(w, compute_params(w, "int8", axis=1)))
+
+
+def test_layers_inside_subgraphs_are_reported_not_silently_left():
+    def branch(name, scale):
+        w = onnx.numpy_helper.from_array((np.ones((4, 4)) * scale).astype(np.float32), f"{name}.w")
+        node = helper.make_node("MatMul", ["x", f"{name}.w"], [f"{name}_y"], name=f"{name}_mm")
+        out = helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None)
+        return helper.make_graph([node], name, [], [out], [w])
+    g = GraphBuilder()
+    g.input("x", ["N", 4])  # read by both branches (outer scope)
+    cond = g.input("cond", [], dtype=np.bool_)
+    y = g.node("If", [cond], ["branch_y"], name="if", then_branch=branch("then", 1.0), else_branch=branch("else", 2.0))
+    g.output(g.node("MatMul", [y, g.weight("top.w", (4, 4))], ["y"], name="top"), ["N", 4])
+    model = g.build()
+    result = Quantize(activations="none")(model)
+    assert {e["node"] for e in result.report.rewritten} == {"top"}
+    reason = {s.node: s.reason for s in result.report.skipped}["if"]
+    assert "2 Conv/Gemm/MatMul inside its subgraphs" in reason
