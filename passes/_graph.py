@@ -16,6 +16,9 @@ def constant(tensor: gs.Tensor) -> np.ndarray | None:
         value = tensor.inputs[0].attrs.get("value")
         if isinstance(value, gs.Constant):
             return np.asarray(value.values)
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Identity" and tensor.inputs[0].inputs:
+        # Exporters deduplicate equal weights through Identity nodes (torch does for tied BN biases).
+        return constant(tensor.inputs[0].inputs[0])
     return None
 
 

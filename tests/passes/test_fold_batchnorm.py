@@ -85,3 +85,19 @@ def test_whole_cnn():
     assert op_count(result.model, "BatchNormalization") == 0
     assert_valid(result.model)
     assert _parity(model, result.model, (3, 3, 16, 16)) < 1e-5
+
+
+def test_reads_bn_parameters_through_identity():
+    g = GraphBuilder()
+    x = g.input("x", ["N", 3, 8, 8])
+    c = g.conv(x, 3, 4)
+    y = g.bn(c, 4, name="bnI")
+    bn = g.nodes[-1]
+    bn.input[2] = g.node("Identity", [bn.input[2]], ["beta_alias"])  # as torch exports tied parameters
+    g.nodes.insert(len(g.nodes) - 2, g.nodes.pop())  # keep topological order: Identity before the BN
+    g.output(g.node("Relu", [y], ["y"]), ["N", 4, 8, 8])
+    model = g.build()
+    result = FoldBatchnorm()(model)
+    assert result.modified and op_count(result.model, "BatchNormalization") == 0
+    assert_valid(result.model)
+    assert _parity(model, result.model, (2, 3, 8, 8)) < 1e-5
