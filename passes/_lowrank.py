@@ -94,6 +94,7 @@ class LowRankPass(Pass):
     exclude: tuple[str, ...] = ()
     min_params: int = 0
     min_macs: int = 0
+    require_saving: bool = True  # False: rewrite even when the factors are not smaller (full-rank checks)
 
     supported_ops: ClassVar[tuple[str, ...]] = ()
 
@@ -281,7 +282,7 @@ def _align(r: int, full: int, multiple: int, mode: str) -> int:
 def judge(opts: LowRankPass, problem: RankProblem, ranks: Ranks) -> str | None:
     """Why the layer is not rewritten at `ranks` (no saving, or the latency gate), else None."""
     c, ref = problem.cost(ranks), problem.reference
-    if c.params >= ref.params or (problem.macs_known and c.macs >= ref.macs):
+    if opts.require_saving and (c.params >= ref.params or (problem.macs_known and c.macs >= ref.macs)):
         macs = f", MACs {ref.macs} → {c.macs}" if problem.macs_known else ""
         return f"no saving at rank {fmt_ranks(ranks)}: params {ref.params} → {c.params}{macs}"
     if opts.latency_gate and problem.macs_known:
