@@ -7,6 +7,7 @@ from graph_opt.passes.fold_batchnorm import FoldBatchnorm
 from graph_opt.passes.prune_channels import PruneChannels
 from graph_opt.passes.prune_weights import PruneWeights
 from graph_opt.passes.quantize import Quantize
+from graph_opt.passes.reconstruct import Reconstruct
 
 PASSES = (
     FoldBatchnorm,
@@ -16,7 +17,8 @@ PASSES = (
     FactorizeGemm,
     FactorizeConv,
     Quantize,
+    Reconstruct,
 )
 
 __all__ = ["PASSES", "Cleanup", "FactorizeConv", "FactorizeGemm", "FoldBatchnorm", "PruneChannels", "PruneWeights",
-           "Quantize"]
+           "Quantize", "Reconstruct"]

@@ -235,3 +235,19 @@ def split_model(k: int = 3, seed: int = 0) -> onnx.ModelProto:
     t = g.node("Add", [t, g.conv(s, 6, 8, k, name="from_slice")])
     classifier_head(g, g.node("Relu", [t]), 8)
     return g.build()
+
+
+# ---- a CNN wide enough (≥ 32 channels) for the low-rank latency gate (reconstruct tests) ----
+
+def wide_cnn(channels: int = 32, hw: int = 12, classes: int = 10, seed: int = 0) -> onnx.ModelProto:
+    """small_cnn with `channels` everywhere: stem, a residual block of two 3×3 convs, a 1×1 conv, GAP, Gemm."""
+    g = GraphBuilder(seed=seed)
+    c = channels
+    a = _cbr(g, g.input("x", ["N", 3, hw, hw]), 3, c, 3, name="stem")
+    r = g.bn(g.conv(_cbr(g, a, c, c, 3, name="res1"), c, c, 3, name="res2"), c)
+    s = g.node("Relu", [g.node("Add", [a, r])])
+    p = _cbr(g, s, c, c, 1, name="point")
+    f = g.node("Flatten", [g.node("GlobalAveragePool", [p])], axis=1)
+    g.node("Identity", [g.gemm(f, c, classes, name="head")], ["logits"])
+    g.output("logits", ["N", classes])
+    return g.build()
