@@ -22,6 +22,7 @@ import time
 import _harness
 import zoo
 
+from graph_opt.pass_base import PassContext
 from graph_opt.passes import Cleanup, FactorizeConv, FactorizeGemm, FoldBatchnorm
 
 # Per-layer MAC budgets of the fidelity-vs-MACs curve. The curve runs without rank alignment
@@ -30,10 +31,10 @@ from graph_opt.passes import Cleanup, FactorizeConv, FactorizeGemm, FoldBatchnor
 LEVELS = (0.3, 0.5, 0.7, 0.9)
 
 
-def _apply(model, passes):
+def _apply(model, passes, ctx):
     rewritten = 0
     for p in passes:
-        result = p(model)
+        result = p(model, ctx)
         if isinstance(p, (FactorizeConv, FactorizeGemm)):
             rewritten += len(result.report.rewritten)
         model = result.model
@@ -42,11 +43,12 @@ def _apply(model, passes):
 
 def variants(zm) -> tuple[dict, dict]:
     model = zm.load()
+    ctx = PassContext(data=zm.calib)  # binds dynamic dims (MiniLM's sequence) for MAC-based ranks
     out, extras = {}, {}
 
     def add(name, passes):
         start = time.perf_counter()
-        m, n = _apply(model, passes)
+        m, n = _apply(model, passes, ctx)
         out[name] = m
         extras[name] = {"rewritten": n, "seconds": round(time.perf_counter() - start, 2)}
 

@@ -203,11 +203,46 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     graphsurgeon shares numpy arrays between graphs (and `Graph.copy()` does too), so a pass that
     edits a weight in place would edit the caller's model; here every Constant gets its own array.
     """
+    model, opaque = _hide_packed(model)
     graph = gs.import_onnx(model)
     for tensor in _all_tensors(graph):
         if isinstance(tensor, gs.Constant):
             tensor.values = np.array(tensor.values, copy=True)
+    graph._graph_opt_packed = opaque  # restored by to_model
     return graph
+
+
+# Sub-byte element types (int4/int2 and friends): graphsurgeon cannot round-trip their packed
+# bytes, so they cross the graphsurgeon boundary as graph inputs and come back untouched.
+_PACKED_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "INT2", "UINT2", "FLOAT4E2M1")
+                 if hasattr(onnx.TensorProto, n)}
+
+
+def _hide_packed(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
+    packed = [t for t in model.graph.initializer if t.data_type in _PACKED_TYPES]
+    if not packed:
+        return model, {}
+    work = copy_model(model)
+    keep = [t for t in work.graph.initializer if t.data_type not in _PACKED_TYPES]
+    del work.graph.initializer[:]
+    work.graph.initializer.extend(keep)
+    inputs = {i.name for i in work.graph.input}
+    for t in packed:
+        if t.name not in inputs:
+            work.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return work, {t.name: t for t in packed}
+
+
+def _restore_packed(model: onnx.ModelProto, packed: dict[str, onnx.TensorProto]) -> None:
+    used = {x for n in model.graph.node for x in n.input} | {o.name for o in model.graph.output}
+    for node in model.graph.node:  # names read inside subgraphs count as used too
+        for attr in node.attribute:
+            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                used |= {x for n in g.node for x in n.input}
+    kept_inputs = [i for i in model.graph.input if i.name not in packed]
+    del model.graph.input[:]
+    model.graph.input.extend(kept_inputs)
+    model.graph.initializer.extend(t for name, t in packed.items() if name in used)
 
 
 def _all_tensors(graph: gs.Graph):
@@ -231,6 +266,7 @@ def _subgraphs(graph: gs.Graph):
 def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """graphsurgeon Graph → ModelProto keeping `like`'s IR version, opsets, metadata and functions."""
     model = gs.export_onnx(graph, do_type_check=False)
+    _restore_packed(model, getattr(graph, "_graph_opt_packed", {}))
     model.ir_version = like.ir_version
     del model.opset_import[:]
     model.opset_import.extend(like.opset_import)

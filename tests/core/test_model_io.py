@@ -137,3 +137,32 @@ def test_switches_to_external_data_above_the_protobuf_limit(tmp_path, monkeypatc
     path = save_model(model, tmp_path / "m.onnx")
     assert (tmp_path / "m.onnx.data").is_file()
     assert load_model(path).graph.initializer[0].raw_data == model.graph.initializer[0].raw_data
+
+
+@pytest.mark.parametrize("elem", ["INT4", "INT2"])
+def test_packed_sub_byte_weights_survive_graphsurgeon(elem):
+    """graphsurgeon cannot re-export int4/int2 initializers; to_graph/to_model carry them through."""
+    from onnx import TensorProto, helper
+
+    from graph_opt.passes import Cleanup
+
+    codes = np.array([[1, -1, 0, 1], [0, 1, -1, -2]], dtype=np.int8)
+    w = helper.make_tensor("w_q", getattr(TensorProto, elem), [2, 4], codes.flatten().tolist())
+    scale = onnx.numpy_helper.from_array(np.array(0.5, np.float32), "s")
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "s"], ["w"]),
+             helper.make_node("Add", ["x", "w"], ["y"]),
+             helper.make_node("Identity", ["x"], ["dead"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w, scale])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 25)])
+    model.ir_version = 13
+    result = Cleanup()(model)
+    assert result.modified and [n.op_type for n in result.model.graph.node] == ["DequantizeLinear", "Add"]
+    kept = {t.name: t for t in result.model.graph.initializer}
+    assert kept["w_q"].SerializeToString() == w.SerializeToString()
+    assert [i.name for i in result.model.graph.input] == ["x"]
+    from builders import assert_valid, run
+
+    assert_valid(result.model)
+    x = np.zeros((2, 4), np.float32)
+    np.testing.assert_array_equal(run(result.model, {"x": x})[0], codes * 0.5)
