@@ -105,9 +105,15 @@ def environment() -> dict[str, Any]:
 
 
 def save(bench: str, rows: list[Row], meta: dict[str, Any] | None = None) -> Path:
+    """Write the rows; rows of models this run did not measure are kept from the previous file
+    (so `--models resnet` refreshes one model's rows without dropping the others)."""
     RESULTS_DIR.mkdir(exist_ok=True)
     path = RESULTS_DIR / f"{bench}.json"
-    doc = {"bench": bench, "environment": environment(), **(meta or {}), "rows": [asdict(r) for r in rows]}
+    new = [asdict(r) for r in rows]
+    measured = {r["model"] for r in new}
+    old = json.loads(path.read_text()).get("rows", []) if path.exists() else []
+    kept = [r for r in old if r["model"] not in measured]
+    doc = {"bench": bench, "environment": environment(), **(meta or {}), "rows": kept + new}
     path.write_text(json.dumps(doc, indent=1, default=_default))
     return path
 
