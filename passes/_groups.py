@@ -292,33 +292,28 @@ def is_layer(node: gs.Node) -> bool:
 
 
 def boundary_layers(graph: gs.Graph) -> tuple[set[int], set[int]]:
-    """ids of the first layers (reached from a graph input through no other layer) and the last."""
+    """ids of the first layers (no other layer upstream on any path) and the last (none downstream).
+
+    "Any path" matters: in a residual network a skip connection reaches every block from the
+    input without crossing a layer, yet only the stem is the first layer. Nodes are visited in
+    graph order, which ONNX requires to be topological.
+    """
     first: set[int] = set()
     last: set[int] = set()
-    seen: set[int] = set()
-    stack = list(graph.inputs)
-    while stack:
-        t = stack.pop()
-        for node in t.outputs:
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            if is_layer(node):
-                first.add(id(node))
-            else:
-                stack.extend(node.outputs)
-    seen.clear()
-    stack = list(graph.outputs)
-    while stack:
-        t = stack.pop()
-        for node in t.inputs:
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            if is_layer(node):
-                last.add(id(node))
-            else:
-                stack.extend(x for x in node.inputs if isinstance(x, gs.Variable))
+    after_layer: set[int] = set()  # tensors with a layer upstream (or produced by one)
+    for node in graph.nodes:
+        upstream = any(id(t) in after_layer for t in node.inputs)
+        if is_layer(node) and not upstream:
+            first.add(id(node))
+        if upstream or is_layer(node):
+            after_layer.update(id(t) for t in node.outputs)
+    before_layer: set[int] = set()  # tensors with a layer downstream (or read by one)
+    for node in reversed(graph.nodes):
+        downstream = any(id(t) in before_layer for t in node.outputs)
+        if is_layer(node) and not downstream:
+            last.add(id(node))
+        if downstream or is_layer(node):
+            before_layer.update(id(t) for t in node.inputs)
     return first, last
 
 

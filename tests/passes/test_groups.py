@@ -242,3 +242,24 @@ def test_flatten_axis_decides_whether_channels_can_be_followed(axis, ok):
         np.testing.assert_array_equal(chan.atoms, np.tile(np.repeat(c1.atoms, 16), outer))
     else:
         assert "merges the channel axis" in reasons[0]
+
+
+def test_boundary_layers_see_through_skip_connections():
+    """A residual stream reaches every block from the input without crossing a layer (as in a
+    transformer), yet only the first block's input projection is the first layer."""
+    from builders import GraphBuilder
+
+    from graph_opt.model_io import to_graph
+    from graph_opt.passes._groups import boundary_layers
+
+    g = GraphBuilder()
+    x = g.node("Relu", [g.input("x", ["N", 8])])
+    for i in range(3):
+        h = g.node("Relu", [g.node("MatMul", [x, g.weight(f"up{i}", (8, 16))], name=f"up{i}")])
+        x = g.node("Add", [x, g.node("MatMul", [h, g.weight(f"down{i}", (16, 8))], name=f"down{i}")])
+    g.output(g.node("Identity", [x], ["y"]), ["N", 8])
+    graph = to_graph(g.build())
+    first, last = boundary_layers(graph)
+    names = {id(n): n.name for n in graph.nodes}
+    assert {names[i] for i in first} == {"up0"}
+    assert {names[i] for i in last} == {"down2"}
