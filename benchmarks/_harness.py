@@ -143,3 +143,22 @@ def _cell(v: Any) -> str:
     if v is None:
         return "-"
     return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def render(bench: str, task_keys: list[str] | None = None) -> str:
+    """The Markdown tables of a saved result file, one per model (as pasted into RESULTS.md)."""
+    doc = json.loads((RESULTS_DIR / f"{bench}.json").read_text())
+    rows = [Row(**r) for r in doc["rows"]]
+    parts = []
+    for model in dict.fromkeys(r.model for r in rows):
+        mine = [r for r in rows if r.model == model]
+        busy = max(max(r.extra.get("cpu_busy_before", 0), r.extra.get("cpu_busy_after", 0)) for r in mine)
+        keys = [k for k in (task_keys or []) if any(k in r.task for r in mine)] or None
+        parts.append(f"**{model}** (CPU busy while timing: up to {busy:.0%})\n\n{markdown(mine, keys)}")
+    return "\n\n".join(parts)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(render(sys.argv[1], sys.argv[2].split(",") if len(sys.argv) > 2 else None))
