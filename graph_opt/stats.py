@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from graph_opt.data import bind_shapes, input_specs
+from graph_opt.data import bind_shapes
 from graph_opt.model_io import needs_external_data, tensor_bytes
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-import onnx
 from builders import op_count, small_cnn
 from onnx import numpy_helper
 

@@ -1,6 +1,5 @@
 import numpy as np
 from builders import GraphBuilder, assert_valid, random_input, run
-from onnx import helper
 
 from graph_opt.passes.cleanup import Cleanup
 
