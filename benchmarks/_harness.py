@@ -91,7 +91,8 @@ def measure(zm, variants: dict[str, onnx.ModelProto], *, runs: int = 200, thread
             model=zm.name, variant=name, params=st.params, macs=st.macs, file_bytes=st.file_bytes,
             params_ratio=st.params / base.params, macs_ratio=(st.macs / base.macs) if st.macs and base.macs else None,
             size_ratio=st.file_bytes / base.file_bytes, latency_ms=lat, latency_ratio=lat / latencies[0],
-            cosine=parity.cosine, snr_db=parity.snr_db, top1_agreement=parity.top1, task=zm.evaluate(out),
+            cosine=parity.cosine, snr_db=parity.snr_db,
+            top1_agreement=parity.top1 if zm.task.startswith("classification") else None, task=zm.evaluate(out),
             extra={"cpu_busy_before": round(busy_before, 3), "cpu_busy_after": round(busy_after, 3),
                    **((extras or {}).get(name, {}))},
         ))
@@ -105,14 +106,15 @@ def environment() -> dict[str, Any]:
 
 
 def save(bench: str, rows: list[Row], meta: dict[str, Any] | None = None) -> Path:
-    """Write the rows; rows of models this run did not measure are kept from the previous file
-    (so `--models resnet` refreshes one model's rows without dropping the others)."""
+    """Write the rows; rows (model, variant) this run did not measure are kept from the previous
+    file (so `--models resnet` refreshes one model's rows without dropping the others). Each row's
+    ratios are to the fp32 run of its own measurement."""
     RESULTS_DIR.mkdir(exist_ok=True)
     path = RESULTS_DIR / f"{bench}.json"
     new = [asdict(r) for r in rows]
-    measured = {r["model"] for r in new}
+    measured = {(r["model"], r["variant"]) for r in new}
     old = json.loads(path.read_text()).get("rows", []) if path.exists() else []
-    kept = [r for r in old if r["model"] not in measured]
+    kept = [r for r in old if (r["model"], r["variant"]) not in measured]
     doc = {"bench": bench, "environment": environment(), **(meta or {}), "rows": kept + new}
     path.write_text(json.dumps(doc, indent=1, default=_default))
     return path

@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="example,resnet,minilm")
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", default="", help="run only recipes whose name contains this text")
     args = ap.parse_args(argv)
     rows = []
     for name in args.models.split(","):
@@ -66,6 +67,8 @@ def main(argv=None) -> int:
         original = zm.load()
         variants, extras = {}, {}
         for label, passes in recipes(zm).items():
+            if args.only not in label:
+                continue
             ctx = PassContext(data=zm.calib, original=original)
             start = time.perf_counter()
             compressed = _apply(original, passes + [Cleanup()], ctx)
