@@ -4,7 +4,9 @@ Loading checks what a user can get wrong before onnx does anything surprising: t
 the bytes parse as a ModelProto that has a graph, every external-data reference stays inside the
 model's folder and the referenced bytes exist. Saving never touches the input path and writes
 through a temporary file renamed into place, so a crash leaves either the old file or the new one.
-Models whose tensors exceed protobuf's 2 GB limit are saved with external data automatically.
+Models whose tensors exceed protobuf's 2 GB limit are saved with external data automatically;
+model and data are two renames, so a crash between them leaves no model rather than a mismatched
+pair. Leftovers of a killed save are hidden temporaries (``.<name>.*``), never ``*.onnx`` files.
 """
 
 from __future__ import annotations
@@ -162,10 +164,17 @@ def _save_external(model: onnx.ModelProto, target: Path) -> None:
     try:
         work = onnx.ModelProto()
         work.CopyFrom(model)
-        tmp_model = Path(tmpdir) / target.name
+        tmp_model = Path(tmpdir) / (target.name + ".tmp")  # never a *.onnx file, even in a leftover
         onnx.save_model(work, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=1024)
-        # The data file goes first: a model file is only ever visible next to complete data.
+        for written in (tmp_model, Path(tmpdir) / data_name):
+            _fsync(written)
+        # Two files cannot be replaced in one step. A previous model at `target` reads `data_name`
+        # too, so it goes first: a kill between the renames must not leave the old model next to
+        # the new data (it would load, with the wrong weights). Then the data, then the model: a
+        # model file is only ever visible next to its own complete data.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)
         os.replace(Path(tmpdir) / data_name, target.parent / data_name)
         os.replace(tmp_model, target)
     finally:
@@ -174,6 +183,14 @@ def _save_external(model: onnx.ModelProto, target: Path) -> None:
                 leftover.unlink()
         with contextlib.suppress(OSError):
             os.rmdir(tmpdir)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -245,6 +262,20 @@ def _restore_packed(model: onnx.ModelProto, packed: dict[str, onnx.TensorProto])
     model.graph.initializer.extend(t for name, t in packed.items() if name in used)
 
 
+def _restore_initializer_inputs(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
+    """graphsurgeon drops initializers from the graph inputs. Below IR 4 every initializer must be
+    a graph input (the checker rejects the model otherwise); from IR 4 on, an initializer listed
+    as an input is an overridable default, part of the model's interface: keep the ones that remain."""
+    inputs = {i.name for i in model.graph.input}
+    if like.ir_version < 4:
+        wanted = [t for t in model.graph.initializer if t.name not in inputs]
+    else:
+        was_input = {i.name for i in like.graph.input} & {t.name for t in like.graph.initializer}
+        wanted = [t for t in model.graph.initializer if t.name in was_input and t.name not in inputs]
+    for t in wanted:
+        model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+
+
 def _all_tensors(graph: gs.Graph):
     seen = set()
     for g in [graph, *_subgraphs(graph)]:
@@ -267,6 +298,7 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """graphsurgeon Graph → ModelProto keeping `like`'s IR version, opsets, metadata and functions."""
     model = gs.export_onnx(graph, do_type_check=False)
     _restore_packed(model, getattr(graph, "_graph_opt_packed", {}))
+    _restore_initializer_inputs(model, like)
     model.ir_version = like.ir_version
     del model.opset_import[:]
     model.opset_import.extend(like.opset_import)

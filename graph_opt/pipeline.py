@@ -19,7 +19,7 @@ from typing import Any
 import onnx
 
 from graph_opt.data import Dataset
-from graph_opt.errors import InvalidModelError
+from graph_opt.errors import GraphOptError, InvalidModelError
 from graph_opt.model_io import check_model
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.progress import progress
@@ -101,7 +101,12 @@ class Pipeline:
         self.shapes = shapes
 
     def run(self, original: onnx.ModelProto) -> PipelineResult:
-        reference = Reference(original, self.verify_data, threads=self.threads) if self.verify_data is not None else None
+        try:  # an input onnxruntime refuses cannot be verified: say so, instead of blaming every pass
+            reference = Reference(original, self.verify_data, threads=self.threads) if self.verify_data is not None else None
+            if reference is None:
+                make_session(original, threads=self.threads)
+        except InvalidModelError as exc:
+            raise InvalidModelError(f"the input model cannot be verified: {exc}") from None
         baseline = StepRecord("original", "original", stats=self._stats(original), model=original)
         if reference is not None:
             baseline.parity = reference.compare(original)
@@ -119,8 +124,11 @@ class Pipeline:
             if result.modified:
                 problem = self._postconditions(candidate)
                 if problem is None and reference is not None:
-                    step.parity = reference.compare(candidate, self.tolerances)
-                    if step.parity.violations:
+                    try:  # loads but fails to run on the data, or lost/reshaped an output: invalid too
+                        step.parity = reference.compare(candidate, self.tolerances)
+                    except GraphOptError as exc:
+                        problem = f"invalid output: {exc}"
+                    if problem is None and step.parity.violations:
                         problem = "tolerance exceeded: " + "; ".join(step.parity.violations)
                         if not self.rollback:
                             stopped = f"{p.name}: {problem}"

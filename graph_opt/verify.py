@@ -121,19 +121,19 @@ class ParityReport:
 
     @property
     def cosine(self) -> float:
-        return min(o.cosine for o in self.outputs)
+        return self.metric("cosine")  # worst over outputs; NaN if any is NaN
 
     @property
     def snr_db(self) -> float:
-        return min(o.snr_db for o in self.outputs)
+        return self.metric("snr_db")  # worst over outputs; NaN if any is NaN
 
     @property
     def max_abs(self) -> float:
-        return max(o.max_abs for o in self.outputs)
+        return self.metric("max_abs")  # worst over outputs; NaN if any is NaN
 
     @property
     def rel_error(self) -> float:
-        return max(o.rel_error for o in self.outputs)
+        return self.metric("rel_error")  # worst over outputs; NaN if any is NaN
 
     @property
     def top1(self) -> float | None:
@@ -151,6 +151,8 @@ class ParityReport:
         values = [getattr(o, name) for o in self.outputs if getattr(o, name) is not None]
         if not values:
             return None
+        if any(math.isnan(v) for v in values):  # min/max would skip a NaN depending on the order
+            return math.nan
         return min(values) if TOLERANCE_METRICS[name] == "min" else max(values)
 
     @property
@@ -235,7 +237,9 @@ def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.nd
                 acc_ref = metrics.accuracy(ref, labels)
                 acc_cand = metrics.accuracy(cand, labels)
         outputs.append(par)
-    report = ParityReport(outputs, len(next(iter(reference.values()))) if reference else 0, data_source, acc_ref, acc_cand)
+    first = next(iter(reference.values()), None)
+    samples = 0 if first is None else (len(first) if np.ndim(first) else 1)  # a scalar output has no len()
+    report = ParityReport(outputs, samples, data_source, acc_ref, acc_cand)
     if tolerances:
         report.violations = check_tolerances(report, tolerances)
     return report

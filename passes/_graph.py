@@ -63,3 +63,24 @@ def node_label(node: gs.Node, index: int | None = None) -> str:
         return node.name
     out = node.outputs[0].name if node.outputs else "?"
     return f"{node.op}({out})"
+
+
+def subgraph_nodes(node: gs.Node):
+    """Every node inside the subgraphs of `node` (If branches, Loop/Scan bodies), nested ones too."""
+    for value in node.attrs.values():
+        for sub in value if isinstance(value, list) else [value]:
+            if isinstance(sub, gs.Graph):
+                for inner in sub.nodes:
+                    yield inner
+                    yield from subgraph_nodes(inner)
+
+
+def report_subgraphs(graph: gs.Graph, report, ops) -> None:
+    """Skip, with the reason, every control-flow node whose subgraphs hold nodes of `ops`: the passes
+    rewrite the main graph only, and weights in there must not be ignored silently."""
+    for node in graph.nodes:
+        inner = [n for n in subgraph_nodes(node) if n.op in ops]
+        if inner:
+            names = ", ".join(node_label(n) for n in inner[:3]) + (", …" if len(inner) > 3 else "")
+            report.skip(node_label(node), f"{len(inner)} {'/'.join(sorted({n.op for n in inner}))} inside its "
+                                          f"subgraphs ({names}) left as they are: passes rewrite the main graph only")

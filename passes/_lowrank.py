@@ -367,6 +367,11 @@ def apply_plan(graph: gs.Graph, namer: Namer, plan: Plan) -> tuple[list[str], st
 def float_dtype_reason(w: np.ndarray) -> str | None:
     if w.dtype not in (np.float16, np.float32, np.float64):
         return f"weight dtype {w.dtype} is not float16/32/64"
+    # The decompositions need a finite, non-empty weight (they raise on anything else).
+    if w.size == 0:
+        return f"weight of shape {list(w.shape)} is empty (zero-sized)"
+    if not np.all(np.isfinite(w)):
+        return "weight contains NaN or inf"
     return None
 
 

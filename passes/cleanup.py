@@ -1,5 +1,8 @@
 """cleanup: remove dead nodes and unused initializers, then sort nodes topologically.
 
+A graph already in a valid order keeps it (graphsurgeon's sort is not stable: it would reorder
+independent nodes and make a no-op look like a rewrite).
+
 Dead means nothing reachable from a graph output reads it. Graph inputs and outputs are kept
 as they are (removing an unused input would change the model's interface). Exact: the
 computation from inputs to outputs is untouched.
@@ -11,6 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import onnx
+import onnx_graphsurgeon as gs
 
 from graph_opt.model_io import to_graph, to_model
 from graph_opt.pass_base import Pass, PassContext, PassReport
@@ -26,7 +30,9 @@ class Cleanup(Pass):
         graph = to_graph(model)
         labels = {id(n): n.name or f"{n.op}({n.outputs[0].name if n.outputs else '?'})" for n in graph.nodes}
         before = [id(n) for n in graph.nodes]
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        graph.cleanup(remove_unused_graph_inputs=False)
+        if not _is_sorted(graph):  # graphsurgeon's sort is not stable: keep a valid order as it is
+            graph.toposort()
         after = [id(n) for n in graph.nodes]
         kept = set(after)
         for node_id in before:
@@ -40,3 +46,14 @@ class Cleanup(Pass):
         if [i for i in before if i in kept] != after:
             report.rewrite("graph", action="sorted nodes topologically")
         return out if report.rewritten else model
+
+
+def _is_sorted(graph: gs.Graph) -> bool:
+    """True when every node comes after the producers of its inputs (main graph)."""
+    seen: set[int] = set()
+    for node in graph.nodes:
+        for tensor in node.inputs:
+            if any(id(p) not in seen for p in tensor.inputs):
+                return False
+        seen.add(id(node))
+    return True

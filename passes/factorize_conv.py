@@ -46,12 +46,12 @@ the calibration data when given). A layer whose shapes cannot be inferred is ski
 ``macs_ratio`` or the latency gate needs them; with ``latency_gate=false`` and a rank rule that
 needs no MACs it is rewritten and only parameters are compared (MACs reported as None).
 
-Skipped, with the reason in the report: weight not a constant, shared with another node, or not
-float; depthwise and 1×1 convs; CP/spatial SVD on a conv that is not 2-D; layers not selected by
+Skipped, with the reason in the report: weight not a constant, shared with another node, not
+float, empty or not finite (NaN/inf); depthwise and 1×1 convs; CP/spatial SVD on a conv that is not 2-D; layers not selected by
 ``include``/``exclude`` or below ``min_params``/``min_macs``; no rank within the budget; no saving
 at the chosen ranks; a weight error above ``max_weight_error``; a decomposition that failed (non-
 finite factors); and, with ``latency_gate`` (default on): stems (≤ 3 input channels), fewer than 32
-channels per group on either side, a MAC ratio above 0.8. Nodes inside subgraphs are not visited.
+channels per group on either side, a MAC ratio above 0.8. Nodes inside subgraphs are not visited (each If/Loop/Scan holding a Conv is reported as a skip).
 
 Each rewrite is reported with ``op, method, shape, group, rank`` (``[R₁, R₂]`` = [r_out, r_in]
 for Tucker-2), ``rule, macs_before, macs_after, params_before, params_after`` (weights only,
@@ -91,7 +91,7 @@ from graph_opt.kernels.rank import (
 )
 from graph_opt.model_io import to_graph, to_model
 from graph_opt.pass_base import PassContext, PassReport
-from graph_opt.passes._graph import Namer, constant, node_label, used_once
+from graph_opt.passes._graph import Namer, constant, node_label, report_subgraphs, used_once
 from graph_opt.passes._lowrank import (
     GATE_MIN_CONV_CHANNELS,
     GATE_STEM_CHANNELS,
@@ -138,6 +138,7 @@ class FactorizeConv(LowRankPass):
 
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
         graph = to_graph(model)
+        report_subgraphs(graph, report, self.op_types)
         shapes, note = infer_shapes(model, ctx)
         if note:
             report.note(note)

@@ -36,11 +36,13 @@ and a rank rule that needs no MACs, the layer is rewritten and only parameters a
 
 Skipped, with the reason in the report: weight not a constant (or only A of a Gemm constant);
 both MatMul operands constant; a weight shared with another node; a weight that is not 2-D or
-not float; k×k convs (``factorize_conv`` handles them); grouped 1×1 convs; layers not selected by
+not float, empty or not finite (NaN/inf); k×k convs (``factorize_conv`` handles them); grouped 1×1 convs; layers not selected by
 ``include``/``exclude`` or below ``min_params``/``min_macs``; no saving at the chosen rank; a weight
 error above ``max_weight_error``; and, with ``latency_gate`` (default on): one row per sample
-(classifier heads, bandwidth-bound), a product under 64 on either side, a MAC ratio above 0.8.
-Nodes inside subgraphs (If/Loop bodies) are not visited.
+(classifier heads, bandwidth-bound), a product under 64 on either side, a MAC ratio above 0.8;
+before opset 11 (where Gemm's C is required) a Gemm with transA, alpha ≠ 1 or no C (there the
+first factor is a MatMul, the same product on a 2-D A).
+Nodes inside subgraphs (If/Loop/Scan bodies) are not visited; each such node is reported as a skip.
 
 Each rewrite is reported with ``op, method, shape, rank, rule, macs_before, macs_after,
 params_before, params_after`` (weights only, biases excluded; MACs per sample, None when unknown),
@@ -63,7 +65,7 @@ from graph_opt.kernels.lowrank import svd_factors
 from graph_opt.kernels.rank import matmul_costs, rank_for_budget, svd_costs, vbmf_rank
 from graph_opt.model_io import to_graph, to_model
 from graph_opt.pass_base import PassContext, PassReport
-from graph_opt.passes._graph import Namer, constant, node_label, used_once
+from graph_opt.passes._graph import Namer, constant, node_label, report_subgraphs, used_once
 from graph_opt.passes._lowrank import (
     GATE_MIN_MATMUL_DIM,
     LowRankPass,
@@ -93,15 +95,17 @@ class FactorizeGemm(LowRankPass):
 
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
         graph = to_graph(model)
+        report_subgraphs(graph, report, self.op_types)
         shapes, note = infer_shapes(model, ctx)
         if note:
             report.note(note)
         namer = Namer(graph)
+        legacy_gemm = _opset(model) < 11
         for node in list(graph.nodes):
             if node.op not in self.op_types:
                 continue
             label = node_label(node)
-            plan = self._match(node, shapes, label)
+            plan = self._match(node, shapes, label, legacy_gemm)
             if isinstance(plan, str):
                 report.skip(label, plan)
                 continue
@@ -112,12 +116,15 @@ class FactorizeGemm(LowRankPass):
         graph.cleanup().toposort()
         return to_model(graph, model)
 
-    def _match(self, node: gs.Node, shapes: dict, label: str) -> Plan | str:
+    def _match(self, node: gs.Node, shapes: dict, label: str, legacy_gemm: bool = False) -> Plan | str:
         """The rewrite of one node, decided without touching the graph, or why there is none."""
         reason = self.name_filter(label)
         if reason:
             return reason
-        site = {"Gemm": _gemm_site, "MatMul": _matmul_site, "Conv": _pointwise_conv_site}[node.op](node, shapes)
+        if node.op == "Gemm":
+            site = _gemm_site(node, shapes, legacy_gemm)
+        else:
+            site = {"MatMul": _matmul_site, "Conv": _pointwise_conv_site}[node.op](node, shapes)
         if isinstance(site, str):
             return site
         m, n = site.matrix.shape
@@ -192,7 +199,8 @@ def _weight_reason(tensor: gs.Tensor, w: np.ndarray | None, what: str = "weight"
     return float_dtype_reason(w)
 
 
-def _gemm_site(node: gs.Node, shapes: dict) -> _Site | str:
+def _gemm_site(node: gs.Node, shapes: dict, legacy: bool = False) -> _Site | str:
+    """`legacy`: opset < 11, where Gemm's C is required, so a C-less first factor is a MatMul."""
     a, b = node.inputs[0], node.inputs[1]
     wb = constant(b)
     if wb is None and constant(a) is not None:
@@ -206,8 +214,12 @@ def _gemm_site(node: gs.Node, shapes: dict) -> _Site | str:
     act = shapes.get(a.name)
     rows = None if act is None or len(act) != 2 else act[1] if trans_a else act[0]
     tail = [node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2].name else []
+    if legacy and (trans_a or alpha != 1.0 or not tail):
+        return "Gemm before opset 11 requires C and the first factor has none (only transA=0, alpha=1 Gemms with C are factorized there, the first factor as MatMul)"
 
     def steps(left, right):
+        if legacy:  # Gemm(A, L) without C is invalid before opset 11; A is 2-D, so MatMul is the same product
+            return [Step("MatMul", left), Step("Gemm", right, {"beta": beta} if beta != 1.0 else {})]
         first = {"transA": trans_a} if trans_a else {}
         if alpha != 1.0:
             first["alpha"] = alpha
@@ -215,6 +227,10 @@ def _gemm_site(node: gs.Node, shapes: dict) -> _Site | str:
         return [Step("Gemm", left, first), Step("Gemm", right, second)]
 
     return _Site("Gemm", matrix, wb.dtype, wb.shape, a, rows, steps, tail)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((int(i.version) for i in model.opset_import if i.domain in ("", "ai.onnx")), 1)
 
 
 def _matmul_site(node: gs.Node, shapes: dict) -> _Site | str:

@@ -14,7 +14,8 @@ and columns when transB=0; C becomes b' and β_g becomes 1.
 Skipped, with the reason in the report: BN in training mode or with extra outputs; non-constant
 BN parameters or producer weights; a weight or bias shared with another node; a producer output
 read by anything besides the BN (or a graph output); a Gemm bias C that is not per-column;
-BN producers other than Conv and Gemm.
+BN producers other than Conv and Gemm; an If/Loop/Scan whose subgraphs hold BatchNormalizations
+(subgraphs are not rewritten).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import onnx_graphsurgeon as gs
 
 from graph_opt.model_io import to_graph, to_model
 from graph_opt.pass_base import Pass, PassContext, PassReport
-from graph_opt.passes._graph import Namer, constant, node_label, sole_consumer, used_once
+from graph_opt.passes._graph import Namer, constant, node_label, report_subgraphs, sole_consumer, used_once
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +40,7 @@ class FoldBatchnorm(Pass):
 
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
         graph = to_graph(model)
+        report_subgraphs(graph, report, ("BatchNormalization",))
         namer = Namer(graph)
         for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
             match = _match(graph, bn)

@@ -70,7 +70,8 @@ Skipped groups, with the reason in the report: channels reaching a graph output;
 analysis does not understand; a grouped (non-depthwise) conv; a MatMul of two runtime tensors or
 with the channels on its right; a Reshape that splits the channel axis or whose target is
 computed at run time; a Flatten/Squeeze it cannot follow; a weight, bias or per-channel constant
-shared with another node; channels read inside a subgraph; a runtime tensor spanning the
+shared with another node; channels read inside a subgraph (and every If/Loop/Scan whose
+subgraphs hold layers: subgraphs are not rewritten); a runtime tensor spanning the
 channel axis; a producer not selected; the first/last layer; no more than `min_channels`
 channels; no BatchNormalization (importance=bn_gamma); channels not observed on the calibration
 data (importance=activation); no channel whose fold is exact (fold=exact); a ratio that rounds
@@ -100,7 +101,7 @@ from graph_opt.data import batch_size_for, input_specs
 from graph_opt.kernels.importance import ActivationStats, bn_gamma_scores, channel_norms, channel_sumsq, select_channels
 from graph_opt.model_io import copy_model, to_graph, to_model
 from graph_opt.pass_base import Pass, PassContext, PassReport
-from graph_opt.passes._graph import Namer, constant, is_graph_output, node_label, used_once
+from graph_opt.passes._graph import Namer, constant, is_graph_output, node_label, report_subgraphs, used_once
 from graph_opt.passes._groups import (LAYER_OPS, Analysis, Group, Slice, analyze, boundary_layers, check_literals,
                                       fold_problems, infer_shapes, selected)
 from graph_opt.stats import count_params, layer_macs
@@ -146,6 +147,7 @@ class PruneChannels(Pass):
         work = copy_model(model)
         del work.graph.value_info[:]  # channel counts change: stale shapes would fail the checker
         graph = to_graph(work)
+        report_subgraphs(graph, report, self.op_types)
         graph.toposort()
         an = analyze(graph, infer_shapes(model))
         plan = self._plan(graph, an, report, ctx, model)

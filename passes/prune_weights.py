@@ -28,7 +28,8 @@ Layers: op type in `op_types`, node name matching `include` (fnmatch, all when e
 `exclude`; with `keep_first_last` the first layers (fed by a graph input) and the last layers
 (feeding a graph output) stay dense. Skipped, with the reason: a weight computed at run time, not
 float, or shared with another node (tied weights); a MatMul of two runtime tensors or of two
-constants; an N:M pattern whose M does not divide the reduction axis; the first/last layer.
+constants; an N:M pattern whose M does not divide the reduction axis; the first/last layer; an
+If/Loop/Scan whose subgraphs hold layers (subgraphs are not rewritten).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import onnx_graphsurgeon as gs
 from graph_opt.kernels.importance import global_magnitude_masks, magnitude_mask, nm_mask
 from graph_opt.model_io import to_graph, to_model
 from graph_opt.pass_base import Pass, PassContext, PassReport
-from graph_opt.passes._graph import Namer, constant, node_label, used_once
+from graph_opt.passes._graph import Namer, constant, node_label, report_subgraphs, used_once
 from graph_opt.passes._groups import LAYER_OPS, boundary_layers, check_literals, selected
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class PruneWeights(Pass):
         if nm is None and self.sparsity == 0.0:
             return model
         graph = to_graph(model)
+        report_subgraphs(graph, report, self.op_types)
         first, last = boundary_layers(graph) if self.keep_first_last else (set(), set())
         layers = []
         for node in graph.nodes:

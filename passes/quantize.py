@@ -106,8 +106,9 @@ report says which. The IR version is raised to the one the new opset requires.
 
 Skipped, with the reason in the report: layer op types not in ``op_types``; excluded or
 keep_float nodes; weights that are not constants, not float32, contain NaN/inf, are shared with
-another node, or are 1-D (matrix-vector MatMul); MatMul with the constant on the left or with two
-activation operands (attention scores: left float); layers already quantized (an input from
+another node (a read inside an If/Loop/Scan body counts), or are 1-D (matrix-vector MatMul);
+MatMul with the constant on the left or with two activation operands (attention scores: left
+float); layers already quantized (an input from
 DequantizeLinear or an output into QuantizeLinear), and quantized ops themselves
 (QuantizeLinear/DequantizeLinear/QLinear*/MatMulInteger/ConvInteger/MatMulNBits/QGemm …): never
 quantized twice; Conv/Gemm/MatMul inside If/Loop/Scan subgraphs (not quantized, said so);
@@ -264,6 +265,8 @@ class _Index:
             for slot, name in enumerate(node.input):
                 if name:
                     self.consumers.setdefault(name, []).append((idx, slot))
+            for name in _subgraph_reads(node):  # an If/Loop/Scan body reading it from the outer scope
+                self.consumers.setdefault(name, []).append((idx, -1))
         counts: dict[str, int] = {}
         for node in self.nodes:
             counts[node.name] = counts.get(node.name, 0) + 1
@@ -905,7 +908,10 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
     threshold = opts.threshold_db()
     sens: dict[int, dict[str, float]] = {}
     if threshold is not None and data is not None and weights:
-        sens = _sensitivity(model, ix, layers, weights, biases, pl, data, opts, batch_size)
+        try:
+            sens = _sensitivity(model, ix, layers, weights, biases, pl, data, opts, batch_size)
+        except GraphOptError as exc:  # the probe model does not load or run (e.g. a custom op onnxruntime lacks)
+            notes.append(f"sensitivity not measured ({exc}); every planned node is quantized")
         weight_only: dict[int, str] = {}
         for idx, values in sens.items():
             if values["snr_db"] >= threshold:
@@ -1017,6 +1023,16 @@ def _upgrade_opset(model: onnx.ModelProto, target: int) -> tuple[onnx.ModelProto
         except GraphOptError as exc:
             return f"opset {current} → {target} by onnx.version_converter gives a model onnxruntime refuses: {exc}"
     return out, how
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names read by the nodes inside `node`'s subgraphs (outer-scope captures among them)."""
+    names: set[str] = set()
+    for a in node.attribute:
+        for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+            for inner in _all_nodes(g):
+                names.update(n for n in inner.input if n)
+    return names
 
 
 def _all_nodes(graph: onnx.GraphProto):

@@ -101,12 +101,13 @@ end-to-end output MSE before and after.
 Skipped, with the reason in the report: no calibration data (everything; nothing else is
 looked at); no teacher (``ctx.original`` is None); a compression kind not in ``targets``; a
 layer that is no longer in the model; a layer kind not supported (not Conv/Gemm/MatMul, or a
-MatMul of two activations); a weight that is not a constant, not float, or not 2-D (MatMul);
+MatMul of two activations); a weight that is not a constant, not float, empty, or not 2-D (MatMul);
 a target tensor not found in the teacher; shapes that differ (beyond output channels that can
 be matched to the teacher's); output channels that cannot be matched; no bias to correct
 (bias correction of a MatMul without bias Add, of a Gemm whose C is not per column, or of a
 quantized layer with integer activations but no bias: a float bias would stop onnxruntime from
-fusing it); a bias shared with another node; no calibration rows; a layer that already matches
+fusing it); a bias shared with another node; no calibration rows; NaN or inf in the captured
+tensors; a layer that already matches
 the teacher to float precision (SNR above 100 dB); a refit that does not lower the error by at
 least 0.01 %; refits undone by the end-to-end check. Nodes inside subgraphs (If/Loop bodies)
 are not visited.
@@ -316,6 +317,8 @@ class Reconstruct(Pass):
             return "no calibration rows reached the layer"
         channels = site.groups * site.m
         sse_before = acc.sse()
+        if not (math.isfinite(sse_before) and math.isfinite(power)):  # the solvers cannot take NaN/inf
+            return "NaN or inf in the teacher's or the student's tensors on the calibration data: nothing to fit"
         if sse_before <= FLOAT_MATCH * power:
             return (f"already matches the teacher to float precision (MSE {sse_before / (acc.rows * channels):.3g}): "
                     "nothing to refit")
@@ -908,6 +911,8 @@ def _match(student: _Graph, teacher: _Graph, node: onnx.NodeProto, kinds: list[s
     if isinstance(w, str):
         return w
     w_name, w_value, quantized, slot = w
+    if w_value.size == 0:
+        return f"weight of shape {list(w_value.shape)} is empty (zero-sized): nothing to refit"
     if node.op_type == "MatMul" and w_value.ndim != 2:
         return f"MatMul weight has {w_value.ndim} dims (only 2-D weights are refit)"
     method = "bias_correction" if (bias_only or quantized) else "lstsq"

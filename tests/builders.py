@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -250,4 +252,701 @@ def wide_cnn(channels: int = 32, hw: int = 12, classes: int = 10, seed: int = 0)
     f = g.node("Flatten", [g.node("GlobalAveragePool", [p])], axis=1)
     g.node("Identity", [g.gemm(f, c, classes, name="head")], ["logits"])
     g.output("logits", ["N", classes])
+    return g.build()
+
+
+# ---- hostile and odd models (tests/core/test_hostile.py) ----
+
+def _with_domains(g: GraphBuilder, *domains: tuple[str, int]) -> onnx.ModelProto:
+    model = g.build(check=False)
+    model.opset_import.extend(helper.make_opsetid(d, v) for d, v in domains)
+    return model
+
+
+def conv_bn_gemm_model(opset: int = 17, seed: int = 0) -> onnx.ModelProto:
+    """Conv-BN-Relu (3×3), Conv-BN-Relu (1×1), GAP, Flatten, Gemm-Relu, Gemm head; ops legal from opset 7.
+
+    The IR version is the lowest the opset allows; below IR 4 every initializer is also listed as a
+    graph input, as the IR then requires."""
+    g = GraphBuilder(opset=opset, seed=seed)
+    a = _cbr(g, g.input("x", ["N", 3, 8, 8]), 3, 8, 3, name="c1")
+    a = _cbr(g, a, 8, 8, 1, name="c2")
+    f = g.node("Flatten", [g.node("GlobalAveragePool", [a])], axis=1)
+    g.node("Identity", [g.gemm(g.node("Relu", [g.gemm(f, 8, 8, name="fc")]), 8, 4, name="head")], ["y"])
+    g.output("y", ["N", 4])
+    model = g.build(check=False)
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
+    if model.ir_version < 4:
+        model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                                 for t in model.graph.initializer)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def custom_domain_model() -> onnx.ModelProto:
+    """Conv-BN, then com.microsoft FusedConv (Relu) and com.microsoft Gelu around a 1×1 conv, a head."""
+    g = GraphBuilder(opset=17)
+    a = g.bn(g.conv(g.input("x", ["N", 3, 8, 8]), 3, 8, name="c1"), 8)
+    f = g.node("FusedConv", [a, g.weight("fused.w", (8, 8, 3, 3)), g.weight("fused.b", (8,))], name="fused",
+               domain="com.microsoft", activation="Relu", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    h = g.node("Gelu", [g.conv(f, 8, 8, 1, name="c2")], name="ms_gelu", domain="com.microsoft")
+    classifier_head(g, h, 8)
+    return _with_domains(g, ("com.microsoft", 1))
+
+
+def unknown_domain_model() -> onnx.ModelProto:
+    """Conv-BN, then an op of a domain no runtime knows (onnxruntime cannot load it)."""
+    g = GraphBuilder(opset=17)
+    a = g.bn(g.conv(g.input("x", ["N", 3, 8, 8]), 3, 8, name="c1"), 8)
+    g.node("Frobnicate", [a], ["y"], name="frob", domain="org.example.custom", strength=2)
+    g.output("y", ["N", 8, 8, 8])
+    return _with_domains(g, ("org.example.custom", 1))
+
+
+def constant_node_model() -> onnx.ModelProto:
+    """conv_bn_gemm_model with no initializers: every weight is a Constant node."""
+    model = conv_bn_gemm_model()
+    consts = [helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t) for t in model.graph.initializer]
+    nodes = consts + list(model.graph.node)
+    del model.graph.initializer[:]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def no_weights_model() -> onnx.ModelProto:
+    g = GraphBuilder(opset=17)
+    g.node("Softmax", [g.node("Relu", [g.input("x", ["N", 4, 6])])], ["y"], axis=-1)
+    g.output("y", ["N", 4, 6])
+    return g.build()
+
+
+def weights_as_inputs_model() -> onnx.ModelProto:
+    """Conv and Gemm weights are graph inputs (no initializer). All inputs have 8 rows, so samples
+    stacked on axis 0 (the way graph-opt feeds data) give every run one whole weight."""
+    g = GraphBuilder(opset=17)
+    x, w, fw = g.input("x", [8, 3, 8, 8]), g.input("conv_w", [8, 3, 3, 3]), g.input("fc_w", [8, 8])
+    a = g.node("Relu", [g.bn(g.node("Conv", [x, w], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]), 8)])
+    f = g.node("Flatten", [g.node("GlobalAveragePool", [a])], axis=1)
+    g.node("Gemm", [f, fw], ["y"], name="fc", transB=1)
+    g.output("y", [8, 8])
+    return g.build()
+
+
+def overridable_weights_model() -> onnx.ModelProto:
+    """conv_bn_gemm_model whose initializers are also graph inputs (IR ≥ 4: overridable defaults)."""
+    model = conv_bn_gemm_model()
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in model.graph.initializer)
+    return model
+
+
+def runtime_weights_model() -> onnx.ModelProto:
+    """Weights computed at run time: Conv W = w0·s (Mul), Gemm B = Transpose(b0), MatMul W = m0 + m1."""
+    g = GraphBuilder(opset=17)
+    w = g.node("Mul", [g.weight("w0", (8, 3, 3, 3)), g.const("s", np.float32(0.5))])
+    conv = g.node("Conv", [g.input("x", ["N", 3, 8, 8]), w, g.weight("cb", (8,))], name="conv",
+                  kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    f = g.node("Flatten", [g.node("GlobalAveragePool", [g.node("Relu", [g.bn(conv, 8)])])], axis=1)
+    h = g.node("Relu", [g.node("Gemm", [f, g.node("Transpose", [g.weight("b0", (8, 16))], perm=[1, 0])],
+                               name="fc", transB=1)])
+    g.node("MatMul", [h, g.node("Add", [g.weight("m0", (16, 4)), g.weight("m1", (16, 4))])], ["y"], name="mm")
+    g.output("y", ["N", 4])
+    return g.build()
+
+
+def shared_weights_model() -> onnx.ModelProto:
+    """One Conv weight and bias read by two Convs, one Gemm weight by two Gemms, a MatMul weight tied
+    to its own transpose (input/output embeddings)."""
+    g = GraphBuilder(opset=17)
+    w, b = g.weight("shared_conv_w", (8, 8, 3, 3)), g.weight("shared_conv_b", (8,))
+    a = g.input("x", ["N", 8, 8, 8])
+    for name in ("conv_a", "conv_b"):
+        a = g.node("Relu", [g.bn(g.node("Conv", [a, w, b], name=name, kernel_shape=[3, 3], pads=[1, 1, 1, 1]), 8)])
+    h = g.node("Flatten", [g.node("GlobalAveragePool", [a])], axis=1)
+    fw = g.weight("shared_fc_w", (8, 8))
+    for name in ("fc_a", "fc_b"):
+        h = g.node("Relu", [g.node("Gemm", [h, fw], name=name, transB=1)])
+    e = g.weight("embed", (8, 8))
+    h = g.node("MatMul", [h, e], name="tied_in")
+    g.node("MatMul", [h, g.node("Transpose", [e], perm=[1, 0])], ["y"], name="tied_out")
+    g.output("y", ["N", 8])
+    return g.build()
+
+
+def nonfinite_weights_model(bad: float = float("nan")) -> onnx.ModelProto:
+    """One Conv weight and one Gemm weight element set to `bad` (NaN or ±inf), a Gemm bias with -inf."""
+    g = GraphBuilder(opset=17)
+    w = (g.rng.standard_normal((8, 3, 3, 3)) * 0.5).astype(np.float32)
+    w[0, 0, 0, 0] = bad
+    conv = g.node("Conv", [g.input("x", ["N", 3, 8, 8]), g.const("conv.w", w)], name="conv",
+                  kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    f = g.node("Flatten", [g.node("GlobalAveragePool", [g.node("Relu", [g.bn(conv, 8, name="bn")])])], axis=1)
+    fw = (g.rng.standard_normal((8, 8)) * 0.5).astype(np.float32)
+    fw[1, 1] = bad
+    fb = np.where(np.arange(8) == 2, -np.inf, 0.1).astype(np.float32)
+    h = g.node("Relu", [g.node("Gemm", [f, g.const("fc.w", fw), g.const("fc.b", fb)], name="fc", transB=1)])
+    g.node("Identity", [g.gemm(h, 8, 4, name="head")], ["y"])
+    g.output("y", ["N", 4])
+    return g.build()
+
+
+def zero_sized_model() -> onnx.ModelProto:
+    """A Gemm with a [0, 8] weight and [0] bias whose empty output is concatenated to a live one,
+    and an unused zero-sized initializer."""
+    g = GraphBuilder(opset=17)
+    g.const("empty", np.zeros((1, 0), np.float32))
+    h = g.node("Relu", [g.gemm(g.input("x", ["N", 8]), 8, 8, name="fc")])
+    z = g.node("Gemm", [h, g.const("zero_w", np.zeros((0, 8), np.float32)), g.const("zero_b", np.zeros(0, np.float32))],
+               name="fc_empty", transB=1)
+    g.node("Identity", [g.gemm(g.node("Concat", [h, z], axis=1), 8, 4, name="head")], ["y"])
+    g.output("y", ["N", 4])
+    return g.build()
+
+
+def symbolic_model() -> onnx.ModelProto:
+    """Every input dimension symbolic: a CNN on x[N, C, H, W] and an FFN on t[B, S, D]."""
+    g = GraphBuilder(opset=17)
+    a = _cbr(g, _cbr(g, g.input("x", ["N", "C", "H", "W"]), 3, 8, 3, name="c1"), 8, 8, 1, name="c2")
+    g.node("Identity", [g.node("GlobalAveragePool", [a])], ["y"])
+    t = g.input("t", ["B", "S", "D"])
+    h = g.node("Relu", [g.node("MatMul", [t, g.weight("w1", (16, 32))], name="ffn1")])
+    g.node("Add", [g.node("MatMul", [h, g.weight("w2", (32, 16))], name="ffn2"), t], ["z"])
+    g.output("y", ["N", 8, 1, 1])
+    g.output("z", ["B", "S", "D"])
+    return g.build()
+
+
+def renamed_nodes_model(name: str = "") -> onnx.ModelProto:
+    """small_cnn with every node named `name` (empty: unnamed nodes; else duplicates)."""
+    model = small_cnn()
+    for node in model.graph.node:
+        node.name = name
+    return model
+
+
+def qoperator_model() -> onnx.ModelProto:
+    """QOperator form: QuantizeLinear → QLinearConv (int8 weight, int32 bias) → DequantizeLinear,
+    then a float Conv-BN-Relu and a float head."""
+    g = GraphBuilder(opset=17)
+    xs, xz = g.const("x_s", np.float32(0.02)), g.const("x_z", np.uint8(128))
+    q = g.node("QuantizeLinear", [g.input("x", ["N", 3, 8, 8]), xs, xz], name="q_in")
+    ys, yz = g.const("y_s", np.float32(0.05)), g.const("y_z", np.uint8(128))
+    qc = g.node("QLinearConv", [q, xs, xz, g.const("qconv.w_q", g.rng.integers(-60, 60, (8, 3, 3, 3)).astype(np.int8)),
+                                g.const("qconv.w_s", np.full(8, 0.01, np.float32)), g.const("qconv.w_z", np.zeros(8, np.int8)),
+                                ys, yz, g.const("qconv.b_q", g.rng.integers(-100, 100, 8).astype(np.int32))],
+                name="qconv", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    d = g.node("DequantizeLinear", [qc, ys, yz], name="dq_out")
+    classifier_head(g, _cbr(g, d, 8, 8, 3, name="float_conv"), 8)
+    return g.build()
+
+
+def dynamic_quant_model() -> onnx.ModelProto:
+    """onnxruntime's quantize_dynamic form: DynamicQuantizeLinear → MatMulInteger → Cast → Mul, then a float MatMul."""
+    g = GraphBuilder(opset=17)
+    g.node("DynamicQuantizeLinear", [g.input("x", ["N", 16])], ["xq", "xs", "xz"], name="dql")
+    mi = g.node("MatMulInteger", ["xq", g.const("w_q", g.rng.integers(0, 255, (16, 8)).astype(np.uint8)), "xz",
+                                  g.const("w_z", np.uint8(128))], name="mmi")
+    f = g.node("Mul", [g.node("Cast", [mi], to=TensorProto.FLOAT), g.node("Mul", ["xs", g.const("w_s", np.float32(0.01))])])
+    g.node("MatMul", [g.node("Relu", [f]), g.weight("w2", (8, 4))], ["y"], name="float_mm")
+    g.output("y", ["N", 4])
+    return g.build()
+
+
+def matmulnbits_model() -> onnx.ModelProto:
+    """com.microsoft MatMulNBits (4-bit, blocks of 16), then a float MatMul."""
+    g = GraphBuilder(opset=21)
+    k, n, block = 32, 16, 16
+    packed = g.const("w_packed", g.rng.integers(0, 256, (n, k // block, block // 2)).astype(np.uint8))
+    h = g.node("MatMulNBits", [g.input("x", ["N", k]), packed, g.const("w_scales", np.full(n * k // block, 0.05, np.float32))],
+               name="nbits", domain="com.microsoft", K=k, N=n, bits=4, block_size=block)
+    g.node("MatMul", [g.node("Relu", [h]), g.weight("w2", (n, 4))], ["y"], name="float_mm")
+    g.output("y", ["N", 4])
+    return _with_domains(g, ("com.microsoft", 1))
+
+
+def _branch(name: str, seed: int) -> onnx.GraphProto:
+    """An If branch: Conv-BN-Relu on the outer-scope tensor 'feat', its weights inside the branch."""
+    b = GraphBuilder(opset=17, seed=seed, name=name)
+    b._count = 100 * seed  # names unique across branches (the whole model must be SSA)
+    b.node("Identity", [_cbr(b, "feat", 8, 8, 3, name=f"{name}_conv")], [f"{name}_out"])
+    b.output(f"{name}_out", ["N", 8, 8, 8])
+    return helper.make_graph(b.nodes, name, [], b.outputs, b.inits)
+
+
+def control_flow_model(kind: str = "If") -> onnx.ModelProto:
+    """A Conv-BN-Relu stem, then `kind`: an If with a Conv-BN in each branch, a Loop whose body is a
+    MatMul (2 trips), or a Scan whose body is a MatMul; a Gemm head. Subgraph weights are inside them."""
+    g = GraphBuilder(opset=17)
+    g.node("Identity", [_cbr(g, g.input("x", ["N", 3, 8, 8]), 3, 8, 3, name="stem")], ["feat"])
+    if kind == "If":
+        cond = g.node("Greater", [g.node("ReduceMean", ["feat"], keepdims=0), g.const("low", np.float32(-1e9))])
+        out = g.node("If", [cond], ["if_out"], name="branch", then_branch=_branch("then", 1), else_branch=_branch("else", 2))
+        classifier_head(g, out, 8)
+        return g.build()
+    f = g.node("Flatten", [g.node("GlobalAveragePool", ["feat"])], axis=1)
+    body = GraphBuilder(opset=17, seed=3, name="body")
+    if kind == "Loop":
+        body.input("i", [], np.int64), body.input("c_in", [], bool), body.input("h_in", ["N", 8])
+        body.node("Relu", [body.node("MatMul", ["h_in", body.weight("loop_w", (8, 8))], name="loop_mm")], ["h_out"])
+        body.node("Identity", ["c_in"], ["c_out"])
+        body.output("c_out", [], bool), body.output("h_out", ["N", 8])
+        graph = helper.make_graph(body.nodes, "body", body.inputs, body.outputs, body.inits)
+        y = g.node("Loop", [g.const("trips", np.int64(2)), g.const("keep_going", np.bool_(True)), f], ["loop_out"],
+                   name="loop", body=graph)
+    elif kind == "Scan":
+        body.input("s_in", ["N", 8]), body.input("x_t", [8])
+        mm = body.node("MatMul", ["x_t", body.weight("scan_w", (8, 8))], name="scan_mm")
+        body.node("Add", ["s_in", mm], ["s_out"])
+        body.node("Identity", [mm], ["y_t"])
+        body.output("s_out", ["N", 8]), body.output("y_t", [8])
+        graph = helper.make_graph(body.nodes, "body", body.inputs, body.outputs, body.inits)
+        state = g.node("Mul", [f, g.const("zero", np.float32(0))])
+        y = g.node("Scan", [state, f], ["scan_state", "scan_out"], name="scan", body=graph, num_scan_inputs=1)
+    else:
+        raise ValueError(f"unknown control-flow kind {kind!r}")
+    g.node("Identity", [g.gemm(y, 8, 4, name="head")], ["y"])
+    g.output("y", ["N", 4])
+    return g.build()
+
+
+# ---- random models for fuzzing (tests/core/test_fuzz.py, benchmarks/fuzz_campaign.py) ----
+#
+# One generator serves hypothesis (which draws every choice, so failures shrink) and the campaign
+# script (numpy, one seed per case): `draw_fuzz_spec(integer, choice)` asks for each choice through
+# two callables; `fuzz_spec(seed)` answers them from `np.random.default_rng(seed)`.
+#
+# With `zero_channels`, a quarter of every hidden layer's output channels is exactly dead (zero
+# filter and bias; BatchNormalization with zero mean and shift there; activations with f(0) = 0), the
+# same first-quarter indices along tied (residual) paths and every width a multiple of 4, so that
+# `prune_channels:ratio=0.25,scope=layer,round_to=1` prunes only dead channels: an exact rewrite.
+
+FUZZ_KINDS = ("mlp", "cnn", "ffn")
+FUZZ_ACTS = ("Relu", "LeakyRelu", "Tanh", "HardSwish", "SiLU", "none")  # all map 0 to 0
+
+
+@dataclass(frozen=True)
+class FuzzSpec:
+    kind: str                 # mlp | cnn | ffn
+    opset: int                # 13..21
+    seed: int                 # weights
+    zero_channels: bool
+    width: int                # input features / channels / hidden size
+    size: int                 # cnn: height = width of the image; ffn: sequence length; mlp: unused
+    blocks: tuple             # per kind, see fuzz_model
+    act: str
+    bn: bool
+    classes: int
+    batch: int = 0            # 0: a symbolic batch dimension; else that static batch size
+    extra_output: bool = False  # the first block's output is a graph output too
+    dead_code: bool = False   # a node nobody reads and an unused initializer (cleanup's work)
+
+    def __str__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items())
+        return f"FuzzSpec({fields})"
+
+
+def draw_fuzz_spec(integer, choice) -> FuzzSpec:
+    """A random spec; `integer(lo, hi)` (inclusive) and `choice(options)` make every choice."""
+    kind = choice(FUZZ_KINDS)
+    opset = integer(13, 21)
+    zero = choice((False, True))
+    unit = 4 if zero else 1
+
+    def width(lo: int, hi: int) -> int:
+        return unit * integer(max(1, -(-lo // unit)), max(1, hi // unit))
+
+    act = choice(tuple(a for a in FUZZ_ACTS if a != "HardSwish" or opset >= 14))
+    blocks: list = []
+    if kind == "mlp":
+        w, size = width(1, 24), 0
+        for _ in range(integer(1, 3)):
+            blocks.append((choice(("gemm", "matmul")), width(1, 32), integer(0, 1), choice((1.0, 0.5)), choice((1.0, 2.0))))
+    elif kind == "cnn":
+        w, size = integer(1, 4), integer(3, 10)
+        for _ in range(integer(1, 4)):
+            block = choice(("conv", "conv", "res", "cat", "dw", "group", "pool", "se", "affine"))
+            if block == "conv":
+                blocks.append(("conv", width(1, 24), choice((1, 2, 3, 5)), choice((1, 1, 2)), choice((1, 1, 2)),
+                               choice(("pads", "pads", "SAME_UPPER", "VALID"))))
+            elif block == "cat":
+                blocks.append(("cat", width(1, 12), width(1, 12)))
+            elif block == "dw":
+                blocks.append(("dw", choice((1, 2))))
+            elif block == "group":
+                blocks.append(("group", 2 * width(1, 12)))
+            elif block == "pool":
+                blocks.append(("pool", choice(("MaxPool", "AveragePool", "AveragePool_pad"))))
+            else:
+                blocks.append((block,))
+        blocks.append(("head", choice(("gap", "gap", "flatten"))))
+    else:
+        w, size = width(4, 32), integer(1, 6)
+        act = choice(tuple(["Relu", "Tanh", "SiLU", "gelu_erf"] + (["Gelu"] if opset >= 20 else [])))
+        for _ in range(integer(1, 2)):
+            blocks.append(("ffn", width(4, 64), choice((False, True)), choice((False, True)) and opset >= 17))
+    seed = integer(0, 2**31 - 1)
+    bn = bool(choice((False, True)))
+    classes = integer(1, 10)
+    batch = choice((0, 0, 0, 1, 2))
+    extra_output = bool(choice((False, True)))
+    return FuzzSpec(kind, opset, seed, zero, w, size, tuple(blocks), act, bn, classes, batch, extra_output,
+                    bool(choice((False, True))))
+
+
+def fuzz_spec(seed: int) -> FuzzSpec:
+    rng = np.random.default_rng(seed)
+    return draw_fuzz_spec(lambda lo, hi: int(rng.integers(lo, hi + 1)), lambda options: options[int(rng.integers(len(options)))])
+
+
+class _Fuzz:
+    """GraphBuilder plus the bookkeeping of dead channels (see `FuzzSpec.zero_channels`)."""
+
+    def __init__(self, spec: FuzzSpec):
+        self.spec = spec
+        self.g = GraphBuilder(opset=spec.opset, seed=spec.seed, name=f"fuzz_{spec.kind}")
+        self.rng = self.g.rng
+        self.batch = spec.batch or "N"
+
+    def dead(self, n: int) -> np.ndarray:
+        return np.arange(n // 4) if self.spec.zero_channels else np.arange(0)
+
+    def weight(self, name: str, shape, fan_in: int, dead: np.ndarray = np.arange(0), axis: int = 0) -> str:
+        w = (self.rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))).astype(np.float32)
+        np.moveaxis(w, axis, 0)[dead] = 0
+        return self.g.const(name, w)
+
+    def bias(self, name: str, n: int, dead: np.ndarray) -> str:
+        b = (self.rng.standard_normal(n) * 0.1).astype(np.float32)
+        b[dead] = 0
+        return self.g.const(name, b)
+
+    def bn(self, x: str, c: int, dead: np.ndarray) -> str:
+        if not self.spec.bn:
+            return x
+        g = self.g
+        g._count += 1
+        name = f"bn{g._count}"
+        gamma = self.rng.uniform(0.5, 1.5, c).astype(np.float32)
+        mean = (self.rng.standard_normal(c) * 0.1).astype(np.float32)
+        var = self.rng.uniform(0.5, 2.0, c).astype(np.float32)
+        beta = (self.rng.standard_normal(c) * 0.1).astype(np.float32)
+        mean[dead], beta[dead] = 0, 0  # BN(0) = 0 exactly on dead channels
+        ins = [g.const(f"{name}.{k}", v) for k, v in (("gamma", gamma), ("beta", beta), ("mean", mean), ("var", var))]
+        return g.node("BatchNormalization", [x, *ins], name=name, epsilon=1e-5)
+
+    def act(self, x: str) -> str:
+        a, g = self.spec.act, self.g
+        if a == "none":
+            return x
+        if a == "SiLU":
+            return g.node("Mul", [x, g.node("Sigmoid", [x])])
+        if a == "gelu_erf":
+            e = g.node("Erf", [g.node("Div", [x, g.const(f"sqrt2_{g._count}", np.float32(np.sqrt(2)))])])
+            one, half = g.const(f"one_{g._count}", np.float32(1)), g.const(f"half_{g._count}", np.float32(0.5))
+            return g.node("Mul", [g.node("Mul", [x, g.node("Add", [e, one])]), half])
+        return g.node(a, [x])
+
+    def conv(self, x: str, cin: int, cout: int, k: int, stride: int = 1, group: int = 1, dilation: int = 1,
+             pad: str = "pads", dead_in: np.ndarray = np.arange(0), dead: np.ndarray | None = None) -> tuple[str, np.ndarray]:
+        g = self.g
+        g._count += 1
+        name = f"conv{g._count}"
+        if group == cin and cout % cin == 0 and group > 1:  # depthwise: output j reads input j // m
+            mult = cout // cin
+            dead = np.array([j for j in range(cout) if j // mult in set(dead_in.tolist())], np.int64)
+            w = self.weight(f"{name}.w", (cout, 1, k, k), k * k)
+        else:
+            dead = self.dead(cout) if dead is None else dead
+            w = self.weight(f"{name}.w", (cout, cin // group, k, k), cin // group * k * k, dead)
+        attrs = {"kernel_shape": [k, k], "strides": [stride, stride], "group": group, "dilations": [dilation] * 2}
+        if pad == "pads":
+            total = dilation * (k - 1)
+            attrs["pads"] = [total // 2, total // 2, total - total // 2, total - total // 2]
+        else:
+            attrs["auto_pad"] = pad
+        y = g.node("Conv", [x, w, self.bias(f"{name}.b", cout, dead)], name=name, **attrs)
+        return y, dead
+
+
+def fuzz_model(spec: FuzzSpec) -> tuple[onnx.ModelProto, dict[str, tuple[int, ...]] | None]:
+    """The model of `spec` and the shapes that bind its dynamic dimensions (batch 1)."""
+    f = _Fuzz(spec)
+    g = f.g
+    extra: list[tuple[str, list]] = []
+    if spec.dead_code:
+        g.node("Neg", [g.node("Relu", ["x"])], name="dead_relu_neg")
+        f.weight("unused.w", (2, 2), 2)
+
+    def mark(x: str, shape: list) -> None:  # the first block's output becomes a graph output too
+        if spec.extra_output and not extra:
+            extra.append((x, shape))
+
+    if spec.kind == "mlp":
+        x, c = g.input("x", [f.batch, spec.width]), spec.width
+        for i, (op, n, trans_b, alpha, beta) in enumerate(spec.blocks):
+            dead = f.dead(n)
+            if op == "gemm":
+                w = f.weight(f"fc{i}.w", (n, c) if trans_b else (c, n), c, dead, axis=0 if trans_b else 1)
+                x = g.node("Gemm", [x, w, f.bias(f"fc{i}.b", n, dead)], name=f"fc{i}", transB=trans_b,
+                           alpha=alpha, beta=beta)
+            else:
+                w = f.weight(f"fc{i}.w", (c, n), c, dead, axis=1)
+                x = g.node("Add", [g.node("MatMul", [x, w], name=f"fc{i}"), f.bias(f"fc{i}.b", n, dead)])
+            x, c = f.act(f.bn(x, n, dead)), n
+            mark(x, [f.batch, c])
+        features = c
+    elif spec.kind == "cnn":
+        x, c, hw = g.input("x", [f.batch, spec.width, spec.size, spec.size]), spec.width, spec.size
+        dead = np.arange(0)
+        for block in spec.blocks:
+            kind = block[0]
+            if kind == "conv":
+                _, n, k, stride, dilation, pad = block
+                if hw < 4:
+                    stride, pad = 1, "pads"
+                if pad == "VALID" and hw - dilation * (k - 1) < 1:
+                    pad = "pads"
+                if pad == "SAME_UPPER":
+                    dilation = 1  # onnxruntime has no dilated SAME padding
+                x, dead = f.conv(x, c, n, k, stride, dilation=dilation, pad=pad)
+                span = dilation * (k - 1) if pad == "VALID" else 0
+                x, c, hw = f.act(f.bn(x, n, dead)), n, -(-(hw - span) // stride)
+            elif kind == "res":
+                r, d1 = f.conv(x, c, c, 3, dead_in=dead)
+                r, _ = f.conv(f.act(f.bn(r, c, d1)), c, c, 3, dead=dead)  # tied to the skip: the same dead channels
+                x = f.act(g.node("Add", [x, f.bn(r, c, dead)]))
+            elif kind == "cat":
+                _, ca, cb = block
+                a, da = f.conv(x, c, ca, 3)
+                b, db = f.conv(x, c, cb, 1)
+                x = g.node("Concat", [f.act(f.bn(a, ca, da)), f.act(f.bn(b, cb, db))], axis=1)
+                c, dead = ca + cb, np.concatenate([da, db + ca])
+            elif kind == "dw":
+                x, dead = f.conv(x, c, c * block[1], 3, group=c, dead_in=dead)
+                c *= block[1]
+                x = f.act(f.bn(x, c, dead))
+            elif kind == "group":
+                n = block[1]
+                x, dead = f.conv(x, c, n, 3, group=2 if c % 2 == 0 else 1)
+                x, c = f.act(f.bn(x, n, dead)), n
+            elif kind == "pool" and hw >= 4:
+                if block[1] == "MaxPool":
+                    x = g.node("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
+                    hw //= 2
+                else:  # 3×3 stride 1, zero-padded border counted or not
+                    x = g.node("AveragePool", [x], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                               count_include_pad=int(block[1] == "AveragePool_pad"))
+            elif kind == "se":  # squeeze-excitation: x · sigmoid(W2 relu(W1 gap(x)))
+                s, ds = f.conv(g.node("GlobalAveragePool", [x]), c, max(1, c // 4) * (4 if spec.zero_channels else 1), 1)
+                s = g.node("Relu", [s])
+                s, _ = f.conv(s, max(1, c // 4) * (4 if spec.zero_channels else 1), c, 1, dead=dead)
+                x = g.node("Mul", [x, g.node("Sigmoid", [s])])
+            elif kind == "affine":  # per-channel scale and shift constants (zero shift on dead channels)
+                scale = f.rng.uniform(0.5, 1.5, (1, c, 1, 1)).astype(np.float32)
+                shift = (f.rng.standard_normal((1, c, 1, 1)) * 0.1).astype(np.float32)
+                shift[0, dead] = 0
+                g._count += 1
+                x = g.node("Add", [g.node("Mul", [x, g.const(f"scale{g._count}", scale)]), g.const(f"shift{g._count}", shift)])
+            elif kind == "head":
+                if block[1] == "gap" or hw > 4:
+                    x, features = g.node("Flatten", [g.node("GlobalAveragePool", [x])], axis=1), c
+                else:
+                    x, features = g.node("Flatten", [x], axis=1), c * hw * hw
+            if kind != "head":
+                mark(x, [f.batch, c, hw, hw])
+    else:
+        d = spec.width
+        x = g.input("x", [spec.batch or "B", "S", d])
+        for i, (_, ff, bias, ln) in enumerate(spec.blocks):
+            h = x
+            if ln:
+                h = g.node("LayerNormalization", [h, g.const(f"ln{i}.g", f.rng.uniform(0.5, 1.5, d).astype(np.float32)),
+                                                  g.const(f"ln{i}.b", (f.rng.standard_normal(d) * 0.1).astype(np.float32))],
+                           axis=-1)
+            dead = f.dead(ff)
+            h = g.node("MatMul", [h, f.weight(f"ffn{i}.w1", (d, ff), d, dead, axis=1)], name=f"ffn{i}.fc1")
+            if bias:
+                h = g.node("Add", [h, f.bias(f"ffn{i}.b1", ff, dead)])
+            mark(h, [spec.batch or "B", "S", ff])
+            h = g.node("MatMul", [f.act(h), f.weight(f"ffn{i}.w2", (ff, d), ff)], name=f"ffn{i}.fc2")
+            if bias:
+                h = g.node("Add", [h, f.bias(f"ffn{i}.b2", d, np.arange(0))])
+            x = g.node("Add", [h, x])
+        g.node("Identity", [x], ["y"])
+        g.output("y", [spec.batch or "B", "S", d])
+        for name, shape in extra:
+            g.output(name, shape)
+        return g.build(), {"x": (spec.batch or 1, spec.size, d)}
+    w = f.weight("head.w", (spec.classes, features), features)
+    g.node("Gemm", [x, w, f.bias("head.b", spec.classes, np.arange(0))], ["y"], name="head", transB=1)
+    g.output("y", [f.batch, spec.classes])
+    for name, shape in extra:
+        g.output(name, shape)
+    return g.build(), None
+
+
+# The fuzz oracle: every pass (as the pipeline runs it) on one random model, and what must hold.
+# name → (pass specs run as one pipeline, exact?). Exact runs carry a rel_error tolerance, so a
+# rollback there is a broken exactness claim; any other rollback is a pass emitting an invalid model.
+FUZZ_EXACT_TOL = 1e-4
+_FULL_RANK = "rank_ratio=1.0,align=0,latency_gate=false,require_saving=false"
+FUZZ_RUNS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "fold_batchnorm": (("fold_batchnorm",), True),
+    "cleanup": (("cleanup",), True),
+    "prune_channels_dead": (("prune_channels:ratio=0.25,scope=layer,round_to=1,keep_first_last=false",), True),
+    "factorize_gemm_full": ((f"factorize_gemm:{_FULL_RANK}",), True),
+    "factorize_conv_full": ((f"factorize_conv:{_FULL_RANK}",), True),
+    "quantize": (("quantize",), False),
+    "prune_weights": (("prune_weights:sparsity=0.5,keep_first_last=false",), False),
+    "prune_channels_lossy": (("prune_channels:ratio=0.5,scope=global,keep_first_last=false,fold=approximate",), False),
+    "lowrank_reconstruct": (("factorize_gemm:rank_ratio=0.5,align=0,latency_gate=false",
+                             "factorize_conv:rank_ratio=0.5,align=0,latency_gate=false", "reconstruct"), False),
+}
+# Campaign only (slower, or rarer paths): more settings, same oracle.
+FUZZ_RUNS_EXTRA: dict[str, tuple[tuple[str, ...], bool]] = {
+    "factorize_conv_spatial_full": ((f"factorize_conv:method=spatial_svd,{_FULL_RANK}",), True),
+    "factorize_conv_cp": (("factorize_conv:method=cp,rank=4,align=0,latency_gate=false",), False),
+    "quantize_int4": (("quantize:weights=int4",), False),
+    "quantize_weight_only": (("quantize:activations=none,per_channel=false",), False),
+    "prune_weights_2_4": (("prune_weights:pattern=2:4,keep_first_last=false",), False),
+    "default_recipe_then_quantize_reconstruct": (("fold_batchnorm", "cleanup", "quantize", "reconstruct"), False),
+}
+
+
+@dataclass
+class FuzzOutcome:
+    spec: FuzzSpec
+    problems: list[str]
+    fired: dict[str, bool]  # run name → some step rewrote something and was accepted
+    exact: dict[str, bool]  # run name → fired, and was held to exactness (not vacuous)
+
+
+def fuzz_check(spec: FuzzSpec, runs: dict | None = None, samples: int = 4) -> FuzzOutcome:
+    """Build `spec`'s model and run every entry of `runs` (default FUZZ_RUNS) through a Pipeline.
+
+    Problems: a crash; a rolled-back step that was not a tolerance rollback (the pass emitted a model
+    that fails onnx.checker / onnxruntime); an exact run that is not exact; a quantized weight or bias
+    off its grid by more than half a step; reconstruct increasing the error on its calibration data;
+    the input model mutated."""
+    from graph_opt.data import random_dataset
+    from graph_opt.pipeline import Pipeline
+    from graph_opt.registry import parse_spec
+
+    runs = FUZZ_RUNS if runs is None else runs
+    model, shapes = fuzz_model(spec)
+    before = model.SerializeToString()
+    data = random_dataset(model, samples, shapes=shapes, seed=spec.seed % 1000)
+    problems: list[str] = []
+    fired: dict[str, bool] = {}
+    exactness: dict[str, bool] = {}
+    for name, (specs, exact) in runs.items():
+        exact = exact and (name != "prune_channels_dead" or spec.zero_channels)
+        try:
+            result = Pipeline([parse_spec(s) for s in specs], verify_data=data, calib_data=data, latency=False,
+                              shapes=shapes, tolerances={"rel_error": FUZZ_EXACT_TOL} if exact else None).run(model)
+        except Exception as exc:  # noqa: BLE001 - any escape is a finding
+            problems.append(f"{name}: crashed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            continue
+        fired[name] = any(s.modified and s.accepted for s in result.steps)
+        exactness[name] = fired[name] and exact
+        previous = result.baseline
+        for step in result.steps:
+            if not step.accepted:
+                kind = "not exact" if exact and step.reason.startswith("tolerance") else "invalid output"
+                problems.append(f"{name}: {step.name} {kind}: {step.reason[:300]}")
+            elif step.modified:
+                problems += [f"{name}: {step.name}: {p}" for p in _step_problems(step, previous, model, data)]
+                previous = step
+    if model.SerializeToString() != before:
+        problems.append("the input model was mutated")
+    return FuzzOutcome(spec, problems, fired, exactness)
+
+
+def _step_problems(step, previous, original: onnx.ModelProto, data) -> list[str]:
+    out = []
+    if step.name == "quantize":
+        out += quantized_grid_problems(previous.model, step.model)
+    if step.name == "reconstruct":  # its guarantee: the pooled output MSE on its calibration data never grows
+        before, after = (output_mse(original, m, data) for m in (previous.model, step.model))
+        if after > before * (1 + 1e-5) + 1e-12:
+            out.append(f"output MSE on the calibration data grew: {before:.6g} → {after:.6g}")
+    return out
+
+
+def output_mse(teacher: onnx.ModelProto, student: onnx.ModelProto, data) -> float:
+    """Mean squared difference of all graph outputs (pooled), as reconstruct measures it."""
+    from graph_opt.verify import run_model
+
+    t, s = run_model(teacher, data), run_model(student, data)
+    total = sum(float(np.sum((t[k].astype(np.float64) - s[k].astype(np.float64)) ** 2)) for k in t)
+    return total / max(sum(v.size for v in t.values()), 1)
+
+
+def quantized_grid_problems(before: onnx.ModelProto, after: onnx.ModelProto) -> list[str]:
+    """Every int8/uint8/int32 weight or bias DequantizeLinear (constant input, per tensor or per
+    channel) must reproduce the float tensor it replaced to within half a step of its scale."""
+    floats = {t.name: numpy_helper.to_array(t) for t in before.graph.initializer}
+    consts = {t.name: t for t in after.graph.initializer}
+    problems = []
+    for node in after.graph.node:
+        if node.op_type != "DequantizeLinear" or node.output[0] not in floats or node.input[0] not in consts:
+            continue
+        q = consts[node.input[0]]
+        if q.data_type not in (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT32):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("block_size"):
+            continue
+        codes = numpy_helper.to_array(q).astype(np.float64)
+        scale = numpy_helper.to_array(consts[node.input[1]]).astype(np.float64)
+        zero = (numpy_helper.to_array(consts[node.input[2]]).astype(np.float64)
+                if len(node.input) > 2 and node.input[2] else np.zeros_like(scale))
+        shape = [1] * codes.ndim
+        if scale.ndim:
+            shape[attrs.get("axis", 1) % codes.ndim] = -1
+        s, z = scale.reshape(shape), zero.reshape(shape)
+        error = np.abs(floats[node.output[0]].astype(np.float64) - (codes - z) * s)
+        bound = s / 2 * (1 + 1e-5) + 1e-12
+        if np.any(error > bound):
+            problems.append(f"{node.output[0]} is off its grid by up to {float(np.max(error / (s + 1e-30))):.3f} steps")
+    return problems
+
+
+# ---- more odd models (tests/core/test_hostile.py) ----
+
+def scalar_output_model() -> onnx.ModelProto:
+    """Gemm-BN then ReduceSum over everything: a rank-0 output (a score or a loss)."""
+    g = GraphBuilder(opset=17)
+    g.node("ReduceSum", [g.bn(g.gemm(g.input("x", ["N", 8]), 8, 8, name="fc"), 8)], ["y"], keepdims=0)
+    g.output("y", [])
+    return g.build()
+
+
+def float16_model() -> onnx.ModelProto:
+    """conv_bn_model in float16 (weights, activations, input and output)."""
+    from onnx import numpy_helper as nh
+
+    model = conv_bn_model()
+    for t in model.graph.initializer:
+        t.CopyFrom(nh.from_array(nh.to_array(t).astype(np.float16), t.name))
+    for v in [*model.graph.input, *model.graph.output]:
+        v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def outer_scope_weight_model() -> onnx.ModelProto:
+    """A main-graph Conv weight also read, from the outer scope, by a Conv inside an If branch."""
+    g = GraphBuilder(opset=17)
+    w = g.weight("shared.w", (8, 8, 3, 3))
+    conv = g.node("Conv", [g.input("x", ["N", 8, 8, 8]), w], name="main_conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    g.node("Identity", [g.node("Relu", [g.bn(conv, 8)])], ["feat"])
+    then = helper.make_graph([helper.make_node("Conv", ["feat", "shared.w"], ["then_out"], name="branch_conv",
+                                               kernel_shape=[3, 3], pads=[1, 1, 1, 1])], "then", [],
+                             [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, ["N", 8, 8, 8])])
+    other = helper.make_graph([helper.make_node("Identity", ["feat"], ["else_out"])], "else", [],
+                              [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, ["N", 8, 8, 8])])
+    cond = g.node("Greater", [g.node("ReduceMean", ["feat"], keepdims=0), g.const("low", np.float32(-1e9))])
+    classifier_head(g, g.node("If", [cond], ["if_out"], name="branch", then_branch=then, else_branch=other), 8)
     return g.build()
