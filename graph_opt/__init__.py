@@ -1,9 +1,9 @@
 """graph-opt: compress exported ONNX models by graph rewrites and prove parity under onnxruntime."""
 
-from graph_opt.api import inspect, optimize, verify
+from graph_opt.api import compare, inspect, optimize, verify
 from graph_opt.errors import GraphOptError
 from graph_opt.pass_base import Pass, PassContext, PassReport, PassResult
 
 __version__ = "0.1.0"
 
-__all__ = ["GraphOptError", "Pass", "PassContext", "PassReport", "PassResult", "inspect", "optimize", "verify"]
+__all__ = ["GraphOptError", "Pass", "PassContext", "PassReport", "PassResult", "compare", "inspect", "optimize", "verify"]

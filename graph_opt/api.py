@@ -1,4 +1,4 @@
-"""The Python API: the same operations as the CLI (`optimize`, `verify`, `inspect`)."""
+"""The Python API: the same operations as the CLI (`optimize`, `compare`, `verify`, `inspect`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 import onnx
 
+from graph_opt.compare import Backend, Comparer, Comparison, named_pipelines
 from graph_opt.data import Dataset, load_data
 from graph_opt.intermediates import divergence, feature_distances
 from graph_opt.model_io import load_model
@@ -47,6 +48,30 @@ def optimize(model_or_path: onnx.ModelProto | str | os.PathLike, passes: Sequenc
                         rollback=rollback, latency=latency, latency_runs=latency_runs, threads=threads,
                         seed=seed, shapes=shapes)
     return pipeline.run(model)
+
+
+def compare(model_or_path: onnx.ModelProto | str | os.PathLike, pipelines: Any, *, data: Any = None,
+            calib_data: Any = None, shapes: dict[str, tuple[int, ...]] | None = None,
+            tolerances: dict[str, float] | None = None, metric: str = "auto", latency: bool = True,
+            latency_runs: int = 100, threads: int = 1, seed: int = 0, n_random: int = 8, jobs: int = 1,
+            backend: Backend = "process") -> Comparison:
+    """Run several pipelines on one model with the same data; work shared by common prefixes runs once.
+
+    `pipelines`: a mapping name → passes, or a sequence of pass lists (configured passes or specs)
+    or ordering strings (``"prune_channels:ratio=0.3 quantize"``, specs separated by spaces), named
+    P1, P2, …; ``from graph_opt.compare import permutations`` lists every ordering of a few passes. `jobs` > 1
+    runs the steps in that many processes (`backend="ray"`: as Ray tasks); the results do not
+    depend on it. Worker processes are spawned: a script calling this with `jobs` > 1 needs the
+    ``if __name__ == "__main__":`` guard. Latency of every model is measured afterwards, interleaved in one run.
+    `metric` is the fidelity of the Pareto fronts: accuracy (with labels), top1, cosine or snr_db.
+    """
+    model = _model(model_or_path)
+    named = named_pipelines(pipelines)
+    verify_data = load_data(data, model, shapes=shapes, n_random=n_random, seed=seed)
+    calib = load_data(calib_data, model, shapes=shapes, seed=seed) if calib_data is not None else verify_data
+    return Comparer(named, verify_data=verify_data, calib_data=calib, tolerances=tolerances, metric=metric,
+                    latency=latency, latency_runs=latency_runs, threads=threads, seed=seed, shapes=shapes,
+                    jobs=jobs, backend=backend).run(model)
 
 
 def verify(original: onnx.ModelProto | str | os.PathLike, candidate: onnx.ModelProto | str | os.PathLike, *,

@@ -3,6 +3,8 @@
     graph-opt optimize MODEL -o OUT [--pass SPEC]... [--recipe FILE] [--data PATH] [--input-shape NAME=DIMS]...
                              [--tolerance METRIC=VALUE]... [--report FILE.json] [--json]
     graph-opt optimize --example -o OUT            (the built-in model and its data)
+    graph-opt compare MODEL|--example [--recipe FILE]... [--order "SPEC SPEC ..."]... [--permutations "SPEC SPEC ..."]
+                      [--data PATH] [--out-dir DIR] [--jobs N] [--backend process|ray] [--json]
     graph-opt verify ORIGINAL CANDIDATE [--data PATH] [--labels FILE] [--tolerance METRIC=VALUE]... [--json]
     graph-opt inspect MODEL [--json]
     graph-opt passes [--json]
@@ -22,12 +24,14 @@ from typing import Any
 import numpy as np
 
 from graph_opt import api
+from graph_opt.compare import METRICS, Comparer, cli_pipelines
 from graph_opt.data import Dataset, load_data, parse_shape_spec
 from graph_opt.errors import DataError, GraphOptError, ModelSaveError
 from graph_opt.model_io import write_atomic, load_model, save_model
 from graph_opt.pipeline import Pipeline
 from graph_opt.registry import catalog, describe, load_recipe, parse_spec
 from graph_opt.intermediates import first_divergence
+from graph_opt.plot import PlotUnavailable
 from graph_opt.report import jsonable, layers_table, parity_table, pipeline_table, stats_text
 from graph_opt.verify import parse_tolerance
 
@@ -59,6 +63,28 @@ def _build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     opt.add_argument("--latency-runs", type=int, default=100, help="timed runs per model (interleaved)")
     opt.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    com = sub.add_parser("compare", help="run several pipelines (recipes or pass orderings) on one model: one table, one plot")
+    com.add_argument("model", nargs="?", help="input .onnx model")
+    com.add_argument("--example", action="store_true", help="use the built-in example model and its data")
+    com.add_argument("--recipe", action="append", default=[], metavar="FILE",
+                     help="a pipeline from a YAML/JSON recipe, named after the file (repeatable)")
+    com.add_argument("--order", action="append", default=[], metavar='"SPEC SPEC ..."',
+                     help="a pipeline: pass specs in order, separated by spaces (repeatable; named P1, P2, ...)")
+    com.add_argument("--permutations", action="append", default=[], metavar='"SPEC SPEC ..."',
+                     help="one pipeline per ordering of these passes (at most 6 passes)")
+    _data_args(com)
+    com.add_argument("--calib-data", help="calibration data (default: --data)")
+    com.add_argument("--metric", choices=["auto", *METRICS], default="auto",
+                     help="fidelity of the Pareto fronts (auto: accuracy when the data has labels, else cosine)")
+    com.add_argument("--out-dir", metavar="DIR", help="write compare.json, compare.md and compare.png there")
+    com.add_argument("--save-models", action="store_true", help="also write each pipeline's final model as DIR/NAME.onnx")
+    com.add_argument("--jobs", type=int, default=1, help="run the steps in N processes (the results do not depend on N)")
+    com.add_argument("--backend", choices=["process", "ray"], default="process",
+                     help="where --jobs run: local processes, or Ray tasks (pip install 'graph-opt[ray]')")
+    com.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    com.add_argument("--latency-runs", type=int, default=100, help="timed runs per model (all models interleaved)")
+    com.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     ver = sub.add_parser("verify", help="compare a candidate model with the original under onnxruntime")
     ver.add_argument("original")
@@ -153,12 +179,73 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     saved = save_model(result.model, out, protect=(source,))
     doc["output"] = str(saved)
     doc["output_file_bytes"] = saved.stat().st_size
-    write_atomic(report_path.resolve(), json.dumps(jsonable(doc), indent=2, default=str).encode())
+    try:  # disk full (or gone) now is a user-facing line too, not a traceback
+        write_atomic(report_path.resolve(), json.dumps(jsonable(doc), indent=2, default=str).encode())
+    except OSError as exc:
+        raise ModelSaveError(f"wrote {saved} but cannot write the report {report_path}: {exc.strerror or exc}") from None
     if args.json:
         _print_json(doc)
     else:
         print(pipeline_table(result))
         print(f"\nwrote {saved} ({saved.stat().st_size:,} bytes) and report {report_path}")
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    if args.example == bool(args.model):
+        raise GraphOptError("give either MODEL or --example")
+    pipelines = cli_pipelines(recipes=args.recipe, orders=args.order, permuted=args.permutations)
+    shapes = _shapes(args.input_shape)
+    tolerances = _tolerances(args.tolerance)
+    out_dir = Path(args.out_dir).resolve() if args.out_dir else None
+    if out_dir is not None and ((out_dir.exists() and not out_dir.is_dir()) or not out_dir.parent.is_dir()):
+        raise ModelSaveError(f"--out-dir {out_dir}: not a directory, or its parent does not exist")
+    if args.save_models and out_dir is None:
+        raise GraphOptError("--save-models needs --out-dir")
+    if args.example:
+        from graph_opt import example
+
+        source = example.example_model_path()
+        model = example.example_model()
+        verify_data = load_data(args.data, model, shapes=shapes) if args.data else example.example_test()
+        calib = load_data(args.calib_data, model, shapes=shapes) if args.calib_data else example.example_calibration()
+    else:
+        source = Path(args.model)
+        model = load_model(source)
+        verify_data = load_data(args.data, model, shapes=shapes, n_random=args.samples, seed=args.seed)
+        calib = load_data(args.calib_data, model, shapes=shapes) if args.calib_data else verify_data
+    comparer = Comparer(pipelines, verify_data=verify_data, calib_data=calib, tolerances=tolerances, metric=args.metric,
+                        latency=not args.no_latency, latency_runs=args.latency_runs, threads=args.threads,
+                        seed=args.seed, shapes=shapes, jobs=args.jobs, backend=args.backend)
+    comparison = comparer.run(model)
+    doc: dict[str, Any] = {"input": str(source), **comparison.to_dict(), "files": {}, "plot_skipped": None}
+    skipped = ""
+    if out_dir is not None:
+        out_dir.mkdir(exist_ok=True)
+        files = doc["files"]
+        try:
+            files["plot"] = str(comparison.plot(out_dir / "compare.png", title=f"graph-opt compare: {source.name}"))
+        except PlotUnavailable as exc:
+            skipped = doc["plot_skipped"] = f"plot skipped: {exc}"
+        if args.save_models:
+            files["models"] = {p.name: str(save_model(r.model, out_dir / f"{p.name}.onnx", protect=(source,)))
+                               for p, r in zip(comparison.pipelines, comparison.results)}
+        markdown = comparison.markdown(source=str(source), plot="compare.png" if "plot" in files else None)
+        files["markdown"] = str(out_dir / "compare.md")
+        files["json"] = str(out_dir / "compare.json")
+        write_atomic(out_dir / "compare.md", markdown.encode())
+        write_atomic(out_dir / "compare.json", json.dumps(jsonable(doc), indent=2, default=str).encode())
+    if args.json:
+        _print_json(doc)
+    else:
+        print(comparison.table())
+        if out_dir is not None:
+            print("\nwrote " + ", ".join(v for k, v in doc["files"].items() if k != "models")
+                  + (f" and {len(doc['files']['models'])} models" if "models" in doc["files"] else ""))
+        else:
+            print("\nnothing written (give --out-dir DIR for compare.json, compare.md and compare.png)")
+    if skipped:
+        print(f"graph-opt: {skipped}", file=sys.stderr if args.json else sys.stdout)
     return EXIT_OK
 
 
@@ -216,7 +303,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"optimize": cmd_optimize, "verify": cmd_verify, "inspect": cmd_inspect, "passes": cmd_passes}
+COMMANDS = {"optimize": cmd_optimize, "compare": cmd_compare, "verify": cmd_verify, "inspect": cmd_inspect, "passes": cmd_passes}
 
 
 def main(argv: list[str] | None = None) -> int:
