@@ -46,15 +46,14 @@ import onnx
 
 from graph_opt.data import Dataset
 from graph_opt.errors import DataError, GraphOptError, InvalidModelError, SpecError
-from graph_opt.model_io import check_model
 from graph_opt.pass_base import Pass, PassContext, PassReport
-from graph_opt.pipeline import PipelineResult, StepRecord
+from graph_opt.pipeline import PipelineResult, StepRecord, check_candidate
 from graph_opt.plot import Point, pareto_front, plot_front
 from graph_opt.progress import progress
 from graph_opt.registry import load_recipe, parse_spec
 from graph_opt.report import _step_row, jsonable, table
 from graph_opt.stats import ModelStats, measure_latency, model_stats
-from graph_opt.verify import ParityReport, Reference, make_session
+from graph_opt.verify import ParityReport, Reference
 
 log = logging.getLogger(__name__)
 
@@ -263,19 +262,7 @@ class _Runner:
         out = _Outcome(result.modified, result.report, time.perf_counter() - start)
         if not result.modified:
             return out
-        problem = None
-        try:
-            check_model(result.model, full=True)
-            make_session(result.model, threads=self.threads)
-        except InvalidModelError as exc:
-            problem = f"invalid output: {exc}"
-        if problem is None:
-            try:  # loads but fails to run on the data, or lost/reshaped an output: invalid too
-                out.parity = self.reference.compare(result.model, self.tolerances)
-            except GraphOptError as exc:
-                problem = f"invalid output: {exc}"
-            if problem is None and out.parity.violations:
-                problem = "tolerance exceeded: " + "; ".join(out.parity.violations)
+        problem, out.parity = check_candidate(result.model, self.reference, self.tolerances, threads=self.threads)
         if problem is not None:
             out.accepted, out.reason = False, problem
             return out

@@ -82,6 +82,29 @@ class PipelineResult:
         }
 
 
+def check_candidate(candidate: onnx.ModelProto, reference: Reference | None, tolerances: dict[str, float], *,
+                    threads: int = 1) -> tuple[str | None, ParityReport | None]:
+    """The postconditions of a pass's output: (None, parity) when it may be accepted, else (why not, parity).
+
+    Invalid when onnx.checker (full) fails, onnxruntime refuses it, or it fails to run on the
+    verification data or loses/reshapes an output; rejected when it breaks a tolerance.
+    """
+    try:
+        check_model(candidate, full=True)
+        make_session(candidate, threads=threads)
+    except InvalidModelError as exc:
+        return f"invalid output: {exc}", None
+    if reference is None:
+        return None, None
+    try:
+        parity = reference.compare(candidate, tolerances)
+    except GraphOptError as exc:
+        return f"invalid output: {exc}", None
+    if parity.violations:
+        return "tolerance exceeded: " + "; ".join(parity.violations), parity
+    return None, parity
+
+
 class Pipeline:
     """An ordered list of configured passes with verification against the original model."""
 
@@ -122,16 +145,9 @@ class Pipeline:
             step.report, step.modified = result.report, result.modified
             candidate = result.model if result.modified else current
             if result.modified:
-                problem = self._postconditions(candidate)
-                if problem is None and reference is not None:
-                    try:  # loads but fails to run on the data, or lost/reshaped an output: invalid too
-                        step.parity = reference.compare(candidate, self.tolerances)
-                    except GraphOptError as exc:
-                        problem = f"invalid output: {exc}"
-                    if problem is None and step.parity.violations:
-                        problem = "tolerance exceeded: " + "; ".join(step.parity.violations)
-                        if not self.rollback:
-                            stopped = f"{p.name}: {problem}"
+                problem, step.parity = check_candidate(candidate, reference, self.tolerances, threads=self.threads)
+                if step.parity is not None and step.parity.violations and not self.rollback:
+                    stopped = f"{p.name}: {problem}"
                 if problem is not None:
                     step.accepted, step.reason = False, problem
                     log.warning("%s rolled back: %s", p.name, problem)
@@ -153,14 +169,6 @@ class Pipeline:
         if self.latency:
             self._measure_latency(result)
         return result
-
-    def _postconditions(self, model: onnx.ModelProto) -> str | None:
-        try:
-            check_model(model, full=True)
-            make_session(model, threads=self.threads)
-        except InvalidModelError as exc:
-            return f"invalid output: {exc}"
-        return None
 
     def _stats(self, model: onnx.ModelProto) -> ModelStats:
         return model_stats(model, shapes=self.shapes)
