@@ -153,7 +153,7 @@ def render(bench: str, task_keys: list[str] | None = None) -> str:
     rows = [Row(**r) for r in doc["rows"]]
     parts = []
     for model in dict.fromkeys(r.model for r in rows):
-        mine = [r for r in rows if r.model == model]
+        mine = sorted((r for r in rows if r.model == model), key=lambda r: r.variant != "fp32")
         busy = max(max(r.extra.get("cpu_busy_before", 0), r.extra.get("cpu_busy_after", 0)) for r in mine)
         keys = [k for k in (task_keys or []) if any(k in r.task for r in mine)] or None
         parts.append(f"**{model}** (CPU busy while timing: up to {busy:.0%})\n\n{markdown(mine, keys)}")
