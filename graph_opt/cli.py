@@ -135,6 +135,21 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(jsonable(obj), indent=2, default=str))
 
 
+def _model_and_data(args: argparse.Namespace, shapes):
+    """(source path, model, verification data, calibration data) for MODEL or --example."""
+    if args.example:
+        from graph_opt import example
+
+        model = example.example_model()
+        verify_data = load_data(args.data, model, shapes=shapes) if args.data else example.example_test()
+        calib = load_data(args.calib_data, model, shapes=shapes) if args.calib_data else example.example_calibration()
+        return example.example_model_path(), model, verify_data, calib
+    model = load_model(args.model)
+    verify_data = load_data(args.data, model, shapes=shapes, n_random=args.samples, seed=args.seed)
+    calib = load_data(args.calib_data, model, shapes=shapes) if args.calib_data else verify_data
+    return Path(args.model), model, verify_data, calib
+
+
 def cmd_optimize(args: argparse.Namespace) -> int:
     if args.example == bool(args.model):
         raise GraphOptError("give either MODEL or --example")
@@ -145,18 +160,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         passes = load_recipe(args.recipe) + passes
     if not passes:
         passes = [parse_spec(s) for s in api.DEFAULT_PASSES]
-    if args.example:
-        from graph_opt import example
-
-        source = example.example_model_path()
-        model = example.example_model()
-        verify_data = load_data(args.data, model, shapes=shapes) if args.data else example.example_test()
-        calib = load_data(args.calib_data, model, shapes=shapes) if args.calib_data else example.example_calibration()
-    else:
-        source = Path(args.model)
-        model = load_model(source)
-        verify_data = load_data(args.data, model, shapes=shapes, n_random=args.samples, seed=args.seed)
-        calib = load_data(args.calib_data, model, shapes=shapes) if args.calib_data else verify_data
+    source, model, verify_data, calib = _model_and_data(args, shapes)
     out = Path(args.output)
     report_path = Path(args.report) if args.report else out.with_suffix(".json")
     for target in (out, report_path):
@@ -202,18 +206,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ModelSaveError(f"--out-dir {out_dir}: not a directory, or its parent does not exist")
     if args.save_models and out_dir is None:
         raise GraphOptError("--save-models needs --out-dir")
-    if args.example:
-        from graph_opt import example
-
-        source = example.example_model_path()
-        model = example.example_model()
-        verify_data = load_data(args.data, model, shapes=shapes) if args.data else example.example_test()
-        calib = load_data(args.calib_data, model, shapes=shapes) if args.calib_data else example.example_calibration()
-    else:
-        source = Path(args.model)
-        model = load_model(source)
-        verify_data = load_data(args.data, model, shapes=shapes, n_random=args.samples, seed=args.seed)
-        calib = load_data(args.calib_data, model, shapes=shapes) if args.calib_data else verify_data
+    source, model, verify_data, calib = _model_and_data(args, shapes)
     comparer = Comparer(pipelines, verify_data=verify_data, calib_data=calib, tolerances=tolerances, metric=args.metric,
                         latency=not args.no_latency, latency_runs=args.latency_runs, threads=args.threads,
                         seed=args.seed, shapes=shapes, jobs=args.jobs, backend=args.backend)
