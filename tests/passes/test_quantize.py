@@ -419,7 +419,10 @@ def test_layer_with_lossy_activations_falls_back_to_weight_only():
     model = _two_layer_mlp(w)
     data = random_dataset(model, 32, seed=0)
     data.inputs["x"][:, 0] = 3000.0
-    result = Quantize()(model, PassContext(data=data))
+    by_default = Quantize()(model, PassContext(data=data))  # sensitive='float': fc1 stays float entirely
+    assert "fc1" not in {e["node"] for e in by_default.report.rewritten}
+    assert any(s.node == "fc1" and s.reason.startswith("sensitive: SNR") for s in by_default.report.skipped)
+    result = Quantize(sensitive="weight_only")(model, PassContext(data=data))
     entries = {e["node"]: e for e in result.report.rewritten}
     fc1 = entries["fc1"]
     assert fc1["input"] == "float" and "weight-only: quantized activations too lossy" in fc1["note"]
@@ -535,3 +538,16 @@ def test_layers_inside_subgraphs_are_reported_not_silently_left():
     assert {e["node"] for e in result.report.rewritten} == {"top"}
     reason = {s.node: s.reason for s in result.report.skipped}["if"]
     assert "2 Conv/Gemm/MatMul inside its subgraphs" in reason
+
+
+def test_batchnorm_after_a_conv_is_folded_so_the_output_stays_int8():
+    from builders import conv_bn_model
+
+    model = conv_bn_model(cin=8, cout=16)
+    assert any(n.op_type == "BatchNormalization" for n in model.graph.node)  # vacuity guard
+    data = random_dataset(model, 16, seed=0)
+    result = Quantize()(model, PassContext(data=data))
+    assert not any(n.op_type == "BatchNormalization" for n in result.model.graph.node)
+    assert any("folded 1 BatchNormalization" in n for n in result.report.notes)
+    assert_valid(result.model)
+    assert cosine(_outputs(model, data)[0], _outputs(result.model, data)[0]) >= 0.999
