@@ -77,7 +77,7 @@ def compare(model_or_path: onnx.ModelProto | str | os.PathLike, pipelines: Any, 
 def verify(original: onnx.ModelProto | str | os.PathLike, candidate: onnx.ModelProto | str | os.PathLike, *,
            data: Any = None, labels: Any = None, shapes: dict[str, tuple[int, ...]] | None = None,
            tolerances: dict[str, float] | None = None, threads: int = 1, seed: int = 0,
-           n_random: int = 8, temperature: float = 1.0, layers: bool = False,
+           n_random: int = 8, temperature: float = 1.0, kd_alpha: float = 1.0, layers: bool = False,
            features: Sequence[str | tuple[str, str]] = ()) -> ParityReport:
     """Compare `candidate` to `original` under onnxruntime (optimizations off) on the same inputs.
 
@@ -92,7 +92,8 @@ def verify(original: onnx.ModelProto | str | os.PathLike, candidate: onnx.ModelP
         import numpy as np
 
         dataset = Dataset(dataset.inputs, np.asarray(labels), dataset.source)
-    report = _verify(ref, cand, dataset, tolerances=tolerances, threads=threads, temperature=temperature)
+    report = _verify(ref, cand, dataset, tolerances=tolerances, threads=threads, temperature=temperature,
+                     kd_alpha=kd_alpha)
     if layers:
         report.layers = divergence(ref, cand, dataset, threads=threads, shapes=shapes)
     if features:

@@ -91,7 +91,9 @@ def _build_parser() -> argparse.ArgumentParser:
     ver.add_argument("candidate")
     _data_args(ver)
     ver.add_argument("--labels", help=".npy file of class labels (or use a 'labels' key in the .npz)")
-    ver.add_argument("--temperature", type=float, default=1.0, help="temperature of the KD loss")
+    ver.add_argument("--temperature", type=float, default=1.0, help="temperature T of the KD loss")
+    ver.add_argument("--kd-alpha", type=float, default=1.0,
+                     help="α of the KD loss α·T²·KL + (1−α)·CE(student, labels); the CE term needs labels")
     ver.add_argument("--layers", action="store_true",
                      help="per-layer divergence: SNR of every tensor both models compute, first one below --diverge-snr")
     ver.add_argument("--diverge-snr", type=float, default=30.0, help="SNR (dB) under which a layer counts as diverged")
@@ -258,7 +260,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         data = Dataset(data.inputs, labels, data.source)
     features = [tuple(f.split("=", 1)) if "=" in f else f for f in args.feature]
     report = api.verify(original, candidate, data=data, tolerances=tolerances, threads=args.threads,
-                        temperature=args.temperature, layers=args.layers, features=features)
+                        temperature=args.temperature, kd_alpha=args.kd_alpha, layers=args.layers, features=features)
     first = first_divergence(report.layers, args.diverge_snr) if args.layers else None
     if args.json:
         doc = report.to_dict()

@@ -212,7 +212,7 @@ def is_logits(value: np.ndarray) -> bool:
 
 
 def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], *,
-                    labels: np.ndarray | None = None, temperature: float = 1.0,
+                    labels: np.ndarray | None = None, temperature: float = 1.0, kd_alpha: float = 1.0,
                     data_source: str = "", tolerances: dict[str, float] | None = None) -> ParityReport:
     outputs = []
     missing = [n for n in reference if n not in candidate]
@@ -232,7 +232,10 @@ def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.nd
         if is_logits(ref) and np.all(np.isfinite(cand)):
             par.top1 = metrics.top1_agreement(ref, cand)
             par.top5 = metrics.topk_agreement(ref, cand, 5)
-            par.kd_loss = metrics.kd_loss(ref, cand, temperature=temperature)
+            # α·T²·KL(teacher ‖ student) + (1 − α)·CE(student, labels) when labels are known
+            kd_labels = labels if labels is not None and len(labels) == len(ref) else None
+            par.kd_loss = metrics.kd_loss(ref, cand, temperature=temperature,
+                                          alpha=kd_alpha if kd_labels is not None else 1.0, labels=kd_labels)
             if labels is not None and acc_ref is None and len(labels) == len(ref):
                 acc_ref = metrics.accuracy(ref, labels)
                 acc_cand = metrics.accuracy(cand, labels)
@@ -255,20 +258,25 @@ def _relation(ref: np.ndarray, cand: np.ndarray, batch: int = 256) -> float:
 class Reference:
     """The original model's outputs on a dataset, computed once and compared against many candidates."""
 
-    def __init__(self, original: onnx.ModelProto, data: Dataset, *, threads: int = 1, temperature: float = 1.0):
+    def __init__(self, original: onnx.ModelProto, data: Dataset, *, threads: int = 1, temperature: float = 1.0,
+                 kd_alpha: float = 1.0):
         self.data = data
         self.batch_size = batch_size_for(original)
         self.threads = threads
         self.temperature = temperature
+        self.kd_alpha = kd_alpha
         self.outputs = run_model(original, data, batch_size=self.batch_size, threads=threads, desc="reference")
 
     def compare(self, candidate: onnx.ModelProto, tolerances: dict[str, float] | None = None) -> ParityReport:
         cand = run_model(candidate, self.data, batch_size=self.batch_size, threads=self.threads, desc="candidate")
         return compare_outputs(self.outputs, cand, labels=self.data.labels, temperature=self.temperature,
+                               kd_alpha=self.kd_alpha,
                                data_source=self.data.source, tolerances=tolerances)
 
 
 def verify(original: onnx.ModelProto, candidate: onnx.ModelProto, data: Dataset, *,
-           tolerances: dict[str, float] | None = None, threads: int = 1, temperature: float = 1.0) -> ParityReport:
+           tolerances: dict[str, float] | None = None, threads: int = 1, temperature: float = 1.0,
+           kd_alpha: float = 1.0) -> ParityReport:
     """Run both models on `data` (optimizations off) and compare every output."""
-    return Reference(original, data, threads=threads, temperature=temperature).compare(candidate, tolerances)
+    return Reference(original, data, threads=threads, temperature=temperature,
+                     kd_alpha=kd_alpha).compare(candidate, tolerances)

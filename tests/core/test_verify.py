@@ -82,3 +82,17 @@ def test_unmeasurable_tolerance_is_a_violation():
     model = small_cnn()
     report = verify(model, model, random_dataset(model, 4))
     assert check_tolerances(report, {"accuracy_drop": 0.01})[0].startswith("accuracy_drop: not measurable")
+
+
+def test_kd_loss_with_labels_adds_the_hard_label_term():
+    model = small_cnn()
+    data = random_dataset(model, 12)
+    logits = run_model(model, data)["logits"]
+    data.labels = np.argmax(logits, 1)
+    wrong = _perturbed(model, "head.w", 1.3)
+    soft = verify(model, wrong, data).outputs[0].kd_loss
+    mixed = verify(model, wrong, data, kd_alpha=0.5, temperature=2.0).outputs[0].kd_loss
+    cand = run_model(wrong, data)["logits"]
+    expected = metrics.kd_loss(logits, cand, temperature=2.0, alpha=0.5, labels=data.labels)
+    assert mixed == pytest.approx(expected) and soft == pytest.approx(metrics.kd_loss(logits, cand))
+    assert mixed != pytest.approx(soft)
