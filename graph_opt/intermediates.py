@@ -138,11 +138,30 @@ def first_divergence(layers: list[LayerDivergence], snr_db: float = 30.0) -> Lay
     return next((l for l in layers if l.snr_db < snr_db), None)
 
 
+def by_position(teacher: onnx.ModelProto, student: onnx.ModelProto, tensor: str) -> str:
+    """The student tensor at the same position as teacher `tensor`: the output of the k-th node of
+    the same op type (e.g. the 3rd Softmax), for when a rewrite renamed it."""
+    producers = {o: n for n in teacher.graph.node for o in n.output}
+    if tensor not in producers:
+        raise GraphOptError(f"no tensor named {tensor!r} in the model (teacher)")
+    node = producers[tensor]
+    same_t = [n for n in teacher.graph.node if n.op_type == node.op_type]
+    same_s = [n for n in student.graph.node if n.op_type == node.op_type]
+    k = next(i for i, n in enumerate(same_t) if n is node)
+    if len(same_t) != len(same_s):
+        raise GraphOptError(f"{tensor!r} is not in the student, and the student has {len(same_s)} {node.op_type} "
+                            f"nodes where the teacher has {len(same_t)}: cannot match it by position")
+    return same_s[k].output[list(node.output).index(tensor)]
+
+
 def feature_distances(teacher: onnx.ModelProto, student: onnx.ModelProto, data: Dataset,
                       pairs: list[tuple[str, str]], *, threads: int = 1) -> dict[str, float]:
-    """½‖A_s − A_t‖_F² per element for each (teacher tensor, student tensor) pair, over all of `data`."""
+    """½‖A_s − A_t‖_F² per element for each (teacher tensor, student tensor) pair, over all of `data`.
+
+    A student name that the student does not have is matched by position (`by_position`)."""
     if not pairs:
         return {}
+    pairs = [(t, st if st in set(node_outputs(student)) else by_position(teacher, student, t)) for t, st in pairs]
     t_names = list(dict.fromkeys(t for t, _ in pairs))
     s_names = list(dict.fromkeys(s for _, s in pairs))
     sums = {p: 0.0 for p in pairs}

@@ -64,3 +64,15 @@ def test_verify_api_reports_layers_and_features():
     report = verify(model, damaged, layers=True, features=["relu21_out"], n_random=4)
     assert report.layers[-1].tensor == "logits" and report.features["relu21_out"] == 0
     assert report.outputs[0].relation is not None and report.to_dict()["layers"]
+
+
+def test_feature_matched_by_position_when_a_rewrite_renamed_it():
+    model = small_cnn()
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(model)
+    for node in renamed.graph.node:  # rename relu10's output, as a rewrite might
+        node.input[:] = ["renamed" if x == "relu10_out" else x for x in node.input]
+        node.output[:] = ["renamed" if x == "relu10_out" else x for x in node.output]
+    data = random_dataset(model, 3)
+    got = feature_distances(model, renamed, data, [("relu10_out", "relu10_out")])
+    assert got == {"relu10_out=renamed": 0.0}
