@@ -19,7 +19,7 @@ def _bash_blocks():
 
 
 def test_ci_runs_the_readme_test_command():
-    test_command = _bash_blocks()[1].strip()
+    test_command = next(b.strip() for b in _bash_blocks() if b.strip().endswith("pytest"))
     assert test_command.endswith("pytest")
     assert test_command in (ROOT / ".ci" / "run").read_text()
 
@@ -58,3 +58,16 @@ def test_python_example(tmp_path, monkeypatch):
     exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["result"].final_parity.cosine > 0.999
     assert namespace["report"].passed and namespace["stats"].macs > 0
+
+
+@pytest.mark.slow
+def test_compressing_recipe_command(tmp_path):
+    block = next(b for b in _bash_blocks() if "/tmp/small.onnx" in b)
+    argv = shlex.split(block.replace("\\\n", " ").replace("/tmp/small.onnx", str(tmp_path / "small.onnx")))
+    proc = subprocess.run(_graph_opt() + argv[1:] + ["--no-latency"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "small.json").read_text())
+    assert all(step["accepted"] for step in report["steps"])
+    final = report["steps"][-1]
+    assert final["stats"]["params"] < 0.7 * report["original"]["stats"]["params"]
+    assert final["parity"]["accuracy_candidate"] >= 0.98
