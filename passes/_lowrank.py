@@ -30,8 +30,9 @@ import onnx_graphsurgeon as gs
 
 from graph_opt.data import input_specs
 from graph_opt.kernels.rank import Cost, rank_for_energy, rank_for_ratio, round_rank
-from graph_opt.pass_base import Pass, PassContext
-from graph_opt.passes._graph import Namer
+from graph_opt.model_io import to_graph, to_model
+from graph_opt.pass_base import Pass, PassContext, PassReport
+from graph_opt.passes._graph import Namer, node_label, report_subgraphs
 from graph_opt.stats import bound_model
 
 
@@ -133,6 +134,32 @@ class LowRankPass(Pass):
         if self.params_ratio is not None or self.macs_ratio is not None:
             return Selection("budget", params_ratio=self.params_ratio, macs_ratio=self.macs_ratio)
         return Selection("budget", macs_ratio=DEFAULT_MACS_RATIO, default=True)
+
+    # -- the shared run loop ---------------------------------------------------------------
+
+    def rewrite_layers(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext,
+                       match: Callable[[gs.Node, dict, str], Plan | str]) -> onnx.ModelProto:
+        """Match every candidate node (pure: a Plan or a skip reason), then apply the plans."""
+        graph = to_graph(model)
+        report_subgraphs(graph, report, self.op_types)
+        shapes, note = infer_shapes(model, ctx)
+        if note:
+            report.note(note)
+        namer = Namer(graph)
+        for node in list(graph.nodes):
+            if node.op not in self.op_types:
+                continue
+            label = node_label(node)
+            plan = match(node, shapes, label)
+            if isinstance(plan, str):
+                report.skip(label, plan)
+                continue
+            new_nodes, output = apply_plan(graph, namer, plan)
+            report.rewrite(label, **plan.details, new_nodes=new_nodes, output=output)
+        if not report.rewritten:
+            return model
+        graph.cleanup().toposort()
+        return to_model(graph, model)
 
     # -- layer selection -------------------------------------------------------------------
 

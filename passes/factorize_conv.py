@@ -89,9 +89,8 @@ from graph_opt.kernels.rank import (
     tucker2_vbmf_ranks,
     vbmf_rank,
 )
-from graph_opt.model_io import to_graph, to_model
 from graph_opt.pass_base import PassContext, PassReport
-from graph_opt.passes._graph import Namer, constant, node_label, report_subgraphs, used_once
+from graph_opt.passes._graph import constant, used_once
 from graph_opt.passes._lowrank import (
     GATE_MIN_CONV_CHANNELS,
     GATE_STEM_CHANNELS,
@@ -100,12 +99,10 @@ from graph_opt.passes._lowrank import (
     RankProblem,
     Ranks,
     Step,
-    apply_plan,
     choose_ranks,
     energy_rank,
     float_dtype_reason,
     group_max,
-    infer_shapes,
     judge,
     prod,
 )
@@ -137,26 +134,8 @@ class FactorizeConv(LowRankPass):
                              "or rank=, rank_ratio=, params_ratio=, macs_ratio=")
 
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
-        graph = to_graph(model)
-        report_subgraphs(graph, report, self.op_types)
-        shapes, note = infer_shapes(model, ctx)
-        if note:
-            report.note(note)
-        namer = Namer(graph)
-        for node in list(graph.nodes):
-            if node.op not in self.op_types:
-                continue
-            label = node_label(node)
-            plan = self._match(node, shapes, label, ctx.seed)
-            if isinstance(plan, str):
-                report.skip(label, plan)
-                continue
-            new_nodes, output = apply_plan(graph, namer, plan)
-            report.rewrite(label, **plan.details, new_nodes=new_nodes, output=output)
-        if not report.rewritten:
-            return model
-        graph.cleanup().toposort()
-        return to_model(graph, model)
+        return self.rewrite_layers(model, report, ctx,
+                                   lambda node, shapes, label: self._match(node, shapes, label, ctx.seed))
 
     @property
     def weight_error_limit(self) -> float | None:

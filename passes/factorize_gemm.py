@@ -63,20 +63,17 @@ import onnx_graphsurgeon as gs
 
 from graph_opt.kernels.lowrank import svd_factors
 from graph_opt.kernels.rank import matmul_costs, rank_for_budget, svd_costs, vbmf_rank
-from graph_opt.model_io import to_graph, to_model
 from graph_opt.pass_base import PassContext, PassReport
-from graph_opt.passes._graph import Namer, constant, node_label, report_subgraphs, used_once
+from graph_opt.passes._graph import constant, used_once
 from graph_opt.passes._lowrank import (
     GATE_MIN_MATMUL_DIM,
     LowRankPass,
     Plan,
     RankProblem,
     Step,
-    apply_plan,
     choose_ranks,
     energy_rank,
     float_dtype_reason,
-    infer_shapes,
     judge,
     prod,
 )
@@ -94,27 +91,9 @@ class FactorizeGemm(LowRankPass):
     op_types: tuple[str, ...] = CANDIDATES
 
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
-        graph = to_graph(model)
-        report_subgraphs(graph, report, self.op_types)
-        shapes, note = infer_shapes(model, ctx)
-        if note:
-            report.note(note)
-        namer = Namer(graph)
         legacy_gemm = _opset(model) < 11
-        for node in list(graph.nodes):
-            if node.op not in self.op_types:
-                continue
-            label = node_label(node)
-            plan = self._match(node, shapes, label, legacy_gemm)
-            if isinstance(plan, str):
-                report.skip(label, plan)
-                continue
-            new_nodes, output = apply_plan(graph, namer, plan)
-            report.rewrite(label, **plan.details, new_nodes=new_nodes, output=output)
-        if not report.rewritten:
-            return model
-        graph.cleanup().toposort()
-        return to_model(graph, model)
+        return self.rewrite_layers(model, report, ctx, lambda node, shapes, label: self._match(node, shapes, label,
+                                                                                               legacy_gemm))
 
     def _match(self, node: gs.Node, shapes: dict, label: str, legacy_gemm: bool = False) -> Plan | str:
         """The rewrite of one node, decided without touching the graph, or why there is none."""
