@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -316,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("graph-opt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `graph-opt passes | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

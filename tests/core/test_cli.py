@@ -122,3 +122,15 @@ def test_user_errors_are_one_line_exit_2_nothing_written(tmp_path, model_path, c
     assert message in err
     assert "Traceback" not in err and stdout == ""
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_closed_stdout_pipe_is_not_a_traceback():
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "graph_opt", "passes"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()  # like `graph-opt passes | head -c 10`
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and "Traceback" not in err
