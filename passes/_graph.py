@@ -39,10 +39,17 @@ def used_once(tensor: gs.Tensor) -> bool:
 
 
 class Namer:
-    """Fresh, unique tensor/node names derived from a base (never reuses an existing name)."""
+    """Fresh, unique tensor/node names derived from a base (never reuses an existing name).
 
-    def __init__(self, graph: gs.Graph):
-        self.taken = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+    Built from a graphsurgeon graph, or from the set of names already taken (for passes that
+    edit the ModelProto directly).
+    """
+
+    def __init__(self, graph_or_names: gs.Graph | set[str]):
+        if isinstance(graph_or_names, gs.Graph):
+            self.taken = set(graph_or_names.tensors().keys()) | {n.name for n in graph_or_names.nodes}
+        else:
+            self.taken = set(graph_or_names)
 
     def __call__(self, base: str) -> str:
         base = base or "t"

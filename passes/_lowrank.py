@@ -161,6 +161,13 @@ class LowRankPass(Pass):
         graph.cleanup().toposort()
         return to_model(graph, model)
 
+    def decide(self, problem: RankProblem) -> RankChoice | str:
+        """The ranks for a layer (rule, alignment) if they save and pass the gate, else why not."""
+        choice = choose_ranks(self, problem)
+        if isinstance(choice, str):
+            return choice
+        return judge(self, problem, choice.ranks) or choice
+
     # -- layer selection -------------------------------------------------------------------
 
     def name_filter(self, label: str) -> str | None:

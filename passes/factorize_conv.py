@@ -99,11 +99,9 @@ from graph_opt.passes._lowrank import (
     RankProblem,
     Ranks,
     Step,
-    choose_ranks,
     energy_rank,
     float_dtype_reason,
     group_max,
-    judge,
     prod,
 )
 
@@ -164,12 +162,9 @@ class FactorizeConv(LowRankPass):
         problem = {"tucker2": _tucker2_problem, "cp": _cp_problem, "spatial_svd": _spatial_problem}[self.method](layer)
         if isinstance(problem, str):
             return problem
-        choice = choose_ranks(self, problem)
+        choice = self.decide(problem)
         if isinstance(choice, str):
             return choice
-        reason = judge(self, problem, choice.ranks)
-        if reason:
-            return reason
         try:
             made = _FACTORIZE[self.method](layer, choice.ranks, seed, node.attrs)
         except FactorizationError as exc:

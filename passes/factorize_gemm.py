@@ -71,10 +71,8 @@ from graph_opt.passes._lowrank import (
     Plan,
     RankProblem,
     Step,
-    choose_ranks,
     energy_rank,
     float_dtype_reason,
-    judge,
     prod,
 )
 
@@ -131,12 +129,9 @@ class FactorizeGemm(LowRankPass):
             energy=lambda e: (energy_rank(spectrum(), e),),
             auto=lambda: (vbmf_rank(spectrum(), shape=(m, n)),),
         )
-        choice = choose_ranks(self, problem)
+        choice = self.decide(problem)
         if isinstance(choice, str):
             return choice
-        reason = judge(self, problem, choice.ranks)
-        if reason:
-            return reason
         r = choice.ranks[0]
         factors = svd_factors(matrix, r)
         if self.max_weight_error is not None and factors.rel_error > self.max_weight_error:

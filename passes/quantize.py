@@ -157,6 +157,7 @@ from graph_opt.kernels.quant import (
 )
 from graph_opt.model_io import copy_model
 from graph_opt.pass_base import Pass, PassContext, PassReport
+from graph_opt.passes._graph import Namer
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
 from graph_opt.passes.fold_batchnorm import FoldBatchnorm
 from graph_opt.progress import progress
@@ -726,7 +727,7 @@ def _sensitivity(model: onnx.ModelProto, ix: _Index, layers: dict[int, _Layer], 
     g = work.graph
     taken = {t for n in g.node for t in (*n.input, *n.output)} | {t.name for t in g.initializer}
     taken |= {n.name for n in g.node}
-    namer = _Namer(taken)
+    namer = Namer(taken)
     probe_of: dict[int, tuple[str, str]] = {}  # layer idx -> (float output, probe output)
     wo_of: dict[int, str] = {}                  # static layer idx -> weight-only probe output
     qdq_done: dict[str, str] = {}
@@ -809,7 +810,7 @@ def _sensitivity(model: onnx.ModelProto, ix: _Index, layers: dict[int, _Layer], 
     return out
 
 
-def _probe(g: onnx.GraphProto, namer: _Namer, ix: _Index, idx: int, inputs: list[str]) -> str:
+def _probe(g: onnx.GraphProto, namer: Namer, ix: _Index, idx: int, inputs: list[str]) -> str:
     """A copy of layer `idx` reading `inputs`, appended to `g`; returns its output name."""
     node = ix.nodes[idx]
     out = namer(f"{node.output[0]}_probe")
@@ -1063,19 +1064,6 @@ def _all_nodes(graph: onnx.GraphProto):
 # =============================================================================== apply
 
 
-class _Namer:
-    def __init__(self, taken: set[str]):
-        self.taken = set(taken)
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.taken:
-            i += 1
-            name = f"{base}_{i}"
-        self.taken.add(name)
-        return name
-
-
 def _int_tensor(name: str, dtype: str, codes: np.ndarray) -> TensorProto:
     codes = np.asarray(codes)
     if dtype in ("int4", "uint4"):
@@ -1086,7 +1074,7 @@ def _int_tensor(name: str, dtype: str, codes: np.ndarray) -> TensorProto:
     return numpy_helper.from_array(codes.astype(np_dtype), name)
 
 
-def _param_inits(g: onnx.GraphProto, namer: _Namer, base: str, tq: TensorQuant) -> tuple[str, str]:
+def _param_inits(g: onnx.GraphProto, namer: Namer, base: str, tq: TensorQuant) -> tuple[str, str]:
     """Scale and zero-point initializers of `tq` ('' zero point for int32 biases, whose zero point is
     0 by definition; onnxruntime's QGemm fusion needs the weight's zero point present, even at 0)."""
     s = namer(f"{base}_scale")
@@ -1098,7 +1086,7 @@ def _param_inits(g: onnx.GraphProto, namer: _Namer, base: str, tq: TensorQuant) 
     return s, z
 
 
-def _dq_weight(g: onnx.GraphProto, namer: _Namer, tq: TensorQuant, out: str) -> str:
+def _dq_weight(g: onnx.GraphProto, namer: Namer, tq: TensorQuant, out: str) -> str:
     """Add the integer initializer of a weight/bias and its DequantizeLinear writing `out`."""
     q = namer(f"{tq.tensor}_quantized")
     g.initializer.append(_int_tensor(q, tq.dtype, tq.codes))
@@ -1128,7 +1116,7 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     g = out.graph
     taken = {t for n in g.node for t in (*n.input, *n.output)} | {t.name for t in g.initializer} | \
         {n.name for n in g.node} | {i.name for i in g.input} | {o.name for o in g.output}
-    namer = _Namer(taken)
+    namer = Namer(taken)
     label_idx = {label: i for i, label in enumerate(ix.labels)}
     old_nodes = list(g.node)
     del g.node[:]

@@ -139,6 +139,7 @@ from graph_opt.kernels.lstsq import (
     im2col,
 )
 from graph_opt.pass_base import Pass, PassContext, PassReport
+from graph_opt.passes._graph import Namer
 from graph_opt.passes._lowrank import FACTOR_NAME
 from graph_opt.progress import progress
 from graph_opt.verify import make_session
@@ -385,8 +386,8 @@ class _Graph:
             counts[node.name] = counts.get(node.name, 0) + 1
         self._unique = {n for n, c in counts.items() if n and c == 1}
         self.by_name = {n.name: n for n in self.nodes if n.name in self._unique}
-        self._taken = {t for n in self.nodes for t in (*n.input, *n.output, n.name)} | set(self.inits) | \
-            {i.name for i in g.input} | self.graph_outputs
+        self._namer = Namer({t for n in self.nodes for t in (*n.input, *n.output, n.name)} | set(self.inits) |
+                            {i.name for i in g.input} | self.graph_outputs)
         self._dq_cache: dict[str, np.ndarray | None] = {}
         self._const_cache: dict[str, np.ndarray | None] = {}
 
@@ -396,12 +397,7 @@ class _Graph:
         return f"{node.op_type}({node.output[0] if node.output else '?'})"
 
     def fresh(self, base: str) -> str:
-        name, i = base, 0
-        while name in self._taken:
-            i += 1
-            name = f"{base}_{i}"
-        self._taken.add(name)
-        return name
+        return self._namer(base)
 
     def add_initializer(self, base: str, value: np.ndarray) -> str:
         """A new initializer with a fresh name (weights are never edited in place)."""
