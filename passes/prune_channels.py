@@ -51,8 +51,9 @@ error at border pixels, ``max_o Σ_c |k_c| Σ_taps |W[o, c]|``. A channel whose 
 the input (multiplied by a runtime tensor, a non-uniform constant) is never chosen.
 
 **Widths and latency.** Fewer MACs is not always faster: on the built-in example (onnxruntime
-CPU, all optimizations on) keeping 13/26/52 or 14/28/55 channels ran 25–45 % *slower* than the
-original 16/32/64, while 12/24/48 ran 27 % faster. `round_to=k` rounds every group's kept count
+CPU, all optimizations on) kept widths such as 13/26/52 ran *slower* than the original 16/32/64
+in a one-off measurement (no benchmark script covers unrounded widths yet), while 12/24/48 ran
+faster; benchmarks/bench_prune.py measures the rounded default. `round_to=k` rounds every group's kept count
 up to a multiple of k (sparing its strongest chosen channels, so never more is pruned than
 asked). The default is 4, so `ratio` is an upper bound; with `round_to=1` the ratio is exact and
 the report notes kept widths that are not multiples of 4.

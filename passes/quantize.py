@@ -93,8 +93,8 @@ Placement (what gets a QDQ)
   output (SNR of input + weight quantization), combined with the SNR of quantizing its output
   tensor (noise powers add); a second copy with the float input and bias gives the weight-only
   SNR. A layer below the threshold stays float entirely (``sensitive='float'``, the default:
-  onnxruntime dequantizes a weight-only Conv/MatMul at run time, measured 1.9x slower than float
-  on a MiniLM projection), or, with ``sensitive='weight_only'``, runs weight-only when that SNR
+  onnxruntime dequantizes a weight-only Conv/MatMul at run time, slower than float in a one-off
+  measurement on a MiniLM projection), or, with ``sensitive='weight_only'``, runs weight-only when that SNR
   clears the threshold (smaller file, float activations); Add/Concat/pooling below it stay float; the placement is
   then redone. The report gives each layer's SNRs. ``'auto'``: 20 dB for int8/uint8 weights,
   10 dB for int4, off for ternary/binary (whose weight error is far larger by design).
@@ -223,7 +223,7 @@ class Quantize(Pass):
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
         if self.activations != "none":
             # A BatchNormalization between a Conv/Gemm and its output QDQ would run in float
-            # between int8 layers (measured: MobileNet 1.8x slower than fp32); folding is exact.
+            # between int8 layers (MobileNet ran 1.8x slower than fp32 in the first bench_quantize run); folding is exact.
             folded = FoldBatchnorm()(model, ctx)
             if folded.modified:
                 report.note(f"folded {len(folded.report.rewritten)} BatchNormalization into their Conv/Gemm first "
