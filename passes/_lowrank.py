@@ -28,10 +28,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from graph_opt.budget import Budgeted, run_budget
 from graph_opt.data import input_specs
 from graph_opt.kernels.rank import Cost, rank_for_energy, rank_for_ratio, round_rank
 from graph_opt.model_io import to_graph, to_model
-from graph_opt.pass_base import Pass, PassContext, PassReport
+from graph_opt.pass_base import PassContext, PassReport
 from graph_opt.passes._graph import Namer, node_label, report_subgraphs
 from graph_opt.stats import bound_model
 
@@ -79,8 +80,13 @@ class Selection:
 
 
 @dataclass(frozen=True, kw_only=True)
-class LowRankPass(Pass):
-    """Options shared by the low-rank passes (not registered itself)."""
+class LowRankPass(Budgeted):
+    """Options shared by the low-rank passes (not registered itself).
+
+    With ``target_macs``/``target_params``/``min_snr_db`` (graph_opt/budget.py) the per-layer
+    levels are MAC ratios (``levels``, default 0.75, 0.5, 0.25; parameter ratios for
+    ``target_params``), chosen per layer from its measured sensitivity.
+    """
 
     rank: int | Literal["auto"] | None = None
     rank_ratio: float | None = None
@@ -98,8 +104,11 @@ class LowRankPass(Pass):
     require_saving: bool = True  # False: rewrite even when the factors are not smaller (full-rank checks)
 
     supported_ops: ClassVar[tuple[str, ...]] = ()
+    default_levels: ClassVar[tuple[float, ...]] = (0.75, 0.5, 0.25)
+    level_name: ClassVar[str] = "MAC ratio"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.rank is not None and self.rank != "auto":
             if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
                 raise ValueError(f"rank must be a positive integer or 'auto', got {self.rank!r}")
@@ -112,6 +121,8 @@ class LowRankPass(Pass):
             given.append("params_ratio/macs_ratio")
         if len(given) > 1:
             raise ValueError(f"give one rank rule, not {' and '.join(given)}")
+        if given and self.budgeted:
+            raise ValueError(f"target_macs/target_params/min_snr_db choose the ranks: drop {given[0]}")
         if self.align < 0:
             raise ValueError(f"align must be ≥ 0 (0 or 1 disables it), got {self.align}")
         if self.max_weight_error is not None and self.max_weight_error <= 0:
@@ -135,11 +146,25 @@ class LowRankPass(Pass):
             return Selection("budget", params_ratio=self.params_ratio, macs_ratio=self.macs_ratio)
         return Selection("budget", macs_ratio=DEFAULT_MACS_RATIO, default=True)
 
+    # -- budgets (graph_opt/budget.py) -----------------------------------------------------
+
+    def budget_levels(self) -> tuple[float, ...]:
+        return tuple(sorted(self.levels or self.default_levels, reverse=True))
+
+    def at_level(self, level: float, include: tuple[str, ...]) -> LowRankPass:
+        field = "params_ratio" if self.target_params is not None else "macs_ratio"
+        return self.cleared(**{field: level}, include=include or self.include)
+
+    def budget_units(self, report: PassReport) -> list[tuple[str, tuple[str, ...]]]:
+        return [(e["node"], (e["node"],)) for e in report.rewritten]
+
     # -- the shared run loop ---------------------------------------------------------------
 
     def rewrite_layers(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext,
                        match: Callable[[gs.Node, dict, str], Plan | str]) -> onnx.ModelProto:
         """Match every candidate node (pure: a Plan or a skip reason), then apply the plans."""
+        if self.budgeted:
+            return run_budget(self, model, report, ctx)
         graph = to_graph(model)
         report_subgraphs(graph, report, self.op_types)
         shapes, note = infer_shapes(model, ctx)

@@ -98,10 +98,11 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
+from graph_opt.budget import Budgeted, run_budget
 from graph_opt.data import batch_size_for, input_specs
 from graph_opt.kernels.importance import ActivationStats, bn_gamma_scores, channel_norms, channel_sumsq, select_channels
 from graph_opt.model_io import copy_model, to_graph, to_model
-from graph_opt.pass_base import Pass, PassContext, PassReport
+from graph_opt.pass_base import PassContext, PassReport
 from graph_opt.passes._graph import Namer, constant, is_graph_output, node_label, report_subgraphs, used_once
 from graph_opt.passes._groups import (LAYER_OPS, Analysis, Group, Slice, analyze, boundary_layers, check_literals,
                                       fold_problems, infer_shapes, selected)
@@ -112,10 +113,12 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class PruneChannels(Pass):
+class PruneChannels(Budgeted):
     """Prune whole channels (zero or remove), tied groups found on the graph; exact fold of dead channels."""
 
     name: ClassVar[str] = "prune_channels"
+    default_levels: ClassVar[tuple[float, ...]] = (0.25, 0.5, 0.75)
+    level_name: ClassVar[str] = "ratio"
 
     ratio: float = 0.3
     scope: Literal["layer", "global"] = "layer"
@@ -131,7 +134,10 @@ class PruneChannels(Pass):
     round_to: int = 4
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_literals(self)
+        if self.budgeted and self.scope == "global":
+            raise ValueError("target_macs/target_params/min_snr_db choose a ratio per group: scope=global does not apply")
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"ratio must lie in [0, 1), got {self.ratio}")
         if self.min_channels < 1:
@@ -139,7 +145,19 @@ class PruneChannels(Pass):
         if self.round_to < 1:
             raise ValueError(f"round_to must be >= 1, got {self.round_to}")
 
+    # budgets (graph_opt/budget.py): the unit is a group of tied channels, its level the ratio
+    def budget_levels(self) -> tuple[float, ...]:
+        return tuple(sorted(self.levels or self.default_levels))
+
+    def at_level(self, level: float, include: tuple[str, ...]) -> PruneChannels:
+        return self.cleared(ratio=level, include=include or self.include)
+
+    def budget_units(self, report: PassReport) -> list[tuple[str, tuple[str, ...]]]:
+        return [(e["node"], tuple(e["producers"])) for e in report.rewritten if "producers" in e]
+
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
+        if self.budgeted:
+            return run_budget(self, model, report, ctx)
         if self.importance == "activation" and ctx.data is None:
             report.skip("model", "importance=activation needs calibration data (ctx.data is None); nothing pruned")
             return model
