@@ -51,7 +51,7 @@ import onnx
 from graph_opt.data import Dataset, random_dataset
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.progress import progress
-from graph_opt.stats import count_params, model_stats
+from graph_opt.stats import model_stats
 from graph_opt.verify import Reference
 
 log = logging.getLogger(__name__)
@@ -285,9 +285,9 @@ class Budget:
 
     def required_saving(self) -> int | None:
         if self.opts.target_params is not None:
-            return self.base.params - int(math.floor(self.opts.target_params * self.base.params))
+            return self.base.params - math.floor(self.opts.target_params * self.base.params)
         if self.opts.target_macs is not None:
-            return self.base.macs - int(math.floor(self.opts.target_macs * self.base.macs))
+            return self.base.macs - math.floor(self.opts.target_macs * self.base.macs)
         return None
 
     def thresholds(self, units: list[Unit]) -> list[float]:

@@ -4,13 +4,13 @@ fidelity floor holds on the calibration data, the least sensitive units go first
 import numpy as np
 import pytest
 from builders import GraphBuilder, assert_valid, op_count
+from graph_opt.passes.factorize_gemm import FactorizeGemm
+from graph_opt.passes.prune_channels import PruneChannels
 from onnx import numpy_helper
 
 from graph_opt.data import Dataset
 from graph_opt.errors import SpecError
 from graph_opt.pass_base import PassContext
-from graph_opt.passes.factorize_gemm import FactorizeGemm
-from graph_opt.passes.prune_channels import PruneChannels
 from graph_opt.registry import parse_spec
 from graph_opt.stats import model_stats
 from graph_opt.verify import verify
