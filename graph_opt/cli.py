@@ -161,7 +161,11 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     passes = [parse_spec(s) for s in args.passes]
     if args.recipe:
         passes = load_recipe(args.recipe) + passes
-    if not passes:
+    if not passes and args.example:
+        from graph_opt import example
+
+        passes = example.example_recipe()
+    elif not passes:
         passes = [parse_spec(s) for s in api.DEFAULT_PASSES]
     source, model, verify_data, calib = _model_and_data(args, shapes)
     out = Path(args.output)

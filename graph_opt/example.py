@@ -15,6 +15,7 @@ from graph_opt.model_io import load_model
 MODEL_FILE = "mnist_resnet.onnx"
 CALIB_FILE = "mnist_calib.npz"
 TEST_FILE = "mnist_test.npz"
+RECIPE_FILE = "recipe.yaml"
 
 
 def example_dir() -> Path:
@@ -36,3 +37,10 @@ def example_calibration() -> Dataset:
 def example_test() -> Dataset:
     """The labelled test split (500 digits)."""
     return load_data(example_dir() / TEST_FILE, example_model())
+
+
+def example_recipe():
+    """The recommended recipe for the example: low-rank, channel pruning, int8, each with reconstruct."""
+    from graph_opt.registry import load_recipe
+
+    return load_recipe(example_dir() / RECIPE_FILE)
