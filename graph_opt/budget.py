@@ -348,7 +348,7 @@ def run_budget(opts: Budgeted, model: onnx.ModelProto, report: PassReport, ctx: 
     levels = b.allocate(units, thresholds[index]) if thresholds else {}
     out, reports = b.apply(units, levels)
     # Savings that do not add up: measure, and move the threshold down while the target is missed.
-    while need is not None and index + 1 < len(thresholds) and b.achieved(out) > target + 1e-12:
+    while need is not None and index + 1 < len(thresholds) and (b.achieved(out) or 0.0) > target + 1e-12:
         index += 1
         levels = b.allocate(units, thresholds[index])
         out, reports = b.apply(units, levels)
