@@ -85,19 +85,32 @@ _MSE_GRID = 256  # per side, for the asymmetric 2-D search
 _KL_SMOOTHING = 1e-8  # share of uniform mass mixed into Q so that KL stays finite
 
 
-def _finite_chunks(x: ArrayLike) -> Iterator[tuple[np.ndarray, int]]:
-    """Yield float64 1-D chunks of the finite values of ``x`` and the count of the others."""
+def _finite_chunks(x: ArrayLike) -> Iterator[tuple[np.ndarray, int, float, float]]:
+    """Yield 1-D chunks of the finite values of ``x``, the count of the others, and the chunk's
+    min and max: float32 views of float32 data (min, max, zero tests and ``x·2^-e`` are exact in
+    float32 too), float64 copies of anything else."""
     a = np.asarray(x)
     if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_) or np.iscomplexobj(a):
         raise ValueError(f"cannot observe an array of dtype {a.dtype}")
     flat = a.reshape(-1)
+    work = np.float32 if a.dtype == np.float32 else np.float64
     for start in range(0, flat.size, _CHUNK):
-        chunk = flat[start : start + _CHUNK].astype(np.float64)
+        chunk = flat[start : start + _CHUNK].astype(work, copy=False)
+        if not chunk.size:
+            continue
+        # NaN propagates through min/max and ±inf shows in them: two finite extremes mean every
+        # value is finite, without a separate isfinite pass.
+        lo, hi = float(chunk.min()), float(chunk.max())
+        if math.isfinite(lo) and math.isfinite(hi):
+            yield chunk, 0, lo, hi
+            continue
         finite = np.isfinite(chunk)
-        if finite.all():
-            yield chunk, 0
+        kept = chunk[finite]
+        bad = int(chunk.size - kept.size)
+        if kept.size:
+            yield kept, bad, float(kept.min()), float(kept.max())
         else:
-            yield chunk[finite], int(chunk.size - finite.sum())
+            yield kept, bad, math.inf, -math.inf
 
 
 class MinMaxObserver:
@@ -111,11 +124,19 @@ class MinMaxObserver:
 
     def update(self, x: ArrayLike) -> None:
         """Observe one batch (any shape)."""
-        for chunk, bad in _finite_chunks(x):
+        a = np.asarray(x)
+        if a.dtype.kind == "f" and a.size:
+            # Fast path: NaN propagates through min/max and ±inf shows in them, so two finite
+            # extremes mean every value is finite (exact: float min/max never round).
+            lo, hi = float(a.min()), float(a.max())
+            if math.isfinite(lo) and math.isfinite(hi):
+                self.min, self.max = min(self.min, lo), max(self.max, hi)
+                self.count += int(a.size)
+                return
+        for chunk, bad, lo, hi in _finite_chunks(a):
             self.n_nonfinite += bad
             if chunk.size:
-                self.min = min(self.min, float(chunk.min()))
-                self.max = max(self.max, float(chunk.max()))
+                self.min, self.max = min(self.min, lo), max(self.max, hi)
                 self.count += int(chunk.size)
 
     def merge(self, other: MinMaxObserver) -> MinMaxObserver:
@@ -186,11 +207,10 @@ class HistogramObserver(MinMaxObserver):
     def update(self, x: ArrayLike) -> None:
         """Observe one batch (any shape)."""
         n = self.bins_per_side
-        for chunk, bad in _finite_chunks(x):
+        for chunk, bad, lo, hi in _finite_chunks(x):
             self.n_nonfinite += bad
             if not chunk.size:
                 continue
-            lo, hi = float(chunk.min()), float(chunk.max())
             self.min, self.max = min(self.min, lo), max(self.max, hi)
             self.count += int(chunk.size)
             self.n_zero += int(np.count_nonzero(chunk == 0))
@@ -203,10 +223,20 @@ class HistogramObserver(MinMaxObserver):
             if self.exponent is None:  # all zeros so far
                 self.counts[n] += chunk.size
                 continue
-            # x * 2^-e is exact, floor gives the bin; |x| < N*2^e keeps it in [-N, N-1].
-            idx = np.floor(np.ldexp(chunk, -self.exponent)).astype(np.int64)
-            # A negative value so tiny that x * 2^-e underflows to -0.0 still belongs to bin -1.
-            idx = np.where(chunk < 0, np.minimum(idx, -1), idx) + n
+            # x * 2^-e is exact, floor gives the bin; |x| < N*2^e keeps it in [-N, N-1]. A product
+            # by a normal power of two is the same as ldexp and much faster.
+            e = self.exponent
+            if -100 <= e <= 100:
+                v = chunk * chunk.dtype.type(math.ldexp(1.0, -e))
+            else:
+                v = np.ldexp(chunk, -e)
+            np.floor(v, out=v)
+            if e > 0 and lo < 0:
+                # A negative value so tiny that x * 2^-e underflows to -0.0 still belongs to bin -1
+                # (only a down-scale, e > 0, can underflow).
+                v[(v == 0) & (chunk < 0)] = -1.0
+            idx = v.astype(np.intp)
+            idx += n
             self.counts += np.bincount(idx, minlength=2 * n)
 
     def merge(self, other: MinMaxObserver) -> HistogramObserver:

@@ -351,8 +351,29 @@ def dequantize(q: ArrayLike, params: QuantParams) -> np.ndarray:
 
 
 def fake_quantize(x: ArrayLike, params: QuantParams) -> np.ndarray:
-    """``dequantize(quantize(x))``: what the QDQ pair computes at run time."""
-    return dequantize(quantize(x, params), params)
+    """``dequantize(quantize(x))``: what the QDQ pair computes at run time.
+
+    Per tensor (one scale) the same arithmetic runs in float32 in place, without the integer
+    array: the codes are integers below 2^24, exact in float32, so the result is identical.
+    """
+    xa = np.asarray(x)
+    if params.axis is not None or params.block_size is not None or np.size(params.scale) != 1:
+        return dequantize(quantize(xa, params), params)
+    qmin, qmax = qrange(params.dtype)
+    s = np.float32(np.asarray(params.scale).reshape(()))
+    z = float(np.asarray(params.zero_point).reshape(()))
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        xf = np.asarray(xa, dtype=np.float32)  # float32 division then ties-to-even, as quantize()
+        v = np.divide(xf, s, out=np.empty(xf.shape, np.float32))
+        np.rint(v, out=v)
+        v += np.float32(z)
+        np.clip(v, qmin, qmax, out=v)
+    nan = np.isnan(v)
+    if nan.any():  # NaN has no code: quantize() maps it to the zero point, i.e. 0.0
+        v[nan] = z
+    v -= np.float32(z)
+    v *= s
+    return v
 
 
 # --------------------------------------------------------------------------- binary / ternary

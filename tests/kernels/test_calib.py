@@ -319,3 +319,33 @@ def test_ranges_feed_compute_params():
     for method in METHODS:
         p = quant.compute_params(obs.range(method), "int8")
         assert float(p.scale) > 0 and np.all(quant.fake_quantize(np.float32(0.0), p) == 0.0)
+
+
+@pytest.mark.parametrize("scale_exp", [-40, 0, 20])
+def test_float32_fast_path_equals_float64_path(scale_exp):
+    """float32 data is binned in float32 (no float64 copy): the same state as its exact float64 copy,
+    including negative values so tiny that x·2^-e underflows in float32, NaN/inf and exact zeros."""
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal(50_000) * 2.0**scale_exp).astype(np.float32)
+    x[:4] = [0.0, -0.0, np.float32(-1e-45), np.float32(-2.0**-140)]
+    x[4] = np.float32(3e38) if scale_exp == 20 else x[4]  # e > 0: a down-scale that underflows
+    bad = x.copy()
+    bad[10:13] = [np.nan, np.inf, -np.inf]
+    for data in (x, bad):
+        a, b = calib.HistogramObserver(), calib.HistogramObserver()
+        mm32, mm64 = calib.MinMaxObserver(), calib.MinMaxObserver()
+        for part in np.array_split(data, 3):
+            a.update(part)
+            b.update(part.astype(np.float64))
+            mm32.update(part)
+            mm64.update(part.astype(np.float64))
+        assert a.exponent == b.exponent and np.array_equal(a.counts, b.counts)
+        assert (a.n_zero, a.n_nonfinite, a.count) == (b.n_zero, b.n_nonfinite, b.count)
+        assert (mm32.min, mm32.max, mm32.count, mm32.n_nonfinite) == (mm64.min, mm64.max, mm64.count, mm64.n_nonfinite)
+        assert a.counts.sum() == a.count and mm32.n_nonfinite == (3 if data is bad else 0)
+        assert a.range("percentile", percentile=99.0) == b.range("percentile", percentile=99.0)
+    # The tiny negatives sit in bin -1, not in bin 0 with the positive values.
+    n = calib.HistogramObserver().bins_per_side
+    small = calib.HistogramObserver()
+    small.update(np.array([np.float32(-1e-45), 3e38], np.float32))
+    assert small.exponent > 0 and small.counts[n - 1] == 1 and small.counts[n] == 0

@@ -503,3 +503,20 @@ def test_inputs_untouched_and_deterministic():
     q.ternary_weights(x)
     q.binary_weights(x)
     np.testing.assert_array_equal(x, x0)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "int4"])
+def test_per_tensor_fake_quantize_fast_path_equals_quantize_dequantize(dtype):
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((64, 33)) * 4).astype(np.float32)
+    x[0, :5] = [np.nan, np.inf, -np.inf, 1e30, -1e30]
+    x[1, :4] = [0.5, 1.5, -0.5, 2.5]  # ties: half to even after the division
+    for params in (q.compute_params((-3.0, 5.0), dtype, symmetric=False),
+                   q.compute_params((-4.0, 4.0), dtype, symmetric=True),
+                   q.QuantParams(np.float32(1.0), np.array(0, q.storage_dtype(dtype)), dtype)):
+        fast = q.fake_quantize(x, params)
+        slow = q.dequantize(q.quantize(x, params), params)
+        assert fast.dtype == np.float32 and fast.shape == x.shape
+        assert np.array_equal(fast, slow)
+        assert fast[0, 0] == 0.0  # NaN has no code: the zero point, i.e. 0.0
+    assert q.fake_quantize(np.float64(0.3), params).shape == ()

@@ -18,6 +18,7 @@ from graph_opt.kernels.quant import (
 from graph_opt.metrics import cosine
 from graph_opt.pass_base import PassContext
 from graph_opt.passes.fold_batchnorm import FoldBatchnorm
+from graph_opt.passes import quantize as quantize_mod
 from graph_opt.passes.quantize import CONCAT_RANGE_RATIO, Quantize, apply_plan
 
 
@@ -325,6 +326,49 @@ def test_streaming_calibration_equals_one_batch(method):
         np.testing.assert_array_equal(t.zero_point, other.zero_point)
 
 
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_automatic_batches_follow_the_memory_budget_and_change_nothing(method, monkeypatch):
+    model = FoldBatchnorm()(small_cnn()).model
+    data = random_dataset(model, 24, seed=3)
+    sizes: list[int] = []
+    real = quantize_mod._stream
+
+    def spy(session, names, data, batch_size, desc):
+        for feed, outs in real(session, names, data, batch_size, desc):
+            sizes.append(len(next(iter(feed.values()))))
+            yield feed, outs
+
+    monkeypatch.setattr(quantize_mod, "_stream", spy)
+    fixed = Quantize(calibration=method, batch_size=24).plan(model, data)
+    assert sizes == [24, 16]  # calibration in one batch; sensitivity on its 16 samples
+    sizes.clear()
+    # A budget below one sample's outputs: one sample per run, same ranges, same decisions.
+    monkeypatch.setattr(quantize_mod, "STREAM_BUDGET_BYTES", 1)
+    auto = Quantize(calibration=method).plan(model, data)
+    assert set(sizes) == {1} and len(sizes) == 24 + 16
+    acts = fixed.by_role("activation")
+    assert len(acts) >= 5 and all(auto.tensors[t.tensor].range == t.range for t in acts)
+    for d, e in zip(fixed.nodes, auto.nodes):
+        assert (d.node, d.action) == (e.node, e.action)
+        if d.sensitivity:
+            assert e.sensitivity["snr_db"] == pytest.approx(d.sensitivity["snr_db"], abs=0.02)
+
+
+def test_sensitivity_on_a_few_samples_finds_the_sensitive_layer():
+    w = (np.random.default_rng(1).standard_normal((32, 16)) * 0.3).astype(np.float32)
+    w[0] = 0.0
+    model = _two_layer_mlp(w)
+    data = random_dataset(model, 32, seed=0)
+    data.inputs["x"][:4, 0] = 3000.0  # the outlier feature: in the first 4 samples only
+    few = Quantize(sensitivity_samples=4)(model, PassContext(data=data)).report
+    assert any(s.node == "fc1" and s.reason.startswith("sensitive: SNR") for s in few.skipped)
+    assert "sensitivity threshold 20 dB: 1 of" in " ".join(few.notes)
+    with pytest.raises(ValueError, match="sensitivity_samples"):
+        Quantize(sensitivity_samples=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        Quantize(batch_size=0)
+
+
 @pytest.mark.parametrize("method", ["percentile", "entropy"])
 def test_clipping_methods_tighten_an_outlier_range(method):
     model = conv_chain()
@@ -443,10 +487,14 @@ def test_layer_whose_weights_do_not_survive_stays_float():
     model = _two_layer_mlp(w)
     data = random_dataset(model, 32, seed=0)
     data.inputs["x"][:, 0] = 0.0  # ... and multiplies a silent input: the rest of the weights round to 0
-    result = Quantize()(model, PassContext(data=data))
+    # Even the weight-only fallback is measured too lossy (its SNR is in the reason), so fc1 stays float.
+    result = Quantize(sensitive="weight_only")(model, PassContext(data=data))
     skipped = {s.node: s.reason for s in result.report.skipped}
     assert skipped["fc1"].startswith("sensitive: SNR") and "dB < 20 dB" in skipped["fc1"]
     assert "weight_only_snr_db" in skipped["fc1"]
+    # The default (sensitive='float') never needs the weight-only SNR, so it does not measure it.
+    default = {s.node: s.reason for s in Quantize()(model, PassContext(data=data)).report.skipped}
+    assert default["fc1"].startswith("sensitive: SNR") and "weight_only_snr_db" not in default["fc1"]
     assert "fc1.w" in _float_weight_names(result.model)
     assert {e["node"] for e in result.report.rewritten} == {"fc2"}
     test = Dataset({"x": data.inputs["x"][:16]})
