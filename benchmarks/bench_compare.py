@@ -44,11 +44,30 @@ def orderings() -> dict[str, list]:
     return out
 
 
+def summary(doc: dict) -> str:
+    """One row per pipeline: its final model against the original (the RESULTS.md table)."""
+    rows = ["| pipeline | params | size | MACs | latency | accuracy | Pareto |", "|---|---|---|---|---|---|---|"]
+    base = doc["original"]["parity"]["accuracy_candidate"]
+    rows.append(f"| original | 1.00x | 1.00x | 1.00x | 1.00x | {base:.1%} | |")
+    for p in doc["pipelines"]:
+        f = p["final"]
+        front = ", ".join(k for k, v in f["pareto"].items() if v)
+        rows.append(f"| {p['name']} | {f['params_ratio']:.2f}x | {f['size_ratio']:.2f}x | {f['macs_ratio']:.2f}x "
+                    f"| {f['latency_ratio']:.2f}x | {f['fidelity']:.1%} | {front} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="example,resnet")
     ap.add_argument("--runs", type=int, default=100, help="latency runs per model (all interleaved)")
+    ap.add_argument("--summary", action="store_true", help="print the summary tables of the saved results and exit")
     args = ap.parse_args(argv)
+    if args.summary:
+        for name in args.models.split(","):
+            doc = json.loads((RESULTS / f"compare_{name}.json").read_text())
+            print(f"{name}: {doc['command']} ({doc['seconds']:.0f} s)\n\n{summary(doc)}\n")
+        return 0
     RESULTS.mkdir(exist_ok=True)
     for name in args.models.split(","):
         zm = zoo.get(name)
