@@ -41,6 +41,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -406,3 +407,37 @@ def _report(b: Budget, report: PassReport, units: list[Unit], levels: dict[str, 
     elif parity is not None:
         parts.append(f"SNR {snr:.1f} dB on {len(b.data)} calibration samples")
     report.note("; ".join(parts))
+
+
+def hold_floor(reference: Reference, first: onnx.ModelProto, order: list[str],
+               rebuild: Callable[[tuple[str, ...]], onnx.ModelProto], floor: float,
+               report: PassReport) -> onnx.ModelProto:
+    """Mixed precision under a fidelity floor: the fewest of the least robust units kept
+    uncompressed so that the model's output SNR against `reference` holds `floor`.
+
+    `order` lists the units least robust first (their own measured sensitivity); `rebuild(k)`
+    gives the model with the units in `k` left uncompressed. The count is found by bisection,
+    each candidate checked end to end (the SNR falls as fewer units are kept, up to noise).
+    """
+    snr = reference.compare(first).snr_db
+    if snr >= floor:
+        report.note(f"min_snr_db: SNR {snr:.1f} dB on {len(reference.data)} calibration samples holds the floor "
+                    f"{floor:g} dB with every planned layer compressed")
+        return first
+    lo, hi = 0, len(order)  # lo fails the floor; hi (everything kept) holds it trivially
+    best, best_snr = None, math.inf
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        cand = rebuild(tuple(order[:mid]))
+        value = reference.compare(cand).snr_db
+        if value >= floor:
+            hi, best, best_snr = mid, cand, value
+        else:
+            lo = mid
+    if best is None:  # only keeping every unit holds the floor
+        best = rebuild(tuple(order))
+        best_snr = reference.compare(best).snr_db
+    report.note(f"min_snr_db: kept {hi} of {len(order)} layers uncompressed, least robust first "
+                f"({', '.join(order[:hi][:8])}{' …' if hi > 8 else ''}): SNR {snr:.1f} → {best_snr:.1f} dB on "
+                f"{len(reference.data)} calibration samples (floor {floor:g} dB)")
+    return best
