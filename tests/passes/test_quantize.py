@@ -362,7 +362,7 @@ def test_sensitivity_on_a_few_samples_finds_the_sensitive_layer():
     data.inputs["x"][:4, 0] = 3000.0  # the outlier feature: in the first 4 samples only
     few = Quantize(sensitivity_samples=4)(model, PassContext(data=data)).report
     assert any(s.node == "fc1" and s.reason.startswith("sensitive: SNR") for s in few.skipped)
-    assert "sensitivity threshold 20 dB: 1 of" in " ".join(few.notes)
+    assert "sensitivity threshold 25 dB: 1 of" in " ".join(few.notes)
     with pytest.raises(ValueError, match="sensitivity_samples"):
         Quantize(sensitivity_samples=0)
     with pytest.raises(ValueError, match="batch_size"):
@@ -470,8 +470,8 @@ def test_layer_with_lossy_activations_falls_back_to_weight_only():
     entries = {e["node"]: e for e in result.report.rewritten}
     fc1 = entries["fc1"]
     assert fc1["input"] == "float" and "weight-only: quantized activations too lossy" in fc1["note"]
-    assert "dB < 20 dB" in fc1["note"] and fc1["snr_db"] < 20
-    assert entries["fc2"]["input"] != "float" and entries["fc2"]["snr_db"] > 20
+    assert "dB < 25 dB" in fc1["note"] and fc1["snr_db"] < 25
+    assert entries["fc2"]["input"] != "float" and entries["fc2"]["snr_db"] > 25
     assert "x_scale" not in {t.name for t in result.model.graph.initializer}  # the input stays float
     test = Dataset({"x": data.inputs["x"][:16]})
     assert cosine(_outputs(model, test)[0], _outputs(result.model, test)[0]) >= 0.999
@@ -490,7 +490,7 @@ def test_layer_whose_weights_do_not_survive_stays_float():
     # Even the weight-only fallback is measured too lossy (its SNR is in the reason), so fc1 stays float.
     result = Quantize(sensitive="weight_only")(model, PassContext(data=data))
     skipped = {s.node: s.reason for s in result.report.skipped}
-    assert skipped["fc1"].startswith("sensitive: SNR") and "dB < 20 dB" in skipped["fc1"]
+    assert skipped["fc1"].startswith("sensitive: SNR") and "dB < 25 dB" in skipped["fc1"]
     assert "weight_only_snr_db" in skipped["fc1"]
     # The default (sensitive='float') never needs the weight-only SNR, so it does not measure it.
     default = {s.node: s.reason for s in Quantize()(model, PassContext(data=data)).report.skipped}
@@ -599,3 +599,9 @@ def test_batchnorm_after_a_conv_is_folded_so_the_output_stays_int8():
     assert any("folded 1 BatchNormalization" in n for n in result.report.notes)
     assert_valid(result.model)
     assert cosine(_outputs(model, data)[0], _outputs(result.model, data)[0]) >= 0.999
+
+
+def test_auto_sensitivity_thresholds():
+    assert Quantize().threshold_db() == 25.0 and Quantize(weights="uint8").threshold_db() == 25.0
+    assert Quantize(weights="int4").threshold_db() == 10.0 and Quantize(weights="ternary").threshold_db() is None
+    assert Quantize(sensitivity_snr_db=18.0).threshold_db() == 18.0
