@@ -385,9 +385,9 @@ def test_clipping_methods_tighten_an_outlier_range(method):
 def detector_head(seed=0):
     """Boxes in pixels (hundreds) and class probabilities (0..1) concatenated into one output."""
     g = GraphBuilder(seed=seed)
-    x = g.input("x", ["N", 8, 4, 4])
-    box = g.node("Conv", [x, g.weight("box.w", (4, 8, 1, 1), 60.0)], name="box", kernel_shape=[1, 1])
-    logit = g.node("Conv", [x, g.weight("cls.w", (3, 8, 1, 1), 0.4)], name="cls", kernel_shape=[1, 1])
+    x = g.input("x", ["N", 16, 4, 4])  # 16 input channels: not too small for int8 (MIN_INT8_REDUCTION)
+    box = g.node("Conv", [x, g.weight("box.w", (4, 16, 1, 1), 60.0)], name="box", kernel_shape=[1, 1])
+    logit = g.node("Conv", [x, g.weight("cls.w", (3, 16, 1, 1), 0.28)], name="cls", kernel_shape=[1, 1])
     prob = g.node("Sigmoid", [logit])
     g.node("Concat", [box, prob], ["out"], name="concat", axis=1)
     g.output("out", ["N", 7, 4, 4])
@@ -605,3 +605,23 @@ def test_auto_sensitivity_thresholds():
     assert Quantize().threshold_db() == 25.0 and Quantize(weights="uint8").threshold_db() == 25.0
     assert Quantize(weights="int4").threshold_db() == 10.0 and Quantize(weights="ternary").threshold_db() is None
     assert Quantize(sensitivity_snr_db=18.0).threshold_db() == 18.0
+
+
+def test_tiny_stem_conv_on_the_graph_input_stays_float():
+    g = GraphBuilder(seed=3)
+    x = g.input("x", ["N", 1, 8, 8])
+    h = g.node("Relu", [g.node("Conv", [x, g.weight("stem.w", (8, 1, 3, 3), 0.5)], name="stem",
+                               kernel_shape=[3, 3], pads=[1, 1, 1, 1])])
+    y = g.node("Conv", [h, g.weight("body.w", (8, 8, 3, 3), 0.2)], name="body", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    g.output(g.node("Relu", [y], ["y"]), ["N", 8, 8, 8])
+    model = g.build()
+    assert op_count(model, "QuantizeLinear") == 0  # vacuity
+    result = Quantize()(model, _ctx(model, 32))
+    skipped = {s.node: s.reason for s in result.report.skipped}
+    assert "reduction of 9 < 16" in skipped["stem"]
+    assert {e["node"] for e in result.report.rewritten} == {"body"}
+    assert "stem.w" in _float_weight_names(result.model)
+    assert op_count(result.model, "QuantizeLinear") >= 2  # body's input (the stem's float output) and output
+    assert_valid(result.model)
+    test = random_dataset(model, 8, seed=9)
+    _assert_deployable(model, result.model, test)
