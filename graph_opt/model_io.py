@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -162,11 +164,16 @@ def _save_external(model: onnx.ModelProto, target: Path) -> None:
     data_name = target.name + ".data"
     tmpdir = tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)
     try:
-        work = onnx.ModelProto()
-        work.CopyFrom(model)
         tmp_model = Path(tmpdir) / (target.name + ".tmp")  # never a *.onnx file, even in a leftover
-        onnx.save_model(work, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
+        with open(Path(tmpdir) / data_name, "wb") as data:
+            shell = _external_shell(model, data, data_name)
+        if shell.ByteSize() < PROTOBUF_LIMIT:
+            tmp_model.write_bytes(shell.SerializeToString())
+        else:  # heavy Constant nodes or subgraph weights: onnx moves every tensor (on a full copy)
+            work = copy_model(model)
+            onnx.save_model(work, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        del shell
         for written in (tmp_model, Path(tmpdir) / data_name):
             _fsync(written)
         # Two files cannot be replaced in one step. A previous model at `target` reads `data_name`
@@ -183,6 +190,74 @@ def _save_external(model: onnx.ModelProto, target: Path) -> None:
                 leftover.unlink()
         with contextlib.suppress(OSError):
             os.rmdir(tmpdir)
+
+
+@contextlib.contextmanager
+def session_source(model: onnx.ModelProto) -> Iterator[bytes | str]:
+    """What `onnxruntime.InferenceSession` can read `model` from, valid inside the `with` block.
+
+    The serialized bytes; or, for a model protobuf cannot serialize (≥ 2 GB), the path of a
+    temporary copy saved with external data (onnxruntime refuses absolute external-data paths
+    in a model given as bytes, so a file it is). The copy is deleted on exit: a session has read
+    or mapped its data by then, and a mapped file stays readable after its name is gone.
+    """
+    if not needs_external_data(model):
+        yield model.SerializeToString()
+        return
+    tmpdir = tempfile.mkdtemp(prefix="graph-opt-session.")
+    try:
+        path = Path(tmpdir) / "model.onnx"
+        _save_external(model, path)
+        yield str(path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+# Tensors below this many bytes stay inside the model file (onnx's default threshold too).
+_EXTERNAL_THRESHOLD = 1024
+# Offsets of external tensors are page-aligned, so onnxruntime may map them instead of copying.
+_EXTERNAL_ALIGN = 4096
+
+
+def _external_shell(model: onnx.ModelProto, data, data_name: str) -> onnx.ModelProto:
+    """A copy of `model` whose main-graph initializers (≥ 1 KB of raw data) live in the open file
+    `data`, written here one tensor at a time. Unlike `CopyFrom` + `onnx.save_model`, the weights are
+    never copied as a whole: a > 2 GB model saves with one tensor's worth of extra memory."""
+    shell = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            _copy_field(shell, fd, value)
+    for fd, value in model.graph.ListFields():
+        if fd.name != "initializer":
+            _copy_field(shell.graph, fd, value)
+    offset = 0
+    for tensor in model.graph.initializer:
+        out = shell.graph.initializer.add()
+        raw = tensor.raw_data if tensor.HasField("raw_data") else b""
+        if len(raw) < _EXTERNAL_THRESHOLD:
+            out.CopyFrom(tensor)
+            continue
+        for fd, value in tensor.ListFields():
+            if fd.name != "raw_data":
+                _copy_field(out, fd, value)
+        pad = -offset % _EXTERNAL_ALIGN
+        data.write(b"\0" * pad + raw)
+        out.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", data_name), ("offset", str(offset + pad)), ("length", str(len(raw)))):
+            entry = out.external_data.add()
+            entry.key, entry.value = key, value
+        offset += pad + len(raw)
+        del raw
+    return shell
+
+
+def _copy_field(message, fd, value) -> None:
+    if fd.is_repeated:
+        getattr(message, fd.name).extend(value)
+    elif fd.message_type is not None:
+        getattr(message, fd.name).CopyFrom(value)
+    else:
+        setattr(message, fd.name, value)
 
 
 def _fsync(path: Path) -> None:

@@ -1,0 +1,71 @@
+"""The > 2 GB code path on a small model: the protobuf limit is lowered so that a few kilobytes of
+weights count as "over 2 GB" (the real size is measured by benchmarks/bench_large.py)."""
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from builders import conv_bn_model, gemm_bn_model
+
+import graph_opt.model_io as mio
+from graph_opt import cli
+from graph_opt.data import random_dataset
+from graph_opt.model_io import load_model, needs_external_data, save_model, session_source
+from graph_opt.pipeline import Pipeline
+from graph_opt.registry import parse_spec
+from graph_opt.verify import make_session, run_model
+
+
+@pytest.fixture
+def over_the_limit(monkeypatch):
+    monkeypatch.setattr(mio, "PROTOBUF_LIMIT", 1024)
+
+
+def test_session_source_is_bytes_below_the_limit():
+    model = gemm_bn_model(k=64, n=64)
+    with session_source(model) as source:
+        assert source == model.SerializeToString()
+
+
+def test_session_source_is_a_temporary_external_data_file_above_it(over_the_limit):
+    import onnxruntime as ort
+
+    model = gemm_bn_model(k=64, n=64)
+    assert needs_external_data(model)
+    with session_source(model) as source:
+        assert isinstance(source, str) and os.path.isfile(source + ".data")
+        session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+        folder = os.path.dirname(source)
+    assert not os.path.exists(folder)  # removed on exit; the session has its weights
+    data = random_dataset(model, 4, seed=0)
+    expected = run_model(make_session(model), data)  # the real limit is not reached: bytes work too
+    got = run_model(session, data)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_pipeline_verifies_and_saves_a_model_over_the_limit(tmp_path, over_the_limit):
+    model = conv_bn_model(cin=16, cout=16)
+    data = random_dataset(model, 4, seed=0)
+    result = Pipeline([parse_spec("fold_batchnorm"), parse_spec("cleanup")], verify_data=data, latency=False).run(model)
+    assert [s.accepted for s in result.steps] == [True, True]
+    assert result.steps[0].modified and result.final_parity.cosine > 0.99999
+    assert not any(n.op_type == "BatchNormalization" for n in result.model.graph.node)
+    out = save_model(result.model, tmp_path / "out.onnx")
+    assert (tmp_path / "out.onnx.data").is_file()
+    again = load_model(out)
+    assert again.graph.initializer[0].raw_data == result.model.graph.initializer[0].raw_data
+
+
+def test_cli_round_trip_with_external_data(tmp_path, over_the_limit, capsys):
+    src = save_model(conv_bn_model(cin=16, cout=16), tmp_path / "in.onnx")
+    assert (tmp_path / "in.onnx.data").is_file()
+    code = cli.main(["optimize", str(src), "-o", str(tmp_path / "out.onnx"), "--pass", "fold_batchnorm",
+                     "--no-latency", "--samples", "4"])
+    assert code == 0, capsys.readouterr().err
+    out = onnx.load(str(tmp_path / "out.onnx"))  # external data loaded from next to the model
+    assert (tmp_path / "out.onnx.data").is_file()
+    assert not any(n.op_type == "BatchNormalization" for n in out.graph.node)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
