@@ -349,7 +349,8 @@ def cp_conv(
     ``init='svd'`` (leading singular vectors of each unfolding; columns beyond a mode's size are
     drawn from ``seed``), up to ``n_iter`` sweeps, stopping when the relative error changes by less
     than ``tol``. Not exact in general, at any rank (see the module docstring): check
-    ``rel_error``. Raises ``FactorizationError`` if ALS produced non-finite factors.
+    ``rel_error``. Raises ``FactorizationError`` if ALS hit a singular system or produced
+    non-finite factors.
     """
     k = _as_float64(kernel, 4, "kernel")
     o, i, kh, kw = k.shape
@@ -369,16 +370,21 @@ def cp_conv(
         # When R exceeds a mode's size, tensorly warns that it truncates that mode's SVD and
         # fills the remaining columns from random_state: expected here, not news to the caller.
         warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
-        cp, errors = parafac(
-            k,
-            rank=rank,
-            n_iter_max=int(n_iter),
-            init="svd",
-            tol=float(tol),
-            random_state=int(seed),
-            normalize_factors=True,
-            return_errors=True,
-        )
+        try:
+            cp, errors = parafac(
+                k,
+                rank=rank,
+                n_iter_max=int(n_iter),
+                init="svd",
+                tol=float(tol),
+                random_state=int(seed),
+                normalize_factors=True,
+                return_errors=True,
+            )
+        except np.linalg.LinAlgError as exc:
+            # An ALS step solves with the Gram matrix of the other factors, singular when a
+            # factor loses rank (a kernel with dead channels, a rank above a mode's size).
+            raise FactorizationError(f"CP-ALS at rank {rank} failed: {exc}") from None
     weights, mats = cp
     a_out, a_in, a_y, a_x = (np.asarray(a, dtype=np.float64) for a in mats)
     scale = np.asarray(weights, dtype=np.float64).copy()

@@ -15,9 +15,13 @@ the same generator is `benchmarks/fuzz_campaign.py` (one seed per case, `--repla
 """
 
 import pytest
-from builders import FUZZ_RUNS, FuzzSpec, draw_fuzz_spec, fuzz_check, fuzz_model, fuzz_spec  # noqa: F401 (FuzzSpec: replay)
+from builders import (FUZZ_RUNS, FUZZ_RUNS_EXTRA, FuzzSpec, assert_valid, draw_fuzz_spec, fuzz_check, fuzz_model,
+                      fuzz_spec)
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
+
+from graph_opt.pass_base import PassContext
+from graph_opt.passes.factorize_conv import FactorizeConv
 
 
 @st.composite
@@ -42,6 +46,17 @@ def test_every_pass_on_random_models(spec):
 def test_campaign_seeds(seed):
     """The first cases of `benchmarks/fuzz_campaign.py` (seed = case number)."""
     _check(fuzz_spec(seed))
+
+
+def test_campaign_finding_cp_singular_system_is_a_skip():
+    """10k campaign, seed 1820: CP-ALS hit a singular system on a grouped conv with dead channels
+    and the pass crashed; now the layer is skipped with the reason and the rest is rewritten."""
+    outcome = fuzz_check(fuzz_spec(1820), {"factorize_conv_cp": FUZZ_RUNS_EXTRA["factorize_conv_cp"]})
+    assert not outcome.problems, "\n".join(outcome.problems)
+    model, _ = fuzz_model(fuzz_spec(1820))
+    result = FactorizeConv(method="cp", rank=4, align=0, latency_gate=False)(model, PassContext())
+    assert any("CP-ALS at rank 4 failed" in s.reason for s in result.report.skipped)
+    assert_valid(result.model)
 
 
 def test_the_oracle_is_not_vacuous():
