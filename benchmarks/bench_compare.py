@@ -6,8 +6,8 @@
 Six orderings of the same three compressions, each followed by `reconstruct` (refit before
 quantizing, bias correction after): low-rank (`factorize_conv`, Tucker-2 at half the MACs per
 layer), channel pruning (`prune_channels`, 40% by l1) and int8 (`quantize`, static, minmax).
-Plus the recommended recipe (`graph_opt/example/recipe.yaml`), which uses the automatic
-budgets. Calibration on the model's calibration split, every number on its held-out eval split.
+Plus the recommended recipe (`graph_opt/example/recipe.yaml`) and the same order with automatic
+budgets (`target_macs` per pass instead of per-layer numbers). Calibration on the model's calibration split, every number on its held-out eval split.
 Writes benchmarks/results/compare_<model>.{md,json,png} (the same files as
 `graph-opt compare --out-dir`).
 """
@@ -33,6 +33,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 LOWRANK = "factorize_conv reconstruct"
 PRUNE = "prune_channels:ratio=0.4 reconstruct"
 INT8 = "quantize reconstruct"
+# The recipe's order with global targets instead of per-layer numbers (graph_opt/budget.py).
+BUDGETS = ("fold_batchnorm prune_channels:target_macs=0.75 reconstruct factorize_conv:target_macs=0.6 reconstruct "
+           "quantize reconstruct")
 
 
 def orderings() -> dict[str, list]:
@@ -41,6 +44,7 @@ def orderings() -> dict[str, list]:
     for order in ("PLQ", "LPQ", "PQL", "LQP", "QPL", "QLP"):
         out["→".join(order)] = " ".join(blocks[c] for c in order)
     out["recipe"] = load_recipe(example.example_dir() / "recipe.yaml")
+    out["budgets"] = BUDGETS
     return out
 
 
