@@ -14,8 +14,8 @@ For every model (benchmarks/zoo.py) and every calibration method:
 - onnxruntime: ``quantize_static(path, out, reader, quant_format=QDQ, per_channel=True,
   activation_type=QUInt8, weight_type=QInt8, calibrate_method=MinMax|Percentile|Entropy)``, every
   other argument at its default (all op types, reduce_range=False, no ``quant_pre_process``). The
-  CalibrationDataReader yields ``zm.calib`` in the same batches of 8 that graph-opt's calibration
-  uses, so both see exactly the same samples.
+  CalibrationDataReader yields ``zm.calib`` in batches of 8; graph-opt sizes its own batches by
+  memory (``batch_size=None``), so both see exactly the same samples, in different batches.
 
 Diagnostic rows on every model: graph-opt minmax with the sensitivity pass off; ORT MinMax with
 ``reduce_range=True``; on the CNNs (BatchNormalization after every Conv) graph-opt minmax and ORT
