@@ -28,6 +28,10 @@ pass's input model, on the calibration data). With any of them the pass runs her
    float after its mildest), until the floor holds. When both a target and a floor are given and
    cannot both hold, the floor wins and the report says how far the target was missed.
 
+`quantize` uses `hold_floor` for ``min_snr_db`` (mixed precision): the layers it quantized,
+least robust first by their own measured SNR, are kept in float, as few as hold the floor
+(bisection on their number, each candidate checked end to end).
+
 The report carries every unit's curve and chosen level (``budget`` entries in the notes and a
 ``budget_level`` in each rewrite).
 """
@@ -192,7 +196,7 @@ def _cache_key(model: onnx.ModelProto, opts: Budgeted, data: Dataset) -> str:
     return h.hexdigest()[:32]
 
 
-def _name_nodes(model: onnx.ModelProto) -> None:
+def name_nodes(model: onnx.ModelProto) -> None:
     """Give every unnamed main-graph node a unique name, so units can be selected by name."""
     taken = {n.name for n in model.graph.node}
     for i, node in enumerate(model.graph.node):
@@ -214,7 +218,7 @@ class Budget:
     def __init__(self, opts: Budgeted, model: onnx.ModelProto, report: PassReport, ctx: PassContext):
         self.opts, self.report, self.ctx = opts, report, ctx
         self.model = model
-        _name_nodes(self.model)
+        name_nodes(self.model)
         self.base = _costs(model)
         if ctx.data is not None and len(ctx.data):
             self.data = ctx.data.take(opts.budget_samples)

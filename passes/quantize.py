@@ -118,6 +118,12 @@ Placement (what gets a QDQ)
   cost MiniLM 12 of its 36 MatMuls (at 25 dB: 2; the CNNs of bench_quantize have no layer
   below 28 dB).
 
+Mixed precision under a floor (``min_snr_db``, the machinery of ``graph_opt/budget.py``): the
+model is quantized as planned, run on the calibration data against the pass's input, and when its
+output SNR (worst output) is below the floor the least robust layers (lowest measured SNR first)
+are kept in float, as few as hold it: bisection on their number, each candidate checked end to
+end. The report says how many were kept and the SNR before and after.
+
 Weight-only modes (float activations, DQ(weight) → float op): ``activations=none``; weights
 int4/ternary/binary or blocked (onnxruntime has no integer conv/gemm kernel for them); and, with
 a note, static activations requested without calibration data (``ctx.data`` is None).
@@ -147,6 +153,7 @@ back exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import math
@@ -158,7 +165,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graph_opt.data import Dataset, batch_size_for
+from graph_opt.budget import exact_pattern, hold_floor, name_nodes
+from graph_opt.data import Dataset, batch_size_for, random_dataset
 from graph_opt.errors import GraphOptError
 from graph_opt.kernels.calib import HistogramObserver, MinMaxObserver
 from graph_opt.kernels.quant import (
@@ -180,7 +188,7 @@ from graph_opt.passes._graph import Namer
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
 from graph_opt.passes.fold_batchnorm import FoldBatchnorm
 from graph_opt.progress import progress
-from graph_opt.verify import make_session
+from graph_opt.verify import Reference, make_session
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +242,7 @@ class Quantize(Pass):
     sensitivity_samples: int = 16
     max_samples: int = 256
     batch_size: int | None = None
+    min_snr_db: float | None = None
 
     def __post_init__(self) -> None:
         bad = [op for op in self.op_types if op not in LAYER_OPS]
@@ -250,8 +259,12 @@ class Quantize(Pass):
             raise ValueError("sensitivity_samples must be >= 1")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError("batch_size must be >= 1 (None: sized automatically)")
+        if self.min_snr_db is not None and not math.isfinite(self.min_snr_db):
+            raise ValueError(f"min_snr_db must be a finite number of dB, got {self.min_snr_db}")
 
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
+        if self.min_snr_db is not None:
+            return self._run_with_floor(model, report, ctx)
         if self.activations != "none":
             # A BatchNormalization between a Conv/Gemm and its output QDQ would run in float
             # between int8 layers (MobileNet ran 1.8x slower than fp32 in the first bench_quantize run); folding is exact.
@@ -269,6 +282,35 @@ class Quantize(Pass):
         out = apply_plan(work, plan)
         _report(plan, report, model, out)
         return out
+
+    def _run_with_floor(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
+        """Mixed precision: quantize as planned, then keep the fewest least robust layers (their
+        measured SNR, lowest first) in float until the model's SNR on the calibration data holds
+        `min_snr_db` (graph_opt.budget.hold_floor)."""
+        name_nodes(model)  # keep_float selects layers by node name
+        runs: dict[int, PassReport] = {}
+
+        def rebuild(kept: tuple[str, ...]) -> onnx.ModelProto:
+            keep = self.keep_float + tuple(exact_pattern(n) for n in kept)
+            result = dataclasses.replace(self, min_snr_db=None, keep_float=keep)(model, ctx)
+            runs[id(result.model)] = result.report
+            return result.model
+
+        first = rebuild(())
+        layers = [e for e in runs[id(first)].rewritten if e.get("weight")]
+        order = [e["node"] for e in sorted(layers, key=lambda e: (e.get("snr_db") is None, e.get("snr_db") or 0.0))]
+        if order:
+            data = ctx.data.take(self.max_samples) if ctx.data is not None else random_dataset(model, 16, seed=ctx.seed)
+            if ctx.data is None:
+                report.note("min_snr_db: no calibration data; the floor is checked on seeded random inputs")
+            out = hold_floor(Reference(model, data), first, order, rebuild, self.min_snr_db, report)
+        else:
+            out = first
+        chosen = runs[id(out)]
+        report.rewritten.extend(chosen.rewritten)
+        report.skipped.extend(chosen.skipped)
+        report.notes[:0] = chosen.notes
+        return out if chosen.rewritten else model
 
     def plan(self, model: onnx.ModelProto, data: Dataset | None = None, *, batch_size: int | None = None) -> QuantPlan:
         """The plan this pass would apply to `model` (for inspection; nothing is rewritten)."""

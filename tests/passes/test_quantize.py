@@ -625,3 +625,48 @@ def test_tiny_stem_conv_on_the_graph_input_stays_float():
     assert_valid(result.model)
     test = random_dataset(model, 8, seed=9)
     _assert_deployable(model, result.model, test)
+
+
+# ---- mixed precision under a fidelity floor (min_snr_db) ----
+
+def _example():
+    from graph_opt.example import example_calibration, example_model
+
+    return example_model(), example_calibration()
+
+
+def test_min_snr_db_below_the_achieved_snr_changes_nothing():
+    from graph_opt.verify import verify
+
+    model, data = _example()
+    plain = Quantize()(model, PassContext(data=data))
+    floored = Quantize(min_snr_db=20.0)(model, PassContext(data=data))
+    assert verify(model, plain.model, data).snr_db >= 20.0
+    assert op_count(floored.model, "QuantizeLinear") == op_count(plain.model, "QuantizeLinear") > 0
+    assert [e["node"] for e in floored.report.rewritten] == [e["node"] for e in plain.report.rewritten]
+    assert any("holds the floor" in n for n in floored.report.notes)
+
+
+def test_min_snr_db_keeps_the_least_robust_layers_float_until_the_floor_holds():
+    from graph_opt.verify import verify
+
+    model, data = _example()
+    plain = Quantize()(model, PassContext(data=data))
+    achieved = verify(model, plain.model, data).snr_db
+    floor = achieved + 2.0
+    result = Quantize(min_snr_db=floor)(model, PassContext(data=data))
+    assert_valid(result.model)
+    assert verify(model, result.model, data).snr_db >= floor  # the floor holds on the calibration data
+    q_plain, q_floor = op_count(plain.model, "QuantizeLinear"), op_count(result.model, "QuantizeLinear")
+    assert 0 < q_floor < q_plain  # still quantized, but fewer layers
+    note = next(n for n in result.report.notes if n.startswith("min_snr_db: kept"))
+    kept = int(note.split("kept ")[1].split(" of")[0])
+    assert kept >= 1
+    # the kept layers are the least robust ones of the plain run, in order
+    ranked = sorted((e for e in plain.report.rewritten if e.get("weight")), key=lambda e: e["snr_db"])
+    assert all(e["node"] not in {r["node"] for r in result.report.rewritten} for e in ranked[:kept])
+
+
+def test_min_snr_db_must_be_finite():
+    with pytest.raises(ValueError, match="finite"):
+        Quantize(min_snr_db=float("inf"))
