@@ -361,6 +361,8 @@ class HistogramObserver(MinMaxObserver):
         total = mass[-1]
         candidates = np.arange(m, n + 1)  # how many bins are kept
         kl = np.empty(candidates.size)
+        g = np.arange(m + 1, dtype=np.int64)
+        shift = m.bit_length() - 1 if m & (m - 1) == 0 else None  # (g·i) // m as a shift when m = 2^k
         # Blocks of candidates keep the (candidates × levels) temporaries to a few MB.
         block = max(1, (1 << 18) // (m + 1))
         for b0 in range(0, candidates.size, block):
@@ -370,20 +372,34 @@ class HistogramObserver(MinMaxObserver):
             # sum P log P with P in counts: the untouched bins, plus the last bin with the tail.
             plogp = hlogh[i - 1] + xlogx(last + tail)
             # Groups of the quantized Q: bins [starts[g], starts[g+1]) for g < m, starts[m] = i.
-            starts = (np.arange(m + 1)[None, :] * i[:, None]) // m
-            g_mass = mass[starts[:, 1:]] - mass[starts[:, :-1]]
-            g_nonempty = nonempty[starts[:, 1:]] - nonempty[starts[:, :-1]]
-            kept = mass[i][:, None]  # Q's mass: the kept bins only
+            starts = np.multiply.outer(i, g)
+            if shift is not None:
+                starts >>= shift
+            else:
+                starts //= m
+            g_mass = np.diff(mass[starts], axis=1)
+            g_nonempty = np.diff(nonempty[starts], axis=1)
+            # An empty group has no mass: give it one "bin" so that Q is finite there (its term is
+            # 0·log(uniform) = 0), instead of masking 0/0 afterwards.
+            np.maximum(g_nonempty, 1.0, out=g_nonempty)
+            kept = mass[i]  # Q's mass: the kept bins only
             uniform = _KL_SMOOTHING / i
+            # Q on a non-empty bin of group g, mixed with uniform mass over the i bins so that
+            # clipped mass landing in an empty bin costs a finite, logarithmic penalty. The same
+            # operations in the same order as written out: (1-ε)·mass / nonempty / kept + uniform.
+            q_bin = g_mass * (1.0 - _KL_SMOOTHING)
+            q_bin /= g_nonempty
             with np.errstate(divide="ignore", invalid="ignore"):
-                # Q on a non-empty bin of group g, mixed with uniform mass over the i bins so
-                # that clipped mass landing in an empty bin costs a finite, logarithmic penalty.
-                q_bin = (1.0 - _KL_SMOOTHING) * g_mass / g_nonempty / kept + uniform[:, None]
-                plogq = np.sum(np.where(g_nonempty > 0, g_mass * np.log(q_bin), 0.0), axis=1)
-                plogq += tail * np.log(np.where(last > 0, q_bin[:, -1], uniform))
-            kl[b0 : b0 + block] = np.where(
-                kept[:, 0] > 0, (plogp - plogq) / total - math.log(total), np.inf
-            )
+                q_bin /= kept[:, None]
+            q_bin += uniform[:, None]
+            q_last = np.where(last > 0, q_bin[:, -1], uniform)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                np.log(q_bin, out=q_bin)
+                q_bin *= g_mass
+            plogq = q_bin.sum(axis=1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                plogq += tail * np.log(q_last)
+                kl[b0 : b0 + block] = np.where(kept > 0, (plogp - plogq) / total - math.log(total), np.inf)
         # Ties (within rounding) keep the larger threshold: clip no more than needed.
         best = candidates[np.flatnonzero(kl <= kl.min() + 1e-12)[-1]]
         return float(best) * self.bin_width

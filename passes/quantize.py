@@ -864,6 +864,7 @@ def _sensitivity(model: onnx.ModelProto, ix: _Index, layers: dict[int, _Layer], 
     del work, g
     sub = data.take(min(opts.max_samples, opts.sensitivity_samples))
     acc: dict[str, list[float]] = {}
+    qparams = {t: pl.acts[t].params() for t in measured}  # once, not per batch
 
     def add(key: str, ref: np.ndarray, cand: np.ndarray) -> None:
         # float32 dot products (BLAS, blocked partial sums): ample for an SNR in dB, and no
@@ -883,7 +884,7 @@ def _sensitivity(model: onnx.ModelProto, ix: _Index, layers: dict[int, _Layer], 
             if idx in wo_of:
                 add(f"weight_only:{idx}", values[y], values[wo_of[idx]])
         for t in measured:
-            add(f"tensor:{t}", values[t], fake_quantize(values[t], pl.acts[t].params()))
+            add(f"tensor:{t}", values[t], fake_quantize(values[t], qparams[t]))
         del values
 
     def snr(key: str) -> float:

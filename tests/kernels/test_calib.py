@@ -349,3 +349,24 @@ def test_float32_fast_path_equals_float64_path(scale_exp):
     small = calib.HistogramObserver()
     small.update(np.array([np.float32(-1e-45), 3e38], np.float32))
     assert small.exponent > 0 and small.counts[n - 1] == 1 and small.counts[n] == 0
+
+
+@pytest.mark.parametrize("levels", [8, 12, 64, 100])
+@pytest.mark.parametrize("kind", ["sparse", "one_sided", "heavy_tail"])
+def test_vectorized_kl_search_equals_the_loop_on_gapped_and_odd_level_histograms(kind, levels):
+    # The search scores every candidate at once (power-of-two `levels` by a shift, others by a
+    # floor division) and gives empty groups a unit count instead of masking 0/0 afterwards:
+    # both must agree with the definition, also where many groups are empty.
+    rng = np.random.default_rng(levels)
+    if kind == "sparse":  # few distinct values: most bins, and many groups, are empty
+        x = rng.choice(rng.uniform(-3, 3, 40), 5_000)
+    elif kind == "one_sided":
+        x = np.abs(rng.standard_normal(5_000)) ** 2
+    else:
+        x = rng.standard_t(2, 5_000)
+    obs = fed([x], bins=256)
+    folded = obs._folded(False)
+    assert (folded[: np.flatnonzero(folded)[-1]] == 0).sum() > 0  # vacuity: the histogram has gaps
+    want = reference_kl_threshold(folded, levels)
+    got = obs._kl_threshold(folded, levels) / obs.bin_width
+    assert got == want
