@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import external_data_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graph_opt.errors import InvalidModelError, ModelLoadError, ModelSaveError
 
@@ -219,10 +220,18 @@ _EXTERNAL_THRESHOLD = 1024
 _EXTERNAL_ALIGN = 4096
 
 
+def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` without the bytes of its main-graph initializers of ≥ 1 KB: they become
+    external references to a file that does not exist. Names, types and dims stay, so shape
+    inference, parameter counts and MACs work on it, on a model of any size, for the cost of its
+    small tensors; running it or reading its weights does not."""
+    return _external_shell(model, None, "weights-not-loaded")
+
+
 def _external_shell(model: onnx.ModelProto, data, data_name: str) -> onnx.ModelProto:
     """A copy of `model` whose main-graph initializers (≥ 1 KB of raw data) live in the open file
-    `data`, written here one tensor at a time. Unlike `CopyFrom` + `onnx.save_model`, the weights are
-    never copied as a whole: a > 2 GB model saves with one tensor's worth of extra memory."""
+    `data` (None: nowhere), written here one tensor at a time. Unlike `CopyFrom` + `onnx.save_model`,
+    the weights are never copied as a whole: a > 2 GB model saves with one tensor's worth of extra memory."""
     shell = onnx.ModelProto()
     for fd, value in model.ListFields():
         if fd.name != "graph":
@@ -241,7 +250,8 @@ def _external_shell(model: onnx.ModelProto, data, data_name: str) -> onnx.ModelP
             if fd.name != "raw_data":
                 _copy_field(out, fd, value)
         pad = -offset % _EXTERNAL_ALIGN
-        data.write(b"\0" * pad + raw)
+        if data is not None:
+            data.write(b"\0" * pad + raw)
         out.data_location = onnx.TensorProto.EXTERNAL
         for key, value in (("location", data_name), ("offset", str(offset + pad)), ("length", str(len(raw)))):
             entry = out.external_data.add()
@@ -290,18 +300,50 @@ def check_model(model: onnx.ModelProto, *, full: bool = True) -> onnx.ModelProto
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    """ModelProto → graphsurgeon Graph that owns private copies of every weight.
+    """ModelProto → graphsurgeon Graph whose weights are private copies, made when first read.
 
-    graphsurgeon shares numpy arrays between graphs (and `Graph.copy()` does too), so a pass that
-    edits a weight in place would edit the caller's model; here every Constant gets its own array.
+    graphsurgeon imports weights lazily: a Constant's array is built on first access from the
+    model's TensorProto (`LazyValues.load`, a fresh writable copy each time, cached per Constant), so
+    editing it in place never reaches the caller's model, even through `Graph.copy()`. Weights a
+    pass never reads are never turned into arrays and are exported from their TensorProto as they
+    are: on a model of several GB this saves a full copy of the weights per pass.
     """
     model, opaque = _hide_packed(model)
     graph = gs.import_onnx(model)
-    for tensor in _all_tensors(graph):
-        if isinstance(tensor, gs.Constant):
-            tensor.values = np.array(tensor.values, copy=True)
     graph._graph_opt_packed = opaque  # restored by to_model
     return graph
+
+
+def _export(graph: gs.Graph) -> onnx.ModelProto:
+    """`gs.export_onnx`, with each never-read weight's bytes copied once, straight into the result.
+
+    graphsurgeon exports a never-read Constant by putting its source TensorProto in a GraphProto
+    (one copy of the bytes) that `make_model` then copies into the ModelProto (a second one), and
+    renames that source in place when a pass renamed the Constant (an edit of the caller's model).
+    Here the exporter sees a stub without the bytes instead; the bytes go into the exported tensor.
+    """
+    sources: dict[str, onnx.TensorProto] = {}
+    swapped: list[tuple[gs.Constant, LazyValues]] = []
+    for tensor in _all_tensors(graph):
+        lazy = getattr(tensor, "_values", None) if isinstance(tensor, gs.Constant) else None
+        if type(lazy) is LazyValues and lazy.tensor.HasField("raw_data"):
+            stub = onnx.TensorProto()
+            for fd, value in lazy.tensor.ListFields():
+                if fd.name != "raw_data":
+                    _copy_field(stub, fd, value)
+            swapped.append((tensor, lazy))
+            sources[tensor.name] = lazy.tensor
+            tensor._values = LazyValues(stub)
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for tensor, lazy in swapped:
+            tensor._values = lazy
+    for t in external_data_helper._get_all_tensors(model):
+        source = sources.get(t.name)
+        if source is not None and not t.HasField("raw_data"):
+            t.raw_data = source.raw_data
+    return model
 
 
 # Sub-byte element types (int4/int2 and friends): graphsurgeon cannot round-trip their packed
@@ -371,7 +413,7 @@ def _subgraphs(graph: gs.Graph):
 
 def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """graphsurgeon Graph → ModelProto keeping `like`'s IR version, opsets, metadata and functions."""
-    model = gs.export_onnx(graph, do_type_check=False)
+    model = _export(graph)
     _restore_packed(model, getattr(graph, "_graph_opt_packed", {}))
     _restore_initializer_inputs(model, like)
     model.ir_version = like.ir_version

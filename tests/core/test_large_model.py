@@ -5,13 +5,14 @@ import os
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from builders import conv_bn_model, gemm_bn_model
 
 import graph_opt.model_io as mio
 from graph_opt import cli
 from graph_opt.data import random_dataset
-from graph_opt.model_io import load_model, needs_external_data, save_model, session_source
+from graph_opt.model_io import load_model, needs_external_data, save_model, session_source, to_graph, to_model
 from graph_opt.pipeline import Pipeline
 from graph_opt.registry import parse_spec
 from graph_opt.verify import make_session, run_model
@@ -69,3 +70,42 @@ def test_cli_round_trip_with_external_data(tmp_path, over_the_limit, capsys):
     assert not any(n.op_type == "BatchNormalization" for n in out.graph.node)
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+def test_unread_weights_are_exported_untouched_and_renames_do_not_reach_the_input():
+    model = conv_bn_model(cin=16, cout=16)
+    before = model.SerializeToString()
+    graph = to_graph(model)
+    consts = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+    consts[0].name = consts[0].name + "_renamed"  # renamed, never read
+    consts[1].values[...] = 0  # read and edited in place
+    out = to_model(graph, model)
+    assert model.SerializeToString() == before
+    names = {t.name: t for t in out.graph.initializer}
+    assert consts[0].name in names
+    assert not onnx.numpy_helper.to_array(names[consts[1].name]).any()
+    untouched = [t for t in model.graph.initializer if t.name not in (consts[0].name[:-8], consts[1].name)]
+    for t in untouched:
+        assert names[t.name].raw_data == t.raw_data
+
+
+def test_pipeline_statistics_over_the_limit_match_the_in_memory_ones(monkeypatch):
+    from graph_opt.stats import model_stats
+
+    model = conv_bn_model(cin=16, cout=16)
+    expected = model_stats(model)
+    monkeypatch.setattr(mio, "PROTOBUF_LIMIT", 1024)
+    got = Pipeline([], latency=False)._stats(model)
+    assert (got.params, got.weight_bytes, got.macs, got.ops) == (expected.params, expected.weight_bytes,
+                                                                 expected.macs, expected.ops)
+    assert got.macs and got.file_bytes == expected.weight_bytes
+
+
+def test_a_graph_exports_twice_with_its_weights():
+    """prune_channels exports one graph twice: the stubs used while exporting must not stay behind."""
+    model = conv_bn_model(cin=16, cout=16)
+    graph = to_graph(model)
+    first, second = to_model(graph, model), to_model(graph, model)
+    assert first.SerializeToString() == second.SerializeToString()
+    by_name = {t.name: t.raw_data for t in first.graph.initializer}
+    assert all(by_name[t.name] == t.raw_data for t in model.graph.initializer)
