@@ -452,6 +452,8 @@ def markdown(doc: dict) -> str:
                 if "output_bytes" in r else "none")
         lines.append(f"| {r['family']} | `{args}` | {r['wall_s']} | {r['peak_mb']:,} | {r['peak_over_weights']} | "
                      f"{size} | {r['status']} |")
+    if doc.get("notes"):  # written by hand into the JSON after a run, rendered with --render
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in doc["notes"]]
     prof = doc.get("profile") or {}
     if prof.get("phases"):
         lines += ["", f"Where the memory goes (`--profile {prof['spec']}`: the steps of `Pipeline.run`, each "
