@@ -22,7 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from graph_opt.data import bind_shapes
-from graph_opt.model_io import needs_external_data, tensor_bytes
+from graph_opt.model_io import needs_external_data, tensor_bytes, weightless_copy
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,11 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
 def bound_model(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None) -> onnx.ModelProto:
     """A copy with every graph input fixed to a concrete shape, shapes inferred throughout."""
     bound = bind_shapes(model, shapes)
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
+    if needs_external_data(model):  # shape inference serializes the model: over 2 GB, without the weights
+        work = weightless_copy(model)
+    else:
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
     for value in work.graph.input:
         if value.name in bound:
             dims = value.type.tensor_type.shape.dim
@@ -181,8 +184,14 @@ def model_stats(model: onnx.ModelProto, *, shapes: dict[str, tuple[int, ...]] | 
         layers, macs = [], None
         note = f"MACs unavailable: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
     if file_bytes is None:
-        file_bytes = tensor_bytes(model) if needs_external_data(model) else model.ByteSize()
+        file_bytes = serialized_bytes(model)
     return ModelStats(op_histogram(model), count_params(model), tensor_bytes(model), file_bytes, macs, layers, note=note)
+
+
+def serialized_bytes(model: onnx.ModelProto) -> int:
+    """The model's size as a file: its protobuf size, or the weights' bytes when over 2 GB
+    (protobuf cannot size it, and the graph beside them is negligible)."""
+    return tensor_bytes(model) if needs_external_data(model) else model.ByteSize()
 
 
 def measure_latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], *, runs: int = 100,

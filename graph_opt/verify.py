@@ -21,6 +21,7 @@ import onnxruntime as ort
 from graph_opt import metrics
 from graph_opt.data import Dataset, batch_size_for
 from graph_opt.errors import GraphOptError, InvalidModelError
+from graph_opt.model_io import session_source
 from graph_opt.progress import progress
 
 log = logging.getLogger(__name__)
@@ -41,10 +42,14 @@ def session_options(*, optimize: bool = False, threads: int = 1) -> ort.SessionO
 
 
 def make_session(model: onnx.ModelProto, *, optimize: bool = False, threads: int = 1) -> ort.InferenceSession:
-    """An onnxruntime CPU session; a model that onnxruntime refuses raises `InvalidModelError`."""
+    """An onnxruntime CPU session; a model that onnxruntime refuses raises `InvalidModelError`.
+
+    A model over 2 GB reaches onnxruntime through a temporary external-data copy (protobuf cannot
+    serialize it to bytes), see `model_io.session_source`."""
     try:
-        return ort.InferenceSession(model.SerializeToString(), session_options(optimize=optimize, threads=threads),
-                                    providers=["CPUExecutionProvider"])
+        with session_source(model) as source:
+            return ort.InferenceSession(source, session_options(optimize=optimize, threads=threads),
+                                        providers=["CPUExecutionProvider"])
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InvalidModelError(f"onnxruntime cannot load the model: {first[:300]}") from None

@@ -45,6 +45,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from graph_opt.model_io import needs_external_data, weightless_copy
 from graph_opt.passes._graph import constant, node_label, used_once
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
@@ -220,8 +221,9 @@ class Analysis:
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
     """Static dims (None where unknown) of every tensor onnx shape inference can reach."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    try:  # over 2 GB shape inference cannot serialize the model: run it without the weights
+        work = weightless_copy(model) if needs_external_data(model) else model
+        inferred = onnx.shape_inference.infer_shapes(work, data_prop=True)
     except Exception:  # inference fails on some exotic models; the analysis then freezes more
         inferred = model
     out: dict[str, tuple[int | None, ...]] = {}

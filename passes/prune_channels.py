@@ -101,7 +101,7 @@ from onnx import helper
 from graph_opt.budget import Budgeted, run_budget
 from graph_opt.data import batch_size_for, input_specs
 from graph_opt.kernels.importance import ActivationStats, bn_gamma_scores, channel_norms, channel_sumsq, select_channels
-from graph_opt.model_io import copy_model, to_graph, to_model
+from graph_opt.model_io import copy_model, needs_external_data, to_graph, to_model, weightless_copy
 from graph_opt.pass_base import PassContext, PassReport
 from graph_opt.passes._graph import Namer, constant, is_graph_output, node_label, report_subgraphs, used_once
 from graph_opt.passes._groups import (LAYER_OPS, Analysis, Group, Slice, analyze, boundary_layers, check_literals,
@@ -374,7 +374,7 @@ def _bn_scale(node: gs.Node, n: int) -> np.ndarray:
 def _activation_stats(model: onnx.ModelProto, wanted: dict, ctx: PassContext) -> dict[str, ActivationStats]:
     """Per-channel statistics of the `wanted` tensors, batch by batch (only sums are kept)."""
     capture = copy_model(model)
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = onnx.shape_inference.infer_shapes(weightless_copy(model) if needs_external_data(model) else model)
     types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
     outputs = {o.name for o in capture.graph.output}
     for name in wanted:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import zlib
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -44,7 +45,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graph_opt.kernels.importance import global_magnitude_masks, magnitude_mask, nm_mask
-from graph_opt.model_io import to_graph, to_model
+from graph_opt.model_io import needs_external_data, to_graph, to_model, weightless_copy
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._graph import Namer, constant, node_label, report_subgraphs, used_once
 from graph_opt.passes._groups import LAYER_OPS, boundary_layers, check_literals, selected
@@ -67,13 +68,32 @@ def parse_pattern(text: str) -> tuple[int, int] | None:
 
 
 def compressed_sizes(model: onnx.ModelProto) -> dict[str, int]:
-    """Serialized bytes, gzip bytes, and zstd bytes when a zstd module ships with this Python."""
+    """Serialized bytes, gzip bytes, and zstd bytes when a zstd module ships with this Python.
+
+    Over 2 GB (protobuf cannot serialize it) the model is measured as its file would be saved: the
+    graph without the weights, then each weight's bytes streamed through one gzip stream; zstd is
+    left out there."""
+    if needs_external_data(model):
+        return _streamed_sizes(model)
     raw = model.SerializeToString()
     out = {"bytes": len(raw), "gzip_bytes": len(gzip.compress(raw, compresslevel=6, mtime=0))}
     zstd = _zstd()
     if zstd is not None:
         out["zstd_bytes"] = len(zstd(raw))
     return out
+
+
+def _streamed_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    gz = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: the gzip format, as gzip.compress writes
+    shell = weightless_copy(model).SerializeToString()
+    total, packed = len(shell), len(gz.compress(shell))
+    for tensor in model.graph.initializer:
+        raw = tensor.raw_data if tensor.HasField("raw_data") else b""
+        if len(raw) >= 1024:  # the ones weightless_copy left out (the rest are inside the shell)
+            total += len(raw)
+            packed += len(gz.compress(raw))
+    packed += len(gz.flush())
+    return {"bytes": total, "gzip_bytes": packed}
 
 
 def _zstd():

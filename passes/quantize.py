@@ -188,6 +188,7 @@ from graph_opt.passes._graph import Namer
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
 from graph_opt.passes.fold_batchnorm import FoldBatchnorm
 from graph_opt.progress import progress
+from graph_opt.stats import serialized_bytes
 from graph_opt.verify import Reference, make_session
 
 log = logging.getLogger(__name__)
@@ -1329,6 +1330,6 @@ def _report(plan: QuantPlan, report: PassReport, before: onnx.ModelProto, after:
         report.rewrite(d.node, **details)
     for note in plan.notes:
         report.note(note)
-    before_bytes, after_bytes = before.ByteSize(), after.ByteSize()
+    before_bytes, after_bytes = serialized_bytes(before), serialized_bytes(after)
     report.note(f"model bytes {before_bytes} → {after_bytes} ({before_bytes / max(after_bytes, 1):.2f}× smaller)")
     report.note("plan: " + plan.to_json(compact=True))
