@@ -18,15 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import onnx
-import onnxruntime as ort
 
-from graph_opt.data import Dataset, batch_size_for
+from graph_opt.data import Dataset
 from graph_opt.errors import GraphOptError, InvalidModelError
-from graph_opt.model_io import check_model, needs_external_data, session_source, tensor_bytes, weightless_copy
+from graph_opt.model_io import check_model, needs_external_data, tensor_bytes, weightless_copy
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.progress import progress
 from graph_opt.stats import ModelStats, measure_latency, model_stats
-from graph_opt.verify import ParityReport, Reference, compare_outputs, make_session, run_model, session_options
+from graph_opt.verify import ParityReport, Reference, make_session
 
 log = logging.getLogger(__name__)
 
@@ -84,33 +83,6 @@ class PipelineResult:
         }
 
 
-def _session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
-    """`make_session` for a model of any size: one over 2 GB reaches onnxruntime through a temporary
-    external-data file (protobuf cannot serialize it to bytes)."""
-    if not needs_external_data(model):
-        return make_session(model, threads=threads)
-    with session_source(model) as path:
-        try:
-            return ort.InferenceSession(path, session_options(threads=threads), providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise InvalidModelError(f"onnxruntime cannot load the model: {first[:300]}") from None
-
-
-class _Reference(Reference):
-    """`Reference` whose sessions come from `_session`, so models over 2 GB can be verified."""
-
-    def __init__(self, original: onnx.ModelProto, data: Dataset, *, threads: int = 1):
-        self.data, self.threads, self.temperature, self.kd_alpha = data, threads, 1.0, 1.0
-        self.batch_size = batch_size_for(original)
-        self.outputs = run_model(_session(original, threads), data, batch_size=self.batch_size, desc="reference")
-
-    def compare(self, candidate: onnx.ModelProto, tolerances: dict[str, float] | None = None) -> ParityReport:
-        cand = run_model(_session(candidate, self.threads), self.data, batch_size=self.batch_size, desc="candidate")
-        return compare_outputs(self.outputs, cand, labels=self.data.labels, temperature=self.temperature,
-                               kd_alpha=self.kd_alpha, data_source=self.data.source, tolerances=tolerances)
-
-
 def check_candidate(candidate: onnx.ModelProto, reference: Reference | None, tolerances: dict[str, float], *,
                     threads: int = 1) -> tuple[str | None, ParityReport | None]:
     """The postconditions of a pass's output: (None, parity) when it may be accepted, else (why not, parity).
@@ -121,7 +93,7 @@ def check_candidate(candidate: onnx.ModelProto, reference: Reference | None, tol
     try:
         check_model(candidate, full=True)
         if reference is None:  # with a reference, comparing loads the candidate: one session, not two
-            _session(candidate, threads=threads)
+            make_session(candidate, threads=threads)
     except InvalidModelError as exc:
         return f"invalid output: {exc}", None
     if reference is None:
@@ -155,9 +127,9 @@ class Pipeline:
 
     def run(self, original: onnx.ModelProto) -> PipelineResult:
         try:  # an input onnxruntime refuses cannot be verified: say so, instead of blaming every pass
-            reference = _Reference(original, self.verify_data, threads=self.threads) if self.verify_data is not None else None
+            reference = Reference(original, self.verify_data, threads=self.threads) if self.verify_data is not None else None
             if reference is None:
-                _session(original, threads=self.threads)
+                make_session(original, threads=self.threads)
         except InvalidModelError as exc:
             raise InvalidModelError(f"the input model cannot be verified: {exc}") from None
         baseline = StepRecord("original", "original", stats=self._stats(original), model=original)
