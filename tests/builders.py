@@ -950,3 +950,12 @@ def outer_scope_weight_model() -> onnx.ModelProto:
     cond = g.node("Greater", [g.node("ReduceMean", ["feat"], keepdims=0), g.const("low", np.float32(-1e9))])
     classifier_head(g, g.node("If", [cond], ["if_out"], name="branch", then_branch=then, else_branch=other), 8)
     return g.build()
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """`graph-opt ARGV...` in this process: (exit code, stdout, stderr)."""
+    from graph_opt.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err

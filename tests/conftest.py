@@ -9,3 +9,16 @@ os.environ.setdefault("GRAPH_OPT_PROGRESS", "0")
 import tempfile
 
 os.environ["GRAPH_OPT_CACHE"] = tempfile.mkdtemp(prefix="graph-opt-test-cache-")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    """A small CNN saved as tmp_path/model.onnx (the CLI tests' input)."""
+    from builders import small_cnn
+
+    from graph_opt.model_io import save_model
+
+    return save_model(small_cnn(), tmp_path / "model.onnx")

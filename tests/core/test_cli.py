@@ -3,21 +3,10 @@ import json
 import numpy as np
 import onnx
 import pytest
-from builders import gemm_bn_model, small_cnn
+from builders import run_cli as _run, gemm_bn_model, small_cnn
 
 from graph_opt.cli import main
 from graph_opt.model_io import save_model
-
-
-@pytest.fixture
-def model_path(tmp_path):
-    return save_model(small_cnn(), tmp_path / "model.onnx")
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_optimize_writes_model_and_report(tmp_path, model_path, capsys):

@@ -9,14 +9,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
-from builders import small_cnn
+from builders import run_cli as _run, small_cnn
 
 import graph_opt
-from graph_opt.cli import main
 from graph_opt.compare import Comparer, NamedPipeline, cli_pipelines, named_pipelines, parse_ordering
 from graph_opt.data import random_dataset
 from graph_opt.errors import SpecError
-from graph_opt.model_io import save_model
 from graph_opt.pass_base import Pass
 from graph_opt.pipeline import Pipeline
 from graph_opt.plot import pareto_front
@@ -168,17 +166,6 @@ def test_pareto_front_on_constructed_points():
 
 
 # ---- files and the command line ----
-
-@pytest.fixture
-def model_path(tmp_path):
-    return save_model(small_cnn(), tmp_path / "model.onnx")
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
 
 def test_cli_writes_json_markdown_and_plot(tmp_path, model_path, capsys):
     pytest.importorskip("matplotlib")
