@@ -7,10 +7,20 @@ through a temporary file renamed into place, so a crash leaves either the old fi
 Models whose tensors exceed protobuf's 2 GB limit are saved with external data automatically;
 model and data are two renames, so a crash between them leaves no model rather than a mismatched
 pair. Leftovers of a killed save are hidden temporaries (``.<name>.*``), never ``*.onnx`` files.
+
+Weights kept on disk. A model over 2 GB is loaded with its main-graph weights left in their files:
+each such initializer stays an EXTERNAL tensor, and a private external-data key (`DISK_KEY`) holds
+the absolute folder its `location` is relative to (an in-memory model has no folder of its own).
+Copying such a model copies references, not bytes. Readers go through `read_array`/`read_raw`;
+graphsurgeon reads them when a pass first touches them (`to_graph`); onnxruntime sessions and the
+checker see a temporary folder where the weight files are hard-linked (copied across file systems);
+`save_model` streams them into the output. The pipeline writes each step's new weights to a
+temporary folder the same way (`spill`), so memory holds the weights a pass works on, not whole models.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -18,11 +28,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import external_data_helper
+from onnx import external_data_helper, numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graph_opt.errors import InvalidModelError, ModelLoadError, ModelSaveError
@@ -33,8 +44,14 @@ log = logging.getLogger(__name__)
 PROTOBUF_LIMIT = 2**31 - 2**20
 
 
-def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
-    """Load an ONNX model with its external data; raise `ModelLoadError` with one clear line."""
+def load_model(path: str | os.PathLike, *, check: bool = True,
+               weights: Literal["auto", "memory", "disk"] = "auto") -> onnx.ModelProto:
+    """Load an ONNX model with its external data; raise `ModelLoadError` with one clear line.
+
+    `weights`: where the main-graph weights stored as external data live: "memory" loads them,
+    "disk" leaves them in their files (see the module docstring), "auto" leaves them on disk when
+    the model is over protobuf's 2 GB limit, where holding and serializing them would cost a copy
+    of the weights per model in flight."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"model file not found: {path}")
@@ -46,17 +63,19 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
         raise ModelLoadError(f"{path} is not a valid ONNX model (cannot parse: {_first_line(exc)})") from None
     if not model.HasField("graph") or model.ir_version == 0:
         raise ModelLoadError(f"{path} is not a valid ONNX model (no graph or no IR version)")
-    _load_external_data(model, path.parent.resolve(), path)
+    _load_external_data(model, path.parent.resolve(), path, weights)
     if check:
         try:
             if not needs_external_data(model):
                 onnx.checker.check_model(model)
+            elif has_disk_weights(model):  # the file, with its data in place: no weight is read
+                onnx.checker.check_model(str(path))
         except Exception as exc:
             raise ModelLoadError(f"{path} fails onnx.checker: {_first_line(exc)}") from None
     return model
 
 
-def _load_external_data(model: onnx.ModelProto, base: Path, path: Path) -> None:
+def _load_external_data(model: onnx.ModelProto, base: Path, path: Path, weights: str = "memory") -> None:
     tensors = [t for t in external_data_helper._get_all_tensors(model) if _is_external(t)]
     for tensor in tensors:
         info = {e.key: e.value for e in tensor.external_data}
@@ -75,11 +94,135 @@ def _load_external_data(model: onnx.ModelProto, base: Path, path: Path) -> None:
             raise ModelLoadError(
                 f"{path}: external data file {target.name} is truncated "
                 f"(tensor {tensor.name!r} needs {needed} bytes, file has {target.stat().st_size})")
-    if tensors:
-        try:
-            external_data_helper.load_external_data_for_model(model, str(base))
-        except Exception as exc:
-            raise ModelLoadError(f"{path}: cannot read external data: {_first_line(exc)}") from None
+    if not tensors:
+        return
+    keep = set()
+    if weights != "memory":
+        sizes = {id(t): _known_length(t) for t in model.graph.initializer if _is_external(t)}
+        keep = {k for k, size in sizes.items() if size is not None}
+        if weights == "auto" and tensor_bytes(model) + sum(s or 0 for s in sizes.values()) < PROTOBUF_LIMIT:
+            keep = set()
+    try:
+        for tensor in tensors:
+            if id(tensor) in keep:
+                _point_at(tensor, base, _ext_info(tensor)["location"], int(_ext_info(tensor).get("offset", 0) or 0),
+                          _known_length(tensor))
+            else:
+                external_data_helper.load_external_data_for_tensor(tensor, str(base))
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                del tensor.external_data[:]
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot read external data: {_first_line(exc)}") from None
+
+
+def _ext_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def _known_length(tensor: onnx.TensorProto) -> int | None:
+    """Bytes of an external tensor: its `length`, else computed from dims (None for packed types)."""
+    length = _ext_info(tensor).get("length")
+    if length:
+        return int(length)
+    if tensor.data_type in _PACKED_TYPES or tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+# --- weights kept on disk -------------------------------------------------------------------
+
+DISK_KEY = "graph_opt.dir"  # private external-data key: the absolute folder `location` is relative to
+_CHUNK = 16 << 20  # bytes per read when weights are streamed from one file to another
+
+
+def on_disk(tensor: onnx.TensorProto) -> bool:
+    """True for a tensor whose bytes stay in a file (see the module docstring)."""
+    return _is_external(tensor) and any(e.key == DISK_KEY for e in tensor.external_data)
+
+
+def has_disk_weights(model: onnx.ModelProto) -> bool:
+    return any(on_disk(t) for t in model.graph.initializer)
+
+
+def _disk_ref(tensor: onnx.TensorProto) -> tuple[Path, int, int]:
+    info = _ext_info(tensor)
+    return Path(info[DISK_KEY]) / info["location"], int(info.get("offset", 0) or 0), int(info["length"])
+
+
+def _point_at(tensor: onnx.TensorProto, folder: Path | None, location: str, offset: int, length: int) -> None:
+    """Make `tensor` an external reference (without bytes); with `folder`, one kept on disk."""
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    entries = [("location", location), ("offset", str(offset)), ("length", str(length))]
+    if folder is not None:
+        entries.append((DISK_KEY, str(folder)))
+    for key, value in entries:
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def read_raw(tensor: onnx.TensorProto) -> bytes:
+    """The raw bytes of a tensor, read from its file when it is kept on disk."""
+    if not on_disk(tensor):
+        return tensor.raw_data
+    path, offset, length = _disk_ref(tensor)
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            raw = fh.read(length)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read the weights of {tensor.name!r} from {path}: {exc.strerror or exc}") from None
+    if len(raw) != length:
+        raise ModelLoadError(f"the weights of {tensor.name!r} in {path} are truncated (file changed since loading?)")
+    return raw
+
+
+def read_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """`numpy_helper.to_array` for any tensor, including one kept on disk."""
+    if not on_disk(tensor):
+        return numpy_helper.to_array(tensor)
+    loaded = onnx.TensorProto()
+    for fd, value in tensor.ListFields():
+        if fd.name not in ("external_data", "data_location"):
+            _copy_field(loaded, fd, value)
+    loaded.raw_data = read_raw(tensor)
+    return numpy_helper.to_array(loaded)
+
+
+def _copy_disk_bytes(tensor: onnx.TensorProto, data) -> None:
+    """Append a kept-on-disk tensor's bytes to the open file `data`, a chunk at a time."""
+    path, offset, length = _disk_ref(tensor)
+    with open(path, "rb") as src:
+        src.seek(offset)
+        left = length
+        while left:
+            chunk = src.read(min(left, _CHUNK))
+            if not chunk:
+                raise ModelSaveError(f"the weights of {tensor.name!r} in {path} are truncated")
+            data.write(chunk)
+            left -= len(chunk)
+
+
+_spill_dirs: list[str] = []
+
+
+def spill_dir() -> Path:
+    """A new temporary folder for weights kept on disk, removed when the process exits."""
+    if not _spill_dirs:
+        atexit.register(lambda: [shutil.rmtree(d, ignore_errors=True) for d in _spill_dirs])
+    folder = tempfile.mkdtemp(prefix="graph-opt-weights.")
+    _spill_dirs.append(folder)
+    return Path(folder)
+
+
+def spill(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
+    """A copy of `model` whose in-memory main-graph weights (≥ 1 KB) are written to a new file in
+    `folder` and kept on disk there; weights already on disk stay where they are."""
+    fd, name = tempfile.mkstemp(prefix="weights.", suffix=".bin", dir=folder)
+    with os.fdopen(fd, "wb") as data:
+        return _external_shell(model, data, Path(name).name, keep_in=folder)
 
 
 def _is_external(tensor: onnx.TensorProto) -> bool:
@@ -100,10 +243,13 @@ def _first_line(exc: BaseException) -> str:
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of all weight data (initializers, Constant nodes, subgraphs), without serializing."""
+    """Bytes of all weight data (initializers, Constant nodes, subgraphs), without serializing;
+    weights kept on disk count with their size."""
     total = 0
     for t in external_data_helper._get_all_tensors(model):
-        if t.HasField("raw_data"):
+        if on_disk(t):
+            total += _disk_ref(t)[2]
+        elif t.HasField("raw_data"):
             total += len(t.raw_data)
         else:
             total += 4 * (len(t.float_data) + len(t.int32_data)) + 8 * (len(t.int64_data) + len(t.double_data))
@@ -111,8 +257,9 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
 
 
 def needs_external_data(model: onnx.ModelProto) -> bool:
-    """True when the model cannot be one protobuf file (≥ 2 GB)."""
-    return tensor_bytes(model) >= PROTOBUF_LIMIT
+    """True when the model cannot be serialized as one protobuf with its weights: ≥ 2 GB, or
+    weights kept on disk."""
+    return has_disk_weights(model) or tensor_bytes(model) >= PROTOBUF_LIMIT
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
@@ -133,11 +280,17 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
         raise ModelSaveError(f"output directory does not exist: {target.parent}")
     if target.is_dir():
         raise ModelSaveError(f"output path is a directory: {target}")
+    reading = {_disk_ref(t)[0].resolve() for t in model.graph.initializer if on_disk(t)}
+    if (target.parent / (target.name + ".data")).resolve() in reading:
+        raise ModelSaveError(f"refusing to overwrite {target.name}.data: the model's weights are read from it; "
+                             "choose another output path")
     if external_data is None:
-        external_data = needs_external_data(model)
+        external_data = tensor_bytes(model) >= PROTOBUF_LIMIT
     try:
         if external_data:
             _save_external(model, target)
+        elif has_disk_weights(model):  # small enough for one file: read its weights back in
+            write_atomic(target, _loaded_copy(model).SerializeToString())
         else:
             write_atomic(target, model.SerializeToString())
     except OSError as exc:
@@ -193,23 +346,62 @@ def _save_external(model: onnx.ModelProto, target: Path) -> None:
             os.rmdir(tmpdir)
 
 
+def _loaded_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` with its kept-on-disk weights read into memory."""
+    out = copy_model(model)
+    for tensor in out.graph.initializer:
+        if on_disk(tensor):
+            raw = read_raw(tensor)
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+            tensor.raw_data = raw
+    return out
+
+
 @contextlib.contextmanager
 def session_source(model: onnx.ModelProto) -> Iterator[bytes | str]:
     """What `onnxruntime.InferenceSession` can read `model` from, valid inside the `with` block.
 
-    The serialized bytes; or, for a model protobuf cannot serialize (≥ 2 GB), the path of a
-    temporary copy saved with external data (onnxruntime refuses absolute external-data paths
-    in a model given as bytes, so a file it is). The copy is deleted on exit: a session has read
-    or mapped its data by then, and a mapped file stays readable after its name is gone.
+    The serialized bytes; or, for a model protobuf cannot serialize (≥ 2 GB, or weights kept on
+    disk), the path of a temporary copy with external data (onnxruntime refuses absolute
+    external-data paths in a model given as bytes, so a file it is), see `file_view`.
     """
     if not needs_external_data(model):
         yield model.SerializeToString()
         return
-    tmpdir = tempfile.mkdtemp(prefix="graph-opt-session.")
-    try:
-        path = Path(tmpdir) / "model.onnx"
-        _save_external(model, path)
+    with file_view(model) as path:
         yield str(path)
+
+
+@contextlib.contextmanager
+def file_view(model: onnx.ModelProto) -> Iterator[Path]:
+    """`model` as a file with its weights as external data, in a temporary folder removed on exit.
+
+    In-memory weights are written there; the files of weights kept on disk are hard-linked into
+    the folder (no bytes copied; onnxruntime refuses symbolic links that leave the folder), or
+    copied when the link fails (another file system). A session made inside the block keeps its
+    weights after the folder is gone: it has read or mapped them, and a mapped file stays readable.
+    """
+    tmpdir = Path(tempfile.mkdtemp(prefix="graph-opt-session."))
+    try:
+        links: dict[Path, str | None] = {}
+        for tensor in model.graph.initializer:
+            if on_disk(tensor):
+                source = _disk_ref(tensor)[0]
+                if source not in links:
+                    name = f"linked-{len(links)}.bin"
+                    try:
+                        os.link(source, tmpdir / name)
+                        links[source] = name
+                    except OSError:
+                        links[source] = None
+        path = tmpdir / "model.onnx"
+        data_name = "model.onnx.data"
+        with open(tmpdir / data_name, "wb") as data:
+            shell = _external_shell(model, data, data_name, links=links)
+        path.write_bytes(shell.SerializeToString())  # protobuf refuses a graph still over 2 GB
+        del shell
+        yield path
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -228,10 +420,15 @@ def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return _external_shell(model, None, "weights-not-loaded")
 
 
-def _external_shell(model: onnx.ModelProto, data, data_name: str) -> onnx.ModelProto:
+def _external_shell(model: onnx.ModelProto, data, data_name: str, *, keep_in: Path | None = None,
+                    links: dict[Path, str | None] | None = None) -> onnx.ModelProto:
     """A copy of `model` whose main-graph initializers (≥ 1 KB of raw data) live in the open file
     `data` (None: nowhere), written here one tensor at a time. Unlike `CopyFrom` + `onnx.save_model`,
-    the weights are never copied as a whole: a > 2 GB model saves with one tensor's worth of extra memory."""
+    the weights are never copied as a whole: a > 2 GB model saves with one tensor's worth of extra memory.
+
+    Weights kept on disk are streamed into `data` too, unless `data` is None or `keep_in` is given
+    (they stay references), or `links` names a link to their file next to `data`. With `keep_in`
+    (the folder of `data`), the written weights are kept on disk there (`spill`)."""
     shell = onnx.ModelProto()
     for fd, value in model.ListFields():
         if fd.name != "graph":
@@ -242,6 +439,23 @@ def _external_shell(model: onnx.ModelProto, data, data_name: str) -> onnx.ModelP
     offset = 0
     for tensor in model.graph.initializer:
         out = shell.graph.initializer.add()
+        if on_disk(tensor):
+            source, at, length = _disk_ref(tensor)
+            if data is None or keep_in is not None:
+                out.CopyFrom(tensor)
+                continue
+            for fd, value in tensor.ListFields():
+                if fd.name not in ("external_data", "data_location"):
+                    _copy_field(out, fd, value)
+            if links is not None and links.get(source):
+                _point_at(out, None, links[source], at, length)
+                continue
+            pad = -offset % _EXTERNAL_ALIGN
+            data.write(b"\0" * pad)
+            _copy_disk_bytes(tensor, data)
+            _point_at(out, None, data_name, offset + pad, length)
+            offset += pad + length
+            continue
         raw = tensor.raw_data if tensor.HasField("raw_data") else b""
         if len(raw) < _EXTERNAL_THRESHOLD:
             out.CopyFrom(tensor)
@@ -252,10 +466,7 @@ def _external_shell(model: onnx.ModelProto, data, data_name: str) -> onnx.ModelP
         pad = -offset % _EXTERNAL_ALIGN
         if data is not None:
             data.write(b"\0" * pad + raw)
-        out.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", data_name), ("offset", str(offset + pad)), ("length", str(len(raw)))):
-            entry = out.external_data.add()
-            entry.key, entry.value = key, value
+        _point_at(out, keep_in, data_name, offset + pad, len(raw))
         offset += pad + len(raw)
         del raw
     return shell
@@ -294,7 +505,19 @@ def check_model(model: onnx.ModelProto, *, full: bool = True) -> onnx.ModelProto
         if not needs_external_data(model):
             onnx.checker.check_model(model, full_check=full)
             return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=full)
-        return model  # > 2 GB: the checker needs a path; callers check the saved file instead
+        # > 2 GB or weights on disk: the checker takes a file whose external data exists, and reads
+        # nothing of it (onnxruntime, which does, sees the real weights: `session_source`)
+        shell = weightless_copy(model)
+        with tempfile.TemporaryDirectory(prefix="graph-opt-check.") as tmpdir:
+            for tensor in external_data_helper._get_all_tensors(shell):
+                if _is_external(tensor):
+                    stand_in = Path(tmpdir) / _ext_info(tensor)["location"]
+                    stand_in.parent.mkdir(parents=True, exist_ok=True)
+                    stand_in.touch()
+            path = Path(tmpdir) / "model.onnx"
+            path.write_bytes(shell.SerializeToString())
+            onnx.checker.check_model(str(path), full_check=full)
+        return model
     except Exception as exc:
         raise InvalidModelError(f"model fails onnx.checker: {_first_line(exc)}") from None
 
@@ -311,7 +534,19 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     model, opaque = _hide_packed(model)
     graph = gs.import_onnx(model)
     graph._graph_opt_packed = opaque  # restored by to_model
+    for tensor in _all_tensors(graph):  # weights kept on disk: read from their file when first used
+        lazy = getattr(tensor, "_values", None) if isinstance(tensor, gs.Constant) else None
+        if type(lazy) is LazyValues and on_disk(lazy.tensor):
+            tensor._values = _DiskValues(lazy.tensor)
+            tensor.data_location = None  # a weight a pass rewrites is exported with its bytes
     return graph
+
+
+class _DiskValues(LazyValues):
+    """graphsurgeon's lazy weight, for a tensor kept on disk."""
+
+    def load(self) -> np.ndarray:
+        return read_array(self.tensor)
 
 
 def _export(graph: gs.Graph) -> onnx.ModelProto:
@@ -326,7 +561,12 @@ def _export(graph: gs.Graph) -> onnx.ModelProto:
     swapped: list[tuple[gs.Constant, LazyValues]] = []
     for tensor in _all_tensors(graph):
         lazy = getattr(tensor, "_values", None) if isinstance(tensor, gs.Constant) else None
-        if type(lazy) is LazyValues and lazy.tensor.HasField("raw_data"):
+        if type(lazy) is _DiskValues:  # exported as the same reference, under the Constant's name
+            stub = onnx.TensorProto()
+            stub.CopyFrom(lazy.tensor)
+            swapped.append((tensor, lazy))
+            tensor._values = LazyValues(stub)
+        elif type(lazy) is LazyValues and lazy.tensor.HasField("raw_data"):
             stub = onnx.TensorProto()
             for fd, value in lazy.tensor.ListFields():
                 if fd.name != "raw_data":

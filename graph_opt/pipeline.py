@@ -21,7 +21,8 @@ import onnx
 
 from graph_opt.data import Dataset
 from graph_opt.errors import GraphOptError, InvalidModelError
-from graph_opt.model_io import check_model, needs_external_data, tensor_bytes, weightless_copy
+from graph_opt.model_io import (check_model, has_disk_weights, needs_external_data, spill, spill_dir, tensor_bytes,
+                                weightless_copy)
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.progress import progress
 from graph_opt.stats import ModelStats, measure_latency, model_stats
@@ -136,6 +137,9 @@ class Pipeline:
         if reference is not None:
             baseline.parity = reference.compare(original)
         ctx = PassContext(data=self.calib_data, original=original, seed=self.seed)
+        # A model whose weights stay on disk (over 2 GB) keeps each step's weights on disk too: a
+        # step in memory would cost a copy of the weights next to onnxruntime's while verifying.
+        spill_to = spill_dir() if has_disk_weights(original) else None
         current, current_parity, current_stats = original, baseline.parity, baseline.stats
         steps: list[StepRecord] = []
         stopped = ""
@@ -143,13 +147,16 @@ class Pipeline:
             step = StepRecord(p.name, p.spec())
             start = time.perf_counter()
             result = p(current, ctx)
+            step.report, step.modified = result.report, result.modified
+            candidate = result.model if result.modified else current
+            del result
+            if candidate is not current and spill_to is not None:
+                candidate = spill(candidate, spill_to)  # its new weights go to disk, out of memory
             # graphsurgeon graphs are reference cycles: a pass's working copy of every weight
             # lives until the cyclic collector runs, which may be never before the next pass
             gc.collect()
             step.seconds = time.perf_counter() - start
-            step.report, step.modified = result.report, result.modified
-            candidate = result.model if result.modified else current
-            if result.modified:
+            if step.modified:
                 problem, step.parity = check_candidate(candidate, reference, self.tolerances, threads=self.threads)
                 if step.parity is not None and step.parity.violations and not self.rollback:
                     stopped = f"{p.name}: {problem}"
@@ -162,7 +169,7 @@ class Pipeline:
                 step.stats = current_stats
             else:
                 step.stats = self._stats(candidate)
-                ctx.history.append(result.report)
+                ctx.history.append(step.report)
             step.model = candidate
             steps.append(step)
             current, current_stats = candidate, step.stats

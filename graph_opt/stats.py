@@ -19,10 +19,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from graph_opt.data import bind_shapes
-from graph_opt.model_io import needs_external_data, tensor_bytes, weightless_copy
+from graph_opt.model_io import needs_external_data, read_array, tensor_bytes, weightless_copy
 
 log = logging.getLogger(__name__)
 
@@ -221,4 +220,4 @@ def largest_layers(stats: ModelStats, k: int = 10) -> list[LayerStats]:
 
 def weights_of(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Initializers of the main graph as numpy arrays (for tests and reports)."""
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {t.name: read_array(t) for t in model.graph.initializer}

@@ -45,7 +45,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graph_opt.kernels.importance import global_magnitude_masks, magnitude_mask, nm_mask
-from graph_opt.model_io import needs_external_data, to_graph, to_model, weightless_copy
+from graph_opt.model_io import needs_external_data, on_disk, read_raw, to_graph, to_model, weightless_copy
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._graph import Namer, constant, node_label, report_subgraphs, used_once
 from graph_opt.passes._groups import LAYER_OPS, boundary_layers, check_literals, selected
@@ -88,7 +88,7 @@ def _streamed_sizes(model: onnx.ModelProto) -> dict[str, int]:
     shell = weightless_copy(model).SerializeToString()
     total, packed = len(shell), len(gz.compress(shell))
     for tensor in model.graph.initializer:
-        raw = tensor.raw_data if tensor.HasField("raw_data") else b""
+        raw = read_raw(tensor) if on_disk(tensor) else tensor.raw_data
         if len(raw) >= 1024:  # the ones weightless_copy left out (the rest are inside the shell)
             total += len(raw)
             packed += len(gz.compress(raw))

@@ -182,7 +182,7 @@ from graph_opt.kernels.quant import (
     symmetric_steps,
     ternary_weights,
 )
-from graph_opt.model_io import copy_model
+from graph_opt.model_io import copy_model, read_array
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._graph import Namer
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
@@ -370,7 +370,7 @@ class _Index:
         if name not in self._const:
             value = None
             if name in self.inits:
-                value = numpy_helper.to_array(self.inits[name])
+                value = read_array(self.inits[name])
             elif name in self.producer:
                 node = self.nodes[self.producer[name]]
                 if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):

@@ -129,7 +129,7 @@ from onnx import helper, numpy_helper
 
 from graph_opt.data import Dataset, batch_size_for
 from graph_opt.intermediates import stream
-from graph_opt.model_io import copy_model
+from graph_opt.model_io import copy_model, read_array
 from graph_opt.kernels.lstsq import (
     LstsqAccumulator,
     MeanErrorAccumulator,
@@ -412,7 +412,7 @@ class _Graph:
         if name not in self._const_cache:
             value = None
             if name in self.inits:
-                value = numpy_helper.to_array(self.inits[name])
+                value = read_array(self.inits[name])
             elif name in self.producer and self.producer[name].op_type == "Constant":
                 value = next((numpy_helper.to_array(a.t) for a in self.producer[name].attribute if a.name == "value"),
                              None)
@@ -985,9 +985,9 @@ def _conv_gemm_bias(g: _Graph, node: onnx.NodeProto, channels: int, beta: float,
     if dq is not None and dq.op_type == "DequantizeLinear" and all(not i or i in g.inits for i in dq.input):
         if readers != 1 or name in g.graph_outputs:
             return _Bias(None, 2, channels, reason=f"bias {name!r} is shared with another node")
-        codes = numpy_helper.to_array(g.inits[dq.input[0]])
-        s = numpy_helper.to_array(g.inits[dq.input[1]]).astype(np.float64)
-        zp = (numpy_helper.to_array(g.inits[dq.input[2]]).astype(np.float64)
+        codes = read_array(g.inits[dq.input[0]])
+        s = read_array(g.inits[dq.input[1]]).astype(np.float64)
+        zp = (read_array(g.inits[dq.input[2]]).astype(np.float64)
               if len(dq.input) > 2 and dq.input[2] else np.zeros_like(s))
         if codes.dtype != np.int32 or codes.size != channels or s.size not in (1, channels):
             return _Bias(None, 2, channels, reason=f"quantized bias {name!r} is not an int32 vector per channel")

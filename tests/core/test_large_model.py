@@ -13,7 +13,8 @@ from builders import conv_bn_model, gemm_bn_model
 import graph_opt.model_io as mio
 from graph_opt import cli
 from graph_opt.data import random_dataset
-from graph_opt.model_io import load_model, needs_external_data, save_model, session_source, to_graph, to_model
+from graph_opt.model_io import (load_model, needs_external_data, read_raw, save_model, session_source, to_graph,
+                                to_model)
 from graph_opt.pipeline import Pipeline
 from graph_opt.registry import parse_spec
 from graph_opt.verify import make_session, run_model
@@ -57,7 +58,7 @@ def test_pipeline_verifies_and_saves_a_model_over_the_limit(tmp_path, over_the_l
     out = save_model(result.model, tmp_path / "out.onnx")
     assert (tmp_path / "out.onnx.data").is_file()
     again = load_model(out)
-    assert again.graph.initializer[0].raw_data == result.model.graph.initializer[0].raw_data
+    assert read_raw(again.graph.initializer[0]) == read_raw(result.model.graph.initializer[0])
 
 
 def test_cli_round_trip_with_external_data(tmp_path, over_the_limit, capsys):
@@ -165,3 +166,55 @@ def test_compressed_sizes_over_the_limit_are_streamed_and_close_to_the_in_memory
     streamed = compressed_sizes(model)
     assert streamed["bytes"] == pytest.approx(in_memory["bytes"], rel=0.05)
     assert streamed["gzip_bytes"] == pytest.approx(in_memory["gzip_bytes"], rel=0.05)
+
+
+def _disk_bytes_in_memory(model: onnx.ModelProto) -> int:
+    """Bytes of ≥ 1 KB main-graph weights a model holds in memory (not kept on disk)."""
+    return sum(len(t.raw_data) for t in model.graph.initializer if len(t.raw_data) >= 1024)
+
+
+@pytest.mark.parametrize("specs", [
+    ["fold_batchnorm"], ["factorize_gemm:latency_gate=false,rank=8"], ["factorize_conv:latency_gate=false,rank=8"],
+    ["prune_weights:sparsity=0.5"], ["prune_channels:ratio=0.25"], ["quantize"],
+    ["factorize_conv:latency_gate=false,rank=4", "reconstruct"],
+])
+def test_weights_kept_on_disk_give_the_in_memory_result(specs, tmp_path):
+    """A model loaded with its weights left on disk (what `load_model` does over 2 GB) goes through
+    every family to the same rewrite and parity as in memory, while no step holds its weights in memory."""
+    from builders import wide_cnn
+
+    from graph_opt.stats import weights_of
+
+    model = wide_cnn(channels=32, hw=8)
+    data = random_dataset(model, 8, seed=0)
+    expected = Pipeline([parse_spec(s) for s in specs], verify_data=data, latency=False).run(model)
+    path = save_model(model, tmp_path / "in.onnx", external_data=True)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    disk = load_model(path, weights="disk")
+    assert mio.has_disk_weights(disk) and _disk_bytes_in_memory(disk) == 0
+    before = disk.SerializeToString()
+    result = Pipeline([parse_spec(s) for s in specs], verify_data=data, latency=False).run(disk)
+    assert disk.SerializeToString() == before  # the input model is not mutated
+    for got, want in zip(result.steps, expected.steps, strict=True):
+        assert got.accepted and got.modified, got.reason or got.report.skipped
+        assert [e["node"] for e in got.report.rewritten] == [e["node"] for e in want.report.rewritten]
+        assert got.parity.cosine == pytest.approx(want.parity.cosine, abs=1e-6)
+        assert _disk_bytes_in_memory(got.model) == 0  # spilled: the step's new weights are on disk
+    out = save_model(result.model, tmp_path / "out.onnx")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in files} == files  # input untouched
+    again = load_model(out, weights="memory")
+    assert _disk_bytes_in_memory(again) > 0 and not mio.has_disk_weights(again)
+    for name, value in weights_of(expected.model).items():
+        np.testing.assert_allclose(weights_of(again)[name], value, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(run_model(again, data)[expected.model.graph.output[0].name],
+                                  run_model(result.model, data)[expected.model.graph.output[0].name])
+
+
+def test_save_refuses_to_overwrite_the_weights_it_reads(tmp_path):
+    from graph_opt.errors import ModelSaveError
+
+    path = save_model(gemm_bn_model(k=64, n=64), tmp_path / "m.onnx", external_data=True)
+    disk = load_model(path, weights="disk")
+    with pytest.raises(ModelSaveError, match="weights are read from it"):
+        save_model(disk, tmp_path / "m.onnx")
+    assert mio.read_array(disk.graph.initializer[0]).shape == tuple(disk.graph.initializer[0].dims)

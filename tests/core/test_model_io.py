@@ -7,7 +7,7 @@ import pytest
 from builders import GraphBuilder, conv_bn_model, gemm_bn_model
 
 from graph_opt.errors import ModelLoadError, ModelSaveError
-from graph_opt.model_io import check_model, load_model, save_model, to_graph, to_model
+from graph_opt.model_io import check_model, load_model, read_raw, save_model, to_graph, to_model
 
 
 def _big_weight_model():
@@ -136,7 +136,7 @@ def test_switches_to_external_data_above_the_protobuf_limit(tmp_path, monkeypatc
     monkeypatch.setattr(mio, "PROTOBUF_LIMIT", 1024)  # pretend 16 KB of weights is "over 2 GB"
     path = save_model(model, tmp_path / "m.onnx")
     assert (tmp_path / "m.onnx.data").is_file()
-    assert load_model(path).graph.initializer[0].raw_data == model.graph.initializer[0].raw_data
+    assert read_raw(load_model(path).graph.initializer[0]) == model.graph.initializer[0].raw_data
 
 
 @pytest.mark.parametrize("elem", ["INT4", "INT2"])
