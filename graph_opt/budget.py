@@ -54,6 +54,7 @@ import numpy as np
 import onnx
 
 from graph_opt.data import Dataset, random_dataset
+from graph_opt.model_io import update_digest
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.progress import progress
 from graph_opt.stats import model_stats
@@ -188,7 +189,7 @@ class _Cache:
 def _cache_key(model: onnx.ModelProto, opts: Budgeted, data: Dataset) -> str:
     h = hashlib.sha256()
     h.update(f"v{CACHE_VERSION}".encode())
-    h.update(model.SerializeToString(deterministic=True))
+    update_digest(h, model)
     h.update(opts.cleared(levels=()).spec().encode())
     for name in sorted(data.inputs):
         arr = np.ascontiguousarray(data.inputs[name])

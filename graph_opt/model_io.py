@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -191,6 +192,20 @@ def read_array(tensor: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(loaded)
 
 
+def update_digest(h, model: onnx.ModelProto) -> None:
+    """Feed `model` into the hash `h`: its serialization, with weights kept on disk fed by content
+    (a tensor at a time), never by where they are: equal models hash equal wherever their files are."""
+    if not has_disk_weights(model):
+        h.update(model.SerializeToString(deterministic=True))
+        return
+    shell = copy_model(model)
+    for tensor in shell.graph.initializer:
+        if on_disk(tensor):
+            h.update(tensor.name.encode() + read_raw(tensor))
+            del tensor.external_data[:]
+    h.update(shell.SerializeToString(deterministic=True))
+
+
 def _copy_disk_bytes(tensor: onnx.TensorProto, data) -> None:
     """Append a kept-on-disk tensor's bytes to the open file `data`, a chunk at a time."""
     path, offset, length = _disk_ref(tensor)
@@ -205,16 +220,30 @@ def _copy_disk_bytes(tensor: onnx.TensorProto, data) -> None:
             left -= len(chunk)
 
 
-_spill_dirs: list[str] = []
+_spill_dir: list[Path] = []
 
 
 def spill_dir() -> Path:
-    """A new temporary folder for weights kept on disk, removed when the process exits."""
-    if not _spill_dirs:
-        atexit.register(lambda: [shutil.rmtree(d, ignore_errors=True) for d in _spill_dirs])
-    folder = tempfile.mkdtemp(prefix="graph-opt-weights.")
-    _spill_dirs.append(folder)
-    return Path(folder)
+    """This process's temporary folder for weights kept on disk, removed when the process exits."""
+    if not _spill_dir or not _spill_dir[0].is_dir():
+        folder = Path(tempfile.mkdtemp(prefix="graph-opt-weights."))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _spill_dir[:] = [folder]
+    return _spill_dir[0]
+
+
+def disk_tensor(value: np.ndarray, name: str) -> onnx.TensorProto:
+    """An initializer for `value` kept on disk: its bytes written to a new file in `spill_dir()`."""
+    value = np.ascontiguousarray(value)
+    tensor = onnx.TensorProto()
+    tensor.name = name
+    tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+    tensor.dims.extend(value.shape)
+    fd, path = tempfile.mkstemp(prefix="weights.", suffix=".bin", dir=spill_dir())
+    with os.fdopen(fd, "wb") as data:
+        data.write(value.astype(value.dtype.newbyteorder("<"), copy=False).data)
+    _point_at(tensor, spill_dir(), Path(path).name, 0, value.nbytes)
+    return tensor
 
 
 def spill(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
@@ -534,12 +563,31 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     model, opaque = _hide_packed(model)
     graph = gs.import_onnx(model)
     graph._graph_opt_packed = opaque  # restored by to_model
+    graph._graph_opt_disk = has_disk_weights(model)  # its rewritten weights are exported to disk too
     for tensor in _all_tensors(graph):  # weights kept on disk: read from their file when first used
         lazy = getattr(tensor, "_values", None) if isinstance(tensor, gs.Constant) else None
         if type(lazy) is LazyValues and on_disk(lazy.tensor):
             tensor._values = _DiskValues(lazy.tensor)
+            tensor._graph_opt_source = lazy.tensor  # what `_arrays_to_disk` compares a read weight with
             tensor.data_location = None  # a weight a pass rewrites is exported with its bytes
     return graph
+
+
+def peek(constant: gs.Constant) -> np.ndarray:
+    """A Constant's array. One kept on disk and not yet loaded is read without being cached in
+    the graph, and comes back read-only: scoring every weight of a model over 2 GB then holds one
+    at a time, and an in-place edit (which the graph would not see) fails loudly."""
+    lazy = constant._values
+    if type(lazy) is _DiskValues:
+        value = lazy.load()
+        value.flags.writeable = False
+        return value
+    return constant.values
+
+
+def weights_on_disk(graph: gs.Graph) -> bool:
+    """True for a graph from `to_graph` of a model whose weights are kept on disk."""
+    return bool(getattr(graph, "_graph_opt_disk", False))
 
 
 class _DiskValues(LazyValues):
@@ -559,6 +607,8 @@ def _export(graph: gs.Graph) -> onnx.ModelProto:
     """
     sources: dict[str, onnx.TensorProto] = {}
     swapped: list[tuple[gs.Constant, LazyValues]] = []
+    if getattr(graph, "_graph_opt_disk", False):
+        swapped += _arrays_to_disk(graph)
     for tensor in _all_tensors(graph):
         lazy = getattr(tensor, "_values", None) if isinstance(tensor, gs.Constant) else None
         if type(lazy) is _DiskValues:  # exported as the same reference, under the Constant's name
@@ -577,13 +627,62 @@ def _export(graph: gs.Graph) -> onnx.ModelProto:
     try:
         model = gs.export_onnx(graph, do_type_check=False)
     finally:
-        for tensor, lazy in swapped:
+        for tensor, lazy in reversed(swapped):
             tensor._values = lazy
     for t in external_data_helper._get_all_tensors(model):
         source = sources.get(t.name)
         if source is not None and not t.HasField("raw_data"):
             t.raw_data = source.raw_data
     return model
+
+
+# dtypes whose numpy bytes are their ONNX raw_data, as graphsurgeon would export them
+_PLAIN_DTYPES = {np.dtype(t) for t in ("float16", "float32", "float64", "int8", "int16", "int32", "int64",
+                                       "uint8", "uint16", "uint32", "uint64", "bool")}
+
+
+def _arrays_to_disk(graph: gs.Graph) -> list[tuple[gs.Constant, np.ndarray]]:
+    """Write the main graph's weights a pass turned into arrays (≥ 1 KB) to a new file in
+    `spill_dir()` and give their Constants a reference to it, for a model whose weights are kept on
+    disk: its export then holds no weight bytes (the caller restores the arrays afterwards).
+
+    A weight that was only read (equal to its file) drops its array for good and keeps pointing at
+    its file: a pass that scores every weight does not keep a copy of all of them in memory."""
+    gc.collect()  # weights a pass replaced are garbage in graphsurgeon's reference cycles: free them first
+    swapped = []
+    fd, name = tempfile.mkstemp(prefix="weights.", suffix=".bin", dir=spill_dir())
+    offset = 0
+    with os.fdopen(fd, "wb") as data:
+        for tensor in graph.tensors().values():
+            values = getattr(tensor, "_values", None) if isinstance(tensor, gs.Constant) else None
+            if (not isinstance(values, np.ndarray) or values.nbytes < _EXTERNAL_THRESHOLD
+                    or values.dtype not in _PLAIN_DTYPES):
+                continue
+            source = getattr(tensor, "_graph_opt_source", None)
+            if source is not None and tuple(source.dims) == values.shape:
+                original = read_array(source)
+                same = original.dtype == values.dtype and np.array_equal(original, values)
+                del original
+                if same:
+                    tensor._values = _DiskValues(source)
+                    continue
+            onnx_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+            export = getattr(tensor, "_export_dtype", None)  # graphsurgeon converts on export: leave those to it
+            if export is not None and (export if isinstance(export, int) else
+                                       onnx.helper.np_dtype_to_tensor_dtype(np.dtype(export))) != onnx_type:
+                continue
+            stub = onnx.TensorProto()
+            stub.name = tensor.name
+            stub.data_type = onnx_type
+            stub.dims.extend(values.shape)
+            pad = -offset % _EXTERNAL_ALIGN
+            data.write(b"\0" * pad)
+            data.write(np.ascontiguousarray(values).astype(values.dtype.newbyteorder("<"), copy=False).data)
+            _point_at(stub, spill_dir(), Path(name).name, offset + pad, values.nbytes)
+            offset += pad + values.nbytes
+            swapped.append((tensor, values))
+            tensor._values = _DiskValues(stub)
+    return swapped
 
 
 # Sub-byte element types (int4/int2 and friends): graphsurgeon cannot round-trip their packed

@@ -6,7 +6,8 @@ verification data is given, its parity against the *original* model meets every 
 A pass that fails any of these is rolled back (the model before it continues down the pipeline)
 and the step says why; with `rollback=False` a tolerance violation stops the pipeline instead.
 Each step records its time, model statistics and parity; latencies of all distinct step models
-are measured together at the end, interleaved in one run.
+are measured together at the end, interleaved in one run. When the input's weights are kept on
+disk (over 2 GB, see `model_io`), so are every step's: memory never holds two models' weights.
 """
 
 from __future__ import annotations

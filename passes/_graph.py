@@ -7,11 +7,13 @@ import itertools
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graph_opt.model_io import peek
+
 
 def constant(tensor: gs.Tensor) -> np.ndarray | None:
     """The value of a constant tensor (initializer or Constant node output), else None."""
     if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
+        return np.asarray(peek(tensor))
     if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
         value = tensor.inputs[0].attrs.get("value")
         if isinstance(value, gs.Constant):

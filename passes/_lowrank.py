@@ -17,6 +17,7 @@ The latency-gate thresholds are the measured facts of FINDINGS.md (onnxruntime C
 from __future__ import annotations
 
 import fnmatch
+import gc
 import logging
 import math
 import re
@@ -27,15 +28,14 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from graph_opt.kernels.rank import Cost, rank_for_energy, rank_for_ratio, round_rank
+from graph_opt.passes._graph import Namer, node_label, report_subgraphs
 
 from graph_opt.budget import Budgeted, run_budget
 from graph_opt.data import input_specs
-from graph_opt.kernels.rank import Cost, rank_for_energy, rank_for_ratio, round_rank
-from graph_opt.model_io import to_graph, to_model
+from graph_opt.model_io import to_graph, to_model, weights_on_disk
 from graph_opt.pass_base import PassContext, PassReport
-from graph_opt.passes._graph import Namer, node_label, report_subgraphs
 from graph_opt.stats import bound_model
-
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,9 @@ class LowRankPass(Budgeted):
                 continue
             new_nodes, output = apply_plan(graph, namer, plan)
             report.rewrite(label, **plan.details, new_nodes=new_nodes, output=output)
+            if weights_on_disk(graph):  # free the replaced weight now (a graphsurgeon reference cycle),
+                del plan                # not after every layer of a model over 2 GB was read
+                gc.collect()
         if not report.rewritten:
             return model
         graph.cleanup().toposort()

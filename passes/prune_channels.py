@@ -430,6 +430,7 @@ class _Remover:
     def __init__(self, graph: gs.Graph, an: Analysis, dead: set[int], namer: Namer, report: PassReport):
         self.graph, self.an, self.dead, self.namer, self.report = graph, an, dead, namer, report
         self.work: dict[tuple[int, int], np.ndarray] = {}
+        self.owned: set[tuple[int, int]] = set()  # keys whose work value is a private float64 (or integer) copy
         self.dtypes: dict[tuple[int, int], np.dtype] = {}
         self.nodes: dict[int, gs.Node] = {}
         self.extra: list[Slice] = []
@@ -439,11 +440,22 @@ class _Remover:
         return self.namer(f"{node_label(node)}.{suffix}")
 
     def array(self, node: gs.Node, index: int) -> np.ndarray:
+        """The working value for arithmetic (folds): a private copy, float64 for float weights."""
+        key = (id(node), index)
+        value = self.current(node, index)
+        if key not in self.owned:
+            self.work[key] = np.array(value, dtype=np.float64 if value.dtype.kind == "f" else value.dtype, copy=True)
+            self.owned.add(key)
+        return self.work[key]
+
+    def current(self, node: gs.Node, index: int) -> np.ndarray:
+        """The working value as it stands (the weight itself, in its dtype, until edited): slicing
+        is exact in any dtype, and a weight only sliced never needs a float64 copy of itself."""
         key = (id(node), index)
         if key not in self.work:
             value = constant(node.inputs[index])
             self.dtypes[key] = value.dtype
-            self.work[key] = np.array(value, dtype=np.float64 if value.dtype.kind == "f" else value.dtype, copy=True)
+            self.work[key] = value
             self.nodes[id(node)] = node
         return self.work[key]
 
@@ -452,6 +464,7 @@ class _Remover:
         key = (id(node), index)
         old_shape = self.work[key].shape if key in self.work else None
         self.work[key] = value
+        self.owned.add(key)
         self.dtypes.setdefault(key, dtype)
         self.nodes[id(node)] = node
         atoms = self.out_atoms.get(id(node))
@@ -464,13 +477,20 @@ class _Remover:
         for s in [*self.an.slices, *self.extra]:
             keep = ~self.an.dead_mask(s.atoms, self.dead)
             if not keep.all():
-                self.work[(id(s.node), s.index)] = np.compress(keep, self.array(s.node, s.index), axis=s.axis)
+                key = (id(s.node), s.index)
+                value = self.work[key] = np.compress(keep, self.current(s.node, s.index), axis=s.axis)
+                if value.dtype.kind == "f" and value.dtype != np.float64:
+                    self.owned.discard(key)  # a new array, but in float32: arithmetic widens it first
+                else:
+                    self.owned.add(key)
         for e in self.an.edits:
             self.edit(e)
-        for (node_id, index), value in self.work.items():
+        for node_id, index in list(self.work):
+            value = self.work.pop((node_id, index))  # one working copy at a time next to the new weights
             node = self.nodes[node_id]
             const = gs.Constant(self.fresh(node, f"in{index}_pruned"),
                                 np.ascontiguousarray(value.astype(self.dtypes[(node_id, index)])))
+            del value
             while len(node.inputs) < index:
                 node.inputs.append(gs.Variable.empty())
             if index < len(node.inputs):

@@ -155,9 +155,10 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -182,7 +183,7 @@ from graph_opt.kernels.quant import (
     symmetric_steps,
     ternary_weights,
 )
-from graph_opt.model_io import copy_model, read_array
+from graph_opt.model_io import copy_model, on_disk, read_array
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._graph import Namer
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
@@ -364,7 +365,7 @@ class _Index:
         self._const: dict[str, np.ndarray | None] = {}
 
     def const(self, name: str) -> np.ndarray | None:
-        """Value of an initializer or Constant-node output, else None."""
+        """Value of an initializer or Constant-node output, else None (cached, unless kept on disk)."""
         if not name:
             return None
         if name not in self._const:
@@ -377,8 +378,13 @@ class _Index:
                     for a in node.attribute:
                         if a.name == "value":
                             value = numpy_helper.to_array(a.t)
-            self._const[name] = value
+            if not self.on_disk(name):
+                self._const[name] = value
+            return value
         return self._const[name]
+
+    def on_disk(self, name: str) -> bool:
+        return name in self.inits and on_disk(self.inits[name])
 
     def const_dtype(self, name: str) -> int | None:
         if name in self.inits:
@@ -435,12 +441,16 @@ class _Layer:
     op: str
     x: str
     w: str
-    wv: np.ndarray
+    weight: np.ndarray | Callable[[], np.ndarray]  # the array, or how to read it (a weight kept on disk)
     axis: int          # output-channel axis of the weight
     red_axis: int      # reduction axis (blocks run along it)
     b: str | None = None
     bv: np.ndarray | None = None
     bias_float: str = ""  # why the bias cannot become int32 ('' when it can)
+
+    @property
+    def wv(self) -> np.ndarray:
+        return self.weight() if callable(self.weight) else self.weight
 
 
 def _match_layer(ix: _Index, idx: int) -> _Layer | str:
@@ -491,7 +501,8 @@ def _match_layer(ix: _Index, idx: int) -> _Layer | str:
         if wv.ndim < 2:
             return "1-D weight (matrix-vector product)"
         axis, red = wv.ndim - 1, wv.ndim - 2
-    layer = _Layer(idx, ix.labels[idx], op, x, w, wv, axis, red)
+    # a weight kept on disk is read again when needed: a model over 2 GB never has all of them in memory
+    layer = _Layer(idx, ix.labels[idx], op, x, w, functools.partial(ix.const, w) if ix.on_disk(w) else wv, axis, red)
     bias = ins[2] if op in ("Conv", "Gemm") and len(ins) > 2 and ins[2] else None
     if bias is not None:
         layer.b = bias

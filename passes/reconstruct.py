@@ -129,7 +129,7 @@ from onnx import helper, numpy_helper
 
 from graph_opt.data import Dataset, batch_size_for
 from graph_opt.intermediates import stream
-from graph_opt.model_io import copy_model, read_array
+from graph_opt.model_io import copy_model, disk_tensor, has_disk_weights, on_disk, read_array
 from graph_opt.kernels.lstsq import (
     LstsqAccumulator,
     MeanErrorAccumulator,
@@ -390,6 +390,7 @@ class _Graph:
                             {i.name for i in g.input} | self.graph_outputs)
         self._dq_cache: dict[str, np.ndarray | None] = {}
         self._const_cache: dict[str, np.ndarray | None] = {}
+        self.disk = has_disk_weights(model)
 
     def label(self, node: onnx.NodeProto) -> str:
         if node.name in self._unique:
@@ -402,7 +403,10 @@ class _Graph:
     def add_initializer(self, base: str, value: np.ndarray) -> str:
         """A new initializer with a fresh name (weights are never edited in place)."""
         name = self.fresh(base)
-        tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
+        if self.disk and value.nbytes >= 1024:  # a model over 2 GB: the refit weights go to disk too
+            tensor = disk_tensor(value, name)
+        else:
+            tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
         self.model.graph.initializer.append(tensor)
         self.inits[name] = tensor
         return name
@@ -416,7 +420,9 @@ class _Graph:
             elif name in self.producer and self.producer[name].op_type == "Constant":
                 value = next((numpy_helper.to_array(a.t) for a in self.producer[name].attribute if a.name == "value"),
                              None)
-            self._const_cache[name] = value
+            if name not in self.inits or not on_disk(self.inits[name]):  # a weight on disk is read again
+                self._const_cache[name] = value
+            return value
         return self._const_cache[name]
 
     def is_const(self, name: str) -> bool:

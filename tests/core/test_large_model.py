@@ -218,3 +218,48 @@ def test_save_refuses_to_overwrite_the_weights_it_reads(tmp_path):
     with pytest.raises(ModelSaveError, match="weights are read from it"):
         save_model(disk, tmp_path / "m.onnx")
     assert mio.read_array(disk.graph.initializer[0]).shape == tuple(disk.graph.initializer[0].dims)
+
+
+@pytest.mark.parametrize("spec", ["fold_batchnorm", "prune_weights:sparsity=0.5", "prune_channels:ratio=0.25",
+                                  "factorize_conv:latency_gate=false,rank=8"])
+def test_a_graphsurgeon_pass_exports_the_weights_it_rewrites_to_disk(spec, tmp_path):
+    """On a model whose weights are on disk, a pass's own output holds no weight bytes either: the
+    arrays it rewrote go to this process's spill folder, with the same values as in memory."""
+    from builders import wide_cnn
+
+    from graph_opt.stats import weights_of
+
+    model = wide_cnn(channels=32, hw=8)
+    ctx_data = random_dataset(model, 8, seed=0)
+    from graph_opt.pass_base import PassContext
+
+    expected = parse_spec(spec)(model, PassContext(data=ctx_data))
+    disk = load_model(save_model(model, tmp_path / "in.onnx", external_data=True), weights="disk")
+    got = parse_spec(spec)(disk, PassContext(data=ctx_data))
+    assert got.modified and _disk_bytes_in_memory(got.model) == 0
+    assert any(mio.on_disk(t) and mio.spill_dir().name in t.external_data[-1].value for t in got.model.graph.initializer)
+    want = weights_of(expected.model)
+    assert weights_of(got.model).keys() == want.keys()
+    for name, value in weights_of(got.model).items():
+        np.testing.assert_array_equal(value, want[name])
+
+
+def test_a_model_on_disk_hashes_by_content_not_by_location(tmp_path):
+    import hashlib
+
+    model = gemm_bn_model(k=64, n=64)
+    digests = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        disk = load_model(save_model(model, tmp_path / folder / "m.onnx", external_data=True), weights="disk")
+        h = hashlib.sha256()
+        mio.update_digest(h, disk)
+        digests.append(h.hexdigest())
+    assert digests[0] == digests[1]
+    path = tmp_path / "a" / "m.onnx.data"  # the same file, other weights: another digest
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    h = hashlib.sha256()
+    mio.update_digest(h, load_model(tmp_path / "a" / "m.onnx", weights="disk"))
+    assert h.hexdigest() != digests[0]
