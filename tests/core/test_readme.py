@@ -59,6 +59,7 @@ def test_python_example(tmp_path, monkeypatch):
     exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["result"].final_parity.cosine > 0.999
     assert namespace["report"].passed and namespace["stats"].macs > 0
+    assert (tmp_path / "model.opt.onnx").is_file()
 
 
 @pytest.mark.slow
