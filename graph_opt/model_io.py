@@ -232,6 +232,17 @@ def spill_dir() -> Path:
     return _spill_dir[0]
 
 
+@contextlib.contextmanager
+def _writing_weights(where: Path) -> Iterator[None]:
+    """A failed write of weights kept on disk (disk full, ...) as one clear `ModelSaveError`."""
+    try:
+        yield
+    except OSError as exc:
+        raise ModelSaveError(f"cannot write weights to {where}: {exc.strerror or exc} (graph-opt keeps the "
+                             "weights of models over 2 GB on disk there: point TMPDIR at a folder with room "
+                             "for them)") from None
+
+
 def disk_tensor(value: np.ndarray, name: str) -> onnx.TensorProto:
     """An initializer for `value` kept on disk: its bytes written to a new file in `spill_dir()`."""
     value = np.ascontiguousarray(value)
@@ -239,9 +250,10 @@ def disk_tensor(value: np.ndarray, name: str) -> onnx.TensorProto:
     tensor.name = name
     tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
     tensor.dims.extend(value.shape)
-    fd, path = tempfile.mkstemp(prefix="weights.", suffix=".bin", dir=spill_dir())
-    with os.fdopen(fd, "wb") as data:
-        data.write(value.astype(value.dtype.newbyteorder("<"), copy=False).data)
+    with _writing_weights(spill_dir()):
+        fd, path = tempfile.mkstemp(prefix="weights.", suffix=".bin", dir=spill_dir())
+        with os.fdopen(fd, "wb") as data:
+            data.write(value.astype(value.dtype.newbyteorder("<"), copy=False).data)
     _point_at(tensor, spill_dir(), Path(path).name, 0, value.nbytes)
     return tensor
 
@@ -249,9 +261,10 @@ def disk_tensor(value: np.ndarray, name: str) -> onnx.TensorProto:
 def spill(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
     """A copy of `model` whose in-memory main-graph weights (≥ 1 KB) are written to a new file in
     `folder` and kept on disk there; weights already on disk stay where they are."""
-    fd, name = tempfile.mkstemp(prefix="weights.", suffix=".bin", dir=folder)
-    with os.fdopen(fd, "wb") as data:
-        return _external_shell(model, data, Path(name).name, keep_in=folder)
+    with _writing_weights(folder):
+        fd, name = tempfile.mkstemp(prefix="weights.", suffix=".bin", dir=folder)
+        with os.fdopen(fd, "wb") as data:
+            return _external_shell(model, data, Path(name).name, keep_in=folder)
 
 
 def _is_external(tensor: onnx.TensorProto) -> bool:
@@ -607,8 +620,13 @@ def _export(graph: gs.Graph) -> onnx.ModelProto:
     """
     sources: dict[str, onnx.TensorProto] = {}
     swapped: list[tuple[gs.Constant, LazyValues]] = []
-    if getattr(graph, "_graph_opt_disk", False):
-        swapped += _arrays_to_disk(graph)
+    try:
+        if weights_on_disk(graph):
+            _arrays_to_disk(graph, swapped)
+    except BaseException:
+        for tensor, lazy in reversed(swapped):
+            tensor._values = lazy
+        raise
     for tensor in _all_tensors(graph):
         lazy = getattr(tensor, "_values", None) if isinstance(tensor, gs.Constant) else None
         if type(lazy) is _DiskValues:  # exported as the same reference, under the Constant's name
@@ -641,48 +659,52 @@ _PLAIN_DTYPES = {np.dtype(t) for t in ("float16", "float32", "float64", "int8", 
                                        "uint8", "uint16", "uint32", "uint64", "bool")}
 
 
-def _arrays_to_disk(graph: gs.Graph) -> list[tuple[gs.Constant, np.ndarray]]:
+def _arrays_to_disk(graph: gs.Graph, swapped: list) -> None:
     """Write the main graph's weights a pass turned into arrays (≥ 1 KB) to a new file in
     `spill_dir()` and give their Constants a reference to it, for a model whose weights are kept on
-    disk: its export then holds no weight bytes (the caller restores the arrays afterwards).
+    disk: its export then holds no weight bytes (the caller restores the arrays listed in `swapped`
+    afterwards, also after a failed write).
 
     A weight that was only read (equal to its file) drops its array for good and keeps pointing at
     its file: a pass that scores every weight does not keep a copy of all of them in memory."""
     gc.collect()  # weights a pass replaced are garbage in graphsurgeon's reference cycles: free them first
-    swapped = []
-    fd, name = tempfile.mkstemp(prefix="weights.", suffix=".bin", dir=spill_dir())
+    with _writing_weights(spill_dir()):
+        fd, name = tempfile.mkstemp(prefix="weights.", suffix=".bin", dir=spill_dir())
+        with os.fdopen(fd, "wb") as data:
+            _write_arrays(graph, data, Path(name).name, swapped)
+
+
+def _write_arrays(graph: gs.Graph, data, data_name: str, swapped: list) -> None:
     offset = 0
-    with os.fdopen(fd, "wb") as data:
-        for tensor in graph.tensors().values():
-            values = getattr(tensor, "_values", None) if isinstance(tensor, gs.Constant) else None
-            if (not isinstance(values, np.ndarray) or values.nbytes < _EXTERNAL_THRESHOLD
-                    or values.dtype not in _PLAIN_DTYPES):
+    for tensor in graph.tensors().values():
+        values = getattr(tensor, "_values", None) if isinstance(tensor, gs.Constant) else None
+        if (not isinstance(values, np.ndarray) or values.nbytes < _EXTERNAL_THRESHOLD
+                or values.dtype not in _PLAIN_DTYPES):
+            continue
+        source = getattr(tensor, "_graph_opt_source", None)
+        if source is not None and tuple(source.dims) == values.shape:
+            original = read_array(source)
+            same = original.dtype == values.dtype and np.array_equal(original, values)
+            del original
+            if same:
+                tensor._values = _DiskValues(source)
                 continue
-            source = getattr(tensor, "_graph_opt_source", None)
-            if source is not None and tuple(source.dims) == values.shape:
-                original = read_array(source)
-                same = original.dtype == values.dtype and np.array_equal(original, values)
-                del original
-                if same:
-                    tensor._values = _DiskValues(source)
-                    continue
-            onnx_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
-            export = getattr(tensor, "_export_dtype", None)  # graphsurgeon converts on export: leave those to it
-            if export is not None and (export if isinstance(export, int) else
-                                       onnx.helper.np_dtype_to_tensor_dtype(np.dtype(export))) != onnx_type:
-                continue
-            stub = onnx.TensorProto()
-            stub.name = tensor.name
-            stub.data_type = onnx_type
-            stub.dims.extend(values.shape)
-            pad = -offset % _EXTERNAL_ALIGN
-            data.write(b"\0" * pad)
-            data.write(np.ascontiguousarray(values).astype(values.dtype.newbyteorder("<"), copy=False).data)
-            _point_at(stub, spill_dir(), Path(name).name, offset + pad, values.nbytes)
-            offset += pad + values.nbytes
-            swapped.append((tensor, values))
-            tensor._values = _DiskValues(stub)
-    return swapped
+        onnx_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+        export = getattr(tensor, "_export_dtype", None)  # graphsurgeon converts on export: leave those to it
+        if export is not None and (export if isinstance(export, int) else
+                                   onnx.helper.np_dtype_to_tensor_dtype(np.dtype(export))) != onnx_type:
+            continue
+        stub = onnx.TensorProto()
+        stub.name = tensor.name
+        stub.data_type = onnx_type
+        stub.dims.extend(values.shape)
+        pad = -offset % _EXTERNAL_ALIGN
+        data.write(b"\0" * pad)
+        data.write(np.ascontiguousarray(values).astype(values.dtype.newbyteorder("<"), copy=False).data)
+        _point_at(stub, spill_dir(), data_name, offset + pad, values.nbytes)
+        offset += pad + values.nbytes
+        swapped.append((tensor, values))
+        tensor._values = _DiskValues(stub)
 
 
 # Sub-byte element types (int4/int2 and friends): graphsurgeon cannot round-trip their packed

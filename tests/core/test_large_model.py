@@ -263,3 +263,24 @@ def test_a_model_on_disk_hashes_by_content_not_by_location(tmp_path):
     h = hashlib.sha256()
     mio.update_digest(h, load_model(tmp_path / "a" / "m.onnx", weights="disk"))
     assert h.hexdigest() != digests[0]
+
+
+def test_a_full_disk_while_keeping_weights_on_disk_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    import errno
+    import tempfile
+
+    src = save_model(conv_bn_model(cin=16, cout=16), tmp_path / "in.onnx", external_data=True)
+    monkeypatch.setattr(mio, "PROTOBUF_LIMIT", 1024)  # so the CLI keeps the weights on disk
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and str(dir).startswith(str(mio.spill_dir())):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    code = cli.main(["optimize", str(src), "-o", str(tmp_path / "out.onnx"), "--pass", "fold_batchnorm",
+                     "--no-latency", "--samples", "4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "No space left on device" in err[0] and "TMPDIR" in err[0], err
+    assert not (tmp_path / "out.onnx").exists()
