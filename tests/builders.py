@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from graph_opt.model_io import read_array
 from graph_opt.verify import make_session
 
 
@@ -540,6 +542,7 @@ class FuzzSpec:
     batch: int = 0            # 0: a symbolic batch dimension; else that static batch size
     extra_output: bool = False  # the first block's output is a graph output too
     dead_code: bool = False   # a node nobody reads and an unused initializer (cleanup's work)
+    on_disk: bool = False     # loaded with its weights kept on disk (load_model's way over 2 GB)
 
     def __str__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items())
@@ -590,8 +593,10 @@ def draw_fuzz_spec(integer, choice) -> FuzzSpec:
     classes = integer(1, 10)
     batch = choice((0, 0, 0, 1, 2))
     extra_output = bool(choice((False, True)))
+    dead_code = bool(choice((False, True)))
+    on_disk = choice((False, False, False, True))  # drawn last: earlier seeds keep their models
     return FuzzSpec(kind, opset, seed, zero, w, size, tuple(blocks), act, bn, classes, batch, extra_output,
-                    bool(choice((False, True))))
+                    dead_code, on_disk)
 
 
 def fuzz_spec(seed: int) -> FuzzSpec:
@@ -835,6 +840,8 @@ def fuzz_check(spec: FuzzSpec, runs: dict | None = None, samples: int = 4) -> Fu
 
     runs = FUZZ_RUNS if runs is None else runs
     model, shapes = fuzz_model(spec)
+    if spec.on_disk:
+        model = _on_disk(model)
     before = model.SerializeToString()
     data = random_dataset(model, samples, shapes=shapes, seed=spec.seed % 1000)
     problems: list[str] = []
@@ -863,6 +870,19 @@ def fuzz_check(spec: FuzzSpec, runs: dict | None = None, samples: int = 4) -> Fu
     return FuzzOutcome(spec, problems, fired, exactness)
 
 
+def _on_disk(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` saved with external data and loaded back with its weights kept on disk."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from graph_opt.model_io import load_model, save_model
+
+    folder = tempfile.mkdtemp(prefix="fuzz-on-disk.")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return load_model(save_model(model, Path(folder) / "model.onnx", external_data=True), weights="disk")
+
+
 def _step_problems(step, previous, original: onnx.ModelProto, data) -> list[str]:
     out = []
     if step.name == "quantize":
@@ -886,7 +906,7 @@ def output_mse(teacher: onnx.ModelProto, student: onnx.ModelProto, data) -> floa
 def quantized_grid_problems(before: onnx.ModelProto, after: onnx.ModelProto) -> list[str]:
     """Every int8/uint8/int32 weight or bias DequantizeLinear (constant input, per tensor or per
     channel) must reproduce the float tensor it replaced to within half a step of its scale."""
-    floats = {t.name: numpy_helper.to_array(t) for t in before.graph.initializer}
+    floats = {t.name: read_array(t) for t in before.graph.initializer}
     consts = {t.name: t for t in after.graph.initializer}
     problems = []
     for node in after.graph.node:
@@ -898,9 +918,9 @@ def quantized_grid_problems(before: onnx.ModelProto, after: onnx.ModelProto) -> 
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if attrs.get("block_size"):
             continue
-        codes = numpy_helper.to_array(q).astype(np.float64)
-        scale = numpy_helper.to_array(consts[node.input[1]]).astype(np.float64)
-        zero = (numpy_helper.to_array(consts[node.input[2]]).astype(np.float64)
+        codes = read_array(q).astype(np.float64)
+        scale = read_array(consts[node.input[1]]).astype(np.float64)
+        zero = (read_array(consts[node.input[2]]).astype(np.float64)
                 if len(node.input) > 2 and node.input[2] else np.zeros_like(scale))
         shape = [1] * codes.ndim
         if scale.ndim:

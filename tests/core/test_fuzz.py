@@ -1,5 +1,6 @@
 """Fuzzing: every pass on random models (MLPs, CNNs with residuals/Concat/depthwise/grouped convs/SE,
-transformer FFN blocks; random widths and shapes, opsets 13–21, float32), through the Pipeline.
+transformer FFN blocks; random widths and shapes, opsets 13–21, float32), through the Pipeline; a
+quarter of them loaded with their weights kept on disk (what `load_model` does over 2 GB).
 
 What must hold (the oracle is `builders.fuzz_check`): no crash; every rewrite passes the full
 onnx.checker and loads in onnxruntime (a pass emitting an invalid model is a failure even though the
@@ -75,6 +76,7 @@ def test_the_oracle_is_not_vacuous():
     assert all(exact.values()), exact  # every exactness claim was put to the test
     assert {s.kind for s in specs} == {"mlp", "cnn", "ffn"}
     assert any(s.zero_channels for s in specs) and any(s.dead_code for s in specs)
+    assert any(s.on_disk for s in specs) and not all(s.on_disk for s in specs)
 
 
 def test_generator_is_deterministic_and_valid():
