@@ -57,25 +57,20 @@ Numerics (all from `graph_opt.kernels.quant`): ``q = saturate(round(x/s) + z)``,
 Calibration is one streaming pass: a private copy of the model exposes every candidate tensor as
 an extra output, onnxruntime runs it batch by batch (at most ``max_samples`` samples), each batch
 updates one observer per tensor (MinMaxObserver, or HistogramObserver for the other methods) and
-is dropped; memory is bounded by one batch. For minmax the copy does not expose the tensors at
-all: it computes each one's ReduceMin/ReduceMax/ReduceSum/Size inside onnxruntime, four scalars per batch
-(min and max are exact, so the ranges are the same; a batch with NaN/inf in a tensor is run
-again with that tensor exposed, so non-finite values are skipped as before). The calibration
-copy runs with onnxruntime's graph optimizations on (float kernels only; the observed tensors are
-outputs, so nothing is fused away): faster convolutions (ResNet calibration 0.43 → 0.28 s) whose
-results differ from the unoptimized run in the last bits only. The plans stay the same in every
-decision; minmax scales move by at most 2.3e-6 relative (YOLOv8n), but a histogram method can
-move more, because the KL minimum is flat: on YOLOv8n with entropy 12 of 200 thresholds moved,
-one scale by 12% (same cosine 0.99987, same top-class agreement).
-Batch size (``batch_size``; None: automatic) is set by
+is dropped; memory is bounded by one batch. The calibration copy runs with onnxruntime's graph
+optimizations on (float kernels only; the observed tensors are outputs, so nothing is fused
+away): faster convolutions (ResNet calibration 0.43 → 0.28 s) whose results differ from the
+unoptimized run in the last bits only. Every decision of the plans stays the same; minmax scales
+move by at most 2.3e-6 relative (YOLOv8n), but a histogram method can move more, because the KL
+minimum is flat: on YOLOv8n with entropy 12 of 200 thresholds moved, one scale by 12% (same
+cosine 0.99987, same top-class agreement). Batch size (``batch_size``; None: automatic) is set by
 memory, not a fixed count: one sample is run first, then batches whose observed tensors take
 about ``STREAM_BUDGET_BYTES`` (64 MB; at most 64 samples) — a YOLOv8n at 320×320 exposes ~50 MB of
-activations per sample, so a batch of 8 held ~0.4 GB of outputs plus onnxruntime's own buffers
-(a tensor reduced inside onnxruntime counts at its full size too: onnxruntime's own buffers grow
-as fast with the batch). ``threads``: onnxruntime intra-op threads of the calibration and
-sensitivity runs (default 1, like the rest of graph-opt: the same result on any machine; 0 takes
-one per core, as ``quantize_static`` does, faster on an idle multi-core machine). For minmax,
-streaming equals one big batch exactly
+activations per sample, so a batch of 8 held ~0.4 GB of outputs plus onnxruntime's own buffers.
+``threads``: onnxruntime intra-op threads of the calibration and sensitivity runs (default 1,
+like the rest of graph-opt: the same result on any machine; 0 takes one per core, as
+``quantize_static`` does, faster on an idle multi-core machine). For minmax, streaming equals one
+big batch exactly
 (the histogram methods are also batch-invariant, see `kernels.calib`). minmax is the default
 because it never clips: measured with real calibration data, percentile and entropy clipped the
 outlier features of a MiniLM sentence encoder (embedding cosine 0.927 vs 0.992 with minmax), while
@@ -186,7 +181,6 @@ from onnx import TensorProto, helper, numpy_helper
 from graph_opt.budget import exact_pattern, hold_floor, name_nodes
 from graph_opt.data import Dataset, batch_size_for, random_dataset
 from graph_opt.errors import GraphOptError
-from graph_opt.intermediates import with_outputs
 from graph_opt.kernels.calib import HistogramObserver, MinMaxObserver
 from graph_opt.kernels.quant import (
     MIN_SCALE,
@@ -200,7 +194,7 @@ from graph_opt.kernels.quant import (
     symmetric_steps,
     ternary_weights,
 )
-from graph_opt.model_io import copy_model, needs_external_data, weightless_copy
+from graph_opt.model_io import copy_model
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._graph import Namer
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
@@ -627,69 +621,24 @@ def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method:
     The tensors become extra outputs of a private copy of `model`; each batch updates the
     observers and is dropped. Tensors that turn out not to be float32 are left out. Without
     `batch_size` the batch is sized to the memory the extra outputs take (see `_stream`).
-
-    For ``minmax`` a tensor that shape inference types as float32 is not copied out at all: the
-    copy computes its ReduceMin, ReduceMax, ReduceSum and Size inside onnxruntime (four scalars
-    per batch; min and max are exact, so the ranges equal the numpy ones). A batch whose min, max
-    or sum is not finite (NaN/inf in the data) is run again with that tensor exposed in full, so
-    the observer skips the non-finite values exactly as it does for an exposed tensor.
     """
     if max_samples is not None:
         data = data.take(max_samples)
     inputs = set(data.inputs)
     wanted = [t for t in dict.fromkeys(tensors) if t not in inputs]
-    types = _elem_types(model) if method == "minmax" else {}
-    reduced = [t for t in wanted if types.get(t) == TensorProto.FLOAT]
-    skipped = {t for t in wanted if types.get(t) not in (None, TensorProto.UNDEFINED, TensorProto.FLOAT)}
-    full = [t for t in wanted if t not in skipped and t not in reduced]
     work = copy_model(model)
     present = {o.name for o in work.graph.output}
-    for t in full:
+    for t in wanted:
         if t not in present:
             work.graph.output.append(onnx.ValueInfoProto(name=t))
-    namer = Namer({x for n in work.graph.node for x in (*n.input, *n.output)} | {n.name for n in work.graph.node}
-                  | {i.name for i in work.graph.input} | {i.name for i in work.graph.initializer})
-    stats: list[str] = []
-    n_model = len(work.graph.node)
-    for t in reduced:
-        outs = [namer(f"{t}_calib_{k}") for k in ("min", "max", "sum", "size")]
-        work.graph.node.extend([helper.make_node("ReduceMin", [t], [outs[0]], keepdims=0),
-                                helper.make_node("ReduceMax", [t], [outs[1]], keepdims=0),
-                                helper.make_node("ReduceSum", [t], [outs[2]], keepdims=0),
-                                helper.make_node("Size", [t], [outs[3]])])
-        work.graph.output.extend(onnx.ValueInfoProto(name=o) for o in outs)
-        stats += outs
-    _place_after_producers(work.graph, n_model)
     session = make_session(work, optimize=True, threads=threads)
     del work
-    names = full + stats
-    fallback = None  # a session exposing the reduced tensors in full, made on first need
     make = MinMaxObserver if method == "minmax" else HistogramObserver
     observers: dict[str, MinMaxObserver] = {}
-    dropped: set[str] = set(skipped)
-    auto = batch_size or batch_size_for(model, 0)
-    def batch_bytes(outs: list[np.ndarray]) -> float:
-        # A reduced tensor is not copied out, but it counts at its full size all the same:
-        # onnxruntime's own buffers grow as fast with the batch (YOLOv8n: ~110 MB per sample).
-        exposed = sum(int(np.asarray(o).nbytes) for o in outs[: len(full)])
-        return exposed + sum(int(o) for o in outs[len(full) + 3:: 4]) * 4
-
-    for feed, outs in _stream(session, names, data, auto, "calibrate", batch_bytes=batch_bytes):
-        values = dict(zip(full, outs[: len(full)]))
+    dropped: set[str] = set()
+    for feed, outs in _stream(session, wanted, data, batch_size or batch_size_for(model, 0), "calibrate"):
+        values = dict(zip(wanted, outs))
         values.update({t: feed[t] for t in tensors if t in inputs})
-        redo: list[str] = []
-        for k, t in enumerate(reduced):
-            lo, hi, total, size = (float(v) for v in outs[len(full) + 4 * k: len(full) + 4 * k + 4])
-            # onnxruntime's ReduceMin/ReduceMax pass over NaN; the sum does not (NaN, or ±inf, also
-            # on a mere float32 overflow, which only costs a rerun).
-            if math.isfinite(lo) and math.isfinite(hi) and math.isfinite(total):
-                observers.setdefault(t, make()).update_extremes(lo, hi, int(size))
-            elif size:
-                redo.append(t)
-        if redo:
-            if fallback is None:
-                fallback = make_session(with_outputs(model, reduced), optimize=True, threads=threads)
-            values.update(zip(redo, fallback.run(redo, feed)))
         for t in tensors:
             v = values.pop(t, None)
             if t in dropped or v is None:
@@ -701,17 +650,6 @@ def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method:
             observers.setdefault(t, make()).update(v)
         del values, outs
     return {t: o for t, o in observers.items() if o.count}
-
-
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor shape inference can type ({} when it fails)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(weightless_copy(model) if needs_external_data(model) else model)
-    except Exception:  # noqa: BLE001 - an untyped tensor is simply exposed in full
-        return {}
-    g = inferred.graph
-    return {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.output, *g.input]
-            if v.type.HasField("tensor_type")}
 
 
 def _stream(session, names: list[str], data: Dataset, batch_size: int, desc: str, *, batch_bytes=None):
