@@ -27,7 +27,10 @@ from graph_opt.progress import progress
 log = logging.getLogger(__name__)
 
 
-def session_options(*, optimize: bool = False, threads: int = 1) -> ort.SessionOptions:
+def session_options(*, optimize: bool = False, threads: int = 1, fuse_qdq: bool = True) -> ort.SessionOptions:
+    """``fuse_qdq=False`` keeps QuantizeLinear/DequantizeLinear as the float ops they define even
+    with optimizations on (no integer kernels), while constant folding, layout and the other
+    float optimizations still apply."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -38,17 +41,20 @@ def session_options(*, optimize: bool = False, threads: int = 1) -> ort.SessionO
     # Spinning worker threads steal CPU from the next session timed on a 2-core machine.
     opts.add_session_config_entry("session.force_spinning_stop", "1")
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not fuse_qdq:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     return opts
 
 
-def make_session(model: onnx.ModelProto, *, optimize: bool = False, threads: int = 1) -> ort.InferenceSession:
+def make_session(model: onnx.ModelProto, *, optimize: bool = False, threads: int = 1,
+                 fuse_qdq: bool = True) -> ort.InferenceSession:
     """An onnxruntime CPU session; a model that onnxruntime refuses raises `InvalidModelError`.
 
     A model over 2 GB reaches onnxruntime through a temporary external-data copy (protobuf cannot
     serialize it to bytes), see `model_io.session_source`."""
     try:
         with session_source(model) as source:
-            return ort.InferenceSession(source, session_options(optimize=optimize, threads=threads),
+            return ort.InferenceSession(source, session_options(optimize=optimize, threads=threads, fuse_qdq=fuse_qdq),
                                         providers=["CPUExecutionProvider"])
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -370,3 +370,62 @@ def test_vectorized_kl_search_equals_the_loop_on_gapped_and_odd_level_histograms
     want = reference_kl_threshold(folded, levels)
     got = obs._kl_threshold(folded, levels) / obs.bin_width
     assert got == want
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("scale_exp", [-30, 0, 14])
+def test_bins_equal_the_floor_of_x_over_the_bin_width(dtype, scale_exp):
+    # The update shifts the bin index into [0, 2N) in the float type before the integer cast; the
+    # counts must equal floor(x / w) computed exactly (float64 division by a power of two),
+    # including values on bin edges, the last bin of each side and exact zeros.
+    rng = np.random.default_rng(5)
+    n = 4096
+    x = (rng.standard_normal(200_000) * 2.0**scale_exp).astype(dtype)
+    obs = calib.HistogramObserver(n)
+    obs.update(x[:1000])
+    w = obs.bin_width
+    edges = (np.arange(-n, n, 97) * w).astype(dtype)  # exactly on bin edges
+    edges = edges[np.abs(edges.astype(np.float64)) < n * w]
+    x = np.concatenate([x, edges, np.array([0.0, -0.0, (n - 1) * w, -n * w], dtype)]).astype(dtype)
+    obs = calib.HistogramObserver(n)
+    for part in np.array_split(x, 4):
+        obs.update(part)
+    w = obs.bin_width
+    want = np.bincount((np.floor(x.astype(np.float64) / w) + obs.bins_per_side).astype(np.int64),
+                       minlength=2 * obs.bins_per_side)
+    np.testing.assert_array_equal(obs.counts, want)
+
+
+def test_bins_per_side_is_capped_where_the_float32_shift_stays_exact():
+    calib.HistogramObserver(1 << 22)
+    with pytest.raises(ValueError, match="power of two"):
+        calib.HistogramObserver(1 << 23)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_screened_kl_search_equals_scoring_every_candidate_in_float64(seed):
+    # The search screens every candidate in float32 and re-scores only those near the screen's
+    # minimum in float64: it must pick exactly what scoring every candidate in float64 picks, and
+    # the screen must stay within its stated error bound of the float64 score.
+    rng = np.random.default_rng(seed)
+    kind = seed % 3
+    if kind == 0:
+        x = np.concatenate([rng.standard_normal(300_000), rng.standard_t(2, 20_000) * 3])
+    elif kind == 1:
+        x = np.abs(rng.standard_normal(300_000)) ** 3
+    else:
+        x = rng.choice(rng.uniform(-3, 3, 300), 100_000)
+    obs = fed([x])
+    folded = obs._folded(False)
+    for levels in (128, 256, 100):
+        h = obs._trim(folded).astype(np.float64)
+        scores = calib._KLScores(h, levels)
+        cands = np.arange(levels, h.size + 1)
+        exact = scores(cands, exact=True)
+        rough = scores(cands, exact=False)
+        ok = np.isfinite(exact)
+        assert np.array_equal(ok, np.isfinite(rough))
+        assert np.max(np.abs(rough[ok] - exact[ok])) <= scores.screen_error
+        want = cands[np.flatnonzero(exact <= exact.min() + 1e-12)[-1]]
+        assert obs._kl_threshold(folded, levels) == float(want) * obs.bin_width
+

@@ -333,8 +333,8 @@ def test_automatic_batches_follow_the_memory_budget_and_change_nothing(method, m
     sizes: list[int] = []
     real = quantize_mod._stream
 
-    def spy(session, names, data, batch_size, desc):
-        for feed, outs in real(session, names, data, batch_size, desc):
+    def spy(session, names, data, batch_size, desc, **kw):
+        for feed, outs in real(session, names, data, batch_size, desc, **kw):
             sizes.append(len(next(iter(feed.values()))))
             yield feed, outs
 
@@ -670,3 +670,22 @@ def test_min_snr_db_keeps_the_least_robust_layers_float_until_the_floor_holds():
 def test_min_snr_db_must_be_finite():
     with pytest.raises(ValueError, match="finite"):
         Quantize(min_snr_db=float("inf"))
+
+
+def test_sensitivity_sums_inside_onnxruntime_match_numpy():
+    # The SNRs come from ReduceSumSquare sums inside onnxruntime; recompute one tensor's output
+    # SNR with numpy (fake_quantize of the exposed tensor) and compare.
+    from graph_opt.kernels.quant import fake_quantize
+
+    model = FoldBatchnorm()(small_cnn()).model
+    data = random_dataset(model, 16, seed=5)
+    plan = Quantize(sensitivity_snr_db=0.0).plan(model, data)
+    decided = [d for d in plan.nodes if d.sensitivity and "output_snr_db" in d.sensitivity and d.output]
+    assert decided
+    d = decided[0]
+    tq = plan.tensors[d.output]
+    session = ort.InferenceSession(_expose(model, [d.output]).SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = np.concatenate([session.run([d.output], feed)[0] for feed in data.batches(4)]).astype(np.float64)
+    err = ref - fake_quantize(ref.astype(np.float32), tq.params())
+    want = 10 * np.log10((ref**2).sum() / (err**2).sum())
+    assert d.sensitivity["output_snr_db"] == pytest.approx(want, abs=0.02)
