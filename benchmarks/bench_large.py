@@ -296,6 +296,9 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the generated model and outputs")
     ap.add_argument("--gb", type=float, default=2.3, help="weight bytes of the generated model, in GB (1e9)")
     ap.add_argument("--only", default="", help="comma-separated pass families (default: all)")
+    ap.add_argument("--update", action="store_true",
+                    help="replace only the rows of the families run in the existing bench_large.json (each row "
+                         "records the commit it ran at)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per pass family")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", default="", metavar="SPEC",
@@ -368,7 +371,7 @@ def main() -> int:
             wall, rc, seen = run_child(["--child-optimize", str(res), json.dumps(argv)], timeout=args.timeout)
             r = json.loads(res.read_text()) if res.exists() else {"exit": rc, "error": f"child died (rc {rc})"}
             peak_kb = max(r.get("vm_hwm_kb", 0), seen)
-            row = {"family": family, "cli": "graph-opt " + " ".join(a if a != str(model_path) else "large.onnx"
+            row = {"family": family, "commit": _commit(), "cli": "graph-opt " + " ".join(a if a != str(model_path) else "large.onnx"
                                                                     for a in argv).replace(str(work) + "/", ""),
                    "exit": r.get("exit"), "error": r.get("error", ""), "wall_s": round(wall, 1),
                    "peak_mb": round(peak_kb / 1024), "peak_over_weights": round(peak_kb * 1024 / weights, 2)}
@@ -403,12 +406,30 @@ def main() -> int:
     doc = {"command": command, "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
            "model": info, "baseline": baseline, "rows": rows, "target_peak_over_weights": 2.0,
            "profile": {"spec": args.profile, "phases": profile}}
+    previous = RESULTS_DIR / "bench_large.json"
+    if args.update and previous.exists():  # keep the other families' rows (and the notes) of the last run
+        old = json.loads(previous.read_text())
+        ran = {r["family"] for r in rows}
+        doc["rows"] = [r for r in old["rows"] if r["family"] not in ran] + rows
+        doc["rows"].sort(key=lambda r: list(FAMILIES).index(r["family"]))
+        doc["command"] = old["command"] + "; then " + command
+        doc["baseline"] = old.get("baseline", baseline)
+        if old.get("notes"):
+            doc["notes"] = old["notes"]
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / "bench_large.json").write_text(json.dumps(doc, indent=2) + "\n")
     md = markdown(doc)
     (RESULTS_DIR / "bench_large.md").write_text(md)
     print(md)
     return 0
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def status(row: dict, weights: int) -> str:
@@ -442,15 +463,15 @@ def markdown(doc: dict) -> str:
         f"Baseline ({doc['baseline']['what']}): peak {doc['baseline']['peak_mb']:,} MB "
         f"= {doc['baseline']['peak_over_weights']}× the weights, {doc['baseline']['wall_s']} s.",
         "",
-        "| pass family | graph-opt arguments | wall s | peak MB | peak / weights | output | status |",
-        "|---|---|---:|---:|---:|---|---|",
+        "| pass family | graph-opt arguments | commit | wall s | peak MB | peak / weights | output | status |",
+        "|---|---|---|---:|---:|---:|---|---|",
     ]
     for r in doc["rows"]:
         args = " ".join(a for a in r["cli"].split() if a not in ("optimize", "large.onnx", "-o", "--no-latency")
                         and not a.endswith(".onnx"))
         size = (f"{r['output_bytes'] / 1e9:.3f} GB" + (" (external data)" if r.get("output_external_data") else "")
                 if "output_bytes" in r else "none")
-        lines.append(f"| {r['family']} | `{args}` | {r['wall_s']} | {r['peak_mb']:,} | {r['peak_over_weights']} | "
+        lines.append(f"| {r['family']} | `{args}` | {r.get('commit', '')} | {r['wall_s']} | {r['peak_mb']:,} | {r['peak_over_weights']} | "
                      f"{size} | {r['status']} |")
     if doc.get("notes"):  # written by hand into the JSON after a run, rendered with --render
         lines += ["", "Notes:", ""] + [f"- {n}" for n in doc["notes"]]

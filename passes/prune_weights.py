@@ -150,28 +150,27 @@ class PruneWeights(Pass):
                 which = "first" if id(node) in first else "last"
                 report.skip(node_label(node), f"{which} layer kept dense (keep_first_last)")
                 continue
-            layers.append((node, *match))
+            index, _, axis = match  # the weight is read again below: one layer's weight in memory at a time
+            layers.append((node, index, axis))
         if not layers:
             return model
-        weights = [w for _, _, w, _ in layers]
-        if nm is not None:
-            masks = []
-            for node, _, w, axis in layers:
+        if self.scope == "global" and nm is None:  # one threshold over every weight: all of them at once
+            global_masks = global_magnitude_masks([constant(n.inputs[i]) for n, i, _ in layers], self.sparsity)
+        namer = Namer(graph)
+        zeros = size = 0
+        for k, (node, index, axis) in enumerate(layers):
+            w = constant(node.inputs[index])
+            if nm is not None:
                 try:
-                    masks.append(nm_mask(w, nm[0], nm[1], axis))
+                    mask = nm_mask(w, nm[0], nm[1], axis)
                 except ValueError:
                     report.skip(node_label(node), f"{self.pattern} needs the reduction axis ({w.shape[axis]}) "
                                                   f"to be a multiple of {nm[1]}")
-                    masks.append(None)
-        elif self.scope == "global":
-            masks = global_magnitude_masks(weights, self.sparsity)
-        else:
-            masks = [magnitude_mask(w, self.sparsity) for w in weights]
-        namer = Namer(graph)
-        zeros = size = 0
-        for (node, index, w, _), mask in zip(layers, masks):
-            if mask is None:
-                continue
+                    continue
+            elif self.scope == "global":
+                mask = global_masks[k]
+            else:
+                mask = magnitude_mask(w, self.sparsity)
             pruned = np.where(mask, w, np.zeros((), w.dtype))
             before, after = int(np.count_nonzero(w == 0)), int(np.count_nonzero(pruned == 0))
             zeros, size = zeros + after, size + w.size

@@ -195,7 +195,7 @@ from graph_opt.kernels.quant import (
     symmetric_steps,
     ternary_weights,
 )
-from graph_opt.model_io import copy_model, on_disk, read_array
+from graph_opt.model_io import copy_model, has_disk_weights, on_disk, read_array
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._graph import Namer
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
@@ -941,7 +941,9 @@ def _sensitivity(model: onnx.ModelProto, ix: _Index, layers: dict[int, _Layer], 
     _place_after_producers(g, n_model)
     names = list(dict.fromkeys([o for pair in outputs.values() for o in pair] + list(sizes.values())))
     g.output.extend(onnx.ValueInfoProto(name=t) for t in names)
-    session = make_session(work, optimize=True, fuse_qdq=False, threads=opts.threads)
+    # Optimized, onnxruntime constant-folds each probe's DequantizeLinear of a constant weight into a
+    # float copy of it: for weights kept on disk (a model over 2 GB) that is a second copy of them all.
+    session = make_session(work, optimize=not has_disk_weights(work), fuse_qdq=False, threads=opts.threads)
     del work, g
     sub = data.take(min(opts.max_samples, opts.sensitivity_samples))
     acc = {key: [0.0, 0.0] for key in outputs}
