@@ -224,12 +224,29 @@ _spill_dir: list[Path] = []
 
 
 def spill_dir() -> Path:
-    """This process's temporary folder for weights kept on disk, removed when the process exits."""
+    """This process's temporary folder for weights kept on disk, removed when the process exits.
+
+    Its name carries the process id: the folders of killed runs (no exit handler ran) are removed
+    by the next run that needs one."""
     if not _spill_dir or not _spill_dir[0].is_dir():
-        folder = Path(tempfile.mkdtemp(prefix="graph-opt-weights."))
+        _remove_orphaned_spill_dirs()
+        folder = Path(tempfile.mkdtemp(prefix=f"graph-opt-weights.{os.getpid()}."))
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         _spill_dir[:] = [folder]
     return _spill_dir[0]
+
+
+def _remove_orphaned_spill_dirs() -> None:
+    for folder in Path(tempfile.gettempdir()).glob("graph-opt-weights.*.*"):
+        pid = folder.name.split(".")[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # exists, owned by someone else
+            pass
 
 
 @contextlib.contextmanager

@@ -284,3 +284,18 @@ def test_a_full_disk_while_keeping_weights_on_disk_is_one_clear_error(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and "No space left on device" in err[0] and "TMPDIR" in err[0], err
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_the_spill_folder_of_a_killed_run_is_removed_by_the_next_run(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(mio, "_spill_dir", [])
+    dead = tmp_path / "graph-opt-weights.4194305.abc"  # above the kernel's pid limit: never a live process
+    alive = tmp_path / f"graph-opt-weights.{os.getpid()}.xyz"
+    for folder in (dead, alive):
+        folder.mkdir()
+        (folder / "weights.bin").write_bytes(b"x")
+    mine = mio.spill_dir()
+    assert mine.parent == tmp_path and mine.is_dir() and str(os.getpid()) in mine.name
+    assert not dead.exists() and alive.exists()
