@@ -454,7 +454,7 @@ def markdown(doc: dict) -> str:
     lines = [
         "# bench_large: a generated model over 2 GB through every pass family",
         "",
-        f"Command: `{doc['command']}` ({doc['machine']['cpus']} CPUs; a background job at nice 10 shared them).",
+        f"Command: `{doc['command']}` ({doc['machine']['cpus']} CPUs; the notes say what else ran).",
         "",
         f"Model: {m['params']:,} float32 parameters, **{m['weight_bytes'] / 1e9:.3f} GB of weights** "
         f"({m['weight_bytes'] / 2**20:,.0f} MiB; external data), 3 Conv+BN+Relu, {m['pairs']} Gemm/MatMul pairs "
