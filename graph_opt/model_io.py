@@ -383,7 +383,7 @@ def _save_external(model: onnx.ModelProto, target: Path) -> None:
         if shell.ByteSize() < PROTOBUF_LIMIT:
             tmp_model.write_bytes(shell.SerializeToString())
         else:  # heavy Constant nodes or subgraph weights: onnx moves every tensor (on a full copy)
-            work = copy_model(model)
+            work = _loaded_copy(model) if has_disk_weights(model) else copy_model(model)
             onnx.save_model(work, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
         del shell

@@ -8,7 +8,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
-from builders import conv_bn_model, gemm_bn_model
+from builders import conv_bn_model, gemm_bn_model, wide_cnn
 
 import graph_opt.model_io as mio
 from graph_opt import cli
@@ -200,14 +200,17 @@ def test_weights_kept_on_disk_give_the_in_memory_result(specs, tmp_path):
         assert [e["node"] for e in got.report.rewritten] == [e["node"] for e in want.report.rewritten]
         assert got.parity.cosine == pytest.approx(want.parity.cosine, abs=1e-6)
         assert _disk_bytes_in_memory(got.model) == 0  # spilled: the step's new weights are on disk
-    out = save_model(result.model, tmp_path / "out.onnx")
+    (tmp_path / "out").mkdir()
+    out = save_model(result.model, tmp_path / "out" / "out.onnx")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in files} == files  # input untouched
+    name = expected.model.graph.output[0].name
+    want = run_model(result.model, data)[name]
+    (tmp_path / "in.onnx.data").rename(tmp_path / "moved.data")  # the saved output must not read it
     again = load_model(out, weights="memory")
     assert _disk_bytes_in_memory(again) > 0 and not mio.has_disk_weights(again)
-    for name, value in weights_of(expected.model).items():
-        np.testing.assert_allclose(weights_of(again)[name], value, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(run_model(again, data)[expected.model.graph.output[0].name],
-                                  run_model(result.model, data)[expected.model.graph.output[0].name])
+    for key, value in weights_of(expected.model).items():
+        np.testing.assert_allclose(weights_of(again)[key], value, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(run_model(again, data)[name], want)
 
 
 def test_save_refuses_to_overwrite_the_weights_it_reads(tmp_path):
@@ -299,3 +302,18 @@ def test_the_spill_folder_of_a_killed_run_is_removed_by_the_next_run(tmp_path, m
     mine = mio.spill_dir()
     assert mine.parent == tmp_path and mine.is_dir() and str(os.getpid()) in mine.name
     assert not dead.exists() and alive.exists()
+
+
+def test_a_model_on_disk_saves_to_another_folder_self_contained(tmp_path, over_the_limit):
+    """Saved with external data (over the limit), whether its graph is small (streamed) or not
+    (onnx's own writer on a loaded copy): the output never points back at the input's files."""
+    model = wide_cnn(channels=32, hw=8)
+    for i, limit in enumerate((1024, 2**31 - 2**20)):
+        (tmp_path / f"in{i}").mkdir()
+        (tmp_path / f"out{i}").mkdir()
+        disk = load_model(save_model(model, tmp_path / f"in{i}" / "in.onnx", external_data=True), weights="disk")
+        mio.PROTOBUF_LIMIT = limit
+        out = save_model(disk, tmp_path / f"out{i}" / "out.onnx", external_data=True)
+        (tmp_path / f"in{i}" / "in.onnx.data").unlink()
+        again = onnx.load(str(out))  # external data read from next to the output only
+        assert {t.name: t.raw_data for t in again.graph.initializer} == {t.name: t.raw_data for t in model.graph.initializer}
