@@ -11,7 +11,7 @@ import onnx
 from graph_opt.compare import Backend, Comparer, Comparison, named_pipelines
 from graph_opt.data import Dataset, load_data
 from graph_opt.intermediates import divergence, feature_distances
-from graph_opt.model_io import load_model
+from graph_opt.model_io import load_model, stored_bytes
 from graph_opt.pass_base import Pass
 from graph_opt.pipeline import Pipeline, PipelineResult
 from graph_opt.registry import parse_spec
@@ -107,7 +107,7 @@ def inspect(model_or_path: onnx.ModelProto | str | os.PathLike, *, shapes: dict[
     """Op histogram, parameters, bytes, MACs per layer and (optionally) median ORT latency."""
     path_bytes = None
     if not isinstance(model_or_path, onnx.ModelProto):
-        path_bytes = os.path.getsize(model_or_path) if os.path.isfile(model_or_path) else None
+        path_bytes = stored_bytes(model_or_path) if os.path.isfile(model_or_path) else None
     model = _model(model_or_path)
     stats = model_stats(model, shapes=shapes, file_bytes=path_bytes)
     if latency:

@@ -28,7 +28,7 @@ from graph_opt import api
 from graph_opt.compare import METRICS, Comparer, cli_pipelines
 from graph_opt.data import Dataset, load_data, parse_shape_spec
 from graph_opt.errors import DataError, GraphOptError, ModelSaveError
-from graph_opt.model_io import write_atomic, load_model, save_model
+from graph_opt.model_io import load_model, save_model, stored_bytes, write_atomic
 from graph_opt.pipeline import Pipeline
 from graph_opt.registry import catalog, describe, load_recipe, parse_spec
 from graph_opt.intermediates import first_divergence
@@ -189,7 +189,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         return EXIT_VERIFY_FAILED
     saved = save_model(result.model, out, protect=(source,))
     doc["output"] = str(saved)
-    doc["output_file_bytes"] = saved.stat().st_size
+    doc["output_file_bytes"] = stored_bytes(saved)  # with its external data, if any
     try:  # disk full (or gone) now is a user-facing line too, not a traceback
         write_atomic(report_path.resolve(), json.dumps(jsonable(doc), indent=2, default=str).encode())
     except OSError as exc:

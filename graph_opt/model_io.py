@@ -116,6 +116,22 @@ def _load_external_data(model: onnx.ModelProto, base: Path, path: Path, weights:
         raise ModelLoadError(f"{path}: cannot read external data: {_first_line(exc)}") from None
 
 
+def stored_bytes(path: str | os.PathLike) -> int:
+    """Bytes a saved model takes: its file plus the external-data files its tensors name."""
+    path = Path(path)
+    total = path.stat().st_size
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a model: its own size is all there is
+        return total
+    names = {_ext_info(t).get("location", "") for t in external_data_helper._get_all_tensors(model) if _is_external(t)}
+    for name in sorted(n for n in names if n):
+        data = path.parent / name
+        if data.is_file() and _is_within(data.resolve(), path.parent.resolve()):
+            total += data.stat().st_size
+    return total
+
+
 def _ext_info(tensor: onnx.TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in tensor.external_data}
 

@@ -317,3 +317,12 @@ def test_a_model_on_disk_saves_to_another_folder_self_contained(tmp_path, over_t
         (tmp_path / f"in{i}" / "in.onnx.data").unlink()
         again = onnx.load(str(out))  # external data read from next to the output only
         assert {t.name: t.raw_data for t in again.graph.initializer} == {t.name: t.raw_data for t in model.graph.initializer}
+
+
+def test_the_stored_size_of_a_model_counts_its_external_data(tmp_path, over_the_limit):
+    from graph_opt.api import inspect
+
+    model = wide_cnn(channels=32, hw=8)
+    path = save_model(model, tmp_path / "m.onnx", external_data=True)
+    assert mio.stored_bytes(path) == path.stat().st_size + (tmp_path / "m.onnx.data").stat().st_size
+    assert inspect(path, latency=False).file_bytes == mio.stored_bytes(path) > mio.tensor_bytes(model)
