@@ -7,7 +7,8 @@ A pass that fails any of these is rolled back (the model before it continues dow
 and the step says why; with `rollback=False` a tolerance violation stops the pipeline instead.
 Each step records its time, model statistics and parity; latencies of all distinct step models
 are measured together at the end, interleaved in one run. When the input's weights are kept on
-disk (over 2 GB, see `model_io`), so are every step's: memory never holds two models' weights.
+disk (over 2 GB, see `model_io`), so are every step's, and latencies are measured one model after
+the other: memory never holds two models' weights besides onnxruntime's.
 """
 
 from __future__ import annotations
@@ -205,7 +206,10 @@ class Pipeline:
         for r in records:
             if not any(r.model is u for u in unique):
                 unique.append(r.model)
-        times = measure_latency(unique, feed, runs=self.latency_runs, threads=self.threads)
+        if has_disk_weights(result.original):  # over 2 GB: one session at a time, not one per model at once
+            times = [measure_latency([m], feed, runs=self.latency_runs, threads=self.threads)[0] for m in unique]
+        else:
+            times = measure_latency(unique, feed, runs=self.latency_runs, threads=self.threads)
         by_id = {id(m): t for m, t in zip(unique, times)}
         for r in records:  # records that share a model share its stats object
             r.stats.latency_ms = by_id[id(r.model)]

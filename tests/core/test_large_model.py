@@ -326,3 +326,18 @@ def test_the_stored_size_of_a_model_counts_its_external_data(tmp_path, over_the_
     path = save_model(model, tmp_path / "m.onnx", external_data=True)
     assert mio.stored_bytes(path) == path.stat().st_size + (tmp_path / "m.onnx.data").stat().st_size
     assert inspect(path, latency=False).file_bytes == mio.stored_bytes(path) > mio.tensor_bytes(model)
+
+
+def test_latency_of_models_on_disk_is_measured_one_session_at_a_time(tmp_path, monkeypatch):
+    import graph_opt.pipeline as pl
+
+    calls = []
+    real = pl.measure_latency
+    monkeypatch.setattr(pl, "measure_latency", lambda models, *a, **k: calls.append(len(models)) or real(models, *a, **k))
+    model = conv_bn_model(cin=16, cout=16)
+    disk = load_model(save_model(model, tmp_path / "m.onnx", external_data=True), weights="disk")
+    result = Pipeline([parse_spec("fold_batchnorm")], latency_runs=3).run(disk)
+    assert calls == [1, 1] and all(s.stats.latency_ms > 0 for s in (result.baseline, *result.steps))
+    calls.clear()
+    Pipeline([parse_spec("fold_batchnorm")], latency_runs=3).run(model)
+    assert calls == [2]  # in memory: interleaved in one run
