@@ -689,3 +689,28 @@ def test_sensitivity_sums_inside_onnxruntime_match_numpy():
     err = ref - fake_quantize(ref.astype(np.float32), tq.params())
     want = 10 * np.log10((ref**2).sum() / (err**2).sum())
     assert d.sensitivity["output_snr_db"] == pytest.approx(want, abs=0.02)
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy"])
+def test_calibration_threads_default_to_all_cores_and_do_not_change_the_plan(method, monkeypatch):
+    # threads=0 (onnxruntime's one per core) is the default of the calibration and sensitivity
+    # sessions; splitting the work differently must give the same plan bit for bit.
+    assert Quantize().threads == 0
+    model = small_cnn(seed=3)
+    data = random_dataset(model, 48, seed=5)
+    seen = []
+    real = quantize_mod.make_session
+
+    def spy(m, **kw):
+        seen.append(kw.get("threads"))
+        return real(m, **kw)
+
+    monkeypatch.setattr(quantize_mod, "make_session", spy)
+    default = Quantize(calibration=method).plan(model, data)
+    assert seen and set(seen) == {0}
+    seen.clear()
+    one = Quantize(calibration=method, threads=1).plan(model, data)
+    assert set(seen) == {1}
+    assert default.by_role("activation") and default.to_json(compact=False) == one.to_json(compact=False)
+    with pytest.raises(ValueError, match="threads"):
+        Quantize(threads=-1)
