@@ -565,7 +565,8 @@ def _fsync(path: Path) -> None:
 
 
 def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A deep copy (protobuf CopyFrom copies every byte, weights included)."""
+    """A deep copy (protobuf CopyFrom copies every byte, weights included; of weights kept on
+    disk, only their references)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     return out
@@ -604,7 +605,9 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     model's TensorProto (`LazyValues.load`, a fresh writable copy each time, cached per Constant), so
     editing it in place never reaches the caller's model, even through `Graph.copy()`. Weights a
     pass never reads are never turned into arrays and are exported from their TensorProto as they
-    are: on a model of several GB this saves a full copy of the weights per pass.
+    are: on a model of several GB this saves a full copy of the weights per pass. Weights kept on
+    disk are read from their file instead (`peek` reads one without caching it), and `to_model`
+    writes the ones a pass rewrote to `spill_dir()`.
     """
     model, opaque = _hide_packed(model)
     graph = gs.import_onnx(model)
