@@ -5,7 +5,8 @@ The same generator and oracle as `tests/core/test_fuzz.py` (`tests/builders.py`:
 SE blocks, strides, dilations, auto_pad, pooling, per-channel affine constants, GAP or Flatten
 heads) and transformer FFN blocks (LayerNorm, Gelu/erf-Gelu/SiLU), random widths and shapes,
 opsets 13–21, float32, symbolic or static batch, sometimes an intermediate graph output and a
-quarter of dead channels. Each pass runs through the Pipeline (onnx.checker full check +
+quarter of dead channels; a quarter of the models are loaded with their weights kept on disk (the
+code path of models over 2 GB). Each pass runs through the Pipeline (onnx.checker full check +
 onnxruntime load after every pass); the oracle also demands exactness at lossless settings
 (fold_batchnorm, cleanup, prune_channels of dead channels, full-rank factorization), quantized
 weights within half a step of their grid, and reconstruct never increasing the calibration error.
@@ -49,7 +50,8 @@ def _case(args: tuple[int, bool]) -> dict:
         problems, fired, exact = outcome.problems, outcome.fired, outcome.exact
     except Exception as exc:  # noqa: BLE001 - the generator itself failing is a finding too
         problems, fired, exact = [f"generator/oracle crashed: {type(exc).__name__}: {exc}"], {}, {}
-    return {"seed": seed, "spec": str(spec), "kind": spec.kind, "opset": spec.opset, "problems": problems,
+    return {"seed": seed, "spec": str(spec), "kind": spec.kind, "opset": spec.opset, "on_disk": spec.on_disk,
+            "problems": problems,
             "fired": fired, "exact": exact, "seconds": time.perf_counter() - start}
 
 
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     kinds: collections.Counter = collections.Counter()
     opsets: collections.Counter = collections.Counter()
+    on_disk = 0
     fired: collections.Counter = collections.Counter()
     exact: collections.Counter = collections.Counter()
     failures: list[dict] = []
@@ -91,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             done += 1
             kinds[result["kind"]] += 1
             opsets[result["opset"]] += 1
+            on_disk += result["on_disk"]
             fired.update(k for k, v in result["fired"].items() if v)
             exact.update(k for k, v in result["exact"].items() if v)
             if result["problems"]:
@@ -103,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{done} cases in {elapsed:.0f} s ({elapsed / max(done, 1):.2f} s per case, {args.jobs} jobs); "
           f"seeds {args.seed}..{args.seed + args.cases - 1}")
     print("models: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
-          + "; opsets: " + ", ".join(f"{k}: {v}" for k, v in sorted(opsets.items())))
+          + "; opsets: " + ", ".join(f"{k}: {v}" for k, v in sorted(opsets.items()))
+          + f"; weights kept on disk: {on_disk}")
     print(f"pass runs: {done * len(runs)} ({len(runs)} settings per case); cases where the setting rewrote "
           "something (accepted), and of those, held to exactness:")
     for name, (specs, is_exact) in runs.items():
@@ -113,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 if failures else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"cases": done, "seconds": elapsed, "kinds": kinds, "opsets": opsets,
+                                               "on_disk": on_disk,
                                                "fired": fired, "exact": exact, "failures": failures},
                                               indent=2, default=str))
     return 1 if failures else 0
