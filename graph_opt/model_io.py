@@ -69,8 +69,8 @@ def load_model(path: str | os.PathLike, *, check: bool = True,
         try:
             if not needs_external_data(model):
                 onnx.checker.check_model(model)
-            elif has_disk_weights(model):  # the file, with its data in place: no weight is read
-                onnx.checker.check_model(str(path))
+            elif has_disk_weights(model):  # on a weightless view: no weight is read
+                _check_weightless(model, full=False)
         except Exception as exc:
             raise ModelLoadError(f"{path} fails onnx.checker: {_first_line(exc)}") from None
     return model
@@ -201,9 +201,7 @@ def read_array(tensor: onnx.TensorProto) -> np.ndarray:
     if not on_disk(tensor):
         return numpy_helper.to_array(tensor)
     loaded = onnx.TensorProto()
-    for fd, value in tensor.ListFields():
-        if fd.name not in ("external_data", "data_location"):
-            _copy_field(loaded, fd, value)
+    _copy_except(loaded, tensor, "external_data", "data_location")
     loaded.raw_data = read_raw(tensor)
     return numpy_helper.to_array(loaded)
 
@@ -278,22 +276,32 @@ def _writing_weights(where: Path) -> Iterator[None]:
 
 def disk_tensor(value: np.ndarray, name: str) -> onnx.TensorProto:
     """An initializer for `value` kept on disk: its bytes written to a new file in `spill_dir()`."""
-    value = np.ascontiguousarray(value)
+    with _writing_weights(spill_dir()):
+        fd, path = tempfile.mkstemp(prefix="weights.", suffix=".bin", dir=spill_dir())
+        with os.fdopen(fd, "wb") as data:
+            return _write_array(data, Path(path), 0, value, name)[0]
+
+
+def _write_array(data, path: Path, offset: int, value: np.ndarray, name: str) -> tuple[onnx.TensorProto, int]:
+    """Append `value`'s bytes (little-endian, page-aligned) to the open file `data` (at `path`, now
+    `offset` bytes long); return a tensor kept on disk that points at them, and the new length."""
     tensor = onnx.TensorProto()
     tensor.name = name
     tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
     tensor.dims.extend(value.shape)
-    with _writing_weights(spill_dir()):
-        fd, path = tempfile.mkstemp(prefix="weights.", suffix=".bin", dir=spill_dir())
-        with os.fdopen(fd, "wb") as data:
-            data.write(value.astype(value.dtype.newbyteorder("<"), copy=False).data)
-    _point_at(tensor, spill_dir(), Path(path).name, 0, value.nbytes)
-    return tensor
+    pad = -offset % _EXTERNAL_ALIGN
+    data.write(b"\0" * pad)
+    data.write(np.ascontiguousarray(value).astype(value.dtype.newbyteorder("<"), copy=False).data)
+    _point_at(tensor, path.parent, path.name, offset + pad, value.nbytes)
+    return tensor, offset + pad + value.nbytes
 
 
 def spill(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
     """A copy of `model` whose in-memory main-graph weights (≥ 1 KB) are written to a new file in
-    `folder` and kept on disk there; weights already on disk stay where they are."""
+    `folder` and kept on disk there; weights already on disk stay where they are. A model holding
+    no such weight in memory comes back as it is."""
+    if not any(len(t.raw_data) >= _EXTERNAL_THRESHOLD for t in model.graph.initializer):
+        return model
     with _writing_weights(folder):
         fd, name = tempfile.mkstemp(prefix="weights.", suffix=".bin", dir=folder)
         with os.fdopen(fd, "wb") as data:
@@ -505,12 +513,8 @@ def _external_shell(model: onnx.ModelProto, data, data_name: str, *, keep_in: Pa
     (they stay references), or `links` names a link to their file next to `data`. With `keep_in`
     (the folder of `data`), the written weights are kept on disk there (`spill`)."""
     shell = onnx.ModelProto()
-    for fd, value in model.ListFields():
-        if fd.name != "graph":
-            _copy_field(shell, fd, value)
-    for fd, value in model.graph.ListFields():
-        if fd.name != "initializer":
-            _copy_field(shell.graph, fd, value)
+    _copy_except(shell, model, "graph")
+    _copy_except(shell.graph, model.graph, "initializer")
     offset = 0
     for tensor in model.graph.initializer:
         out = shell.graph.initializer.add()
@@ -519,9 +523,7 @@ def _external_shell(model: onnx.ModelProto, data, data_name: str, *, keep_in: Pa
             if data is None or keep_in is not None:
                 out.CopyFrom(tensor)
                 continue
-            for fd, value in tensor.ListFields():
-                if fd.name not in ("external_data", "data_location"):
-                    _copy_field(out, fd, value)
+            _copy_except(out, tensor, "external_data", "data_location")
             if links is not None and links.get(source):
                 _point_at(out, None, links[source], at, length)
                 continue
@@ -535,9 +537,7 @@ def _external_shell(model: onnx.ModelProto, data, data_name: str, *, keep_in: Pa
         if len(raw) < _EXTERNAL_THRESHOLD:
             out.CopyFrom(tensor)
             continue
-        for fd, value in tensor.ListFields():
-            if fd.name != "raw_data":
-                _copy_field(out, fd, value)
+        _copy_except(out, tensor, "raw_data")
         pad = -offset % _EXTERNAL_ALIGN
         if data is not None:
             data.write(b"\0" * pad + raw)
@@ -545,6 +545,13 @@ def _external_shell(model: onnx.ModelProto, data, data_name: str, *, keep_in: Pa
         offset += pad + len(raw)
         del raw
     return shell
+
+
+def _copy_except(target, source, *skip: str) -> None:
+    """Copy every set field of protobuf `source` into `target`, except the fields named in `skip`."""
+    for fd, value in source.ListFields():
+        if fd.name not in skip:
+            _copy_field(target, fd, value)
 
 
 def _copy_field(message, fd, value) -> None:
@@ -581,21 +588,26 @@ def check_model(model: onnx.ModelProto, *, full: bool = True) -> onnx.ModelProto
         if not needs_external_data(model):
             onnx.checker.check_model(model, full_check=full)
             return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=full)
-        # > 2 GB or weights on disk: the checker takes a file whose external data exists, and reads
-        # nothing of it (onnxruntime, which does, sees the real weights: `session_source`)
-        shell = weightless_copy(model)
-        with tempfile.TemporaryDirectory(prefix="graph-opt-check.") as tmpdir:
-            for tensor in external_data_helper._get_all_tensors(shell):
-                if _is_external(tensor):
-                    stand_in = Path(tmpdir) / _ext_info(tensor)["location"]
-                    stand_in.parent.mkdir(parents=True, exist_ok=True)
-                    stand_in.touch()
-            path = Path(tmpdir) / "model.onnx"
-            path.write_bytes(shell.SerializeToString())
-            onnx.checker.check_model(str(path), full_check=full)
+        _check_weightless(model, full)
         return model
     except Exception as exc:
         raise InvalidModelError(f"model fails onnx.checker: {_first_line(exc)}") from None
+
+
+def _check_weightless(model: onnx.ModelProto, full: bool) -> None:
+    """onnx.checker for a model over 2 GB or with weights on disk: the checker takes a file whose
+    external data exists, and reads nothing of it (onnxruntime, which does, sees the real weights:
+    `session_source`); empty stand-ins do, and hard links to the real files would be refused."""
+    shell = weightless_copy(model)
+    with tempfile.TemporaryDirectory(prefix="graph-opt-check.") as tmpdir:
+        for tensor in external_data_helper._get_all_tensors(shell):
+            if _is_external(tensor):
+                stand_in = Path(tmpdir) / _ext_info(tensor)["location"]
+                stand_in.parent.mkdir(parents=True, exist_ok=True)
+                stand_in.touch()
+        path = Path(tmpdir) / "model.onnx"
+        path.write_bytes(shell.SerializeToString())
+        onnx.checker.check_model(str(path), full_check=full)
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -655,30 +667,11 @@ def _export(graph: gs.Graph) -> onnx.ModelProto:
     Here the exporter sees a stub without the bytes instead; the bytes go into the exported tensor.
     """
     sources: dict[str, onnx.TensorProto] = {}
-    swapped: list[tuple[gs.Constant, LazyValues]] = []
+    swapped: list[tuple[gs.Constant, LazyValues | np.ndarray]] = []  # restored in reverse, whatever happens
     try:
         if weights_on_disk(graph):
             _arrays_to_disk(graph, swapped)
-    except BaseException:
-        for tensor, lazy in reversed(swapped):
-            tensor._values = lazy
-        raise
-    for tensor in _all_tensors(graph):
-        lazy = getattr(tensor, "_values", None) if isinstance(tensor, gs.Constant) else None
-        if type(lazy) is _DiskValues:  # exported as the same reference, under the Constant's name
-            stub = onnx.TensorProto()
-            stub.CopyFrom(lazy.tensor)
-            swapped.append((tensor, lazy))
-            tensor._values = LazyValues(stub)
-        elif type(lazy) is LazyValues and lazy.tensor.HasField("raw_data"):
-            stub = onnx.TensorProto()
-            for fd, value in lazy.tensor.ListFields():
-                if fd.name != "raw_data":
-                    _copy_field(stub, fd, value)
-            swapped.append((tensor, lazy))
-            sources[tensor.name] = lazy.tensor
-            tensor._values = LazyValues(stub)
-    try:
+        _stub_lazy_weights(graph, swapped, sources)
         model = gs.export_onnx(graph, do_type_check=False)
     finally:
         for tensor, lazy in reversed(swapped):
@@ -688,6 +681,24 @@ def _export(graph: gs.Graph) -> onnx.ModelProto:
         if source is not None and not t.HasField("raw_data"):
             t.raw_data = source.raw_data
     return model
+
+
+def _stub_lazy_weights(graph: gs.Graph, swapped: list, sources: dict[str, onnx.TensorProto]) -> None:
+    """Give never-read weights a stub for the exporter: a copy of a reference kept on disk, or a
+    tensor without its bytes (`sources` keeps where they are)."""
+    for tensor in _all_tensors(graph):
+        lazy = getattr(tensor, "_values", None) if isinstance(tensor, gs.Constant) else None
+        if type(lazy) is _DiskValues:  # exported as the same reference, under the Constant's name
+            stub = onnx.TensorProto()
+            stub.CopyFrom(lazy.tensor)
+            swapped.append((tensor, lazy))
+            tensor._values = LazyValues(stub)
+        elif type(lazy) is LazyValues and lazy.tensor.HasField("raw_data"):
+            stub = onnx.TensorProto()
+            _copy_except(stub, lazy.tensor, "raw_data")
+            swapped.append((tensor, lazy))
+            sources[tensor.name] = lazy.tensor
+            tensor._values = LazyValues(stub)
 
 
 # dtypes whose numpy bytes are their ONNX raw_data, as graphsurgeon would export them
@@ -707,10 +718,10 @@ def _arrays_to_disk(graph: gs.Graph, swapped: list) -> None:
     with _writing_weights(spill_dir()):
         fd, name = tempfile.mkstemp(prefix="weights.", suffix=".bin", dir=spill_dir())
         with os.fdopen(fd, "wb") as data:
-            _write_arrays(graph, data, Path(name).name, swapped)
+            _write_arrays(graph, data, Path(name), swapped)
 
 
-def _write_arrays(graph: gs.Graph, data, data_name: str, swapped: list) -> None:
+def _write_arrays(graph: gs.Graph, data, path: Path, swapped: list) -> None:
     offset = 0
     for tensor in graph.tensors().values():
         values = getattr(tensor, "_values", None) if isinstance(tensor, gs.Constant) else None
@@ -730,15 +741,7 @@ def _write_arrays(graph: gs.Graph, data, data_name: str, swapped: list) -> None:
         if export is not None and (export if isinstance(export, int) else
                                    onnx.helper.np_dtype_to_tensor_dtype(np.dtype(export))) != onnx_type:
             continue
-        stub = onnx.TensorProto()
-        stub.name = tensor.name
-        stub.data_type = onnx_type
-        stub.dims.extend(values.shape)
-        pad = -offset % _EXTERNAL_ALIGN
-        data.write(b"\0" * pad)
-        data.write(np.ascontiguousarray(values).astype(values.dtype.newbyteorder("<"), copy=False).data)
-        _point_at(stub, spill_dir(), data_name, offset + pad, values.nbytes)
-        offset += pad + values.nbytes
+        stub, offset = _write_array(data, path, offset, values, tensor.name)
         swapped.append((tensor, values))
         tensor._values = _DiskValues(stub)
 

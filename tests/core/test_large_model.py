@@ -341,3 +341,16 @@ def test_latency_of_models_on_disk_is_measured_one_session_at_a_time(tmp_path, m
     calls.clear()
     Pipeline([parse_spec("fold_batchnorm")], latency_runs=3).run(model)
     assert calls == [2]  # in memory: interleaved in one run
+
+
+def test_loading_weights_on_disk_checks_the_graph_and_accepts_a_hard_linked_data_file(tmp_path):
+    from graph_opt.errors import ModelLoadError
+
+    path = save_model(gemm_bn_model(k=64, n=64), tmp_path / "m.onnx", external_data=True)
+    os.link(tmp_path / "m.onnx.data", tmp_path / "backup.data")  # onnx's own file check refuses this
+    assert mio.has_disk_weights(load_model(path, weights="disk"))
+    broken = onnx.load(str(path), load_external_data=False)
+    broken.graph.node[0].input[0] = "nowhere"
+    (tmp_path / "broken.onnx").write_bytes(broken.SerializeToString())
+    with pytest.raises(ModelLoadError, match=r"broken.onnx fails onnx.checker: (?!model fails)"):
+        load_model(tmp_path / "broken.onnx", weights="disk")
