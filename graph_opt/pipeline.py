@@ -23,8 +23,7 @@ import onnx
 
 from graph_opt.data import Dataset
 from graph_opt.errors import GraphOptError, InvalidModelError
-from graph_opt.model_io import (check_model, has_disk_weights, needs_external_data, spill, spill_dir, tensor_bytes,
-                                weightless_copy)
+from graph_opt.model_io import check_model, has_disk_weights, spill, spill_dir
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.progress import progress
 from graph_opt.stats import ModelStats, measure_latency, model_stats
@@ -185,14 +184,7 @@ class Pipeline:
         return result
 
     def _stats(self, model: onnx.ModelProto) -> ModelStats:
-        if not needs_external_data(model):
-            return model_stats(model, shapes=self.shapes)
-        # Over 2 GB shape inference cannot serialize the model (no MACs) after copying it whole
-        # (a third copy of the weights next to the original and the candidate): count on a copy
-        # without the weight bytes, and the bytes on the model itself.
-        stats = model_stats(weightless_copy(model), shapes=self.shapes)
-        stats.weight_bytes = stats.file_bytes = tensor_bytes(model)
-        return stats
+        return model_stats(model, shapes=self.shapes)  # over 2 GB it infers shapes on a weightless copy
 
     def _measure_latency(self, result: PipelineResult) -> None:
         data = self.verify_data if self.verify_data is not None else self.calib_data
