@@ -52,6 +52,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _proc import status_kb
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -154,17 +155,6 @@ def generate(path: Path, *, target_bytes: int, seed: int = 0, hidden: int = 512,
 
 # --------------------------------------------------------------------------- children
 
-def _status_kb(field: str, pid: str = "self") -> int:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def child_optimize(argv: list[str], result_path: Path) -> int:
     """One `graph-opt optimize` run in this (fresh) process; write exit code and peak memory."""
     from graph_opt import cli
@@ -182,7 +172,7 @@ def child_optimize(argv: list[str], result_path: Path) -> int:
         where = f" at {Path(ours[-1].filename).name}:{ours[-1].lineno} ({ours[-1].name})" if ours else ""
         code, error = -1, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}{where}"
     result = {"exit": code, "error": error, "seconds": time.perf_counter() - start,
-              "vm_hwm_kb": _status_kb("VmHWM"), "vm_rss_end_kb": _status_kb("VmRSS")}
+              "vm_hwm_kb": status_kb("VmHWM"), "vm_rss_end_kb": status_kb("VmRSS")}
     result_path.write_text(json.dumps(result))
     return 0
 
@@ -218,7 +208,7 @@ def child_check(model_path: Path, result_path: Path) -> int:
         out["ort_run"] = "ok" if y.shape == (1, 1000) and np.isfinite(y).all() else f"bad output {y.shape}"
     except Exception as exc:
         out["ort_run"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-    out["vm_hwm_kb"] = _status_kb("VmHWM")
+    out["vm_hwm_kb"] = status_kb("VmHWM")
     result_path.write_text(json.dumps(out))
     return 0
 
@@ -237,7 +227,7 @@ def child_profile(model_path: Path, spec: str, result_path: Path) -> int:
     phases = []
 
     def mark(what: str, t0: float) -> float:
-        phases.append({"phase": what, "peak_mb": _status_kb("VmHWM") // 1024, "rss_after_mb": _status_kb("VmRSS") // 1024,
+        phases.append({"phase": what, "peak_mb": status_kb("VmHWM") // 1024, "rss_after_mb": status_kb("VmRSS") // 1024,
                        "seconds": round(time.perf_counter() - t0, 1)})
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -276,7 +266,7 @@ def run_child(args: list[str], *, timeout: float) -> tuple[float, int, int]:
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args], env=env)
     seen = 0
     while proc.poll() is None:
-        seen = max(seen, _status_kb("VmHWM", str(proc.pid)))
+        seen = max(seen, status_kb("VmHWM", str(proc.pid)))
         if time.perf_counter() - start > timeout:
             proc.kill()
         time.sleep(0.2)

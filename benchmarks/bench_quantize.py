@@ -56,6 +56,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _proc import status_kb
 
 BENCH_DIR = Path(__file__).resolve().parent
 GO_METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -95,18 +96,6 @@ def ort_name(method: str) -> str:
 
 
 # ============================================================================================ worker
-
-
-def _status_kb(key: str, pid: int | str = "self") -> int:
-    """A field of /proc/PID/status in kB (VmRSS: resident now, VmHWM: peak resident), 0 if gone."""
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def _reset_peak() -> bool:
@@ -150,8 +139,8 @@ def worker(spec: dict) -> int:
             source = spec["out"] + ".fp32.onnx"
             onnx.save(model, source)
         _ = sum(int(v.nbytes) for v in calib.inputs.values())  # the arrays are in memory (np.load read them)
-        result["rss_loaded_kb"] = _status_kb("VmRSS")
-        result["hwm_load_kb"] = _status_kb("VmHWM")
+        result["rss_loaded_kb"] = status_kb("VmRSS")
+        result["hwm_load_kb"] = status_kb("VmHWM")
         result["peak_reset"] = _reset_peak()
         out = spec.get("out")
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -194,7 +183,7 @@ def worker(spec: dict) -> int:
     except Exception as exc:  # noqa: BLE001 - recorded, not raised: the parent reports it as this variant's failure
         result["ok"] = False
         result["error"] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
-    result["hwm_quantize_kb"] = _status_kb("VmHWM")  # peak since the reset: the quantizer's phase
+    result["hwm_quantize_kb"] = status_kb("VmHWM")  # peak since the reset: the quantizer's phase
     result["ru_maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     Path(spec["result"]).write_text(json.dumps(result))
     return 0 if result["ok"] else 1
@@ -223,8 +212,8 @@ def run_job(spec: dict, work: Path, *, timeout: float, mem_limit_kb: int) -> dic
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            rss = _status_kb("VmRSS", proc.pid)
-            polled = max(polled, _status_kb("VmHWM", proc.pid), rss)
+            rss = status_kb("VmRSS", proc.pid)
+            polled = max(polled, status_kb("VmHWM", proc.pid), rss)
             elapsed = time.monotonic() - start
             if failure is None and rss > mem_limit_kb:
                 failure = (f"killed by the memory guard: RSS {rss / MB:.1f} GB > {mem_limit_kb / MB:.0f} GB "
