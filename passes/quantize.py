@@ -59,25 +59,20 @@ an extra output, onnxruntime runs it batch by batch (at most ``max_samples`` sam
 updates one observer per tensor (MinMaxObserver, or HistogramObserver for the other methods) and
 is dropped; memory is bounded by one batch. The calibration copy runs with onnxruntime's graph
 optimizations on (float kernels only; the observed tensors are outputs, so nothing is fused
-away): faster convolutions (ResNet calibration 0.43 → 0.28 s) whose results differ from the
-unoptimized run in the last bits only. Every decision of the plans stays the same; minmax scales
-move by at most 2.3e-6 relative (YOLOv8n), but a histogram method can move more, because the KL
-minimum is flat: on YOLOv8n with entropy 12 of 200 thresholds moved, one scale by 12% (same
-cosine 0.99987, same top-class agreement). Batch size (``batch_size``; None: automatic) is set by
-memory, not a fixed count: one sample is run first, then batches whose observed tensors take
+away): faster convolutions, whose results differ from the unoptimized run in the last bits only.
+A minmax scale then moves in its last bits; a histogram method's threshold can move more, because
+the KL minimum is flat (bench_quantize's fidelity tables are what to read for the effect).
+Batch size (``batch_size``; None: automatic) is set by memory, not a fixed count: one sample is
+run first, then batches whose observed tensors take
 about ``STREAM_BUDGET_BYTES`` (64 MB; at most 64 samples) — a YOLOv8n at 320×320 exposes ~50 MB of
 activations per sample, so a batch of 8 held ~0.4 GB of outputs plus onnxruntime's own buffers.
 ``threads``: onnxruntime intra-op threads of the calibration and sensitivity runs (default 0:
 one per core, as ``quantize_static`` does; verification elsewhere in graph-opt stays at 1). The
-thread count changes only how the work is split: on the 2-core bench machine the plans (every
-decision, scale, zero point and threshold) of the example CNN, ResNet-18, YOLOv8n and MiniLM, with
-minmax and entropy, were bit-identical at 1 and 0 threads. 1 is the choice when the machine is
-shared. (Computing minmax's min/max inside onnxruntime instead of exposing the tensors was
-measured again: ReduceMin/ReduceMax alone saved ~4% of YOLOv8n's calibration, and a NaN-safe flag
-per tensor, ``ReduceSum(x - x)`` or ``ReduceMax(Cast(IsNaN(x)))``, made it 6–12% slower than numpy
-min/max on the exposed tensors, so the tensors stay exposed.) For minmax, streaming equals one
-big batch exactly
-(the histogram methods are also batch-invariant, see `kernels.calib`). minmax is the default
+thread count changes only how the work is split: the plan is the same bit for bit at 1 and 0
+threads (tests/passes/test_quantize.py, on a small CNN). 1 is the choice when the machine is
+shared. (Computing minmax's min/max inside onnxruntime instead of exposing the tensors was tried
+twice, the second time with a NaN-safe flag per tensor; it was not faster in ad-hoc timings, so the
+tensors stay exposed.) For minmax, streaming equals one big batch exactly (the histogram methods are also batch-invariant, see `kernels.calib`). minmax is the default
 because it never clips: measured with real calibration data, percentile and entropy clipped the
 outlier features of a MiniLM sentence encoder (embedding cosine 0.927 vs 0.992 with minmax), while
 on a YOLOv8n detector entropy beat minmax (output SNR 35 vs 26 dB) — worth trying per model.
