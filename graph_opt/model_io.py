@@ -503,6 +503,50 @@ def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return _external_shell(model, None, "weights-not-loaded")
 
 
+# Element types whose bytes numpy (and onnxruntime's OrtValue) take as they are.
+_SHAREABLE = {getattr(onnx.TensorProto, n) for n in (
+    "FLOAT", "DOUBLE", "FLOAT16", "INT8", "UINT8", "INT16", "UINT16", "INT32", "UINT32", "INT64", "UINT64", "BOOL")}
+
+
+def detached(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """`model` without the bytes of its in-memory main-graph weights (≥ 1 KB), and those weights.
+
+    The model keeps each such initializer's name, type and dims as a reference to a file that does
+    not exist, as `weightless_copy`; the arrays (read-only, one copy of the bytes) are handed to
+    onnxruntime separately (`verify.make_session`), so a session costs neither a deep copy of the
+    model nor its serialization. Weights kept on disk stay references to their files.
+    """
+    shell = onnx.ModelProto()
+    _copy_except(shell, model, "graph")
+    _copy_except(shell.graph, model.graph, "initializer")
+    # onnxruntime drops an initializer nothing reads before it would take the handed-over array.
+    read = _names_read(model.graph) | {o.name for o in model.graph.output}
+    arrays: dict[str, np.ndarray] = {}
+    for tensor in model.graph.initializer:
+        out = shell.graph.initializer.add()
+        if (on_disk(tensor) or tensor.data_type not in _SHAREABLE or not tensor.HasField("raw_data")
+                or len(tensor.raw_data) < _EXTERNAL_THRESHOLD or tensor.name in arrays or tensor.name not in read):
+            out.CopyFrom(tensor)
+            continue
+        raw = tensor.raw_data
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+        arrays[tensor.name] = np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+        _copy_except(out, tensor, "raw_data")
+        _point_at(out, None, "weights-handed-over", 0, len(raw))
+    return shell, arrays
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every name a node of `graph` or of its subgraphs reads."""
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(node.input)
+        for a in node.attribute:
+            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                names |= _names_read(sub)
+    return names
+
+
 def _external_shell(model: onnx.ModelProto, data, data_name: str, *, keep_in: Path | None = None,
                     links: dict[Path, str | None] | None = None) -> onnx.ModelProto:
     """A copy of `model` whose main-graph initializers (≥ 1 KB of raw data) live in the open file

@@ -107,14 +107,17 @@ class Pass:
 
     name: ClassVar[str] = ""
     needs_data: ClassVar[bool] = False
+    # False for a pass whose `run` never edits its argument and always returns a new model: it is
+    # then handed the caller's model itself, not a deep copy (one copy of every weight less).
+    edits_input: ClassVar[bool] = True
 
     def __call__(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> PassResult:
         report = PassReport(self.name, self.options())
-        out = self.run(copy_model(model), report, ctx or PassContext())
+        out = self.run(copy_model(model) if self.edits_input else model, report, ctx or PassContext())
         return PassResult(out, bool(report.rewritten), report)
 
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
-        """Rewrite `model` (a private copy: editing it is fine) and return the result."""
+        """Rewrite `model` (a private copy unless `edits_input` is False) and return the result."""
         raise NotImplementedError
 
     def options(self) -> dict[str, Any]:

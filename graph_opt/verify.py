@@ -9,8 +9,13 @@ agreement and the soft-label KD loss; task accuracy of both models when labels a
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import gc
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +26,7 @@ import onnxruntime as ort
 from graph_opt import metrics
 from graph_opt.data import Dataset, batch_size_for
 from graph_opt.errors import GraphOptError, InvalidModelError
-from graph_opt.model_io import session_source
+from graph_opt.model_io import detached, needs_external_data, session_source
 from graph_opt.progress import progress
 
 log = logging.getLogger(__name__)
@@ -47,18 +52,42 @@ def session_options(*, optimize: bool = False, threads: int = 1, fuse_qdq: bool 
 
 
 def make_session(model: onnx.ModelProto, *, optimize: bool = False, threads: int = 1,
-                 fuse_qdq: bool = True) -> ort.InferenceSession:
+                 fuse_qdq: bool = True, weights: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
     """An onnxruntime CPU session; a model that onnxruntime refuses raises `InvalidModelError`.
 
-    A model over 2 GB reaches onnxruntime through a temporary external-data copy (protobuf cannot
-    serialize it to bytes), see `model_io.session_source`."""
+    The weights reach onnxruntime as arrays, not inside the serialized model (`model_io.detached`):
+    `weights`, the arrays of a model made by `detached` and then edited (a calibration copy with
+    extra outputs), or else `model`'s own. A model with weights kept on disk reaches onnxruntime
+    through a temporary external-data copy (protobuf cannot serialize it), see
+    `model_io.session_source`."""
+    if weights is None and not needs_external_data(model):
+        model, weights = detached(model)
+    options = session_options(optimize=optimize, threads=threads, fuse_qdq=fuse_qdq)
+    if weights:
+        options.add_external_initializers(list(weights), [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()])
     try:
         with session_source(model) as source:
-            return ort.InferenceSession(source, session_options(optimize=optimize, threads=threads, fuse_qdq=fuse_qdq),
-                                        providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InvalidModelError(f"onnxruntime cannot load the model: {first[:300]}") from None
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def release_memory() -> None:
+    """Hand the heap that freed sessions and arrays left behind back to the OS (glibc keeps it
+    otherwise, so each later phase would start from the earlier phases' peak). No-op elsewhere."""
+    gc.collect()
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def run_model(model_or_session: onnx.ModelProto | ort.InferenceSession, data: Dataset, *,

@@ -140,7 +140,8 @@ def test_every_pass_family_over_the_limit(spec, monkeypatch):
         return real_infer(m, *args, **kwargs)
 
     def session(source, *args, **kwargs):
-        if isinstance(source, bytes) and len(source) >= 1024:
+        carried = onnx.load_from_string(source).graph.initializer if isinstance(source, bytes) else []
+        if any(len(t.raw_data) >= 1024 for t in carried):  # a session from bytes that hold the weights
             violations.append("an onnxruntime session from the serialized model")
             raise ValueError("protobuf cannot serialize a model over 2 GB")
         return real_session(source, *args, **kwargs)

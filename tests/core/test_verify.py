@@ -96,3 +96,38 @@ def test_kd_loss_with_labels_adds_the_hard_label_term():
     expected = metrics.kd_loss(logits, cand, temperature=2.0, alpha=0.5, labels=data.labels)
     assert mixed == pytest.approx(expected) and soft == pytest.approx(metrics.kd_loss(logits, cand))
     assert mixed != pytest.approx(soft)
+
+
+def test_sessions_take_the_weights_as_arrays_not_inside_the_serialized_model(monkeypatch):
+    """make_session serializes a weightless model and hands the weights over as arrays: the same
+    outputs as a session from the whole model's bytes, also with an initializer nothing reads
+    (onnxruntime drops those before it would take the array) and with the arrays gone."""
+    import gc
+
+    import onnxruntime as ort
+
+    from graph_opt.verify import make_session, session_options
+
+    model = small_cnn(seed=1)
+    unread = numpy_helper.from_array(np.ones((16, 16), np.float32), "unread_weight")
+    model.graph.initializer.append(unread)
+    data = random_dataset(model, 4, seed=0)
+    feed = {k: v for k, v in data.inputs.items()}
+    plain = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+    sources = []
+    real = ort.InferenceSession
+
+    def spy(source, *args, **kwargs):
+        sources.append(source)
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    session = make_session(model)
+    gc.collect()  # the handed-over arrays are gone; onnxruntime copied them
+    for got, want in zip(session.run(None, feed), plain.run(None, feed)):
+        np.testing.assert_array_equal(got, want)
+    carried = onnx.load_from_string(sources[0]).graph.initializer
+    # Only the unread initializer travels inside the model; every read weight of 1 KB or more is a reference.
+    assert [t.name for t in carried if len(t.raw_data) >= 1024] == ["unread_weight"]
+    handed = [t.name for t in carried if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(handed) >= 2 and all(len(t.raw_data) >= 1024 for t in model.graph.initializer if t.name in handed)
