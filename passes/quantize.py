@@ -54,26 +54,38 @@ Numerics (all from `graph_opt.kernels.quant`): ``q = saturate(round(x/s) + z)``,
   in QLinearConv and 188 in QLinearMatMul that the verification harness (optimizations off) never
   sees; with 7-bit weights ≤ 1 step, at the same latency. uint8 weights (u8×u8) do not saturate.
 
-Calibration is one streaming pass: a private copy of the model exposes every candidate tensor as
-an extra output, onnxruntime runs it batch by batch (at most ``max_samples`` samples), each batch
-updates one observer per tensor (MinMaxObserver, or HistogramObserver for the other methods) and
-is dropped; memory is bounded by one batch. The calibration copy runs with onnxruntime's graph
-optimizations on (float kernels only; the observed tensors are outputs, so nothing is fused
-away): faster convolutions, whose results differ from the unoptimized run in the last bits only.
-A minmax scale then moves in its last bits; a histogram method's threshold can move more, because
-the KL minimum is flat (bench_quantize's fidelity tables are what to read for the effect).
+Calibration is one streaming pass over the data (at most ``max_samples`` samples), batch by
+batch; each batch updates one observer per candidate tensor and is dropped, so memory is bounded
+by one batch. The calibration model is a weightless copy of the model (onnxruntime gets the
+weights as arrays, `verify.make_session`) with onnxruntime's graph optimizations on (float
+kernels only; nothing observed is fused away): faster convolutions, whose results differ from the
+unoptimized run in the last bits only. A minmax scale then moves in its last bits; a histogram
+method's threshold can move more, because the KL minimum is flat (bench_quantize's fidelity
+tables are what to read for the effect).
+
+- minmax: the copy computes each tensor's ReduceMin, ReduceMax and Size itself, so three scalars
+  per tensor leave onnxruntime instead of the tensor. onnxruntime skips a NaN that is not the
+  first value it reduces, and its vectorized max can then miss values next to it, where
+  MinMaxObserver keeps the min/max of the finite values: a batch whose reductions, or the sums
+  of the model's float outputs, are not finite has those tensors (all of them, for a non-finite
+  output) fetched whole and observed exactly.
+- percentile, entropy, mse: the copy exposes every candidate tensor as an output and
+  HistogramObserver takes them in numpy, in a second thread: one batch is observed while
+  onnxruntime computes the next (each observer still sees its batches in order). numpy's
+  bincount holds the GIL, so by default the session gets one core less. The ranges the placement
+  asks for are then searched on every core at once (`_Ranges.prefetch`).
+
 Batch size (``batch_size``; None: automatic) is set by memory, not a fixed count: one sample is
-run first, then batches whose observed tensors take
-about ``STREAM_BUDGET_BYTES`` (64 MB; at most 64 samples) — a YOLOv8n at 320×320 exposes ~50 MB of
-activations per sample, so a batch of 8 held ~0.4 GB of outputs plus onnxruntime's own buffers.
+run first, then batches whose observed tensors take about ``STREAM_BUDGET_BYTES`` (64 MB; at most
+64 samples) as outputs — a YOLOv8n at 320×320 exposes ~50 MB of activations per sample, so a batch
+of 8 held ~0.4 GB of outputs plus onnxruntime's own buffers.
 ``threads``: onnxruntime intra-op threads of the calibration and sensitivity runs (default 0:
-one per core, as ``quantize_static`` does; verification elsewhere in graph-opt stays at 1). The
-thread count changes only how the work is split: the plan is the same bit for bit at 1 and 0
-threads (tests/passes/test_quantize.py, on a small CNN). 1 is the choice when the machine is
-shared. (Computing minmax's min/max inside onnxruntime instead of exposing the tensors was tried
-twice, the second time with a NaN-safe flag per tensor; it was not faster in ad-hoc timings, so the
-tensors stay exposed.) For minmax, streaming equals one big batch exactly (the histogram methods are also batch-invariant, see `kernels.calib`). minmax is the default
-because it never clips: measured with real calibration data, percentile and entropy clipped the
+one per core, as ``quantize_static`` does, one less beside the observer thread; verification
+elsewhere in graph-opt stays at 1). The thread count changes only how the work is split: the plan
+is the same bit for bit at 1 and 0 threads (tests/passes/test_quantize.py, on a small CNN). 1 is
+the choice when the machine is shared. For minmax, streaming equals one big batch exactly (the
+histogram methods are also batch-invariant, see `kernels.calib`). minmax is the default because
+it never clips: measured with real calibration data, percentile and entropy clipped the
 outlier features of a MiniLM sentence encoder (embedding cosine 0.927 vs 0.992 with minmax), while
 on a YOLOv8n detector entropy beat minmax (output SNR 35 vs 26 dB) — worth trying per model.
 
@@ -167,11 +179,13 @@ back exactly.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import fnmatch
 import functools
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -182,7 +196,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graph_opt.budget import exact_pattern, hold_floor, name_nodes
 from graph_opt.data import Dataset, batch_size_for, random_dataset
-from graph_opt.errors import GraphOptError
+from graph_opt.errors import GraphOptError, InvalidModelError
 from graph_opt.kernels.calib import HistogramObserver, MinMaxObserver
 from graph_opt.kernels.quant import (
     MIN_SCALE,
@@ -196,14 +210,14 @@ from graph_opt.kernels.quant import (
     symmetric_steps,
     ternary_weights,
 )
-from graph_opt.model_io import copy_model, has_disk_weights, on_disk, read_array
+from graph_opt.model_io import copy_model, detached, has_disk_weights, on_disk, read_array
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._graph import Namer
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
 from graph_opt.passes.fold_batchnorm import FoldBatchnorm
 from graph_opt.progress import progress
 from graph_opt.stats import serialized_bytes
-from graph_opt.verify import Reference, make_session
+from graph_opt.verify import Reference, make_session, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +255,7 @@ class Quantize(Pass):
     """Quantize weights (int8/uint8/int4/ternary/binary) and activations (static QDQ, ORT-fusable)."""
 
     name: ClassVar[str] = "quantize"
+    edits_input: ClassVar[bool] = False
     weights: Literal["int8", "uint8", "int4", "ternary", "binary"] = "int8"
     activations: Literal["uint8", "int8", "none"] = "uint8"
     calibration: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
@@ -281,22 +296,25 @@ class Quantize(Pass):
             raise ValueError("threads must be >= 0 (0: onnxruntime's default, one per core)")
 
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
+        # `model` is the caller's (edits_input is False): the plan only reads it, and apply_plan,
+        # FoldBatchnorm and the floor's runs each write a copy.
         if self.min_snr_db is not None:
-            return self._run_with_floor(model, report, ctx)
-        if self.activations != "none":
+            return self._run_with_floor(copy_model(model), report, ctx)
+        private = False
+        if self.activations != "none" and any(n.op_type == "BatchNormalization" for n in model.graph.node):
             # A BatchNormalization between a Conv/Gemm and its output QDQ would run in float
             # between int8 layers (MobileNet ran 1.8x slower than fp32 in the first bench_quantize run); folding is exact.
             folded = FoldBatchnorm()(model, ctx)
             if folded.modified:
                 report.note(f"folded {len(folded.report.rewritten)} BatchNormalization into their Conv/Gemm first "
                             "(exact), so the layer outputs stay int8")
-                model = folded.model
+                model, private = folded.model, True
         plan, work = make_plan(model, ctx.data, self)
         for d in plan.nodes:
             if d.action != "quantize":
                 report.skip(d.node, d.reason)
         if plan.empty:
-            return model
+            return model if private else copy_model(model)
         out = apply_plan(work, plan)
         _report(plan, report, model, out)
         return out
@@ -630,25 +648,28 @@ def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method:
               threads: int = 1) -> dict[str, MinMaxObserver]:
     """One streaming pass over `data`: one observer per float32 tensor in `tensors`.
 
-    The tensors become extra outputs of a private copy of `model`; each batch updates the
-    observers and is dropped. Tensors that turn out not to be float32 are left out. Without
-    `batch_size` the batch is sized to the memory the extra outputs take (see `_stream`).
+    minmax reduces inside onnxruntime (`_calibrate_minmax`); the other methods expose the
+    tensors as extra outputs of a private copy of `model`, and each batch updates the observers
+    and is dropped (see 'Calibration' in the module docstring). Tensors that turn out not to be
+    float32 are left out. Without `batch_size` the batch is sized to the memory the tensors take
+    as outputs (see `_stream`).
     """
     if max_samples is not None:
         data = data.take(max_samples)
+    if method == "minmax":
+        try:
+            return _calibrate_minmax(model, data, list(dict.fromkeys(tensors)), batch_size, threads)
+        except InvalidModelError:
+            pass  # a tensor type onnxruntime cannot reduce: expose the tensors instead
     inputs = set(data.inputs)
     wanted = [t for t in dict.fromkeys(tensors) if t not in inputs]
-    work = copy_model(model)
-    present = {o.name for o in work.graph.output}
-    for t in wanted:
-        if t not in present:
-            work.graph.output.append(onnx.ValueInfoProto(name=t))
-    session = make_session(work, optimize=True, threads=threads)
-    del work
+    # The observer thread below takes a core of its own (numpy holds the GIL in bincount).
+    session = _exposing(model, wanted, threads or max(1, _cores(0) - 1))
     make = MinMaxObserver if method == "minmax" else HistogramObserver
     observers: dict[str, MinMaxObserver] = {}
     dropped: set[str] = set()
-    for feed, outs in _stream(session, wanted, data, batch_size or batch_size_for(model, 0), "calibrate"):
+
+    def observe(feed: dict[str, np.ndarray], outs: list[np.ndarray]) -> None:
         values = dict(zip(wanted, outs))
         values.update({t: feed[t] for t in tensors if t in inputs})
         for t in tensors:
@@ -660,8 +681,105 @@ def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method:
                 observers.pop(t, None)
                 continue
             observers.setdefault(t, make()).update(v)
-        del values, outs
+
+    # One batch is observed (numpy, which releases the GIL) while onnxruntime computes the next:
+    # the batches still reach each observer in order, so the result is the same as in sequence.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for feed, outs in _stream(session, wanted, data, batch_size or batch_size_for(model, 0), "calibrate"):
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(observe, feed, outs)
+            del outs
+        if pending is not None:
+            pending.result()
     return {t: o for t, o in observers.items() if o.count}
+
+
+def _calibrate_minmax(model: onnx.ModelProto, data: Dataset, tensors: list[str], batch_size: int | None,
+                      threads: int) -> dict[str, MinMaxObserver]:
+    """minmax calibration with the reductions inside onnxruntime: ReduceMin, ReduceMax and Size
+    per tensor, so three scalars per tensor and batch leave the session instead of the tensor.
+
+    onnxruntime drops a NaN that is not the first value it reduces (and a vectorized max can then
+    miss values around it), while `MinMaxObserver` keeps the min/max of the finite values. So each
+    batch also sums every float graph output (a NaN or inf in the model reaches them); a batch
+    with a non-finite sum or reduction has those tensors fetched whole and observed exactly.
+    """
+    work, weights = detached(model)
+    g = work.graph
+    namer = Namer({t for n in g.node for t in (*n.input, *n.output)} | {t.name for t in g.initializer}
+                  | {t.name for t in g.input} | {n.name for n in g.node})
+    reduced: dict[str, tuple[str, str, str]] = {}
+    for t in tensors:
+        lo, hi, n = namer(f"{t}_calib_min"), namer(f"{t}_calib_max"), namer(f"{t}_calib_size")
+        g.node.extend([helper.make_node("ReduceMin", [t], [lo], keepdims=0),
+                       helper.make_node("ReduceMax", [t], [hi], keepdims=0),
+                       helper.make_node("Size", [t], [n])])
+        reduced[t] = (lo, hi, n)
+    guards = []
+    for o in model.graph.output:
+        if o.type.tensor_type.elem_type == TensorProto.FLOAT:
+            guards.append(namer(f"{o.name}_calib_sum"))
+            g.node.append(helper.make_node("ReduceSum", [o.name], [guards[-1]], keepdims=0))
+    _place_after_producers(g, len(model.graph.node))
+    names = [*(x for r in reduced.values() for x in r), *guards]
+    g.output.extend(onnx.ValueInfoProto(name=x) for x in names)
+    session = make_session(work, optimize=True, threads=threads, weights=weights)
+    del work, g, weights
+    exact = None  # the session exposing the tensors themselves, made on first need
+    observers = {t: MinMaxObserver() for t in tensors}
+    dropped: set[str] = set()
+
+    def batch_bytes(outs: list[np.ndarray]) -> float:
+        # The bytes the tensors would take as outputs: the same batches as the exposing path.
+        values = dict(zip(names, outs))
+        return sum(int(values[n]) * values[lo].itemsize for lo, _, n in reduced.values())
+
+    for feed, outs in _stream(session, names, data, batch_size or 0, "calibrate", batch_bytes=batch_bytes):
+        values = dict(zip(names, outs))
+        poisoned = any(not math.isfinite(float(values[s])) for s in guards)
+        refetch = []
+        for t, (lo_name, hi_name, n_name) in reduced.items():
+            if t in dropped:
+                continue
+            lo, hi = values[lo_name], values[hi_name]
+            if lo.dtype != np.float32:
+                dropped.add(t)
+                continue
+            if int(values[n_name]) == 0:
+                continue
+            lo, hi = float(lo), float(hi)
+            if poisoned or not (math.isfinite(lo) and math.isfinite(hi)):
+                refetch.append(t)
+                continue
+            obs = observers[t]
+            obs.min, obs.max = min(obs.min, lo), max(obs.max, hi)
+            obs.count += int(values[n_name])
+        if refetch:
+            if exact is None:
+                exact = _exposing(model, [t for t in tensors if t not in feed], threads)
+            inner = [t for t in refetch if t not in feed]
+            fetched = dict(zip(inner, exact.run(inner, feed) if inner else []))
+            for t in refetch:
+                observers[t].update(feed[t] if t in feed else fetched[t])
+        del values, outs
+    return {t: o for t, o in observers.items() if o.count and t not in dropped}
+
+
+def _cores(threads: int) -> int:
+    """The threads to use for `threads` (0: one per core this process may run on)."""
+    if threads:
+        return threads
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _exposing(model: onnx.ModelProto, tensors: list[str], threads: int):
+    """A session of `model` with every tensor in `tensors` also a graph output."""
+    work, weights = detached(model)
+    present = {o.name for o in work.graph.output}
+    work.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in present)
+    return make_session(work, optimize=True, threads=threads, weights=weights)
 
 
 def _stream(session, names: list[str], data: Dataset, batch_size: int, desc: str, *, batch_bytes=None):
@@ -708,6 +826,39 @@ class _Ranges(Mapping[str, tuple[float, float]]):
         if t not in self._done:
             self._done[t] = _range(self._observers[t], self._opts)
         return self._done[t]
+
+    def prefetch(self, place: Callable[[Mapping[str, tuple[float, float]]], object]) -> None:
+        """Derive at once, on every core, the ranges that `place` asks for.
+
+        `place` runs first on the observed min/max (cheap); the tensors it asked for are the
+        ones the real placement will ask for, except perhaps a Concat's, whose decision depends
+        on the ranges: those are derived on first use as before. Each search is independent
+        and numpy releases the GIL inside it, so the result is the same as one by one."""
+        asked: list[str] = []
+        observers = self._observers
+
+        class Recorder(Mapping[str, tuple[float, float]]):
+            def __getitem__(self, t: str) -> tuple[float, float]:
+                asked.append(t)
+                return observers[t].min, observers[t].max
+
+            def __contains__(self, t: object) -> bool:
+                return t in observers
+
+            def __iter__(self):
+                return iter(observers)
+
+            def __len__(self) -> int:
+                return len(observers)
+
+        place(Recorder())
+        todo = [t for t in dict.fromkeys(asked) if t not in self._done]
+        workers = min(_cores(self._opts.threads), len(todo))
+        if workers < 2:
+            return
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            for t, r in zip(todo, pool.map(lambda t: _range(observers[t], self._opts), todo)):
+                self._done[t] = r
 
     def __contains__(self, t: object) -> bool:
         return t in self._observers
@@ -881,7 +1032,7 @@ def _sensitivity(model: onnx.ModelProto, ix: _Index, layers: dict[int, _Layer], 
                  biases: dict[int, TensorQuant], pl: _Placement, data: Dataset, opts: Quantize,
                  batch_size: int | None) -> dict[int, dict[str, float]]:
     """Per quantized node: SNR (dB) of its own quantization, measured in isolation on `data`."""
-    work = copy_model(model)
+    work, arrays = detached(model)
     g = work.graph
     taken = {t for n in g.node for t in (*n.input, *n.output)} | {t.name for t in g.initializer}
     taken |= {n.name for n in g.node}
@@ -944,8 +1095,9 @@ def _sensitivity(model: onnx.ModelProto, ix: _Index, layers: dict[int, _Layer], 
     g.output.extend(onnx.ValueInfoProto(name=t) for t in names)
     # Optimized, onnxruntime constant-folds each probe's DequantizeLinear of a constant weight into a
     # float copy of it: for weights kept on disk (a model over 2 GB) that is a second copy of them all.
-    session = make_session(work, optimize=not has_disk_weights(work), fuse_qdq=False, threads=opts.threads)
-    del work, g
+    session = make_session(work, optimize=not has_disk_weights(work), fuse_qdq=False, threads=opts.threads,
+                           weights=arrays)
+    del work, g, arrays
     sub = data.take(min(opts.max_samples, opts.sensitivity_samples))
     acc = {key: [0.0, 0.0] for key in outputs}
     size_names = set(sizes.values())
@@ -1114,6 +1266,7 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
         except GraphOptError as exc:
             notes.append(f"calibration failed, activations left in float (weight-only): {exc}")
             observers, candidates = {}, set()
+        release_memory()
         ranges = _Ranges(observers, opts)
         n = min(len(data), opts.max_samples)
         notes.append(f"activations {opts.activations} per tensor, asymmetric, ranges by {opts.calibration} "
@@ -1125,6 +1278,8 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
             why = _too_small_for_int8(ix, layers[idx])
             if why:
                 forced[idx] = why
+    if isinstance(ranges, _Ranges) and opts.calibration != "minmax":  # minmax ranges cost nothing
+        ranges.prefetch(lambda r: _place(ix, layers, candidates, r, opts, forced))
     pl = _place(ix, layers, candidates, ranges, opts, forced)
     weights, biases = _weights_and_biases(layers, pl, opts)
 
@@ -1135,6 +1290,7 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
             sens = _sensitivity(model, ix, layers, weights, biases, pl, data, opts, batch_size)
         except GraphOptError as exc:  # the probe model does not load or run (e.g. a custom op onnxruntime lacks)
             notes.append(f"sensitivity not measured ({exc}); every planned node is quantized")
+        release_memory()
         weight_only: dict[int, str] = {}
         for idx, values in sens.items():
             if values["snr_db"] >= threshold:
