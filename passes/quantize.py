@@ -725,7 +725,7 @@ def _calibrate_minmax(model: onnx.ModelProto, data: Dataset, tensors: list[str],
     _place_after_producers(g, len(model.graph.node))
     names = [*(x for r in reduced.values() for x in r), *guards]
     g.output.extend(onnx.ValueInfoProto(name=x) for x in names)
-    session = make_session(work, optimize=True, threads=threads, weights=weights)
+    session = make_session(work, optimize=True, threads=threads, arena=False, weights=weights)
     del work, g, weights
     exact = None  # the session exposing the tensors themselves, made on first need
     observers = {t: MinMaxObserver() for t in tensors}
@@ -779,7 +779,7 @@ def _exposing(model: onnx.ModelProto, tensors: list[str], threads: int):
     work, weights = detached(model)
     present = {o.name for o in work.graph.output}
     work.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in present)
-    return make_session(work, optimize=True, threads=threads, weights=weights)
+    return make_session(work, optimize=True, threads=threads, arena=False, weights=weights)
 
 
 def _stream(session, names: list[str], data: Dataset, batch_size: int, desc: str, *, batch_bytes=None):
@@ -1096,7 +1096,7 @@ def _sensitivity(model: onnx.ModelProto, ix: _Index, layers: dict[int, _Layer], 
     # Optimized, onnxruntime constant-folds each probe's DequantizeLinear of a constant weight into a
     # float copy of it: for weights kept on disk (a model over 2 GB) that is a second copy of them all.
     session = make_session(work, optimize=not has_disk_weights(work), fuse_qdq=False, threads=opts.threads,
-                           weights=arrays)
+                           arena=False, weights=arrays)
     del work, g, arrays
     sub = data.take(min(opts.max_samples, opts.sensitivity_samples))
     acc = {key: [0.0, 0.0] for key in outputs}
