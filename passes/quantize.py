@@ -196,7 +196,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graph_opt.budget import exact_pattern, hold_floor, name_nodes
 from graph_opt.data import Dataset, batch_size_for, random_dataset
-from graph_opt.errors import GraphOptError, InvalidModelError
+from graph_opt.errors import GraphOptError
 from graph_opt.kernels.calib import HistogramObserver, MinMaxObserver
 from graph_opt.kernels.quant import (
     MIN_SCALE,
@@ -659,8 +659,8 @@ def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method:
     if method == "minmax":
         try:
             return _calibrate_minmax(model, data, list(dict.fromkeys(tensors)), batch_size, threads)
-        except InvalidModelError:
-            pass  # a tensor type onnxruntime cannot reduce: expose the tensors instead
+        except GraphOptError:
+            pass  # a tensor onnxruntime cannot reduce (its type, its rank): expose the tensors instead
     inputs = set(data.inputs)
     wanted = [t for t in dict.fromkeys(tensors) if t not in inputs]
     # The observer thread below takes a core of its own (numpy holds the GIL in bincount).

@@ -371,6 +371,29 @@ def test_minmax_reduces_inside_onnxruntime_and_stays_exact_around_nan_and_inf(mo
     assert got(dirty)["m"][:2] == (-60.0, 80.0)
 
 
+def test_minmax_falls_back_to_exposed_tensors_when_onnxruntime_cannot_reduce_one(monkeypatch):
+    """A bool tensor among the candidates: ReduceMin has no bool kernel at opset 17, so the
+    reducing copy does not load; the tensors are exposed instead and the float32 one observed."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 5])
+    zero = numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    graph = helper.make_graph([helper.make_node("Greater", ["x", "zero"], ["b"]),
+                               helper.make_node("Cast", ["b"], ["y"], to=TensorProto.FLOAT)], "g", [x], [y], [zero])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    values = np.random.default_rng(1).normal(size=(6, 5)).astype(np.float32)
+    exposed = []
+    real = quantize_mod._exposing
+
+    def spy(m, tensors, threads):
+        exposed.append(list(tensors))
+        return real(m, tensors, threads)
+
+    monkeypatch.setattr(quantize_mod, "_exposing", spy)
+    obs = quantize_mod.calibrate(model, Dataset({"x": values}), ["b", "y"], "minmax", batch_size=4)
+    assert exposed == [["b", "y"]]
+    assert list(obs) == ["y"] and (obs["y"].min, obs["y"].max, obs["y"].count) == (0.0, 1.0, values.size)
+
+
 @pytest.mark.parametrize("method", ["minmax", "percentile"])
 def test_automatic_batches_follow_the_memory_budget_and_change_nothing(method, monkeypatch):
     model = FoldBatchnorm()(small_cnn()).model
