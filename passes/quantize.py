@@ -55,8 +55,11 @@ Numerics (all from `graph_opt.kernels.quant`): ``q = saturate(round(x/s) + z)``,
   sees; with 7-bit weights ≤ 1 step, at the same latency. uint8 weights (u8×u8) do not saturate.
 
 Calibration is one streaming pass over the data (at most ``max_samples`` samples), batch by
-batch; each batch updates one observer per candidate tensor and is dropped, so memory is bounded
-by one batch. The calibration model is a weightless copy of the model (onnxruntime gets the
+batch; each batch updates one observer per tensor and is dropped, so memory is bounded by one
+batch. The tensors are those the placement can ask a range for: a dry run of the placement on
+stand-in ranges (every candidate calibrated, every Concat on one scale) asks for a superset of what
+the real one asks, and the rest (a Gemm/MatMul output nothing quantized reads, an Add with no
+quantized input) is not observed at all — 24 of a MiniLM's 230 candidate tensors are used. The calibration model is a weightless copy of the model (onnxruntime gets the
 weights as arrays, `verify.make_session`) with onnxruntime's graph optimizations on (float
 kernels only; nothing observed is fused away): faster convolutions, whose results differ from the
 unoptimized run in the last bits only. A minmax scale then moves in its last bits; a histogram
@@ -186,7 +189,7 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -834,25 +837,10 @@ class _Ranges(Mapping[str, tuple[float, float]]):
         ones the real placement will ask for, except perhaps a Concat's, whose decision depends
         on the ranges: those are derived on first use as before. Each search is independent
         and numpy releases the GIL inside it, so the result is the same as one by one."""
-        asked: list[str] = []
         observers = self._observers
-
-        class Recorder(Mapping[str, tuple[float, float]]):
-            def __getitem__(self, t: str) -> tuple[float, float]:
-                asked.append(t)
-                return observers[t].min, observers[t].max
-
-            def __contains__(self, t: object) -> bool:
-                return t in observers
-
-            def __iter__(self):
-                return iter(observers)
-
-            def __len__(self) -> int:
-                return len(observers)
-
-        place(Recorder())
-        todo = [t for t in dict.fromkeys(asked) if t not in self._done]
+        dry = _Asking(set(observers), lambda t: (observers[t].min, observers[t].max))
+        place(dry)
+        todo = [t for t in dry.asked if t not in self._done]
         workers = min(_cores(self._opts.threads), len(todo))
         if workers < 2:
             return
@@ -868,6 +856,30 @@ class _Ranges(Mapping[str, tuple[float, float]]):
 
     def __len__(self) -> int:
         return len(self._observers)
+
+
+class _Asking(Mapping[str, tuple[float, float]]):
+    """Stand-in ranges for a dry run of `_place`: `names` are the calibrated tensors, `value`
+    gives each one's range, and `asked` records, in order, the tensors the placement asked for."""
+
+    def __init__(self, names: set[str], value: Callable[[str], tuple[float, float]]) -> None:
+        self._names, self._value = names, value
+        self.asked: dict[str, None] = {}
+
+    def __getitem__(self, t: str) -> tuple[float, float]:
+        if t not in self._names:
+            raise KeyError(t)
+        self.asked[t] = None
+        return self._value(t)
+
+    def __contains__(self, t: object) -> bool:
+        return t in self._names
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def _range(obs: MinMaxObserver, opts: Quantize) -> tuple[float, float]:
@@ -887,8 +899,11 @@ class _Placement:
 
 
 def _place(ix: _Index, layers: dict[int, _Layer], candidates: set[int], ranges: Mapping[str, tuple[float, float]],
-           opts: Quantize, forced_float: dict[int, str]) -> _Placement:
-    """Decide which activation tensors get a QDQ (see 'Placement' in the module docstring)."""
+           opts: Quantize, forced_float: dict[int, str], unasked: Container[str] = frozenset()) -> _Placement:
+    """Decide which activation tensors get a QDQ (see 'Placement' in the module docstring).
+
+    `unasked`: tensors left out of calibration because no placement could use them (see
+    `make_plan`); a Gemm/MatMul output among them is reported as the float output it is."""
     pl = _Placement()
     region: set[str] = set()               # tensors whose producer is quantized: every reader reads DQ
     pending: dict[str, tuple[int, str | None]] = {}  # Gemm/MatMul outputs quantized only if read quantized
@@ -938,6 +953,8 @@ def _place(ix: _Index, layers: dict[int, _Layer], candidates: set[int], ranges: 
         if keep(t):
             return None, None, f"output {t!r} kept float (keep_float)"
         if t not in ranges:
+            if t in unasked and ix.nodes[idx].op_type in ("Gemm", "MatMul"):
+                return None, None, _FLOAT_OUTPUT
             return None, None, f"output {t!r} is not a float32 tensor seen in calibration"
         return t, absorbed, ""
 
@@ -1012,11 +1029,14 @@ def _place(ix: _Index, layers: dict[int, _Layer], candidates: set[int], ranges: 
         pl.decisions[idx] = NodeDecision(label, op, "quantize", "own output scale", inputs=list(data_inputs),
                                          output=t, absorbed=absorbed)
     for t, (idx, _) in pending.items():
-        pl.decisions[idx].reason = ("float output: nothing quantized reads it (onnxruntime fuses the "
-                                    "float-output form: QGemm / MatMulIntegerToFloat)")
+        pl.decisions[idx].reason = _FLOAT_OUTPUT
     for t, q in pl.acts.items():
         q.consumers = None if t in region else readers.get(t, [])
     return pl
+
+
+_FLOAT_OUTPUT = ("float output: nothing quantized reads it (onnxruntime fuses the float-output form: QGemm / "
+                 "MatMulIntegerToFloat)")
 
 
 def _excluded(ix: _Index, idx: int, opts: Quantize) -> str | None:
@@ -1254,33 +1274,40 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
         notes.append("int8 activations with uint8 weights: onnxruntime has no fused kernel for this pair "
                      "(the QDQ graph stays correct but runs in float); prefer uint8 activations")
     ranges: Mapping[str, tuple[float, float]] = {}
+    unasked: frozenset[str] = frozenset()
     if wants_static and candidates and data is None:
         notes.append("no calibration data: activations left in float, weights quantized (weight-only); "
                      "pass data to quantize activations")
         candidates = set()
+    forced: dict[int, str] = {}
+    for idx in sorted(candidates):
+        why = _too_small_for_int8(ix, layers[idx])
+        if why:
+            forced[idx] = why
     if wants_static and candidates:
+        # Calibrate only what the placement can ask for: a dry run on stand-in ranges, where
+        # every candidate tensor is calibrated and every Concat takes one scale, asks for a
+        # superset of what the real placement asks (a MiniLM: 24 of its 230 candidate tensors).
         tensors = _calibration_tensors(ix, layers, candidates)
+        dry = _Asking(set(tensors), lambda t: (-1.0, 1.0))
+        _place(ix, layers, candidates, dry, opts, forced)
+        unasked = frozenset(tensors) - dry.asked.keys()
+        tensors = [t for t in tensors if t in dry.asked]
         try:
             observers = calibrate(model, data, tensors, opts.calibration, batch_size=batch_size,
                                   max_samples=opts.max_samples, threads=opts.threads)
         except GraphOptError as exc:
             notes.append(f"calibration failed, activations left in float (weight-only): {exc}")
-            observers, candidates = {}, set()
+            observers, candidates, forced = {}, set(), {}
         release_memory()
         ranges = _Ranges(observers, opts)
         n = min(len(data), opts.max_samples)
         notes.append(f"activations {opts.activations} per tensor, asymmetric, ranges by {opts.calibration} "
                      f"over {n} samples ({len(ranges)} tensors observed in one streaming pass)")
 
-    forced: dict[int, str] = {}
-    if candidates:
-        for idx in sorted(candidates):
-            why = _too_small_for_int8(ix, layers[idx])
-            if why:
-                forced[idx] = why
     if isinstance(ranges, _Ranges) and opts.calibration != "minmax":  # minmax ranges cost nothing
-        ranges.prefetch(lambda r: _place(ix, layers, candidates, r, opts, forced))
-    pl = _place(ix, layers, candidates, ranges, opts, forced)
+        ranges.prefetch(lambda r: _place(ix, layers, candidates, r, opts, forced, unasked))
+    pl = _place(ix, layers, candidates, ranges, opts, forced, unasked)
     weights, biases = _weights_and_biases(layers, pl, opts)
 
     threshold = opts.threshold_db()
@@ -1302,7 +1329,7 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
             else:
                 forced[idx] = f"sensitive: SNR {values['snr_db']:.1f} dB < {threshold:g} dB ({detail})"
         if forced or weight_only:
-            pl = _place(ix, layers, candidates - set(weight_only), ranges, opts, forced)
+            pl = _place(ix, layers, candidates - set(weight_only), ranges, opts, forced, unasked)
             weights, biases = _weights_and_biases(layers, pl, opts)
         for idx, values in sens.items():
             if idx in pl.decisions and idx not in forced:

@@ -371,6 +371,42 @@ def test_minmax_reduces_inside_onnxruntime_and_stays_exact_around_nan_and_inf(mo
     assert got(dirty)["m"][:2] == (-60.0, 80.0)
 
 
+@pytest.mark.parametrize("build", ["mlp", "detector_head", "small_cnn"])
+@pytest.mark.parametrize("method", ["minmax", "entropy"])
+def test_only_tensors_the_placement_can_use_are_calibrated_and_the_plan_is_unchanged(build, method, monkeypatch):
+    """A dry run of the placement on stand-in ranges picks the tensors to calibrate (an MLP's
+    Gemm outputs that nothing quantized reads, a detector's mixed-range Concat). Calibrating
+    every candidate instead gives the same plan, decisions and reasons included."""
+    model = {"mlp": mlp, "detector_head": detector_head, "small_cnn": small_cnn}[build]()
+    data = random_dataset(model, 24, seed=4)
+    calibrated = []
+    real = quantize_mod.calibrate
+
+    def spy(m, d, tensors, *args, **kwargs):
+        calibrated.append(list(tensors))
+        return real(m, d, tensors, *args, **kwargs)
+
+    monkeypatch.setattr(quantize_mod, "calibrate", spy)
+    q = Quantize(calibration=method)
+    pruned = q.plan(model, data)
+
+    class AskAll(quantize_mod._Asking):  # every candidate counts as asked for
+        def __init__(self, names, value):
+            super().__init__(names, value)
+            self.asked = dict.fromkeys(sorted(names))
+
+    monkeypatch.setattr(quantize_mod, "_Asking", AskAll)
+    full = q.plan(model, data)
+    # The detector's candidates are all usable; what matters there is its range-dependent Concat.
+    assert len(calibrated[0]) < len(calibrated[1]) or build == "detector_head"
+    assert set(calibrated[0]) >= {t.tensor for t in pruned.by_role("activation")}
+
+    def without_counts(plan):
+        return [n for n in plan.to_json(compact=False).splitlines() if "tensors observed" not in n]
+
+    assert pruned.by_role("activation") and without_counts(pruned) == without_counts(full)
+
+
 def test_minmax_falls_back_to_exposed_tensors_when_onnxruntime_cannot_reduce_one(monkeypatch):
     """A bool tensor among the candidates: ReduceMin has no bool kernel at opset 17, so the
     reducing copy does not load; the tensors are exposed instead and the float32 one observed."""
