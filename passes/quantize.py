@@ -59,7 +59,8 @@ batch; each batch updates one observer per tensor and is dropped, so memory is b
 batch. The tensors are those the placement can ask a range for: a dry run of the placement on
 stand-in ranges (every candidate calibrated, every Concat on one scale) asks for a superset of what
 the real one asks, and the rest (a Gemm/MatMul output nothing quantized reads, an Add with no
-quantized input) is not observed at all — 24 of a MiniLM's 230 candidate tensors are used. The calibration model is a weightless copy of the model (onnxruntime gets the
+quantized input) is not observed at all; the report's note gives both counts (bench_quantize's
+MiniLM: most of its candidate tensors are skipped). The calibration model is a weightless copy of the model (onnxruntime gets the
 weights as arrays, `verify.make_session`) with onnxruntime's graph optimizations on (float
 kernels only; nothing observed is fused away): faster convolutions, whose results differ from the
 unoptimized run in the last bits only. A minmax scale then moves in its last bits; a histogram
@@ -1303,7 +1304,8 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
         ranges = _Ranges(observers, opts)
         n = min(len(data), opts.max_samples)
         notes.append(f"activations {opts.activations} per tensor, asymmetric, ranges by {opts.calibration} "
-                     f"over {n} samples ({len(ranges)} tensors observed in one streaming pass)")
+                     f"over {n} samples ({len(ranges)} tensors observed in one streaming pass; "
+                     f"{len(unasked)} other candidate tensors skipped: no placement could use them)")
 
     if isinstance(ranges, _Ranges) and opts.calibration != "minmax":  # minmax ranges cost nothing
         ranges.prefetch(lambda r: _place(ix, layers, candidates, r, opts, forced, unasked))
