@@ -75,19 +75,21 @@ tables are what to read for the effect).
   output) fetched whole and observed exactly.
 - percentile, entropy, mse: the copy exposes every candidate tensor as an output and
   HistogramObserver takes them in numpy, in a second thread: one batch is observed while
-  onnxruntime computes the next (each observer still sees its batches in order). numpy's
-  bincount holds the GIL, so by default the session gets one core less. The ranges the placement
-  asks for are then searched on every core at once (`_Ranges.prefetch`).
+  onnxruntime computes the next (each observer still sees its batches in order). numpy's bincount
+  holds the GIL, so when observing the first batch takes longer than computing it again (a
+  detector's many large activations; not a MiniLM's few), onnxruntime gets one core less for the
+  rest of the pass. The
+  ranges the placement asks for are then searched on every core at once (`_Ranges.prefetch`).
 
 Batch size (``batch_size``; None: automatic) is set by memory, not a fixed count: one sample is
 run first, then batches whose observed tensors take about ``STREAM_BUDGET_BYTES`` (64 MB; at most
 64 samples) as outputs — a YOLOv8n at 320×320 exposes ~50 MB of activations per sample, so a batch
 of 8 held ~0.4 GB of outputs plus onnxruntime's own buffers.
 ``threads``: onnxruntime intra-op threads of the calibration and sensitivity runs (default 0:
-one per core, as ``quantize_static`` does, one less beside the observer thread; verification
-elsewhere in graph-opt stays at 1). The thread count changes only how the work is split: the plan
-is the same bit for bit at 1 and 0 threads (tests/passes/test_quantize.py, on a small CNN). 1 is
-the choice when the machine is shared. For minmax, streaming equals one big batch exactly (the
+one per core, as ``quantize_static`` does; verification elsewhere in graph-opt stays at 1). The
+thread count changes only how the work is split: the plan is the same bit for bit at 1 and 0
+threads (tests/passes/test_quantize.py, on a small CNN). 1 is the choice when the machine is
+shared. For minmax, streaming equals one big batch exactly (the
 histogram methods are also batch-invariant, see `kernels.calib`). minmax is the default because
 it never clips: measured with real calibration data, percentile and entropy clipped the
 outlier features of a MiniLM sentence encoder (embedding cosine 0.927 vs 0.992 with minmax), while
@@ -190,6 +192,7 @@ import functools
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -667,8 +670,7 @@ def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method:
             pass  # a tensor onnxruntime cannot reduce (its type, its rank): expose the tensors instead
     inputs = set(data.inputs)
     wanted = [t for t in dict.fromkeys(tensors) if t not in inputs]
-    # The observer thread below takes a core of its own (numpy holds the GIL in bincount).
-    session = _exposing(model, wanted, threads or max(1, _cores(0) - 1))
+    session = _exposing(model, wanted, threads)
     make = MinMaxObserver if method == "minmax" else HistogramObserver
     observers: dict[str, MinMaxObserver] = {}
     dropped: set[str] = set()
@@ -686,18 +688,44 @@ def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method:
                 continue
             observers.setdefault(t, make()).update(v)
 
-    # One batch is observed (numpy, which releases the GIL) while onnxruntime computes the next:
-    # the batches still reach each observer in order, so the result is the same as in sequence.
+    # One batch is observed (numpy) while onnxruntime computes the next: the batches still reach
+    # each observer in order, so the result is the same as in sequence. numpy's bincount holds the
+    # GIL, so the observer needs a core of its own when it is the slower side: the first batch is
+    # observed in sequence and timed against a second (warm) run of it, and when observing took
+    # longer, the rest runs on a session with one thread less (by default, threads=0, only).
+    runner = _Swappable(session)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
-        for feed, outs in _stream(session, wanted, data, batch_size or batch_size_for(model, 0), "calibrate"):
+        for k, (feed, outs) in enumerate(_stream(runner, wanted, data, batch_size or batch_size_for(model, 0),
+                                                 "calibrate")):
             if pending is not None:
                 pending.result()
+            if k == 0:
+                start = time.perf_counter()
+                observe(feed, outs)
+                observe_s = time.perf_counter() - start
+                if not threads and _cores(0) > 1:
+                    start = time.perf_counter()
+                    runner.run(wanted, feed)
+                    if observe_s > time.perf_counter() - start:
+                        runner.session = _exposing(model, wanted, _cores(0) - 1)
+                pending = None
+                continue
             pending = pool.submit(observe, feed, outs)
             del outs
         if pending is not None:
             pending.result()
     return {t: o for t, o in observers.items() if o.count}
+
+
+class _Swappable:
+    """An onnxruntime session that can be replaced between two runs of `_stream`."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+
+    def run(self, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(names, feed)
 
 
 def _calibrate_minmax(model: onnx.ModelProto, data: Dataset, tensors: list[str], batch_size: int | None,
@@ -1310,7 +1338,8 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
     if isinstance(ranges, _Ranges) and opts.calibration != "minmax":  # minmax ranges cost nothing
         ranges.prefetch(lambda r: _place(ix, layers, candidates, r, opts, forced, unasked))
     pl = _place(ix, layers, candidates, ranges, opts, forced, unasked)
-    weights, biases = _weights_and_biases(layers, pl, opts)
+    quantized: dict[tuple[int, bool], TensorQuant] = {}
+    weights, biases = _weights_and_biases(layers, pl, opts, quantized)
 
     threshold = opts.threshold_db()
     sens: dict[int, dict[str, float]] = {}
@@ -1332,7 +1361,7 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
                 forced[idx] = f"sensitive: SNR {values['snr_db']:.1f} dB < {threshold:g} dB ({detail})"
         if forced or weight_only:
             pl = _place(ix, layers, candidates - set(weight_only), ranges, opts, forced, unasked)
-            weights, biases = _weights_and_biases(layers, pl, opts)
+            weights, biases = _weights_and_biases(layers, pl, opts, quantized)
         for idx, values in sens.items():
             if idx in pl.decisions and idx not in forced:
                 pl.decisions[idx].sensitivity = values
@@ -1375,15 +1404,20 @@ def _too_small_for_int8(ix: _Index, layer: _Layer) -> str:
             "(int8 gains nothing there and the input would need its own QuantizeLinear)")
 
 
-def _weights_and_biases(layers: dict[int, _Layer], pl: _Placement, opts: Quantize):
+def _weights_and_biases(layers: dict[int, _Layer], pl: _Placement, opts: Quantize,
+                        done: dict[tuple[int, bool], TensorQuant] | None = None):
+    """The quantized weight and bias of each placed layer; `done` keeps the weights across calls
+    (a weight depends only on its layer and on whether the layer's input is quantized)."""
+    done = {} if done is None else done
     weights: dict[int, TensorQuant] = {}
     biases: dict[int, TensorQuant] = {}
     for idx, layer in layers.items():
         if idx not in pl.decisions:
             continue
         static = idx in pl.static
-        wq = _quantize_weight(layer, opts, static)
-        weights[idx] = wq
+        if (idx, static) not in done:
+            done[idx, static] = _quantize_weight(layer, opts, static)
+        wq = weights[idx] = done[idx, static]
         if static and layer.bv is not None and wq.block_size is None:
             bq = _quantize_bias(layer, pl.acts[layer.x].scale, wq)
             if isinstance(bq, str):
