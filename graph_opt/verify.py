@@ -37,7 +37,8 @@ def session_options(*, optimize: bool = False, threads: int = 1, fuse_qdq: bool 
     with optimizations on (no integer kernels), while constant folding, layout and the other
     float optimizations still apply. ``arena=False`` turns off onnxruntime's CPU memory arena and
     memory pattern: each buffer is freed when its last reader is done instead of the arena keeping
-    the largest batch's pages (a calibration run over a detector: about half the peak, same time)."""
+    the largest batch's pages (quantize's calibration and sensitivity runs; bench_quantize
+    measures their peaks)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -90,7 +91,7 @@ def release_memory() -> None:
     """Hand the heap that freed sessions and arrays left behind back to the OS (glibc keeps it
     otherwise, so each later phase would start from the earlier phases' peak). No-op elsewhere.
     No gc.collect: sessions and arrays go with their last reference, and a full collection
-    costs ~25 ms with onnx and numpy loaded."""
+    is slow with onnx and numpy loaded."""
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)

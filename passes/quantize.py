@@ -1316,7 +1316,8 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
     if wants_static and candidates:
         # Calibrate only what the placement can ask for: a dry run on stand-in ranges, where
         # every candidate tensor is calibrated and every Concat takes one scale, asks for a
-        # superset of what the real placement asks (a MiniLM: 24 of its 230 candidate tensors).
+        # superset of what the real placement asks (bench_quantize's MiniLM: 24 of its 230
+        # candidate tensors).
         tensors = _calibration_tensors(ix, layers, candidates)
         dry = _Asking(set(tensors), lambda t: (-1.0, 1.0))
         _place(ix, layers, candidates, dry, opts, forced)
