@@ -635,6 +635,9 @@ def test_nothing_to_do_leaves_the_model_untouched():
     model = g.build()
     result = Quantize()(model, _ctx(model))
     assert not result.modified and result.model.SerializeToString() == model.SerializeToString()
+    # quantize reads the caller's model without copying it (edits_input=False), but never hands
+    # it back: editing the result must not edit the input.
+    assert not Quantize.edits_input and result.model is not model
 
 
 def test_options_are_validated():
