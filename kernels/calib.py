@@ -240,6 +240,15 @@ class MinMaxObserver:
                 self.min, self.max = min(self.min, lo), max(self.max, hi)
                 self.count += int(chunk.size)
 
+    def update_extremes(self, lo: float, hi: float, count: int) -> None:
+        """Observe a batch given only its min, max and size, all values finite (computed elsewhere,
+        e.g. inside the model): the same state as ``update`` on the batch itself (min/max are exact)."""
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("update_extremes needs finite extremes; pass the batch to update() instead")
+        if count:
+            self.min, self.max = min(self.min, float(lo)), max(self.max, float(hi))
+            self.count += int(count)
+
     def merge(self, other: MinMaxObserver) -> MinMaxObserver:
         """Fold ``other`` into this observer (in place) and return it."""
         self.min = min(self.min, other.min)
@@ -272,6 +281,10 @@ class HistogramObserver(MinMaxObserver):
         # Exact zeros (padding, ReLU) sit in bin 0 but are exactly representable at any range,
         # so entropy and mse leave them out: they carry no information about the threshold.
         self.n_zero = 0
+
+    def update_extremes(self, lo: float, hi: float, count: int) -> None:
+        """Not available: a histogram needs the values themselves."""
+        raise TypeError("HistogramObserver needs the values: use update()")
 
     # -- state
 

@@ -785,9 +785,7 @@ def _calibrate_minmax(model: onnx.ModelProto, data: Dataset, tensors: list[str],
             if poisoned or not (math.isfinite(lo) and math.isfinite(hi)):
                 refetch.append(t)
                 continue
-            obs = observers[t]
-            obs.min, obs.max = min(obs.min, lo), max(obs.max, hi)
-            obs.count += int(values[n_name])
+            observers[t].update_extremes(lo, hi, int(values[n_name]))
         if refetch:
             if exact is None:
                 exact = _exposing(model, [t for t in tensors if t not in feed], threads)

@@ -429,3 +429,17 @@ def test_screened_kl_search_equals_scoring_every_candidate_in_float64(seed):
         want = cands[np.flatnonzero(exact <= exact.min() + 1e-12)[-1]]
         assert obs._kl_threshold(folded, levels) == float(want) * obs.bin_width
 
+
+def test_minmax_from_extremes_equals_update():
+    rng = np.random.default_rng(2)
+    parts = [rng.standard_normal(int(rng.integers(1, 500))).astype(np.float32) for _ in range(5)]
+    a, b = calib.MinMaxObserver(), calib.MinMaxObserver()
+    for p in parts:
+        a.update(p)
+        b.update_extremes(float(p.min()), float(p.max()), p.size)
+    b.update_extremes(0.0, 0.0, 0)  # an empty batch changes nothing
+    assert (a.min, a.max, a.count) == (b.min, b.max, b.count)
+    with pytest.raises(ValueError, match="finite"):
+        b.update_extremes(float("nan"), 1.0, 3)
+    with pytest.raises(TypeError, match="values"):
+        calib.HistogramObserver().update_extremes(0.0, 1.0, 2)
