@@ -193,7 +193,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Container, Iterable, Mapping
+from collections.abc import Callable, Collection, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -843,61 +843,19 @@ def _stream(session, names: list[str], data: Dataset, batch_size: int, desc: str
     yield from progress(run(), desc=desc)
 
 
-class _Ranges(Mapping[str, tuple[float, float]]):
-    """The calibrated range of each observed tensor, derived from its observer on first use: the
-    placement asks only for the tensors that may get a QDQ (a Conv output whose Relu is absorbed
-    never does), and a histogram method's search (entropy: ~5 ms per tensor) is the costly part."""
+class _RangeMap(Mapping[str, tuple[float, float]]):
+    """Ranges of the tensors in `names`, each derived on first use by `value` (a Mapping for `_place`)."""
 
-    def __init__(self, observers: dict[str, MinMaxObserver], opts: Quantize) -> None:
-        self._observers, self._opts = observers, opts
+    def __init__(self, names: Collection[str], value: Callable[[str], tuple[float, float]]):
+        self._names, self._value = names, value
         self._done: dict[str, tuple[float, float]] = {}
 
     def __getitem__(self, t: str) -> tuple[float, float]:
         if t not in self._done:
-            self._done[t] = _range(self._observers[t], self._opts)
+            if t not in self._names:
+                raise KeyError(t)
+            self._done[t] = self._value(t)
         return self._done[t]
-
-    def prefetch(self, place: Callable[[Mapping[str, tuple[float, float]]], object]) -> None:
-        """Derive at once, on every core, the ranges that `place` asks for.
-
-        `place` runs first on the observed min/max (cheap); the tensors it asked for are the
-        ones the real placement will ask for, except perhaps a Concat's, whose decision depends
-        on the ranges: those are derived on first use as before. Each search is independent
-        and numpy releases the GIL inside it, so the result is the same as one by one."""
-        observers = self._observers
-        dry = _Asking(set(observers), lambda t: (observers[t].min, observers[t].max))
-        place(dry)
-        todo = [t for t in dry.asked if t not in self._done]
-        workers = min(_cores(self._opts.threads), len(todo))
-        if workers < 2:
-            return
-        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-            for t, r in zip(todo, pool.map(lambda t: _range(observers[t], self._opts), todo)):
-                self._done[t] = r
-
-    def __contains__(self, t: object) -> bool:
-        return t in self._observers
-
-    def __iter__(self):
-        return iter(self._observers)
-
-    def __len__(self) -> int:
-        return len(self._observers)
-
-
-class _Asking(Mapping[str, tuple[float, float]]):
-    """Stand-in ranges for a dry run of `_place`: `names` are the calibrated tensors, `value`
-    gives each one's range, and `asked` records, in order, the tensors the placement asked for."""
-
-    def __init__(self, names: set[str], value: Callable[[str], tuple[float, float]]) -> None:
-        self._names, self._value = names, value
-        self.asked: dict[str, None] = {}
-
-    def __getitem__(self, t: str) -> tuple[float, float]:
-        if t not in self._names:
-            raise KeyError(t)
-        self.asked[t] = None
-        return self._value(t)
 
     def __contains__(self, t: object) -> bool:
         return t in self._names
@@ -907,6 +865,48 @@ class _Asking(Mapping[str, tuple[float, float]]):
 
     def __len__(self) -> int:
         return len(self._names)
+
+
+class _Ranges(_RangeMap):
+    """The calibrated range of each observed tensor, derived from its observer on first use: the
+    placement asks only for the tensors that may get a QDQ (a Conv output whose Relu is absorbed
+    never does), and a histogram method's search is the costly part."""
+
+    def __init__(self, observers: dict[str, MinMaxObserver], opts: Quantize) -> None:
+        super().__init__(observers, lambda t: _range(observers[t], opts))
+        self._observers, self._opts = observers, opts
+
+    def prefetch(self, place: Callable[[Mapping[str, tuple[float, float]]], object]) -> None:
+        """Derive at once, on every core, the ranges that `place` asks for.
+
+        `place` runs first on the observed min/max (cheap); the tensors it asked for are the
+        ones the real placement will ask for, except perhaps a Concat's, whose decision depends
+        on the ranges: those are derived on first use as before. Each search is independent
+        and numpy releases the GIL inside it, so the result is the same as one by one."""
+        observers = self._observers
+        dry = _Asking(observers, lambda t: (observers[t].min, observers[t].max))
+        place(dry)
+        todo = [t for t in dry.asked if t not in self._done]
+        workers = min(_cores(self._opts.threads), len(todo))
+        if workers < 2:
+            return
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            for t, r in zip(todo, pool.map(self._value, todo)):
+                self._done[t] = r
+
+
+class _Asking(_RangeMap):
+    """Stand-in ranges for a dry run of `_place`: `asked` records, in order, the tensors the
+    placement asked for."""
+
+    def __init__(self, names: Collection[str], value: Callable[[str], tuple[float, float]]):
+        super().__init__(names, value)
+        self.asked: dict[str, None] = {}
+
+    def __getitem__(self, t: str) -> tuple[float, float]:
+        value = super().__getitem__(t)
+        self.asked[t] = None
+        return value
 
 
 def _range(obs: MinMaxObserver, opts: Quantize) -> tuple[float, float]:
