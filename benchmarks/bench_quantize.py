@@ -30,8 +30,9 @@ so it would report this script's own peak (recorded for reference as ``wait4_ru_
 peak is reset after loading, so ``quantizer_own_mb`` (peak while quantizing minus RSS after loading)
 is the quantizer's own cost; a subprocess that only imports and loads gives the baseline. The
 "at most half the peak memory" target is judged on ``quantizer_own_mb``: the raw peak adds the
-same imports, model and data to both sides (134 MB for the 0.2 MB example model), which alone is
-more than half of onnxruntime's raw peak on the small models; the raw ratio is printed beside it. A guard
+same imports, model and data to both sides (the baseline row: 130 MB for the 0.2 MB example),
+which alone is more than half of onnxruntime's raw peak on the small models; the raw ratio is
+printed beside it. A guard
 kills a quantizer that exceeds ``--timeout`` seconds or ``--mem-limit-gb`` of RSS (polled every
 0.1 s) and records the failure instead of hanging; an exception inside a quantizer is recorded too.
 
