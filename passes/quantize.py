@@ -698,8 +698,6 @@ def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method:
         pending = None
         for k, (feed, outs) in enumerate(_stream(runner, wanted, data, batch_size or batch_size_for(model, 0),
                                                  "calibrate")):
-            if pending is not None:
-                pending.result()
             if k == 0:
                 start = time.perf_counter()
                 observe(feed, outs)
@@ -709,8 +707,9 @@ def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method:
                     runner.run(wanted, feed)
                     if observe_s > time.perf_counter() - start:
                         runner.session = _exposing(model, wanted, _cores(0) - 1)
-                pending = None
                 continue
+            if pending is not None:
+                pending.result()
             pending = pool.submit(observe, feed, outs)
             del outs
         if pending is not None:
