@@ -1,4 +1,5 @@
 import json
+import time
 
 import numpy as np
 import onnx
@@ -405,6 +406,36 @@ def test_only_tensors_the_placement_can_use_are_calibrated_and_the_plan_is_uncha
         return [n for n in plan.to_json(compact=False).splitlines() if "tensors observed" not in n]
 
     assert pruned.by_role("activation") and without_counts(pruned) == without_counts(full)
+
+
+def test_histogram_calibration_gives_onnxruntime_a_thread_less_when_the_observer_is_slower(monkeypatch):
+    """The first batch is observed in sequence and timed against a warm rerun: an observer slower
+    than onnxruntime (here made so) moves the rest of the pass to a session with one thread less,
+    and the batches still reach the observers in order: the same plan as at one thread."""
+    from graph_opt.kernels.calib import HistogramObserver
+
+    model = small_cnn(seed=3)
+    data = random_dataset(model, 40, seed=6)
+    real_update, real_exposing = HistogramObserver.update, quantize_mod._exposing
+    threads = []
+
+    def slow_update(self, x):
+        time.sleep(0.01)
+        real_update(self, x)
+
+    def spy(m, tensors, n):
+        threads.append(n)
+        return real_exposing(m, tensors, n)
+
+    monkeypatch.setattr(quantize_mod, "_cores", lambda n: n or 4)
+    monkeypatch.setattr(quantize_mod, "_exposing", spy)
+    monkeypatch.setattr(HistogramObserver, "update", slow_update)
+    switched = Quantize(calibration="percentile", sensitivity_snr_db=None, batch_size=8).plan(model, data)
+    assert threads == [0, 3]
+    threads.clear()
+    one = Quantize(calibration="percentile", sensitivity_snr_db=None, batch_size=8, threads=1).plan(model, data)
+    assert threads == [1]
+    assert switched.by_role("activation") and switched.to_json(compact=False) == one.to_json(compact=False)
 
 
 def test_minmax_falls_back_to_exposed_tensors_when_onnxruntime_cannot_reduce_one(monkeypatch):
