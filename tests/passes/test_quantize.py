@@ -608,6 +608,11 @@ def test_layer_with_lossy_activations_falls_back_to_weight_only():
     assert "dB < 25 dB" in fc1["note"] and fc1["snr_db"] < 25
     assert entries["fc2"]["input"] != "float" and entries["fc2"]["snr_db"] > 25
     assert "x_scale" not in {t.name for t in result.model.graph.initializer}  # the input stays float
+    # Its weight, quantized for the static first placement (7-bit grid), is quantized again for the
+    # weight-only one: the full int8 grid; fc2 keeps its 7-bit grid.
+    plan = Quantize(sensitive="weight_only").plan(model, data)
+    codes = {d.node: np.abs(plan.tensors[d.weight].codes).max() for d in plan.nodes if d.weight}
+    assert codes == {"fc1": 127, "fc2": 63}
     test = Dataset({"x": data.inputs["x"][:16]})
     assert cosine(_outputs(model, test)[0], _outputs(result.model, test)[0]) >= 0.999
     _assert_deployable(model, result.model, test)
