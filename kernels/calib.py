@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import numpy as np
@@ -256,6 +256,17 @@ class MinMaxObserver:
         self.count += other.count
         self.n_nonfinite += other.n_nonfinite
         return self
+
+    def mapped(self, f: Callable[[float], float]) -> MinMaxObserver:
+        """The observer of ``f(x)`` for every x seen, for an ``f`` that never decreases (ReLU, clip,
+        sigmoid …): its min and max are ``f(min)`` and ``f(max)``, with no pass over the values."""
+        out = MinMaxObserver()
+        if self.count:
+            lo, hi = float(f(self.min)), float(f(self.max))
+            if not lo <= hi:
+                raise ValueError(f"f decreases on [{self.min}, {self.max}]: f(min) = {lo} > f(max) = {hi}")
+            out.update_extremes(lo, hi, self.count)
+        return out
 
     def range(self, method: RangeMethod = "minmax", **_: object) -> tuple[float, float]:
         """The observed ``(min, max)``; only ``method='minmax'`` is available here."""

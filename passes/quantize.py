@@ -68,11 +68,17 @@ method's threshold can move more, because the KL minimum is flat (bench_quantize
 tables are what to read for the effect).
 
 - minmax: the copy computes each tensor's ReduceMin, ReduceMax and Size itself, so three scalars
-  per tensor leave onnxruntime instead of the tensor. onnxruntime skips a NaN that is not the
-  first value it reduces, and its vectorized max can then miss values next to it, where
-  MinMaxObserver keeps the min/max of the finite values: a batch whose reductions, or the sums
-  of the model's float outputs, are not finite has those tensors (all of them, for a non-finite
-  output) fetched whole and observed exactly.
+  per tensor leave onnxruntime instead of the tensor. A tensor whose range follows from observed
+  ones is not reduced at all: ``[f(min), f(max)]`` of its input for a never-decreasing
+  elementwise op (Relu, LeakyRelu, Clip with constant bounds, Sigmoid, Tanh), the input's own for
+  an op that only moves values (Reshape, Flatten, Transpose …), the union of its inputs' for a
+  Concat (a YOLOv8n's Sigmoid outputs and most of its Concats). Exact, but for Sigmoid and Tanh,
+  which onnxruntime approximates: their derived bounds differ from its values by that
+  approximation's error (onnxruntime's sigmoid can return a hair above 1).
+  onnxruntime skips a NaN that is not the first value it reduces, and its vectorized max can then
+  miss values next to it, where MinMaxObserver keeps the min/max of the finite values: a batch
+  whose reductions, or the sums of the model's float outputs, are not finite has every tensor
+  fetched whole and observed exactly (the derived ranges come from the other batches).
 - percentile, entropy, mse: the copy exposes every candidate tensor as an output and
   HistogramObserver takes them in numpy, in a second thread: one batch is observed while
   onnxruntime computes the next (each observer still sees its batches in order). numpy's bincount
@@ -84,7 +90,9 @@ tables are what to read for the effect).
 Batch size (``batch_size``; None: automatic) is set by memory, not a fixed count: one sample is
 run first, then batches whose observed tensors take about ``STREAM_BUDGET_BYTES`` (64 MB; at most
 64 samples) as outputs — a YOLOv8n at 320×320 exposes ~50 MB of activations per sample, so a batch
-of 8 held ~0.4 GB of outputs plus onnxruntime's own buffers.
+of 8 held ~0.4 GB of outputs plus onnxruntime's own buffers. Sessions that reduce inside
+onnxruntime (minmax, sensitivity) stop at ``REDUCE_MAX_BATCH`` (8) samples: only scalars leave
+them, but onnxruntime's buffers still grow with the batch.
 ``threads``: onnxruntime intra-op threads of the calibration and sensitivity runs (default 0:
 one per core, as ``quantize_static`` does; verification elsewhere in graph-opt stays at 1). The
 thread count changes only how the work is split: the plan is the same bit for bit at 1 and 0
@@ -249,6 +257,10 @@ INT4_AUTO_BLOCK = 128
 # outputs per batch (every observed tensor is an output), at most STREAM_MAX_BATCH samples.
 STREAM_BUDGET_BYTES = 64 << 20
 STREAM_MAX_BATCH = 64
+# Sessions that reduce inside onnxruntime (minmax calibration, sensitivity) return scalars, but
+# onnxruntime's own buffers still grow with the batch: a few samples per run amortize the cost
+# of a run, more only hold memory.
+REDUCE_MAX_BATCH = 8
 # A Conv on the graph input with fewer products per output than this stays float (see `_too_small_for_int8`).
 MIN_INT8_REDUCTION = 16
 _INT32_MAX = 2**31 - 1
@@ -731,18 +743,24 @@ def _calibrate_minmax(model: onnx.ModelProto, data: Dataset, tensors: list[str],
                       threads: int) -> dict[str, MinMaxObserver]:
     """minmax calibration with the reductions inside onnxruntime: ReduceMin, ReduceMax and Size
     per tensor, so three scalars per tensor and batch leave the session instead of the tensor.
+    A tensor whose range follows from observed ones (a Relu or Sigmoid output, a Reshape, a
+    Concat: `_minmax_derivations`) is not reduced at all; its range is derived at the end.
 
     onnxruntime drops a NaN that is not the first value it reduces (and a vectorized max can then
     miss values around it), while `MinMaxObserver` keeps the min/max of the finite values. So each
     batch also sums every float graph output (a NaN or inf in the model reaches them); a batch
-    with a non-finite sum or reduction has those tensors fetched whole and observed exactly.
+    with a non-finite sum or reduction has every tensor fetched whole and observed exactly, and
+    only the other batches' extremes are derived from.
     """
+    derived = _minmax_derivations(model, tensors)
     work, weights = detached(model)
     g = work.graph
     namer = Namer({t for n in g.node for t in (*n.input, *n.output)} | {t.name for t in g.initializer}
                   | {t.name for t in g.input} | {n.name for n in g.node})
     reduced: dict[str, tuple[str, str, str]] = {}
     for t in tensors:
+        if t in derived:
+            continue
         lo, hi, n = namer(f"{t}_calib_min"), namer(f"{t}_calib_max"), namer(f"{t}_calib_size")
         g.node.extend([helper.make_node("ReduceMin", [t], [lo], keepdims=0),
                        helper.make_node("ReduceMax", [t], [hi], keepdims=0),
@@ -758,42 +776,143 @@ def _calibrate_minmax(model: onnx.ModelProto, data: Dataset, tensors: list[str],
     g.output.extend(onnx.ValueInfoProto(name=x) for x in names)
     session = make_session(work, optimize=True, threads=threads, arena=False, weights=weights)
     del work, g, weights
-    exact = None  # the session exposing the tensors themselves, made on first need
-    observers = {t: MinMaxObserver() for t in tensors}
+    exposing = None  # the session exposing the tensors themselves, made on first need
+    clean = {t: MinMaxObserver() for t in reduced}     # from the batches with finite reductions
+    exact = {t: MinMaxObserver() for t in tensors}     # from the others, observed whole
     dropped: set[str] = set()
 
     def batch_bytes(outs: list[np.ndarray]) -> float:
-        # The bytes the tensors would take as outputs: the same batches as the exposing path.
+        # The bytes the reduced tensors would take as outputs (onnxruntime's buffers grow with them).
         values = dict(zip(names, outs))
         return sum(int(values[n]) * values[lo].itemsize for lo, _, n in reduced.values())
 
-    for feed, outs in _stream(session, names, data, batch_size or 0, "calibrate", batch_bytes=batch_bytes):
+    for feed, outs in _stream(session, names, data, batch_size or batch_size_for(model, 0), "calibrate",
+                              batch_bytes=batch_bytes, max_batch=REDUCE_MAX_BATCH):
         values = dict(zip(names, outs))
+        extremes: dict[str, tuple[float, float, int]] = {}
         poisoned = any(not math.isfinite(float(values[s])) for s in guards)
-        refetch = []
         for t, (lo_name, hi_name, n_name) in reduced.items():
-            if t in dropped:
-                continue
-            lo, hi = values[lo_name], values[hi_name]
+            if poisoned:
+                break
+            lo, hi, n = values[lo_name], values[hi_name], int(values[n_name])
             if lo.dtype != np.float32:
                 dropped.add(t)
-                continue
-            if int(values[n_name]) == 0:
-                continue
-            lo, hi = float(lo), float(hi)
-            if poisoned or not (math.isfinite(lo) and math.isfinite(hi)):
-                refetch.append(t)
-                continue
-            observers[t].update_extremes(lo, hi, int(values[n_name]))
-        if refetch:
-            if exact is None:
-                exact = _exposing(model, [t for t in tensors if t not in feed], threads)
-            inner = [t for t in refetch if t not in feed]
-            fetched = dict(zip(inner, exact.run(inner, feed) if inner else []))
-            for t in refetch:
-                observers[t].update(feed[t] if t in feed else fetched[t])
-        del values, outs
+            elif n:
+                extremes[t] = (float(lo), float(hi), n)
+                poisoned = not (math.isfinite(extremes[t][0]) and math.isfinite(extremes[t][1]))
+        if not poisoned:
+            for t, (lo, hi, n) in extremes.items():
+                clean[t].update_extremes(lo, hi, n)
+            continue
+        if exposing is None:
+            exposing = _exposing(model, [t for t in tensors if t not in feed], threads)
+        inner = [t for t in tensors if t not in feed]
+        fetched = dict(zip(inner, exposing.run(inner, feed) if inner else []))
+        for t in tensors:
+            value = feed[t] if t in feed else fetched[t]
+            if value.dtype != np.float32:
+                dropped.add(t)
+            else:
+                exact[t].update(value)
+        del values, outs, fetched
+    for t, (sources, f) in derived.items():  # graph order: a source is ready before its readers
+        if any(s in dropped for s in sources):
+            dropped.add(t)
+        elif f is None:
+            clean[t] = functools.reduce(MinMaxObserver.merge, (clean[s] for s in sources), MinMaxObserver())
+        else:
+            clean[t] = clean[sources[0]].mapped(f)
+    observers = {t: clean[t].merge(exact[t]) if t in clean else exact[t] for t in tensors}
     return {t: o for t, o in observers.items() if o.count and t not in dropped}
+
+
+# Ops whose output range follows from their input's, for minmax (see `_minmax_derivations`).
+_SAME_VALUES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity"})
+
+
+def _sigmoid(x: float) -> float:
+    return float(np.float32(0.5 * (1.0 + math.tanh(0.5 * x))))
+
+
+def _tanh(x: float) -> float:
+    return float(np.float32(math.tanh(x)))
+
+
+def _minmax_derivations(model: onnx.ModelProto, tensors: Collection[str]
+                        ) -> dict[str, tuple[list[str], Callable[[float], float] | None]]:
+    """The tensors of `tensors` whose minmax range follows from other tensors of `tensors`, in
+    graph order: ``{tensor: (sources, f)}``, the range being ``[f(min), f(max)]`` of its one
+    source for a never-decreasing elementwise ``f`` (Relu, LeakyRelu, Clip with constant bounds,
+    Sigmoid, Tanh; ``f`` is the identity for ops that only move values: Reshape, Flatten …), or
+    the union of its sources' (``f`` None: a Concat). Those need no reduction of their own.
+
+    Exact for every op but Sigmoid and Tanh, which onnxruntime computes with its own
+    approximations: there the derived bound is the exact function's, and can differ from the one
+    a reduction gives by that approximation's error.
+    """
+    ix = _Index(model)
+    known = set(tensors)
+    out: dict[str, tuple[list[str], Callable[[float], float] | None]] = {}
+    for node in ix.nodes:
+        if node.domain not in ("", "ai.onnx") or not node.output or node.output[0] not in known:
+            continue
+        t, op = node.output[0], node.op_type
+        data = [x for x in node.input[: None if op == "Concat" else 1] if x]
+        if not data or not all(x in known and x != t for x in data):
+            continue
+        f: Callable[[float], float] | None
+        if op == "Concat":
+            f = None
+        elif op in _SAME_VALUES:
+            f = float
+        elif op == "Relu":
+            f = functools.partial(max, 0.0)
+        elif op == "LeakyRelu":
+            alpha = next((a.f for a in node.attribute if a.name == "alpha"), 0.01)
+            if alpha < 0:
+                continue
+            f = functools.partial(_leaky_relu, float(np.float32(alpha)))
+        elif op == "Clip":
+            bounds = _clip_bounds(ix, node)
+            if bounds is None:
+                continue
+            f = functools.partial(_clip, *bounds)
+        elif op == "Sigmoid":
+            f = _sigmoid
+        elif op == "Tanh":
+            f = _tanh
+        else:
+            continue
+        out[t] = (data, f)
+    return out
+
+
+def _leaky_relu(alpha: float, x: float) -> float:
+    return x if x >= 0 else float(np.float32(alpha) * np.float32(x))
+
+
+def _clip(lo: float, hi: float, x: float) -> float:
+    return min(max(x, lo), hi)
+
+
+def _clip_bounds(ix: _Index, node: onnx.NodeProto) -> tuple[float, float] | None:
+    """A Clip's (min, max) when both are constant (absent: unbounded), else None."""
+    lo, hi = -math.inf, math.inf
+    for a in node.attribute:  # opset < 11
+        if a.name == "min":
+            lo = a.f
+        elif a.name == "max":
+            hi = a.f
+    for slot in (1, 2):
+        if len(node.input) > slot and node.input[slot]:
+            value = ix.const(node.input[slot])
+            if value is None or value.size != 1:
+                return None
+            if slot == 1:
+                lo = float(value.reshape(()))
+            else:
+                hi = float(value.reshape(()))
+    return (lo, hi) if lo <= hi else None
 
 
 def _cores(threads: int) -> int:
@@ -811,7 +930,8 @@ def _exposing(model: onnx.ModelProto, tensors: list[str], threads: int):
     return make_session(work, optimize=True, threads=threads, arena=False, weights=weights)
 
 
-def _stream(session, names: list[str], data: Dataset, batch_size: int, desc: str, *, batch_bytes=None):
+def _stream(session, names: list[str], data: Dataset, batch_size: int, desc: str, *, batch_bytes=None,
+            max_batch: int = STREAM_MAX_BATCH):
     """Run `session` over `data` batch by batch, yielding ``(feed, outputs)``.
 
     ``batch_size`` 0 means automatic: the first run takes one sample, and the rest go in batches
@@ -834,7 +954,7 @@ def _stream(session, names: list[str], data: Dataset, batch_size: int, desc: str
             if not batch_size and start == 0:
                 size = batch_bytes(outs) if batch_bytes else sum(int(np.asarray(o).nbytes) for o in outs)
                 per_sample = size / (stop - start)
-                bs = int(max(1, min(STREAM_MAX_BATCH, STREAM_BUDGET_BYTES // max(per_sample, 1.0))))
+                bs = int(max(1, min(max_batch, STREAM_BUDGET_BYTES // max(per_sample, 1.0))))
             yield feed, outs
             del outs
             start = stop
@@ -1153,7 +1273,7 @@ def _sensitivity(model: onnx.ModelProto, ix: _Index, layers: dict[int, _Layer], 
         return 2 * 4 * sum(int(v) for n, v in zip(names, outs) if n in size_names)
 
     for _feed, outs in _stream(session, names, sub, batch_size or batch_size_for(model, 0), "sensitivity",
-                               batch_bytes=batch_bytes):
+                               batch_bytes=batch_bytes, max_batch=REDUCE_MAX_BATCH):
         values = dict(zip(names, outs))
         for key, (ref2, err2) in outputs.items():
             acc[key][0] += float(values[ref2])

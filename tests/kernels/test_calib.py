@@ -443,3 +443,17 @@ def test_minmax_from_extremes_equals_update():
         b.update_extremes(float("nan"), 1.0, 3)
     with pytest.raises(TypeError, match="values"):
         calib.HistogramObserver().update_extremes(0.0, 1.0, 2)
+
+
+def test_minmax_mapped_through_a_nondecreasing_function_equals_observing_its_values():
+    x = np.random.default_rng(5).standard_normal(1000).astype(np.float32) * 4
+    src = calib.MinMaxObserver()
+    src.update(x)
+    for f, fx in ((lambda v: max(v, 0.0), np.maximum(x, 0)), (lambda v: min(max(v, -1.0), 2.0), np.clip(x, -1, 2))):
+        ref = calib.MinMaxObserver()
+        ref.update(fx)
+        got = src.mapped(f)
+        assert (got.min, got.max, got.count) == (ref.min, ref.max, ref.count)
+    assert calib.MinMaxObserver().mapped(abs).count == 0  # nothing seen, nothing mapped
+    with pytest.raises(ValueError, match="decreases"):
+        src.mapped(lambda v: -v)

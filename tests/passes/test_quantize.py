@@ -372,6 +372,56 @@ def test_minmax_reduces_inside_onnxruntime_and_stays_exact_around_nan_and_inf(mo
     assert got(dirty)["m"][:2] == (-60.0, 80.0)
 
 
+def test_minmax_derives_ranges_that_follow_from_observed_ones_without_reducing_them(monkeypatch):
+    """Relu, LeakyRelu, Clip, Sigmoid, Tanh, Reshape and Concat outputs of observed tensors get
+    their range from their inputs' (f(min), f(max); a union for Concat): only `m` is reduced, and
+    the ranges equal those of the whole tensors (Sigmoid and Tanh to onnxruntime's last bits),
+    around a NaN too."""
+    from graph_opt.kernels.calib import MinMaxObserver
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 6])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("rs", "cat", "lr", "c")]
+    inits = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in
+             (("two", 2.0), ("lo", -1.0), ("hi", 1.5))]
+    inits.append(numpy_helper.from_array(np.array([-1, 24], np.int64), "shape"))
+    graph = helper.make_graph([
+        helper.make_node("Mul", ["x", "two"], ["m"]),
+        helper.make_node("Relu", ["m"], ["r"]),
+        helper.make_node("Reshape", ["r", "shape"], ["rs"]),
+        helper.make_node("Sigmoid", ["m"], ["s"]),
+        helper.make_node("Tanh", ["m"], ["th"]),
+        helper.make_node("Concat", ["s", "th"], ["cat"], axis=1),
+        helper.make_node("LeakyRelu", ["m"], ["lr"], alpha=0.1),
+        helper.make_node("Clip", ["m", "lo", "hi"], ["c"]),
+    ], "g", [x], outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    tensors = ["m", "r", "rs", "s", "th", "cat", "lr", "c"]
+    reduced = []
+    real = quantize_mod.make_session
+
+    def spy(m, **kw):
+        reduced.extend(n.input[0] for n in m.graph.node if n.op_type == "ReduceMin")
+        return real(m, **kw)
+
+    monkeypatch.setattr(quantize_mod, "make_session", spy)
+    values = np.random.default_rng(3).normal(size=(10, 4, 6)).astype(np.float32) * 3
+
+    for batch in (values, np.where(np.arange(values.size).reshape(values.shape) == 53, np.nan, values)):
+        reduced.clear()
+        obs = quantize_mod.calibrate(model, Dataset({"x": batch}), tensors, "minmax", batch_size=3)
+        assert reduced == ["m"]
+        whole = dict(zip(tensors, quantize_mod._exposing(model, tensors, 1).run(tensors, {"x": batch})))
+        for t in tensors:
+            ref = MinMaxObserver()
+            ref.update(whole[t])
+            got = (obs[t].min, obs[t].max, obs[t].count)
+            if t in ("s", "th", "cat"):
+                assert got == pytest.approx((ref.min, ref.max, ref.count), rel=1e-6, abs=1e-7), t
+            else:
+                assert got == (ref.min, ref.max, ref.count), t
+        assert obs["c"].max == 1.5 and obs["r"].min == 0.0
+
+
 @pytest.mark.parametrize("build", ["mlp", "detector_head", "small_cnn"])
 @pytest.mark.parametrize("method", ["minmax", "entropy"])
 def test_only_tensors_the_placement_can_use_are_calibrated_and_the_plan_is_unchanged(build, method, monkeypatch):
@@ -479,6 +529,12 @@ def test_automatic_batches_follow_the_memory_budget_and_change_nothing(method, m
     monkeypatch.setattr(quantize_mod, "_stream", spy)
     fixed = Quantize(calibration=method, batch_size=24).plan(model, data)
     assert sizes == [24, 16]  # calibration in one batch; sensitivity on its 16 samples
+    sizes.clear()
+    # Sessions that reduce inside onnxruntime return scalars: after the first sample their batches
+    # stop at REDUCE_MAX_BATCH (8) well under the budget; an exposing calibration takes the rest at once.
+    default = Quantize(calibration=method).plan(model, data)
+    assert sizes == ([1, 8, 8, 7] if method == "minmax" else [1, 23]) + [1, 8, 7]
+    assert [t.range for t in default.by_role("activation")] == [t.range for t in fixed.by_role("activation")]
     sizes.clear()
     # A budget below one sample's outputs: one sample per run, same ranges, same decisions.
     monkeypatch.setattr(quantize_mod, "STREAM_BUDGET_BYTES", 1)
