@@ -514,6 +514,23 @@ def test_minmax_falls_back_to_exposed_tensors_when_onnxruntime_cannot_reduce_one
     assert list(obs) == ["y"] and (obs["y"].min, obs["y"].max, obs["y"].count) == (0.0, 1.0, values.size)
 
 
+def test_minmax_on_a_model_with_a_static_batch_runs_one_sample_at_a_time_without_exposing(monkeypatch):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["m"]), helper.make_node("Exp", ["m"], ["y"])],
+                              "g", [x], [y], [two])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    values = np.random.default_rng(2).normal(size=(5, 6)).astype(np.float32)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the tensors were exposed")
+
+    monkeypatch.setattr(quantize_mod, "_exposing", refuse)
+    obs = quantize_mod.calibrate(model, Dataset({"x": values}), ["m", "y"], "minmax")
+    assert (obs["m"].min, obs["m"].max, obs["m"].count) == (2 * values.min(), 2 * values.max(), values.size)
+
+
 @pytest.mark.parametrize("method", ["minmax", "percentile"])
 def test_automatic_batches_follow_the_memory_budget_and_change_nothing(method, monkeypatch):
     model = FoldBatchnorm()(small_cnn()).model
