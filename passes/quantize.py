@@ -91,8 +91,10 @@ Batch size (``batch_size``; None: automatic) is set by memory, not a fixed count
 run first, then batches whose observed tensors take about ``STREAM_BUDGET_BYTES`` (64 MB; at most
 64 samples) as outputs — a YOLOv8n at 320×320 exposes ~50 MB of activations per sample, so a batch
 of 8 held ~0.4 GB of outputs plus onnxruntime's own buffers. Sessions that reduce inside
-onnxruntime (minmax, sensitivity) stop at ``REDUCE_MAX_BATCH`` (8) samples: only scalars leave
-them, but onnxruntime's buffers still grow with the batch.
+onnxruntime (minmax, sensitivity) return only scalars, but onnxruntime's own buffers grow with the
+batch and can outgrow the reduced tensors' bytes: they get half the budget, and take
+``REDUCE_BATCH`` (8) samples per run, or more while the batch's tensors take fewer bytes than the
+weights (each run reads every weight once: a ResNet on small images).
 ``threads``: onnxruntime intra-op threads of the calibration and sensitivity runs (default 0:
 one per core, as ``quantize_static`` does; verification elsewhere in graph-opt stays at 1). The
 thread count changes only how the work is split: the plan is the same bit for bit at 1 and 0
@@ -259,8 +261,8 @@ STREAM_BUDGET_BYTES = 64 << 20
 STREAM_MAX_BATCH = 64
 # Sessions that reduce inside onnxruntime (minmax calibration, sensitivity) return scalars, but
 # onnxruntime's own buffers still grow with the batch: a few samples per run amortize the cost
-# of a run, more only hold memory.
-REDUCE_MAX_BATCH = 8
+# of a run, more only hold memory, unless the weights each run reads outweigh the batch.
+REDUCE_BATCH = 8
 # A Conv on the graph input with fewer products per output than this stays float (see `_too_small_for_int8`).
 MIN_INT8_REDUCTION = 16
 _INT32_MAX = 2**31 - 1
@@ -754,6 +756,7 @@ def _calibrate_minmax(model: onnx.ModelProto, data: Dataset, tensors: list[str],
     """
     derived = _minmax_derivations(model, tensors)
     work, weights = detached(model)
+    weight_bytes = sum(int(a.nbytes) for a in weights.values())
     g = work.graph
     namer = Namer({t for n in g.node for t in (*n.input, *n.output)} | {t.name for t in g.initializer}
                   | {t.name for t in g.input} | {n.name for n in g.node})
@@ -787,7 +790,7 @@ def _calibrate_minmax(model: onnx.ModelProto, data: Dataset, tensors: list[str],
         return sum(int(values[n]) * values[lo].itemsize for lo, _, n in reduced.values())
 
     for feed, outs in _stream(session, names, data, batch_size or batch_size_for(model, 0), "calibrate",
-                              batch_bytes=batch_bytes, max_batch=REDUCE_MAX_BATCH):
+                              batch_bytes=batch_bytes, weight_bytes=weight_bytes):
         values = dict(zip(names, outs))
         extremes: dict[str, tuple[float, float, int]] = {}
         poisoned = any(not math.isfinite(float(values[s])) for s in guards)
@@ -931,12 +934,14 @@ def _exposing(model: onnx.ModelProto, tensors: list[str], threads: int):
 
 
 def _stream(session, names: list[str], data: Dataset, batch_size: int, desc: str, *, batch_bytes=None,
-            max_batch: int = STREAM_MAX_BATCH):
+            weight_bytes: int | None = None):
     """Run `session` over `data` batch by batch, yielding ``(feed, outputs)``.
 
     ``batch_size`` 0 means automatic: the first run takes one sample, and the rest go in batches
     whose requested outputs take about `STREAM_BUDGET_BYTES` (at most `STREAM_MAX_BATCH` samples;
-    ``batch_bytes(outputs)`` overrides how a batch's memory is counted).
+    ``batch_bytes(outputs)`` overrides how a batch's memory is counted). A session that reduces
+    inside onnxruntime gives ``weight_bytes``, the bytes of its model's weights: its batches take
+    half the budget, and stop at `REDUCE_BATCH` samples or at as many as the weights outweigh.
     A calibration model exposes every observed tensor at once, so one batch of a detector at
     320×320 holds ~50 MB per sample: the budget, not a fixed batch of 8, bounds the peak memory.
     """
@@ -953,8 +958,13 @@ def _stream(session, names: list[str], data: Dataset, batch_size: int, desc: str
                 raise GraphOptError(f"onnxruntime failed during {desc}: {first[:300]}") from None
             if not batch_size and start == 0:
                 size = batch_bytes(outs) if batch_bytes else sum(int(np.asarray(o).nbytes) for o in outs)
-                per_sample = size / (stop - start)
-                bs = int(max(1, min(max_batch, STREAM_BUDGET_BYTES // max(per_sample, 1.0))))
+                per_sample = max(size / (stop - start), 1.0)
+                if weight_bytes is None:
+                    bs = min(STREAM_MAX_BATCH, STREAM_BUDGET_BYTES // per_sample)
+                else:
+                    bs = min(STREAM_MAX_BATCH, STREAM_BUDGET_BYTES // 2 // per_sample,
+                             max(REDUCE_BATCH, weight_bytes // per_sample))
+                bs = int(max(1, bs))
             yield feed, outs
             del outs
             start = stop
@@ -1199,6 +1209,7 @@ def _sensitivity(model: onnx.ModelProto, ix: _Index, layers: dict[int, _Layer], 
                  batch_size: int | None) -> dict[int, dict[str, float]]:
     """Per quantized node: SNR (dB) of its own quantization, measured in isolation on `data`."""
     work, arrays = detached(model)
+    weight_bytes = sum(int(a.nbytes) for a in arrays.values())
     g = work.graph
     taken = {t for n in g.node for t in (*n.input, *n.output)} | {t.name for t in g.initializer}
     taken |= {n.name for n in g.node}
@@ -1273,7 +1284,7 @@ def _sensitivity(model: onnx.ModelProto, ix: _Index, layers: dict[int, _Layer], 
         return 2 * 4 * sum(int(v) for n, v in zip(names, outs) if n in size_names)
 
     for _feed, outs in _stream(session, names, sub, batch_size or batch_size_for(model, 0), "sensitivity",
-                               batch_bytes=batch_bytes, max_batch=REDUCE_MAX_BATCH):
+                               batch_bytes=batch_bytes, weight_bytes=weight_bytes):
         values = dict(zip(names, outs))
         for key, (ref2, err2) in outputs.items():
             acc[key][0] += float(values[ref2])

@@ -565,6 +565,29 @@ def test_automatic_batches_follow_the_memory_budget_and_change_nothing(method, m
             assert e.sensitivity["snr_db"] == pytest.approx(d.sensitivity["snr_db"], abs=0.02)
 
 
+def test_reducing_sessions_take_larger_batches_when_the_weights_outweigh_them(monkeypatch):
+    """Each run reads every weight once: an MLP whose weights outweigh a sample's tensors by far
+    gets large reducing batches, a small CNN REDUCE_BATCH; the ranges do not depend on it."""
+    sizes: list[int] = []
+    real = quantize_mod._stream
+
+    def spy(session, names, data, batch_size, desc, **kw):
+        for feed, outs in real(session, names, data, batch_size, desc, **kw):
+            sizes.append(len(next(iter(feed.values()))))
+            yield feed, outs
+
+    monkeypatch.setattr(quantize_mod, "_stream", spy)
+    heavy = mlp(hidden=256)
+    data = random_dataset(heavy, 40, seed=1)
+    plan = Quantize(sensitivity_snr_db=None).plan(heavy, data)
+    assert sizes == [1, 39]
+    one = Quantize(sensitivity_snr_db=None, batch_size=1).plan(heavy, data)
+    assert plan.by_role("activation") and plan.to_json(compact=False) == one.to_json(compact=False)
+    sizes.clear()
+    Quantize(sensitivity_snr_db=None).plan(small_cnn(), random_dataset(small_cnn(), 40, seed=1))
+    assert sizes == [1] + [quantize_mod.REDUCE_BATCH] * 4 + [7]
+
+
 def test_sensitivity_on_a_few_samples_finds_the_sensitive_layer():
     w = (np.random.default_rng(1).standard_normal((32, 16)) * 0.3).astype(np.float32)
     w[0] = 0.0
