@@ -116,14 +116,24 @@ def _reset_peak() -> bool:
         return False
 
 
+def _no_optimizations():
+    import onnxruntime
+
+    opts = onnxruntime.SessionOptions()
+    opts.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return opts
+
+
 def worker(spec: dict) -> int:
     """Run one job in this (fresh) process and write its result JSON. Kinds: 'load' (imports,
-    model and calibration data only: the baseline), 'go' (graph-opt Quantize), 'ort'
+    model and calibration data only: the baseline), 'session' (one onnxruntime session of the
+    model, optimizations off as in onnxruntime's calibrator, run on one calibration batch: what
+    any onnxruntime-based calibrator costs at least), 'go' (graph-opt Quantize), 'ort'
     (onnxruntime quantize_static)."""
     result: dict = {"kind": spec["kind"]}
     try:
         import onnx
-        import onnxruntime  # noqa: F401
+        import onnxruntime
         from onnxruntime.quantization import (
             CalibrationDataReader,
             CalibrationMethod,
@@ -164,6 +174,10 @@ def worker(spec: dict) -> int:
             result["skipped"] = len(rep.skipped)
             result["float_sensitive"] = sum("sensitive" in s.reason for s in rep.skipped)
             result["notes"] = [n for n in rep.notes if not n.startswith("plan: ")]
+        elif spec["kind"] == "session":  # the floor of any onnxruntime-based calibrator
+            session = onnxruntime.InferenceSession(source, _no_optimizations(), providers=["CPUExecutionProvider"])
+            session.run(None, next(calib.batches(CALIB_BATCH)))
+            del session
         elif spec["kind"] == "ort":
 
             class Reader(CalibrationDataReader):
@@ -346,6 +360,10 @@ def cost_table(jobs: dict[str, dict], baseline: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
              (f"| baseline: imports + model + calib data only | ok | - | - | "
               f"{_fmt_mb(baseline.get('peak_rss_mb'))} | - | - |")]
+    one = baseline.get("one_session", {})
+    lines.append(f"| baseline + one onnxruntime session of the model (optimizations off), one batch of {CALIB_BATCH} | "
+                 + (f"FAILED: {one['error']} | - | - | - | - | - |" if "error" in one else
+                    f"ok | - | - | {_fmt_mb(one.get('peak_rss_mb'))} | {_fmt_mb(one.get('quantizer_own_mb'))} | - |"))
     for name, j in jobs.items():
         status = "ok" if j.get("ok") else f"FAILED: {j.get('error', '?')}"
         wall = f"{j['wall_s']:.1f}" if j.get("wall_s") is not None else f"({j['process_s']:.0f} s process)"
@@ -493,6 +511,8 @@ def bench_model(name: str, args, work: Path) -> dict:
     print(f"\n## {name} ({zm.task}; {zm.path.stat().st_size / 1e6:.1f} MB, calib {len(zm.calib)}, "
           f"eval {len(zm.eval)})\n", flush=True)
     baseline = run_job({"kind": "load", "model": name, "tag": f"{name}-baseline"}, work, **guard)
+    floor = run_job({"kind": "session", "model": name, "tag": f"{name}-session"}, work, **guard)
+    baseline["one_session"] = _cost(floor) if floor.get("ok") else {"error": floor["error"]}
     specs: dict[str, dict] = {}
     for m in GO_METHODS:
         specs[go_name(m)] = {"kind": "go", "options": {"calibration": m}}
