@@ -457,8 +457,10 @@ def check_targets(by_model: dict[str, dict]) -> tuple[str, list[dict]]:
             if og is None or not oo or oo <= 0:
                 add(f"own peak memory {go_m} <= 1/2 ORT {ort_m}", model, None, f"own peak not measured; {raw}")
                 continue
+            floor = d["baseline"].get("one_session", {}).get("quantizer_own_mb")
             add(f"own peak memory {go_m} <= 1/2 ORT {ort_m}", model, og / oo <= 0.5,
-                f"{og:.0f} / {oo:.0f} MB = {og / oo:.2f} ({raw})")
+                f"{og:.0f} / {oo:.0f} MB = {og / oo:.2f} ({raw}"
+                + (f"; one onnxruntime session of the model alone: {floor:.0f} MB)" if floor is not None else ")"))
         g, o = jobs.get(NO_SENS, {}), jobs.get(ort_name("MinMax"), {})
         if g.get("ok") and o.get("ok"):
             wr = g["wall_s"] / o["wall_s"]
