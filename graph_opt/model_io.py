@@ -591,6 +591,46 @@ def _external_shell(model: onnx.ModelProto, data, data_name: str, *, keep_in: Pa
     return shell
 
 
+def wire_size(model: onnx.ModelProto) -> int:
+    """``model.ByteSize()`` without encoding the main graph's weights: protobuf computes a
+    message's size by serializing it, which for a 1 GB model is a 1 GB buffer. The model is sized
+    with its initializers' raw bytes left out, and each one's field is added back by the wire
+    format's rule (tag, length varint, bytes)."""
+    shell = onnx.ModelProto()
+    _copy_except(shell, model, "graph")
+    if not model.HasField("graph"):
+        return shell.ByteSize()
+    _copy_except(shell.graph, model.graph, "initializer")
+    without = shell.graph.ByteSize()
+    graph = without
+    for tensor in model.graph.initializer:
+        head = onnx.TensorProto()
+        raw = None
+        for fd, value in tensor.ListFields():
+            if fd.name == "raw_data":
+                raw = len(value)
+            else:
+                _copy_field(head, fd, value)
+        size = head.ByteSize() + (0 if raw is None else _field_size(_RAW_DATA_TAG, raw))
+        graph += _field_size(_INITIALIZER_TAG, size)
+    return shell.ByteSize() - _field_size(_GRAPH_TAG, without) + _field_size(_GRAPH_TAG, graph)
+
+
+def _varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def _field_size(tag_bytes: int, length: int) -> int:
+    """Bytes of one length-delimited field of `length` bytes: tag, length as a varint, payload."""
+    return tag_bytes + _varint_size(length) + length
+
+
+# Tag bytes of the length-delimited fields `wire_size` adds back (field number, wire type 2).
+_RAW_DATA_TAG = _varint_size(onnx.TensorProto.RAW_DATA_FIELD_NUMBER << 3 | 2)
+_INITIALIZER_TAG = _varint_size(onnx.GraphProto.INITIALIZER_FIELD_NUMBER << 3 | 2)
+_GRAPH_TAG = _varint_size(onnx.ModelProto.GRAPH_FIELD_NUMBER << 3 | 2)
+
+
 def _copy_except(target, source, *skip: str) -> None:
     """Copy every set field of protobuf `source` into `target`, except the fields named in `skip`."""
     for fd, value in source.ListFields():

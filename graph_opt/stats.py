@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from graph_opt.data import bind_shapes
-from graph_opt.model_io import needs_external_data, read_array, tensor_bytes, weightless_copy
+from graph_opt.model_io import needs_external_data, read_array, tensor_bytes, weightless_copy, wire_size
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def model_stats(model: onnx.ModelProto, *, shapes: dict[str, tuple[int, ...]] | 
 def serialized_bytes(model: onnx.ModelProto) -> int:
     """The model's size as a file: its protobuf size, or the weights' bytes when over 2 GB
     (protobuf cannot size it, and the graph beside them is negligible)."""
-    return tensor_bytes(model) if needs_external_data(model) else model.ByteSize()
+    return tensor_bytes(model) if needs_external_data(model) else wire_size(model)
 
 
 def measure_latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], *, runs: int = 100,

@@ -166,3 +166,37 @@ def test_packed_sub_byte_weights_survive_graphsurgeon(elem):
     assert_valid(result.model)
     x = np.zeros((2, 4), np.float32)
     np.testing.assert_array_equal(run(result.model, {"x": x})[0], codes * 0.5)
+
+
+def test_wire_size_equals_protobuf_bytesize_without_encoding_the_weights():
+    """Raw data of every length class of the length varint (1 to 4 bytes), float_data, an empty
+    raw_data, a Constant node, an If subgraph with its own initializer, a model without a graph,
+    and a quantized model (int8, int4 and int2 initializers)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graph_opt.data import random_dataset
+    from graph_opt.model_io import wire_size
+    from graph_opt.pass_base import PassContext
+    from graph_opt.passes import Quantize
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), f"w{n}") for n in (3, 40, 5000, 600_000)]
+    inits.append(helper.make_tensor("fd", TensorProto.FLOAT, [3], [1.0, 2.0, 3.0]))
+    empty = helper.make_tensor("empty", TensorProto.FLOAT, [0], [])
+    empty.raw_data = b""
+    inits.append(empty)
+    then = helper.make_graph([helper.make_node("Identity", ["sub_w"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])],
+                             [numpy_helper.from_array(np.ones(2, np.float32), "sub_w")])
+    nodes = [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.arange(300, dtype=np.float32))),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=then)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert wire_size(model) == model.ByteSize()
+    assert wire_size(onnx.ModelProto(ir_version=8)) == onnx.ModelProto(ir_version=8).ByteSize()
+    cnn = conv_bn_model()
+    for opts in ({}, {"weights": "int4", "activations": "none"}, {"weights": "ternary"}):
+        q = Quantize(**opts)(cnn, PassContext(data=random_dataset(cnn, 8))).model
+        assert any(t.HasField("raw_data") for t in q.graph.initializer)
+        assert wire_size(q) == q.ByteSize()
