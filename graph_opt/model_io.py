@@ -525,13 +525,20 @@ def detached(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndar
     for tensor in model.graph.initializer:
         out = shell.graph.initializer.add()
         if (on_disk(tensor) or tensor.data_type not in _SHAREABLE or not tensor.HasField("raw_data")
-                or len(tensor.raw_data) < _EXTERNAL_THRESHOLD or tensor.name in arrays or tensor.name not in read):
+                or tensor.name in arrays or tensor.name not in read):
             out.CopyFrom(tensor)
             continue
-        raw = tensor.raw_data
+        raw = b""  # read once: protobuf hands out a new copy of the bytes on every access
+        for fd, value in tensor.ListFields():
+            if fd.name == "raw_data":
+                raw = value
+            else:
+                _copy_field(out, fd, value)
+        if len(raw) < _EXTERNAL_THRESHOLD:
+            out.raw_data = raw
+            continue
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
         arrays[tensor.name] = np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
-        _copy_except(out, tensor, "raw_data")
         _point_at(out, None, "weights-handed-over", 0, len(raw))
     return shell, arrays
 
