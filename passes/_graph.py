@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from graph_opt.model_io import peek
@@ -43,13 +44,18 @@ def used_once(tensor: gs.Tensor) -> bool:
 class Namer:
     """Fresh, unique tensor/node names derived from a base (never reuses an existing name).
 
-    Built from a graphsurgeon graph, or from the set of names already taken (for passes that
-    edit the ModelProto directly).
+    Built from a graphsurgeon graph, from an onnx GraphProto (for passes that edit the ModelProto
+    directly: every node, tensor, initializer, input and output name of its main graph), or from
+    the set of names already taken.
     """
 
-    def __init__(self, graph_or_names: gs.Graph | set[str]):
+    def __init__(self, graph_or_names: gs.Graph | onnx.GraphProto | set[str]):
         if isinstance(graph_or_names, gs.Graph):
             self.taken = set(graph_or_names.tensors().keys()) | {n.name for n in graph_or_names.nodes}
+        elif isinstance(graph_or_names, onnx.GraphProto):
+            g = graph_or_names
+            self.taken = ({t for n in g.node for t in (*n.input, *n.output, n.name)}
+                          | {t.name for t in (*g.initializer, *g.input, *g.output)})
         else:
             self.taken = set(graph_or_names)
 

@@ -758,8 +758,7 @@ def _calibrate_minmax(model: onnx.ModelProto, data: Dataset, tensors: list[str],
     work, weights = detached(model)
     weight_bytes = sum(int(a.nbytes) for a in weights.values())
     g = work.graph
-    namer = Namer({t for n in g.node for t in (*n.input, *n.output)} | {t.name for t in g.initializer}
-                  | {t.name for t in g.input} | {n.name for n in g.node})
+    namer = Namer(g)
     reduced: dict[str, tuple[str, str, str]] = {}
     for t in tensors:
         if t in derived:
@@ -1211,9 +1210,7 @@ def _sensitivity(model: onnx.ModelProto, ix: _Index, layers: dict[int, _Layer], 
     work, arrays = detached(model)
     weight_bytes = sum(int(a.nbytes) for a in arrays.values())
     g = work.graph
-    taken = {t for n in g.node for t in (*n.input, *n.output)} | {t.name for t in g.initializer}
-    taken |= {n.name for n in g.node}
-    namer = Namer(taken)
+    namer = Namer(g)
     probe_of: dict[int, tuple[str, str]] = {}  # layer idx -> (float output, probe output)
     wo_of: dict[int, str] = {}                  # static layer idx -> weight-only probe output
     qdq_done: dict[str, str] = {}
@@ -1683,9 +1680,7 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     ix = _Index(model)
     out = copy_model(model)
     g = out.graph
-    taken = {t for n in g.node for t in (*n.input, *n.output)} | {t.name for t in g.initializer} | \
-        {n.name for n in g.node} | {i.name for i in g.input} | {o.name for o in g.output}
-    namer = Namer(taken)
+    namer = Namer(g)
     label_idx = {label: i for i, label in enumerate(ix.labels)}
     old_nodes = list(g.node)
     del g.node[:]

@@ -693,6 +693,21 @@ def _two_layer_mlp(w1):
     return g.build()
 
 
+def test_probe_names_avoid_every_name_of_the_model_graph_inputs_included():
+    """The sensitivity copy names its probes from the tensors they read ('x' → 'x_probe_q'); a
+    graph input already called that (one no node reads) must not be reused, or the copy does
+    not load and nothing is measured."""
+    g = GraphBuilder(seed=1)
+    x = g.input("x", ["N", 32])
+    g.input("x_probe_q", ["N", 16])
+    h = g.node("Relu", [g.node("MatMul", [x, g.weight("fc1.w", (32, 16), 0.3)], name="fc1")])
+    g.output(g.node("MatMul", [h, g.weight("fc2.w", (16, 8), 0.3)], ["y"], name="fc2"), ["N", 8])
+    model = g.build()
+    plan = Quantize().plan(model, random_dataset(model, 16, seed=0))
+    assert not any("sensitivity not measured" in n for n in plan.notes)
+    assert {d.node for d in plan.nodes if d.sensitivity} >= {"fc1", "fc2"}
+
+
 def test_layer_with_lossy_activations_falls_back_to_weight_only():
     w = (np.random.default_rng(1).standard_normal((32, 16)) * 0.3).astype(np.float32)
     w[0] = 0.0  # the outlier feature carries no signal, but it sets the input's range
