@@ -531,10 +531,8 @@ def test_minmax_on_a_model_with_a_static_batch_runs_one_sample_at_a_time_without
     assert (obs["m"].min, obs["m"].max, obs["m"].count) == (2 * values.min(), 2 * values.max(), values.size)
 
 
-@pytest.mark.parametrize("method", ["minmax", "percentile"])
-def test_automatic_batches_follow_the_memory_budget_and_change_nothing(method, monkeypatch):
-    model = FoldBatchnorm()(small_cnn()).model
-    data = random_dataset(model, 24, seed=3)
+def _record_batch_sizes(monkeypatch) -> list[int]:
+    """The number of samples of every batch quantize's sessions run, in order (filled as they run)."""
     sizes: list[int] = []
     real = quantize_mod._stream
 
@@ -544,6 +542,14 @@ def test_automatic_batches_follow_the_memory_budget_and_change_nothing(method, m
             yield feed, outs
 
     monkeypatch.setattr(quantize_mod, "_stream", spy)
+    return sizes
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_automatic_batches_follow_the_memory_budget_and_change_nothing(method, monkeypatch):
+    model = FoldBatchnorm()(small_cnn()).model
+    data = random_dataset(model, 24, seed=3)
+    sizes = _record_batch_sizes(monkeypatch)
     fixed = Quantize(calibration=method, batch_size=24).plan(model, data)
     assert sizes == [24, 16]  # calibration in one batch; sensitivity on its 16 samples
     sizes.clear()
@@ -570,15 +576,7 @@ def test_automatic_batches_follow_the_memory_budget_and_change_nothing(method, m
 def test_reducing_sessions_take_larger_batches_when_the_weights_outweigh_them(monkeypatch):
     """Each run reads every weight once: an MLP whose weights outweigh a sample's tensors by far
     gets large reducing batches, a small CNN REDUCE_BATCH; the ranges do not depend on it."""
-    sizes: list[int] = []
-    real = quantize_mod._stream
-
-    def spy(session, names, data, batch_size, desc, **kw):
-        for feed, outs in real(session, names, data, batch_size, desc, **kw):
-            sizes.append(len(next(iter(feed.values()))))
-            yield feed, outs
-
-    monkeypatch.setattr(quantize_mod, "_stream", spy)
+    sizes = _record_batch_sizes(monkeypatch)
     heavy = mlp(hidden=256)
     data = random_dataset(heavy, 40, seed=1)
     plan = Quantize(sensitivity_snr_db=None).plan(heavy, data)
