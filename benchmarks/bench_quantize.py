@@ -116,14 +116,6 @@ def _reset_peak() -> bool:
         return False
 
 
-def _no_optimizations():
-    import onnxruntime
-
-    opts = onnxruntime.SessionOptions()
-    opts.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return opts
-
-
 def worker(spec: dict) -> int:
     """Run one job in this (fresh) process and write its result JSON. Kinds: 'load' (imports,
     model and calibration data only: the baseline), 'session' (one onnxruntime session of the
@@ -145,6 +137,7 @@ def worker(spec: dict) -> int:
         import zoo
         from graph_opt.pass_base import PassContext
         from graph_opt.passes import Quantize
+        from graph_opt.verify import session_options
 
         zm = zoo.get(spec["model"])
         model = zm.load()
@@ -175,7 +168,8 @@ def worker(spec: dict) -> int:
             result["float_sensitive"] = sum("sensitive" in s.reason for s in rep.skipped)
             result["notes"] = [n for n in rep.notes if not n.startswith("plan: ")]
         elif spec["kind"] == "session":  # the floor of any onnxruntime-based calibrator
-            session = onnxruntime.InferenceSession(source, _no_optimizations(), providers=["CPUExecutionProvider"])
+            options = session_options(optimize=False, threads=0)  # onnxruntime's default thread count
+            session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
             session.run(None, next(calib.batches(CALIB_BATCH)))
             del session
         elif spec["kind"] == "ort":
