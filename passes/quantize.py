@@ -806,9 +806,9 @@ def _calibrate_minmax(model: onnx.ModelProto, data: Dataset, tensors: list[str],
             for t, (lo, hi, n) in extremes.items():
                 clean[t].update_extremes(lo, hi, n)
             continue
-        if exposing is None:
-            exposing = _exposing(model, [t for t in tensors if t not in feed], threads)
         inner = [t for t in tensors if t not in feed]
+        if exposing is None:
+            exposing = _exposing(model, inner, threads)
         fetched = dict(zip(inner, exposing.run(inner, feed) if inner else []))
         for t in tensors:
             value = feed[t] if t in feed else fetched[t]
