@@ -573,6 +573,26 @@ def test_automatic_batches_follow_the_memory_budget_and_change_nothing(method, m
             assert e.sensitivity["snr_db"] == pytest.approx(d.sensitivity["snr_db"], abs=0.02)
 
 
+@pytest.mark.parametrize("budget, weight_bytes, want", [
+    (10_000, None, 10),        # exposing: the whole budget, 1,000 bytes per sample
+    (10_000, 0, 5),            # reducing: half the budget binds before REDUCE_BATCH
+    (1 << 30, 0, 8),           # reducing: REDUCE_BATCH
+    (1 << 30, 20_000, 20),     # reducing: as many samples as the weights outweigh
+    (30_000, 1 << 30, 15),     # ... within half the budget
+])
+def test_the_automatic_batch_rule(budget, weight_bytes, want, monkeypatch):
+    class Session:
+        def run(self, names, feed):
+            return [np.zeros(len(feed["x"]))]
+
+    monkeypatch.setattr(quantize_mod, "STREAM_BUDGET_BYTES", budget)
+    assert quantize_mod.REDUCE_BATCH == 8
+    data = Dataset({"x": np.zeros((100, 3), np.float32)})
+    sizes = [len(feed["x"]) for feed, _ in quantize_mod._stream(
+        Session(), ["y"], data, 0, "test", batch_bytes=lambda outs: 1000 * len(outs[0]), weight_bytes=weight_bytes)]
+    assert sizes[:2] == [1, want] and sum(sizes) == 100
+
+
 def test_reducing_sessions_take_larger_batches_when_the_weights_outweigh_them(monkeypatch):
     """Each run reads every weight once: an MLP whose weights outweigh a sample's tensors by far
     gets large reducing batches, a small CNN REDUCE_BATCH; the ranges do not depend on it."""
