@@ -73,8 +73,8 @@ tables are what to read for the effect).
   elementwise op (Relu, LeakyRelu, Clip with constant bounds, Sigmoid, Tanh), the input's own for
   an op that only moves values (Reshape, Flatten, Transpose …), the union of its inputs' for a
   Concat (a YOLOv8n's Sigmoid outputs and most of its Concats). Exact, but for Sigmoid and Tanh,
-  which onnxruntime approximates: their derived bounds differ from its values by that
-  approximation's error (onnxruntime's sigmoid can return a hair above 1).
+  which onnxruntime approximates: their derived bounds are the exact function's, and differ from
+  onnxruntime's values by its approximation's error.
   onnxruntime skips a NaN that is not the first value it reduces, and its vectorized max can then
   miss values next to it, where MinMaxObserver keeps the min/max of the finite values: a batch
   whose reductions, or the sums of the model's float outputs, are not finite has every tensor
