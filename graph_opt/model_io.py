@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -662,11 +662,19 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+def copy_model(model: onnx.ModelProto, *, without: Collection[str] = (), nodes: bool = True) -> onnx.ModelProto:
     """A deep copy (protobuf CopyFrom copies every byte, weights included; of weights kept on
-    disk, only their references)."""
+    disk, only their references). The main-graph initializers named in `without` are left out,
+    and with ``nodes=False`` the main graph's nodes: a pass that replaces some weights copies the
+    others once and never the replaced ones (protobuf frees a replaced field's bytes only with its
+    whole message)."""
     out = onnx.ModelProto()
-    out.CopyFrom(model)
+    if not without and nodes:
+        out.CopyFrom(model)
+        return out
+    _copy_except(out, model, "graph")
+    _copy_except(out.graph, model.graph, "initializer", *(() if nodes else ("node",)))
+    out.graph.initializer.extend(t for t in model.graph.initializer if t.name not in without)
     return out
 
 

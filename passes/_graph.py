@@ -1,4 +1,5 @@
-"""Small graphsurgeon helpers shared by the passes (matching, naming, constant access)."""
+"""Small helpers shared by the passes: matching, naming and constant access on graphsurgeon graphs,
+and `GraphIndex`, the same on an onnx GraphProto for passes that edit the ModelProto directly."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import itertools
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
-from graph_opt.model_io import peek
+from graph_opt.model_io import on_disk, peek, read_array
 
 
 def constant(tensor: gs.Tensor) -> np.ndarray | None:
@@ -90,12 +92,119 @@ def subgraph_nodes(node: gs.Node):
                     yield from subgraph_nodes(inner)
 
 
-def report_subgraphs(graph: gs.Graph, report, ops) -> None:
+def report_subgraphs(graph: gs.Graph | GraphIndex, report, ops) -> None:
     """Skip, with the reason, every control-flow node whose subgraphs hold nodes of `ops`: the passes
     rewrite the main graph only, and weights in there must not be ignored silently."""
-    for node in graph.nodes:
-        inner = [n for n in subgraph_nodes(node) if n.op in ops]
+    if isinstance(graph, GraphIndex):
+        found = [(graph.labels[idx], [(n.op_type, n.name or f"{n.op_type}({n.output[0] if n.output else '?'})")
+                                      for n in _inner_nodes(node) if n.op_type in ops])
+                 for idx, node in enumerate(graph.nodes)]
+    else:
+        found = [(node_label(node), [(n.op, node_label(n)) for n in subgraph_nodes(node) if n.op in ops])
+                 for node in graph.nodes]
+    for label, inner in found:
         if inner:
-            names = ", ".join(node_label(n) for n in inner[:3]) + (", …" if len(inner) > 3 else "")
-            report.skip(node_label(node), f"{len(inner)} {'/'.join(sorted({n.op for n in inner}))} inside its "
-                                          f"subgraphs ({names}) left as they are: passes rewrite the main graph only")
+            names = ", ".join(name for _, name in inner[:3]) + (", …" if len(inner) > 3 else "")
+            report.skip(label, f"{len(inner)} {'/'.join(sorted({op for op, _ in inner}))} inside its "
+                               f"subgraphs ({names}) left as they are: passes rewrite the main graph only")
+
+
+def _inner_nodes(node: onnx.NodeProto):
+    """Every node inside the subgraphs of `node`, nested ones too."""
+    for a in node.attribute:
+        for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+            yield from all_nodes(sub)
+
+
+class GraphIndex:
+    """Producers, consumers, constants and unique labels of a model's main graph (read-only)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        g = model.graph
+        self.model = model
+        self.nodes = list(g.node)
+        self.inits = {t.name: t for t in g.initializer}
+        self.graph_inputs = [i.name for i in g.input if i.name not in self.inits]
+        self.graph_outputs = {o.name for o in g.output}
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[tuple[int, int]]] = {}
+        for idx, node in enumerate(self.nodes):
+            for out in node.output:
+                if out:
+                    self.producer[out] = idx
+            for slot, name in enumerate(node.input):
+                if name:
+                    self.consumers.setdefault(name, []).append((idx, slot))
+            for name in subgraph_reads(node):  # an If/Loop/Scan body reading it from the outer scope
+                self.consumers.setdefault(name, []).append((idx, -1))
+        counts: dict[str, int] = {}
+        for node in self.nodes:
+            counts[node.name] = counts.get(node.name, 0) + 1
+        self.labels = [n.name if n.name and counts[n.name] == 1 else f"{n.op_type}({n.output[0] if n.output else idx})"
+                       for idx, n in enumerate(self.nodes)]
+        self._const: dict[str, np.ndarray | None] = {}
+
+    def const(self, name: str) -> np.ndarray | None:
+        """Value of an initializer or Constant-node output, else None (cached, unless kept on disk)."""
+        if not name:
+            return None
+        if name not in self._const:
+            value = None
+            if name in self.inits:
+                value = read_array(self.inits[name])
+            elif name in self.producer:
+                node = self.nodes[self.producer[name]]
+                if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                    for a in node.attribute:
+                        if a.name == "value":
+                            value = numpy_helper.to_array(a.t)
+            if not self.on_disk(name):
+                self._const[name] = value
+            return value
+        return self._const[name]
+
+    def on_disk(self, name: str) -> bool:
+        return name in self.inits and on_disk(self.inits[name])
+
+    def const_dtype(self, name: str) -> int | None:
+        if name in self.inits:
+            return self.inits[name].data_type
+        if name in self.producer:
+            node = self.nodes[self.producer[name]]
+            for a in node.attribute:
+                if node.op_type == "Constant" and a.name == "value":
+                    return a.t.data_type
+        return None
+
+    def is_const(self, name: str) -> bool:
+        return name in self.inits or (name in self.producer and self.nodes[self.producer[name]].op_type == "Constant")
+
+    def readers(self, name: str) -> list[tuple[int, int]]:
+        return self.consumers.get(name, [])
+
+    def sole_reader(self, name: str) -> int | None:
+        """The only node reading `name` (through one input slot), when it is not a graph output."""
+        readers = self.readers(name)
+        if len(readers) != 1 or name in self.graph_outputs:
+            return None
+        return readers[0][0]
+
+    def producer_op(self, name: str) -> str | None:
+        idx = self.producer.get(name)
+        return None if idx is None else self.nodes[idx].op_type
+
+
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names read by the nodes inside `node`'s subgraphs (outer-scope captures among them)."""
+    return {n for inner in _inner_nodes(node) for n in inner.input if n}
+
+
+def all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from all_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from all_nodes(g)

@@ -16,20 +16,42 @@ BN parameters or producer weights; a weight or bias shared with another node; a 
 read by anything besides the BN (or a graph output); a Gemm bias C that is not per-column;
 BN producers other than Conv and Gemm; an If/Loop/Scan whose subgraphs hold BatchNormalizations
 (subgraphs are not rewritten).
+
+The pass edits the ModelProto directly: its output copies each weight it keeps once and holds
+only the folded layers' new weights besides (quantize folds first, and its memory is measured).
+A folded weight of a model whose weights are kept on disk goes to disk too.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
+from onnx import helper, numpy_helper
 
-from graph_opt.model_io import to_graph, to_model
+from graph_opt.model_io import copy_model, disk_tensor, on_disk, read_array
 from graph_opt.pass_base import Pass, PassContext, PassReport
-from graph_opt.passes._graph import Namer, constant, node_label, report_subgraphs, sole_consumer, used_once
+from graph_opt.passes._graph import GraphIndex, Namer, report_subgraphs
+
+_DEFAULT = ("", "ai.onnx")
+
+
+@dataclass(frozen=True)
+class _Fold:
+    bn: int              # node index of the BatchNormalization
+    producer: int        # node index of its Conv/Gemm
+    weight: str          # the constant holding the producer's weight (past Identity nodes)
+    scale: np.ndarray    # per output channel, float64
+    bias: np.ndarray     # the folded bias b' (float64)
+    axis: int            # the weight's output-channel axis
+
+    def folded_weight(self, w: np.ndarray) -> np.ndarray:
+        shape = [1] * w.ndim
+        shape[self.axis] = -1
+        return (w.astype(np.float64) * self.scale.reshape(shape)).astype(w.dtype)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,86 +61,171 @@ class FoldBatchnorm(Pass):
     name: ClassVar[str] = "fold_batchnorm"
 
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
-        graph = to_graph(model)
-        report_subgraphs(graph, report, ("BatchNormalization",))
-        namer = Namer(graph)
-        for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
-            match = _match(graph, bn)
-            if isinstance(match, str):
-                report.skip(node_label(bn), match)
+        ix = GraphIndex(model)
+        report_subgraphs(ix, report, ("BatchNormalization",))
+        folds = []
+        for idx, node in enumerate(ix.nodes):
+            if node.op_type != "BatchNormalization" or node.domain not in _DEFAULT:
                 continue
-            producer, w, b, scale, shift = match
-            _apply(graph, namer, producer, bn, w, b, scale, shift)
-            report.rewrite(node_label(bn), into=node_label(producer), channels=int(scale.size))
-        if not report.rewritten:
+            match = _match(ix, idx)
+            if isinstance(match, str):
+                report.skip(ix.labels[idx], match)
+                continue
+            folds.append(match)
+            report.rewrite(ix.labels[idx], into=ix.labels[match.producer], channels=int(match.scale.size))
+        if not folds:
             return model
-        graph.cleanup().toposort()
-        return to_model(graph, model)
+        return _rewrite(model, ix, folds)
 
 
-def _match(graph: gs.Graph, bn: gs.Node):
-    """(producer, W, b, scale, shift) when the fold is valid, else the reason it is not."""
-    if bn.attrs.get("training_mode", 0):
+def _source(ix: GraphIndex, name: str) -> str:
+    """`name`, or what an Identity chain producing it copies (torch ties equal BN parameters so)."""
+    seen = set()
+    while name in ix.producer and name not in seen:
+        seen.add(name)
+        node = ix.nodes[ix.producer[name]]
+        if node.op_type != "Identity" or node.domain not in _DEFAULT or not node.input:
+            break
+        name = node.input[0]
+    return name
+
+
+def _constant(ix: GraphIndex, name: str) -> np.ndarray | None:
+    return ix.const(_source(ix, name)) if name else None
+
+
+def _private(ix: GraphIndex, name: str) -> bool:
+    """True when exactly one node input slot reads `name` and it is not a graph output."""
+    return len(ix.readers(name)) == 1 and name not in ix.graph_outputs
+
+
+def _match(ix: GraphIndex, idx: int) -> _Fold | str:
+    """The fold when it is valid, else the reason it is not."""
+    bn = ix.nodes[idx]
+    if any(a.name == "training_mode" and a.i for a in bn.attribute):
         return "BatchNormalization in training mode"
-    if len([o for o in bn.outputs if o.name]) != 1:
+    if len([o for o in bn.output if o]) != 1 or not bn.output[0]:
         return "BatchNormalization with running-statistics outputs"
-    params = [constant(t) for t in bn.inputs[1:5]]
+    params = [_constant(ix, t) for t in bn.input[1:5]]
     if len(params) != 4 or any(p is None for p in params):
         return "BatchNormalization parameters are not constants"
     gamma, beta, mean, var = (p.astype(np.float64).ravel() for p in params)
-    eps = float(bn.attrs.get("epsilon", 1e-5))
-    x = bn.inputs[0]
-    if len(x.inputs) != 1:
+    eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+    x = bn.input[0]
+    if x not in ix.producer:
         return "input is a graph input, not a layer output"
-    producer = x.inputs[0]
-    if producer.op not in ("Conv", "Gemm"):
-        return f"producer is {producer.op}, not Conv or Gemm"
-    if sole_consumer(graph, x) is not bn:
-        return f"output of {node_label(producer)} is also read elsewhere"
-    w = constant(producer.inputs[1]) if len(producer.inputs) > 1 else None
-    if w is None:
-        return f"weight of {node_label(producer)} is not a constant"
-    if not used_once(producer.inputs[1]):
-        return f"weight of {node_label(producer)} is shared with another node"
-    has_bias = len(producer.inputs) > 2 and producer.inputs[2].name != ""
-    b = constant(producer.inputs[2]) if has_bias else None
-    if has_bias and (b is None or not used_once(producer.inputs[2])):
-        return f"bias of {node_label(producer)} is not a private constant"
-    channels = w.shape[0] if producer.op == "Conv" else (w.shape[0] if producer.attrs.get("transB", 0) else w.shape[-1])
-    if producer.op == "Gemm" and w.ndim != 2:
+    p_idx = ix.producer[x]
+    producer, label = ix.nodes[p_idx], ix.labels[p_idx]
+    if producer.op_type not in ("Conv", "Gemm") or producer.domain not in _DEFAULT:
+        return f"producer is {producer.op_type}, not Conv or Gemm"
+    if ix.sole_reader(x) != idx:
+        return f"output of {label} is also read elsewhere"
+    w_name = _source(ix, producer.input[1]) if len(producer.input) > 1 else ""
+    w_shape = _shape_of(ix, w_name)
+    if w_shape is None:
+        return f"weight of {label} is not a constant"
+    if not _private(ix, producer.input[1]):
+        return f"weight of {label} is shared with another node"
+    has_bias = len(producer.input) > 2 and producer.input[2] != ""
+    b = _constant(ix, producer.input[2]) if has_bias else None
+    if has_bias and (b is None or not _private(ix, producer.input[2])):
+        return f"bias of {label} is not a private constant"
+    attrs = {a.name: helper.get_attribute_value(a) for a in producer.attribute}
+    gemm = producer.op_type == "Gemm"
+    if gemm and len(w_shape) != 2:
         return "Gemm weight is not 2-D"
-    if gamma.size != channels:
-        return f"BatchNormalization has {gamma.size} channels, {node_label(producer)} produces {channels}"
+    if not w_shape:
+        return f"weight of {label} is a scalar"
+    axis = 1 if gemm and not attrs.get("transB", 0) else 0
+    channels = w_shape[axis]
+    if gamma.size != channels or any(p.size != channels for p in (beta, mean, var)):
+        return f"BatchNormalization has {gamma.size} channels, {label} produces {channels}"
     if b is not None:
-        if producer.op == "Gemm":
+        if gemm:
             if b.size not in (1, channels) or (b.ndim == 2 and b.shape[0] != 1):
                 return "Gemm bias C is not per-column"
-            b = np.broadcast_to(b.reshape(-1), (channels,)) * float(producer.attrs.get("beta", 1.0))
+            b = np.broadcast_to(b.reshape(-1), (channels,)) * float(attrs.get("beta", 1.0))
         b = b.astype(np.float64).reshape(-1)
     else:
         b = np.zeros(channels)
     scale = gamma / np.sqrt(var + eps)
-    shift = beta - mean * scale
-    return producer, w, b, scale, shift
+    return _Fold(idx, p_idx, w_name, scale, b * scale + beta - mean * scale, axis)
 
 
-def _apply(graph, namer, producer, bn, w, b, scale, shift) -> None:
-    dtype = w.dtype
-    if producer.op == "Conv":
-        new_w = w.astype(np.float64) * scale.reshape((-1,) + (1,) * (w.ndim - 1))
-    elif producer.attrs.get("transB", 0):
-        new_w = w.astype(np.float64) * scale[:, None]
-    else:
-        new_w = w.astype(np.float64) * scale[None, :]
-    new_b = b * scale + shift
-    base = node_label(producer)
-    w_t = gs.Constant(namer(f"{base}.weight_bnfold"), new_w.astype(dtype))
-    b_t = gs.Constant(namer(f"{base}.bias_bnfold"), new_b.astype(dtype))
-    producer.inputs = [producer.inputs[0], w_t, b_t]
-    if producer.op == "Gemm":
-        producer.attrs["beta"] = 1.0
-    # The producer now writes the BN's output tensor; the BN and its old output disappear.
-    out = bn.outputs[0]
-    bn.outputs.clear()
-    bn.inputs.clear()
-    producer.outputs = [out]
+def _shape_of(ix: GraphIndex, name: str) -> tuple[int, ...] | None:
+    """The shape of constant `name` (an initializer's without reading its bytes), else None."""
+    if name in ix.inits:
+        return tuple(ix.inits[name].dims)
+    value = ix.const(name)
+    return None if value is None else value.shape
+
+
+def _rewrite(model: onnx.ModelProto, ix: GraphIndex, folds: list[_Fold]) -> onnx.ModelProto:
+    """A copy of `model` with each fold applied: the producer takes the new weight and bias and
+    writes the BatchNormalization's output; the BN goes, and so do the weights, Constant and
+    Identity nodes that only it or the old weights read."""
+    g = model.graph
+    namer = Namer(g)
+    to_disk = any(on_disk(t) for t in g.initializer)
+    reads = Counter(name for name, readers in ix.consumers.items() for _ in readers)
+    dropped_nodes = {f.bn for f in folds}
+    pending: list[tuple[str, _Fold]] = []
+    rewired: dict[int, onnx.NodeProto] = {}
+    orphans: list[str] = []
+    for f in folds:
+        bn, old = ix.nodes[f.bn], ix.nodes[f.producer]
+        base = ix.labels[f.producer]
+        names = [namer(f"{base}.weight_bnfold"), namer(f"{base}.bias_bnfold")]
+        pending.append((names[0], f))
+        node = onnx.NodeProto()
+        node.CopyFrom(old)
+        for name in [*old.input[1:3], *bn.input]:
+            if name:
+                reads[name] -= 1
+                orphans.append(name)
+        del node.input[1:]
+        node.input.extend(names)
+        node.output[0] = bn.output[0]
+        if node.op_type == "Gemm":
+            for a in node.attribute:
+                if a.name == "beta":
+                    a.f = 1.0
+        rewired[f.producer] = node
+    # Whatever only the folded nodes read goes too: initializers, and Constant/Identity chains.
+    outputs = {o.name for o in g.output}
+    dropped_inits: set[str] = set()
+    while orphans:
+        name = orphans.pop()
+        if reads[name] > 0 or name in outputs:
+            continue
+        if name in ix.inits:
+            dropped_inits.add(name)
+        elif name in ix.producer and ix.producer[name] not in dropped_nodes:
+            idx = ix.producer[name]
+            node = ix.nodes[idx]
+            if node.op_type in ("Constant", "Identity") and node.domain in _DEFAULT and all(
+                    reads[o] <= 0 and o not in outputs for o in node.output):
+                dropped_nodes.add(idx)
+                for i in node.input:
+                    reads[i] -= 1
+                    orphans.append(i)
+    out = copy_model(model, without=dropped_inits, nodes=False)
+    out.graph.node.extend(rewired.get(idx, node) for idx, node in enumerate(ix.nodes) if idx not in dropped_nodes)
+    added = []
+    for w_name, f in pending:  # one layer's arrays at a time, straight into the copy
+        w = read_array(ix.inits[f.weight]) if f.weight in ix.inits else ix.const(f.weight)
+        b_name = rewired[f.producer].input[2]
+        for name, value in ((w_name, f.folded_weight(w)), (b_name, f.bias.astype(w.dtype))):
+            added.append(out.graph.initializer.add())
+            added[-1].CopyFrom(disk_tensor(value, name) if to_disk and value.nbytes >= 1024
+                               else numpy_helper.from_array(value, name))
+        del w
+    gone = dropped_inits | {ix.nodes[f.bn].input[0] for f in folds}
+    for field in (out.graph.input, out.graph.value_info):
+        keep = [v for v in field if v.name not in gone]
+        if len(keep) != len(field):
+            del field[:]
+            field.extend(keep)
+    if model.ir_version < 4:  # initializers must be listed as graph inputs there
+        out.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in added)
+    return out

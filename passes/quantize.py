@@ -227,9 +227,9 @@ from graph_opt.kernels.quant import (
     symmetric_steps,
     ternary_weights,
 )
-from graph_opt.model_io import copy_model, detached, has_disk_weights, on_disk, read_array
+from graph_opt.model_io import copy_model, detached, has_disk_weights
 from graph_opt.pass_base import Pass, PassContext, PassReport
-from graph_opt.passes._graph import Namer
+from graph_opt.passes._graph import GraphIndex, Namer, all_nodes
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
 from graph_opt.passes.fold_batchnorm import FoldBatchnorm
 from graph_opt.progress import progress
@@ -388,87 +388,6 @@ class Quantize(Pass):
         return 13 if self.per_channel else 10  # DequantizeLinear's axis attribute came with opset 13
 
 
-# =============================================================================== graph index
-
-
-class _Index:
-    """Producers, consumers, constants and unique labels of a model's main graph (read-only)."""
-
-    def __init__(self, model: onnx.ModelProto):
-        g = model.graph
-        self.model = model
-        self.nodes = list(g.node)
-        self.inits = {t.name: t for t in g.initializer}
-        self.graph_inputs = [i.name for i in g.input if i.name not in self.inits]
-        self.graph_outputs = {o.name for o in g.output}
-        self.producer: dict[str, int] = {}
-        self.consumers: dict[str, list[tuple[int, int]]] = {}
-        for idx, node in enumerate(self.nodes):
-            for out in node.output:
-                if out:
-                    self.producer[out] = idx
-            for slot, name in enumerate(node.input):
-                if name:
-                    self.consumers.setdefault(name, []).append((idx, slot))
-            for name in _subgraph_reads(node):  # an If/Loop/Scan body reading it from the outer scope
-                self.consumers.setdefault(name, []).append((idx, -1))
-        counts: dict[str, int] = {}
-        for node in self.nodes:
-            counts[node.name] = counts.get(node.name, 0) + 1
-        self.labels = [n.name if n.name and counts[n.name] == 1 else f"{n.op_type}({n.output[0] if n.output else idx})"
-                       for idx, n in enumerate(self.nodes)]
-        self._const: dict[str, np.ndarray | None] = {}
-
-    def const(self, name: str) -> np.ndarray | None:
-        """Value of an initializer or Constant-node output, else None (cached, unless kept on disk)."""
-        if not name:
-            return None
-        if name not in self._const:
-            value = None
-            if name in self.inits:
-                value = read_array(self.inits[name])
-            elif name in self.producer:
-                node = self.nodes[self.producer[name]]
-                if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                    for a in node.attribute:
-                        if a.name == "value":
-                            value = numpy_helper.to_array(a.t)
-            if not self.on_disk(name):
-                self._const[name] = value
-            return value
-        return self._const[name]
-
-    def on_disk(self, name: str) -> bool:
-        return name in self.inits and on_disk(self.inits[name])
-
-    def const_dtype(self, name: str) -> int | None:
-        if name in self.inits:
-            return self.inits[name].data_type
-        if name in self.producer:
-            node = self.nodes[self.producer[name]]
-            for a in node.attribute:
-                if node.op_type == "Constant" and a.name == "value":
-                    return a.t.data_type
-        return None
-
-    def is_const(self, name: str) -> bool:
-        return name in self.inits or (name in self.producer and self.nodes[self.producer[name]].op_type == "Constant")
-
-    def readers(self, name: str) -> list[tuple[int, int]]:
-        return self.consumers.get(name, [])
-
-    def sole_reader(self, name: str) -> int | None:
-        """The only node reading `name` (through one input slot), when it is not a graph output."""
-        readers = self.readers(name)
-        if len(readers) != 1 or name in self.graph_outputs:
-            return None
-        return readers[0][0]
-
-    def producer_op(self, name: str) -> str | None:
-        idx = self.producer.get(name)
-        return None if idx is None else self.nodes[idx].op_type
-
-
 def _matches(patterns: Iterable[str], *names: str) -> str | None:
     for p in patterns:
         for n in names:
@@ -508,7 +427,7 @@ class _Layer:
         return self.weight() if callable(self.weight) else self.weight
 
 
-def _match_layer(ix: _Index, idx: int) -> _Layer | str:
+def _match_layer(ix: GraphIndex, idx: int) -> _Layer | str:
     """The layer when quantizable, else the reason it is not (pure: no edits)."""
     node = ix.nodes[idx]
     op = node.op_type
@@ -852,7 +771,7 @@ def _minmax_derivations(model: onnx.ModelProto, tensors: Collection[str]
     approximations: there the derived bound is the exact function's, and can differ from the one
     a reduction gives by that approximation's error.
     """
-    ix = _Index(model)
+    ix = GraphIndex(model)
     known = set(tensors)
     out: dict[str, tuple[list[str], Callable[[float], float] | None]] = {}
     for node in ix.nodes:
@@ -897,7 +816,7 @@ def _clip(lo: float, hi: float, x: float) -> float:
     return min(max(x, lo), hi)
 
 
-def _clip_bounds(ix: _Index, node: onnx.NodeProto) -> tuple[float, float] | None:
+def _clip_bounds(ix: GraphIndex, node: onnx.NodeProto) -> tuple[float, float] | None:
     """A Clip's (min, max) when both are constant (absent: unbounded), else None."""
     lo, hi = -math.inf, math.inf
     for a in node.attribute:  # opset < 11
@@ -1053,7 +972,7 @@ class _Placement:
     static: set[int] = field(default_factory=set)  # layers whose activation input is quantized
 
 
-def _place(ix: _Index, layers: dict[int, _Layer], candidates: set[int], ranges: Mapping[str, tuple[float, float]],
+def _place(ix: GraphIndex, layers: dict[int, _Layer], candidates: set[int], ranges: Mapping[str, tuple[float, float]],
            opts: Quantize, forced_float: dict[int, str], unasked: Container[str] = frozenset()) -> _Placement:
     """Decide which activation tensors get a QDQ (see 'Placement' in the module docstring).
 
@@ -1194,7 +1113,7 @@ _FLOAT_OUTPUT = ("float output: nothing quantized reads it (onnxruntime fuses th
                  "MatMulIntegerToFloat)")
 
 
-def _excluded(ix: _Index, idx: int, opts: Quantize) -> str | None:
+def _excluded(ix: GraphIndex, idx: int, opts: Quantize) -> str | None:
     node = ix.nodes[idx]
     return (_matches(opts.exclude, node.op_type, node.name, ix.labels[idx])
             or _matches(opts.keep_float, node.name, ix.labels[idx]))
@@ -1203,7 +1122,7 @@ def _excluded(ix: _Index, idx: int, opts: Quantize) -> str | None:
 # =============================================================================== sensitivity
 
 
-def _sensitivity(model: onnx.ModelProto, ix: _Index, layers: dict[int, _Layer], weights: dict[int, TensorQuant],
+def _sensitivity(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, _Layer], weights: dict[int, TensorQuant],
                  biases: dict[int, TensorQuant], pl: _Placement, data: Dataset, opts: Quantize,
                  batch_size: int | None) -> dict[int, dict[str, float]]:
     """Per quantized node: SNR (dB) of its own quantization, measured in isolation on `data`."""
@@ -1339,7 +1258,7 @@ def _place_after_producers(g: onnx.GraphProto, n_model: int) -> None:
         g.node.extend(after.get(k, ()))
 
 
-def _probe(g: onnx.GraphProto, namer: Namer, ix: _Index, idx: int, inputs: list[str]) -> str:
+def _probe(g: onnx.GraphProto, namer: Namer, ix: GraphIndex, idx: int, inputs: list[str]) -> str:
     """A copy of layer `idx` reading `inputs`, appended to `g`; returns its output name."""
     node = ix.nodes[idx]
     out = namer(f"{node.output[0]}_probe")
@@ -1359,7 +1278,7 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
     The returned model is `model` itself, or a copy upgraded to the opset the plan needs.
     """
     batch_size = batch_size or opts.batch_size
-    ix = _Index(model)
+    ix = GraphIndex(model)
     decisions: list[NodeDecision] = []
     layers: dict[int, _Layer] = {}
     n_qdq = 0
@@ -1407,7 +1326,7 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
             return plan, model
         model, how = upgraded
         notes.append(f"opset upgraded {current} → {target} ({how}); IR version {model.ir_version}")
-        ix = _Index(model)
+        ix = GraphIndex(model)
         layers = {}
         for idx in range(len(ix.nodes)):
             if ix.nodes[idx].op_type in opts.op_types and not _excluded(ix, idx, opts):
@@ -1517,7 +1436,7 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
     return plan, model
 
 
-def _too_small_for_int8(ix: _Index, layer: _Layer) -> str:
+def _too_small_for_int8(ix: GraphIndex, layer: _Layer) -> str:
     """Why a Conv reading a graph input stays float ('' when it does not): with a reduction of fewer
     than `MIN_INT8_REDUCTION` products per output (a 3×3 stem on one channel: 9) the integer kernel
     gains nothing on the arithmetic and the input needs its own QuantizeLinear."""
@@ -1553,7 +1472,7 @@ def _weights_and_biases(layers: dict[int, _Layer], pl: _Placement, opts: Quantiz
     return weights, biases
 
 
-def _calibration_tensors(ix: _Index, layers: dict[int, _Layer], candidates: set[int]) -> list[str]:
+def _calibration_tensors(ix: GraphIndex, layers: dict[int, _Layer], candidates: set[int]) -> list[str]:
     out: list[str] = []
     for idx, node in enumerate(ix.nodes):
         op = node.op_type
@@ -1572,7 +1491,7 @@ def _calibration_tensors(ix: _Index, layers: dict[int, _Layer], candidates: set[
 def _upgrade_opset(model: onnx.ModelProto, target: int) -> tuple[onnx.ModelProto, str] | str:
     """The model at opset `target` and how it got there, or why it cannot."""
     current = _opset(model)
-    ops = {n.op_type for n in _all_nodes(model.graph) if n.domain in ("", "ai.onnx")}
+    ops = {n.op_type for n in all_nodes(model.graph) if n.domain in ("", "ai.onnx")}
     unchanged = True
     for op in ops:
         try:
@@ -1604,27 +1523,6 @@ def _upgrade_opset(model: onnx.ModelProto, target: int) -> tuple[onnx.ModelProto
         except GraphOptError as exc:
             return f"opset {current} → {target} by onnx.version_converter gives a model onnxruntime refuses: {exc}"
     return out, how
-
-
-def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    """Names read by the nodes inside `node`'s subgraphs (outer-scope captures among them)."""
-    names: set[str] = set()
-    for a in node.attribute:
-        for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
-            for inner in _all_nodes(g):
-                names.update(n for n in inner.input if n)
-    return names
-
-
-def _all_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from _all_nodes(g)
 
 
 # =============================================================================== apply
@@ -1677,7 +1575,7 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     """
     if _opset(model) < plan.opset:
         raise ValueError(f"the plan needs opset {plan.opset}, the model has {_opset(model)}")
-    ix = _Index(model)
+    ix = GraphIndex(model)
     out = copy_model(model)
     g = out.graph
     namer = Namer(g)

@@ -1,14 +1,24 @@
 import numpy as np
 import pytest
-from builders import GraphBuilder, assert_valid, conv_bn_model, gemm_bn_model, op_count, random_input, run, small_cnn
+from builders import (
+    GraphBuilder,
+    assert_valid,
+    constant_node_model,
+    conv_bn_model,
+    gemm_bn_model,
+    op_count,
+    random_input,
+    run,
+    small_cnn,
+)
 
 from graph_opt.passes.fold_batchnorm import FoldBatchnorm
 
 
 def _parity(model, folded, shape):
     x = random_input(shape)
-    ref, out = run(model, {"x": x})[0], run(folded, {"x": x})[0]
-    return float(np.max(np.abs(ref - out)) / max(1.0, float(np.max(np.abs(ref)))))
+    return max(float(np.max(np.abs(ref - out)) / max(1.0, float(np.max(np.abs(ref)))))
+               for ref, out in zip(run(model, {"x": x}), run(folded, {"x": x}), strict=True))
 
 
 @pytest.mark.parametrize("group", [1, 4, 8])
@@ -101,3 +111,49 @@ def test_reads_bn_parameters_through_identity():
     assert result.modified and op_count(result.model, "BatchNormalization") == 0
     assert_valid(result.model)
     assert _parity(model, result.model, (2, 3, 8, 8)) < 1e-5
+
+
+def _dead(model):
+    """Initializers nothing reads and nodes whose outputs nothing reads (graph outputs count as read)."""
+    read = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    return ([t.name for t in model.graph.initializer if t.name not in read],
+            [n.name for n in model.graph.node if not any(o in read for o in n.output)])
+
+
+def test_leaves_nothing_that_only_the_folded_nodes_read():
+    """Constant-node weights and Identity-tied parameters: the old weights, the BN parameters and
+    the Constant/Identity nodes that produced them go with the BN; a parameter another node still
+    reads stays."""
+    model = constant_node_model()
+    g = GraphBuilder()
+    x = g.input("x", ["N", 3, 8, 8])
+    c = g.conv(x, 3, 4, name="c")
+    y = g.bn(c, 4, name="bnT")
+    bn = g.nodes[-1]
+    bn.input[1] = g.node("Identity", [bn.input[1]], ["gamma_alias"])
+    g.nodes.insert(len(g.nodes) - 2, g.nodes.pop())
+    g.output(g.node("Relu", [y], ["y"]), ["N", 4, 8, 8])
+    g.output(g.node("Neg", [bn.input[2]], ["b"]), [4])  # beta is also read by the Neg
+    tied = g.build()
+    for before in (model, tied):
+        result = FoldBatchnorm()(before)
+        assert result.modified and op_count(result.model, "BatchNormalization") == 0
+        assert _dead(result.model) == ([], [])
+        assert_valid(result.model)
+    assert op_count(result.model, "Identity") == 0
+    assert "bnT.beta" in {t.name for t in result.model.graph.initializer}
+    assert _parity(tied, result.model, (2, 3, 8, 8)) < 1e-5
+    assert _parity(model, FoldBatchnorm()(model).model, (2, 3, 8, 8)) < 1e-5
+
+
+def test_the_replaced_weights_are_gone_and_each_new_one_is_there_once():
+    """The output holds the folded layers' new weights and the untouched initializers, and none of
+    the replaced ones."""
+    model = small_cnn()
+    result = FoldBatchnorm()(model)
+    before = {t.name for t in model.graph.initializer}
+    after = {t.name: t for t in result.model.graph.initializer}
+    replaced = before - set(after)
+    assert replaced and all(n.endswith((".w", ".b", ".gamma", ".beta", ".mean", ".var")) for n in replaced)
+    assert sum(n.endswith("_bnfold") for n in after) == 2 * len(result.report.rewritten)
+    assert len(after) == len(result.model.graph.initializer)  # no name twice
