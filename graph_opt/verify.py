@@ -16,7 +16,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -31,17 +31,21 @@ from graph_opt.progress import progress
 log = logging.getLogger(__name__)
 
 
-def session_options(*, optimize: bool = False, threads: int = 1, fuse_qdq: bool = True,
+def session_options(*, optimize: bool | Literal["basic"] = False, threads: int = 1, fuse_qdq: bool = True,
                     arena: bool = True) -> ort.SessionOptions:
-    """``fuse_qdq=False`` keeps QuantizeLinear/DequantizeLinear as the float ops they define even
+    """``optimize``: every onnxruntime graph optimization (True), none (False), or ``"basic"`` ones
+    only: constant folding and redundant-node removal, without the fusions and the layout changes
+    that keep reordered copies of the convolution weights (a session run on a few batches then
+    starts about as fast and takes less memory: quantize's sensitivity step). ``fuse_qdq=False`` keeps QuantizeLinear/DequantizeLinear as the float ops they define even
     with optimizations on (no integer kernels), while constant folding, layout and the other
     float optimizations still apply. ``arena=False`` turns off onnxruntime's CPU memory arena and
     memory pattern: each buffer is freed when its last reader is done instead of the arena keeping
     the largest batch's pages (quantize's calibration and sensitivity runs; bench_quantize
     measures their peaks)."""
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    levels = {True: ort.GraphOptimizationLevel.ORT_ENABLE_ALL, False: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
+    opts.graph_optimization_level = levels[optimize]
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -57,7 +61,7 @@ def session_options(*, optimize: bool = False, threads: int = 1, fuse_qdq: bool 
     return opts
 
 
-def make_session(model: onnx.ModelProto, *, optimize: bool = False, threads: int = 1, fuse_qdq: bool = True,
+def make_session(model: onnx.ModelProto, *, optimize: bool | Literal["basic"] = False, threads: int = 1, fuse_qdq: bool = True,
                  arena: bool = True, weights: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
     """An onnxruntime CPU session; a model that onnxruntime refuses raises `InvalidModelError`.
 

@@ -143,7 +143,8 @@ Placement (what gets a QDQ)
   output (SNR of input + weight quantization), combined with the SNR of quantizing its output
   tensor (noise powers add; every SNR is two sums, Σ ref² and Σ (ref − candidate)², computed
   inside onnxruntime with ReduceSumSquare so that only scalars leave the session, the copy
-  running with float optimizations on and the QDQ pairs kept as the float ops they define); with
+  running with onnxruntime's basic optimizations (constant folding) and the QDQ pairs kept as the
+  float ops they define); with
   ``sensitive='weight_only'`` a second copy with the float input
   and bias gives the weight-only SNR (not measured otherwise: nothing would read it). A layer below the threshold stays float entirely (``sensitive='float'``, the default:
   onnxruntime dequantizes a weight-only Conv/MatMul at run time, slower than float in a one-off
@@ -1186,10 +1187,12 @@ def _sensitivity(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, _Laye
     _place_after_producers(g, n_model)
     names = list(dict.fromkeys([o for pair in outputs.values() for o in pair] + list(sizes.values())))
     g.output.extend(onnx.ValueInfoProto(name=t) for t in names)
-    # Optimized, onnxruntime constant-folds each probe's DequantizeLinear of a constant weight into a
-    # float copy of it: for weights kept on disk (a model over 2 GB) that is a second copy of them all.
-    session = make_session(work, optimize=not has_disk_weights(work), fuse_qdq=False, threads=opts.threads,
-                           arena=False, weights=arrays)
+    # Basic optimizations only: the session runs on a few samples, where the layout changes' reordered
+    # copies of the weights cost memory and win no time. Even those constant-fold each probe's
+    # DequantizeLinear of a constant weight into a float copy of it: for weights kept on disk (a model
+    # over 2 GB) that is a second copy of them all, so that model runs unoptimized.
+    session = make_session(work, optimize="basic" if not has_disk_weights(work) else False, fuse_qdq=False,
+                           threads=opts.threads, arena=False, weights=arrays)
     del work, g, arrays
     sub = data.take(min(opts.max_samples, opts.sensitivity_samples))
     acc = {key: [0.0, 0.0] for key in outputs}

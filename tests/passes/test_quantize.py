@@ -992,3 +992,26 @@ def test_calibration_threads_default_to_all_cores_and_do_not_change_the_plan(met
     assert default.by_role("activation") and default.to_json(compact=False) == one.to_json(compact=False)
     with pytest.raises(ValueError, match="threads"):
         Quantize(threads=-1)
+
+
+def test_sensitivity_runs_with_basic_optimizations_and_calibration_with_all(monkeypatch):
+    """The sensitivity copy runs a few samples: onnxruntime's basic optimizations only, without
+    the layout changes that keep reordered copies of the weights; minmax calibration runs every
+    sample, with every optimization."""
+    from graph_opt.verify import session_options
+
+    assert session_options(optimize="basic").graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    levels: dict[str, set] = {}
+    real = quantize_mod.make_session
+
+    def spy(m, **kw):
+        ops = {n.op_type for n in m.graph.node}
+        kind = "sensitivity" if "ReduceSumSquare" in ops else "calibration" if "ReduceMin" in ops else "other"
+        levels.setdefault(kind, set()).add(kw.get("optimize"))
+        return real(m, **kw)
+
+    monkeypatch.setattr(quantize_mod, "make_session", spy)
+    model = FoldBatchnorm()(small_cnn()).model
+    result = Quantize()(model, PassContext(data=random_dataset(model, 16, seed=0)))
+    assert result.modified
+    assert levels == {"sensitivity": {"basic"}, "calibration": {True}}
