@@ -112,9 +112,11 @@ Placement (what gets a QDQ)
   (the activation is absorbed into the output range) — except that a Gemm/MatMul output is
   quantized only when a quantized node reads it (otherwise onnxruntime runs QGemm /
   MatMulIntegerToFloat with a float output, more accurate and as fast).
-- MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze on a quantized tensor: the output shares
-  the input's scale and zero point (exact: these ops only move or select values), so onnxruntime
-  drops the pair and runs them in int8.
+- MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Split, Slice, Gather, DepthToSpace
+  and a nearest-mode Resize on a quantized tensor: each output shares the input's scale and zero
+  point (exact: these ops only move or select values), so onnxruntime drops the pairs and runs
+  them in int8 (a YOLOv8n's C2f blocks Split every first conv's output:
+  a float Split there cost a DequantizeLinear and two QuantizeLinear per block).
 - Add, Mul (two non-constant inputs), Concat, AveragePool, GlobalAveragePool with a quantized input:
   each input and the output get their own scales (QLinearAdd, QLinearConcat, …).
 - A tensor produced inside the quantized region is read through its DequantizeLinear by every
@@ -240,8 +242,10 @@ from graph_opt.verify import Reference, make_session, release_memory
 log = logging.getLogger(__name__)
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
-# Ops that only move or select values: the output shares the input's scale (ORT drops the QDQ).
-SHARED_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
+# Ops that only move or select values: the outputs share the input's scale (ORT drops the QDQ).
+# Resize only in its default nearest mode (the others interpolate).
+SHARED_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Split", "Slice", "Gather",
+              "Resize", "DepthToSpace")
 # Ops with an integer kernel in onnxruntime taking per-input scales and an output scale.
 OWN_OPS = ("Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool")
 ABSORBED_OPS = ("Relu", "Clip")
@@ -1065,16 +1069,19 @@ def _place(ix: GraphIndex, layers: dict[int, _Layer], candidates: set[int], rang
         if op in SHARED_OPS:
             if not node.input or node.input[0] not in data_inputs or not quantized(node.input[0]):
                 continue
-            src, out = node.input[0], node.output[0]
-            if keep(out) or len([o for o in node.output if o]) != 1:
+            src, outs = node.input[0], [o for o in node.output if o]
+            if not outs or (len(outs) > 1 and op != "Split") or any(keep(o) for o in outs):
+                continue  # (a MaxPool's second output holds int64 indices)
+            if op == "Resize" and _attr(node, "mode", b"nearest") != b"nearest":
                 continue
             materialize(src)
             base = pl.acts[src]
-            pl.acts[out] = TensorQuant(out, "activation", base.dtype, base.scale, base.zero_point, scheme="shared",
-                                       shared_with=base.shared_with or src, method=base.method, range=base.range)
-            region.add(out)
+            for out in outs:
+                pl.acts[out] = TensorQuant(out, "activation", base.dtype, base.scale, base.zero_point, scheme="shared",
+                                           shared_with=base.shared_with or src, method=base.method, range=base.range)
+                region.add(out)
             pl.decisions[idx] = NodeDecision(label, op, "quantize", "shares its input's scale (int8 data movement)",
-                                             inputs=[src], output=out)
+                                             inputs=[src], output=outs[0])
             continue
         if op not in OWN_OPS or not any(quantized(t) for t in data_inputs):
             continue

@@ -1015,3 +1015,74 @@ def test_sensitivity_runs_with_basic_optimizations_and_calibration_with_all(monk
     result = Quantize()(model, PassContext(data=random_dataset(model, 16, seed=0)))
     assert result.modified
     assert levels == {"sensitivity": {"basic"}, "calibration": {True}}
+
+
+def _moved(g, op, a):
+    """`op` applied to the 16-channel 8×8 tensor `a`, then convs back to 8 channels: (output, its side)."""
+    if op == "Split":
+        g.node("Split", [a, g.const("split", np.array([8, 8], np.int64))], ["s0", "s1"], axis=1)
+        return g.node("Add", [g.conv("s0", 8, 8, name="c2"), g.conv("s1", 8, 8, name="c3")]), 8
+    if op == "Slice":
+        m = g.node("Slice", [a, g.const("st", np.array([4], np.int64)), g.const("en", np.array([12], np.int64)),
+                             g.const("ax", np.array([1], np.int64))])
+        return g.conv(m, 8, 8, name="c2"), 8
+    if op == "Gather":
+        return g.conv(g.node("Gather", [a, g.const("idx", np.arange(0, 16, 2, dtype=np.int64))], axis=1), 8, 8,
+                      name="c2"), 8
+    if op in ("Resize", "Resize-linear"):
+        mode = "nearest" if op == "Resize" else "linear"
+        m = g.node("Resize", [a, "", g.const("scales", np.array([1, 1, 2, 2], np.float32))], mode=mode)
+        return g.conv(m, 16, 8, name="c2"), 16
+    assert op == "DepthToSpace"
+    return g.conv(g.node("DepthToSpace", [a], blocksize=2), 4, 8, name="c2"), 16
+
+
+@pytest.mark.parametrize("op", ["Split", "Slice", "Gather", "Resize", "DepthToSpace", "Resize-linear"])
+def test_data_movement_between_int8_layers_shares_the_scale_and_runs_in_int8(op, tmp_path):
+    """The op's outputs share its input's scale and zero point, so onnxruntime drops the Q/DQ
+    around it (int8 in, int8 out, exact); a linear Resize interpolates, and keeps its own pairs."""
+    g = GraphBuilder(seed=4)
+    a = g.node("Relu", [g.conv(g.input("x", ["N", 4, 8, 8]), 4, 16, name="c1")])
+    y, side = _moved(g, op, a)
+    g.output(g.node("Relu", [y], ["y"]), ["N", 8, side, side])
+    model = g.build()
+    result = Quantize()(model, _ctx(model))
+    assert_valid(result.model)
+    name = op.split("-")[0]
+    shared = [e for e in result.report.rewritten if e["op"] == name and "shares its input's scale" in e.get("note", "")]
+    ops = _optimized_ops(result.model, tmp_path)
+    fused = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    producer = {o: n for n in fused.node for o in n.output}
+    moved = [n for n in fused.node if n.op_type.endswith(name)]
+    assert len(moved) == 1
+    around = [producer[i].op_type for i in moved[0].input if i in producer]
+    around += [n.op_type for n in fused.node if set(n.input) & set(moved[0].output)]
+    if op == "Resize-linear":
+        assert not shared and "DequantizeLinear" in around and "QuantizeLinear" in around
+    else:
+        assert len(shared) == 1
+        assert "DequantizeLinear" not in around and "QuantizeLinear" not in around, around
+        assert ops.count("QLinearConv") >= 2
+    test = random_dataset(model, 8, seed=3)
+    assert cosine(_outputs(model, test)[0], _outputs(result.model, test)[0]) >= 0.999
+    _assert_deployable(model, result.model, test)
+
+
+def test_a_maxpool_with_indices_is_left_float():
+    """Only Split shares its scale over several outputs: a MaxPool's second output holds int64
+    indices, which no QuantizeLinear may read."""
+    g = GraphBuilder(seed=4)
+    a = g.node("Relu", [g.conv(g.input("x", ["N", 4, 8, 8]), 4, 16, name="c1")])
+    g.node("MaxPool", [a], ["p", "idx"], kernel_shape=[2, 2], strides=[2, 2])
+    g.output(g.node("Relu", [g.conv("p", 16, 8, name="c2")], ["y"]), ["N", 8, 4, 4])
+    g.output("idx", ["N", 16, 4, 4], dtype=np.int64)
+    model = g.build()
+    result = Quantize()(model, _ctx(model))
+    assert result.modified and op_count(result.model, "QuantizeLinear") >= 2
+    assert_valid(result.model)
+    assert not [n for n in result.model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "idx"]
+    assert not [e for e in result.report.rewritten if e["op"] == "MaxPool"]
+    test = random_dataset(model, 8, seed=3)
+    ref, got = _outputs(model, test), _outputs(result.model, test)
+    assert got[1].dtype == np.int64 and got[1].shape == ref[1].shape  # (int8 inputs can tie: other indices)
+    assert cosine(ref[0], got[0]) >= 0.999
