@@ -558,7 +558,7 @@ def test_automatic_batches_follow_the_memory_budget_and_change_nothing(method, m
     # calibration takes the rest at once.
     default = Quantize(calibration=method).plan(model, data)
     k = quantize_mod.REDUCE_BATCH
-    assert sizes == ([1, k, k, 23 - 2 * k] if method == "minmax" else [1, 23]) + [1, k, 15 - k]
+    assert sizes == ([1, *_chunks(23, k)] if method == "minmax" else [1, 23]) + [1, *_chunks(15, k)]
     assert [t.range for t in default.by_role("activation")] == [t.range for t in fixed.by_role("activation")]
     sizes.clear()
     # A budget below one sample's outputs: one sample per run, same ranges, same decisions.
@@ -573,10 +573,15 @@ def test_automatic_batches_follow_the_memory_budget_and_change_nothing(method, m
             assert e.sensitivity["snr_db"] == pytest.approx(d.sensitivity["snr_db"], abs=0.02)
 
 
+def _chunks(n: int, k: int) -> list[int]:
+    """Batch sizes of n samples taken k at a time."""
+    return [k] * (n // k) + ([n % k] if n % k else [])
+
+
 @pytest.mark.parametrize("budget, weight_bytes, want", [
     (10_000, None, 10),        # exposing: the whole budget, 1,000 bytes per sample
-    (10_000, 0, 5),            # reducing: half the budget binds before REDUCE_BATCH
-    (1 << 30, 0, 8),           # reducing: REDUCE_BATCH
+    (6_000, 0, 3),             # reducing: half the budget binds before REDUCE_BATCH
+    (1 << 30, 0, 4),           # reducing: REDUCE_BATCH
     (1 << 30, 20_000, 20),     # reducing: as many samples as the weights outweigh
     (30_000, 1 << 30, 15),     # ... within half the budget
 ])
@@ -586,7 +591,7 @@ def test_the_automatic_batch_rule(budget, weight_bytes, want, monkeypatch):
             return [np.zeros(len(feed["x"]))]
 
     monkeypatch.setattr(quantize_mod, "STREAM_BUDGET_BYTES", budget)
-    assert quantize_mod.REDUCE_BATCH == 8
+    assert quantize_mod.REDUCE_BATCH == 4
     data = Dataset({"x": np.zeros((100, 3), np.float32)})
     sizes = [len(feed["x"]) for feed, _ in quantize_mod._stream(
         Session(), ["y"], data, 0, "test", batch_bytes=lambda outs: 1000 * len(outs[0]), weight_bytes=weight_bytes)]
@@ -605,7 +610,7 @@ def test_reducing_sessions_take_larger_batches_when_the_weights_outweigh_them(mo
     assert plan.by_role("activation") and plan.to_json(compact=False) == one.to_json(compact=False)
     sizes.clear()
     Quantize(sensitivity_snr_db=None).plan(small_cnn(), random_dataset(small_cnn(), 40, seed=1))
-    assert sizes == [1] + [quantize_mod.REDUCE_BATCH] * 4 + [7]
+    assert sizes == [1, *_chunks(39, quantize_mod.REDUCE_BATCH)]
 
 
 def test_sensitivity_on_a_few_samples_finds_the_sensitive_layer():
