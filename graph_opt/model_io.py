@@ -543,15 +543,23 @@ def detached(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndar
     return shell, arrays
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs `node` holds in its attributes (If branches, Loop and Scan bodies)."""
+    return [g for a in node.attribute
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
+
+
+def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """`graph` and every graph nested in its nodes, at any depth."""
+    yield graph
+    for node in graph.node:
+        for sub in subgraphs(node):
+            yield from all_graphs(sub)
+
+
 def _names_read(graph: onnx.GraphProto) -> set[str]:
     """Every name a node of `graph` or of its subgraphs reads."""
-    names: set[str] = set()
-    for node in graph.node:
-        names.update(node.input)
-        for a in node.attribute:
-            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
-                names |= _names_read(sub)
-    return names
+    return {name for g in all_graphs(graph) for node in g.node for name in node.input}
 
 
 def _external_shell(model: onnx.ModelProto, data, data_name: str, *, keep_in: Path | None = None,
@@ -867,11 +875,7 @@ def _hide_packed(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onn
 
 
 def _restore_packed(model: onnx.ModelProto, packed: dict[str, onnx.TensorProto]) -> None:
-    used = {x for n in model.graph.node for x in n.input} | {o.name for o in model.graph.output}
-    for node in model.graph.node:  # names read inside subgraphs count as used too
-        for attr in node.attribute:
-            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                used |= {x for n in g.node for x in n.input}
+    used = _names_read(model.graph) | {o.name for o in model.graph.output}  # subgraphs' reads count too
     kept_inputs = [i for i in model.graph.input if i.name not in packed]
     del model.graph.input[:]
     model.graph.input.extend(kept_inputs)

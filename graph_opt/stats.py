@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from graph_opt.data import bind_shapes
-from graph_opt.model_io import needs_external_data, read_array, tensor_bytes, weightless_copy, wire_size
+from graph_opt.model_io import all_graphs, needs_external_data, read_array, tensor_bytes, weightless_copy, wire_size
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +56,8 @@ class ModelStats:
         }
 
 
-def _iter_graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _iter_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _iter_graphs(g)
-
-
 def _weight_tensors(model: onnx.ModelProto):
-    for graph in _iter_graphs(model.graph):
+    for graph in all_graphs(model.graph):
         yield from graph.initializer
         for node in graph.node:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
@@ -84,7 +73,7 @@ def count_params(model: onnx.ModelProto) -> int:
 
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
     counts: collections.Counter[str] = collections.Counter()
-    for graph in _iter_graphs(model.graph):
+    for graph in all_graphs(model.graph):
         for node in graph.node:
             counts[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"] += 1
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))

@@ -10,7 +10,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from graph_opt.model_io import on_disk, peek, read_array
+from graph_opt.model_io import on_disk, peek, read_array, subgraphs
 
 
 def constant(tensor: gs.Tensor) -> np.ndarray | None:
@@ -111,9 +111,8 @@ def report_subgraphs(graph: gs.Graph | GraphIndex, report, ops) -> None:
 
 def _inner_nodes(node: onnx.NodeProto):
     """Every node inside the subgraphs of `node`, nested ones too."""
-    for a in node.attribute:
-        for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
-            yield from all_nodes(sub)
+    for sub in subgraphs(node):
+        yield from all_nodes(sub)
 
 
 class GraphIndex:
@@ -200,11 +199,7 @@ def subgraph_reads(node: onnx.NodeProto) -> set[str]:
 
 
 def all_nodes(graph: onnx.GraphProto):
+    """Every node of `graph`, each followed by the nodes of its subgraphs, at any depth."""
     for node in graph.node:
         yield node
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from all_nodes(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from all_nodes(g)
+        yield from _inner_nodes(node)

@@ -232,7 +232,7 @@ from graph_opt.kernels.quant import (
     symmetric_steps,
     ternary_weights,
 )
-from graph_opt.model_io import copy_model, detached, has_disk_weights
+from graph_opt.model_io import copy_model, detached, has_disk_weights, subgraphs
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._graph import GraphIndex, Namer, all_nodes
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
@@ -514,14 +514,7 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 
 def _subgraph_layers(node: onnx.NodeProto) -> int:
-    count = 0
-    for a in node.attribute:
-        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-        for g in graphs:
-            for n in g.node:
-                count += n.op_type in LAYER_OPS
-                count += _subgraph_layers(n)
-    return count
+    return sum(n.op_type in LAYER_OPS for sub in subgraphs(node) for n in all_nodes(sub))
 
 
 # =============================================================================== weights

@@ -129,7 +129,7 @@ from onnx import helper, numpy_helper
 
 from graph_opt.data import Dataset, batch_size_for
 from graph_opt.intermediates import stream
-from graph_opt.model_io import copy_model, disk_tensor, has_disk_weights, on_disk, read_array
+from graph_opt.model_io import copy_model, disk_tensor, has_disk_weights, on_disk, read_array, subgraphs
 from graph_opt.kernels.lstsq import (
     LstsqAccumulator,
     MeanErrorAccumulator,
@@ -492,9 +492,8 @@ def _drop_unused(model: onnx.ModelProto, names: set[str]) -> None:
     def visit(graph: onnx.GraphProto) -> None:
         for node in graph.node:
             used.update(node.input)
-            for a in node.attribute:
-                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    visit(sub)
+            for sub in subgraphs(node):
+                visit(sub)
         used.update(o.name for o in graph.output)
 
     visit(model.graph)
