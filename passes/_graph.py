@@ -143,8 +143,9 @@ class GraphIndex:
                        for idx, n in enumerate(self.nodes)]
         self._const: dict[str, np.ndarray | None] = {}
 
-    def const(self, name: str) -> np.ndarray | None:
-        """Value of an initializer or Constant-node output, else None (cached, unless kept on disk)."""
+    def const(self, name: str, *, cache: bool = True) -> np.ndarray | None:
+        """Value of an initializer or Constant-node output, else None. Cached unless kept on disk or
+        ``cache=False`` (a weight read once, to be replaced: the index would hold a copy of it)."""
         if not name:
             return None
         if name not in self._const:
@@ -157,7 +158,7 @@ class GraphIndex:
                     for a in node.attribute:
                         if a.name == "value":
                             value = numpy_helper.to_array(a.t)
-            if not self.on_disk(name):
+            if cache and not self.on_disk(name):
                 self._const[name] = value
             return value
         return self._const[name]

@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from graph_opt.model_io import copy_model, disk_tensor, on_disk, read_array
+from graph_opt.model_io import copy_model, disk_tensor, on_disk
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._graph import GraphIndex, Namer, report_subgraphs
 
@@ -59,6 +59,7 @@ class FoldBatchnorm(Pass):
     """Fold BatchNormalization after Conv/Gemm into the layer's weights (exact)."""
 
     name: ClassVar[str] = "fold_batchnorm"
+    edits_input: ClassVar[bool] = False  # `run` only reads the model: its result is a new one
 
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
         ix = GraphIndex(model)
@@ -74,7 +75,7 @@ class FoldBatchnorm(Pass):
             folds.append(match)
             report.rewrite(ix.labels[idx], into=ix.labels[match.producer], channels=int(match.scale.size))
         if not folds:
-            return model
+            return copy_model(model)
         return _rewrite(model, ix, folds)
 
 
@@ -213,7 +214,7 @@ def _rewrite(model: onnx.ModelProto, ix: GraphIndex, folds: list[_Fold]) -> onnx
     out.graph.node.extend(rewired.get(idx, node) for idx, node in enumerate(ix.nodes) if idx not in dropped_nodes)
     added = []
     for w_name, f in pending:  # one layer's arrays at a time, straight into the copy
-        w = read_array(ix.inits[f.weight]) if f.weight in ix.inits else ix.const(f.weight)
+        w = ix.const(f.weight, cache=False)
         b_name = rewired[f.producer].input[2]
         for name, value in ((w_name, f.folded_weight(w)), (b_name, f.bias.astype(w.dtype))):
             added.append(out.graph.initializer.add())

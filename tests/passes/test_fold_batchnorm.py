@@ -157,3 +157,22 @@ def test_the_replaced_weights_are_gone_and_each_new_one_is_there_once():
     assert replaced and all(n.endswith((".w", ".b", ".gamma", ".beta", ".mean", ".var")) for n in replaced)
     assert sum(n.endswith("_bnfold") for n in after) == 2 * len(result.report.rewritten)
     assert len(after) == len(result.model.graph.initializer)  # no name twice
+
+
+def test_reads_the_callers_model_without_a_deep_copy_and_always_returns_a_new_one(monkeypatch):
+    """The pass only reads its input (no private deep copy of every weight first), and hands back
+    a model of its own, also when there is nothing to fold."""
+    from graph_opt import pass_base
+
+    copies = []
+    real = pass_base.copy_model
+    monkeypatch.setattr(pass_base, "copy_model", lambda m, **kw: copies.append(m) or real(m, **kw))
+    model = small_cnn()
+    before = model.SerializeToString()
+    result = FoldBatchnorm()(model)
+    assert result.modified and not copies and result.model is not model
+    assert model.SerializeToString() == before
+    folded = result.model
+    again = FoldBatchnorm()(folded)
+    assert not again.modified and again.model is not folded
+    assert again.model.SerializeToString() == folded.SerializeToString()
