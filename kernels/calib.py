@@ -65,6 +65,19 @@ the observed ``[min, max]`` clipped to ``[−T, T]``; ``symmetric=False`` works 
 
 Precision of the histogram methods: one bin ``w`` (for percentile, plus the sampling noise of
 the data itself).
+
+Per-feature floor (``feature_axis``): a histogram pools every feature (channel) of a tensor, so a
+clipping method cannot tell rare spikes from a feature that is large *on every input* (the
+outlier dimensions of a transformer's hidden states: a few of 384 features reach 10–30 where the
+rest stay under 3). Clipping such a feature distorts it on every sample, not on a few. With
+``feature_axis`` set, the observer also keeps, per feature ``c``, the smallest per-sample maximum
+``top_c = min_s max x[s, c, …]`` and the largest per-sample minimum ``bottom_c`` (axis 0 indexes
+the samples; two small vectors, exact under streaming and merging like min/max). Each clipped
+range is then widened to ``[min(lo, min_c bottom_c), max(hi, max_c top_c)]``: no feature is cut
+below the value it reaches in every sample. ``minmax`` never clips, so it is unaffected. A NaN
+in a sample's feature leaves that sample out for that feature; the floor never exceeds the
+observed finite ``[min, max]``; a feature axis whose length changes between batches drops the
+floor.
 """
 
 from __future__ import annotations
@@ -280,7 +293,7 @@ class MinMaxObserver:
 class HistogramObserver(MinMaxObserver):
     """Running min/max plus a zero-anchored power-of-two histogram (see the module docstring)."""
 
-    def __init__(self, bins_per_side: int = 4096) -> None:
+    def __init__(self, bins_per_side: int = 4096, *, feature_axis: int | None = None) -> None:
         super().__init__()
         n = int(bins_per_side)
         if n < 2 or n & (n - 1) or n > 1 << 22:
@@ -292,6 +305,11 @@ class HistogramObserver(MinMaxObserver):
         # Exact zeros (padding, ReLU) sit in bin 0 but are exactly representable at any range,
         # so entropy and mse leave them out: they carry no information about the threshold.
         self.n_zero = 0
+        # Per-feature floor (module docstring): None until a batch is seen; `feature_axis` None
+        # (or an unusable axis) keeps it off.
+        self.feature_axis = feature_axis
+        self.feature_top: np.ndarray | None = None
+        self.feature_bottom: np.ndarray | None = None
 
     def update_extremes(self, lo: float, hi: float, count: int) -> None:
         """Not available: a histogram needs the values themselves."""
@@ -330,8 +348,10 @@ class HistogramObserver(MinMaxObserver):
         return out
 
     def update(self, x: ArrayLike) -> None:
-        """Observe one batch (any shape)."""
+        """Observe one batch (any shape; with ``feature_axis``, axis 0 indexes the samples)."""
         n = self.bins_per_side
+        if self.feature_axis is not None:
+            self._observe_features(np.asarray(x))
         for chunk, bad, lo, hi in _finite_chunks(x):
             self.n_nonfinite += bad
             if not chunk.size:
@@ -365,10 +385,54 @@ class HistogramObserver(MinMaxObserver):
             v += v.dtype.type(n)
             self.counts += np.bincount(v.astype(np.intp), minlength=2 * n)
 
+    def _observe_features(self, a: np.ndarray) -> None:
+        """Fold one batch's per-sample, per-feature extremes into ``feature_top``/``feature_bottom``."""
+        if a.ndim < 2 or not -a.ndim <= self.feature_axis < a.ndim or self.feature_axis % a.ndim == 0:
+            self._drop_features()
+            return
+        if not a.shape[0] or a.dtype.kind != "f":
+            return
+        axis = self.feature_axis % a.ndim
+        rest = tuple(k for k in range(1, a.ndim) if k != axis)
+        # (samples, features); a NaN shows in its sample's entry, which fmin/fmax then skip.
+        top = np.fmin.reduce(a.max(axis=rest) if rest else a, axis=0).astype(np.float64)
+        bottom = np.fmax.reduce(a.min(axis=rest) if rest else a, axis=0).astype(np.float64)
+        self._fold_features(top, bottom)
+
+    def _fold_features(self, top: np.ndarray | None, bottom: np.ndarray | None) -> None:
+        if top is None or self.feature_axis is None:
+            return
+        if self.feature_top is None:
+            self.feature_top, self.feature_bottom = top.copy(), bottom.copy()
+        elif self.feature_top.shape != top.shape:
+            self._drop_features()
+        else:
+            np.fmin(self.feature_top, top, out=self.feature_top)
+            np.fmax(self.feature_bottom, bottom, out=self.feature_bottom)
+
+    def _drop_features(self) -> None:
+        self.feature_axis = None
+        self.feature_top = self.feature_bottom = None
+
+    def _feature_floor(self) -> tuple[float, float] | None:
+        """``(min_c bottom_c, max_c top_c)`` inside the observed finite range, or None."""
+        if self.feature_top is None or np.isnan(self.feature_top).all():
+            return None
+        top = min(float(np.nanmax(self.feature_top)), self.max)
+        bottom = max(float(np.nanmin(self.feature_bottom)), self.min)
+        return bottom, top
+
     def merge(self, other: MinMaxObserver) -> HistogramObserver:
         """Fold another HistogramObserver with the same ``bins_per_side`` into this one."""
         if not isinstance(other, HistogramObserver) or other.bins_per_side != self.bins_per_side:
             raise ValueError("can only merge a HistogramObserver with the same bins_per_side")
+        if self.feature_axis != other.feature_axis:
+            self._drop_features()
+        elif self.feature_top is None:
+            self.feature_top = None if other.feature_top is None else other.feature_top.copy()
+            self.feature_bottom = None if other.feature_bottom is None else other.feature_bottom.copy()
+        else:
+            self._fold_features(other.feature_top, other.feature_bottom)
         exps = [e for e in (self.exponent, other.exponent) if e is not None]
         e = max(exps) if exps else None
         if e is not None:
@@ -404,16 +468,26 @@ class HistogramObserver(MinMaxObserver):
         if method == "percentile":
             if not 0.0 < percentile <= 100.0:
                 raise ValueError(f"percentile must be in (0, 100], got {percentile}")
-            return self._percentile_range(percentile, symmetric)
-        if method == "entropy":
+            clipped = self._percentile_range(percentile, symmetric)
+        elif method == "entropy":
             if symmetric:
-                return self._clip_symmetric(self._kl_threshold(self._folded(False), levels // 2))
-            return self._entropy_asymmetric(levels)
-        if method == "mse":
+                clipped = self._clip_symmetric(self._kl_threshold(self._folded(False), levels // 2))
+            else:
+                clipped = self._entropy_asymmetric(levels)
+        elif method == "mse":
             if symmetric:
-                return self._clip_symmetric(self._mse_symmetric(symmetric_steps(dtype)))
-            return self._mse_asymmetric(levels - 1)
-        raise ValueError(f"unknown range method {method!r}")
+                clipped = self._clip_symmetric(self._mse_symmetric(symmetric_steps(dtype)))
+            else:
+                clipped = self._mse_asymmetric(levels - 1)
+        else:
+            raise ValueError(f"unknown range method {method!r}")
+        floor = self._feature_floor()
+        if floor is None:
+            return clipped
+        lo, hi = clipped
+        if symmetric:
+            return self._clip_symmetric(max(-lo, hi, -floor[0], floor[1]))
+        return min(lo, floor[0]), max(hi, floor[1])
 
     def _clip_symmetric(self, t: float) -> tuple[float, float]:
         return max(self.min, -t), min(self.max, t)

@@ -86,6 +86,17 @@ tables are what to read for the effect).
   detector's many large activations; not a MiniLM's few), onnxruntime gets one core less for the
   rest of the pass. The
   ranges the placement asks for are then searched on every core at once (`_Ranges.prefetch`).
+  A histogram pools every channel of a tensor, so by itself it cannot tell rare spikes from a
+  feature that is large on every input: a MiniLM's hidden states have a few such outlier
+  dimensions (LayerNorm outputs reaching 28 where the clipped range ended at 11). So a tensor
+  whose readers all use its values linearly or only move them (Conv/Gemm/MatMul, Add, Concat,
+  pooling, Relu, the data-movement ops; `_LINEAR_READERS`) is observed per feature too: the
+  clipped range is widened to the value every feature reaches in every sample
+  (`kernels.calib`, "per-feature floor"; the feature axis is the channel axis of NCHW tensors
+  and the last of [batch, …, features] ones, `_feature_axes`). A tensor read by a nonlinearity
+  (a SiLU's Sigmoid and Mul, GELU) is not: those bend the values first and flatten the far
+  side of most channels, where a wider range would only cost resolution (on a YOLOv8n, most
+  of the widening would have gone to pre-activation values below −10).
 
 Batch size (``batch_size``; None: automatic) is set by memory, not a fixed count: one sample is
 run first, then batches whose observed tensors take about ``STREAM_BUDGET_BYTES`` (64 MB; at most
@@ -103,9 +114,11 @@ thread count changes only how the work is split: the plan is the same bit for bi
 threads (tests/passes/test_quantize.py, on a small CNN). 1 is the choice when the machine is
 shared. For minmax, streaming equals one big batch exactly (the
 histogram methods are also batch-invariant, see `kernels.calib`). minmax is the default because
-it never clips: measured with real calibration data, percentile and entropy clipped the
-outlier features of a MiniLM sentence encoder (embedding cosine 0.927 vs 0.992 with minmax), while
-on a YOLOv8n detector entropy beat minmax (output SNR 35 vs 26 dB) — worth trying per model.
+it never clips: on bench_quantize's YOLOv8n, clipping the stem's rare large activations costs
+top-class agreement (percentile 0.90, mse 0.85 against minmax's 0.985, with the per-feature
+floor or without: those values are spikes, not features), while entropy matches minmax there
+and the clipping methods match it on the CNNs and, with the floor, on MiniLM — worth trying per
+model (benchmarks/results/bench_quantize.md).
 
 Placement (what gets a QDQ)
 ---------------------------
@@ -584,15 +597,16 @@ def _quantize_bias(layer: _Layer, x_scale: np.ndarray, wq: TensorQuant) -> Tenso
 
 
 def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method: str, *,
-              batch_size: int | None = None, max_samples: int | None = None,
-              threads: int = 1) -> dict[str, MinMaxObserver]:
+              batch_size: int | None = None, max_samples: int | None = None, threads: int = 1,
+              feature_axis: Callable[[str, int], int | None] | None = None) -> dict[str, MinMaxObserver]:
     """One streaming pass over `data`: one observer per float32 tensor in `tensors`.
 
     minmax reduces inside onnxruntime (`_calibrate_minmax`); the other methods expose the
     tensors as extra outputs of a private copy of `model`, and each batch updates the observers
     and is dropped (see 'Calibration' in the module docstring). Tensors that turn out not to be
     float32 are left out. Without `batch_size` the batch is sized to the memory the tensors take
-    as outputs (see `_stream`).
+    as outputs (see `_stream`). ``feature_axis(tensor, rank)``: the axis whose features the
+    histogram observer of `tensor` keeps a floor for (`kernels.calib`), or None.
     """
     if max_samples is not None:
         data = data.take(max_samples)
@@ -604,7 +618,11 @@ def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method:
     inputs = set(data.inputs)
     wanted = [t for t in dict.fromkeys(tensors) if t not in inputs]
     session = _exposing(model, wanted, threads)
-    make = MinMaxObserver if method == "minmax" else HistogramObserver
+
+    def make(t: str, v: np.ndarray) -> MinMaxObserver:
+        if method == "minmax":
+            return MinMaxObserver()
+        return HistogramObserver(feature_axis=feature_axis(t, v.ndim) if feature_axis else None)
     observers: dict[str, MinMaxObserver] = {}
     dropped: set[str] = set()
 
@@ -619,7 +637,9 @@ def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method:
                 dropped.add(t)
                 observers.pop(t, None)
                 continue
-            observers.setdefault(t, make()).update(v)
+            if t not in observers:
+                observers[t] = make(t, v)
+            observers[t].update(v)
 
     # One batch is observed (numpy) while onnxruntime computes the next: the batches still reach
     # each observer in order, so the result is the same as in sequence. numpy's bincount holds the
@@ -954,6 +974,30 @@ class _Asking(_RangeMap):
         value = super().__getitem__(t)
         self.asked[t] = None
         return value
+
+
+# Readers that use a tensor's values linearly, or only move them (Shape reads none): a clipped
+# feature would reach them as it is. Anything else (Sigmoid, a SiLU's Mul, GELU, Softmax …) bends
+# the values first, and saturates the far side of most features anyway.
+_LINEAR_READERS = frozenset({*LAYER_OPS, *SHARED_OPS, "Add", "Sub", "Concat", "AveragePool", "GlobalAveragePool",
+                             "Relu", "Identity", "Shape", "Size"})
+
+
+def _feature_axes(ix: GraphIndex) -> Callable[[str, int], int | None]:
+    """For a histogram method: the axis of a tensor's features (channels), whose per-feature floor
+    keeps a clipped range from cutting a feature that is large on every sample (`kernels.calib`),
+    or None. Only for tensors whose every reader is linear (`_LINEAR_READERS`). The axis is 1 for
+    rank 4 and up (NCHW …), and for a rank-3 tensor next to a Conv (N, C, L); else the last
+    ([batch, features], [batch, sequence, features])."""
+    def axis(t: str, ndim: int) -> int | None:
+        readers = [ix.nodes[i] for i, slot in ix.readers(t)] if all(slot >= 0 for _, slot in ix.readers(t)) else None
+        if ndim < 2 or not readers or any(n.op_type not in _LINEAR_READERS for n in readers):
+            return None
+        if ndim >= 4:
+            return 1
+        conv = ix.producer_op(t) == "Conv" or any(n.op_type == "Conv" for n in readers)
+        return 1 if ndim == 3 and conv else ndim - 1
+    return axis
 
 
 def _range(obs: MinMaxObserver, opts: Quantize) -> tuple[float, float]:
@@ -1374,7 +1418,8 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
         tensors = [t for t in tensors if t in dry.asked]
         try:
             observers = calibrate(model, data, tensors, opts.calibration, batch_size=batch_size,
-                                  max_samples=opts.max_samples, threads=opts.threads)
+                                  max_samples=opts.max_samples, threads=opts.threads,
+                                  feature_axis=_feature_axes(ix))
         except GraphOptError as exc:
             notes.append(f"calibration failed, activations left in float (weight-only): {exc}")
             observers, candidates, forced = {}, set(), {}

@@ -457,3 +457,100 @@ def test_minmax_mapped_through_a_nondecreasing_function_equals_observing_its_val
     assert calib.MinMaxObserver().mapped(abs).count == 0  # nothing seen, nothing mapped
     with pytest.raises(ValueError, match="decreases"):
         src.mapped(lambda v: -v)
+
+
+# -- per-feature floor (feature_axis)
+
+
+def outlier_feature_batches(rng, n_batches=4, per_batch=8, tokens=128, features=256, level=20.0):
+    """[samples, tokens, features] hidden states, N(0, 1) but for feature 3 of one token (any),
+    near `level` in every sample (a transformer's outlier dimension): 1 value in 32768, a tail
+    that percentile (99.99) and entropy clip when the values are pooled."""
+    out = []
+    for _ in range(n_batches):
+        b = rng.standard_normal((per_batch, tokens, features))
+        b[np.arange(per_batch), rng.integers(0, tokens, per_batch), 3] = level + 0.5 * rng.standard_normal(per_batch)
+        out.append(b.astype(np.float32))
+    return out
+
+
+def fed_features(batches, axis):
+    obs = calib.HistogramObserver(feature_axis=axis)
+    for b in batches:
+        obs.update(b)
+    return obs
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_feature_floor_keeps_a_feature_large_on_every_sample(method):
+    rng = np.random.default_rng(3)
+    batches = outlier_feature_batches(rng)
+    x = np.concatenate(batches)
+    floor = x[:, :, 3].max(axis=1).min()  # the value feature 3 reaches in every sample
+    pooled = fed(batches).range(method, symmetric=False)
+    kept = fed_features(batches, -1).range(method, symmetric=False)
+    assert pooled[1] < floor / 2, pooled
+    assert kept[1] == pytest.approx(float(floor), rel=1e-6) and kept[0] == pooled[0]
+    lo, hi = fed_features(batches, -1).range(method, symmetric=True)
+    assert hi == pytest.approx(float(floor), rel=1e-6) and lo == x.min()  # [-T, T] ∩ [min, max]
+    # minmax never clips, so it has nothing to keep; mse weighs the feature's squared distance
+    # and keeps it by itself (its share is far above 1/(12·255²)), floor or not.
+    assert fed_features(batches, -1).range("minmax") == fed(batches).range("minmax")
+    assert fed_features(batches, -1).range("mse", symmetric=False)[1] >= floor
+
+
+def test_feature_floor_still_clips_spikes_of_single_samples():
+    rng = np.random.default_rng(4)
+    batches = [rng.standard_normal((8, 64, 256)).astype(np.float32) for _ in range(4)]
+    batches[2][5, 7, 9] = 500.0  # one value of one sample: an outlier, not a feature
+    for method in ("percentile", "entropy"):
+        assert fed_features(batches, -1).range(method, symmetric=False) == fed(batches).range(method, symmetric=False)
+
+
+def test_feature_floor_of_nchw_channels_on_axis_1():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((16, 64, 24, 24)).astype(np.float32)
+    # Channel 2 peaks at 12 at one pixel of every sample, never the same pixel twice in a row.
+    x[np.arange(16), 2, rng.permutation(24)[:16], rng.integers(0, 24, 16)] = 12.0
+    floor = x[:, 2].max(axis=(1, 2)).min()
+    assert floor == 12.0
+    assert fed_features([x], 1).range("percentile", symmetric=False)[1] == floor
+    assert fed([x]).range("percentile", symmetric=False)[1] < floor / 2
+    # Along the rows (axis 2) the peak moves from row to row: no row is large in every sample.
+    assert fed_features([x], 2).range("percentile", symmetric=False) == fed([x]).range("percentile", symmetric=False)
+
+
+def test_feature_floor_is_exact_under_streaming_and_merging():
+    rng = np.random.default_rng(6)
+    batches = outlier_feature_batches(rng, n_batches=5, per_batch=3)
+    whole = fed_features([np.concatenate(batches)], -1)
+    streamed = fed_features(batches, -1)
+    merged = fed_features(batches[:2], -1).merge(fed_features(batches[2:], -1))
+    assert whole.feature_top is not None and whole.range("entropy") != fed(batches).range("entropy")
+    for obs in (streamed, merged):
+        np.testing.assert_array_equal(obs.feature_top, whole.feature_top)
+        np.testing.assert_array_equal(obs.feature_bottom, whole.feature_bottom)
+        assert all_ranges(obs) == all_ranges(whole)
+
+
+def test_feature_floor_skips_nan_samples_and_drops_when_the_axis_changes():
+    rng = np.random.default_rng(8)
+    batches = outlier_feature_batches(rng)
+    clean = fed_features(batches, -1)
+    poisoned = [b.copy() for b in batches]
+    poisoned[1][0, 4, 3] = np.nan  # sample 0 of batch 1 says nothing about feature 3
+    obs = fed_features(poisoned, -1)
+    x = np.concatenate(batches)
+    per_sample = x[:, :, 3].max(axis=1)
+    per_sample[8] = np.inf  # the skipped sample (batch 1, sample 0)
+    assert obs.feature_top[3] == pytest.approx(float(per_sample.min()))
+    assert obs.n_nonfinite == 1 and clean.n_nonfinite == 0
+    # A feature axis whose length changes, a 1-D batch, or axis 0 (the samples): no floor.
+    changed = fed_features(batches + [rng.standard_normal((2, 64, 255)).astype(np.float32)], -1)
+    assert changed.feature_top is None and changed.feature_axis is None
+    for bad, axis in ((np.concatenate(batches).reshape(-1), -1), (batches[0], 0)):
+        obs = fed_features([bad], axis)
+        assert obs.feature_top is None
+        assert obs.range("percentile") == fed([bad]).range("percentile")
+    # Merging with an observer that keeps no floor drops it.
+    assert fed_features(batches, -1).merge(fed(batches)).feature_top is None

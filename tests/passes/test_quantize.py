@@ -638,6 +638,58 @@ def test_clipping_methods_tighten_an_outlier_range(method):
     assert wide[1] == 80.0 and tight[1] < 20.0
 
 
+def _outlier_feature_model_and_data(samples=32, tokens=16, features=256, seed=5):
+    """x [N, tokens, features] → MatMul: feature 3 reaches 20 at one token of every sample (a
+    transformer's outlier dimension), 1 value in 4096 — a tail a 99.9 percentile cuts."""
+    g = GraphBuilder(seed=seed)
+    x = g.input("x", ["N", tokens, features])
+    g.node("MatMul", [x, g.weight("w", (features, 32), 0.1)], ["y"], name="proj")
+    g.output("y", ["N", tokens, 32])
+    model = g.build()
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal((samples, tokens, features)).astype(np.float32)
+    values[np.arange(samples), rng.integers(0, tokens, samples), 3] = 20.0
+    return model, Dataset({"x": values})
+
+
+def test_clipping_keeps_a_feature_that_is_large_on_every_sample(monkeypatch):
+    model, data = _outlier_feature_model_and_data()
+    opts = Quantize(calibration="percentile", percentile=99.9, sensitivity_snr_db=None)
+    result = opts(model, PassContext(data=data))
+    assert_valid(result.model)
+    assert op_count(result.model, "QuantizeLinear") == 1 and op_count(result.model, "DequantizeLinear") == 2
+    kept = opts.plan(model, data).tensors["x"].range
+    assert kept[1] == 20.0
+    ref = _outputs(model, data)[0]
+    with_floor = cosine(ref, _outputs(result.model, data)[0])
+    # Without the floor, the pooled percentile clips the feature to the bulk's tail (~3.5).
+    monkeypatch.setattr(quantize_mod, "_feature_axes", lambda ix: None)
+    clipped = opts.plan(model, data).tensors["x"].range
+    assert clipped[1] < 5.0
+    without = cosine(ref, _outputs(opts(model, PassContext(data=data)).model, data)[0])
+    assert with_floor >= 0.999 and without < 0.99, (with_floor, without)
+    _assert_deployable(model, result.model, data)
+
+
+def test_feature_axes_only_for_tensors_read_linearly():
+    g = GraphBuilder(seed=0)
+    x = g.input("x", ["N", 8, 6, 6])
+    c = g.conv(x, 8, 8, name="c")
+    s = g.node("Sigmoid", [c])
+    m = g.node("Mul", [c, s])                          # SiLU: c is bent before anything uses it
+    seq = g.input("seq", ["N", 5, 16])
+    h = g.node("MatMul", [seq, g.weight("w", (16, 16))])
+    line = g.input("line", ["N", 8, 10])
+    l2 = g.node("Conv", [line, g.weight("lw", (8, 8, 3))], kernel_shape=[3])
+    g.output(m, ["N", 8, 6, 6]), g.output(h, ["N", 5, 16]), g.output(l2, ["N", 8, 8])
+    ix = quantize_mod.GraphIndex(g.build())
+    axis = quantize_mod._feature_axes(ix)
+    assert axis(x, 4) == 1 and axis(m, 4) is None       # m: a graph output nothing reads
+    assert axis(c, 4) is None                           # read by Sigmoid and Mul
+    assert axis(seq, 3) == 2 and axis(line, 3) == 1     # features last; a Conv1d's channels
+    assert axis(seq, 1) is None                         # no feature axis below rank 2
+
+
 # ----------------------------------------------------------------------------- placement rules
 
 
