@@ -347,11 +347,24 @@ class HistogramObserver(MinMaxObserver):
         np.add.at(out, new_index, counts)
         return out
 
-    def update(self, x: ArrayLike) -> None:
-        """Observe one batch (any shape; with ``feature_axis``, axis 0 indexes the samples)."""
+    def update(self, x: ArrayLike, *, feature_extremes: tuple[ArrayLike, ArrayLike] | None = None) -> None:
+        """Observe one batch (any shape; with ``feature_axis``, axis 0 indexes the samples).
+
+        ``feature_extremes``: the batch's per-sample, per-feature max and min, each of shape
+        (samples, features), computed elsewhere (inside the model, where the tensor is at hand);
+        without it they are computed here from ``x`` along ``feature_axis``."""
         n = self.bins_per_side
         if self.feature_axis is not None:
-            self._observe_features(np.asarray(x))
+            if feature_extremes is None:
+                self._observe_features(np.asarray(x))
+            else:
+                top, bottom = (np.asarray(v) for v in feature_extremes)
+                if top.ndim != 2 or top.shape != bottom.shape:
+                    raise ValueError(f"feature_extremes must be two (samples, features) arrays, got "
+                                     f"{top.shape} and {bottom.shape}")
+                if top.shape[0]:
+                    self._fold_features(np.fmin.reduce(top, axis=0).astype(np.float64),
+                                        np.fmax.reduce(bottom, axis=0).astype(np.float64))
         for chunk, bad, lo, hi in _finite_chunks(x):
             self.n_nonfinite += bad
             if not chunk.size:

@@ -93,10 +93,12 @@ tables are what to read for the effect).
   pooling, Relu, the data-movement ops; `_LINEAR_READERS`) is observed per feature too: the
   clipped range is widened to the value every feature reaches in every sample
   (`kernels.calib`, "per-feature floor"; the feature axis is the channel axis of NCHW tensors
-  and the last of [batch, …, features] ones, `_feature_axes`). A tensor read by a nonlinearity
-  (a SiLU's Sigmoid and Mul, GELU) is not: those bend the values first and flatten the far
-  side of most channels, where a wider range would only cost resolution (on a YOLOv8n, most
-  of the widening would have gone to pre-activation values below −10).
+  and the last of [batch, …, features] ones, `_feature_axes`). Those per-sample, per-feature
+  maxima and minima are reduced inside onnxruntime, next to the tensor's producer (Flatten or
+  Reshape, then ReduceMax/ReduceMin; ONNX shape inference gives the rank), so the observer only
+  folds two small arrays; a tensor of rank 2 or of unknown rank is reduced by numpy. A tensor
+  read by a nonlinearity (a SiLU's Sigmoid and Mul, GELU) is not: those bend the values first
+  and flatten the far side of most channels, where a wider range would only cost resolution.
 
 Batch size (``batch_size``; None: automatic) is set by memory, not a fixed count: one sample is
 run first, then batches whose observed tensors take about ``STREAM_BUDGET_BYTES`` (64 MB; at most
@@ -617,17 +619,20 @@ def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method:
             pass  # a tensor onnxruntime cannot reduce (its type, its rank): expose the tensors instead
     inputs = set(data.inputs)
     wanted = [t for t in dict.fromkeys(tensors) if t not in inputs]
-    session = _exposing(model, wanted, threads)
+    inside = _inside_features(model, wanted, feature_axis) if method != "minmax" else {}
+    session, reduced = _exposing(model, wanted, threads, inside)
+    fetch = wanted + [x for pair in reduced.values() for x in pair]
 
     def make(t: str, v: np.ndarray) -> MinMaxObserver:
         if method == "minmax":
             return MinMaxObserver()
-        return HistogramObserver(feature_axis=feature_axis(t, v.ndim) if feature_axis else None)
+        axis = inside[t][0] if t in inside else feature_axis(t, v.ndim) if feature_axis else None
+        return HistogramObserver(feature_axis=axis)
     observers: dict[str, MinMaxObserver] = {}
     dropped: set[str] = set()
 
     def observe(feed: dict[str, np.ndarray], outs: list[np.ndarray]) -> None:
-        values = dict(zip(wanted, outs))
+        values = dict(zip(fetch, outs))
         values.update({t: feed[t] for t in tensors if t in inputs})
         for t in tensors:
             v = values.pop(t, None)
@@ -639,7 +644,11 @@ def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method:
                 continue
             if t not in observers:
                 observers[t] = make(t, v)
-            observers[t].update(v)
+            if t in reduced:  # (samples·features,) or (samples, features), as reduced by onnxruntime
+                extremes = tuple(values[x].reshape(v.shape[0], -1) for x in reduced[t])
+                observers[t].update(v, feature_extremes=extremes)
+            else:
+                observers[t].update(v)
 
     # One batch is observed (numpy) while onnxruntime computes the next: the batches still reach
     # each observer in order, so the result is the same as in sequence. numpy's bincount holds the
@@ -647,9 +656,10 @@ def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method:
     # observed in sequence and timed against a second (warm) run of it, and when observing took
     # longer, the rest runs on a session with one thread less (by default, threads=0, only).
     runner = _Swappable(session)
+    del session
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
-        for k, (feed, outs) in enumerate(_stream(runner, wanted, data, batch_size or batch_size_for(model, 0),
+        for k, (feed, outs) in enumerate(_stream(runner, fetch, data, batch_size or batch_size_for(model, 0),
                                                  "calibrate")):
             if k == 0:
                 start = time.perf_counter()
@@ -657,9 +667,12 @@ def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method:
                 observe_s = time.perf_counter() - start
                 if not threads and _cores(0) > 1:
                     start = time.perf_counter()
-                    runner.run(wanted, feed)
+                    runner.run(fetch, feed)
                     if observe_s > time.perf_counter() - start:
-                        runner.session = _exposing(model, wanted, _cores(0) - 1)
+                        runner.session = None  # one session at a time: each holds the weights
+                        release_memory()
+                        runner.session, again = _exposing(model, wanted, _cores(0) - 1, inside)
+                        assert again == reduced  # the same names: the copy is built the same way
                 continue
             if pending is not None:
                 pending.result()
@@ -747,7 +760,7 @@ def _calibrate_minmax(model: onnx.ModelProto, data: Dataset, tensors: list[str],
             continue
         inner = [t for t in tensors if t not in feed]
         if exposing is None:
-            exposing = _exposing(model, inner, threads)
+            exposing, _ = _exposing(model, inner, threads)
         fetched = dict(zip(inner, exposing.run(inner, feed) if inner else []))
         for t in tensors:
             value = feed[t] if t in feed else fetched[t]
@@ -863,12 +876,77 @@ def _cores(threads: int) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _exposing(model: onnx.ModelProto, tensors: list[str], threads: int):
-    """A session of `model` with every tensor in `tensors` also a graph output."""
+def _exposing(model: onnx.ModelProto, tensors: list[str], threads: int,
+              features: Mapping[str, tuple[int, int | None]] | None = None):
+    """A session of `model` with every tensor in `tensors` also a graph output, and the names of
+    the extra outputs that give, per tensor in `features` (``{tensor: (axis, features)}``, see
+    `_inside_features`), its per-sample, per-feature max and min: onnxruntime reduces them next
+    to the tensor's producer, on its own threads, instead of numpy in the observer's."""
     work, weights = detached(model)
-    present = {o.name for o in work.graph.output}
-    work.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in present)
-    return make_session(work, optimize=True, threads=threads, arena=False, weights=weights)
+    g = work.graph
+    present = {o.name for o in g.output}
+    g.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in present)
+    reduced: dict[str, tuple[str, str]] = {}
+    if features:
+        namer = Namer(g)
+        n_model = len(g.node)
+        axes_input = _opset(model) >= 18  # ReduceMax/ReduceMin take axes as an input from opset 18
+        axes_const = namer("feature_reduce_axes")
+        if axes_input:
+            g.initializer.append(numpy_helper.from_array(np.array([1], np.int64), axes_const))
+        for t, (axis, size) in features.items():
+            rows = namer(f"{t}_per_feature")
+            if axis == 1:  # (N, C, …) → (N·C, …): the max of each row is one sample's one channel
+                g.node.append(helper.make_node("Flatten", [t], [rows], axis=2))
+            else:  # (N, …, C) → (N, …, C) with the middle axes merged
+                shape = namer(f"{t}_per_feature_shape")
+                g.initializer.append(numpy_helper.from_array(np.array([0, -1, size], np.int64), shape))
+                g.node.append(helper.make_node("Reshape", [t, shape], [rows]))
+            pair = namer(f"{t}_feature_max"), namer(f"{t}_feature_min")
+            for op, out in zip(("ReduceMax", "ReduceMin"), pair):
+                if axes_input:
+                    g.node.append(helper.make_node(op, [rows, axes_const], [out], keepdims=0))
+                else:
+                    g.node.append(helper.make_node(op, [rows], [out], axes=[1], keepdims=0))
+            reduced[t] = pair
+        _place_after_producers(g, n_model)
+        g.output.extend(onnx.ValueInfoProto(name=x) for pair in reduced.values() for x in pair)
+    return make_session(work, optimize=True, threads=threads, arena=False, weights=weights), reduced
+
+
+def _inside_features(model: onnx.ModelProto, tensors: list[str],
+                     feature_axis: Callable[[str, int], int | None] | None) -> dict[str, tuple[int, int | None]]:
+    """``{tensor: (feature axis, number of features)}`` for the tensors whose per-sample,
+    per-feature extremes onnxruntime can compute (`_exposing`): rank from ONNX shape inference
+    (on a weightless copy) at least 3, feature axis 1 (any rank) or the last one (when its length
+    is static). The others (rank 2 or unknown: nothing to reduce, or no safe graph for it) are
+    reduced by the observer from the tensor itself."""
+    if feature_axis is None or not tensors:
+        return {}
+    shell, _ = detached(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(shell).graph
+    except Exception:  # noqa: BLE001 - shape inference is an optimization here, never a requirement
+        return {}
+    dims: dict[str, list[int | None]] = {}
+    for vi in [*inferred.value_info, *inferred.output]:
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            dims[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+    out: dict[str, tuple[int, int | None]] = {}
+    for t in tensors:
+        shape = dims.get(t)
+        if shape is None or len(shape) < 3:
+            continue
+        axis = feature_axis(t, len(shape))
+        if axis is None:
+            continue
+        axis %= len(shape)
+        if axis == 1:
+            out[t] = (1, shape[1])
+        elif axis == len(shape) - 1 and shape[-1]:
+            out[t] = (axis, shape[-1])
+    return out
 
 
 def _stream(session, names: list[str], data: Dataset, batch_size: int, desc: str, *, batch_bytes=None,

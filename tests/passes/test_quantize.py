@@ -410,7 +410,7 @@ def test_minmax_derives_ranges_that_follow_from_observed_ones_without_reducing_t
         reduced.clear()
         obs = quantize_mod.calibrate(model, Dataset({"x": batch}), tensors, "minmax", batch_size=3)
         assert reduced == ["m"]
-        whole = dict(zip(tensors, quantize_mod._exposing(model, tensors, 1).run(tensors, {"x": batch})))
+        whole = dict(zip(tensors, quantize_mod._exposing(model, tensors, 1)[0].run(tensors, {"x": batch})))
         for t in tensors:
             ref = MinMaxObserver()
             ref.update(whole[t])
@@ -472,13 +472,13 @@ def test_histogram_calibration_gives_onnxruntime_a_thread_less_when_the_observer
     real_update, real_exposing = HistogramObserver.update, quantize_mod._exposing
     threads = []
 
-    def slow_update(self, x):
+    def slow_update(self, x, **kw):
         time.sleep(0.01)
-        real_update(self, x)
+        real_update(self, x, **kw)
 
-    def spy(m, tensors, n):
+    def spy(m, tensors, n, features=None):
         threads.append(n)
-        return real_exposing(m, tensors, n)
+        return real_exposing(m, tensors, n, features)
 
     monkeypatch.setattr(quantize_mod, "_cores", lambda n: n or 4)
     monkeypatch.setattr(quantize_mod, "_exposing", spy)
@@ -504,9 +504,9 @@ def test_minmax_falls_back_to_exposed_tensors_when_onnxruntime_cannot_reduce_one
     exposed = []
     real = quantize_mod._exposing
 
-    def spy(m, tensors, threads):
+    def spy(m, tensors, threads, features=None):
         exposed.append(list(tensors))
-        return real(m, tensors, threads)
+        return real(m, tensors, threads, features)
 
     monkeypatch.setattr(quantize_mod, "_exposing", spy)
     obs = quantize_mod.calibrate(model, Dataset({"x": values}), ["b", "y"], "minmax", batch_size=4)
@@ -669,6 +669,67 @@ def test_clipping_keeps_a_feature_that_is_large_on_every_sample(monkeypatch):
     without = cosine(ref, _outputs(opts(model, PassContext(data=data)).model, data)[0])
     assert with_floor >= 0.999 and without < 0.99, (with_floor, without)
     _assert_deployable(model, result.model, data)
+
+
+def _outlier_feature_inside(kind, alternate=False):
+    """The outlier feature in a tensor the model computes (not a graph input), so that
+    onnxruntime reduces its per-feature extremes: a sequence tensor (features last) or an NCHW
+    one (channels on axis 1). ``alternate``: the peak moves to another feature every other
+    sample, so that no feature is large on every sample (though every sample has a peak)."""
+    rng = np.random.default_rng(11)
+    g = GraphBuilder(seed=11)
+    if kind == "sequence":
+        x = g.input("x", ["N", 16, 256])
+        h = g.node("Add", [x, g.weight("shift", (256,), 0.01)], ["h"])
+        g.node("MatMul", [h, g.weight("w", (256, 32), 0.1)], ["y"], name="proj")
+        g.output("y", ["N", 16, 32])
+        values = rng.standard_normal((32, 16, 256)).astype(np.float32)
+        values[np.arange(32), rng.integers(0, 16, 32), 3 + 16 * (np.arange(32) % 2 if alternate else 0)] = 20.0
+    else:
+        x = g.input("x", ["N", 64, 24, 24])
+        h = g.node("Add", [x, g.weight("shift", (64, 1, 1), 0.01)], ["h"])
+        g.node("Conv", [h, g.weight("w", (8, 64, 1, 1), 0.1)], ["y"], name="proj", kernel_shape=[1, 1])
+        g.output("y", ["N", 8, 24, 24])
+        values = rng.standard_normal((16, 64, 24, 24)).astype(np.float32)
+        channel = 2 + 4 * (np.arange(16) % 2 if alternate else 0)
+        values[np.arange(16), channel, rng.permutation(24)[:16], rng.integers(0, 24, 16)] = 20.0
+    return g.build(), Dataset({"x": values})
+
+
+@pytest.mark.parametrize("kind", ["sequence", "nchw"])
+def test_per_feature_extremes_reduced_inside_onnxruntime_equal_numpys(kind, monkeypatch):
+    model, data = _outlier_feature_inside(kind)
+    opts = Quantize(calibration="percentile", percentile=99.9, sensitivity_snr_db=None, batch_size=5)
+    inside = quantize_mod._inside_features(model, ["h"], quantize_mod._feature_axes(quantize_mod.GraphIndex(model)))
+    assert inside == {"h": (2, 256) if kind == "sequence" else (1, 64)}
+    updates = {}  # observed tensor's shape -> how each batch came: with onnxruntime's extremes?
+    real = quantize_mod.HistogramObserver.update
+
+    def spy(self, x, **kw):
+        updates.setdefault(x.shape[1:], []).append("feature_extremes" in kw)
+        real(self, x, **kw)
+
+    monkeypatch.setattr(quantize_mod.HistogramObserver, "update", spy)
+    plan = opts.plan(model, data)
+    shape = data.inputs["x"].shape[1:]
+    assert updates[shape] == [True] * -(-len(data) // 5)  # h, batch after batch
+    shift = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "shift"))
+    h = data.inputs["x"] + shift
+    feature = h[:, :, 3] if kind == "sequence" else h[:, 2]
+    floor = feature.reshape(len(h), -1).max(axis=1).min()
+    assert plan.tensors["h"].range[1] == floor
+    monkeypatch.setattr(quantize_mod, "_inside_features", lambda *a: {})
+    updates.clear()
+    by_numpy = opts.plan(model, data)
+    assert updates[shape] == [False] * -(-len(data) // 5)
+    assert by_numpy.to_json(compact=False) == plan.to_json(compact=False)
+    # Peaks in every sample but never the same feature twice in a row: nothing to keep, the
+    # percentile clips them, reduced inside onnxruntime or not.
+    model, data = _outlier_feature_inside(kind, alternate=True)
+    clipped = opts.plan(model, data)
+    assert clipped.tensors["h"].range[1] < 10.0
+    monkeypatch.undo()
+    assert opts.plan(model, data).to_json(compact=False) == clipped.to_json(compact=False)
 
 
 def test_feature_axes_only_for_tensors_read_linearly():
