@@ -116,11 +116,10 @@ thread count changes only how the work is split: the plan is the same bit for bi
 threads (tests/passes/test_quantize.py, on a small CNN). 1 is the choice when the machine is
 shared. For minmax, streaming equals one big batch exactly (the
 histogram methods are also batch-invariant, see `kernels.calib`). minmax is the default because
-it never clips: on bench_quantize's YOLOv8n, clipping the stem's rare large activations costs
-top-class agreement (percentile 0.90, mse 0.85 against minmax's 0.985, with the per-feature
-floor or without: those values are spikes, not features), while entropy matches minmax there
-and the clipping methods match it on the CNNs and, with the floor, on MiniLM — worth trying per
-model (benchmarks/results/bench_quantize.md).
+it never clips: on bench_quantize's YOLOv8n, percentile and mse keep the top detection's class
+on 0.90 and 0.85 of the images against minmax's 0.985 (the per-feature floor changes neither),
+while entropy comes close (0.97) and on the CNNs and MiniLM the clipping methods match minmax —
+worth trying per model (benchmarks/results/bench_quantize.md).
 
 Placement (what gets a QDQ)
 ---------------------------
