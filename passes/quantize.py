@@ -897,7 +897,7 @@ def _exposing(model: onnx.ModelProto, tensors: list[str], threads: int,
             rows = namer(f"{t}_per_feature")
             if axis == 1:  # (N, C, …) → (N·C, …): the max of each row is one sample's one channel
                 g.node.append(helper.make_node("Flatten", [t], [rows], axis=2))
-            else:  # (N, …, C) → (N, …, C) with the middle axes merged
+            else:  # (N, …, C) → (N, M, C): the middle axes merged
                 shape = namer(f"{t}_per_feature_shape")
                 g.initializer.append(numpy_helper.from_array(np.array([0, -1, size], np.int64), shape))
                 g.node.append(helper.make_node("Reshape", [t, shape], [rows]))
@@ -1067,8 +1067,11 @@ def _feature_axes(ix: GraphIndex) -> Callable[[str, int], int | None]:
     rank 4 and up (NCHW …), and for a rank-3 tensor next to a Conv (N, C, L); else the last
     ([batch, features], [batch, sequence, features])."""
     def axis(t: str, ndim: int) -> int | None:
-        readers = [ix.nodes[i] for i, slot in ix.readers(t)] if all(slot >= 0 for _, slot in ix.readers(t)) else None
-        if ndim < 2 or not readers or any(n.op_type not in _LINEAR_READERS for n in readers):
+        reads = ix.readers(t)
+        if ndim < 2 or not reads or any(slot < 0 for _, slot in reads):  # slot -1: inside an If/Loop body
+            return None
+        readers = [ix.nodes[i] for i, _ in reads]
+        if any(n.op_type not in _LINEAR_READERS for n in readers):
             return None
         if ndim >= 4:
             return 1
