@@ -813,6 +813,7 @@ FUZZ_RUNS_EXTRA: dict[str, tuple[tuple[str, ...], bool]] = {
     "factorize_conv_spatial_full": ((f"factorize_conv:method=spatial_svd,{_FULL_RANK}",), True),
     "factorize_conv_cp": (("factorize_conv:method=cp,rank=4,align=0,latency_gate=false",), False),
     "quantize_int4": (("quantize:weights=int4",), False),
+    "quantize_entropy": (("quantize:calibration=entropy",), False),
     "quantize_weight_only": (("quantize:activations=none,per_channel=false",), False),
     "prune_weights_2_4": (("prune_weights:pattern=2:4,keep_first_last=false",), False),
     "default_recipe_then_quantize_reconstruct": (("fold_batchnorm", "cleanup", "quantize", "reconstruct"), False),
