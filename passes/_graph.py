@@ -10,7 +10,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from graph_opt.model_io import on_disk, peek, read_array, subgraphs
+from graph_opt.model_io import on_disk, peek, read_array, subgraphs, weightless_copy
 
 
 def constant(tensor: gs.Tensor) -> np.ndarray | None:
@@ -204,3 +204,24 @@ def all_nodes(graph: onnx.GraphProto):
     for node in graph.node:
         yield node
         yield from _inner_nodes(node)
+
+
+def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """Static dims (None where unknown) of every tensor onnx shape inference can reach.
+
+    Inference runs on a weightless copy (`model_io.weightless_copy`): dims and types are all it
+    reads of the weights, and the whole model would be serialized into it and copied back out
+    (over 2 GB protobuf cannot serialize it at all)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(weightless_copy(model), data_prop=True)
+    except Exception:  # noqa: BLE001 - inference fails on some exotic models; callers then know less
+        inferred = model
+    out: dict[str, tuple[int | None, ...]] = {}
+    g = inferred.graph
+    for v in list(g.value_info) + list(g.input) + list(g.output):
+        t = v.type.tensor_type
+        if v.type.HasField("tensor_type") and t.HasField("shape"):
+            out[v.name] = tuple(int(d.dim_value) if d.HasField("dim_value") else None for d in t.shape.dim)
+    for init in g.initializer:
+        out[init.name] = tuple(init.dims)
+    return out

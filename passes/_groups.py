@@ -45,7 +45,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graph_opt.model_io import needs_external_data, weightless_copy
 from graph_opt.passes._graph import constant, node_label, used_once
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
@@ -217,24 +216,6 @@ class Analysis:
 
     def groups_touching(self, atoms: np.ndarray) -> set[int]:
         return set(np.unique(self.group_root[atoms]).tolist())
-
-
-def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
-    """Static dims (None where unknown) of every tensor onnx shape inference can reach."""
-    try:  # over 2 GB shape inference cannot serialize the model: run it without the weights
-        work = weightless_copy(model) if needs_external_data(model) else model
-        inferred = onnx.shape_inference.infer_shapes(work, data_prop=True)
-    except Exception:  # inference fails on some exotic models; the analysis then freezes more
-        inferred = model
-    out: dict[str, tuple[int | None, ...]] = {}
-    g = inferred.graph
-    for v in list(g.value_info) + list(g.input) + list(g.output):
-        t = v.type.tensor_type
-        if v.type.HasField("tensor_type") and t.HasField("shape"):
-            out[v.name] = tuple(int(d.dim_value) if d.HasField("dim_value") else None for d in t.shape.dim)
-    for init in g.initializer:
-        out[init.name] = tuple(init.dims)
-    return out
 
 
 def analyze(graph: gs.Graph, shapes: dict[str, tuple[int | None, ...]]) -> Analysis:

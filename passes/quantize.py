@@ -248,7 +248,7 @@ from graph_opt.kernels.quant import (
 )
 from graph_opt.model_io import copy_model, detached, has_disk_weights, subgraphs
 from graph_opt.pass_base import Pass, PassContext, PassReport
-from graph_opt.passes._graph import GraphIndex, Namer, all_nodes
+from graph_opt.passes._graph import GraphIndex, Namer, all_nodes, infer_shapes
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
 from graph_opt.passes.fold_batchnorm import FoldBatchnorm
 from graph_opt.progress import progress
@@ -917,21 +917,12 @@ def _inside_features(model: onnx.ModelProto, tensors: list[str],
                      feature_axis: Callable[[str, int], int | None] | None) -> dict[str, tuple[int, int | None]]:
     """``{tensor: (feature axis, number of features)}`` for the tensors whose per-sample,
     per-feature extremes onnxruntime can compute (`_exposing`): rank from ONNX shape inference
-    (on a weightless copy) at least 3, feature axis 1 (any rank) or the last one (when its length
+    (`_graph.infer_shapes`) at least 3, feature axis 1 (any rank) or the last one (when its length
     is static). The others (rank 2 or unknown: nothing to reduce, or no safe graph for it) are
     reduced by the observer from the tensor itself."""
     if feature_axis is None or not tensors:
         return {}
-    shell, _ = detached(model)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(shell).graph
-    except Exception:  # noqa: BLE001 - shape inference is an optimization here, never a requirement
-        return {}
-    dims: dict[str, list[int | None]] = {}
-    for vi in [*inferred.value_info, *inferred.output]:
-        tt = vi.type.tensor_type
-        if tt.HasField("shape"):
-            dims[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+    dims = infer_shapes(model)
     out: dict[str, tuple[int, int | None]] = {}
     for t in tensors:
         shape = dims.get(t)

@@ -8,7 +8,8 @@ from builders import (GraphBuilder, assert_valid, concat_model, depthwise_model,
 from onnx import helper
 
 from graph_opt.model_io import to_graph
-from graph_opt.passes._groups import _map_axis, analyze, boundary_layers, fold_problems, infer_shapes
+from graph_opt.passes._graph import infer_shapes
+from graph_opt.passes._groups import _map_axis, analyze, boundary_layers, fold_problems
 from graph_opt.passes.prune_channels import PruneChannels
 
 
