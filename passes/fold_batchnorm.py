@@ -95,11 +95,6 @@ def _constant(ix: GraphIndex, name: str) -> np.ndarray | None:
     return ix.const(_source(ix, name)) if name else None
 
 
-def _private(ix: GraphIndex, name: str) -> bool:
-    """True when exactly one node input slot reads `name` and it is not a graph output."""
-    return len(ix.readers(name)) == 1 and name not in ix.graph_outputs
-
-
 def _match(ix: GraphIndex, idx: int) -> _Fold | str:
     """The fold when it is valid, else the reason it is not."""
     bn = ix.nodes[idx]
@@ -125,11 +120,11 @@ def _match(ix: GraphIndex, idx: int) -> _Fold | str:
     w_shape = _shape_of(ix, w_name)
     if w_shape is None:
         return f"weight of {label} is not a constant"
-    if not _private(ix, producer.input[1]):
+    if ix.sole_reader(producer.input[1]) is None:
         return f"weight of {label} is shared with another node"
     has_bias = len(producer.input) > 2 and producer.input[2] != ""
     b = _constant(ix, producer.input[2]) if has_bias else None
-    if has_bias and (b is None or not _private(ix, producer.input[2])):
+    if has_bias and (b is None or ix.sole_reader(producer.input[2]) is None):
         return f"bias of {label} is not a private constant"
     attrs = {a.name: helper.get_attribute_value(a) for a in producer.attribute}
     gemm = producer.op_type == "Gemm"
