@@ -3,8 +3,9 @@ int8 (``Quantize()`` with its defaults, calibrated on ``zm.calib``), as deployed
 
     python benchmarks/profile_quantize.py [--models example,resnet] [--runs 300] [--threads 1]
 
-Both sessions run with every onnxruntime optimization on (the fused integer kernels), one sample
-per run, the two models alternating run by run so that a change in the machine's speed reaches
+Both sessions run with every onnxruntime optimization on (the fused integer kernels) and the
+session options of bench_quantize's latency runs (`verify.session_options`), one sample per
+run, the two models alternating run by run so that a change in the machine's speed reaches
 both. onnxruntime's profiler records each kernel's time per run; the tables give each node's
 median over the runs (µs), and the sum per op type. The profiler's own overhead is in every
 number, so compare the two columns with each other, not with bench_quantize's latency. Prints
@@ -31,13 +32,12 @@ from _harness import cpu_busy, environment  # noqa: E402
 
 from graph_opt.pass_base import PassContext  # noqa: E402
 from graph_opt.passes import Quantize  # noqa: E402
+from graph_opt.verify import session_options  # noqa: E402
 
 
 def _session(model, prefix: str, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
+    """The options bench_quantize's latency runs with (`verify.session_options`), plus the profiler."""
+    opts = session_options(optimize=True, threads=threads)
     opts.enable_profiling = True
     opts.profile_file_prefix = prefix
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
