@@ -68,8 +68,8 @@ the data itself).
 
 Per-feature floor (``feature_axis``): a histogram pools every feature (channel) of a tensor, so a
 clipping method cannot tell rare spikes from a feature that is large *on every input* (the
-outlier dimensions of a transformer's hidden states: a few of 384 features reach 10–30 where the
-rest stay under 3). Clipping such a feature distorts it on every sample, not on a few. With
+outlier dimensions of a transformer's hidden states, a few features far above the others).
+Clipping such a feature distorts it on every sample, not on a few. With
 ``feature_axis`` set, the observer also keeps, per feature ``c``, the smallest per-sample maximum
 ``top_c = min_s max x[s, c, …]`` and the largest per-sample minimum ``bottom_c`` (axis 0 indexes
 the samples; two small vectors, exact under streaming and merging like min/max). Each clipped

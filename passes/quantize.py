@@ -88,7 +88,8 @@ tables are what to read for the effect).
   ranges the placement asks for are then searched on every core at once (`_Ranges.prefetch`).
   A histogram pools every channel of a tensor, so by itself it cannot tell rare spikes from a
   feature that is large on every input: a MiniLM's hidden states have a few such outlier
-  dimensions (LayerNorm outputs reaching 28 where the clipped range ended at 11). So a tensor
+  dimensions, which percentile and entropy clipped (bench_quantize: embedding cosine 0.972
+  without the floor below, 0.993 with it). So a tensor
   whose readers all use its values linearly or only move them (Conv/Gemm/MatMul, Add, Concat,
   pooling, Relu, the data-movement ops; `_LINEAR_READERS`) is observed per feature too: the
   clipped range is widened to the value every feature reaches in every sample
