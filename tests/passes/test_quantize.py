@@ -1,5 +1,6 @@
 import json
 import time
+import weakref
 
 import numpy as np
 import onnx
@@ -476,9 +477,15 @@ def test_histogram_calibration_gives_onnxruntime_a_thread_less_when_the_observer
         time.sleep(0.01)
         real_update(self, x, **kw)
 
+    alive = []  # each earlier session, seen through a weak reference
+
     def spy(m, tensors, n, features=None):
         threads.append(n)
-        return real_exposing(m, tensors, n, features)
+        # One session at a time: each holds the weights, so the first is gone before the second.
+        assert not any(ref() is not None for ref in alive), "an earlier calibration session is still alive"
+        session, reduced = real_exposing(m, tensors, n, features)
+        alive.append(weakref.ref(session))
+        return session, reduced
 
     monkeypatch.setattr(quantize_mod, "_cores", lambda n: n or 4)
     monkeypatch.setattr(quantize_mod, "_exposing", spy)
