@@ -96,12 +96,11 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import helper
 
 from graph_opt.budget import Budgeted, run_budget
 from graph_opt.data import batch_size_for, input_specs
 from graph_opt.kernels.importance import ActivationStats, bn_gamma_scores, channel_norms, channel_sumsq, select_channels
-from graph_opt.model_io import copy_model, needs_external_data, to_graph, to_model, weightless_copy
+from graph_opt.model_io import copy_model, detached, to_graph, to_model
 from graph_opt.pass_base import PassContext, PassReport
 from graph_opt.passes._graph import (Namer, constant, infer_shapes, is_graph_output, node_label, report_subgraphs,
                                      used_once)
@@ -374,14 +373,13 @@ def _bn_scale(node: gs.Node, n: int) -> np.ndarray:
 
 def _activation_stats(model: onnx.ModelProto, wanted: dict, ctx: PassContext) -> dict[str, ActivationStats]:
     """Per-channel statistics of the `wanted` tensors, batch by batch (only sums are kept)."""
-    capture = copy_model(model)
-    inferred = onnx.shape_inference.infer_shapes(weightless_copy(model) if needs_external_data(model) else model)
-    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    # The weights reach onnxruntime as arrays (one copy of them, no serialized model); the extra
+    # outputs need no type: onnxruntime takes it from the graph.
+    capture, weights = detached(model)
     outputs = {o.name for o in capture.graph.output}
-    for name in wanted:
-        if name not in outputs:
-            capture.graph.output.append(helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
-    session = make_session(capture)
+    capture.graph.output.extend(onnx.ValueInfoProto(name=name) for name in wanted if name not in outputs)
+    session = make_session(capture, weights=weights)
+    del capture, weights
     names = list(wanted)
     stats = {n: ActivationStats(len(wanted[n].atoms)) for n in names}
     for feed in ctx.data.batches(batch_size_for(model)):
