@@ -1241,12 +1241,26 @@ def _excluded(ix: GraphIndex, idx: int, opts: Quantize) -> str | None:
 # =============================================================================== sensitivity
 
 
-def _sensitivity(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, _Layer], weights: dict[int, TensorQuant],
-                 biases: dict[int, TensorQuant], pl: _Placement, data: Dataset, opts: Quantize,
-                 batch_size: int | None) -> dict[int, dict[str, float]]:
-    """Per quantized node: SNR (dB) of its own quantization, measured in isolation on `data`."""
+@dataclass
+class _Probes:
+    """What `_probe_graph` added: per SNR key ('layer:idx', 'weight_only:idx', 'tensor:name') the
+    outputs holding Σ ref² and Σ (ref − candidate)², and the Size outputs of the reference tensors."""
+
+    sums: dict[str, tuple[str, str]]
+    sizes: list[str]
+    measured: list[str]  # the activations whose own QDQ is measured ('tensor:' keys)
+
+    @property
+    def names(self) -> list[str]:
+        return list(dict.fromkeys([o for pair in self.sums.values() for o in pair] + self.sizes))
+
+
+def _probe_graph(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, _Layer], weights: dict[int, TensorQuant],
+                 biases: dict[int, TensorQuant], pl: _Placement, opts: Quantize
+                 ) -> tuple[onnx.ModelProto, dict[str, np.ndarray], _Probes]:
+    """`model` (weightless, `detached`, with its arrays) plus, per quantized layer, a probe: a copy
+    of the layer reading its planned QDQ input, weight and bias, beside the float layer."""
     work, arrays = detached(model)
-    weight_bytes = sum(int(a.nbytes) for a in arrays.values())
     g = work.graph
     namer = Namer(g)
     probe_of: dict[int, tuple[str, str]] = {}  # layer idx -> (float output, probe output)
@@ -1303,18 +1317,28 @@ def _sensitivity(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, _Laye
             sizes[ref] = namer(f"{ref}_size")
             g.node.append(helper.make_node("Size", [ref], [sizes[ref]]))
     _place_after_producers(g, n_model)
-    names = list(dict.fromkeys([o for pair in outputs.values() for o in pair] + list(sizes.values())))
-    g.output.extend(onnx.ValueInfoProto(name=t) for t in names)
+    probes = _Probes(outputs, list(sizes.values()), measured)
+    g.output.extend(onnx.ValueInfoProto(name=t) for t in probes.names)
+    return work, arrays, probes
+
+
+def _sensitivity(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, _Layer], weights: dict[int, TensorQuant],
+                 biases: dict[int, TensorQuant], pl: _Placement, data: Dataset, opts: Quantize,
+                 batch_size: int | None) -> dict[int, dict[str, float]]:
+    """Per quantized node: SNR (dB) of its own quantization, measured in isolation on `data`."""
+    work, arrays, probes = _probe_graph(model, ix, layers, weights, biases, pl, opts)
+    weight_bytes = sum(int(a.nbytes) for a in arrays.values())
     # Basic optimizations only: the session runs on a few samples, where the layout changes' reordered
     # copies of the weights cost memory and win no time. Even those constant-fold each probe's
     # DequantizeLinear of a constant weight into a float copy of it: for weights kept on disk (a model
     # over 2 GB) that is a second copy of them all, so that model runs unoptimized.
     session = make_session(work, optimize="basic" if not has_disk_weights(work) else False, fuse_qdq=False,
                            threads=opts.threads, arena=False, weights=arrays)
-    del work, g, arrays
+    del work, arrays
     sub = data.take(min(opts.max_samples, opts.sensitivity_samples))
+    outputs, names, measured = probes.sums, probes.names, probes.measured
     acc = {key: [0.0, 0.0] for key in outputs}
-    size_names = set(sizes.values())
+    size_names = set(probes.sizes)
 
     def batch_bytes(outs: list[np.ndarray]) -> float:
         # What the reference and the candidate tensors of one batch take (float32).
@@ -1342,7 +1366,7 @@ def _sensitivity(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, _Laye
         if d.action != "quantize" or (d.output in pl.acts and pl.acts[d.output].scheme == "shared"):
             continue  # shared-scale ops add no error of their own
         parts: dict[str, float] = {}
-        if idx in probe_of:
+        if f"layer:{idx}" in outputs:
             parts["layer_snr_db"] = snr(f"layer:{idx}")
         elif d.inputs:
             parts["input_snr_db"] = combine(*(snr(f"tensor:{t}") for t in d.inputs if t in measured))
@@ -1351,7 +1375,7 @@ def _sensitivity(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, _Laye
         if not parts:
             continue
         parts["snr_db"] = combine(*parts.values())
-        if idx in wo_of:
+        if f"weight_only:{idx}" in outputs:
             parts["weight_only_snr_db"] = snr(f"weight_only:{idx}")
         out[idx] = {k: round(v, 2) if math.isfinite(v) else v for k, v in parts.items()}
     return out
