@@ -150,7 +150,9 @@ Placement (what gets a QDQ)
   (Cin/group·kh·kw; a 3×3 stem on a one-channel image: 9) stays float: the integer kernel saves
   nothing on so short a reduction and the input would need its own QuantizeLinear. Measured on the
   built-in example CNN (52k parameters, 300 interleaved runs, twice): int8 everywhere 1.05–1.08×
-  fp32 latency, with the stem float 0.96–0.99×.
+  fp32 latency, with the stem float 0.96–0.99×. So does one whose input channels per group are not
+  a multiple of ``INT8_CHANNEL_PACK`` (4; an RGB stem): onnxruntime's fast int8 convolution takes
+  input channels in fours, and its generic kernel ran YOLOv8n's stem at twice the float time.
 - BatchNormalization after a Conv/Gemm is folded first (exact, reported) when activations are
   quantized, so the layer's output stays int8 instead of a float BN between int8 layers.
 - Sensitivity (``sensitivity_snr_db``, needs data): every quantized layer is measured in
@@ -285,8 +287,10 @@ STREAM_MAX_BATCH = 64
 # onnxruntime's own buffers still grow with the batch: a few samples per run amortize the cost
 # of a run, more only hold memory, unless the weights each run reads outweigh the batch.
 REDUCE_BATCH = 4
-# A Conv on the graph input with fewer products per output than this stays float (see `_too_small_for_int8`).
+# A Conv on the graph input with fewer products per output than this, or with input channels per
+# group not a multiple of INT8_CHANNEL_PACK, stays float (see `_float_on_input`).
 MIN_INT8_REDUCTION = 16
+INT8_CHANNEL_PACK = 4
 _INT32_MAX = 2**31 - 1
 _ONNX_DTYPES = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8, "int4": TensorProto.INT4,
                 "uint4": TensorProto.UINT4, "int2": TensorProto.INT2, "uint2": TensorProto.UINT2,
@@ -1499,7 +1503,7 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
         candidates = set()
     forced: dict[int, str] = {}
     for idx in sorted(candidates):
-        why = _too_small_for_int8(ix, layers[idx])
+        why = _float_on_input(ix, layers[idx])
         if why:
             forced[idx] = why
     if wants_static and candidates:
@@ -1582,17 +1586,31 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
     return plan, model
 
 
-def _too_small_for_int8(ix: GraphIndex, layer: _Layer) -> str:
-    """Why a Conv reading a graph input stays float ('' when it does not): with a reduction of fewer
-    than `MIN_INT8_REDUCTION` products per output (a 3×3 stem on one channel: 9) the integer kernel
-    gains nothing on the arithmetic and the input needs its own QuantizeLinear."""
+def _float_on_input(ix: GraphIndex, layer: _Layer) -> str:
+    """Why a Conv reading a graph input stays float ('' when it does not). Its input is float
+    anyway, so float costs no QDQ there, while int8 needs the input's own QuantizeLinear and:
+
+    - with a reduction of fewer than `MIN_INT8_REDUCTION` products per output (a 3×3 stem on one
+      channel: 9) gains nothing on the arithmetic;
+    - with input channels per group that are not a multiple of `INT8_CHANNEL_PACK` (an RGB image's
+      3) misses onnxruntime's fast symmetric int8 convolution, which packs input channels in fours
+      (MLAS ``MlasConvSymPackWSize``), and runs its generic int8 kernel: YOLOv8n's 3→16 3×3 stem
+      took 1,015 µs there against 518 µs in float (benchmarks/results/profile_quantize.md at
+      cc95d9f). A depthwise Conv (one input channel per group) has a fast kernel of its own.
+    """
     if layer.op != "Conv" or layer.x not in ix.graph_inputs:
         return ""
-    k = int(np.prod(layer.wv.shape[1:]))
-    if k >= MIN_INT8_REDUCTION:
-        return ""
-    return (f"float: reduction of {k} < {MIN_INT8_REDUCTION} products per output on the graph input "
-            "(int8 gains nothing there and the input would need its own QuantizeLinear)")
+    shape = layer.wv.shape
+    k = int(np.prod(shape[1:]))
+    if k < MIN_INT8_REDUCTION:
+        return (f"float: reduction of {k} < {MIN_INT8_REDUCTION} products per output on the graph input "
+                "(int8 gains nothing there and the input would need its own QuantizeLinear)")
+    depthwise = shape[1] == 1 and _attr(ix.nodes[layer.idx], "group", 1) > 1
+    if shape[1] % INT8_CHANNEL_PACK and not depthwise:
+        return (f"float: {shape[1]} input channels per group on the graph input, not a multiple of "
+                f"{INT8_CHANNEL_PACK} (onnxruntime's fast int8 convolution takes them in fours; its generic "
+                "kernel is slower than float there, and the input would need its own QuantizeLinear)")
+    return ""
 
 
 def _weights_and_biases(layers: dict[int, _Layer], pl: _Placement, opts: Quantize,

@@ -95,11 +95,12 @@ def gemm_bn_model(k: int = 16, n: int = 8, trans_b: int = 1, seed: int = 0, **ge
     return g.build()
 
 
-def small_cnn(seed: int = 0) -> onnx.ModelProto:
-    """Conv-BN-Relu, a residual Add, a depthwise conv, GAP, Flatten, Gemm head: 10 logits."""
+def small_cnn(seed: int = 0, channels: int = 3) -> onnx.ModelProto:
+    """Conv-BN-Relu, a residual Add, a depthwise conv, GAP, Flatten, Gemm head: 10 logits.
+    ``channels``: of the input image (quantize keeps a 3-channel stem float, a 4-channel one not)."""
     g = GraphBuilder(seed=seed)
-    x = g.input("x", ["N", 3, 16, 16])
-    a = g.node("Relu", [g.bn(g.conv(x, 3, 16), 16)])
+    x = g.input("x", ["N", channels, 16, 16])
+    a = g.node("Relu", [g.bn(g.conv(x, channels, 16), 16)])
     r = g.node("Relu", [g.bn(g.conv(a, 16, 16), 16)])
     r = g.bn(g.conv(r, 16, 16), 16)
     s = g.node("Relu", [g.node("Add", [a, r])])

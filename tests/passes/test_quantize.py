@@ -97,7 +97,7 @@ def conv_chain(seed=0, opset=17):
 
 
 def test_small_cnn_int8_static_parity_and_fusion(tmp_path):
-    model = FoldBatchnorm()(small_cnn()).model
+    model = FoldBatchnorm()(small_cnn(channels=4)).model  # 4 channels: the stem takes the int8 kernel too
     assert op_count(model, "QuantizeLinear") == 0  # vacuity guard
     weights = _float_weight_names(model)
     result = Quantize()(model, _ctx(model))
@@ -459,7 +459,26 @@ def test_only_tensors_the_placement_can_use_are_calibrated_and_the_plan_is_uncha
         return d
 
     a, b = without_counts(pruned), without_counts(full)
-    assert pruned.by_role("activation") and a["nodes"] and a["tensors"] and a == b
+    assert pruned.by_role("activation") and a["nodes"] and a["tensors"]
+    # Ranges may differ in the last bits: which tensors a calibration session exposes decides which
+    # of onnxruntime's fusions apply (small_cnn's float stem: calibrating its Conv output keeps its
+    # BatchNormalization unfused), and the fused form rounds differently.
+    _assert_same_plan(a, b)
+
+
+def _assert_same_plan(a, b, where="plan"):
+    if isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-9), where
+    elif isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same_plan(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_plan(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
 
 
 def test_histogram_calibration_gives_onnxruntime_a_thread_less_when_the_observer_is_slower(monkeypatch):
@@ -1027,6 +1046,40 @@ def test_tiny_stem_conv_on_the_graph_input_stays_float():
     assert_valid(result.model)
     test = random_dataset(model, 8, seed=9)
     _assert_deployable(model, result.model, test)
+
+
+@pytest.mark.parametrize("channels, quantized", [(3, False), (4, True)])
+def test_stem_whose_input_channels_miss_the_fast_int8_kernel_stays_float(channels, quantized):
+    """An RGB stem (3 channels, 27 products per output) stays float; 4 channels take the int8 kernel."""
+    g = GraphBuilder(seed=4)
+    x = g.input("x", ["N", channels, 8, 8])
+    h = g.node("Relu", [g.node("Conv", [x, g.weight("stem.w", (16, channels, 3, 3), 0.5)], name="stem",
+                               kernel_shape=[3, 3], pads=[1, 1, 1, 1])])
+    y = g.node("Conv", [h, g.weight("body.w", (16, 16, 3, 3), 0.2)], name="body", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    g.output(g.node("Relu", [y], ["y"]), ["N", 16, 8, 8])
+    model = g.build()
+    result = Quantize()(model, _ctx(model, 32))
+    skipped = {s.node: s.reason for s in result.report.skipped}
+    rewritten = {e["node"] for e in result.report.rewritten}
+    assert rewritten == ({"stem", "body"} if quantized else {"body"})
+    assert ("stem.w" in _float_weight_names(result.model)) != quantized
+    if not quantized:
+        assert f"{channels} input channels per group on the graph input" in skipped["stem"]
+    assert_valid(result.model)
+    _assert_deployable(model, result.model, random_dataset(model, 8, seed=9))
+
+
+def test_depthwise_stem_is_not_held_to_the_channel_rule():
+    g = GraphBuilder(seed=5)
+    x = g.input("x", ["N", 16, 8, 8])
+    h = g.node("Relu", [g.node("Conv", [x, g.weight("dw.w", (16, 1, 5, 5), 0.5)], name="dw", group=16,
+                               kernel_shape=[5, 5], pads=[2, 2, 2, 2])])
+    y = g.node("Conv", [h, g.weight("pw.w", (16, 16, 1, 1), 0.3)], name="pw", kernel_shape=[1, 1])
+    g.output(g.node("Relu", [y], ["y"]), ["N", 16, 8, 8])
+    model = g.build()
+    result = Quantize()(model, _ctx(model, 32))
+    assert {e["node"] for e in result.report.rewritten} == {"dw", "pw"}, result.report.skipped
+    assert_valid(result.model)
 
 
 # ---- mixed precision under a fidelity floor (min_snr_db) ----
