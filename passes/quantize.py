@@ -118,9 +118,9 @@ threads (tests/passes/test_quantize.py, on a small CNN). 1 is the choice when th
 shared. For minmax, streaming equals one big batch exactly (the
 histogram methods are also batch-invariant, see `kernels.calib`). minmax is the default because
 it never clips: on bench_quantize's YOLOv8n, percentile and mse keep the top detection's class
-on 0.90 and 0.85 of the images against minmax's 0.985 (the per-feature floor changes neither),
-while entropy comes close (0.97) and on the CNNs and MiniLM the clipping methods match minmax —
-worth trying per model (benchmarks/results/bench_quantize.md).
+on 0.88 and 0.84 of the images against minmax's 0.94 and entropy's 0.97 (67 images, one is
+0.015; the per-feature floor changes none of them), and on the CNNs and MiniLM the clipping
+methods match minmax — worth trying per model (benchmarks/results/bench_quantize.md).
 
 Placement (what gets a QDQ)
 ---------------------------
