@@ -1079,7 +1079,9 @@ def test_depthwise_stem_is_not_held_to_the_channel_rule():
     model = g.build()
     result = Quantize()(model, _ctx(model, 32))
     assert {e["node"] for e in result.report.rewritten} == {"dw", "pw"}, result.report.skipped
+    assert "dw.w" not in _float_weight_names(result.model)
     assert_valid(result.model)
+    _assert_deployable(model, result.model, random_dataset(model, 8, seed=9))
 
 
 # ---- mixed precision under a fidelity floor (min_snr_db) ----
