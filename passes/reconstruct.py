@@ -129,7 +129,7 @@ from onnx import helper, numpy_helper
 
 from graph_opt.data import Dataset, batch_size_for
 from graph_opt.intermediates import stream
-from graph_opt.model_io import copy_model, disk_tensor, has_disk_weights, on_disk, read_array, subgraphs
+from graph_opt.model_io import all_graphs, copy_model, disk_tensor, has_disk_weights, on_disk, read_array
 from graph_opt.kernels.lstsq import (
     LstsqAccumulator,
     MeanErrorAccumulator,
@@ -487,16 +487,8 @@ def _teacher_name(student: _Graph, teacher: _Graph, name: str) -> str | None:
 
 def _drop_unused(model: onnx.ModelProto, names: set[str]) -> None:
     """Remove the initializers this pass replaced once nothing reads them (subgraphs included)."""
-    used: set[str] = set()
-
-    def visit(graph: onnx.GraphProto) -> None:
-        for node in graph.node:
-            used.update(node.input)
-            for sub in subgraphs(node):
-                visit(sub)
-        used.update(o.name for o in graph.output)
-
-    visit(model.graph)
+    graphs = list(all_graphs(model.graph))
+    used = {x for g in graphs for n in g.node for x in n.input} | {o.name for g in graphs for o in g.output}
     dead = {n for n in names if n not in used}
     if not dead:
         return

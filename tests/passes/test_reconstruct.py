@@ -483,3 +483,20 @@ def test_spec_and_options():
     for bad in ({"ridge": -1.0}, {"max_samples": 0}, {"targets": ("lowrank", "distill")}):
         with pytest.raises(ValueError):
             Reconstruct(**bad)
+
+
+def test_replaced_weights_read_inside_a_subgraph_are_kept():
+    """_drop_unused drops a replaced initializer nothing reads, but keeps one an If branch reads."""
+    from builders import control_flow_model
+    from onnx import helper
+
+    from graph_opt.passes.reconstruct import _drop_unused
+
+    model = control_flow_model("If")
+    for name in ("outer_w", "dead_w"):
+        model.graph.initializer.append(numpy_helper.from_array(np.ones(4, np.float32), name))
+    branch = next(n for n in model.graph.node if n.op_type == "If").attribute[0].g
+    branch.node.append(helper.make_node("Identity", ["outer_w"], ["outer_w_copy"]))
+    _drop_unused(model, {"outer_w", "dead_w"})
+    names = {t.name for t in model.graph.initializer}
+    assert "outer_w" in names and "dead_w" not in names
