@@ -1595,8 +1595,9 @@ def _float_on_input(ix: GraphIndex, layer: _Layer) -> str:
     - with input channels per group that are not a multiple of `INT8_CHANNEL_PACK` (an RGB image's
       3) misses onnxruntime's fast symmetric int8 convolution, which packs input channels in fours
       (MLAS ``MlasConvSymPackWSize``), and runs its generic int8 kernel: YOLOv8n's 3→16 3×3 stem
-      took 1,015 µs there against 518 µs in float (benchmarks/results/profile_quantize.md at
-      cc95d9f). A depthwise Conv (one input channel per group) has a fast kernel of its own.
+      took 1,015 µs there against 518 µs in float (benchmarks/profile_quantize.py at cc95d9f; that
+      run's results are benchmarks/results/profile_quantize.md as committed in d15bca2). A
+      depthwise Conv (one input channel per group) has a fast kernel of its own.
     """
     if layer.op != "Conv" or layer.x not in ix.graph_inputs:
         return ""
