@@ -99,10 +99,52 @@ def measure(zm, variants: dict[str, onnx.ModelProto], *, runs: int = 200, thread
     return rows
 
 
+# The CPU features that decide which onnxruntime kernels run (int8 dot products, vector width).
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16",
+             "asimddp", "i8mm", "sve")
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU model and the features among `CPU_FLAGS` it has (from /proc/cpuinfo; empty elsewhere)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model", "CPU part") and model in ("", platform.machine()):
+                    model = value.strip()
+                elif key in ("flags", "Features"):
+                    flags |= set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
+def cpu_line() -> str:
+    """One line naming the CPU and its flags, printed under every benchmark table."""
+    info = cpu_info()
+    return f"CPU: {info['model']}; flags: {', '.join(info['flags']) or 'none of ' + ', '.join(CPU_FLAGS[:5])}"
+
+
+def latency_rounds(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], *, rounds: int = 10,
+                   runs: int = 20, threads: int = 1) -> tuple[list[float], list[tuple[float, float, float]]]:
+    """Median latency (ms) of each model over `rounds` interleaved rounds of `runs` runs, and each
+    model's ratio to the first model as (median, min, max) over the rounds: the spread a ratio
+    read from one shared machine carries."""
+    per_round = [measure_latency(models, feed, runs=runs, threads=threads, warmup=3 if r else 10)
+                 for r in range(rounds)]
+    times = np.asarray(per_round)  # rounds x models
+    ratios = times / times[:, :1]
+    medians = [float(v) for v in np.median(times, axis=0)]
+    spread = [(float(np.median(c)), float(c.min()), float(c.max())) for c in ratios.T]
+    return medians, spread
+
+
 def environment() -> dict[str, Any]:
     return {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "cpu": cpu_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def save(bench: str, rows: list[Row], meta: dict[str, Any] | None = None) -> Path:
