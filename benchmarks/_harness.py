@@ -9,7 +9,7 @@ variants (name → ModelProto) computes, in one process and one run:
 - the task metric of each variant (accuracy, paraphrase retrieval, detection agreement);
 - latency ratios to the original: every variant timed in the same process, interleaved with a
   rotating order, medians of `runs` runs each, graph optimizations on (as deployed), spinning
-  worker threads stopped (FINDINGS.md), one sample per run;
+  worker threads stopped (docs/design.md, fact 1), one sample per run;
 - how busy the machine was while measuring (other processes' CPU share), because ratios from a
   busy machine are unreliable.
 

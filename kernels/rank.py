@@ -14,7 +14,7 @@ Rank choices
   Nakajima, Tomioka, Sugiyama & Babacan, JMLR 16 (2015)). ``tucker2_vbmf_ranks`` applies it to the
   two channel unfoldings of a conv kernel (the rank rule of Kim et al., ICLR 2016).
 - ``round_rank(r, max_rank=, multiple=16)``: onnxruntime's CPU convs use a blocked channel layout
-  (16 on AVX-512); ranks off a multiple of 16 lose most of the gain (FINDINGS.md). Round up, but
+  (16 on AVX-512); ranks off a multiple of 16 lose most of the gain (docs/design.md, fact 2). Round up, but
   only while the result is still within ``max_rank`` (the caller's budget or break-even rank).
 
 Costs

@@ -11,7 +11,8 @@
 - `Plan` and `apply_plan`: a layer replaced by a chain of new nodes, the last of which writes the
   original output tensor, with fresh initializer names.
 
-The latency-gate thresholds are the measured facts of FINDINGS.md (onnxruntime CPU, batch 1).
+The latency-gate thresholds are measured facts of onnxruntime's CPU provider at batch 1
+(docs/design.md, facts 2 and 3, with the benchmarks that show them).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ Ranks = tuple[int, ...]
 
 # Rank selection when no rank option is given: each layer keeps at most half its MACs.
 DEFAULT_MACS_RATIO = 0.5
-# Latency gate (FINDINGS.md, onnxruntime CPU): a rewrite above this MAC ratio gains nothing once
+# Latency gate (docs/design.md, fact 3): a rewrite above this MAC ratio gains nothing once
 # the extra nodes' overhead is paid.
 GATE_MAX_MACS_RATIO = 0.8
 # k×k convs: stems (≤ 3 input channels) lose fidelity and gain no time; under 32 channels on
@@ -336,7 +337,7 @@ def choose_ranks(opts: LowRankPass, problem: RankProblem) -> RankChoice | str:
 def _align(r: int, full: int, multiple: int, mode: str) -> int:
     """'up': the next multiple when within `full` (a target rank is a floor). 'down': the
     multiple below (a budget rank is a ceiling); below one multiple, the first multiple, since a
-    rank under the block size costs the block anyway (FINDINGS.md); the caller checks it saves."""
+    rank under the block size costs the block anyway (docs/design.md, fact 2); the caller checks it saves."""
     if mode == "down" and r >= multiple:
         return r // multiple * multiple
     return round_rank(r, max_rank=full, multiple=multiple)

@@ -34,10 +34,9 @@ for spatial SVD, the break-even rank for CP), ``energy=`` (Σσ² share of each 
 of M for spatial SVD; the largest over groups), ``params_ratio=``/``macs_ratio=`` (per-layer
 budget; Tucker-2 ranks stay proportional to (O, I)), ``rank=auto`` (Empirical VBMF on the
 unfoldings, Kim et al. 2016; on M for spatial SVD). CP takes neither ``energy`` nor ``auto``.
-**Default: ``macs_ratio=0.5``** with ranks aligned to 16 and the latency gate on: per FINDINGS.md,
-Tucker-2 on k×k convs with ≥ 48 channels runs at 1.1–1.25× its MAC ratio, so half the MACs is
-about 0.55–0.65× the latency, while ranks off a multiple of 16 break onnxruntime's blocked layout
-and gain nothing. ``align`` rounds a target rank up to a multiple of 16, a budget rank down to one
+**Default: ``macs_ratio=0.5``** with ranks aligned to 16 and the latency gate on: Tucker-2 on
+wide k×k convs runs at a little above its MAC ratio, while ranks off a multiple of 16 break
+onnxruntime's blocked layout and gain nothing (docs/design.md, facts 2-3). ``align`` rounds a target rank up to a multiple of 16, a budget rank down to one
 (up to 16 when below it), keeping the aligned ranks only when they still save; an explicit
 ``rank=`` is never changed.
 

@@ -24,7 +24,7 @@ Rank selection (one rule): ``rank=`` (absolute), ``rank_ratio=`` (of
 min(m, n)), ``energy=`` (share of Σσ² kept), ``params_ratio=``/``macs_ratio=`` (per-layer budget,
 both may be given), ``rank=auto`` (Empirical VBMF). **Default: ``macs_ratio=0.5``** with ranks
 aligned to 16 and the latency gate on, so that a plain ``factorize_gemm`` only rewrites layers
-that FINDINGS.md shows get faster on onnxruntime CPU: large products with many rows run at about
+that get faster on onnxruntime CPU (docs/design.md, facts 2-3): large products with many rows run at about
 their MAC ratio. ``align`` rounds a target rank (ratio/energy/auto) up to a multiple of 16 and a
 budget rank down to one (up to 16 when below it), keeping the rewrite only if it still saves;
 an explicit ``rank=`` is never changed.

@@ -42,7 +42,7 @@ What is refit, per compression
 Quantized weights are never refit, so refit before quantizing and correct after:
 ``prune_channels → reconstruct → quantize → reconstruct``.
 
-Errors are chained (the lesson of PEERS.md: bias correction measured per layer in isolation
+Errors are chained (docs/design.md, fact 4: bias correction measured per layer in isolation
 over-corrects deep nets): layers are processed in topological order, and each is measured on
 the student as already updated by the refits before it, so a layer compensates the error of
 everything upstream. The target is always the teacher's tensor.
