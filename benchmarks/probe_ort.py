@@ -10,6 +10,11 @@ fidelity facts) and prints one table, with the CPU model and flags:
 - ``align``: a 3×3 conv (C→C channels) against its Tucker-2 form (1×1 → 3×3 core → 1×1) at
   ranks that are and are not multiples of 16: onnxruntime's blocked channel layout makes the
   aligned rank the faster one even when it has more MACs.
+- ``saturation``: a conv chain quantized by graph-opt (uint8 activations) with full-range int8
+  weights (``reduce_range=false``) and with 7-bit ones, run as deployed (fused integer kernels)
+  against the same QDQ model with optimizations off (float reference of the same arithmetic):
+  the largest difference in output quantization steps. On x86 without VNNI the u8×s8 kernels
+  saturate with full-range weights; with VNNI (or 7-bit weights) the difference stays at a step.
 
     python benchmarks/probe_ort.py [spinning|align ...] [--rounds 10] [--runs 50]
 """
@@ -44,8 +49,8 @@ def _conv_model(layers: list[tuple[int, int, int]], hw: int, channels: int, seed
         nodes.append(helper.make_node("Conv", [x, f"w{i}"], [f"y{i}"], pads=[p, p, p, p]))
         x = f"y{i}"
     out_c = layers[-1][0]
-    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, hw, hw])],
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, out_c, hw, hw])], inits)
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, hw, hw])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", out_c, hw, hw])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
@@ -93,12 +98,32 @@ def probe_align(rounds: int, runs: int) -> None:
         print(f"| {name} | {_macs(layers, hw) / base:.2f}x | {ms:.3f} | {mid:.2f}x ({lo:.2f}-{hi:.2f}) |")
 
 
-PROBES = {"spinning": probe_spinning, "align": probe_align}
+def probe_saturation(rounds: int, runs: int) -> None:
+    from graph_opt.data import Dataset
+    from graph_opt.pass_base import PassContext
+    from graph_opt.passes.quantize import Quantize
+    from graph_opt.verify import make_session
+
+    c, hw = 64, 14
+    model = _conv_model([(c, c, 3)] * 3, hw, c, seed=3)
+    rng = np.random.default_rng(5)
+    x = np.abs(rng.standard_normal((32, c, hw, hw))).astype(np.float32)  # non-negative: uint8 activations use all steps
+    print("| int8 weights | max abs(deployed − reference), output steps | mean |\n|---|---|---|")
+    for reduce in (False, True):
+        q = Quantize(reduce_range=reduce, sensitivity_snr_db=None)(model, PassContext(data=Dataset({"x": x[:16]}))).model
+        ref = make_session(q, optimize=False).run(None, {"x": x[16:]})[0]
+        dep = make_session(q, optimize=True).run(None, {"x": x[16:]})[0]
+        step = (ref.max() - min(ref.min(), 0.0)) / 255.0
+        diff = np.abs(dep - ref) / step
+        print(f"| {'7-bit (reduce_range)' if reduce else 'full range'} | {diff.max():.1f} | {diff.mean():.3f} |")
+
+
+PROBES = {"spinning": probe_spinning, "align": probe_align, "saturation": probe_saturation}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("probes", nargs="*", help="spinning, align (default: all)")
+    ap.add_argument("probes", nargs="*", help="spinning, align, saturation (default: all)")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--runs", type=int, default=50)
     args = ap.parse_args(argv)

@@ -1,218 +1,71 @@
 """quantize: store weights as integers and run activations in int8, as onnxruntime fuses QDQ.
 
-Before::
+Before / after (static activations, the default when calibration data is given)::
 
-    x → Conv(W, b) → Relu → MaxPool → Flatten → Gemm(W2, b2) → y
+    x → Conv(W, b) → Relu → MaxPool → Gemm(W2, b2) → y
+    x → Q → DQ → Conv(DQ(Wq), DQ(bq)) → Relu → Q → DQ → MaxPool → Q → DQ → Gemm(DQ(W2q), DQ(b2q)) → y
 
-After (static activations, the default when calibration data is given)::
+onnxruntime (optimizations on) fuses each group into one integer kernel (QLinearConv, QGemm,
+QLinearMatMul, MatMulIntegerToFloat, QLinearAdd/Concat/pooling, MatMulNBits for blocked int4).
 
-    x → Q → DQ ─┐                                    (activation: uint8, own scale)
-    Wq → DQ ────┼→ Conv → Relu → Q → DQ → MaxPool → Q → DQ → Flatten → Q → DQ ─┐
-    bq → DQ ────┘     (Relu absorbed: one range [0, max] after it)    (shared scale)
-                                                       W2q → DQ, b2q → DQ ─┴→ Gemm → y
+Plan, then apply: `make_plan` decides every tensor's dtype, scale, zero point, axis and block (and
+each activation's calibrated range) as a `passes._qplan.QuantPlan` (JSON; the report carries it);
+`apply_plan` inserts the nodes in one step. A weight's DequantizeLinear writes the weight's old
+name, the float weight is removed, and the file really shrinks.
 
-onnxruntime (graph optimizations on) turns each such group into one integer kernel:
-QLinearConv, QGemm, QLinearMatMul or MatMulIntegerToFloat, int8 MaxPool/Flatten/Reshape,
-QLinearAdd/QLinearMul/QLinearConcat/QLinearGlobalAveragePool/QLinearAveragePool.
+Numerics (`graph_opt.kernels.quant`): ``q = saturate(round(x/s) + z)``, ``x̂ = (q − z)·s``.
+- Weights ``int8|uint8|int4``: symmetric, per output channel (Conv axis 0; Gemm 0 if transB else
+  1; MatMul the last axis) or per tensor; a batched MatMul weight with quantized activations is
+  per tensor (onnxruntime's fused kernels reject per-column scales there). ``block_size`` > 0:
+  blocks along the reduction axis; int4 MatMul/Gemm default to blocks of 128 (weight-only).
+  ``reduce_range``: 7-bit int8 weights with quantized activations (u8×s8 products saturate on x86
+  without VNNI; docs/design.md).
+- ``ternary`` (TWN: ``Δ = 0.7·mean|w|``, codes ``sign(w)·[|w| > Δ]``, ``α = mean(|w| : |w| > Δ)``)
+  and ``binary`` (``sign(w)``, ``α = mean|w|``): int2 codes with α per channel as the scale.
+- Activations ``uint8|int8``: one asymmetric per-tensor scale from the calibrated range
+  (``calibration``: minmax, percentile, entropy, mse; `graph_opt.kernels.calib`); the range
+  contains 0, and [0, max] puts the zero point at qmin so a Relu/Clip before the Q can go.
+  Clipping methods keep the value every feature reaches in every sample (per-feature floor) on
+  tensors read only linearly (`_LINEAR_READERS`), so a transformer's outlier dimensions survive.
+- Bias of a quantized layer: int32 with ``s_b = s_x·s_w``, zero point 0; kept float when it would
+  overflow, for Gemm with alpha/beta ≠ 1, or a C that is not one value per output column.
 
-Plan, then apply
-----------------
-`make_plan` decides everything first — per tensor: dtype, scale, zero point, axis, block size,
-and for activations the calibrated range (`passes._qplan.QuantPlan`, JSON-serializable; the report
-carries it compactly) — and one step (`apply_plan`) inserts the nodes. Float weights are removed
-from the model: the DequantizeLinear of a weight outputs the weight's old name, so the layer is
-untouched and the file really shrinks.
+Calibration is one streaming pass (at most ``max_samples``; batches sized by memory, each dropped
+after it updates the observers) over a weightless copy run by onnxruntime. minmax reduces each
+observed tensor to scalars inside onnxruntime and derives ranges through monotone and
+data-movement ops; histogram methods observe in a second thread. Only tensors a placement can ask
+for are observed.
 
-Numerics (all from `graph_opt.kernels.quant`): ``q = saturate(round(x/s) + z)``, ``x̂ = (q − z)·s``.
+Placement: Conv/Gemm/MatMul (``op_types``) with a constant float32 weight get weight, bias and
+input QDQ, and an output QDQ after an absorbed Relu/Clip (a Gemm/MatMul output only when a
+quantized node reads it). Data-movement ops (MaxPool, Reshape, Flatten, Transpose, Split, Slice,
+Gather, nearest Resize …) share their input's scale; Add, Mul, Concat and pooling get their own.
+Kept float, with the reason: a Concat whose input ranges differ by more than
+``CONCAT_RANGE_RATIO`` (one scale would erase the small input); a Conv on a graph input with
+fewer than ``MIN_INT8_REDUCTION`` products per output, or whose input channels per group are not
+a multiple of ``INT8_CHANNEL_PACK`` (docs/design.md, fact 5); ``exclude``/``keep_float`` patterns;
+a layer whose isolated SNR (input + weight + output quantization, measured on
+``sensitivity_samples`` inside onnxruntime) is below ``sensitivity_snr_db`` ('auto': 25 dB for
+8-bit, 10 dB for int4; or weight-only with ``sensitive='weight_only'``). BatchNormalization after
+a Conv/Gemm is folded first when activations are quantized. ``min_snr_db``: after planning, the
+fewest least robust layers are kept float until the whole model holds the floor
+(`graph_opt/budget.py`).
 
-- Weights, ``weights=int8|uint8|int4``: symmetric by default (``s = max|w|/k``, k = 127/7 steps),
-  per output channel (``per_channel``) on the axis that indexes the layer's outputs — Conv: 0;
-  Gemm: 0 if transB=1 else 1; MatMul ``x @ W`` with W of shape [..., K, N]: the last axis — or per
-  tensor. Exception: a batched (3-D+) MatMul weight with quantized activations is per tensor,
-  because onnxruntime's fused kernels reject a per-column scale on it at run time (the model
-  loads, then the first run fails). Blocks (``block_size`` > 0) run along the reduction axis
-  (MatMul and Gemm transB=0: 0, Gemm transB=1: 1, Conv: 1) with one scale per block per output
-  channel. ``weights=int4`` on
-  MatMul/Gemm uses blocks of 128 unless ``block_size`` says otherwise (0: per channel): the
-  weight-only transformer recipe, DQ(int4, blocked, axis 0) → MatMul, which onnxruntime fuses
-  into MatMulNBits.
-- ``weights=ternary`` (TWN): per output channel ``Δ = 0.7·mean|w|``, codes ``sign(w)·[|w| > Δ]``,
-  ``α = mean(|w| : |w| > Δ)``; ``weights=binary``: codes ``sign(w)``, ``α = mean|w|``. Both are
-  stored as int2 codes with α as the DequantizeLinear scale, so the dequantized weight is exactly
-  ``α·code`` (α in float32); ``per_channel`` does not apply (α is always per channel).
-- Activations (static, ``activations=uint8|int8``): one asymmetric per-tensor scale from the range
-  calibrated on ``ctx.data`` (``calibration``: minmax, percentile, entropy (KL) or mse, see
-  `graph_opt.kernels.calib`). The range always contains 0, and a one-sided range [0, max] puts
-  the zero point at qmin, which is what lets onnxruntime drop a Relu/Clip in front of the Q.
-- Bias of a layer whose input and weight are quantized (int8/uint8, not blocked): int32 with
-  ``s_b = s_x·s_w`` (per channel when the weight is), zero point 0 — the layout QLinearConv/QGemm
-  take. Kept in float (the layer then runs as DQ → float op) when it would overflow int32, when
-  Gemm has alpha ≠ 1 or beta ≠ 1, or when C is not one value per output column.
-- ``reduce_range`` (default on): with quantized activations, int8 weights use a 7-bit grid
-  (±63). Measured on an AVX2 CPU without VNNI (onnxruntime 1.32): full-range s8 weights with u8
-  activations saturate inside the u8×s8 kernels (vpmaddubsw) — errors of up to 221 output steps
-  in QLinearConv and 188 in QLinearMatMul that the verification harness (optimizations off) never
-  sees; with 7-bit weights ≤ 1 step, at the same latency. uint8 weights (u8×u8) do not saturate.
+Weight-only (DQ(weight) → float op): ``activations=none``; int4/ternary/binary or blocked weights;
+static activations requested without data (with a note). Opset: per-channel DQ needs 13, int4 and
+blocks 21, int2 25; a lower model is upgraded (opset bump when no used op changed, else
+``onnx.version_converter``, then checked to load), and the report says so.
 
-Calibration is one streaming pass over the data (at most ``max_samples`` samples), batch by
-batch; each batch updates one observer per tensor and is dropped, so memory is bounded by one
-batch. The tensors are those the placement can ask a range for: a dry run of the placement on
-stand-in ranges (every candidate calibrated, every Concat on one scale) asks for a superset of what
-the real one asks, and the rest (a Gemm/MatMul output nothing quantized reads, an Add with no
-quantized input) is not observed at all; the report's note gives both counts (bench_quantize's
-MiniLM: most of its candidate tensors are skipped). The calibration model is a weightless copy of the model (onnxruntime gets the
-weights as arrays, `verify.make_session`) with onnxruntime's graph optimizations on (float
-kernels only; nothing observed is fused away): faster convolutions, whose results differ from the
-unoptimized run in the last bits only. A minmax scale then moves in its last bits; a histogram
-method's threshold can move more, because the KL minimum is flat (bench_quantize's fidelity
-tables are what to read for the effect).
+Skipped, with the reason: op types not in ``op_types``; weights not constant, not float32,
+non-finite, shared (an If/Loop/Scan body read counts) or 1-D; MatMul with the constant on the
+left or two activation operands; already quantized layers and quantized ops (never twice); layers
+inside subgraphs; unobserved or non-float activations; sensitive layers; mismatched Concats; a
+model whose opset cannot be upgraded.
 
-- minmax: the copy computes each tensor's ReduceMin, ReduceMax and Size itself, so three scalars
-  per tensor leave onnxruntime instead of the tensor. A tensor whose range follows from observed
-  ones is not reduced at all: ``[f(min), f(max)]`` of its input for a never-decreasing
-  elementwise op (Relu, LeakyRelu, Clip with constant bounds, Sigmoid, Tanh), the input's own for
-  an op that only moves values (Reshape, Flatten, Transpose …), the union of its inputs' for a
-  Concat (a YOLOv8n's Sigmoid outputs and most of its Concats). Exact, but for Sigmoid and Tanh,
-  which onnxruntime approximates: their derived bounds are the exact function's, and differ from
-  onnxruntime's values by its approximation's error.
-  onnxruntime skips a NaN that is not the first value it reduces, and its vectorized max can then
-  miss values next to it, where MinMaxObserver keeps the min/max of the finite values: a batch
-  whose reductions, or the sums of the model's float outputs, are not finite has every tensor
-  fetched whole and observed exactly (the derived ranges come from the other batches).
-- percentile, entropy, mse: the copy exposes every candidate tensor as an output and
-  HistogramObserver takes them in numpy, in a second thread: one batch is observed while
-  onnxruntime computes the next (each observer still sees its batches in order). numpy's bincount
-  holds the GIL, so when observing the first batch takes longer than computing it again (a
-  detector's many large activations; not a MiniLM's few), onnxruntime gets one core less for the
-  rest of the pass. The
-  ranges the placement asks for are then searched on every core at once (`_Ranges.prefetch`).
-  A histogram pools every channel of a tensor, so by itself it cannot tell rare spikes from a
-  feature that is large on every input: a MiniLM's hidden states have a few such outlier
-  dimensions, which percentile and entropy clipped (bench_quantize: embedding cosine 0.972
-  without the floor below, 0.993 with it). So a tensor
-  whose readers all use its values linearly or only move them (Conv/Gemm/MatMul, Add, Concat,
-  pooling, Relu, the data-movement ops; `_LINEAR_READERS`) is observed per feature too: the
-  clipped range is widened to the value every feature reaches in every sample
-  (`kernels.calib`, "per-feature floor"; the feature axis is the channel axis of NCHW tensors
-  and the last of [batch, …, features] ones, `_feature_axes`). Those per-sample, per-feature
-  maxima and minima are reduced inside onnxruntime, next to the tensor's producer (Flatten or
-  Reshape, then ReduceMax/ReduceMin; ONNX shape inference gives the rank), so the observer only
-  folds two small arrays; a tensor of rank 2 or of unknown rank is reduced by numpy. A tensor
-  read by a nonlinearity (a SiLU's Sigmoid and Mul, GELU) is not: those bend the values first
-  and flatten the far side of most channels, where a wider range would only cost resolution.
-
-Batch size (``batch_size``; None: automatic) is set by memory, not a fixed count: one sample is
-run first, then batches whose observed tensors take about ``STREAM_BUDGET_BYTES`` (64 MB; at most
-64 samples) as outputs — a YOLOv8n at 320×320 exposes ~50 MB of activations per sample, so a batch
-of 8 held ~0.4 GB of outputs plus onnxruntime's own buffers. Sessions that reduce inside
-onnxruntime (minmax, sensitivity) return only scalars, but onnxruntime's own buffers grow with the
-batch and can outgrow the reduced tensors' bytes: they get half the budget, and take
-``REDUCE_BATCH`` (4) samples per run, or more while the batch's tensors take fewer bytes than the
-weights (each run reads every weight once: a ResNet on small images). 4 rather than 8: on
-bench_quantize's MobileNet (0.7 MB of weights) the smaller batches lowered the quantizer's peak
-memory at the same wall time.
-``threads``: onnxruntime intra-op threads of the calibration and sensitivity runs (default 0:
-one per core, as ``quantize_static`` does; verification elsewhere in graph-opt stays at 1). The
-thread count changes only how the work is split: the plan is the same bit for bit at 1 and 0
-threads (tests/passes/test_quantize.py, on a small CNN). 1 is the choice when the machine is
-shared. For minmax, streaming equals one big batch exactly (the
-histogram methods are also batch-invariant, see `kernels.calib`). minmax is the default because
-it never clips: on bench_quantize's YOLOv8n, percentile and mse keep the top detection's class
-on 0.88 and 0.84 of the images against minmax's 0.94 and entropy's 0.97 (67 images, one is
-0.015; the per-feature floor changes none of them), and on the CNNs and MiniLM the clipping
-methods match minmax — worth trying per model (benchmarks/results/bench_quantize.md).
-
-Placement (what gets a QDQ)
----------------------------
-- Conv/Gemm/MatMul (``op_types``) with a constant float32 weight: weight and bias as above; the
-  activation input gets a Q/DQ; the output gets one — after a Relu/Clip that is its only reader
-  (the activation is absorbed into the output range) — except that a Gemm/MatMul output is
-  quantized only when a quantized node reads it (otherwise onnxruntime runs QGemm /
-  MatMulIntegerToFloat with a float output, more accurate and as fast).
-- MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Split, Slice, Gather, DepthToSpace
-  and a nearest-mode Resize on a quantized tensor: each output shares the input's scale and zero
-  point (exact: these ops only move or select values), so onnxruntime drops the pairs and runs
-  them in int8 (a YOLOv8n's C2f blocks Split every first conv's output:
-  a float Split there cost a DequantizeLinear and two QuantizeLinear per block).
-- Add, Mul (two non-constant inputs), Concat, AveragePool, GlobalAveragePool with a quantized input:
-  each input and the output get their own scales (QLinearAdd, QLinearConcat, …).
-- A tensor produced inside the quantized region is read through its DequantizeLinear by every
-  reader (the producer's output is renamed, the DQ takes the original name, so graph outputs keep
-  their names); a float tensor quantized for a quantized reader keeps its float value for the
-  other readers.
-- Never: a Concat whose calibrated input ranges differ by more than ``CONCAT_RANGE_RATIO`` (10×)
-  — one output scale would erase the small-range input (a detector concatenating box pixels 0–640
-  with class probabilities 0–1); the Concat, and the graph output it feeds, stay float, and each
-  input keeps its own scale.
-- ``exclude``: fnmatch patterns on op types or node names, never quantized. ``keep_float``:
-  patterns on node or tensor names kept in full precision (a matching tensor never gets a QDQ).
-- A Conv reading a graph input with fewer than ``MIN_INT8_REDUCTION`` (16) products per output
-  (Cin/group·kh·kw; a 3×3 stem on a one-channel image: 9) stays float: the integer kernel saves
-  nothing on so short a reduction and the input would need its own QuantizeLinear. Measured on the
-  built-in example CNN (52k parameters, 300 interleaved runs, twice): int8 everywhere 1.05–1.08×
-  fp32 latency, with the stem float 0.96–0.99×. So does one whose input channels per group are not
-  a multiple of ``INT8_CHANNEL_PACK`` (4; an RGB stem): onnxruntime's fast int8 convolution takes
-  input channels in fours, and its generic kernel ran YOLOv8n's stem at twice the float time.
-- BatchNormalization after a Conv/Gemm is folded first (exact, reported) when activations are
-  quantized, so the layer's output stays int8 instead of a float BN between int8 layers.
-- Sensitivity (``sensitivity_snr_db``, needs data): every quantized layer is measured in
-  isolation on the first ``sensitivity_samples`` (16) calibration samples in one more streaming
-  pass — an SNR is a ratio of sums over every element of a tensor, so a few samples give it to
-  well under 1 dB (YOLOv8n, entropy: 16 vs all 64 samples moved no layer by more than 1 dB, and
-  flipped one layer at 19–20 dB; MiniLM: ≤ 0.1 dB) at a fraction of the cost — a copy of the layer reading the
-  float model's own input through the planned QDQ and dequantized weight, against the float
-  output (SNR of input + weight quantization), combined with the SNR of quantizing its output
-  tensor (noise powers add; every SNR is two sums, Σ ref² and Σ (ref − candidate)², computed
-  inside onnxruntime with ReduceSumSquare so that only scalars leave the session, the copy
-  running with onnxruntime's basic optimizations (constant folding) and the QDQ pairs kept as the
-  float ops they define); with
-  ``sensitive='weight_only'`` a second copy with the float input
-  and bias gives the weight-only SNR (not measured otherwise: nothing would read it). A layer below the threshold stays float entirely (``sensitive='float'``, the default:
-  onnxruntime dequantizes a weight-only Conv/MatMul at run time, slower than float in a one-off
-  measurement on a MiniLM projection), or, with ``sensitive='weight_only'``, runs weight-only when that SNR
-  clears the threshold (smaller file, float activations); Add/Concat/pooling below it stay float; the placement is
-  then redone. The report gives each layer's SNRs. ``'auto'``: 25 dB for int8/uint8 weights,
-  10 dB for int4, off for ternary/binary (whose weight error is far larger by design).
-  Why 25 and not 20 dB: each layer's SNR is measured alone, but the noise of a deep network's
-  layers accumulates, and noise entering early passes through everything after it. On YOLOv8n
-  (nudenet, minmax) every layer measured 24–36 dB, so at 20 dB nothing stayed float and the
-  top detection's class agreed with fp32 on 0.72 of the images; at 25 dB the five layers at
-  24–25 dB (the second conv and its SiLU, two convs of the first C2f block, one class-head conv)
-  stay float: 0.94 (optimizations off) / 0.955 (as deployed); 28 dB gave 0.955 / 0.955 but
-  cost MiniLM 12 of its 36 MatMuls (at 25 dB: 2; the CNNs of bench_quantize have no layer
-  below 28 dB).
-
-Mixed precision under a floor (``min_snr_db``, the machinery of ``graph_opt/budget.py``): the
-model is quantized as planned, run on the calibration data against the pass's input, and when its
-output SNR (worst output) is below the floor the least robust layers (lowest measured SNR first)
-are kept in float, as few as hold it: bisection on their number, each candidate checked end to
-end. The report says how many were kept and the SNR before and after.
-
-Weight-only modes (float activations, DQ(weight) → float op): ``activations=none``; weights
-int4/ternary/binary or blocked (onnxruntime has no integer conv/gemm kernel for them); and, with
-a note, static activations requested without calibration data (``ctx.data`` is None).
-
-Opset: per-channel DequantizeLinear needs opset 13, int4 and blocks 21, int2 25. A model below
-the need is upgraded first — by bumping the opset import when no op it uses changed between the
-two versions, else with ``onnx.version_converter`` (then checked to load in onnxruntime) — and the
-report says which. The IR version is raised to the one the new opset requires.
-
-Skipped, with the reason in the report: layer op types not in ``op_types``; excluded or
-keep_float nodes; weights that are not constants, not float32, contain NaN/inf, are shared with
-another node (a read inside an If/Loop/Scan body counts), or are 1-D (matrix-vector MatMul);
-MatMul with the constant on the left or with two activation operands (attention scores: left
-float); layers already quantized (an input from
-DequantizeLinear or an output into QuantizeLinear), and quantized ops themselves
-(QuantizeLinear/DequantizeLinear/QLinear*/MatMulInteger/ConvInteger/MatMulNBits/QGemm …): never
-quantized twice; Conv/Gemm/MatMul inside If/Loop/Scan subgraphs (not quantized, said so);
-activation tensors that are not float32 or were never observed; sensitive layers (SNR below the
-threshold); Concats with mismatched ranges; a model whose opset cannot be upgraded.
-
-Lossy, bounded per element: a weight moves by at most s/2 (s its channel's/block's scale; for
-ternary/binary the error is |w − α·code|, by design large); an activation inside its calibrated
-range by at most s_x/2 (values outside saturate: percentile/entropy/mse clip on purpose); biases
-by s_x·s_w/2. Weights already on the grid (w = s·k, |k| ≤ 127) with ``activations=none`` come
-back exactly.
+Lossy, bounded per element: a weight by s/2 (ternary/binary: |w − α·code|, large by design), an
+activation inside its range by s_x/2 (outside it saturates), a bias by s_x·s_w/2. Weights already
+on the grid come back exactly with ``activations=none``. Measured fidelity, speed and cost:
+benchmarks/RESULTS.md, "Quantization" (`bench_quantize.py`, `profile_quantize.py`).
 """
 
 from __future__ import annotations
