@@ -53,7 +53,7 @@ GATE_MAX_MACS_RATIO = 0.8
 GATE_STEM_CHANNELS = 3
 GATE_MIN_CONV_CHANNELS = 32
 # Matrix products (Gemm, MatMul, 1×1 convs): under 64 on either side the two thinner products
-# cost about what the one did (1×1 convs with few channels measured 0.77–1.13× latency).
+# cost about what the one did (docs/design.md, fact 3).
 GATE_MIN_MATMUL_DIM = 64
 
 

@@ -203,7 +203,7 @@ class Quantize(Pass):
         private = False
         if self.activations != "none" and any(n.op_type == "BatchNormalization" for n in model.graph.node):
             # A BatchNormalization between a Conv/Gemm and its output QDQ would run in float
-            # between int8 layers (MobileNet ran 1.8x slower than fp32 in the first bench_quantize run); folding is exact.
+            # between int8 layers, slower than the fp32 model; folding is exact.
             folded = FoldBatchnorm()(model, ctx)
             if folded.modified:
                 report.note(f"folded {len(folded.report.rewritten)} BatchNormalization into their Conv/Gemm first "
@@ -1362,8 +1362,7 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
     if wants_static and candidates:
         # Calibrate only what the placement can ask for: a dry run on stand-in ranges, where
         # every candidate tensor is calibrated and every Concat takes one scale, asks for a
-        # superset of what the real placement asks (bench_quantize's MiniLM: 24 of its 230
-        # candidate tensors).
+        # superset of what the real placement asks (often a small share of the candidates).
         tensors = _calibration_tensors(ix, layers, candidates)
         dry = _Asking(set(tensors), lambda t: (-1.0, 1.0))
         _place(ix, layers, candidates, dry, opts, forced)
@@ -1447,10 +1446,9 @@ def _float_on_input(ix: GraphIndex, layer: _Layer) -> str:
       channel: 9) gains nothing on the arithmetic;
     - with input channels per group that are not a multiple of `INT8_CHANNEL_PACK` (an RGB image's
       3) misses onnxruntime's fast symmetric int8 convolution, which packs input channels in fours
-      (MLAS ``MlasConvSymPackWSize``), and runs its generic int8 kernel: YOLOv8n's 3→16 3×3 stem
-      took 1,015 µs there against 518 µs in float (benchmarks/profile_quantize.py at cc95d9f; that
-      run's results are benchmarks/results/profile_quantize.md as committed in d15bca2). A
-      depthwise Conv (one input channel per group) has a fast kernel of its own.
+      (MLAS ``MlasConvSymPackWSize``), and runs its generic int8 kernel, slower than float
+      (docs/design.md, fact 5). A depthwise Conv (one input channel per group) has a fast kernel
+      of its own.
     """
     if layer.op != "Conv" or layer.x not in ix.graph_inputs:
         return ""
