@@ -31,6 +31,7 @@ import onnx
 import onnxruntime as ort
 
 from graph_opt.stats import measure_latency, model_stats
+from graph_opt.target import host
 from graph_opt.verify import compare_outputs, run_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -99,32 +100,14 @@ def measure(zm, variants: dict[str, onnx.ModelProto], *, runs: int = 200, thread
     return rows
 
 
-# The CPU features that decide which onnxruntime kernels run (int8 dot products, vector width).
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16",
-             "asimddp", "i8mm", "sve")
-
-
 def cpu_info() -> dict[str, Any]:
-    """The CPU model and the features among `CPU_FLAGS` it has (from /proc/cpuinfo; empty elsewhere)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "Model", "CPU part") and model in ("", platform.machine()):
-                    model = value.strip()
-                elif key in ("flags", "Features"):
-                    flags |= set(value.split())
-    except OSError:
-        pass
-    return {"model": model, "flags": [f for f in CPU_FLAGS if f in flags]}
+    """The CPU model, architecture and the int8/vector features it has (`graph_opt.target`)."""
+    return host().to_dict()
 
 
 def cpu_line() -> str:
     """One line naming the CPU and its flags, printed under every benchmark table."""
-    info = cpu_info()
-    return f"CPU: {info['model']}; flags: {', '.join(info['flags']) or 'none of ' + ', '.join(CPU_FLAGS[:5])}"
+    return "CPU: " + host().describe()
 
 
 def latency_rounds(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], *, rounds: int = 10,

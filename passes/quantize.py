@@ -18,8 +18,9 @@ Numerics (`graph_opt.kernels.quant`): ``q = saturate(round(x/s) + z)``, ``x̂ = 
   1; MatMul the last axis) or per tensor; a batched MatMul weight with quantized activations is
   per tensor (onnxruntime's fused kernels reject per-column scales there). ``block_size`` > 0:
   blocks along the reduction axis; int4 MatMul/Gemm default to blocks of 128 (weight-only).
-  ``reduce_range``: 7-bit int8 weights with quantized activations (u8×s8 products saturate on x86
-  without VNNI; docs/design.md).
+  ``reduce_range``: 7-bit int8 weights with quantized activations; ``'auto'`` (default) when the
+  ``target`` CPU (``host``, or a name of `graph_opt.target.NAMED`) is x86 without int8 dot
+  products, whose u8×s8 kernels saturate (docs/design.md, fact 6). The report names the target.
 - ``ternary`` (TWN: ``Δ = 0.7·mean|w|``, codes ``sign(w)·[|w| > Δ]``, ``α = mean(|w| : |w| > Δ)``)
   and ``binary`` (``sign(w)``, ``α = mean|w|``): int2 codes with α per channel as the scale.
 - Activations ``uint8|int8``: one asymmetric per-tensor scale from the calibrated range
@@ -109,6 +110,8 @@ from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
 from graph_opt.passes.fold_batchnorm import FoldBatchnorm
 from graph_opt.progress import progress
 from graph_opt.stats import serialized_bytes
+from graph_opt.target import NAMED as NAMED_TARGETS
+from graph_opt.target import resolve as resolve_target
 from graph_opt.verify import Reference, make_session, release_memory
 
 log = logging.getLogger(__name__)
@@ -163,7 +166,8 @@ class Quantize(Pass):
     per_channel: bool = True
     symmetric: bool = True
     block_size: int | None = None
-    reduce_range: bool = True
+    reduce_range: bool | Literal["auto"] = "auto"
+    target: str = "host"
     op_types: tuple[str, ...] = LAYER_OPS
     exclude: tuple[str, ...] = ()
     keep_float: tuple[str, ...] = ()
@@ -176,6 +180,8 @@ class Quantize(Pass):
     threads: int = 0
 
     def __post_init__(self) -> None:
+        if self.target != "host" and self.target not in NAMED_TARGETS:
+            raise ValueError(f"unknown target {self.target!r} (known: host, {', '.join(NAMED_TARGETS)})")
         bad = [op for op in self.op_types if op not in LAYER_OPS]
         if bad:
             raise ValueError(f"op_types may only name {', '.join(LAYER_OPS)} (got {', '.join(bad)}); "
@@ -195,11 +201,19 @@ class Quantize(Pass):
         if self.threads < 0:
             raise ValueError("threads must be >= 0 (0: onnxruntime's default, one per core)")
 
+    @property
+    def weights_reduced(self) -> bool:
+        """int8 weights on a 7-bit grid: asked for, or ('auto') when the target's u8×s8 kernels saturate."""
+        return resolve_target(self.target).reduce_range if self.reduce_range == "auto" else bool(self.reduce_range)
+
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
         # `model` is the caller's (edits_input is False): the plan only reads it, and apply_plan,
         # FoldBatchnorm and the floor's runs each write a copy.
         if self.min_snr_db is not None:
             return self._run_with_floor(copy_model(model), report, ctx)
+        if self.weights == "int8" and self.activations != "none":
+            report.note(f"target {resolve_target(self.target).describe()}: int8 weights on a "
+                        + ("7-bit grid (reduce_range)" if self.weights_reduced else "full 8-bit grid"))
         private = False
         if self.activations != "none" and any(n.op_type == "BatchNormalization" for n in model.graph.node):
             # A BatchNormalization between a Conv/Gemm and its output QDQ would run in float
@@ -431,7 +445,7 @@ def _quantize_weight(layer: _Layer, opts: Quantize, static: bool) -> TensorQuant
             # A 1-D per-column scale on a batched weight makes onnxruntime's fused MatMulIntegerToFloat /
             # QLinearMatMul fail at run time (its B zero point must be per [.., 1, N] slice): per tensor.
             axis = None
-        if static and dtype == "int8" and opts.reduce_range:
+        if static and dtype == "int8" and opts.weights_reduced:
             p = _reduced_params(w, axis, opts.symmetric)
         else:
             p = compute_params(w, dtype, symmetric=opts.symmetric, axis=axis)

@@ -162,14 +162,27 @@ def test_batched_matmul_weight_runs_fused(tmp_path):
     assert "MatMul" not in _optimized_ops(result.model, tmp_path)
 
 
-def test_int8_weights_use_a_7_bit_grid_when_activations_are_uint8():
-    # u8 activations x full-range s8 weights saturate in onnxruntime's AVX2 kernels (see docstring).
+@pytest.mark.parametrize("target,reduced", [("x86-avx2", True), ("x86-avx512", True), ("x86-avx512-vnni", False),
+                                            ("x86-avx-vnni", False), ("arm64", False)])
+def test_int8_weights_follow_the_target(target, reduced):
+    # u8 activations x full-range s8 weights saturate in the kernels of x86 CPUs without int8 dot
+    # products (docs/design.md): 7-bit weights there, the full grid elsewhere.
     model = conv_chain()
-    plan = Quantize(sensitivity_snr_db=None).plan(model, random_dataset(model, 8))
-    for t in plan.by_role("weight"):
-        assert np.abs(t.codes).max() == 63
-    plan = Quantize(sensitivity_snr_db=None, reduce_range=False).plan(model, random_dataset(model, 8))
-    assert max(np.abs(t.codes).max() for t in plan.by_role("weight")) == 127
+    result = Quantize(sensitivity_snr_db=None, target=target)(model, _ctx(model))
+    plan = Quantize(sensitivity_snr_db=None, target=target).plan(model, random_dataset(model, 8))
+    assert max(np.abs(t.codes).max() for t in plan.by_role("weight")) == (63 if reduced else 127)
+    assert any(n.startswith(f"target {target} (") and ("7-bit" in n) == reduced for n in result.report.notes)
+    for explicit, steps in ((True, 63), (False, 127)):  # an explicit reduce_range wins over the target
+        plan = Quantize(sensitivity_snr_db=None, target=target, reduce_range=explicit).plan(model, random_dataset(model, 8))
+        assert max(np.abs(t.codes).max() for t in plan.by_role("weight")) == steps
+
+
+def test_unknown_target_is_a_spec_error():
+    from graph_opt.errors import SpecError
+    from graph_opt.registry import parse_spec
+
+    with pytest.raises(SpecError, match="unknown target 'x86-avx9'.*x86-avx2"):
+        parse_spec("quantize:target=x86-avx9")
 
 
 @pytest.mark.parametrize("weights,symmetric", [("uint8", True), ("int8", False), ("uint8", False)])
@@ -888,7 +901,7 @@ def test_layer_with_lossy_activations_falls_back_to_weight_only():
     assert "x_scale" not in {t.name for t in result.model.graph.initializer}  # the input stays float
     # Its weight, quantized for the static first placement (7-bit grid), is quantized again for the
     # weight-only one: the full int8 grid; fc2 keeps its 7-bit grid.
-    plan = Quantize(sensitive="weight_only").plan(model, data)
+    plan = Quantize(sensitive="weight_only", target="x86-avx2").plan(model, data)  # a 7-bit target
     codes = {d.node: np.abs(plan.tensors[d.weight].codes).max() for d in plan.nodes if d.weight}
     assert codes == {"fc1": 127, "fc2": 63}
     test = Dataset({"x": data.inputs["x"][:16]})
