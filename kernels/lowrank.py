@@ -13,6 +13,14 @@ Factorizations (K is a conv kernel ``O×I×kh×kw``, W a matrix ``m×n``):
   (Eckart–Young). Leading batch dims are allowed (batched MatMul): each slice is factorized on its
   own and the reported spectral error is the largest over the slices, which is the spectral norm
   of the block-diagonal error operator.
+- ``whitened_svd_factors(W, gram, r, side=)``: the rank-r ``W ≈ left @ right`` that minimizes the
+  **output** error on inputs with second moment ``gram = E[x xᵀ]`` rather than the weight error:
+  ``side="rows"`` for ``y = x W`` (x indexes W's rows), ``"cols"`` for ``y = W x``. With
+  ``gram + λI = Rᵀ R`` (eigendecomposition, ``λ = ridge·tr(gram)/k``), ``E‖x(W − Ŵ)‖² = ‖R(W − Ŵ)‖²_F``,
+  so the optimum truncates the SVD of ``R W`` and maps back with ``R⁻¹`` (Eckart–Young in the
+  whitened space; ASVD / SVD-LLM). Exact at full rank whatever ``gram`` is; equal to
+  ``svd_factors`` when ``gram`` is a multiple of the identity. ``singular_values`` are those of
+  ``R W`` (the output energy per rank), ``output_rel_error`` the predicted relative output error.
 - ``tucker2(K, r_out, r_in)``: Tucker on the two channel modes, ``K ≈ core ×₁ last ×₂ firstᵀ``.
   The conv becomes 1×1 (I→r_in, weight ``first``) → kh×kw core (r_in→r_out, the original stride,
   pads, dilation) → 1×1 (r_out→O, weight ``last``, carries the bias). HOSVD initialisation then
@@ -54,6 +62,7 @@ __all__ = [
     "spatial_svd",
     "svd_factors",
     "tucker2",
+    "whitened_svd_factors",
 ]
 
 _BACKEND = "numpy"
@@ -82,6 +91,8 @@ class SvdFactors(_Frozen):
     singular_values: the full spectrum ``(..., min(m, n))``, descending.
     spectral_error: ``σ_{r+1}`` (max over batch slices), 0.0 at full rank.
     rel_error: Frobenius ``‖w − left@right‖ / ‖w‖`` over the whole array.
+    output_rel_error: for whitened factors, the predicted ``‖R(w − ŵ)‖ / ‖R w‖`` on the data the
+    second moment came from (None for plain SVD, where it equals nothing measurable).
     """
 
     left: np.ndarray
@@ -89,6 +100,7 @@ class SvdFactors(_Frozen):
     singular_values: np.ndarray
     spectral_error: float
     rel_error: float
+    output_rel_error: float | None = None
 
     @property
     def rank(self) -> int:
@@ -273,6 +285,47 @@ def svd_factors(w: np.ndarray, rank: int) -> SvdFactors:
     return _with_error(factors, a)
 
 
+def whitened_svd_factors(w: np.ndarray, gram: np.ndarray, rank: int, *, side: str = "rows",
+                         ridge: float = 1e-6) -> SvdFactors:
+    """Output-optimal rank-``rank`` factors of a 2-D ``w`` for inputs of second moment ``gram``.
+
+    ``side="rows"``: ``y = x @ w`` and ``gram`` is ``m×m``; ``side="cols"``: ``y = w @ x`` and
+    ``gram`` is ``n×n``. ``ridge`` (relative to the mean eigenvalue) keeps directions the data
+    never excites from blowing up ``R⁻¹``; everything runs in float64. Returns `SvdFactors` with
+    the whitened spectrum, the weight errors of the result, and ``output_rel_error``.
+    """
+    if side not in ("rows", "cols"):
+        raise ValueError(f"side must be 'rows' or 'cols', got {side!r}")
+    a = _as_float64(w, 2, "w")
+    if side == "cols":
+        t = whitened_svd_factors(a.T, gram, rank, side="rows", ridge=ridge)
+        return _with_error(SvdFactors(left=np.ascontiguousarray(t.right.T), right=np.ascontiguousarray(t.left.T),
+                                      singular_values=t.singular_values, spectral_error=0.0, rel_error=0.0,
+                                      output_rel_error=t.output_rel_error), a, spectral=True)
+    k = a.shape[0]
+    g = _as_float64(gram, 2, "gram")
+    if g.shape != (k, k):
+        raise ValueError(f"gram must be {k}×{k} for a weight of shape {a.shape}, got {g.shape}")
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    rank = _check_rank(rank, min(a.shape), "rank")
+    evals, q = np.linalg.eigh((g + g.T) / 2.0)
+    floor = max(ridge * float(np.trace(g)) / k, np.finfo(np.float64).tiny)
+    evals = np.maximum(evals, 0.0) + floor
+    root = np.sqrt(evals)
+    whitened = (root[:, None] * q.T) @ a                     # R W with R = Λ^½ Qᵀ
+    u, s, vt = np.linalg.svd(whitened, full_matrices=False)
+    u, vt = _fix_signs(u, vt)
+    half = np.sqrt(s[:rank])
+    left = (q / root[None, :]) @ (u[:, :rank] * half[None, :])   # R⁻¹ U_r Σ_r^½
+    right = half[:, None] * vt[:rank, :]
+    energy = float(np.sum(s ** 2))
+    output_rel = float(np.sqrt(np.sum(s[rank:] ** 2) / energy)) if energy > 0 else 0.0
+    factors = SvdFactors(left=np.ascontiguousarray(left), right=np.ascontiguousarray(right), singular_values=s,
+                         spectral_error=0.0, rel_error=0.0, output_rel_error=output_rel)
+    return _with_error(factors, a, spectral=True)
+
+
 def _fix_signs(u: np.ndarray, vt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     idx = np.argmax(np.abs(u), axis=-2)[..., None, :]
     sign = np.sign(np.take_along_axis(u, idx, axis=-2))
@@ -432,8 +485,11 @@ def spatial_svd(kernel: np.ndarray, rank: int) -> SpatialSvdFactors:
     )
 
 
-def _with_error(factors: Factors, reference: np.ndarray) -> Factors:
-    # Frozen dataclass: rebuild rather than mutate.
+def _with_error(factors: Factors, reference: np.ndarray, spectral: bool = False) -> Factors:
+    # Frozen dataclass: rebuild rather than mutate. `spectral`: also the weight's spectral-norm
+    # error, measured (for factors that are not a truncation of the weight's own SVD).
     values = {f.name: getattr(factors, f.name) for f in fields(factors)}
     values["rel_error"] = relative_error(reference, factors.reconstruct())
+    if spectral:
+        values["spectral_error"] = float(np.linalg.norm(reference - factors.reconstruct(), 2))
     return type(factors)(**values)

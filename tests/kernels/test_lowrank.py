@@ -364,3 +364,71 @@ def test_kernels_import_only_numpy_and_tensorly():
     assert imported_roots(KERNELS_DIR / "lowrank.py") <= stdlib | {"numpy", "tensorly"}
     # tensorly stays behind lowrank.py: rank selection is plain numpy.
     assert imported_roots(KERNELS_DIR / "rank.py") <= stdlib | {"numpy"}
+
+
+# --- whitened (data-aware) SVD ---------------------------------------------------------------
+
+def _correlated_inputs(k: int, n: int = 3000, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((k, k)) * np.exp(-np.arange(k) / 6.0)[None, :]  # a few strong directions
+    return rng.standard_normal((n, k)) @ mix.T
+
+
+def _output_error(x, w, approx):
+    return np.linalg.norm(x @ w - x @ approx) / np.linalg.norm(x @ w)
+
+
+def test_whitened_svd_beats_plain_svd_on_correlated_inputs():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((48, 40))
+    x = _correlated_inputs(48)
+    gram = x.T @ x / len(x)
+    gains = []
+    for r in (2, 8, 16, 32):
+        white = lr.whitened_svd_factors(w, gram, r)
+        plain = lr.svd_factors(w, r)
+        e_white, e_plain = _output_error(x, w, white.reconstruct()), _output_error(x, w, plain.reconstruct())
+        assert e_white <= e_plain + 1e-12  # optimal in the output norm: never worse
+        assert white.output_rel_error == pytest.approx(e_white, rel=1e-4, abs=1e-9)  # predicted = measured (up to the ridge)
+        gains.append(e_plain / max(e_white, 1e-300))
+    assert max(gains) > 3.0  # and far better where the inputs are correlated
+
+
+def test_whitened_svd_equals_plain_svd_on_white_inputs():
+    w = np.random.default_rng(2).standard_normal((30, 20))
+    for r in (1, 5, 20):
+        white = lr.whitened_svd_factors(w, 4.0 * np.eye(30), r)
+        np.testing.assert_allclose(white.reconstruct(), lr.svd_factors(w, r).reconstruct(), atol=1e-10)
+
+
+def test_whitened_svd_is_exact_at_full_rank_even_on_rank_deficient_inputs():
+    w = np.random.default_rng(3).standard_normal((24, 16))
+    x = _correlated_inputs(24)
+    x[:, 5:] = 0.0  # the data never excites 19 of the 24 input directions
+    gram = x.T @ x / len(x)
+    full = lr.whitened_svd_factors(w, gram, 16)
+    assert np.all(np.isfinite(full.left)) and np.all(np.isfinite(full.right))
+    np.testing.assert_allclose(full.reconstruct(), w, atol=1e-8)
+    low = lr.whitened_svd_factors(w, gram, 5)  # rank of the data: the output is reproduced
+    assert _output_error(x, w, low.reconstruct()) < 1e-6
+
+
+def test_whitened_svd_columns_side_is_the_transposed_problem():
+    w = np.random.default_rng(4).standard_normal((20, 36))   # y = w @ x, x has 36 features
+    x = _correlated_inputs(36)
+    gram = x.T @ x / len(x)
+    cols = lr.whitened_svd_factors(w, gram, 6, side="cols")
+    rows = lr.whitened_svd_factors(w.T, gram, 6, side="rows")
+    np.testing.assert_allclose(cols.reconstruct(), rows.reconstruct().T, atol=1e-10)
+    assert cols.left.shape == (20, 6) and cols.right.shape == (6, 36)
+    assert cols.rel_error == pytest.approx(lr.relative_error(w, cols.reconstruct()))
+
+
+def test_whitened_svd_rejects_bad_arguments():
+    w = np.ones((4, 3))
+    with pytest.raises(ValueError, match="gram must be 4×4"):
+        lr.whitened_svd_factors(w, np.eye(3), 2)
+    with pytest.raises(ValueError, match="side"):
+        lr.whitened_svd_factors(w, np.eye(4), 2, side="left")
+    with pytest.raises(ValueError, match="rank"):
+        lr.whitened_svd_factors(w, np.eye(4), 4)
