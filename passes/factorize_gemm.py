@@ -8,6 +8,16 @@ is exactly σ_{r+1} (Eckart–Young), reported as `weight_spectral_error` next t
 `weight_rel_error`; exact (up to float rounding) when σ_{r+1} = 0, i.e. at the weight's rank.
 It saves parameters and MACs only when r·(m + n) < m·n.
 
+Data-aware (``data=whitened``; the default ``auto`` when calibration data was given, not for
+seeded random inputs): the factors minimize the layer's **output** error on the calibration
+inputs instead of the weight error. With ``C = E[x xᵀ]`` of the layer's input (streamed in
+float64, every position a sample) and ``C + λI = RᵀR``, ``E‖x(W − Ŵ)‖² = ‖R(W − Ŵ)‖²_F``, so the
+best rank-r ``Ŵ`` truncates the SVD of ``R W`` and maps back with ``R⁻¹``
+(`kernels.lowrank.whitened_svd_factors`). Exact at full rank; the same as plain SVD on white
+inputs; the rewrite reports ``output_rel_error``, the predicted relative output error on that
+data, and ``energy=``/``rank=auto`` weigh the whitened spectrum (output energy), not the
+weight's. ``data=plain`` truncates the weights.
+
 Forms handled (each factor is the same op as the original, so batching and broadcasting rules are
 unchanged; the last factor writes the original output tensor and carries the bias):
 
@@ -55,13 +65,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graph_opt.kernels.lowrank import svd_factors
+from graph_opt.kernels.lowrank import svd_factors, whitened_svd_factors
 from graph_opt.kernels.rank import matmul_costs, rank_for_budget, svd_costs, vbmf_rank
 from graph_opt.pass_base import PassContext, PassReport
 from graph_opt.passes._graph import constant, used_once
@@ -73,7 +83,9 @@ from graph_opt.passes._lowrank import (
     Step,
     energy_rank,
     float_dtype_reason,
+    input_grams,
     prod,
+    real_data,
 )
 
 
@@ -87,13 +99,23 @@ class FactorizeGemm(LowRankPass):
     name: ClassVar[str] = "factorize_gemm"
     supported_ops: ClassVar[tuple[str, ...]] = CANDIDATES
     op_types: tuple[str, ...] = CANDIDATES
+    data: Literal["auto", "whitened", "plain"] = "auto"
 
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
         legacy_gemm = _opset(model) < 11
+        grams = {}
+        if (self.data == "whitened" or (self.data == "auto" and real_data(ctx))) and not self.budgeted:
+            if ctx.data is None:
+                report.note("data=whitened without calibration data: plain SVD of the weights")
+            else:
+                grams = input_grams(model, ctx, _stat_requests(model, self.op_types))
+                report.note(f"data-aware: each layer's factors minimize its output error on {len(ctx.data)} "
+                            f"calibration samples ({len(grams)} input statistics)")
         return self.rewrite_layers(model, report, ctx, lambda node, shapes, label: self._match(node, shapes, label,
-                                                                                               legacy_gemm))
+                                                                                               legacy_gemm, grams))
 
-    def _match(self, node: gs.Node, shapes: dict, label: str, legacy_gemm: bool = False) -> Plan | str:
+    def _match(self, node: gs.Node, shapes: dict, label: str, legacy_gemm: bool = False,
+               grams: dict | None = None) -> Plan | str:
         """The rewrite of one node, decided without touching the graph, or why there is none."""
         reason = self.name_filter(label)
         if reason:
@@ -117,7 +139,13 @@ class FactorizeGemm(LowRankPass):
             if min(m, n) < GATE_MIN_MATMUL_DIM:
                 return f"latency gate: {m}×{n} product, under {GATE_MIN_MATMUL_DIM} on one side (too small to gain)"
         matrix = site.matrix.astype(np.float64)
-        spectrum = functools.cache(lambda: np.linalg.svd(matrix, compute_uv=False))
+        gram = (grams or {}).get((site.act.name, site.feature_axis))
+        if gram is not None and gram.shape[0] != (m if site.side == "rows" else n):
+            gram = None
+        if gram is None:
+            spectrum = functools.cache(lambda: np.linalg.svd(matrix, compute_uv=False))
+        else:  # the output energy per rank: what energy= and rank=auto should weigh
+            spectrum = functools.cache(lambda: whitened_svd_factors(matrix, gram, 1, side=site.side).singular_values)
 
         def cost(ranks):
             return svd_costs(m, n, ranks[0], rows)
@@ -133,19 +161,21 @@ class FactorizeGemm(LowRankPass):
         if isinstance(choice, str):
             return choice
         r = choice.ranks[0]
-        factors = svd_factors(matrix, r)
+        factors = svd_factors(matrix, r) if gram is None else whitened_svd_factors(matrix, gram, r, side=site.side)
         if self.max_weight_error is not None and factors.rel_error > self.max_weight_error:
             return f"weight error {factors.rel_error:.3g} at rank {r} > max_weight_error={self.max_weight_error}"
         dtype = site.dtype
         steps = site.steps(factors.left.astype(dtype), factors.right.astype(dtype))
         details = {
-            "op": node.op, "method": "svd", "form": site.form, "shape": list(site.weight_shape), "rank": r,
+            "op": node.op, "method": "svd" if gram is None else "whitened svd", "form": site.form, "shape": list(site.weight_shape), "rank": r,
             "rule": choice.rule,
             "macs_before": reference.macs if macs_known else None,
             "macs_after": choice.cost.macs if macs_known else None,
             "params_before": reference.params, "params_after": choice.cost.params,
             "weight_rel_error": factors.rel_error, "weight_spectral_error": factors.spectral_error,
         }
+        if factors.output_rel_error is not None:
+            details["output_rel_error"] = factors.output_rel_error
         return Plan(node, site.act, steps, site.tail, "svd", details)
 
 
@@ -161,6 +191,8 @@ class _Site:
     rows: int | None  # rows of the product per sample; None when the shape is unknown
     steps: Callable[[np.ndarray, np.ndarray], list[Step]]  # (L, R) → the replacement chain
     tail: list[gs.Tensor]
+    feature_axis: int = -1  # the axis of `act` the weight contracts (its input features)
+    side: str = "rows"      # "rows": y = x·matrix; "cols": y = matrix·x
 
 
 def _weight_reason(tensor: gs.Tensor, w: np.ndarray | None, what: str = "weight", matrix: bool = True) -> str | None:
@@ -200,7 +232,27 @@ def _gemm_site(node: gs.Node, shapes: dict, legacy: bool = False) -> _Site | str
         second = {"beta": beta} if tail and beta != 1.0 else {}
         return [Step("Gemm", left, first), Step("Gemm", right, second)]
 
-    return _Site("Gemm", matrix, wb.dtype, wb.shape, a, rows, steps, tail)
+    return _Site("Gemm", matrix, wb.dtype, wb.shape, a, rows, steps, tail, feature_axis=0 if trans_a else 1)
+
+
+def _stat_requests(model: onnx.ModelProto, op_types: tuple[str, ...]) -> set[tuple[str, int]]:
+    """(activation, feature axis) of every main-graph candidate with a constant weight, in the
+    convention of the `_Site` builders (a superset: the match may still skip the layer)."""
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    consts = set(dims) | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    out = set()
+    for n in model.graph.node:
+        if n.op_type not in op_types or len(n.input) < 2:
+            continue
+        a, b = n.input[0], n.input[1]
+        if n.op_type == "Gemm" and b in consts and a not in consts:
+            trans_a = next((int(x.i) for x in n.attribute if x.name == "transA"), 0)
+            out.add((a, 0 if trans_a else 1))
+        elif n.op_type == "MatMul" and (a in consts) != (b in consts):
+            out.add((a, -1) if b in consts else (b, -2))
+        elif n.op_type == "Conv" and all(d == 1 for d in dims.get(b, (0, 0, 0))[2:]):
+            out.add((a, 1))
+    return out
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -235,7 +287,8 @@ def _matmul_site(node: gs.Node, shapes: dict) -> _Site | str:
     def steps_left(left, right):
         return [Step("MatMul", right, weight_first=True), Step("MatMul", left, weight_first=True)]
 
-    return _Site("MatMul (weight on the left)", wa, wa.dtype, wa.shape, b, rows, steps_left, [])
+    return _Site("MatMul (weight on the left)", wa, wa.dtype, wa.shape, b, rows, steps_left, [], feature_axis=-2,
+                 side="cols")
 
 
 def _pointwise_conv_site(node: gs.Node, shapes: dict) -> _Site | str:
@@ -268,4 +321,5 @@ def _pointwise_conv_site(node: gs.Node, shapes: dict) -> _Site | str:
         return [Step("Conv", right.reshape(r, i, *ones), dict(first_attrs)),
                 Step("Conv", left.reshape(o, r, *ones), {"kernel_shape": ones})]
 
-    return _Site("1×1 Conv", w.reshape(o, i), w.dtype, w.shape, node.inputs[0], rows, steps, tail)
+    return _Site("1×1 Conv", w.reshape(o, i), w.dtype, w.shape, node.inputs[0], rows, steps, tail, feature_axis=1,
+                 side="cols")
