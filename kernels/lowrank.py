@@ -21,6 +21,9 @@ Factorizations (K is a conv kernel ``O×I×kh×kw``, W a matrix ``m×n``):
   whitened space; ASVD / SVD-LLM). Exact at full rank whatever ``gram`` is; equal to
   ``svd_factors`` when ``gram`` is a multiple of the identity. ``singular_values`` are those of
   ``R W`` (the output energy per rank), ``output_rel_error`` the predicted relative output error.
+- ``whitened_tucker2(K, gram, r_out, r_in)``: Tucker-2 weighted by the input channels' second
+  moment (pixels treated as uncorrelated): ``tucker2`` of ``K ×₂ R``, the first factor mapped
+  back by ``R⁻¹``. Exact at full ranks.
 - ``tucker2(K, r_out, r_in)``: Tucker on the two channel modes, ``K ≈ core ×₁ last ×₂ firstᵀ``.
   The conv becomes 1×1 (I→r_in, weight ``first``) → kh×kw core (r_in→r_out, the original stride,
   pads, dilation) → 1×1 (r_out→O, weight ``last``, carries the bias). HOSVD initialisation then
@@ -63,6 +66,7 @@ __all__ = [
     "svd_factors",
     "tucker2",
     "whitened_svd_factors",
+    "whitened_tucker2",
 ]
 
 _BACKEND = "numpy"
@@ -303,27 +307,47 @@ def whitened_svd_factors(w: np.ndarray, gram: np.ndarray, rank: int, *, side: st
                                       singular_values=t.singular_values, spectral_error=0.0, rel_error=0.0,
                                       output_rel_error=t.output_rel_error), a, spectral=True)
     k = a.shape[0]
-    g = _as_float64(gram, 2, "gram")
-    if g.shape != (k, k):
-        raise ValueError(f"gram must be {k}×{k} for a weight of shape {a.shape}, got {g.shape}")
-    if ridge < 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge}")
     rank = _check_rank(rank, min(a.shape), "rank")
-    evals, q = np.linalg.eigh((g + g.T) / 2.0)
-    floor = max(ridge * float(np.trace(g)) / k, np.finfo(np.float64).tiny)
-    evals = np.maximum(evals, 0.0) + floor
-    root = np.sqrt(evals)
-    whitened = (root[:, None] * q.T) @ a                     # R W with R = Λ^½ Qᵀ
-    u, s, vt = np.linalg.svd(whitened, full_matrices=False)
+    root, inverse = _whitener(gram, k, ridge)
+    u, s, vt = np.linalg.svd(root @ a, full_matrices=False)
     u, vt = _fix_signs(u, vt)
     half = np.sqrt(s[:rank])
-    left = (q / root[None, :]) @ (u[:, :rank] * half[None, :])   # R⁻¹ U_r Σ_r^½
+    left = inverse @ (u[:, :rank] * half[None, :])   # R⁻¹ U_r Σ_r^½
     right = half[:, None] * vt[:rank, :]
     energy = float(np.sum(s ** 2))
     output_rel = float(np.sqrt(np.sum(s[rank:] ** 2) / energy)) if energy > 0 else 0.0
     factors = SvdFactors(left=np.ascontiguousarray(left), right=np.ascontiguousarray(right), singular_values=s,
                          spectral_error=0.0, rel_error=0.0, output_rel_error=output_rel)
     return _with_error(factors, a, spectral=True)
+
+
+def _whitener(gram: np.ndarray, k: int, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(R, R⁻¹)`` with ``RᵀR = gram + λI``, ``λ = ridge·tr(gram)/k`` (from the eigendecomposition,
+    so a rank-deficient ``gram`` is fine)."""
+    g = _as_float64(gram, 2, "gram")
+    if g.shape != (k, k):
+        raise ValueError(f"gram must be {k}×{k} for this weight, got {g.shape}")
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    evals, q = np.linalg.eigh((g + g.T) / 2.0)
+    floor = max(ridge * float(np.trace(g)) / k, np.finfo(np.float64).tiny)
+    root = np.sqrt(np.maximum(evals, 0.0) + floor)
+    return root[:, None] * q.T, q / root[None, :]
+
+
+def whitened_tucker2(kernel: np.ndarray, gram: np.ndarray, rank_out: int, rank_in: int, seed: int = 0, *,
+                     ridge: float = 1e-6, n_iter: int = 50) -> Tucker2Factors:
+    """Tucker-2 that weighs the kernel's input channels by the data: ``gram = E[x xᵀ]`` of the
+    conv's input channels (every pixel a sample). Treating pixels as uncorrelated, the output
+    error is ``‖(K − K̂) ×₂ R‖`` with ``RᵀR = gram + λI``, so `tucker2` runs on ``K ×₂ R`` and the
+    first factor maps back (``first = first′ R⁻ᵀ``). Exact at full ranks; `tucker2` itself on
+    white inputs. ``rel_error`` is the kernel's own."""
+    k = _as_float64(kernel, 4, "kernel")
+    root, inverse = _whitener(gram, k.shape[1], ridge)
+    white = tucker2(np.einsum("ji,oiyx->ojyx", root, k), rank_out, rank_in, seed, n_iter=n_iter)
+    factors = Tucker2Factors(first=np.ascontiguousarray(white.first @ inverse.T), core=white.core,
+                             last=white.last, rel_error=0.0)
+    return _with_error(factors, k)
 
 
 def _fix_signs(u: np.ndarray, vt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -105,6 +105,7 @@ class LowRankPass(Budgeted):
     min_params: int = 0
     min_macs: int = 0
     require_saving: bool = True  # False: rewrite even when the factors are not smaller (full-rank checks)
+    data: Literal["auto", "whitened", "plain"] = "auto"
 
     supported_ops: ClassVar[tuple[str, ...]] = ()
     default_levels: ClassVar[tuple[float, ...]] = (0.75, 0.5, 0.25)
@@ -148,6 +149,21 @@ class LowRankPass(Budgeted):
         if self.params_ratio is not None or self.macs_ratio is not None:
             return Selection("budget", params_ratio=self.params_ratio, macs_ratio=self.macs_ratio)
         return Selection("budget", macs_ratio=DEFAULT_MACS_RATIO, default=True)
+
+    def statistics(self, model: onnx.ModelProto, ctx: PassContext, report: PassReport,
+                   requests: set[tuple[str, int]]) -> dict[tuple[str, int], np.ndarray]:
+        """The input second moments data-aware factorization uses (`input_grams`), or {} when
+        the factors truncate the weights: ``data=plain``, ``auto`` without user data, a budgeted
+        run (its per-level runs collect them, once)."""
+        if self.budgeted or self.data == "plain" or (self.data == "auto" and not real_data(ctx)):
+            return {}
+        if ctx.data is None:
+            report.note("data=whitened without calibration data: the factors truncate the weights")
+            return {}
+        grams = input_grams(model, ctx, requests)
+        report.note(f"data-aware: the factors minimize each layer's output error on {len(ctx.data)} calibration "
+                    f"samples ({len(grams)} input statistics)")
+        return grams
 
     # -- budgets (graph_opt/budget.py) -----------------------------------------------------
 

@@ -20,6 +20,13 @@ After, by ``method``:
   Exact at R = rank(M); the spectral error of M is σ_{R+1} (``weight_spectral_error``).
   2-D convs only.
 
+Data-aware Tucker-2 (``data=whitened``; the default ``auto`` when calibration data was given, not
+for seeded random inputs): with ``C = E[x xᵀ]`` of the input channels (every pixel a sample,
+streamed once in float64) and ``C + λI = RᵀR``, treating pixels as uncorrelated the output error
+is ``‖(K − K̂) ×₂ R‖``: Tucker-2 of ``K ×₂ R``, the first 1×1 mapped back by ``R⁻¹``
+(`kernels.lowrank.whitened_tucker2`; per group with the group's block of C). Exact at full ranks;
+the rewrite reports ``whitened tucker2``. CP and spatial SVD truncate the kernel.
+
 Grouped convs (group G, at least 2 input channels per group) are factorized per group with one
 rank for all groups: every factor conv is grouped (G groups; CP's depthwise convs have G·R), so
 the chain is exact when each group's factors are. Depthwise convs are skipped, and so are 1×1
@@ -61,6 +68,7 @@ biases excluded; MACs per sample), ``weight_rel_error`` (Frobenius, relative),
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -75,6 +83,7 @@ from graph_opt.kernels.lowrank import (
     relative_error,
     spatial_svd,
     tucker2,
+    whitened_tucker2,
 )
 from graph_opt.kernels.rank import (
     Cost,
@@ -131,8 +140,11 @@ class FactorizeConv(LowRankPass):
                              "or rank=, rank_ratio=, params_ratio=, macs_ratio=")
 
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
+        grams = {}
+        if self.method == "tucker2":  # CP and spatial SVD truncate the kernel itself
+            grams = self.statistics(model, ctx, report, _stat_requests(model))
         return self.rewrite_layers(model, report, ctx,
-                                   lambda node, shapes, label: self._match(node, shapes, label, ctx.seed))
+                                   lambda node, shapes, label: self._match(node, shapes, label, ctx.seed, grams))
 
     @property
     def weight_error_limit(self) -> float | None:
@@ -140,7 +152,7 @@ class FactorizeConv(LowRankPass):
             return self.max_weight_error
         return CP_DEFAULT_MAX_WEIGHT_ERROR if self.method == "cp" else None
 
-    def _match(self, node: gs.Node, shapes: dict, label: str, seed: int) -> Plan | str:
+    def _match(self, node: gs.Node, shapes: dict, label: str, seed: int, grams: dict | None = None) -> Plan | str:
         """The rewrite of one conv, decided without touching the graph, or why there is none."""
         reason = self.name_filter(label)
         if reason:
@@ -148,6 +160,9 @@ class FactorizeConv(LowRankPass):
         layer = _conv_layer(node, shapes, self.method)
         if isinstance(layer, str):
             return layer
+        gram = (grams or {}).get((node.inputs[0].name, 1))
+        if gram is not None and gram.shape[0] == layer.i:
+            layer = dataclasses.replace(layer, gram=gram)
         reason = self.size_filter(layer.reference, layer.macs_known) or self.shape_requirement(layer.macs_known)
         if reason:
             return reason
@@ -175,7 +190,8 @@ class FactorizeConv(LowRankPass):
                     f"max_weight_error={limit}")
         ranks = choice.ranks
         details = {
-            "op": node.op, "method": self.method, "shape": list(layer.w.shape), "group": layer.groups,
+            "op": node.op, "method": self.method if layer.gram is None else f"whitened {self.method}",
+            "shape": list(layer.w.shape), "group": layer.groups,
             "rank": list(ranks) if len(ranks) > 1 else ranks[0], "rule": choice.rule,
             "macs_before": layer.reference.macs if layer.macs_known else None,
             "macs_after": choice.cost.macs if layer.macs_known else None,
@@ -201,6 +217,7 @@ class _ConvLayer:
     macs_known: bool
     reference: Cost
     tail: list[gs.Tensor]
+    gram: np.ndarray | None = None  # E[x xᵀ] of the input channels (data-aware Tucker-2)
 
     @functools.cached_property
     def group_kernels(self) -> list[np.ndarray]:
@@ -358,8 +375,12 @@ def _tucker2_steps(layer: _ConvLayer, ranks: Ranks, seed: int, attrs: dict):
     r_out, r_in = ranks
     ones = [1] * len(layer.kernel)
     firsts, cores, lasts, recon = [], [], [], []
-    for k in layer.group_kernels:
-        f = tucker2(_as4d(k), r_out, r_in, seed=seed)
+    for g, k in enumerate(layer.group_kernels):
+        if layer.gram is None:
+            f = tucker2(_as4d(k), r_out, r_in, seed=seed)
+        else:  # group g reads input channels g·ig … (g+1)·ig
+            block = layer.gram[g * layer.ig:(g + 1) * layer.ig, g * layer.ig:(g + 1) * layer.ig]
+            f = whitened_tucker2(_as4d(k), block, r_out, r_in, seed=seed)
         firsts.append(f.first)
         cores.append(f.core.reshape(r_out, r_in, *layer.kernel))
         lasts.append(f.last)
@@ -408,6 +429,14 @@ def _cp_steps(layer: _ConvLayer, ranks: Ranks, seed: int, attrs: dict):
     ]
     recon = np.concatenate([f.reconstruct() for f in parts])
     return steps, relative_error(layer.w, recon), {"cp_iterations": max(f.iterations for f in parts)}
+
+
+def _stat_requests(model: onnx.ModelProto) -> set[tuple[str, int]]:
+    """(input, channel axis) of every main-graph Conv with a constant k×k weight."""
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    return {(n.input[0], 1) for n in model.graph.node
+            if n.op_type == "Conv" and len(n.input) > 1 and len(dims.get(n.input[1], ())) >= 3
+            and any(d != 1 for d in dims[n.input[1]][2:])}
 
 
 _FACTORIZE = {"tucker2": _tucker2_steps, "cp": _cp_steps, "spatial_svd": _spatial_steps}

@@ -65,7 +65,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -83,9 +83,7 @@ from graph_opt.passes._lowrank import (
     Step,
     energy_rank,
     float_dtype_reason,
-    input_grams,
     prod,
-    real_data,
 )
 
 
@@ -99,18 +97,10 @@ class FactorizeGemm(LowRankPass):
     name: ClassVar[str] = "factorize_gemm"
     supported_ops: ClassVar[tuple[str, ...]] = CANDIDATES
     op_types: tuple[str, ...] = CANDIDATES
-    data: Literal["auto", "whitened", "plain"] = "auto"
 
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
         legacy_gemm = _opset(model) < 11
-        grams = {}
-        if (self.data == "whitened" or (self.data == "auto" and real_data(ctx))) and not self.budgeted:
-            if ctx.data is None:
-                report.note("data=whitened without calibration data: plain SVD of the weights")
-            else:
-                grams = input_grams(model, ctx, _stat_requests(model, self.op_types))
-                report.note(f"data-aware: each layer's factors minimize its output error on {len(ctx.data)} "
-                            f"calibration samples ({len(grams)} input statistics)")
+        grams = self.statistics(model, ctx, report, _stat_requests(model, self.op_types))
         return self.rewrite_layers(model, report, ctx, lambda node, shapes, label: self._match(node, shapes, label,
                                                                                                legacy_gemm, grams))
 

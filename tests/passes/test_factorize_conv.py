@@ -330,3 +330,45 @@ def test_layer_selection():
     assert "exclude pattern" in skip_reasons(FactorizeConv(rank=16, exclude=("*.conv",))(model))["layer1.conv"]
     assert "min_params" in skip_reasons(FactorizeConv(rank=16, min_params=50_000)(model))["layer1.conv"]
     assert "min_macs" in skip_reasons(FactorizeConv(rank=16, min_macs=10**8)(model))["layer1.conv"]
+
+
+# --------------------------------------------------------------------------------------------
+# Data-aware Tucker-2
+
+
+def _correlated_images(n, c, hw=8, seed=0):
+    """Samples of one distribution whose channels share a few directions (as real feature maps)."""
+    mix = np.random.default_rng(100).standard_normal((c, c)) * np.exp(-np.arange(c) / 4.0)[None, :]
+    x = np.random.default_rng(seed).standard_normal((n, c, hw, hw))
+    return np.einsum("ij,njhw->nihw", mix, x).astype(np.float32)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_whitened_tucker2_lowers_the_output_error_on_correlated_channels(groups):
+    from graph_opt.data import Dataset
+    from graph_opt.pass_base import PassContext
+
+    o, i = 64, 64
+    w = (np.random.default_rng(3).standard_normal((o, i // groups, 3, 3)) / 12).astype(np.float32)
+    g = GraphBuilder()
+    g.input("x", ["N", i, 8, 8])
+    g.node("Conv", ["x", g.const("c.w", w)], ["y"], name="c", kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=groups)
+    g.output("y", ["N", o, 8, 8])
+    model = g.build()
+    ctx = PassContext(data=Dataset({"x": _correlated_images(48, i)}, None, "calib.npz"))
+    options = dict(rank=16, latency_gate=False)
+    white = FactorizeConv(**options)(model, ctx)
+    plain = FactorizeConv(data="plain", **options)(model, ctx)
+    assert white.report.rewritten[0]["method"] == "whitened tucker2", white.report.skipped
+    assert plain.report.rewritten[0]["method"] == "tucker2"
+    assert op_count(white.model, "Conv") == 3
+    assert_valid(white.model)
+    test = {"x": _correlated_images(16, i, seed=1)}  # held out
+    ref = run(model, test)[0]
+    err = {k: np.linalg.norm(run(r.model, test)[0] - ref) / np.linalg.norm(ref) for k, r in (("white", white),
+                                                                                               ("plain", plain))}
+    assert err["white"] < 0.7 * err["plain"], err
+    full = FactorizeConv(rank_ratio=1.0, latency_gate=False, require_saving=False, align=0)(model, ctx)
+    assert full.report.rewritten[0]["method"] == "whitened tucker2"
+    feed = {"x": random_input([2, i, 8, 8])}  # exact at full rank on any input, not just the data's
+    np.testing.assert_allclose(run(full.model, feed)[0], run(model, feed)[0], rtol=1e-3, atol=1e-4)
