@@ -120,6 +120,10 @@ class Pass:
         """Rewrite `model` (a private copy unless `edits_input` is False) and return the result."""
         raise NotImplementedError
 
+    def preflight(self) -> None:
+        """Raise a `GraphOptError` when this pass cannot run at all here (an optional dependency
+        missing), so a pipeline refuses before any pass has worked. Nothing by default."""
+
     def options(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 

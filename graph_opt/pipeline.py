@@ -128,6 +128,8 @@ class Pipeline:
         self.shapes = shapes
 
     def run(self, original: onnx.ModelProto) -> PipelineResult:
+        for p in self.passes:
+            p.preflight()
         try:  # an input onnxruntime refuses cannot be verified: say so, instead of blaming every pass
             reference = Reference(original, self.verify_data, threads=self.threads) if self.verify_data is not None else None
             if reference is None:

@@ -1,6 +1,7 @@
 """The passes of graph-opt, one module each; `PASSES` is the registry, one explicit list."""
 
 from graph_opt.passes.cleanup import Cleanup
+from graph_opt.passes.distill import Distill
 from graph_opt.passes.factorize_conv import FactorizeConv
 from graph_opt.passes.factorize_gemm import FactorizeGemm
 from graph_opt.passes.fold_batchnorm import FoldBatchnorm
@@ -18,7 +19,8 @@ PASSES = (
     FactorizeConv,
     Quantize,
     Reconstruct,
+    Distill,
 )
 
-__all__ = ["PASSES", "Cleanup", "FactorizeConv", "FactorizeGemm", "FoldBatchnorm", "PruneChannels", "PruneWeights",
+__all__ = ["PASSES", "Cleanup", "Distill", "FactorizeConv", "FactorizeGemm", "FoldBatchnorm", "PruneChannels", "PruneWeights",
            "Quantize", "Reconstruct"]

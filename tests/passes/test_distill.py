@@ -1,0 +1,117 @@
+"""distill: the student trains towards the teacher and comes back as the same graph.
+
+The training tests run only where the optional torch extra is installed; the refusals without it
+run everywhere."""
+
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+from builders import GraphBuilder, assert_valid, random_input, run, small_cnn
+
+from graph_opt.data import Dataset
+from graph_opt.errors import GraphOptError
+from graph_opt.metrics import kd_loss
+from graph_opt.pass_base import PassContext
+from graph_opt.passes.distill import Distill, MissingExtraError
+from graph_opt.passes.prune_weights import PruneWeights
+from graph_opt.pipeline import Pipeline
+
+
+def _data(n, seed, shape=(4, 16, 16)):
+    return Dataset({"x": random_input([n, *shape], seed=seed)}, None, "calib.npz")
+
+
+def _structure(model):
+    return ([(n.op_type, n.name, list(n.input), list(n.output)) for n in model.graph.node],
+            sorted(t.name for t in model.graph.initializer))
+
+
+def test_without_torch_a_pipeline_refuses_before_any_pass(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
+    model = small_cnn(channels=4)
+    pipeline = Pipeline([PruneWeights(sparsity=0.5), Distill()], verify_data=_data(4, 0))
+    with pytest.raises(MissingExtraError, match=r"pip install 'graph-opt\[train\]'"):
+        pipeline.run(model)
+
+
+def test_without_teacher_or_data_it_skips_with_the_reason():
+    model = small_cnn(channels=4)
+    result = Distill()(model, PassContext())
+    assert not result.modified and "no teacher" in result.report.skipped[0].reason
+    result = Distill()(model, PassContext(original=model))
+    assert not result.modified and "no calibration data" in result.report.skipped[0].reason
+
+
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                                 reason="the optional torch extra (graph-opt[train]) is not installed")
+
+
+@needs_torch
+def test_distill_lowers_the_kd_loss_and_keeps_the_graph():
+    teacher = small_cnn(channels=4)
+    student = PruneWeights(sparsity=0.6)(teacher).model  # a compressed student that has drifted
+    calib, test = _data(96, 0), _data(64, 1)
+    before = kd_loss(run(teacher, test.inputs)[0], run(student, test.inputs)[0], temperature=4.0)
+    result = Distill(steps=120, lr=3e-3, batch_size=16, eval_every=20, patience=10, T=4.0, threads=1)(
+        student, PassContext(data=calib, original=teacher))
+    assert result.modified and result.report.rewritten, result.report.skipped
+    assert all(e["action"] == "trained" for e in result.report.rewritten)
+    assert _structure(result.model) == _structure(student)  # same nodes, same names: only values moved
+    assert_valid(result.model)
+    after = kd_loss(run(teacher, test.inputs)[0], run(result.model, test.inputs)[0], temperature=4.0)
+    assert after < 0.7 * before, (before, after)  # on held-out inputs, not the training ones
+    assert any(n.startswith("distill:") and "held-out loss" in n for n in result.report.notes)
+
+
+@needs_torch
+def test_hints_attention_and_relation_losses_train():
+    teacher = small_cnn(channels=4)
+    student = PruneWeights(sparsity=0.6)(teacher).model
+    hint = next(n.output[0] for n in teacher.graph.node if n.op_type == "Relu")
+    result = Distill(steps=40, lr=3e-3, hint=(f"{hint}={hint}",), attention=1.0, relation=1.0, eval_every=10,
+                     threads=1)(
+        student, PassContext(data=_data(48, 0), original=teacher))
+    assert result.modified, result.report.skipped
+    with pytest.raises(GraphOptError, match="not computed by the student"):
+        Distill(hint=("nope",))(student, PassContext(data=_data(8, 0), original=teacher))
+
+
+@needs_torch
+def test_conversion_reproduces_onnxruntime_on_every_op():
+    from graph_opt.passes._torch import TorchGraph
+
+    g = GraphBuilder(seed=2)
+    x = g.input("x", ["N", 4, 9, 9])
+    a = g.node("HardSwish", [g.conv(x, 4, 8, pads=[1, 1, 1, 1])])
+    a = g.node("Pad", [a, g.const("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))], mode="constant")
+    a = g.node("AveragePool", [a], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    b = g.node("MaxPool", [a], kernel_shape=[2, 2], strides=[1, 1], auto_pad="SAME_UPPER")
+    c = g.node("Clip", [g.node("Sigmoid", [b]), g.const("lo", np.array(0.1, np.float32)),
+                        g.const("hi", np.array(0.9, np.float32))])
+    d = g.node("Concat", [b, c], axis=1)
+    t = g.node("Transpose", [g.node("Reshape", [d, g.const("shape", np.array([0, 16, -1], np.int64))])], perm=[0, 2, 1])
+    ln = g.node("LayerNormalization", [t, g.weight("ln.s", (16,)), g.weight("ln.b", (16,))], axis=-1)
+    m = g.node("MatMul", [ln, g.weight("mm.w", (16, 8))])
+    e = g.node("Tanh", [g.node("Add", [m, g.weight("mm.b", (8,))])])
+    r = g.node("ReduceMean", [e], axes=[1], keepdims=0)
+    s = g.node("Softmax", [g.gemm(r, 8, 5, name="head")], axis=-1)
+    g.node("Identity", [s], ["y"])
+    g.output("y", ["N", 5])
+    model = g.build()
+    feed = {"x": random_input([3, 4, 9, 9])}
+    TorchGraph(model).check(feed, run(model, feed), rtol=1e-5)
+
+
+@needs_torch
+def test_an_op_the_conversion_lacks_is_refused_in_one_line():
+    from graph_opt.passes._torch import UntrainableError
+
+    g = GraphBuilder()
+    x = g.input("x", ["N", 8])
+    g.node("Identity", [g.node("Einsum", [g.gemm(x, 8, 8)], equation="ni->ni")], ["y"])
+    g.output("y", ["N", 8])
+    model = g.build()
+    with pytest.raises(UntrainableError, match=r"op Einsum .* cannot be trained"):
+        Distill()(model, PassContext(data=Dataset({"x": random_input([8, 8])}, None, "c.npz"), original=model))
