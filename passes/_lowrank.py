@@ -306,7 +306,9 @@ def input_grams(model: onnx.ModelProto, ctx: PassContext,
     requests = {r for r in requests if r[0]}
     if not requests or ctx.data is None:
         return {}
-    key = (_fingerprint(model), id(ctx.data), len(ctx.data), tuple(sorted(requests)))
+    # id(model): a pass that only retrains weights (distill) keeps every name, so the structure
+    # alone cannot tell its output from its input; a budget's runs all read the same model object.
+    key = (id(model), _fingerprint(model), id(ctx.data), len(ctx.data), tuple(sorted(requests)))
     if key in _GRAM_MEMO:
         return _GRAM_MEMO[key]
     inputs = {i.name for i in model.graph.input}
