@@ -41,6 +41,13 @@ Choosing parameters (``compute_params``), with ``[qmin, qmax]`` the dtype range 
 Error bound: for every ``x`` inside the calibrated range, ``|dequantize(quantize(x)) − x| ≤ s/2``
 (up to float32 rounding of the division, a few ulp). Values outside saturate.
 
+Rounding that follows the data (``gptq_quantize``, GPTQ / Optimal Brain Quantization): the grid
+(``QuantParams``) is kept, but the codes of a matrix weight are chosen one input column at a
+time, each column's rounding error spread over the columns not yet quantized through the inverse
+of ``H = E[x xᵀ]`` (the layer's input second moment, damped by ``damp·mean(diag H)``), which
+greedily minimizes the layer's output error ``E‖x(W − Ŵ)‖²`` instead of each weight's own error.
+With ``H`` a multiple of the identity it is round-to-nearest exactly.
+
 Binary and ternary weights (stored as int2 codes with a per-channel scale, ``dtype='int2'``):
 
 - ``binary_weights``: ``w_b = α·sign(w)``, ``α = mean|w|`` per output channel, ``sign(0) = +1``;
@@ -69,6 +76,7 @@ __all__ = [
     "compute_params",
     "dequantize",
     "fake_quantize",
+    "gptq_quantize",
     "pack_int2",
     "pack_int4",
     "qrange",
@@ -507,3 +515,51 @@ def unpack_int2(
 ) -> np.ndarray:
     """Inverse of ``pack_int2``; ``signed=True`` gives int8 in [−2, 1], else uint8 in [0, 3]."""
     return _unpack_bits(packed, count, 2, signed)
+
+
+# --------------------------------------------------------------------------- data-aware rounding
+
+
+def gptq_quantize(w: ArrayLike, params: QuantParams, hessian: ArrayLike, in_axis: int, *, damp: float = 0.01,
+                  block: int = 128, limits: tuple[int, int] | None = None) -> np.ndarray:
+    """Codes of the 2-D weight ``w`` on the grid of ``params`` (any granularity), chosen column by
+    column along ``in_axis`` (the axis the layer contracts with its input) with GPTQ's error
+    feedback through ``hessian`` (``E[x xᵀ]`` over the input features). Input features the data
+    never excites (zero diagonal) take no feedback and keep nearest rounding. ``limits``: the
+    codes allowed (default the dtype's range; a symmetric or 7-bit grid passes its own, since
+    the feedback can push a code past the largest one nearest rounding makes). float64 inside."""
+    a = np.asarray(w, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"gptq_quantize takes a 2-D weight, got shape {a.shape}")
+    in_axis = _normalize_axis(in_axis, 2)
+    h = np.array(hessian, dtype=np.float64)
+    n = a.shape[in_axis]
+    if h.shape != (n, n):
+        raise ValueError(f"hessian must be {n}×{n} for the input axis of a {a.shape} weight, got {h.shape}")
+    if not np.all(np.isfinite(a)) or not np.all(np.isfinite(h)):
+        raise ValueError("weight and hessian must be finite")
+    qmin, qmax = limits if limits is not None else qrange(params.dtype)
+    scale, zp = (np.broadcast_to(v, a.shape).astype(np.float64) for v in _broadcast(params, a.shape))
+    if in_axis == 0:  # work on (outputs, inputs)
+        a, scale, zp = a.T, scale.T, zp.T
+    W = a.copy()
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    h += damp * float(np.mean(np.diag(h))) * np.eye(n)
+    upper = np.linalg.cholesky(np.linalg.inv(h)).T
+    codes = np.empty(W.shape, dtype=np.float64)
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        part = W[:, i1:i2].copy()
+        errors = np.zeros_like(part)
+        hinv = upper[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            q = np.clip(np.rint(part[:, i] / scale[:, col]) + zp[:, col], qmin, qmax)
+            codes[:, col] = q
+            err = (part[:, i] - (q - zp[:, col]) * scale[:, col]) / hinv[i, i]
+            part[:, i:] -= np.outer(err, hinv[i, i:])
+            errors[:, i] = err
+        W[:, i2:] -= errors @ upper[i1:i2, i2:]
+    out = codes.T if in_axis == 0 else codes
+    return np.ascontiguousarray(out).astype(storage_dtype(params.dtype))

@@ -520,3 +520,47 @@ def test_per_tensor_fake_quantize_fast_path_equals_quantize_dequantize(dtype):
         assert np.array_equal(fast, slow)
         assert fast[0, 0] == 0.0  # NaN has no code: the zero point, i.e. 0.0
     assert q.fake_quantize(np.float64(0.3), params).shape == ()
+
+
+# --- GPTQ rounding -----------------------------------------------------------------------------
+
+def _correlated(n, k, seed=0):
+    mix = np.random.default_rng(100).standard_normal((k, k)) * np.exp(-np.arange(k) / 10.0)[None, :]
+    return np.random.default_rng(seed).standard_normal((n, k)) @ mix.T
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("layout", ["x@W", "x@W.T"])
+def test_gptq_rounding_lowers_the_output_error(dtype, layout):
+    k, n = 96, 48
+    w = (np.random.default_rng(1).standard_normal((k, n)) * 0.1).astype(np.float32)
+    x, held = _correlated(3000, k), _correlated(1000, k, seed=1)
+    h = x.T @ x / len(x)
+    stored, in_axis, axis = (w, 0, 1) if layout == "x@W" else (w.T.copy(), 1, 0)
+    p = q.compute_params(stored, dtype, symmetric=True, axis=axis)
+    limits = (-q.symmetric_steps(dtype), q.symmetric_steps(dtype))
+    codes = q.gptq_quantize(stored, p, h, in_axis, limits=limits)
+    assert codes.dtype == q.quantize(stored, p).dtype and codes.min() >= limits[0] and codes.max() <= limits[1]
+
+    def err(codes):
+        deq = q.dequantize(codes, p)
+        approx = deq if layout == "x@W" else deq.T
+        return np.linalg.norm(held @ w - held @ approx) / np.linalg.norm(held @ w)
+
+    assert err(codes) < 0.6 * err(q.quantize(stored, p))  # on inputs it never saw
+
+
+def test_gptq_on_white_inputs_is_nearest_rounding():
+    w = np.random.default_rng(2).standard_normal((40, 24)).astype(np.float32)
+    for params in (q.compute_params(w, "int8", axis=1), q.compute_params(w, "int4", symmetric=False, axis=None),
+                   q.blockwise_params(w, 16, axis=0, dtype="int4")):
+        assert np.array_equal(q.gptq_quantize(w, params, 3.0 * np.eye(40), 0), q.quantize(w, params))
+
+
+def test_gptq_keeps_nearest_rounding_for_unexcited_inputs_and_checks_shapes():
+    w = np.random.default_rng(3).standard_normal((16, 8)).astype(np.float32)
+    p = q.compute_params(w, "int8", axis=1)
+    h = np.zeros((16, 16))
+    assert np.array_equal(q.gptq_quantize(w, p, h, 0), q.quantize(w, p))  # no data: nothing to follow
+    with pytest.raises(ValueError, match="hessian must be 16×16"):
+        q.gptq_quantize(w, p, np.eye(8), 0)
