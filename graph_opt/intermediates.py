@@ -14,6 +14,7 @@ the two models part ways.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -176,3 +177,57 @@ def feature_distances(teacher: onnx.ModelProto, student: onnx.ModelProto, data: 
             sums[(t, s)] += 0.5 * float(np.sum((a - b) ** 2))
             count[(t, s)] += a.size
     return {(t if t == s else f"{t}={s}"): sums[(t, s)] / max(count[(t, s)], 1) for t, s in pairs}
+
+
+# The largest input width whose second moment is accumulated (a k×k float64 matrix per layer).
+MAX_GRAM_WIDTH = 8192
+# One memo entry: a budgeted pass runs the same model on the same data at every level and layer.
+_GRAM_MEMO: dict[tuple, dict[tuple[str, int], np.ndarray]] = {}
+
+
+def second_moments(model: onnx.ModelProto, data: Dataset | None,
+                   requests: set[tuple[str, int]]) -> dict[tuple[str, int], np.ndarray]:
+    """(tensor, feature axis) → ``E[x xᵀ]`` over every position of the tensor (all axes but the
+    feature axis are samples), streamed over `data` in float64: the input statistics of
+    data-aware factorization and rounding. Graph inputs are read from the feed; intermediate
+    tensors are exposed as extra outputs of one session. Tensors wider than `MAX_GRAM_WIDTH`,
+    not float, or not finite are left out. The last result is memoized (see the key)."""
+    requests = {r for r in requests if r[0]}
+    if not requests or data is None:
+        return {}
+    # id(model): a pass that only retrains weights (distill) keeps every name, so the structure
+    # alone cannot tell its output from its input; a budget's runs all read the same model object.
+    key = (id(model), _fingerprint(model), id(data), len(data), tuple(sorted(requests)))
+    if key in _GRAM_MEMO:
+        return _GRAM_MEMO[key]
+    inputs = {i.name for i in model.graph.input}
+    names = sorted({name for name, _ in requests if name not in inputs})
+    sums: dict[tuple[str, int], np.ndarray] = {}
+    counts: dict[tuple[str, int], int] = {}
+    batches = (stream(model, data, names, desc="input statistics") if names
+               else ((feed, {}) for feed in data.batches(batch_size_for(model))))
+    for feed, values in batches:
+        for name, axis in requests:
+            x = np.asarray(feed[name] if name in inputs else values[name])
+            if x.ndim == 0 or not np.issubdtype(x.dtype, np.floating):
+                continue
+            rows = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]).astype(np.float64)
+            if rows.shape[1] > MAX_GRAM_WIDTH or not np.all(np.isfinite(rows)):
+                continue
+            sums[(name, axis)] = sums.get((name, axis), 0.0) + rows.T @ rows
+            counts[(name, axis)] = counts.get((name, axis), 0) + rows.shape[0]
+    grams = {k: v / counts[k] for k, v in sums.items() if counts[k]}
+    _GRAM_MEMO.clear()
+    _GRAM_MEMO[key] = grams
+    return grams
+
+
+def _fingerprint(model: onnx.ModelProto) -> str:
+    """The graph's structure and weight names: passes give rewritten weights fresh names, so a
+    model whose activations could differ has a different fingerprint."""
+    h = hashlib.sha1()
+    for n in model.graph.node:
+        h.update(f"{n.op_type}|{','.join(n.input)}|{','.join(n.output)};".encode())
+    for t in model.graph.initializer:
+        h.update(t.name.encode())
+    return h.hexdigest()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import fnmatch
 import gc
-import hashlib
 import logging
 import math
 import re
@@ -33,6 +32,7 @@ import onnx_graphsurgeon as gs
 
 from graph_opt.budget import Budgeted, run_budget
 from graph_opt.data import input_specs
+from graph_opt.intermediates import second_moments
 from graph_opt.kernels.rank import Cost, rank_for_energy, rank_for_ratio, round_rank
 from graph_opt.model_io import to_graph, to_model, weights_on_disk
 from graph_opt.pass_base import PassContext, PassReport
@@ -152,7 +152,7 @@ class LowRankPass(Budgeted):
 
     def statistics(self, model: onnx.ModelProto, ctx: PassContext, report: PassReport,
                    requests: set[tuple[str, int]]) -> dict[tuple[str, int], np.ndarray]:
-        """The input second moments data-aware factorization uses (`input_grams`), or {} when
+        """The input second moments data-aware factorization uses (`intermediates.second_moments`), or {} when
         the factors truncate the weights: ``data=plain``, ``auto`` without user data, a budgeted
         run (its per-level runs collect them, once)."""
         if self.budgeted or self.data == "plain" or (self.data == "auto" and not real_data(ctx)):
@@ -160,7 +160,7 @@ class LowRankPass(Budgeted):
         if ctx.data is None:
             report.note("data=whitened without calibration data: the factors truncate the weights")
             return {}
-        grams = input_grams(model, ctx, requests)
+        grams = second_moments(model, ctx.data, requests)
         report.note(f"data-aware: the factors minimize each layer's output error on {len(ctx.data)} calibration "
                     f"samples ({len(grams)} input statistics)")
         return grams
@@ -285,61 +285,9 @@ def infer_shapes(model: onnx.ModelProto, ctx: PassContext) -> tuple[dict[str, tu
 # ---------------------------------------------------------------------------------------------
 # Input statistics (data-aware factorization)
 
-# The largest input width whose second moment is accumulated (a k×k float64 matrix per layer).
-MAX_GRAM_WIDTH = 8192
-# One memo entry: a budgeted pass runs the same model on the same data at every level and layer.
-_GRAM_MEMO: dict[tuple, dict[tuple[str, int], np.ndarray]] = {}
-
-
 def real_data(ctx: PassContext) -> bool:
     """Calibration data the user gave (not the seeded random inputs made when none was)."""
     return ctx.data is not None and not ctx.data.source.startswith("random(")
-
-
-def input_grams(model: onnx.ModelProto, ctx: PassContext,
-                requests: set[tuple[str, int]]) -> dict[tuple[str, int], np.ndarray]:
-    """(tensor, feature axis) → ``E[x xᵀ]`` over every position of the tensor (all axes but the
-    feature axis are samples), streamed over ``ctx.data`` in float64. Graph inputs are read from
-    the feed; intermediate tensors are exposed as extra outputs of one session."""
-    from graph_opt.intermediates import stream  # the capture machinery of the core
-
-    requests = {r for r in requests if r[0]}
-    if not requests or ctx.data is None:
-        return {}
-    # id(model): a pass that only retrains weights (distill) keeps every name, so the structure
-    # alone cannot tell its output from its input; a budget's runs all read the same model object.
-    key = (id(model), _fingerprint(model), id(ctx.data), len(ctx.data), tuple(sorted(requests)))
-    if key in _GRAM_MEMO:
-        return _GRAM_MEMO[key]
-    inputs = {i.name for i in model.graph.input}
-    names = sorted({name for name, _ in requests if name not in inputs})
-    sums: dict[tuple[str, int], np.ndarray] = {}
-    counts: dict[tuple[str, int], int] = {}
-    for feed, values in stream(model, ctx.data, names, desc="input statistics"):
-        for name, axis in requests:
-            x = np.asarray(feed[name] if name in inputs else values[name])
-            if x.ndim == 0 or not np.issubdtype(x.dtype, np.floating):
-                continue
-            rows = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]).astype(np.float64)
-            if rows.shape[1] > MAX_GRAM_WIDTH or not np.all(np.isfinite(rows)):
-                continue
-            sums[(name, axis)] = sums.get((name, axis), 0.0) + rows.T @ rows
-            counts[(name, axis)] = counts.get((name, axis), 0) + rows.shape[0]
-    grams = {k: v / counts[k] for k, v in sums.items() if counts[k]}
-    _GRAM_MEMO.clear()
-    _GRAM_MEMO[key] = grams
-    return grams
-
-
-def _fingerprint(model: onnx.ModelProto) -> str:
-    """The graph's structure and weight names: passes give rewritten weights fresh names, so a
-    model whose activations could differ has a different fingerprint."""
-    h = hashlib.sha1()
-    for n in model.graph.node:
-        h.update(f"{n.op_type}|{','.join(n.input)}|{','.join(n.output)};".encode())
-    for t in model.graph.initializer:
-        h.update(t.name.encode())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
