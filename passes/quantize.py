@@ -21,6 +21,10 @@ Numerics (`graph_opt.kernels.quant`): ``q = saturate(round(x/s) + z)``, ``x̂ = 
   ``reduce_range``: 7-bit int8 weights with quantized activations; ``'auto'`` (default) when the
   ``target`` CPU (``host``, or a name of `graph_opt.target.NAMED`) is x86 without int8 dot
   products, whose u8×s8 kernels saturate (docs/design.md, fact 6). The report names the target.
+- ``rounding=gptq``: the codes of 2-D Gemm/MatMul weights follow the data (GPTQ,
+  `kernels.quant.gptq_quantize`): each input column's rounding error is spread over the columns
+  not yet rounded through the inverse of the layer's input second moment, measured on the float
+  model's activations (not chained through the quantized layers). Same grid, same file.
 - ``ternary`` (TWN: ``Δ = 0.7·mean|w|``, codes ``sign(w)·[|w| > Δ]``, ``α = mean(|w| : |w| > Δ)``)
   and ``binary`` (``sign(w)``, ``α = mean|w|``): int2 codes with α per channel as the scale.
 - Activations ``uint8|int8``: one asymmetric per-tensor scale from the calibrated range
@@ -90,6 +94,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graph_opt.budget import exact_pattern, hold_floor, name_nodes
 from graph_opt.data import Dataset, batch_size_for, random_dataset
 from graph_opt.errors import GraphOptError
+from graph_opt.intermediates import second_moments
 from graph_opt.kernels.calib import HistogramObserver, MinMaxObserver
 from graph_opt.kernels.quant import (
     MIN_SCALE,
@@ -97,8 +102,10 @@ from graph_opt.kernels.quant import (
     binary_weights,
     blockwise_params,
     compute_params,
+    gptq_quantize,
     pack_int2,
     pack_int4,
+    qrange,
     quantize,
     symmetric_steps,
     ternary_weights,
@@ -178,6 +185,7 @@ class Quantize(Pass):
     batch_size: int | None = None
     min_snr_db: float | None = None
     threads: int = 0
+    rounding: Literal["nearest", "gptq"] = "nearest"
 
     def __post_init__(self) -> None:
         if self.target != "host" and self.target not in NAMED_TARGETS:
@@ -314,6 +322,7 @@ class _Layer:
     b: str | None = None
     bv: np.ndarray | None = None
     bias_float: str = ""  # why the bias cannot become int32 ('' when it can)
+    hessian: np.ndarray | None = None  # E[x xᵀ] of the input features (rounding=gptq)
 
     @property
     def wv(self) -> np.ndarray:
@@ -449,7 +458,46 @@ def _quantize_weight(layer: _Layer, opts: Quantize, static: bool) -> TensorQuant
             p = _reduced_params(w, axis, opts.symmetric)
         else:
             p = compute_params(w, dtype, symmetric=opts.symmetric, axis=axis)
-    return TensorQuant.from_params(layer.w, "weight", p, shape=shape, codes=quantize(w, p))
+    codes = quantize(w, p)
+    if layer.hessian is not None and w.ndim == 2:
+        reduced = static and dtype == "int8" and opts.weights_reduced and block == 0
+        codes = gptq_quantize(w, p, layer.hessian, layer.red_axis, limits=_code_limits(dtype, opts.symmetric, reduced))
+    return TensorQuant.from_params(layer.w, "weight", p, shape=shape, codes=codes)
+
+
+def _code_limits(dtype: str, symmetric: bool, reduced: bool) -> tuple[int, int]:
+    """The codes nearest rounding can produce on the grid: GPTQ's feedback stays inside them."""
+    if reduced:
+        return (-63, 63) if symmetric else (-64, 63)
+    lo, hi = qrange(dtype)
+    if not symmetric:
+        return lo, hi
+    k = symmetric_steps(dtype)
+    zero = 0 if lo < 0 else (hi + 1) // 2
+    return zero - k, zero + k
+
+
+def _hessians(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, _Layer], data: Dataset | None,
+              notes: list[str]) -> None:
+    """rounding=gptq: attach each 2-D Gemm/MatMul weight's input second moment, from the float
+    model's activations on the calibration data (not chained through the quantized layers)."""
+    if data is None:
+        notes.append("rounding=gptq without calibration data: weights rounded to nearest")
+        return
+    requests = {}
+    for idx, layer in layers.items():
+        if layer.op in ("Gemm", "MatMul") and layer.wv.ndim == 2:
+            trans_a = _attr(ix.nodes[idx], "transA", 0) if layer.op == "Gemm" else 0
+            requests[idx] = (layer.x, 0 if trans_a else -1)
+    grams = second_moments(model, data, set(requests.values()))
+    done = 0
+    for idx, key in requests.items():
+        h = grams.get(key)
+        if h is not None and h.shape[0] == layers[idx].wv.shape[layers[idx].red_axis]:
+            layers[idx].hessian = h
+            done += 1
+    notes.append(f"rounding=gptq: {done} of {len(layers)} layers' weights rounded against their input statistics "
+                 f"on {len(data)} samples (Gemm/MatMul with 2-D weights; the rest to nearest)")
 
 
 def _quantize_bias(layer: _Layer, x_scale: np.ndarray, wq: TensorQuant) -> TensorQuant | str:
@@ -1349,6 +1397,9 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
                 match = _match_layer(ix, idx)
                 if not isinstance(match, str):
                     layers[idx] = match
+
+    if opts.rounding == "gptq":
+        _hessians(model, ix, layers, data, notes)
 
     # Which layers may run with quantized activations.
     wants_static = opts.activations != "none"

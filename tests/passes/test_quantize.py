@@ -15,6 +15,7 @@ from graph_opt.kernels.quant import (
     blockwise_params,
     compute_params,
     fake_quantize,
+    symmetric_steps,
     ternary_weights,
 )
 from graph_opt.metrics import cosine
@@ -1279,3 +1280,41 @@ def test_a_maxpool_with_indices_is_left_float():
     ref, got = _outputs(model, test), _outputs(result.model, test)
     assert got[1].dtype == np.int64 and got[1].shape == ref[1].shape  # (int8 inputs can tie: other indices)
     assert cosine(ref[0], got[0]) >= 0.999
+
+
+# ----------------------------------------------------------------------------- GPTQ rounding
+
+
+def _correlated_mlp_and_data():
+    mix = np.random.default_rng(100).standard_normal((96, 96)) * np.exp(-np.arange(96) / 10.0)[None, :]
+
+    def draw(n, seed):
+        return (np.random.default_rng(seed).standard_normal((n, 96)) @ mix.T).astype(np.float32)
+
+    g = GraphBuilder(seed=1)
+    x = g.input("x", ["N", 96])
+    h = g.node("MatMul", [x, g.weight("w1", (96, 64), 0.1)], name="fc1")
+    y = g.gemm(h, 64, 32, name="fc2")
+    g.node("Identity", [y], ["y"])
+    g.output("y", ["N", 32])
+    return g.build(), Dataset({"x": draw(256, 0)}, None, "calib.npz"), Dataset({"x": draw(128, 1)}, None, "test.npz")
+
+
+@pytest.mark.parametrize("weights,activations", [("int4", "none"), ("int8", "none"), ("int8", "uint8")])
+def test_gptq_rounding_lowers_the_output_error(weights, activations):
+    model, calib, test = _correlated_mlp_and_data()
+    ref = _outputs(model, test)[0]
+    err = {}
+    for rounding in ("nearest", "gptq"):
+        result = Quantize(weights=weights, activations=activations, rounding=rounding, sensitivity_snr_db=None,
+                          target="x86-avx2")(model, PassContext(data=calib))
+        assert len(result.report.rewritten) == 2
+        assert_valid(result.model)
+        err[rounding] = np.linalg.norm(_outputs(result.model, test)[0] - ref) / np.linalg.norm(ref)
+        if rounding == "gptq":
+            assert any(n.startswith("rounding=gptq: 2 of 2 layers") for n in result.report.notes)
+            plan = Quantize(weights=weights, activations=activations, rounding="gptq", sensitivity_snr_db=None,
+                            target="x86-avx2").plan(model, calib)
+            steps = 63 if (weights, activations) == ("int8", "uint8") else symmetric_steps(weights)
+            assert all(np.abs(t.codes).max() <= steps for t in plan.by_role("weight"))  # the grid's own limits
+    assert err["gptq"] < (0.5 if weights == "int4" else 0.95) * err["nearest"], err
