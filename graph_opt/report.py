@@ -7,7 +7,7 @@ from typing import Any
 
 from graph_opt.pipeline import PipelineResult, StepRecord
 from graph_opt.stats import ModelStats, largest_layers
-from graph_opt.verify import ParityReport
+from graph_opt.verify import TOLERANCE_METRICS, ParityReport, check_tolerances
 
 
 def human_bytes(n: int | None) -> str:
@@ -152,3 +152,54 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return "inf" if obj > 0 else ("-inf" if obj < 0 else "nan")
     return obj
+
+
+def pipeline_markdown(result: PipelineResult, *, model: str, exit_status: int, plot_png: bytes | None = None,
+                      plot_note: str = "") -> str:
+    """A review summary of one optimize run: the step table, each tolerance met or broken with the
+    exit status, what every pass skipped grouped by reason, and (when given) the fidelity-against-size
+    plot embedded as a data URI, so the file stands alone when posted on a change."""
+    verdict = "passed" if result.passed and exit_status == 0 else "FAILED"
+    lines = [f"## graph-opt: `{model}` — {verdict} (exit {exit_status})", ""]
+    base = result.baseline.stats
+    headers = ["step", "params", "size", "MACs", "latency", "cosine", "SNR dB", "top-1 agr", "accuracy", "time", "status"]
+    rows = [_step_row(rec, base, rec is result.baseline) for rec in [result.baseline, *result.steps]]
+    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
+    lines.append("")
+    final = result.final_parity
+    if result.tolerances:
+        lines += ["**Tolerances** (final model against the original, on the verification data):", ""]
+        for metric, bound in result.tolerances.items():
+            value = final.metric(metric) if final is not None else None
+            kind = ">=" if TOLERANCE_METRICS[metric] == "min" else "<="
+            met = bool(final is not None and not check_tolerances(final, {metric: bound}))
+            shown = "not measured" if value is None else f"{value:.6g}"
+            lines.append(f"- `{metric}` {kind} {bound:g}: {shown}, {'met' if met else '**broken**'}")
+        lines.append("")
+    for rec in result.steps:
+        if not rec.accepted:
+            lines.append(f"- **{rec.spec}** rolled back: {rec.reason}")
+    if result.stopped:
+        lines.append(f"- **stopped**: {result.stopped}")
+    skips = [(rec, rec.report.skipped) for rec in result.steps if rec.report and rec.report.skipped]
+    if skips:
+        lines += ["", "<details><summary>Skipped, by reason</summary>", ""]
+        for rec, skipped in skips:
+            by_reason: dict[str, list[str]] = {}
+            for s in skipped:
+                by_reason.setdefault(s.reason, []).append(s.node)
+            lines.append(f"**{rec.spec}**")
+            lines.append("")
+            for reason, nodes in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+                shown = ", ".join(f"`{n}`" for n in nodes[:5]) + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
+                lines.append(f"- {reason} ({len(nodes)}): {shown}")
+            lines.append("")
+        lines.append("</details>")
+    if plot_png is not None:
+        import base64
+
+        lines += ["", f"![fidelity against size](data:image/png;base64,{base64.b64encode(plot_png).decode()})"]
+    elif plot_note:
+        lines += ["", f"_{plot_note}_"]
+    return "\n".join(lines).rstrip() + "\n"
