@@ -112,9 +112,9 @@ from graph_opt.kernels.quant import (
 )
 from graph_opt.model_io import copy_model, detached, has_disk_weights, subgraphs
 from graph_opt.pass_base import Pass, PassContext, PassReport
+from graph_opt.passes._fold import apply_folds, find_folds
 from graph_opt.passes._graph import GraphIndex, Namer, all_nodes, infer_shapes
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
-from graph_opt.passes.fold_batchnorm import FoldBatchnorm
 from graph_opt.progress import progress
 from graph_opt.stats import serialized_bytes
 from graph_opt.target import NAMED as NAMED_TARGETS
@@ -216,7 +216,7 @@ class Quantize(Pass):
 
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
         # `model` is the caller's (edits_input is False): the plan only reads it, and apply_plan,
-        # FoldBatchnorm and the floor's runs each write a copy.
+        # apply_folds and the floor's runs each write a copy.
         if self.min_snr_db is not None:
             return self._run_with_floor(copy_model(model), report, ctx)
         if self.weights == "int8" and self.activations != "none":
@@ -226,11 +226,12 @@ class Quantize(Pass):
         if self.activations != "none" and any(n.op_type == "BatchNormalization" for n in model.graph.node):
             # A BatchNormalization between a Conv/Gemm and its output QDQ would run in float
             # between int8 layers, slower than the fp32 model; folding is exact.
-            folded = FoldBatchnorm()(model, ctx)
-            if folded.modified:
-                report.note(f"folded {len(folded.report.rewritten)} BatchNormalization into their Conv/Gemm first "
+            ix = GraphIndex(model)
+            folds, _ = find_folds(ix)
+            if folds:
+                report.note(f"folded {len(folds)} BatchNormalization into their Conv/Gemm first "
                             "(exact), so the layer outputs stay int8")
-                model, private = folded.model, True
+                model, private = apply_folds(model, ix, folds), True
         plan, work = make_plan(model, ctx.data, self)
         for d in plan.nodes:
             if d.action != "quantize":
