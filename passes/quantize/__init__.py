@@ -115,6 +115,7 @@ from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._fold import apply_folds, find_folds
 from graph_opt.passes._graph import GraphIndex, Namer, all_nodes, infer_shapes
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
+from graph_opt.passes.quantize.ops import ABSORBED_OPS, LAYER_OPS, OWN_OPS, QUANTIZED_OPS, SHARED_OPS
 from graph_opt.progress import progress
 from graph_opt.stats import serialized_bytes
 from graph_opt.target import NAMED as NAMED_TARGETS
@@ -123,21 +124,6 @@ from graph_opt.verify import Reference, make_session, release_memory
 
 log = logging.getLogger(__name__)
 
-LAYER_OPS = ("Conv", "Gemm", "MatMul")
-# Ops that only move or select values: the outputs share the input's scale (ORT drops the QDQ).
-# Resize only in its default nearest mode (the others interpolate).
-SHARED_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Split", "Slice", "Gather",
-              "Resize", "DepthToSpace")
-# Ops with an integer kernel in onnxruntime taking per-input scales and an output scale.
-OWN_OPS = ("Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool")
-ABSORBED_OPS = ("Relu", "Clip")
-QUANTIZED_OPS = frozenset({
-    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
-    "MatMulInteger", "ConvInteger", "MatMulNBits", "QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
-    "QAttention", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearGlobalAveragePool",
-    "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearWhere",
-    "QLinearReduceMean", "QLinearConvTranspose", "QEmbedLayerNormalization", "DequantizeBFP", "QuantizeBFP",
-})
 # One shared output scale cannot serve Concat inputs whose ranges differ by more than this.
 CONCAT_RANGE_RATIO = 10.0
 AUTO_SNR_DB = {"int8": 25.0, "uint8": 25.0, "int4": 10.0, "ternary": None, "binary": None}
