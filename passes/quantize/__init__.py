@@ -77,13 +77,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import fnmatch
 import functools
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Collection, Container, Iterable, Mapping
+from collections.abc import Callable, Collection, Container, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -110,11 +109,23 @@ from graph_opt.kernels.quant import (
     symmetric_steps,
     ternary_weights,
 )
-from graph_opt.model_io import copy_model, detached, has_disk_weights, subgraphs
+from graph_opt.model_io import copy_model, detached, has_disk_weights
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._fold import apply_folds, find_folds
 from graph_opt.passes._graph import GraphIndex, Namer, all_nodes, infer_shapes
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
+from graph_opt.passes.quantize.layers import (
+    INT8_CHANNEL_PACK,
+    MIN_INT8_REDUCTION,
+    Layer,
+    excluded,
+    float_on_input,
+    match_layers,
+    matching_pattern,
+    node_attr,
+    opset_of,
+    rematch_layers,
+)
 from graph_opt.passes.quantize.ops import ABSORBED_OPS, LAYER_OPS, OWN_OPS, QUANTIZED_OPS, SHARED_OPS
 from graph_opt.progress import progress
 from graph_opt.stats import serialized_bytes
@@ -136,10 +147,6 @@ STREAM_MAX_BATCH = 64
 # onnxruntime's own buffers still grow with the batch: a few samples per run amortize the cost
 # of a run, more only hold memory, unless the weights each run reads outweigh the batch.
 REDUCE_BATCH = 4
-# A Conv on the graph input with fewer products per output than this, or with input channels per
-# group not a multiple of INT8_CHANNEL_PACK, stays float (see `_float_on_input`).
-MIN_INT8_REDUCTION = 16
-INT8_CHANNEL_PACK = 4
 _INT32_MAX = 2**31 - 1
 _ONNX_DTYPES = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8, "int4": TensorProto.INT4,
                 "uint4": TensorProto.UINT4, "int2": TensorProto.INT2, "uint2": TensorProto.UINT2,
@@ -276,133 +283,13 @@ class Quantize(Pass):
         return 13 if self.per_channel else 10  # DequantizeLinear's axis attribute came with opset 13
 
 
-def _matches(patterns: Iterable[str], *names: str) -> str | None:
-    for p in patterns:
-        for n in names:
-            if n and fnmatch.fnmatchcase(n, p):
-                return p
-    return None
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return int(imp.version)
-    return 1
-
-
 # =============================================================================== layers
-
-
-@dataclass
-class _Layer:
-    """A Conv/Gemm/MatMul with a constant weight that the pass can quantize."""
-
-    idx: int
-    label: str
-    op: str
-    x: str
-    w: str
-    weight: np.ndarray | Callable[[], np.ndarray]  # the array, or how to read it (a weight kept on disk)
-    axis: int          # output-channel axis of the weight
-    red_axis: int      # reduction axis (blocks run along it)
-    b: str | None = None
-    bv: np.ndarray | None = None
-    bias_float: str = ""  # why the bias cannot become int32 ('' when it can)
-    hessian: np.ndarray | None = None  # E[x xᵀ] of the input features (rounding=gptq)
-
-    @property
-    def wv(self) -> np.ndarray:
-        return self.weight() if callable(self.weight) else self.weight
-
-
-def _match_layer(ix: GraphIndex, idx: int) -> _Layer | str:
-    """The layer when quantizable, else the reason it is not (pure: no edits)."""
-    node = ix.nodes[idx]
-    op = node.op_type
-    ins = list(node.input)
-    for name in ins:
-        if ix.producer_op(name) == "DequantizeLinear":
-            return f"already quantized: input {name!r} comes from DequantizeLinear (never quantized twice)"
-    for out in node.output:
-        if any(ix.nodes[r].op_type == "QuantizeLinear" for r, _ in ix.readers(out)):
-            return "already quantized: its output feeds QuantizeLinear (never quantized twice)"
-    if len(ins) < 2:
-        return f"{op} without a weight input"
-    x, w = ins[0], ins[1]
-    if op == "MatMul":
-        xc, wc = ix.is_const(x), ix.is_const(w)
-        if xc and not wc:
-            return "the constant is the left operand (W @ x); only x @ W is quantized"
-        if not xc and not wc:
-            return "both operands are activations (e.g. attention scores); kept float"
-        if xc and wc:
-            return "both operands are constants"
-    elif not ix.is_const(w):
-        return "weight is not a constant"
-    if ix.is_const(x):
-        return "input is a constant"
-    if ix.const_dtype(w) != TensorProto.FLOAT:
-        return f"weight is {TensorProto.DataType.Name(ix.const_dtype(w) or 0)}, only FLOAT weights are quantized"
-    wv = ix.const(w)
-    if wv is None:
-        return "weight is not a constant"
-    if not np.all(np.isfinite(wv)):
-        return "weight contains NaN or inf"
-    if len(ix.readers(w)) != 1:
-        return f"weight {w!r} is shared with another node"
-    if op == "Conv":
-        if wv.ndim < 3:
-            return f"Conv weight has rank {wv.ndim}"
-        axis, red = 0, 1
-    elif op == "Gemm":
-        if wv.ndim != 2:
-            return "Gemm weight is not 2-D"
-        trans_b = _attr(node, "transB", 0)
-        axis, red = (0, 1) if trans_b else (1, 0)
-    else:
-        if wv.ndim < 2:
-            return "1-D weight (matrix-vector product)"
-        axis, red = wv.ndim - 1, wv.ndim - 2
-    # a weight kept on disk is read again when needed: a model over 2 GB never has all of them in memory
-    layer = _Layer(idx, ix.labels[idx], op, x, w, functools.partial(ix.const, w) if ix.on_disk(w) else wv, axis, red)
-    bias = ins[2] if op in ("Conv", "Gemm") and len(ins) > 2 and ins[2] else None
-    if bias is not None:
-        layer.b = bias
-        n_out = wv.shape[axis]
-        bv = ix.const(bias)
-        if bv is None or ix.const_dtype(bias) != TensorProto.FLOAT:
-            layer.bias_float = "bias is not a float constant"
-        elif len(ix.readers(bias)) != 1:
-            layer.bias_float = "bias is shared with another node"
-        elif not np.all(np.isfinite(bv)):
-            layer.bias_float = "bias contains NaN or inf"
-        elif op == "Conv" and bv.shape != (n_out,):
-            layer.bias_float = f"bias shape {bv.shape} is not ({n_out},)"
-        elif op == "Gemm" and (bv.shape not in ((n_out,), (1, n_out))):
-            layer.bias_float = f"Gemm C of shape {bv.shape} is not one value per output column"
-        elif op == "Gemm" and (_attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0):
-            layer.bias_float = "Gemm alpha or beta is not 1"
-        else:
-            layer.bv = bv
-    return layer
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _subgraph_layers(node: onnx.NodeProto) -> int:
-    return sum(n.op_type in LAYER_OPS for sub in subgraphs(node) for n in all_nodes(sub))
 
 
 # =============================================================================== weights
 
 
-def _block_for(layer: _Layer, opts: Quantize) -> int:
+def _block_for(layer: Layer, opts: Quantize) -> int:
     if opts.block_size is not None:
         return opts.block_size
     if opts.weights == "int4" and layer.op in ("MatMul", "Gemm"):
@@ -425,7 +312,7 @@ def _reduced_params(w: np.ndarray, axis: int | None, symmetric: bool) -> QuantPa
     return compute_params((lo, hi), "int8", symmetric=symmetric, axis=axis)
 
 
-def _quantize_weight(layer: _Layer, opts: Quantize, static: bool) -> TensorQuant:
+def _quantize_weight(layer: Layer, opts: Quantize, static: bool) -> TensorQuant:
     w = layer.wv
     shape = tuple(int(d) for d in w.shape)
     if opts.weights in ("ternary", "binary"):
@@ -464,7 +351,7 @@ def _code_limits(dtype: str, symmetric: bool, reduced: bool) -> tuple[int, int]:
     return zero - k, zero + k
 
 
-def _hessians(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, _Layer], data: Dataset | None,
+def _hessians(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], data: Dataset | None,
               notes: list[str]) -> None:
     """rounding=gptq: attach each 2-D Gemm/MatMul weight's input second moment, from the float
     model's activations on the calibration data (not chained through the quantized layers)."""
@@ -474,7 +361,7 @@ def _hessians(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, _Layer],
     requests = {}
     for idx, layer in layers.items():
         if layer.op in ("Gemm", "MatMul") and layer.wv.ndim == 2:
-            trans_a = _attr(ix.nodes[idx], "transA", 0) if layer.op == "Gemm" else 0
+            trans_a = node_attr(ix.nodes[idx], "transA", 0) if layer.op == "Gemm" else 0
             requests[idx] = (layer.x, 0 if trans_a else -1)
     grams = second_moments(model, data, set(requests.values()))
     done = 0
@@ -487,7 +374,7 @@ def _hessians(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, _Layer],
                  f"on {len(data)} samples (Gemm/MatMul with 2-D weights; the rest to nearest)")
 
 
-def _quantize_bias(layer: _Layer, x_scale: np.ndarray, wq: TensorQuant) -> TensorQuant | str:
+def _quantize_bias(layer: Layer, x_scale: np.ndarray, wq: TensorQuant) -> TensorQuant | str:
     """int32 bias with scale s_x·s_w (per channel when the weight is), or why it stays float."""
     s = (np.float32(x_scale) * wq.scale).astype(np.float32)
     s = np.maximum(s, np.float32(MIN_SCALE))
@@ -796,7 +683,7 @@ def _exposing(model: onnx.ModelProto, tensors: list[str], threads: int,
     if features:
         namer = Namer(g)
         n_model = len(g.node)
-        axes_input = _opset(model) >= 18  # ReduceMax/ReduceMin take axes as an input from opset 18
+        axes_input = opset_of(model) >= 18  # ReduceMax/ReduceMin take axes as an input from opset 18
         axes_const = namer("feature_reduce_axes")
         if axes_input:
             g.initializer.append(numpy_helper.from_array(np.array([1], np.int64), axes_const))
@@ -994,7 +881,7 @@ class _Placement:
     static: set[int] = field(default_factory=set)  # layers whose activation input is quantized
 
 
-def _place(ix: GraphIndex, layers: dict[int, _Layer], candidates: set[int], ranges: Mapping[str, tuple[float, float]],
+def _place(ix: GraphIndex, layers: dict[int, Layer], candidates: set[int], ranges: Mapping[str, tuple[float, float]],
            opts: Quantize, forced_float: dict[int, str], unasked: Container[str] = frozenset()) -> _Placement:
     """Decide which activation tensors get a QDQ (see 'Placement' in the module docstring).
 
@@ -1006,7 +893,7 @@ def _place(ix: GraphIndex, layers: dict[int, _Layer], candidates: set[int], rang
     readers: dict[str, list[str]] = {}     # float-produced tensors: the quantized readers (labels)
 
     def keep(t: str) -> bool:
-        return _matches(opts.keep_float, t) is not None
+        return matching_pattern(opts.keep_float, t) is not None
 
     def own(t: str) -> TensorQuant:
         if t not in pl.acts:
@@ -1043,7 +930,7 @@ def _place(ix: GraphIndex, layers: dict[int, _Layer], candidates: set[int], rang
         y = ix.nodes[idx].output[0]
         r = ix.sole_reader(y)
         t, absorbed = y, None
-        if (r is not None and ix.nodes[r].op_type in ABSORBED_OPS and not _excluded(ix, r, opts)
+        if (r is not None and ix.nodes[r].op_type in ABSORBED_OPS and not excluded(ix, r, opts)
                 and r not in forced_float):
             t, absorbed = ix.nodes[r].output[0], ix.labels[r]
         if keep(t):
@@ -1080,7 +967,7 @@ def _place(ix: GraphIndex, layers: dict[int, _Layer], candidates: set[int], rang
                 region.add(t)
                 d.output, d.absorbed = t, absorbed
             continue
-        if _excluded(ix, idx, opts) or idx in forced_float or node.domain not in ("", "ai.onnx"):
+        if excluded(ix, idx, opts) or idx in forced_float or node.domain not in ("", "ai.onnx"):
             continue
         data_inputs = [t for t in node.input if t and not ix.is_const(t)]
         if op in SHARED_OPS:
@@ -1089,7 +976,7 @@ def _place(ix: GraphIndex, layers: dict[int, _Layer], candidates: set[int], rang
             src, outs = node.input[0], [o for o in node.output if o]
             if not outs or (len(outs) > 1 and op != "Split") or any(keep(o) for o in outs):
                 continue  # (a MaxPool's second output holds int64 indices)
-            if op == "Resize" and _attr(node, "mode", b"nearest") != b"nearest":
+            if op == "Resize" and node_attr(node, "mode", b"nearest") != b"nearest":
                 continue
             materialize(src)
             base = pl.acts[src]
@@ -1138,12 +1025,6 @@ _FLOAT_OUTPUT = ("float output: nothing quantized reads it (onnxruntime fuses th
                  "MatMulIntegerToFloat)")
 
 
-def _excluded(ix: GraphIndex, idx: int, opts: Quantize) -> str | None:
-    node = ix.nodes[idx]
-    return (_matches(opts.exclude, node.op_type, node.name, ix.labels[idx])
-            or _matches(opts.keep_float, node.name, ix.labels[idx]))
-
-
 # =============================================================================== sensitivity
 
 
@@ -1161,7 +1042,7 @@ class _Probes:
         return list(dict.fromkeys([o for pair in self.sums.values() for o in pair] + self.sizes))
 
 
-def _probe_graph(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, _Layer], weights: dict[int, TensorQuant],
+def _probe_graph(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], weights: dict[int, TensorQuant],
                  biases: dict[int, TensorQuant], pl: _Placement, opts: Quantize
                  ) -> tuple[onnx.ModelProto, dict[str, np.ndarray], _Probes]:
     """`model` (weightless, `detached`, with its arrays) plus, per quantized layer, a probe: a copy
@@ -1228,7 +1109,7 @@ def _probe_graph(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, _Laye
     return work, arrays, probes
 
 
-def _sensitivity(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, _Layer], weights: dict[int, TensorQuant],
+def _sensitivity(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], weights: dict[int, TensorQuant],
                  biases: dict[int, TensorQuant], pl: _Placement, data: Dataset, opts: Quantize,
                  batch_size: int | None) -> dict[int, dict[str, float]]:
     """Per quantized node: SNR (dB) of its own quantization, measured in isolation on `data`."""
@@ -1330,41 +1211,12 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
     """
     batch_size = batch_size or opts.batch_size
     ix = GraphIndex(model)
-    decisions: list[NodeDecision] = []
-    layers: dict[int, _Layer] = {}
-    n_qdq = 0
-    for idx, node in enumerate(ix.nodes):
-        op, label = node.op_type, ix.labels[idx]
-        if op in ("QuantizeLinear", "DequantizeLinear"):
-            n_qdq += 1
-            continue
-        if op in QUANTIZED_OPS or op.startswith("QLinear"):
-            decisions.append(NodeDecision(label, op, "skip", f"already quantized ({op}); never quantized twice"))
-            continue
-        inner = _subgraph_layers(node)
-        if inner:
-            decisions.append(NodeDecision(label, op, "skip", f"{inner} Conv/Gemm/MatMul inside its subgraphs left "
-                                                           "in float (subgraphs are not quantized)"))
-            continue
-        if op not in LAYER_OPS or node.domain not in ("", "ai.onnx"):
-            continue
-        if op not in opts.op_types:
-            decisions.append(NodeDecision(label, op, "skip", f"op type {op} not in op_types"))
-            continue
-        pattern = _excluded(ix, idx, opts)
-        if pattern:
-            decisions.append(NodeDecision(label, op, "float", f"matches exclude/keep_float pattern {pattern!r}"))
-            continue
-        match = _match_layer(ix, idx)
-        if isinstance(match, str):
-            decisions.append(NodeDecision(label, op, "skip", match))
-            continue
-        layers[idx] = match
+    decisions, layers, n_qdq = match_layers(ix, opts)
     notes: list[str] = []
     if n_qdq:
         decisions.append(NodeDecision(f"QuantizeLinear/DequantizeLinear ×{n_qdq}", "QDQ", "skip",
                                       "already quantized: existing QDQ nodes are left as they are"))
-    current = _opset(model)
+    current = opset_of(model)
     target = max(current, opts.required_opset())
     plan = QuantPlan(opset=target, nodes=decisions, notes=notes)
     if not layers:
@@ -1378,12 +1230,7 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
         model, how = upgraded
         notes.append(f"opset upgraded {current} → {target} ({how}); IR version {model.ir_version}")
         ix = GraphIndex(model)
-        layers = {}
-        for idx in range(len(ix.nodes)):
-            if ix.nodes[idx].op_type in opts.op_types and not _excluded(ix, idx, opts):
-                match = _match_layer(ix, idx)
-                if not isinstance(match, str):
-                    layers[idx] = match
+        layers = rematch_layers(ix, opts)
 
     if opts.rounding == "gptq":
         _hessians(model, ix, layers, data, notes)
@@ -1408,7 +1255,7 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
         candidates = set()
     forced: dict[int, str] = {}
     for idx in sorted(candidates):
-        why = _float_on_input(ix, layers[idx])
+        why = float_on_input(ix, layers[idx])
         if why:
             forced[idx] = why
     if wants_static and candidates:
@@ -1490,34 +1337,7 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
     return plan, model
 
 
-def _float_on_input(ix: GraphIndex, layer: _Layer) -> str:
-    """Why a Conv reading a graph input stays float ('' when it does not). Its input is float
-    anyway, so float costs no QDQ there, while int8 needs the input's own QuantizeLinear and:
-
-    - with a reduction of fewer than `MIN_INT8_REDUCTION` products per output (a 3×3 stem on one
-      channel: 9) gains nothing on the arithmetic;
-    - with input channels per group that are not a multiple of `INT8_CHANNEL_PACK` (an RGB image's
-      3) misses onnxruntime's fast symmetric int8 convolution, which packs input channels in fours
-      (MLAS ``MlasConvSymPackWSize``), and runs its generic int8 kernel, slower than float
-      (docs/design.md, fact 5). A depthwise Conv (one input channel per group) has a fast kernel
-      of its own.
-    """
-    if layer.op != "Conv" or layer.x not in ix.graph_inputs:
-        return ""
-    shape = layer.wv.shape
-    k = int(np.prod(shape[1:]))
-    if k < MIN_INT8_REDUCTION:
-        return (f"float: reduction of {k} < {MIN_INT8_REDUCTION} products per output on the graph input "
-                "(int8 gains nothing there and the input would need its own QuantizeLinear)")
-    depthwise = shape[1] == 1 and _attr(ix.nodes[layer.idx], "group", 1) > 1
-    if shape[1] % INT8_CHANNEL_PACK and not depthwise:
-        return (f"float: {shape[1]} input channels per group on the graph input, not a multiple of "
-                f"{INT8_CHANNEL_PACK} (onnxruntime's fast int8 convolution takes them in fours; its generic "
-                "kernel is slower than float there, and the input would need its own QuantizeLinear)")
-    return ""
-
-
-def _weights_and_biases(layers: dict[int, _Layer], pl: _Placement, opts: Quantize,
+def _weights_and_biases(layers: dict[int, Layer], pl: _Placement, opts: Quantize,
                         done: dict[tuple[int, bool], TensorQuant] | None = None):
     """The quantized weight and bias of each placed layer; `done` keeps the weights across calls
     (a weight depends only on its layer and on whether the layer's input is quantized)."""
@@ -1540,7 +1360,7 @@ def _weights_and_biases(layers: dict[int, _Layer], pl: _Placement, opts: Quantiz
     return weights, biases
 
 
-def _calibration_tensors(ix: GraphIndex, layers: dict[int, _Layer], candidates: set[int]) -> list[str]:
+def _calibration_tensors(ix: GraphIndex, layers: dict[int, Layer], candidates: set[int]) -> list[str]:
     out: list[str] = []
     for idx, node in enumerate(ix.nodes):
         op = node.op_type
@@ -1558,7 +1378,7 @@ def _calibration_tensors(ix: GraphIndex, layers: dict[int, _Layer], candidates: 
 
 def _upgrade_opset(model: onnx.ModelProto, target: int) -> tuple[onnx.ModelProto, str] | str:
     """The model at opset `target` and how it got there, or why it cannot."""
-    current = _opset(model)
+    current = opset_of(model)
     ops = {n.op_type for n in all_nodes(model.graph) if n.domain in ("", "ai.onnx")}
     unchanged = True
     for op in ops:
@@ -1641,8 +1461,8 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     a tensor with ``consumers=None`` keeps its name on the DQ output (the producer's output is
     renamed), otherwise only the listed nodes read the new DQ output.
     """
-    if _opset(model) < plan.opset:
-        raise ValueError(f"the plan needs opset {plan.opset}, the model has {_opset(model)}")
+    if opset_of(model) < plan.opset:
+        raise ValueError(f"the plan needs opset {plan.opset}, the model has {opset_of(model)}")
     ix = GraphIndex(model)
     out = copy_model(model)
     g = out.graph
