@@ -93,22 +93,8 @@ from onnx import TensorProto, helper, numpy_helper
 from graph_opt.budget import exact_pattern, hold_floor, name_nodes
 from graph_opt.data import Dataset, batch_size_for, random_dataset
 from graph_opt.errors import GraphOptError
-from graph_opt.intermediates import second_moments
 from graph_opt.kernels.calib import HistogramObserver, MinMaxObserver
-from graph_opt.kernels.quant import (
-    MIN_SCALE,
-    QuantParams,
-    binary_weights,
-    blockwise_params,
-    compute_params,
-    gptq_quantize,
-    pack_int2,
-    pack_int4,
-    qrange,
-    quantize,
-    symmetric_steps,
-    ternary_weights,
-)
+from graph_opt.kernels.quant import compute_params, pack_int2, pack_int4
 from graph_opt.model_io import copy_model, detached, has_disk_weights
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._fold import apply_folds, find_folds
@@ -126,6 +112,7 @@ from graph_opt.passes.quantize.layers import (
     opset_of,
     rematch_layers,
 )
+from graph_opt.passes.quantize.weights import INT4_AUTO_BLOCK, attach_hessians, block_for, weights_and_biases
 from graph_opt.passes.quantize.ops import ABSORBED_OPS, LAYER_OPS, OWN_OPS, QUANTIZED_OPS, SHARED_OPS
 from graph_opt.progress import progress
 from graph_opt.stats import serialized_bytes
@@ -138,7 +125,6 @@ log = logging.getLogger(__name__)
 # One shared output scale cannot serve Concat inputs whose ranges differ by more than this.
 CONCAT_RANGE_RATIO = 10.0
 AUTO_SNR_DB = {"int8": 25.0, "uint8": 25.0, "int4": 10.0, "ternary": None, "binary": None}
-INT4_AUTO_BLOCK = 128
 # Automatic batches of the calibration and sensitivity runs: about this many bytes of requested
 # outputs per batch (every observed tensor is an output), at most STREAM_MAX_BATCH samples.
 STREAM_BUDGET_BYTES = 64 << 20
@@ -147,7 +133,6 @@ STREAM_MAX_BATCH = 64
 # onnxruntime's own buffers still grow with the batch: a few samples per run amortize the cost
 # of a run, more only hold memory, unless the weights each run reads outweigh the batch.
 REDUCE_BATCH = 4
-_INT32_MAX = 2**31 - 1
 _ONNX_DTYPES = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8, "int4": TensorProto.INT4,
                 "uint4": TensorProto.UINT4, "int2": TensorProto.INT2, "uint2": TensorProto.UINT2,
                 "int32": TensorProto.INT32}
@@ -287,105 +272,6 @@ class Quantize(Pass):
 
 
 # =============================================================================== weights
-
-
-def _block_for(layer: Layer, opts: Quantize) -> int:
-    if opts.block_size is not None:
-        return opts.block_size
-    if opts.weights == "int4" and layer.op in ("MatMul", "Gemm"):
-        return INT4_AUTO_BLOCK
-    return 0
-
-
-def _reduced_params(w: np.ndarray, axis: int | None, symmetric: bool) -> QuantParams:
-    """int8 params on a 7-bit grid (codes within [-64, 63]): the int8 params of a range widened so
-    that the grid step doubles (see `reduce_range` in the module docstring)."""
-    others = tuple(i for i in range(w.ndim) if i != axis) if axis is not None else None
-    lo = np.minimum(np.min(w, axis=others), 0.0).astype(np.float64)
-    hi = np.maximum(np.max(w, axis=others), 0.0).astype(np.float64)
-    if symmetric:
-        amax = np.maximum(-lo, hi) * (symmetric_steps("int8") / 63.0)
-        lo, hi = -amax, amax
-    else:
-        pad = (hi - lo) * (64.0 / 127.0)
-        lo, hi = lo - pad, hi + pad
-    return compute_params((lo, hi), "int8", symmetric=symmetric, axis=axis)
-
-
-def _quantize_weight(layer: Layer, opts: Quantize, static: bool) -> TensorQuant:
-    w = layer.wv
-    shape = tuple(int(d) for d in w.shape)
-    if opts.weights in ("ternary", "binary"):
-        codes, p = (ternary_weights if opts.weights == "ternary" else binary_weights)(w, layer.axis)
-        return TensorQuant.from_params(layer.w, "weight", p, scheme=opts.weights, shape=shape, codes=codes)
-    dtype = opts.weights
-    block = _block_for(layer, opts)
-    if block > 0:
-        p = blockwise_params(w, block, layer.red_axis, dtype, symmetric=opts.symmetric)
-    else:
-        axis = layer.axis if opts.per_channel else None
-        if static and layer.op == "MatMul" and w.ndim > 2:
-            # A 1-D per-column scale on a batched weight makes onnxruntime's fused MatMulIntegerToFloat /
-            # QLinearMatMul fail at run time (its B zero point must be per [.., 1, N] slice): per tensor.
-            axis = None
-        if static and dtype == "int8" and opts.weights_reduced:
-            p = _reduced_params(w, axis, opts.symmetric)
-        else:
-            p = compute_params(w, dtype, symmetric=opts.symmetric, axis=axis)
-    codes = quantize(w, p)
-    if layer.hessian is not None and w.ndim == 2:
-        reduced = static and dtype == "int8" and opts.weights_reduced and block == 0
-        codes = gptq_quantize(w, p, layer.hessian, layer.red_axis, limits=_code_limits(dtype, opts.symmetric, reduced))
-    return TensorQuant.from_params(layer.w, "weight", p, shape=shape, codes=codes)
-
-
-def _code_limits(dtype: str, symmetric: bool, reduced: bool) -> tuple[int, int]:
-    """The codes nearest rounding can produce on the grid: GPTQ's feedback stays inside them."""
-    if reduced:
-        return (-63, 63) if symmetric else (-64, 63)
-    lo, hi = qrange(dtype)
-    if not symmetric:
-        return lo, hi
-    k = symmetric_steps(dtype)
-    zero = 0 if lo < 0 else (hi + 1) // 2
-    return zero - k, zero + k
-
-
-def _hessians(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], data: Dataset | None,
-              notes: list[str]) -> None:
-    """rounding=gptq: attach each 2-D Gemm/MatMul weight's input second moment, from the float
-    model's activations on the calibration data (not chained through the quantized layers)."""
-    if data is None:
-        notes.append("rounding=gptq without calibration data: weights rounded to nearest")
-        return
-    requests = {}
-    for idx, layer in layers.items():
-        if layer.op in ("Gemm", "MatMul") and layer.wv.ndim == 2:
-            trans_a = node_attr(ix.nodes[idx], "transA", 0) if layer.op == "Gemm" else 0
-            requests[idx] = (layer.x, 0 if trans_a else -1)
-    grams = second_moments(model, data, set(requests.values()))
-    done = 0
-    for idx, key in requests.items():
-        h = grams.get(key)
-        if h is not None and h.shape[0] == layers[idx].wv.shape[layers[idx].red_axis]:
-            layers[idx].hessian = h
-            done += 1
-    notes.append(f"rounding=gptq: {done} of {len(layers)} layers' weights rounded against their input statistics "
-                 f"on {len(data)} samples (Gemm/MatMul with 2-D weights; the rest to nearest)")
-
-
-def _quantize_bias(layer: Layer, x_scale: np.ndarray, wq: TensorQuant) -> TensorQuant | str:
-    """int32 bias with scale s_x·s_w (per channel when the weight is), or why it stays float."""
-    s = (np.float32(x_scale) * wq.scale).astype(np.float32)
-    s = np.maximum(s, np.float32(MIN_SCALE))
-    bv = layer.bv.astype(np.float64)
-    flat = bv.reshape(-1)
-    codes = np.rint(flat / (s.astype(np.float64) if s.ndim else float(s)))
-    if np.any(np.abs(codes) > _INT32_MAX):
-        return "bias / (s_x·s_w) overflows int32"
-    axis = None if s.ndim == 0 else bv.ndim - 1
-    return TensorQuant(layer.b, "bias", "int32", s, np.zeros(s.shape, np.int32), axis=axis, scheme="bias",
-                       shape=tuple(int(d) for d in bv.shape), codes=codes.astype(np.int32).reshape(bv.shape))
 
 
 # =============================================================================== calibration
@@ -875,19 +761,19 @@ def _range(obs: MinMaxObserver, opts: Quantize) -> tuple[float, float]:
 
 
 @dataclass
-class _Placement:
+class Placement:
     acts: dict[str, TensorQuant] = field(default_factory=dict)
     decisions: dict[int, NodeDecision] = field(default_factory=dict)
     static: set[int] = field(default_factory=set)  # layers whose activation input is quantized
 
 
 def _place(ix: GraphIndex, layers: dict[int, Layer], candidates: set[int], ranges: Mapping[str, tuple[float, float]],
-           opts: Quantize, forced_float: dict[int, str], unasked: Container[str] = frozenset()) -> _Placement:
+           opts: Quantize, forced_float: dict[int, str], unasked: Container[str] = frozenset()) -> Placement:
     """Decide which activation tensors get a QDQ (see 'Placement' in the module docstring).
 
     `unasked`: tensors left out of calibration because no placement could use them (see
     `make_plan`); a Gemm/MatMul output among them is reported as the float output it is."""
-    pl = _Placement()
+    pl = Placement()
     region: set[str] = set()               # tensors whose producer is quantized: every reader reads DQ
     pending: dict[str, tuple[int, str | None]] = {}  # Gemm/MatMul outputs quantized only if read quantized
     readers: dict[str, list[str]] = {}     # float-produced tensors: the quantized readers (labels)
@@ -1043,7 +929,7 @@ class _Probes:
 
 
 def _probe_graph(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], weights: dict[int, TensorQuant],
-                 biases: dict[int, TensorQuant], pl: _Placement, opts: Quantize
+                 biases: dict[int, TensorQuant], pl: Placement, opts: Quantize
                  ) -> tuple[onnx.ModelProto, dict[str, np.ndarray], _Probes]:
     """`model` (weightless, `detached`, with its arrays) plus, per quantized layer, a probe: a copy
     of the layer reading its planned QDQ input, weight and bias, beside the float layer."""
@@ -1110,7 +996,7 @@ def _probe_graph(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer
 
 
 def _sensitivity(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], weights: dict[int, TensorQuant],
-                 biases: dict[int, TensorQuant], pl: _Placement, data: Dataset, opts: Quantize,
+                 biases: dict[int, TensorQuant], pl: Placement, data: Dataset, opts: Quantize,
                  batch_size: int | None) -> dict[int, dict[str, float]]:
     """Per quantized node: SNR (dB) of its own quantization, measured in isolation on `data`."""
     work, arrays, probes = _probe_graph(model, ix, layers, weights, biases, pl, opts)
@@ -1233,12 +1119,12 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
         layers = rematch_layers(ix, opts)
 
     if opts.rounding == "gptq":
-        _hessians(model, ix, layers, data, notes)
+        attach_hessians(model, ix, layers, data, notes)
 
     # Which layers may run with quantized activations.
     wants_static = opts.activations != "none"
     static_kind = opts.weights in ("int8", "uint8")
-    candidates = {i for i, lay in layers.items() if _block_for(lay, opts) == 0} if static_kind else set()
+    candidates = {i for i, lay in layers.items() if block_for(lay, opts) == 0} if static_kind else set()
     if wants_static and not static_kind:
         notes.append(f"weights={opts.weights}: onnxruntime has no integer conv/gemm kernel for these weights, "
                      "so activations stay float (weight-only)")
@@ -1285,7 +1171,7 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
         ranges.prefetch(lambda r: _place(ix, layers, candidates, r, opts, forced, unasked))
     pl = _place(ix, layers, candidates, ranges, opts, forced, unasked)
     quantized: dict[tuple[int, bool], TensorQuant] = {}
-    weights, biases = _weights_and_biases(layers, pl, opts, quantized)
+    weights, biases = weights_and_biases(layers, pl, opts, quantized)
 
     threshold = opts.threshold_db()
     sens: dict[int, dict[str, float]] = {}
@@ -1307,7 +1193,7 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
                 forced[idx] = f"sensitive: SNR {values['snr_db']:.1f} dB < {threshold:g} dB ({detail})"
         if forced or weight_only:
             pl = _place(ix, layers, candidates - set(weight_only), ranges, opts, forced, unasked)
-            weights, biases = _weights_and_biases(layers, pl, opts, quantized)
+            weights, biases = weights_and_biases(layers, pl, opts, quantized)
         for idx, values in sens.items():
             if idx in pl.decisions and idx not in forced:
                 pl.decisions[idx].sensitivity = values
@@ -1335,29 +1221,6 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
         if d is not None:
             d.reason = (d.reason + "; " if d.reason else "") + f"bias float: {reason}"
     return plan, model
-
-
-def _weights_and_biases(layers: dict[int, Layer], pl: _Placement, opts: Quantize,
-                        done: dict[tuple[int, bool], TensorQuant] | None = None):
-    """The quantized weight and bias of each placed layer; `done` keeps the weights across calls
-    (a weight depends only on its layer and on whether the layer's input is quantized)."""
-    done = {} if done is None else done
-    weights: dict[int, TensorQuant] = {}
-    biases: dict[int, TensorQuant] = {}
-    for idx, layer in layers.items():
-        if idx not in pl.decisions:
-            continue
-        static = idx in pl.static
-        if (idx, static) not in done:
-            done[idx, static] = _quantize_weight(layer, opts, static)
-        wq = weights[idx] = done[idx, static]
-        if static and layer.bv is not None and wq.block_size is None:
-            bq = _quantize_bias(layer, pl.acts[layer.x].scale, wq)
-            if isinstance(bq, str):
-                layer.bias_float = bq
-            else:
-                biases[idx] = bq
-    return weights, biases
 
 
 def _calibration_tensors(ix: GraphIndex, layers: dict[int, Layer], candidates: set[int]) -> list[str]:
