@@ -94,7 +94,7 @@ from graph_opt.budget import exact_pattern, hold_floor, name_nodes
 from graph_opt.data import Dataset, batch_size_for, random_dataset
 from graph_opt.errors import GraphOptError
 from graph_opt.kernels.calib import HistogramObserver, MinMaxObserver
-from graph_opt.kernels.quant import compute_params, pack_int2, pack_int4
+from graph_opt.kernels.quant import compute_params
 from graph_opt.model_io import copy_model, detached, has_disk_weights
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._fold import apply_folds, find_folds
@@ -113,9 +113,9 @@ from graph_opt.passes.quantize.layers import (
     rematch_layers,
 )
 from graph_opt.passes.quantize.weights import INT4_AUTO_BLOCK, attach_hessians, block_for, weights_and_biases
+from graph_opt.passes.quantize.emit import apply_plan, dq_weight, param_inits, report_plan
 from graph_opt.passes.quantize.ops import ABSORBED_OPS, LAYER_OPS, OWN_OPS, QUANTIZED_OPS, SHARED_OPS
 from graph_opt.progress import progress
-from graph_opt.stats import serialized_bytes
 from graph_opt.target import NAMED as NAMED_TARGETS
 from graph_opt.target import resolve as resolve_target
 from graph_opt.verify import Reference, make_session, release_memory
@@ -133,9 +133,6 @@ STREAM_MAX_BATCH = 64
 # onnxruntime's own buffers still grow with the batch: a few samples per run amortize the cost
 # of a run, more only hold memory, unless the weights each run reads outweigh the batch.
 REDUCE_BATCH = 4
-_ONNX_DTYPES = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8, "int4": TensorProto.INT4,
-                "uint4": TensorProto.UINT4, "int2": TensorProto.INT2, "uint2": TensorProto.UINT2,
-                "int32": TensorProto.INT32}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -217,7 +214,7 @@ class Quantize(Pass):
         if plan.empty:
             return model if private else copy_model(model)
         out = apply_plan(work, plan)
-        _report(plan, report, model, out)
+        report_plan(plan, report, model, out)
         return out
 
     def _run_with_floor(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
@@ -266,12 +263,6 @@ class Quantize(Pass):
         if self.weights == "int4" or (self.block_size or 0) > 0:
             return 21
         return 13 if self.per_channel else 10  # DequantizeLinear's axis attribute came with opset 13
-
-
-# =============================================================================== layers
-
-
-# =============================================================================== weights
 
 
 # =============================================================================== calibration
@@ -944,7 +935,7 @@ def _probe_graph(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer
     def qdq(t: str) -> str:
         """`t` through the planned QuantizeLinear → DequantizeLinear (one pair per tensor)."""
         if t not in qdq_done:
-            s, z = _param_inits(g, namer, t, pl.acts[t])
+            s, z = param_inits(g, namer, t, pl.acts[t])
             q, dq = namer(f"{t}_probe_q"), namer(f"{t}_probe_dq")
             g.node.extend([helper.make_node("QuantizeLinear", [t, s, z], [q]),
                            helper.make_node("DequantizeLinear", [q, s, z], [dq])])
@@ -957,10 +948,10 @@ def _probe_graph(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer
         x = layer.x
         if idx in pl.static and layer.x in pl.acts:
             x = qdq(x)
-        w = _dq_weight(g, namer, wq, namer(f"{layer.w}_probe"))
+        w = dq_weight(g, namer, wq, namer(f"{layer.w}_probe"))
         ins = [x, w]
         if layer.b is not None:
-            ins.append(_dq_weight(g, namer, biases[idx], namer(f"{layer.b}_probe")) if idx in biases else layer.b)
+            ins.append(dq_weight(g, namer, biases[idx], namer(f"{layer.b}_probe")) if idx in biases else layer.b)
         probe_of[idx] = (node.output[0], _probe(g, namer, ix, idx, ins))
         if x != layer.x and opts.sensitive == "weight_only":  # the fallback's SNR: float input and bias
             wo_of[idx] = _probe(g, namer, ix, idx, [layer.x, w] + ([layer.b] if layer.b else []))
@@ -1274,148 +1265,3 @@ def _upgrade_opset(model: onnx.ModelProto, target: int) -> tuple[onnx.ModelProto
         except GraphOptError as exc:
             return f"opset {current} → {target} by onnx.version_converter gives a model onnxruntime refuses: {exc}"
     return out, how
-
-
-# =============================================================================== apply
-
-
-def _int_tensor(name: str, dtype: str, codes: np.ndarray) -> TensorProto:
-    codes = np.asarray(codes)
-    if dtype in ("int4", "uint4"):
-        return helper.make_tensor(name, _ONNX_DTYPES[dtype], codes.shape, pack_int4(codes).tobytes(), raw=True)
-    if dtype in ("int2", "uint2"):
-        return helper.make_tensor(name, _ONNX_DTYPES[dtype], codes.shape, pack_int2(codes).tobytes(), raw=True)
-    np_dtype = {"int8": np.int8, "uint8": np.uint8, "int32": np.int32}[dtype]
-    return numpy_helper.from_array(codes.astype(np_dtype), name)
-
-
-def _param_inits(g: onnx.GraphProto, namer: Namer, base: str, tq: TensorQuant) -> tuple[str, str]:
-    """Scale and zero-point initializers of `tq` ('' zero point for int32 biases, whose zero point is
-    0 by definition; onnxruntime's QGemm fusion needs the weight's zero point present, even at 0)."""
-    s = namer(f"{base}_scale")
-    g.initializer.append(numpy_helper.from_array(tq.scale.astype(np.float32), s))
-    if tq.role == "bias":
-        return s, ""
-    z = namer(f"{base}_zero_point")
-    g.initializer.append(_int_tensor(z, tq.dtype, tq.zero_point))
-    return s, z
-
-
-def _dq_weight(g: onnx.GraphProto, namer: Namer, tq: TensorQuant, out: str) -> str:
-    """Add the integer initializer of a weight/bias and its DequantizeLinear writing `out`."""
-    q = namer(f"{tq.tensor}_quantized")
-    g.initializer.append(_int_tensor(q, tq.dtype, tq.codes))
-    s, z = _param_inits(g, namer, tq.tensor, tq)
-    attrs = {}
-    if tq.axis is not None:
-        attrs["axis"] = tq.axis
-    if tq.block_size is not None:
-        attrs["block_size"] = tq.block_size
-    g.node.append(helper.make_node("DequantizeLinear", [q, s] + ([z] if z else []), [out],
-                                   name=namer(f"{tq.tensor}_DequantizeLinear"), **attrs))
-    return out
-
-
-def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
-    """Insert the plan's QuantizeLinear/DequantizeLinear nodes into a copy of `model`.
-
-    Weights and biases: integer initializer + DequantizeLinear writing the weight's old name (the
-    float initializer, or its Constant node, is removed). Activations: Q → DQ after the producer;
-    a tensor with ``consumers=None`` keeps its name on the DQ output (the producer's output is
-    renamed), otherwise only the listed nodes read the new DQ output.
-    """
-    if opset_of(model) < plan.opset:
-        raise ValueError(f"the plan needs opset {plan.opset}, the model has {opset_of(model)}")
-    ix = GraphIndex(model)
-    out = copy_model(model)
-    g = out.graph
-    namer = Namer(g)
-    label_idx = {label: i for i, label in enumerate(ix.labels)}
-    old_nodes = list(g.node)
-    del g.node[:]
-
-    # Weights and biases: DequantizeLinear nodes first (they read initializers only).
-    replaced = {t.tensor for t in plan.tensors.values() if t.role in ("weight", "bias")}
-    drop_nodes = {ix.producer[t] for t in replaced if t in ix.producer}
-    keep_inits = [t for t in g.initializer if t.name not in replaced]
-    del g.initializer[:]
-    g.initializer.extend(keep_inits)
-    kept_inputs = [i for i in g.input if i.name not in replaced]
-    del g.input[:]
-    g.input.extend(kept_inputs)
-    for tq in plan.tensors.values():
-        if tq.role in ("weight", "bias"):
-            if tq.codes is None:
-                raise ValueError(f"plan entry {tq.tensor!r} has no codes (plans read from JSON cannot be applied)")
-            _dq_weight(g, namer, tq, tq.tensor)
-
-    # Activations.
-    param_names: dict[str, tuple[str, str]] = {}
-    rename: dict[str, str] = {}              # producer output -> new float name
-    redirect: dict[tuple[int, str], str] = {}  # (reader node, tensor) -> DQ output
-    after: dict[int, list[onnx.NodeProto]] = {}
-    acts = [t for t in plan.tensors.values() if t.role == "activation"]
-    for tq in sorted(acts, key=lambda q: q.shared_with is not None):
-        t = tq.tensor
-        if tq.shared_with is not None and tq.shared_with in param_names:
-            s, z = param_names[tq.shared_with]
-        else:
-            s, z = _param_inits(g, namer, t, tq)
-        param_names[t] = (s, z)
-        q = namer(f"{t}_quantized")
-        if tq.consumers is None:
-            src = namer(f"{t}_float")
-            rename[t] = src
-            dq_out = t
-        else:
-            src = t
-            dq_out = namer(f"{t}_dequantized")
-            for label in tq.consumers:
-                redirect[(label_idx[label], t)] = dq_out
-        nodes = [helper.make_node("QuantizeLinear", [src, s, z], [q], name=namer(f"{t}_QuantizeLinear")),
-                 helper.make_node("DequantizeLinear", [q, s, z], [dq_out], name=namer(f"{t}_DequantizeLinear"))]
-        after.setdefault(ix.producer.get(t, -1), []).extend(nodes)
-    g.node.extend(after.get(-1, []))
-    for idx, node in enumerate(old_nodes):
-        if idx in drop_nodes:
-            continue
-        for slot, name in enumerate(node.input):
-            if (idx, name) in redirect:
-                node.input[slot] = redirect[(idx, name)]
-        for slot, name in enumerate(node.output):
-            if name in rename:
-                node.output[slot] = rename[name]
-        g.node.append(node)
-        g.node.extend(after.get(idx, []))
-    return out
-
-
-# =============================================================================== report
-
-
-def _report(plan: QuantPlan, report: PassReport, before: onnx.ModelProto, after: onnx.ModelProto) -> None:
-    for d in plan.nodes:
-        if d.action != "quantize":
-            continue
-        details: dict[str, object] = {"op": d.op}
-        if d.weight:
-            w = plan.tensors[d.weight]
-            details["weight"] = {"dtype": w.dtype, "scheme": w.scheme, "granularity": w.granularity,
-                                 **({"axis": w.axis} if w.axis is not None else {}),
-                                 **({"block_size": w.block_size} if w.block_size else {})}
-            if d.bias:
-                details["bias"] = "int32"
-        details["input"] = d.inputs or "float"
-        details["output"] = d.output or "float"
-        if d.absorbed:
-            details["absorbed"] = d.absorbed
-        if d.sensitivity:
-            details["snr_db"] = d.sensitivity.get("snr_db")
-        if d.reason:
-            details["note"] = d.reason
-        report.rewrite(d.node, **details)
-    for note in plan.notes:
-        report.note(note)
-    before_bytes, after_bytes = serialized_bytes(before), serialized_bytes(after)
-    report.note(f"model bytes {before_bytes} → {after_bytes} ({before_bytes / max(after_bytes, 1):.2f}× smaller)")
-    report.note("plan: " + plan.to_json(compact=True))
