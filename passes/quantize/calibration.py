@@ -70,10 +70,10 @@ def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method:
 
     minmax reduces inside onnxruntime (`_calibrate_minmax`); the other methods expose the
     tensors as extra outputs of a private copy of `model`, and each batch updates the observers
-    and is dropped (see 'Calibration' in the module docstring). Tensors that turn out not to be
-    float32 are left out. Without `batch_size` the batch is sized to the memory the tensors take
-    as outputs (see `_stream`). ``feature_axis(tensor, rank)``: the axis whose features the
-    histogram observer of `tensor` keeps a floor for (`kernels.calib`), or None.
+    and is dropped (see the module docstring). Tensors that turn out not to be float32 are left
+    out. Without `batch_size` the batch is sized to the memory the tensors take as outputs (see
+    `_stream`). ``feature_axis(tensor, rank)``: the axis whose features the histogram observer of
+    `tensor` keeps a floor for (`kernels.calib`), or None.
     """
     if max_samples is not None:
         data = data.take(max_samples)
@@ -85,21 +85,38 @@ def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method:
     inputs = set(data.inputs)
     wanted = [t for t in dict.fromkeys(tensors) if t not in inputs]
     inside = _inside_features(model, wanted, feature_axis) if method != "minmax" else {}
-    session, reduced = _exposing(model, wanted, threads, inside)
+    runner = _Swappable(None)  # the only holder of the session, so that it can be replaced
+    runner.session, reduced = _exposing(model, wanted, threads, inside)
     fetch = wanted + [x for pair in reduced.values() for x in pair]
+    observe = _Observing(tensors, inputs, fetch, reduced, method, inside, feature_axis)
+    _observe_stream(runner, observe, data, batch_size or batch_size_for(model, 0), threads,
+                    lambda: _exposing(model, wanted, _cores(0) - 1, inside))
+    return {t: o for t, o in observe.observers.items() if o.count}
 
-    def make(t: str, v: np.ndarray) -> MinMaxObserver:
-        if method == "minmax":
+
+class _Observing:
+    """The observers of one calibration pass, fed batch by batch (`__call__`): one per float32
+    tensor of `tensors`, made on its first batch; a tensor that is not float32 is dropped."""
+
+    def __init__(self, tensors: list[str], inputs: set[str], fetch: list[str], reduced: dict[str, tuple[str, str]],
+                 method: str, inside: Mapping[str, tuple[int, int | None]],
+                 feature_axis: Callable[[str, int], int | None] | None) -> None:
+        self.tensors, self.inputs, self.fetch, self.reduced = tensors, inputs, fetch, reduced
+        self.method, self.inside, self.feature_axis = method, inside, feature_axis
+        self.observers: dict[str, MinMaxObserver] = {}
+        self.dropped: set[str] = set()
+
+    def _make(self, t: str, v: np.ndarray) -> MinMaxObserver:
+        if self.method == "minmax":
             return MinMaxObserver()
-        axis = inside[t][0] if t in inside else feature_axis(t, v.ndim) if feature_axis else None
+        axis = self.inside[t][0] if t in self.inside else self.feature_axis(t, v.ndim) if self.feature_axis else None
         return HistogramObserver(feature_axis=axis)
-    observers: dict[str, MinMaxObserver] = {}
-    dropped: set[str] = set()
 
-    def observe(feed: dict[str, np.ndarray], outs: list[np.ndarray]) -> None:
-        values = dict(zip(fetch, outs))
-        values.update({t: feed[t] for t in tensors if t in inputs})
-        for t in tensors:
+    def __call__(self, feed: dict[str, np.ndarray], outs: list[np.ndarray]) -> None:
+        values = dict(zip(self.fetch, outs))
+        values.update({t: feed[t] for t in self.tensors if t in self.inputs})
+        observers, dropped = self.observers, self.dropped
+        for t in self.tensors:
             v = values.pop(t, None)
             if t in dropped or v is None:
                 continue
@@ -108,24 +125,28 @@ def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method:
                 observers.pop(t, None)
                 continue
             if t not in observers:
-                observers[t] = make(t, v)
-            if t in reduced:  # (samples·features,) or (samples, features), as reduced by onnxruntime
-                extremes = tuple(values[x].reshape(v.shape[0], -1) for x in reduced[t])
+                observers[t] = self._make(t, v)
+            if t in self.reduced:  # (samples·features,) or (samples, features), as reduced by onnxruntime
+                extremes = tuple(values[x].reshape(v.shape[0], -1) for x in self.reduced[t])
                 observers[t].update(v, feature_extremes=extremes)
             else:
                 observers[t].update(v)
 
-    # One batch is observed (numpy) while onnxruntime computes the next: the batches still reach
-    # each observer in order, so the result is the same as in sequence. numpy's bincount holds the
-    # GIL, so the observer needs a core of its own when it is the slower side: the first batch is
-    # observed in sequence and timed against a second (warm) run of it, and when observing took
-    # longer, the rest runs on a session with one thread less (by default, threads=0, only).
-    runner = _Swappable(session)
-    del session
+
+def _observe_stream(runner: _Swappable, observe: _Observing, data: Dataset, batch_size: int, threads: int,
+                    fewer_threads: Callable[[], tuple[object, dict[str, tuple[str, str]]]]) -> None:
+    """Run `runner` over `data` and feed every batch to `observe`, in order.
+
+    One batch is observed (numpy) while onnxruntime computes the next: the batches still reach
+    each observer in order, so the result is the same as in sequence. numpy's bincount holds the
+    GIL, so the observer needs a core of its own when it is the slower side: the first batch is
+    observed in sequence and timed against a second (warm) run of it, and when observing took
+    longer, the rest runs on the session `fewer_threads` makes, with one thread less (by default,
+    threads=0, only)."""
+    fetch = observe.fetch
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
-        for k, (feed, outs) in enumerate(_stream(runner, fetch, data, batch_size or batch_size_for(model, 0),
-                                                 "calibrate")):
+        for k, (feed, outs) in enumerate(_stream(runner, fetch, data, batch_size, "calibrate")):
             if k == 0:
                 start = time.perf_counter()
                 observe(feed, outs)
@@ -136,8 +157,8 @@ def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method:
                     if observe_s > time.perf_counter() - start:
                         runner.session = None  # one session at a time: each holds the weights
                         release_memory()
-                        runner.session, again = _exposing(model, wanted, _cores(0) - 1, inside)
-                        assert again == reduced  # the same names: the copy is built the same way
+                        runner.session, again = fewer_threads()
+                        assert again == observe.reduced  # the same names: the copy is built the same way
                 continue
             if pending is not None:
                 pending.result()
@@ -145,7 +166,6 @@ def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method:
             del outs
         if pending is not None:
             pending.result()
-    return {t: o for t, o in observers.items() if o.count}
 
 
 class _Swappable:
@@ -172,29 +192,8 @@ def _calibrate_minmax(model: onnx.ModelProto, data: Dataset, tensors: list[str],
     only the other batches' extremes are derived from.
     """
     derived = _minmax_derivations(model, tensors)
-    work, weights = detached(model)
-    weight_bytes = sum(int(a.nbytes) for a in weights.values())
-    g = work.graph
-    namer = Namer(g)
-    reduced: dict[str, tuple[str, str, str]] = {}
-    for t in tensors:
-        if t in derived:
-            continue
-        lo, hi, n = namer(f"{t}_calib_min"), namer(f"{t}_calib_max"), namer(f"{t}_calib_size")
-        g.node.extend([helper.make_node("ReduceMin", [t], [lo], keepdims=0),
-                       helper.make_node("ReduceMax", [t], [hi], keepdims=0),
-                       helper.make_node("Size", [t], [n])])
-        reduced[t] = (lo, hi, n)
-    guards = []
-    for o in model.graph.output:
-        if o.type.tensor_type.elem_type == TensorProto.FLOAT:
-            guards.append(namer(f"{o.name}_calib_sum"))
-            g.node.append(helper.make_node("ReduceSum", [o.name], [guards[-1]], keepdims=0))
-    place_after_producers(g, len(model.graph.node))
+    session, reduced, guards, weight_bytes = _reducing_session(model, [t for t in tensors if t not in derived], threads)
     names = [*(x for r in reduced.values() for x in r), *guards]
-    g.output.extend(onnx.ValueInfoProto(name=x) for x in names)
-    session = make_session(work, optimize=True, threads=threads, arena=False, weights=weights)
-    del work, g, weights
     exposing = None  # the session exposing the tensors themselves, made on first need
     clean = {t: MinMaxObserver() for t in reduced}     # from the batches with finite reductions
     exact = {t: MinMaxObserver() for t in tensors}     # from the others, observed whole
@@ -208,18 +207,8 @@ def _calibrate_minmax(model: onnx.ModelProto, data: Dataset, tensors: list[str],
     for feed, outs in _stream(session, names, data, batch_size or batch_size_for(model, 0), "calibrate",
                               batch_bytes=batch_bytes, weight_bytes=weight_bytes):
         values = dict(zip(names, outs))
-        extremes: dict[str, tuple[float, float, int]] = {}
-        poisoned = any(not math.isfinite(float(values[s])) for s in guards)
-        for t, (lo_name, hi_name, n_name) in reduced.items():
-            if poisoned:
-                break
-            lo, hi, n = values[lo_name], values[hi_name], int(values[n_name])
-            if lo.dtype != np.float32:
-                dropped.add(t)
-            elif n:
-                extremes[t] = (float(lo), float(hi), n)
-                poisoned = not (math.isfinite(extremes[t][0]) and math.isfinite(extremes[t][1]))
-        if not poisoned:
+        extremes = _batch_extremes(values, reduced, guards, dropped)
+        if extremes is not None:
             for t, (lo, hi, n) in extremes.items():
                 clean[t].update_extremes(lo, hi, n)
             continue
@@ -243,6 +232,52 @@ def _calibrate_minmax(model: onnx.ModelProto, data: Dataset, tensors: list[str],
             clean[t] = clean[sources[0]].mapped(f)
     observers = {t: clean[t].merge(exact[t]) if t in clean else exact[t] for t in tensors}
     return {t: o for t, o in observers.items() if o.count and t not in dropped}
+
+
+def _reducing_session(model: onnx.ModelProto, tensors: list[str], threads: int):
+    """A session of a weightless copy of `model` whose outputs are ReduceMin, ReduceMax and Size of
+    each tensor of `tensors` and the ReduceSum of each float graph output (the guards): the
+    session, ``{tensor: (min, max, size) output names}``, the guard names and the weights' bytes."""
+    work, weights = detached(model)
+    weight_bytes = sum(int(a.nbytes) for a in weights.values())
+    g = work.graph
+    namer = Namer(g)
+    reduced: dict[str, tuple[str, str, str]] = {}
+    for t in tensors:
+        lo, hi, n = namer(f"{t}_calib_min"), namer(f"{t}_calib_max"), namer(f"{t}_calib_size")
+        g.node.extend([helper.make_node("ReduceMin", [t], [lo], keepdims=0),
+                       helper.make_node("ReduceMax", [t], [hi], keepdims=0),
+                       helper.make_node("Size", [t], [n])])
+        reduced[t] = (lo, hi, n)
+    guards = []
+    for o in model.graph.output:
+        if o.type.tensor_type.elem_type == TensorProto.FLOAT:
+            guards.append(namer(f"{o.name}_calib_sum"))
+            g.node.append(helper.make_node("ReduceSum", [o.name], [guards[-1]], keepdims=0))
+    place_after_producers(g, len(model.graph.node))
+    names = [*(x for r in reduced.values() for x in r), *guards]
+    g.output.extend(onnx.ValueInfoProto(name=x) for x in names)
+    session = make_session(work, optimize=True, threads=threads, arena=False, weights=weights)
+    return session, reduced, guards, weight_bytes
+
+
+def _batch_extremes(values: dict[str, np.ndarray], reduced: dict[str, tuple[str, str, str]], guards: list[str],
+                    dropped: set[str]) -> dict[str, tuple[float, float, int]] | None:
+    """One batch's ``{tensor: (min, max, count)}`` from its reductions, or None when a guard or a
+    reduction is not finite (the batch must be observed whole). A tensor that is not float32 is
+    added to `dropped`."""
+    extremes: dict[str, tuple[float, float, int]] = {}
+    if any(not math.isfinite(float(values[s])) for s in guards):
+        return None
+    for t, (lo_name, hi_name, n_name) in reduced.items():
+        lo, hi, n = values[lo_name], values[hi_name], int(values[n_name])
+        if lo.dtype != np.float32:
+            dropped.add(t)
+        elif n:
+            extremes[t] = (float(lo), float(hi), n)
+            if not (math.isfinite(extremes[t][0]) and math.isfinite(extremes[t][1])):
+                return None
+    return extremes
 
 
 # Ops whose output range follows from their input's, for minmax (see `_minmax_derivations`).
