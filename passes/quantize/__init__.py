@@ -78,8 +78,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Container, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -89,7 +89,6 @@ from onnx import helper
 from graph_opt.budget import exact_pattern, hold_floor, name_nodes
 from graph_opt.data import Dataset, batch_size_for, random_dataset
 from graph_opt.errors import GraphOptError
-from graph_opt.kernels.quant import compute_params
 from graph_opt.model_io import copy_model, detached, has_disk_weights
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._fold import apply_folds, find_folds
@@ -99,17 +98,15 @@ from graph_opt.passes.quantize.layers import (
     INT8_CHANNEL_PACK,
     MIN_INT8_REDUCTION,
     Layer,
-    excluded,
     float_on_input,
     match_layers,
-    matching_pattern,
-    node_attr,
     opset_of,
     rematch_layers,
 )
 from graph_opt.passes.quantize.weights import INT4_AUTO_BLOCK, attach_hessians, block_for, weights_and_biases
 from graph_opt.passes.quantize import calibration
 from graph_opt.passes.quantize.emit import apply_plan, dq_weight, param_inits, report_plan
+from graph_opt.passes.quantize.placement import CONCAT_RANGE_RATIO, Placement, calibration_tensors, place
 from graph_opt.passes.quantize.ops import ABSORBED_OPS, LAYER_OPS, OWN_OPS, QUANTIZED_OPS, SHARED_OPS
 from graph_opt.target import NAMED as NAMED_TARGETS
 from graph_opt.target import resolve as resolve_target
@@ -117,8 +114,6 @@ from graph_opt.verify import Reference, make_session, release_memory
 
 log = logging.getLogger(__name__)
 
-# One shared output scale cannot serve Concat inputs whose ranges differ by more than this.
-CONCAT_RANGE_RATIO = 10.0
 AUTO_SNR_DB = {"int8": 25.0, "uint8": 25.0, "int4": 10.0, "ternary": None, "binary": None}
 
 
@@ -256,157 +251,6 @@ class Quantize(Pass):
 
 
 # =============================================================================== placement
-
-
-@dataclass
-class Placement:
-    acts: dict[str, TensorQuant] = field(default_factory=dict)
-    decisions: dict[int, NodeDecision] = field(default_factory=dict)
-    static: set[int] = field(default_factory=set)  # layers whose activation input is quantized
-
-
-def _place(ix: GraphIndex, layers: dict[int, Layer], candidates: set[int], ranges: Mapping[str, tuple[float, float]],
-           opts: Quantize, forced_float: dict[int, str], unasked: Container[str] = frozenset()) -> Placement:
-    """Decide which activation tensors get a QDQ (see 'Placement' in the module docstring).
-
-    `unasked`: tensors left out of calibration because no placement could use them (see
-    `make_plan`); a Gemm/MatMul output among them is reported as the float output it is."""
-    pl = Placement()
-    region: set[str] = set()               # tensors whose producer is quantized: every reader reads DQ
-    pending: dict[str, tuple[int, str | None]] = {}  # Gemm/MatMul outputs quantized only if read quantized
-    readers: dict[str, list[str]] = {}     # float-produced tensors: the quantized readers (labels)
-
-    def keep(t: str) -> bool:
-        return matching_pattern(opts.keep_float, t) is not None
-
-    def own(t: str) -> TensorQuant:
-        if t not in pl.acts:
-            lo, hi = ranges[t]
-            p = compute_params((lo, hi), opts.activations, symmetric=False)
-            pl.acts[t] = TensorQuant.from_params(t, "activation", p, method=opts.calibration, range=(lo, hi))
-        return pl.acts[t]
-
-    def materialize(t: str) -> None:
-        if t in pending:
-            idx, absorbed = pending.pop(t)
-            own(t)
-            region.add(t)
-            pl.decisions[idx].output, pl.decisions[idx].absorbed = t, absorbed
-
-    def quantized(t: str) -> bool:
-        return t in region or t in pending
-
-    def usable(t: str) -> bool:
-        return quantized(t) or (t in ranges and not keep(t))
-
-    def use(t: str, idx: int) -> None:
-        materialize(t)
-        if t not in region:
-            own(t)
-            readers.setdefault(t, []).append(ix.labels[idx])
-
-    def span(t: str) -> float | None:
-        r = ranges.get(t) or (pl.acts[t].range if t in pl.acts else None)
-        return None if r is None else max(abs(r[0]), abs(r[1]))
-
-    def chain_output(idx: int) -> tuple[str | None, str | None, str]:
-        """(tensor quantized after node idx, the Relu/Clip absorbed, why none)."""
-        y = ix.nodes[idx].output[0]
-        r = ix.sole_reader(y)
-        t, absorbed = y, None
-        if (r is not None and ix.nodes[r].op_type in ABSORBED_OPS and not excluded(ix, r, opts)
-                and r not in forced_float):
-            t, absorbed = ix.nodes[r].output[0], ix.labels[r]
-        if keep(t):
-            return None, None, f"output {t!r} kept float (keep_float)"
-        if t not in ranges:
-            if t in unasked and ix.nodes[idx].op_type in ("Gemm", "MatMul"):
-                return None, None, _FLOAT_OUTPUT
-            return None, None, f"output {t!r} is not a float32 tensor seen in calibration"
-        return t, absorbed, ""
-
-    for idx, node in enumerate(ix.nodes):
-        op, label = node.op_type, ix.labels[idx]
-        if idx in layers:
-            if idx in forced_float:
-                continue
-            layer = layers[idx]
-            d = pl.decisions[idx] = NodeDecision(label, op, "quantize", weight=layer.w)
-            if idx not in candidates:
-                d.reason = "weight-only"
-                continue
-            if not usable(layer.x):
-                d.reason = f"weight-only: input {layer.x!r} is kept float or not a float32 tensor seen in calibration"
-                continue
-            use(layer.x, idx)
-            d.inputs = [layer.x]
-            pl.static.add(idx)
-            t, absorbed, why = chain_output(idx)
-            if t is None:
-                d.reason = why
-            elif op in ("Gemm", "MatMul"):
-                pending[t] = (idx, absorbed)
-            else:
-                own(t)
-                region.add(t)
-                d.output, d.absorbed = t, absorbed
-            continue
-        if excluded(ix, idx, opts) or idx in forced_float or node.domain not in ("", "ai.onnx"):
-            continue
-        data_inputs = [t for t in node.input if t and not ix.is_const(t)]
-        if op in SHARED_OPS:
-            if not node.input or node.input[0] not in data_inputs or not quantized(node.input[0]):
-                continue
-            src, outs = node.input[0], [o for o in node.output if o]
-            if not outs or (len(outs) > 1 and op != "Split") or any(keep(o) for o in outs):
-                continue  # (a MaxPool's second output holds int64 indices)
-            if op == "Resize" and node_attr(node, "mode", b"nearest") != b"nearest":
-                continue
-            materialize(src)
-            base = pl.acts[src]
-            for out in outs:
-                pl.acts[out] = TensorQuant(out, "activation", base.dtype, base.scale, base.zero_point, scheme="shared",
-                                           shared_with=base.shared_with or src, method=base.method, range=base.range)
-                region.add(out)
-            pl.decisions[idx] = NodeDecision(label, op, "quantize", "shares its input's scale (int8 data movement)",
-                                             inputs=[src], output=outs[0])
-            continue
-        if op not in OWN_OPS or not any(quantized(t) for t in data_inputs):
-            continue
-        if op in ("Add", "Mul") and len(data_inputs) != 2:
-            continue
-        if op in ("AveragePool", "GlobalAveragePool") and data_inputs != [node.input[0]]:
-            continue
-        if not all(usable(t) for t in data_inputs):
-            continue
-        if op == "Concat":
-            spans = [a for a in (span(t) for t in data_inputs) if a]
-            if spans and max(spans) / min(spans) > CONCAT_RANGE_RATIO:
-                pl.decisions[idx] = NodeDecision(
-                    label, op, "float",
-                    f"input ranges differ by {max(spans) / min(spans):.0f}x (max |x| from {min(spans):.3g} to "
-                    f"{max(spans):.3g}): one output scale would erase the small-range input; the Concat and its "
-                    "output stay float, each input keeps its own scale")
-                continue
-        t, absorbed, why = chain_output(idx)
-        if t is None:
-            pl.decisions[idx] = NodeDecision(label, op, "float", why)
-            continue
-        for inp in data_inputs:
-            use(inp, idx)
-        own(t)
-        region.add(t)
-        pl.decisions[idx] = NodeDecision(label, op, "quantize", "own output scale", inputs=list(data_inputs),
-                                         output=t, absorbed=absorbed)
-    for t, (idx, _) in pending.items():
-        pl.decisions[idx].reason = _FLOAT_OUTPUT
-    for t, q in pl.acts.items():
-        q.consumers = None if t in region else readers.get(t, [])
-    return pl
-
-
-_FLOAT_OUTPUT = ("float output: nothing quantized reads it (onnxruntime fuses the float-output form: QGemm / "
-                 "MatMulIntegerToFloat)")
 
 
 # =============================================================================== sensitivity
@@ -624,9 +468,9 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
         # Calibrate only what the placement can ask for: a dry run on stand-in ranges, where
         # every candidate tensor is calibrated and every Concat takes one scale, asks for a
         # superset of what the real placement asks (often a small share of the candidates).
-        tensors = _calibration_tensors(ix, layers, candidates)
+        tensors = calibration_tensors(ix, layers, candidates)
         dry = calibration._Asking(set(tensors), lambda t: (-1.0, 1.0))
-        _place(ix, layers, candidates, dry, opts, forced)
+        place(ix, layers, candidates, dry, opts, forced)
         unasked = frozenset(tensors) - dry.asked.keys()
         tensors = [t for t in tensors if t in dry.asked]
         try:
@@ -644,8 +488,8 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
                      f"{len(unasked)} other candidate tensors skipped: no placement could use them)")
 
     if isinstance(ranges, calibration.Ranges) and opts.calibration != "minmax":  # minmax ranges cost nothing
-        ranges.prefetch(lambda r: _place(ix, layers, candidates, r, opts, forced, unasked))
-    pl = _place(ix, layers, candidates, ranges, opts, forced, unasked)
+        ranges.prefetch(lambda r: place(ix, layers, candidates, r, opts, forced, unasked))
+    pl = place(ix, layers, candidates, ranges, opts, forced, unasked)
     quantized: dict[tuple[int, bool], TensorQuant] = {}
     weights, biases = weights_and_biases(layers, pl, opts, quantized)
 
@@ -668,7 +512,7 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
             else:
                 forced[idx] = f"sensitive: SNR {values['snr_db']:.1f} dB < {threshold:g} dB ({detail})"
         if forced or weight_only:
-            pl = _place(ix, layers, candidates - set(weight_only), ranges, opts, forced, unasked)
+            pl = place(ix, layers, candidates - set(weight_only), ranges, opts, forced, unasked)
             weights, biases = weights_and_biases(layers, pl, opts, quantized)
         for idx, values in sens.items():
             if idx in pl.decisions and idx not in forced:
@@ -697,19 +541,6 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
         if d is not None:
             d.reason = (d.reason + "; " if d.reason else "") + f"bias float: {reason}"
     return plan, model
-
-
-def _calibration_tensors(ix: GraphIndex, layers: dict[int, Layer], candidates: set[int]) -> list[str]:
-    out: list[str] = []
-    for idx, node in enumerate(ix.nodes):
-        op = node.op_type
-        if idx in layers:
-            if idx in candidates:
-                out += [layers[idx].x, node.output[0]]
-        elif op in OWN_OPS or op in ABSORBED_OPS:
-            out += [t for t in node.input if t and not ix.is_const(t)][: None if op in ("Concat", "Add", "Mul") else 1]
-            out += node.output[:1]
-    return list(dict.fromkeys(t for t in out if t))
 
 
 # =============================================================================== opset

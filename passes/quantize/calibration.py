@@ -480,7 +480,7 @@ def _stream(session, names: list[str], data: Dataset, batch_size: int, desc: str
 
 
 class _RangeMap(Mapping[str, tuple[float, float]]):
-    """Ranges of the tensors in `names`, each derived on first use by `value` (a Mapping for `_place`)."""
+    """Ranges of the tensors in `names`, each derived on first use by `value` (a Mapping for `placement.place`)."""
 
     def __init__(self, names: Collection[str], value: Callable[[str], tuple[float, float]]):
         self._names, self._value = names, value
@@ -532,7 +532,7 @@ class Ranges(_RangeMap):
 
 
 class _Asking(_RangeMap):
-    """Stand-in ranges for a dry run of `_place`: `asked` records, in order, the tensors the
+    """Stand-in ranges for a dry run of `placement.place`: `asked` records, in order, the tensors the
     placement asked for."""
 
     def __init__(self, names: Collection[str], value: Callable[[str], tuple[float, float]]):
