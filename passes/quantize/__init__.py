@@ -11,55 +11,25 @@ QLinearMatMul, MatMulIntegerToFloat, QLinearAdd/Concat/pooling, MatMulNBits for 
 Plan, then apply: `make_plan` decides every tensor's dtype, scale, zero point, axis and block (and
 each activation's calibrated range) as a `passes._qplan.QuantPlan` (JSON; the report carries it);
 `apply_plan` inserts the nodes in one step. A weight's DequantizeLinear writes the weight's old
-name, the float weight is removed, and the file really shrinks.
+name, the float weight is removed, and the file really shrinks. One module per seam:
 
-Numerics (`graph_opt.kernels.quant`): ``q = saturate(round(x/s) + z)``, ``x̂ = (q − z)·s``.
-- Weights ``int8|uint8|int4``: symmetric, per output channel (Conv axis 0; Gemm 0 if transB else
-  1; MatMul the last axis) or per tensor; a batched MatMul weight with quantized activations is
-  per tensor (onnxruntime's fused kernels reject per-column scales there). ``block_size`` > 0:
-  blocks along the reduction axis; int4 MatMul/Gemm default to blocks of 128 (weight-only).
-  ``reduce_range``: 7-bit int8 weights with quantized activations; ``'auto'`` (default) when the
-  ``target`` CPU (``host``, or a name of `graph_opt.target.NAMED`) is x86 without int8 dot
-  products, whose u8×s8 kernels saturate (docs/design.md, fact 6). The report names the target.
-- ``rounding=gptq``: the codes of 2-D Gemm/MatMul weights follow the data (GPTQ,
-  `kernels.quant.gptq_quantize`): each input column's rounding error is spread over the columns
-  not yet rounded through the inverse of the layer's input second moment, measured on the float
-  model's activations (not chained through the quantized layers). Same grid, same file.
-- ``ternary`` (TWN: ``Δ = 0.7·mean|w|``, codes ``sign(w)·[|w| > Δ]``, ``α = mean(|w| : |w| > Δ)``)
-  and ``binary`` (``sign(w)``, ``α = mean|w|``): int2 codes with α per channel as the scale.
-- Activations ``uint8|int8``: one asymmetric per-tensor scale from the calibrated range
-  (``calibration``: minmax, percentile, entropy, mse; `graph_opt.kernels.calib`); the range
-  contains 0, and [0, max] puts the zero point at qmin so a Relu/Clip before the Q can go.
-  Clipping methods keep the value every feature reaches in every sample (per-feature floor) on
-  tensors read only linearly (`_LINEAR_READERS`), so a transformer's outlier dimensions survive.
-- Bias of a quantized layer: int32 with ``s_b = s_x·s_w``, zero point 0; kept float when it would
-  overflow, for Gemm with alpha/beta ≠ 1, or a C that is not one value per output column.
+- `layers`: which Conv/Gemm/MatMul (``op_types``) can be quantized, or why not;
+- `weights`: weight and bias codes (int8/uint8/int4 grids, 7-bit ``reduce_range``, GPTQ
+  rounding, ternary/binary) and their error bounds;
+- `calibration`: one streaming onnxruntime pass for the activation ranges (minmax, percentile,
+  entropy, mse; per-feature floors);
+- `placement`: which activations get a QDQ (layers, shared-scale data movement, own-scale
+  Add/Mul/Concat/pooling) and which stay float, with the reason;
+- `sensitivity`: each quantized node's own SNR in isolation, against ``sensitivity_snr_db``;
+- `plan`: the order of those decisions, the opset upgrade, weight-only fallbacks;
+- `emit`: the nodes written, and the report.
 
-Calibration is one streaming pass (at most ``max_samples``; batches sized by memory, each dropped
-after it updates the observers) over a weightless copy run by onnxruntime. minmax reduces each
-observed tensor to scalars inside onnxruntime and derives ranges through monotone and
-data-movement ops; histogram methods observe in a second thread. Only tensors a placement can ask
-for are observed.
-
-Placement: Conv/Gemm/MatMul (``op_types``) with a constant float32 weight get weight, bias and
-input QDQ, and an output QDQ after an absorbed Relu/Clip (a Gemm/MatMul output only when a
-quantized node reads it). Data-movement ops (MaxPool, Reshape, Flatten, Transpose, Split, Slice,
-Gather, nearest Resize …) share their input's scale; Add, Mul, Concat and pooling get their own.
-Kept float, with the reason: a Concat whose input ranges differ by more than
-``CONCAT_RANGE_RATIO`` (one scale would erase the small input); a Conv on a graph input with
-fewer than ``MIN_INT8_REDUCTION`` products per output, or whose input channels per group are not
-a multiple of ``INT8_CHANNEL_PACK`` (docs/design.md, fact 5); ``exclude``/``keep_float`` patterns;
-a layer whose isolated SNR (input + weight + output quantization, measured on
-``sensitivity_samples`` inside onnxruntime) is below ``sensitivity_snr_db`` ('auto': 25 dB for
-8-bit, 10 dB for int4; or weight-only with ``sensitive='weight_only'``). BatchNormalization after
-a Conv/Gemm is folded first when activations are quantized. ``min_snr_db``: after planning, the
-fewest least robust layers are kept float until the whole model holds the floor
-(`graph_opt/budget.py`).
-
-Weight-only (DQ(weight) → float op): ``activations=none``; int4/ternary/binary or blocked weights;
-static activations requested without data (with a note). Opset: per-channel DQ needs 13, int4 and
-blocks 21, int2 25; a lower model is upgraded (opset bump when no used op changed, else
-``onnx.version_converter``, then checked to load), and the report says so.
+``reduce_range='auto'`` (default) puts int8 weights with quantized activations on a 7-bit grid
+when the ``target`` CPU (``host``, or a name of `graph_opt.target.NAMED`) is x86 without int8
+dot products, whose u8×s8 kernels saturate (docs/design.md, fact 6); the report names the target.
+BatchNormalization after a Conv/Gemm is folded first (`passes._fold`) when activations are
+quantized. ``min_snr_db``: after planning, the fewest least robust layers are kept float until
+the whole model holds the floor on the calibration data (`graph_opt/budget.py`).
 
 Skipped, with the reason: op types not in ``op_types``; weights not constant, not float32,
 non-finite, shared (an If/Loop/Scan body read counts) or 1-D; MatMul with the constant on the
@@ -78,38 +48,34 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import onnx
-from onnx import helper
 
 from graph_opt.budget import exact_pattern, hold_floor, name_nodes
 from graph_opt.data import Dataset, random_dataset
-from graph_opt.errors import GraphOptError
 from graph_opt.model_io import copy_model
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._fold import apply_folds, find_folds
-from graph_opt.passes._graph import GraphIndex, all_nodes
-from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
-from graph_opt.passes.quantize.layers import (
-    INT8_CHANNEL_PACK,
-    MIN_INT8_REDUCTION,
-    float_on_input,
-    match_layers,
-    opset_of,
-    rematch_layers,
-)
-from graph_opt.passes.quantize.weights import INT4_AUTO_BLOCK, attach_hessians, block_for, weights_and_biases
-from graph_opt.passes.quantize import calibration
-from graph_opt.passes.quantize import sensitivity
+from graph_opt.passes._graph import GraphIndex
+from graph_opt.passes._qplan import QuantPlan
+from graph_opt.passes.quantize.calibration import REDUCE_BATCH, STREAM_BUDGET_BYTES, STREAM_MAX_BATCH, calibrate
 from graph_opt.passes.quantize.emit import apply_plan, report_plan
-from graph_opt.passes.quantize.placement import CONCAT_RANGE_RATIO, calibration_tensors, place
+from graph_opt.passes.quantize.layers import INT8_CHANNEL_PACK, MIN_INT8_REDUCTION
 from graph_opt.passes.quantize.ops import ABSORBED_OPS, LAYER_OPS, OWN_OPS, QUANTIZED_OPS, SHARED_OPS
+from graph_opt.passes.quantize.placement import CONCAT_RANGE_RATIO
+from graph_opt.passes.quantize.plan import make_plan
+from graph_opt.passes.quantize.weights import INT4_AUTO_BLOCK
 from graph_opt.target import NAMED as NAMED_TARGETS
 from graph_opt.target import resolve as resolve_target
-from graph_opt.verify import Reference, make_session, release_memory
+from graph_opt.verify import Reference
+
+__all__ = [
+    "ABSORBED_OPS", "AUTO_SNR_DB", "CONCAT_RANGE_RATIO", "INT4_AUTO_BLOCK", "INT8_CHANNEL_PACK", "LAYER_OPS",
+    "MIN_INT8_REDUCTION", "OWN_OPS", "QUANTIZED_OPS", "REDUCE_BATCH", "SHARED_OPS", "STREAM_BUDGET_BYTES",
+    "STREAM_MAX_BATCH", "Quantize", "apply_plan", "calibrate", "make_plan",
+]
 
 log = logging.getLogger(__name__)
 
@@ -244,181 +210,3 @@ class Quantize(Pass):
         if self.weights == "int4" or (self.block_size or 0) > 0:
             return 21
         return 13 if self.per_channel else 10  # DequantizeLinear's axis attribute came with opset 13
-
-
-# =============================================================================== calibration
-
-
-# =============================================================================== placement
-
-
-# =============================================================================== sensitivity
-
-
-# =============================================================================== the plan
-
-
-def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
-              batch_size: int | None = None) -> tuple[QuantPlan, onnx.ModelProto]:
-    """Decide everything (pure with respect to `model`): the plan and the model it applies to.
-
-    The returned model is `model` itself, or a copy upgraded to the opset the plan needs.
-    """
-    batch_size = batch_size or opts.batch_size
-    ix = GraphIndex(model)
-    decisions, layers, n_qdq = match_layers(ix, opts)
-    notes: list[str] = []
-    if n_qdq:
-        decisions.append(NodeDecision(f"QuantizeLinear/DequantizeLinear ×{n_qdq}", "QDQ", "skip",
-                                      "already quantized: existing QDQ nodes are left as they are"))
-    current = opset_of(model)
-    target = max(current, opts.required_opset())
-    plan = QuantPlan(opset=target, nodes=decisions, notes=notes)
-    if not layers:
-        return plan, model
-
-    if target > current:
-        upgraded = _upgrade_opset(model, target)
-        if isinstance(upgraded, str):
-            plan.nodes = decisions + [NodeDecision(ix.labels[i], layers[i].op, "skip", upgraded) for i in layers]
-            return plan, model
-        model, how = upgraded
-        notes.append(f"opset upgraded {current} → {target} ({how}); IR version {model.ir_version}")
-        ix = GraphIndex(model)
-        layers = rematch_layers(ix, opts)
-
-    if opts.rounding == "gptq":
-        attach_hessians(model, ix, layers, data, notes)
-
-    # Which layers may run with quantized activations.
-    wants_static = opts.activations != "none"
-    static_kind = opts.weights in ("int8", "uint8")
-    candidates = {i for i, lay in layers.items() if block_for(lay, opts) == 0} if static_kind else set()
-    if wants_static and not static_kind:
-        notes.append(f"weights={opts.weights}: onnxruntime has no integer conv/gemm kernel for these weights, "
-                     "so activations stay float (weight-only)")
-    elif wants_static and len(candidates) < len(layers):
-        notes.append("blocked weights are weight-only (activations stay float for those layers)")
-    if wants_static and static_kind and opts.activations == "int8" and opts.weights == "uint8":
-        notes.append("int8 activations with uint8 weights: onnxruntime has no fused kernel for this pair "
-                     "(the QDQ graph stays correct but runs in float); prefer uint8 activations")
-    ranges: Mapping[str, tuple[float, float]] = {}
-    unasked: frozenset[str] = frozenset()
-    if wants_static and candidates and data is None:
-        notes.append("no calibration data: activations left in float, weights quantized (weight-only); "
-                     "pass data to quantize activations")
-        candidates = set()
-    forced: dict[int, str] = {}
-    for idx in sorted(candidates):
-        why = float_on_input(ix, layers[idx])
-        if why:
-            forced[idx] = why
-    if wants_static and candidates:
-        # Calibrate only what the placement can ask for: a dry run on stand-in ranges, where
-        # every candidate tensor is calibrated and every Concat takes one scale, asks for a
-        # superset of what the real placement asks (often a small share of the candidates).
-        tensors = calibration_tensors(ix, layers, candidates)
-        dry = calibration._Asking(set(tensors), lambda t: (-1.0, 1.0))
-        place(ix, layers, candidates, dry, opts, forced)
-        unasked = frozenset(tensors) - dry.asked.keys()
-        tensors = [t for t in tensors if t in dry.asked]
-        try:
-            observers = calibration.calibrate(model, data, tensors, opts.calibration, batch_size=batch_size,
-                                  max_samples=opts.max_samples, threads=opts.threads,
-                                  feature_axis=calibration._feature_axes(ix))
-        except GraphOptError as exc:
-            notes.append(f"calibration failed, activations left in float (weight-only): {exc}")
-            observers, candidates, forced = {}, set(), {}
-        release_memory()
-        ranges = calibration.Ranges(observers, opts)
-        n = min(len(data), opts.max_samples)
-        notes.append(f"activations {opts.activations} per tensor, asymmetric, ranges by {opts.calibration} "
-                     f"over {n} samples ({len(ranges)} tensors observed in one streaming pass; "
-                     f"{len(unasked)} other candidate tensors skipped: no placement could use them)")
-
-    if isinstance(ranges, calibration.Ranges) and opts.calibration != "minmax":  # minmax ranges cost nothing
-        ranges.prefetch(lambda r: place(ix, layers, candidates, r, opts, forced, unasked))
-    pl = place(ix, layers, candidates, ranges, opts, forced, unasked)
-    quantized: dict[tuple[int, bool], TensorQuant] = {}
-    weights, biases = weights_and_biases(layers, pl, opts, quantized)
-
-    threshold = opts.threshold_db()
-    sens: dict[int, dict[str, float]] = {}
-    if threshold is not None and data is not None and weights:
-        try:
-            sens = sensitivity.measure(model, ix, layers, weights, biases, pl, data, opts, batch_size)
-        except GraphOptError as exc:  # the probe model does not load or run (e.g. a custom op onnxruntime lacks)
-            notes.append(f"sensitivity not measured ({exc}); every planned node is quantized")
-        release_memory()
-        sensitive, weight_only = sensitivity.split_sensitive(sens, threshold, opts.sensitive)
-        forced.update(sensitive)
-        if forced or weight_only:
-            pl = place(ix, layers, candidates - set(weight_only), ranges, opts, forced, unasked)
-            weights, biases = weights_and_biases(layers, pl, opts, quantized)
-        for idx, values in sens.items():
-            if idx in pl.decisions and idx not in forced:
-                pl.decisions[idx].sensitivity = values
-                if idx in weight_only:
-                    pl.decisions[idx].reason = weight_only[idx]
-        notes.append(f"sensitivity threshold {threshold:g} dB: {len(forced)} of {len(sens)} nodes kept float, "
-                     f"{len(weight_only)} layers weight-only")
-
-    for idx in sorted(set(pl.decisions) | set(forced)):
-        if idx in forced:
-            decisions.append(NodeDecision(ix.labels[idx], ix.nodes[idx].op_type, "float", forced[idx],
-                                          sensitivity=sens.get(idx)))
-        else:
-            d = pl.decisions[idx]
-            if idx in biases:
-                d.bias = biases[idx].tensor
-            decisions.append(d)
-    for tq in [*weights.values(), *biases.values(), *pl.acts.values()]:
-        plan.add(tq)
-    for idx, lay in layers.items():
-        if idx in forced or idx not in pl.static or lay.b is None or idx in biases:
-            continue
-        reason = lay.bias_float or "bias kept float"
-        d = pl.decisions.get(idx)
-        if d is not None:
-            d.reason = (d.reason + "; " if d.reason else "") + f"bias float: {reason}"
-    return plan, model
-
-
-# =============================================================================== opset
-
-
-def _upgrade_opset(model: onnx.ModelProto, target: int) -> tuple[onnx.ModelProto, str] | str:
-    """The model at opset `target` and how it got there, or why it cannot."""
-    current = opset_of(model)
-    ops = {n.op_type for n in all_nodes(model.graph) if n.domain in ("", "ai.onnx")}
-    unchanged = True
-    for op in ops:
-        try:
-            unchanged &= onnx.defs.get_schema(op, target).since_version <= current
-        except Exception:
-            unchanged = False
-    if unchanged:
-        out = copy_model(model)
-        for imp in out.opset_import:
-            if imp.domain in ("", "ai.onnx"):
-                imp.version = target
-        how = "opset import bumped: no op of the model changed between the two versions"
-    else:
-        try:
-            out = onnx.version_converter.convert_version(model, target)
-            onnx.checker.check_model(out)
-        except Exception as exc:
-            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            return f"cannot upgrade opset {current} → {target} (needed by weights): {text}"
-        how = "onnx.version_converter"
-    try:
-        min_ir = helper.find_min_ir_version_for(list(out.opset_import), ignore_unknown=True)
-    except Exception:
-        min_ir = out.ir_version
-    out.ir_version = max(out.ir_version, int(min_ir))
-    if how == "onnx.version_converter":
-        try:
-            make_session(out)
-        except GraphOptError as exc:
-            return f"opset {current} → {target} by onnx.version_converter gives a model onnxruntime refuses: {exc}"
-    return out, how
