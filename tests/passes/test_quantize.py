@@ -21,7 +21,7 @@ from graph_opt.kernels.quant import (
 from graph_opt.metrics import cosine
 from graph_opt.pass_base import PassContext
 from graph_opt.passes.fold_batchnorm import FoldBatchnorm
-from graph_opt.passes import quantize as quantize_mod
+from graph_opt.passes.quantize import calibration as quantize_mod
 from graph_opt.passes.quantize import CONCAT_RANGE_RATIO, Quantize, apply_plan
 
 

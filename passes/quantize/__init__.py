@@ -1,0 +1,212 @@
+"""quantize: store weights as integers and run activations in int8, as onnxruntime fuses QDQ.
+
+Before / after (static activations, the default when calibration data is given)::
+
+    x → Conv(W, b) → Relu → MaxPool → Gemm(W2, b2) → y
+    x → Q → DQ → Conv(DQ(Wq), DQ(bq)) → Relu → Q → DQ → MaxPool → Q → DQ → Gemm(DQ(W2q), DQ(b2q)) → y
+
+onnxruntime (optimizations on) fuses each group into one integer kernel (QLinearConv, QGemm,
+QLinearMatMul, MatMulIntegerToFloat, QLinearAdd/Concat/pooling, MatMulNBits for blocked int4).
+
+Plan, then apply: `make_plan` decides every tensor's dtype, scale, zero point, axis and block (and
+each activation's calibrated range) as a `passes._qplan.QuantPlan` (JSON; the report carries it);
+`apply_plan` inserts the nodes in one step. A weight's DequantizeLinear writes the weight's old
+name, the float weight is removed, and the file really shrinks. One module per seam:
+
+- `layers`: which Conv/Gemm/MatMul (``op_types``) can be quantized, or why not;
+- `weights`: weight and bias codes (int8/uint8/int4 grids, 7-bit ``reduce_range``, GPTQ
+  rounding, ternary/binary) and their error bounds;
+- `calibration`: one streaming onnxruntime pass for the activation ranges (minmax, percentile,
+  entropy, mse; per-feature floors);
+- `placement`: which activations get a QDQ (layers, shared-scale data movement, own-scale
+  Add/Mul/Concat/pooling) and which stay float, with the reason;
+- `sensitivity`: each quantized node's own SNR in isolation, against ``sensitivity_snr_db``;
+- `plan`: the order of those decisions, the opset upgrade, weight-only fallbacks;
+- `emit`: the nodes written, and the report.
+
+``reduce_range='auto'`` (default) puts int8 weights with quantized activations on a 7-bit grid
+when the ``target`` CPU (``host``, or a name of `graph_opt.target.NAMED`) is x86 without int8
+dot products, whose u8×s8 kernels saturate (docs/design.md, fact 6); the report names the target.
+BatchNormalization after a Conv/Gemm is folded first (`passes._fold`) when activations are
+quantized. ``min_snr_db``: after planning, the fewest least robust layers are kept float until
+the whole model holds the floor on the calibration data (`graph_opt/budget.py`).
+
+Skipped, with the reason: op types not in ``op_types``; weights not constant, not float32,
+non-finite, shared (an If/Loop/Scan body read counts) or 1-D; MatMul with the constant on the
+left or two activation operands; already quantized layers and quantized ops (never twice); layers
+inside subgraphs; unobserved or non-float activations; sensitive layers; mismatched Concats; a
+model whose opset cannot be upgraded.
+
+Lossy, bounded per element: a weight by s/2 (ternary/binary: |w − α·code|, large by design), an
+activation inside its range by s_x/2 (outside it saturates), a bias by s_x·s_w/2. Weights already
+on the grid come back exactly with ``activations=none``. Measured fidelity, speed and cost:
+benchmarks/RESULTS.md, "Quantization" (`bench_quantize.py`, `profile_quantize.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import onnx
+
+from graph_opt.budget import exact_pattern, hold_floor, name_nodes
+from graph_opt.data import Dataset, random_dataset
+from graph_opt.model_io import copy_model
+from graph_opt.pass_base import Pass, PassContext, PassReport
+from graph_opt.passes._fold import apply_folds, find_folds
+from graph_opt.passes._graph import GraphIndex
+from graph_opt.passes._qplan import QuantPlan
+from graph_opt.passes.quantize.calibration import REDUCE_BATCH, STREAM_BUDGET_BYTES, STREAM_MAX_BATCH, calibrate
+from graph_opt.passes.quantize.emit import apply_plan, report_plan
+from graph_opt.passes.quantize.layers import INT8_CHANNEL_PACK, MIN_INT8_REDUCTION
+from graph_opt.passes.quantize.ops import ABSORBED_OPS, LAYER_OPS, OWN_OPS, QUANTIZED_OPS, SHARED_OPS
+from graph_opt.passes.quantize.placement import CONCAT_RANGE_RATIO
+from graph_opt.passes.quantize.plan import make_plan
+from graph_opt.passes.quantize.weights import INT4_AUTO_BLOCK
+from graph_opt.target import NAMED as NAMED_TARGETS
+from graph_opt.target import resolve as resolve_target
+from graph_opt.verify import Reference
+
+__all__ = [
+    "ABSORBED_OPS", "AUTO_SNR_DB", "CONCAT_RANGE_RATIO", "INT4_AUTO_BLOCK", "INT8_CHANNEL_PACK", "LAYER_OPS",
+    "MIN_INT8_REDUCTION", "OWN_OPS", "QUANTIZED_OPS", "REDUCE_BATCH", "SHARED_OPS", "STREAM_BUDGET_BYTES",
+    "STREAM_MAX_BATCH", "Quantize", "apply_plan", "calibrate", "make_plan",
+]
+
+log = logging.getLogger(__name__)
+
+AUTO_SNR_DB = {"int8": 25.0, "uint8": 25.0, "int4": 10.0, "ternary": None, "binary": None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Quantize(Pass):
+    """Quantize weights (int8/uint8/int4/ternary/binary) and activations (static QDQ, ORT-fusable)."""
+
+    name: ClassVar[str] = "quantize"
+    edits_input: ClassVar[bool] = False
+    weights: Literal["int8", "uint8", "int4", "ternary", "binary"] = "int8"
+    activations: Literal["uint8", "int8", "none"] = "uint8"
+    calibration: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
+    percentile: float = 99.99
+    per_channel: bool = True
+    symmetric: bool = True
+    block_size: int | None = None
+    reduce_range: bool | Literal["auto"] = "auto"
+    target: str = "host"
+    op_types: tuple[str, ...] = LAYER_OPS
+    exclude: tuple[str, ...] = ()
+    keep_float: tuple[str, ...] = ()
+    sensitivity_snr_db: float | Literal["auto"] | None = "auto"
+    sensitive: Literal["float", "weight_only"] = "float"
+    sensitivity_samples: int = 16
+    max_samples: int = 256
+    batch_size: int | None = None
+    min_snr_db: float | None = None
+    threads: int = 0
+    rounding: Literal["nearest", "gptq"] = "nearest"
+
+    def __post_init__(self) -> None:
+        if self.target != "host" and self.target not in NAMED_TARGETS:
+            raise ValueError(f"unknown target {self.target!r} (known: host, {', '.join(NAMED_TARGETS)})")
+        bad = [op for op in self.op_types if op not in LAYER_OPS]
+        if bad:
+            raise ValueError(f"op_types may only name {', '.join(LAYER_OPS)} (got {', '.join(bad)}); "
+                             "Add/Concat/pooling follow the quantized layers automatically, use exclude to stop them")
+        if self.block_size is not None and self.block_size < 0:
+            raise ValueError("block_size must be >= 0 (0: never blocked, None: automatic)")
+        if not 0.0 < self.percentile <= 100.0:
+            raise ValueError("percentile must be in (0, 100]")
+        if self.max_samples < 1:
+            raise ValueError("max_samples must be >= 1")
+        if self.sensitivity_samples < 1:
+            raise ValueError("sensitivity_samples must be >= 1")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1 (None: sized automatically)")
+        if self.min_snr_db is not None and not math.isfinite(self.min_snr_db):
+            raise ValueError(f"min_snr_db must be a finite number of dB, got {self.min_snr_db}")
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0 (0: onnxruntime's default, one per core)")
+
+    @property
+    def weights_reduced(self) -> bool:
+        """int8 weights on a 7-bit grid: asked for, or ('auto') when the target's u8×s8 kernels saturate."""
+        return resolve_target(self.target).reduce_range if self.reduce_range == "auto" else bool(self.reduce_range)
+
+    def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
+        # `model` is the caller's (edits_input is False): the plan only reads it, and apply_plan,
+        # apply_folds and the floor's runs each write a copy.
+        if self.min_snr_db is not None:
+            return self._run_with_floor(copy_model(model), report, ctx)
+        if self.weights == "int8" and self.activations != "none":
+            report.note(f"target {resolve_target(self.target).describe()}: int8 weights on a "
+                        + ("7-bit grid (reduce_range)" if self.weights_reduced else "full 8-bit grid"))
+        private = False
+        if self.activations != "none" and any(n.op_type == "BatchNormalization" for n in model.graph.node):
+            # A BatchNormalization between a Conv/Gemm and its output QDQ would run in float
+            # between int8 layers, slower than the fp32 model; folding is exact.
+            ix = GraphIndex(model)
+            folds, _ = find_folds(ix)
+            if folds:
+                report.note(f"folded {len(folds)} BatchNormalization into their Conv/Gemm first "
+                            "(exact), so the layer outputs stay int8")
+                model, private = apply_folds(model, ix, folds), True
+        plan, work = make_plan(model, ctx.data, self)
+        for d in plan.nodes:
+            if d.action != "quantize":
+                report.skip(d.node, d.reason)
+        if plan.empty:
+            return model if private else copy_model(model)
+        out = apply_plan(work, plan)
+        report_plan(plan, report, model, out)
+        return out
+
+    def _run_with_floor(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
+        """Mixed precision: quantize as planned, then keep the fewest least robust layers (their
+        measured SNR, lowest first) in float until the model's SNR on the calibration data holds
+        `min_snr_db` (graph_opt.budget.hold_floor)."""
+        name_nodes(model)  # keep_float selects layers by node name
+        runs: dict[int, PassReport] = {}
+
+        def rebuild(kept: tuple[str, ...]) -> onnx.ModelProto:
+            keep = self.keep_float + tuple(exact_pattern(n) for n in kept)
+            result = dataclasses.replace(self, min_snr_db=None, keep_float=keep)(model, ctx)
+            runs[id(result.model)] = result.report
+            return result.model
+
+        first = rebuild(())
+        layers = [e for e in runs[id(first)].rewritten if e.get("weight")]
+        order = [e["node"] for e in sorted(layers, key=lambda e: (e.get("snr_db") is None, e.get("snr_db") or 0.0))]
+        if order:
+            data = ctx.data.take(self.max_samples) if ctx.data is not None else random_dataset(model, 16, seed=ctx.seed)
+            if ctx.data is None:
+                report.note("min_snr_db: no calibration data; the floor is checked on seeded random inputs")
+            out = hold_floor(Reference(model, data), first, order, rebuild, self.min_snr_db, report)
+        else:
+            out = first
+        chosen = runs[id(out)]
+        report.rewritten.extend(chosen.rewritten)
+        report.skipped.extend(chosen.skipped)
+        report.notes[:0] = chosen.notes
+        return out if chosen.rewritten else model
+
+    def plan(self, model: onnx.ModelProto, data: Dataset | None = None, *, batch_size: int | None = None) -> QuantPlan:
+        """The plan this pass would apply to `model` (for inspection; nothing is rewritten)."""
+        return make_plan(model, data, self, batch_size=batch_size)[0]
+
+    # -- derived settings
+
+    def threshold_db(self) -> float | None:
+        if self.sensitivity_snr_db == "auto":
+            return AUTO_SNR_DB[self.weights]
+        return self.sensitivity_snr_db
+
+    def required_opset(self) -> int:
+        if self.weights in ("ternary", "binary"):
+            return 25
+        if self.weights == "int4" or (self.block_size or 0) > 0:
+            return 21
+        return 13 if self.per_channel else 10  # DequantizeLinear's axis attribute came with opset 13

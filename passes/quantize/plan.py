@@ -1,0 +1,233 @@
+"""The plan of the quantize pass: every decision made before a node is inserted.
+
+`make_plan` (pure with respect to its model) runs the seams in order and records the outcome as
+a `passes._qplan.QuantPlan` (tensor → dtype, scale, zero point, axis, block, calibrated range;
+node → quantize / float / skip with the reason), which `emit.apply_plan` writes in one step:
+
+1. match the layers (`layers.match_layers`); the plan needs opset 13 for per-channel
+   DequantizeLinear, 21 for int4 and blocks, 25 for int2; a lower model is upgraded
+   (`_upgrade_opset`: an opset bump when no used op changed, else ``onnx.version_converter``,
+   then checked to load) or its layers are skipped with the reason;
+2. ``rounding=gptq``: the layers' input second moments (`weights.attach_hessians`);
+3. the static candidates (`_candidates`): 8-bit unblocked weights with ``activations`` not
+   'none' and calibration data, less the Convs on a graph input `layers.float_on_input` keeps;
+4. calibrate only what a dry run of the placement on stand-in ranges asks for (`_calibrate`),
+   then place (`placement.place`) and quantize the weights and biases (`weights`);
+5. measure the sensitivity (`sensitivity.measure`), keep the sensitive nodes float or
+   weight-only, and place again when any changed;
+6. record the decisions, tensors and notes (`_record`).
+
+Weight-only (DQ(weight) → float op) is the outcome for every layer when ``activations=none``,
+for int4/ternary/binary or blocked weights, and when static activations are asked for without
+data (with a note).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import onnx
+from onnx import helper
+
+from graph_opt.data import Dataset
+from graph_opt.errors import GraphOptError
+from graph_opt.model_io import copy_model
+from graph_opt.passes._graph import GraphIndex, all_nodes
+from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
+from graph_opt.passes.quantize import calibration, sensitivity
+from graph_opt.passes.quantize.layers import Layer, float_on_input, match_layers, opset_of, rematch_layers
+from graph_opt.passes.quantize.placement import Placement, calibration_tensors, place
+from graph_opt.passes.quantize.weights import attach_hessians, block_for, weights_and_biases
+from graph_opt.verify import make_session, release_memory
+
+if TYPE_CHECKING:
+    from graph_opt.passes.quantize import Quantize
+
+
+def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
+              batch_size: int | None = None) -> tuple[QuantPlan, onnx.ModelProto]:
+    """Decide everything (pure with respect to `model`): the plan and the model it applies to.
+
+    The returned model is `model` itself, or a copy upgraded to the opset the plan needs.
+    """
+    batch_size = batch_size or opts.batch_size
+    ix = GraphIndex(model)
+    decisions, layers, n_qdq = match_layers(ix, opts)
+    notes: list[str] = []
+    if n_qdq:
+        decisions.append(NodeDecision(f"QuantizeLinear/DequantizeLinear ×{n_qdq}", "QDQ", "skip",
+                                      "already quantized: existing QDQ nodes are left as they are"))
+    current = opset_of(model)
+    target = max(current, opts.required_opset())
+    plan = QuantPlan(opset=target, nodes=decisions, notes=notes)
+    if not layers:
+        return plan, model
+
+    if target > current:
+        upgraded = _upgrade_opset(model, target)
+        if isinstance(upgraded, str):
+            plan.nodes = decisions + [NodeDecision(ix.labels[i], layers[i].op, "skip", upgraded) for i in layers]
+            return plan, model
+        model, how = upgraded
+        notes.append(f"opset upgraded {current} → {target} ({how}); IR version {model.ir_version}")
+        ix = GraphIndex(model)
+        layers = rematch_layers(ix, opts)
+
+    if opts.rounding == "gptq":
+        attach_hessians(model, ix, layers, data, notes)
+    candidates, forced = _candidates(ix, layers, data, opts, notes)
+    ranges: Mapping[str, tuple[float, float]] = {}
+    unasked: frozenset[str] = frozenset()
+    if opts.activations != "none" and candidates:
+        ranges, unasked, ok = _calibrate(model, ix, layers, candidates, forced, data, opts, batch_size, notes)
+        if not ok:
+            candidates, forced = set(), {}
+    if isinstance(ranges, calibration.Ranges) and opts.calibration != "minmax":  # minmax ranges cost nothing
+        ranges.prefetch(lambda r: place(ix, layers, candidates, r, opts, forced, unasked))
+    pl = place(ix, layers, candidates, ranges, opts, forced, unasked)
+    quantized: dict[tuple[int, bool], TensorQuant] = {}
+    weights, biases = weights_and_biases(layers, pl, opts, quantized)
+
+    threshold = opts.threshold_db()
+    sens: dict[int, dict[str, float]] = {}
+    if threshold is not None and data is not None and weights:
+        try:
+            sens = sensitivity.measure(model, ix, layers, weights, biases, pl, data, opts, batch_size)
+        except GraphOptError as exc:  # the probe model does not load or run (e.g. a custom op onnxruntime lacks)
+            notes.append(f"sensitivity not measured ({exc}); every planned node is quantized")
+        release_memory()
+        sensitive, weight_only = sensitivity.split_sensitive(sens, threshold, opts.sensitive)
+        forced.update(sensitive)
+        if forced or weight_only:
+            pl = place(ix, layers, candidates - set(weight_only), ranges, opts, forced, unasked)
+            weights, biases = weights_and_biases(layers, pl, opts, quantized)
+        for idx, values in sens.items():
+            if idx in pl.decisions and idx not in forced:
+                pl.decisions[idx].sensitivity = values
+                if idx in weight_only:
+                    pl.decisions[idx].reason = weight_only[idx]
+        notes.append(f"sensitivity threshold {threshold:g} dB: {len(forced)} of {len(sens)} nodes kept float, "
+                     f"{len(weight_only)} layers weight-only")
+    _record(plan, ix, layers, pl, forced, sens, [*weights.values(), *biases.values(), *pl.acts.values()],
+            biases)
+    return plan, model
+
+
+def _candidates(ix: GraphIndex, layers: dict[int, Layer], data: Dataset | None, opts: Quantize,
+                notes: list[str]) -> tuple[set[int], dict[int, str]]:
+    """The layers that may run with quantized activations, and those of them kept float (a Conv
+    on a graph input, `layers.float_on_input`) with the reason; `notes` says why others cannot."""
+    wants_static = opts.activations != "none"
+    static_kind = opts.weights in ("int8", "uint8")
+    candidates = {i for i, lay in layers.items() if block_for(lay, opts) == 0} if static_kind else set()
+    if wants_static and not static_kind:
+        notes.append(f"weights={opts.weights}: onnxruntime has no integer conv/gemm kernel for these weights, "
+                     "so activations stay float (weight-only)")
+    elif wants_static and len(candidates) < len(layers):
+        notes.append("blocked weights are weight-only (activations stay float for those layers)")
+    if wants_static and static_kind and opts.activations == "int8" and opts.weights == "uint8":
+        notes.append("int8 activations with uint8 weights: onnxruntime has no fused kernel for this pair "
+                     "(the QDQ graph stays correct but runs in float); prefer uint8 activations")
+    if wants_static and candidates and data is None:
+        notes.append("no calibration data: activations left in float, weights quantized (weight-only); "
+                     "pass data to quantize activations")
+        candidates = set()
+    forced: dict[int, str] = {}
+    for idx in sorted(candidates):
+        why = float_on_input(ix, layers[idx])
+        if why:
+            forced[idx] = why
+    return candidates, forced
+
+
+def _calibrate(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], candidates: set[int],
+               forced: dict[int, str], data: Dataset, opts: Quantize, batch_size: int | None, notes: list[str]
+               ) -> tuple[calibration.Ranges, frozenset[str], bool]:
+    """The calibrated ranges, the candidate tensors left out of calibration, and False when the
+    calibration failed (then every layer is weight-only, with a note)."""
+    # Calibrate only what the placement can ask for: a dry run on stand-in ranges, where
+    # every candidate tensor is calibrated and every Concat takes one scale, asks for a
+    # superset of what the real placement asks (often a small share of the candidates).
+    tensors = calibration_tensors(ix, layers, candidates)
+    dry = calibration._Asking(set(tensors), lambda t: (-1.0, 1.0))
+    place(ix, layers, candidates, dry, opts, forced)
+    unasked = frozenset(tensors) - dry.asked.keys()
+    tensors = [t for t in tensors if t in dry.asked]
+    ok = True
+    try:
+        observers = calibration.calibrate(model, data, tensors, opts.calibration, batch_size=batch_size,
+                                          max_samples=opts.max_samples, threads=opts.threads,
+                                          feature_axis=calibration._feature_axes(ix))
+    except GraphOptError as exc:
+        notes.append(f"calibration failed, activations left in float (weight-only): {exc}")
+        observers, ok = {}, False
+    release_memory()
+    ranges = calibration.Ranges(observers, opts)
+    n = min(len(data), opts.max_samples)
+    notes.append(f"activations {opts.activations} per tensor, asymmetric, ranges by {opts.calibration} "
+                 f"over {n} samples ({len(ranges)} tensors observed in one streaming pass; "
+                 f"{len(unasked)} other candidate tensors skipped: no placement could use them)")
+    return ranges, unasked, ok
+
+
+def _record(plan: QuantPlan, ix: GraphIndex, layers: dict[int, Layer], pl: Placement, forced: dict[int, str],
+            sens: dict[int, dict[str, float]], tensors: list[TensorQuant], biases: dict[int, TensorQuant]) -> None:
+    """Write the placement's decisions (the forced ones as float, with their reason and SNR), the
+    quantized tensors, and why each bias of a layer with a quantized input stayed float."""
+    decisions = plan.nodes
+    for idx in sorted(set(pl.decisions) | set(forced)):
+        if idx in forced:
+            decisions.append(NodeDecision(ix.labels[idx], ix.nodes[idx].op_type, "float", forced[idx],
+                                          sensitivity=sens.get(idx)))
+        else:
+            d = pl.decisions[idx]
+            if idx in biases:
+                d.bias = biases[idx].tensor
+            decisions.append(d)
+    for tq in tensors:
+        plan.add(tq)
+    for idx, lay in layers.items():
+        if idx in forced or idx not in pl.static or lay.b is None or idx in biases:
+            continue
+        reason = lay.bias_float or "bias kept float"
+        d = pl.decisions.get(idx)
+        if d is not None:
+            d.reason = (d.reason + "; " if d.reason else "") + f"bias float: {reason}"
+
+
+def _upgrade_opset(model: onnx.ModelProto, target: int) -> tuple[onnx.ModelProto, str] | str:
+    """The model at opset `target` and how it got there, or why it cannot."""
+    current = opset_of(model)
+    ops = {n.op_type for n in all_nodes(model.graph) if n.domain in ("", "ai.onnx")}
+    unchanged = True
+    for op in ops:
+        try:
+            unchanged &= onnx.defs.get_schema(op, target).since_version <= current
+        except Exception:
+            unchanged = False
+    if unchanged:
+        out = copy_model(model)
+        for imp in out.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                imp.version = target
+        how = "opset import bumped: no op of the model changed between the two versions"
+    else:
+        try:
+            out = onnx.version_converter.convert_version(model, target)
+            onnx.checker.check_model(out)
+        except Exception as exc:
+            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            return f"cannot upgrade opset {current} → {target} (needed by weights): {text}"
+        how = "onnx.version_converter"
+    try:
+        min_ir = helper.find_min_ir_version_for(list(out.opset_import), ignore_unknown=True)
+    except Exception:
+        min_ir = out.ir_version
+    out.ir_version = max(out.ir_version, int(min_ir))
+    if how == "onnx.version_converter":
+        try:
+            make_session(out)
+        except GraphOptError as exc:
+            return f"opset {current} → {target} by onnx.version_converter gives a model onnxruntime refuses: {exc}"
+    return out, how
