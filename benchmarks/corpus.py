@@ -1095,11 +1095,30 @@ def describe(name: str, zm: ZooModel) -> dict[str, Any]:
             "file_bytes": zm.path.stat().st_size, "nodes": len(model.graph.node)}
 
 
+def export_data(zm: ZooModel, folder: Path) -> list[Path]:
+    """Write the model's splits as graph-opt ``--data`` files: ``NAME_calib.npz``, ``NAME_eval.npz``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for split, data in (("calib", zm.calib), ("eval", zm.eval)):
+        arrays = dict(data.inputs)
+        if data.labels is not None:
+            arrays["labels"] = data.labels
+        path = folder / f"{zm.name}_{split}.npz"
+        staging = folder / f".{zm.name}_{split}.tmp.npz"
+        np.savez(staging, **arrays)
+        os.replace(staging, path)
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build (on first use) and summarise graph-opt's corpus of real exports.")
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"models among {', '.join(META)} (default: all)")
     parser.add_argument("--rebuild", action="store_true", help="rebuild even if cached")
     parser.add_argument("--json", metavar="FILE", help="also write the summary rows as JSON")
+    parser.add_argument("--export-data", metavar="DIR",
+                        help="also write NAME_calib.npz and NAME_eval.npz (keys: the model's input names, "
+                             "labels where known) into DIR, for graph-opt's --data")
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in META]
     if unknown:
@@ -1124,6 +1143,8 @@ def main(argv: list[str] | None = None) -> int:
         row["ready_seconds"] = round(ready, 1)
         row["calib"], row["eval"] = len(zm.calib), len(zm.eval)
         rows.append(row)
+        if args.export_data:
+            export_data(zm, Path(args.export_data))
         print(f"[corpus] {name}: " + ", ".join(f"{k} {zoo._fmt(v)}" for k, v in row["metrics"].items()),
               file=sys.stderr, flush=True)
     print(_table(rows))
