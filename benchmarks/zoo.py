@@ -910,9 +910,27 @@ ALL: dict[str, Callable[..., ZooModel]] = {
 
 
 def get(name: str, *, rebuild: bool = False) -> ZooModel:
-    if name not in ALL:
-        raise KeyError(f"unknown zoo model {name!r} (known: {', '.join(ALL)})")
-    return ALL[name](rebuild=rebuild)
+    """A zoo model, or a model of the corpus of real exports (benchmarks/corpus.py) by its name,
+    so every benchmark's ``--models`` takes either."""
+    if name in ALL:
+        return ALL[name](rebuild=rebuild)
+    corpus = _corpus()
+    if name in corpus.META:
+        return corpus.load(name, rebuild=rebuild)
+    raise KeyError(f"unknown model {name!r} (zoo: {', '.join(ALL)}; corpus: {', '.join(corpus.META)})")
+
+
+def _corpus():
+    """benchmarks/corpus.py (it imports this module; imported here only when asked for)."""
+    if "corpus" in sys.modules:
+        return sys.modules["corpus"]
+    name = "_graph_opt_bench_corpus"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCH_DIR / "corpus.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def _op_summary(ops: dict[str, int], top: int = 8) -> str:
