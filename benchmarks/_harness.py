@@ -31,7 +31,7 @@ import onnx
 import onnxruntime as ort
 
 from graph_opt.stats import measure_latency, model_stats
-from graph_opt.verify import compare_outputs, run_model
+from graph_opt.verify import compare_outputs
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -75,16 +75,16 @@ def measure(zm, variants: dict[str, onnx.ModelProto], *, runs: int = 200, thread
     """Rows for the original ('fp32') and every variant of one zoo model, measured in one run."""
     original = zm.load()
     models = {"fp32": original, **variants}
-    ref_out = run_model(original, zm.eval, threads=threads, desc=f"{zm.name} fp32")
+    ref_out = zm.outputs(original, threads=threads)  # the model's own runner where it has one
     stats = {name: model_stats(m, shapes=zm.shapes) for name, m in models.items()}
-    feed = zm.eval.sample(0)
+    feed = zm.sample(0)
     busy_before = cpu_busy(0.5)
     latencies = measure_latency(list(models.values()), feed, runs=runs, threads=threads)
     busy_after = cpu_busy(0.5)
     base = stats["fp32"]
     rows = []
     for (name, model), lat in zip(models.items(), latencies):
-        out = ref_out if name == "fp32" else run_model(model, zm.eval, threads=threads, desc=f"{zm.name} {name}")
+        out = ref_out if name == "fp32" else zm.outputs(model, threads=threads)
         parity = compare_outputs(ref_out, out, data_source=zm.name)
         st = stats[name]
         rows.append(Row(

@@ -85,7 +85,8 @@ class ZooModel:
     and latency). ``info`` is the build record (build time, sanity numbers, provenance).
     ``runner(model, data, threads)``, when set, replaces `graph_opt.verify.run_model` for models
     whose inputs do not all stack samples on axis 0 (a recurrent state batched on axis 1, a
-    scalar): it runs the whole split in one call, as the model expects it.
+    scalar): it runs the whole split in one call, as the model expects it; ``sampler(data, i)``
+    then gives sample i as a batch-1 feed (for latency).
     """
 
     name: str
@@ -97,6 +98,12 @@ class ZooModel:
     shapes: dict[str, tuple[int, ...]]
     info: dict[str, Any] = field(default_factory=dict)
     runner: Callable[[onnx.ModelProto, Dataset, int], dict[str, np.ndarray]] | None = None
+    sampler: Callable[[Dataset, int], dict[str, np.ndarray]] | None = None
+
+    def sample(self, index: int = 0, data: Dataset | None = None) -> dict[str, np.ndarray]:
+        """Sample `index` of `data` (default: the eval split) as one batch-1 feed of the model."""
+        data = self.eval if data is None else data
+        return data.sample(index) if self.sampler is None else self.sampler(data, index)
 
     def load(self) -> onnx.ModelProto:
         return load_model(self.path)
