@@ -47,7 +47,8 @@ Some inputs do not stack samples on axis 0, and are recorded as the model takes 
 scalar, 16000); its ZooModel's ``runner`` feeds a split in one call. ``dddd_det`` and
 ``dddd_ocr`` have a fixed batch of 1.
 
-Run ``python benchmarks/corpus.py [NAME ...] [--rebuild]`` to build and summarise.
+Run ``python benchmarks/corpus.py [NAME ...] [--rebuild]`` to build and summarise;
+``python benchmarks/corpus.py NAME --candidate OUT.onnx`` scores a rewritten model with NAME's metric.
 """
 
 from __future__ import annotations
@@ -1132,10 +1133,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-data", metavar="DIR",
                         help="also write NAME_calib.npz and NAME_eval.npz (keys: the model's input names, "
                              "labels where known) into DIR, for graph-opt's --data")
+    parser.add_argument("--candidate", metavar="ONNX",
+                        help="with one NAME: also score this rewritten model (e.g. graph-opt's output) on the eval split")
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in META]
     if unknown:
         parser.error(f"unknown model {unknown[0]!r} (known: {', '.join(META)})")
+    if args.candidate:
+        if len(args.names) != 1:
+            parser.error("--candidate needs exactly one NAME")
+        if not Path(args.candidate).is_file():
+            parser.error(f"no such file: {args.candidate}")
+        zm = load(args.names[0], rebuild=args.rebuild)
+        for label, model in (("fp32", None), (args.candidate, args.candidate)):
+            metrics = zm.score(model)
+            print(f"{zm.name} {label}: " + ", ".join(f"{k} {zoo._fmt(v)}" for k, v in metrics.items()))
+        return 0
     from graph_opt.stats import model_stats
 
     rows = []
