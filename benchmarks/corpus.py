@@ -41,11 +41,13 @@ Nothing is downloaded at run time. Built files go to the zoo's cache (``benchmar
 version below changes, or with ``--rebuild``.
 
 Some inputs do not stack samples on axis 0, and are recorded as the model takes them:
-``dddd_ocr`` declares its output [1, seqlen] but returns time-major logits [T, 1, 8210]
-(T = width / 8): a declared shape that is wrong, as shipped. ``silero_vad`` gets ``input`` [N, 576] (512 new samples + 64 of context), ``state`` [2, N, 128]
+``silero_vad`` gets ``input`` [N, 576] (512 new samples + 64 of context), ``state`` [2, N, 128]
 (the fp32 model's state before each chunk, from running the whole stream) and ``sr`` (an int64
-scalar, 16000); its ZooModel's ``runner`` feeds a split in one call. ``dddd_det`` and
-``dddd_ocr`` have a fixed batch of 1.
+scalar, 16000); its ZooModel's ``runner`` feeds a split in one call and ``sampler`` gives one
+chunk. Every chunk starts from the fp32 state, so a compressed model's error does not build up
+along the stream here. ``dddd_det`` and ``dddd_ocr`` have a fixed batch of 1; ``dddd_ocr``
+declares its output [1, seqlen] but returns time-major logits [T, 1, 8210] (T = width / 8), a
+wrong declaration kept as shipped.
 
 Run ``python benchmarks/corpus.py [NAME ...] [--rebuild]`` to build and summarise;
 ``python benchmarks/corpus.py NAME --candidate OUT.onnx`` scores a rewritten model with NAME's metric.
