@@ -32,7 +32,7 @@ import onnxruntime as ort
 
 from graph_opt.stats import measure_latency, model_stats
 from graph_opt.target import host
-from graph_opt.verify import compare_outputs, run_model
+from graph_opt.verify import compare_outputs
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -72,29 +72,38 @@ class Row:
 
 
 def measure(zm, variants: dict[str, onnx.ModelProto], *, runs: int = 200, threads: int = 1,
-            extras: dict[str, dict[str, Any]] | None = None) -> list[Row]:
-    """Rows for the original ('fp32') and every variant of one zoo model, measured in one run."""
+            extras: dict[str, dict[str, Any]] | None = None, rounds: int = 1) -> list[Row]:
+    """Rows for the original ('fp32') and every variant of one zoo model, measured in one run.
+
+    ``rounds`` > 1: latency over that many interleaved rounds of ``runs`` runs (`latency_rounds`),
+    each row's ``extra['latency_spread']`` = (min, max) of its ratio over the rounds."""
     original = zm.load()
     models = {"fp32": original, **variants}
-    ref_out = run_model(original, zm.eval, threads=threads, desc=f"{zm.name} fp32")
+    ref_out = zm.outputs(original, threads=threads)  # the model's own runner where it has one
     stats = {name: model_stats(m, shapes=zm.shapes) for name, m in models.items()}
-    feed = zm.eval.sample(0)
+    feed = zm.sample(0)
     busy_before = cpu_busy(0.5)
-    latencies = measure_latency(list(models.values()), feed, runs=runs, threads=threads)
+    spread = None
+    if rounds > 1:
+        latencies, spread = latency_rounds(list(models.values()), feed, rounds=rounds, runs=runs, threads=threads)
+    else:
+        latencies = measure_latency(list(models.values()), feed, runs=runs, threads=threads)
     busy_after = cpu_busy(0.5)
     base = stats["fp32"]
     rows = []
-    for (name, model), lat in zip(models.items(), latencies):
-        out = ref_out if name == "fp32" else run_model(model, zm.eval, threads=threads, desc=f"{zm.name} {name}")
+    for k, ((name, model), lat) in enumerate(zip(models.items(), latencies)):
+        out = ref_out if name == "fp32" else zm.outputs(model, threads=threads)
         parity = compare_outputs(ref_out, out, data_source=zm.name)
         st = stats[name]
         rows.append(Row(
             model=zm.name, variant=name, params=st.params, macs=st.macs, file_bytes=st.file_bytes,
             params_ratio=st.params / base.params, macs_ratio=(st.macs / base.macs) if st.macs and base.macs else None,
-            size_ratio=st.file_bytes / base.file_bytes, latency_ms=lat, latency_ratio=lat / latencies[0],
+            size_ratio=st.file_bytes / base.file_bytes, latency_ms=lat,
+            latency_ratio=spread[k][0] if spread else lat / latencies[0],
             cosine=parity.cosine, snr_db=parity.snr_db,
             top1_agreement=parity.top1 if zm.task.startswith("classification") else None, task=zm.evaluate(out),
             extra={"cpu_busy_before": round(busy_before, 3), "cpu_busy_after": round(busy_after, 3),
+                   **({"latency_spread": [round(spread[k][1], 3), round(spread[k][2], 3)]} if spread else {}),
                    **((extras or {}).get(name, {}))},
         ))
     return rows
@@ -159,11 +168,16 @@ def markdown(rows: list[Row], task_keys: list[str] | None = None) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.model, r.variant, f"{r.params_ratio:.2f}x", "-" if r.macs_ratio is None else f"{r.macs_ratio:.2f}x",
-                 f"{r.size_ratio:.2f}x", f"{r.latency_ratio:.2f}x", f"{r.cosine:.4f}",
+                 f"{r.size_ratio:.2f}x", f"{r.latency_ratio:.2f}x" + _spread(r), f"{r.cosine:.4f}",
                  "-" if r.top1_agreement is None else f"{r.top1_agreement:.3f}",
                  *[_cell(r.task.get(k)) for k in keys], str(r.rewritten)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _spread(r: Row) -> str:
+    lo_hi = r.extra.get("latency_spread")
+    return f" ({lo_hi[0]:.2f}-{lo_hi[1]:.2f})" if lo_hi else ""
 
 
 def _cell(v: Any) -> str:

@@ -63,6 +63,7 @@ DEFAULT_CACHE = BENCH_DIR / ".cache"
 ENV_CACHE = "GRAPH_OPT_ZOO"
 ENV_THREADS = "GRAPH_OPT_ZOO_THREADS"
 OPSET = 17
+DYNAMO_OPSET = 18
 SEED = 0
 
 Outputs = Mapping[str, np.ndarray]
@@ -82,6 +83,10 @@ class ZooModel:
     axis 0, as `graph_opt.verify.run_model` returns them) and gives the task metrics.
     ``shapes`` binds every input to a concrete batch-1 shape (for `graph_opt.stats.model_stats`
     and latency). ``info`` is the build record (build time, sanity numbers, provenance).
+    ``runner(model, data, threads)``, when set, replaces `graph_opt.verify.run_model` for models
+    whose inputs do not all stack samples on axis 0 (a recurrent state batched on axis 1, a
+    scalar): it runs the whole split in one call, as the model expects it; ``sampler(data, i)``
+    then gives sample i as a batch-1 feed (for latency).
     """
 
     name: str
@@ -92,6 +97,13 @@ class ZooModel:
     evaluate: Evaluate
     shapes: dict[str, tuple[int, ...]]
     info: dict[str, Any] = field(default_factory=dict)
+    runner: Callable[[onnx.ModelProto, Dataset, int], dict[str, np.ndarray]] | None = None
+    sampler: Callable[[Dataset, int], dict[str, np.ndarray]] | None = None
+
+    def sample(self, index: int = 0, data: Dataset | None = None) -> dict[str, np.ndarray]:
+        """Sample `index` of `data` (default: the eval split) as one batch-1 feed of the model."""
+        data = self.eval if data is None else data
+        return data.sample(index) if self.sampler is None else self.sampler(data, index)
 
     def load(self) -> onnx.ModelProto:
         return load_model(self.path)
@@ -106,7 +118,10 @@ class ZooModel:
             model = self.path
         if not isinstance(model, onnx.ModelProto):
             model = load_model(model)
-        return run_model(model, self.eval if data is None else data, threads=threads, desc=self.name)
+        data = self.eval if data is None else data
+        if self.runner is not None:
+            return self.runner(model, data, threads)
+        return run_model(model, data, threads=threads, desc=self.name)
 
     def score(self, model: onnx.ModelProto | str | os.PathLike | None = None, *, threads: int = 1) -> dict[str, float]:
         """Task metrics of `model` (default: this model) on the eval split."""
@@ -568,7 +583,9 @@ def _minilm_split() -> tuple[list[str], list[str]]:
     return calib, evals
 
 
-def _build_minilm(out: Path) -> dict[str, Any]:
+def _build_minilm(out: Path, *, name: str = "minilm", dynamo: bool = False) -> dict[str, Any]:
+    """Export MiniLM into ``out/NAME.onnx`` with the TorchScript exporter, or with the dynamo
+    exporter (``torch.export`` + onnxscript) when `dynamo`; same wrapper, data and sanity checks."""
     os.environ["HF_HUB_OFFLINE"] = "1"  # the weights are in site-packages; never reach for a hub
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     with _torch_env(SEED) as torch:
@@ -616,13 +633,23 @@ def _build_minilm(out: Path) -> dict[str, Any]:
 
         calib_feed, eval_feed = encode(calib), encode(evals)
         example_feed = {k: torch.from_numpy(v[:2]) for k, v in calib_feed.items()}
-        onnx_path = out / "minilm.onnx"
+        onnx_path = out / f"{name}.onnx"
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             axes = {k: {0: "batch", 1: "sequence"} for k in MINILM_INPUTS}
-            torch.onnx.export(wrapper, tuple(example_feed[k] for k in MINILM_INPUTS), str(onnx_path), dynamo=False,
-                              opset_version=OPSET, input_names=list(MINILM_INPUTS), output_names=["embedding"],
-                              dynamic_axes={**axes, "embedding": {0: "batch"}}, external_data=False)
+            if dynamo:
+                dim = torch.export.Dim
+                batch, seq = dim("batch", min=1, max=1024), dim("sequence", min=2, max=512)
+                # opset 18: the dynamo exporter's own level (converting down to 17 fails on this graph)
+                program = torch.onnx.export(wrapper, tuple(example_feed[k] for k in MINILM_INPUTS), dynamo=True,
+                                            opset_version=DYNAMO_OPSET, input_names=list(MINILM_INPUTS),
+                                            dynamic_shapes={k: {0: batch, 1: seq} for k in MINILM_INPUTS})
+                program.save(str(onnx_path), external_data=False)
+            else:
+                torch.onnx.export(wrapper, tuple(example_feed[k] for k in MINILM_INPUTS), str(onnx_path),
+                                  dynamo=False, opset_version=OPSET, input_names=list(MINILM_INPUTS),
+                                  output_names=["embedding"], dynamic_axes={**axes, "embedding": {0: "batch"}},
+                                  external_data=False)
         # Sanity, once at export: ONNX embeddings vs the package's own sentence-transformers
         # pipeline (its own padding to the longest sentence of the batch), on calib and eval sentences.
         probe = calib[:8] + evals[:8]
@@ -646,17 +673,18 @@ def _build_minilm(out: Path) -> dict[str, Any]:
     cos_onnx_torch = float(rowcos(onnx_emb, torch_emb).min())
     cos_short = float(rowcos(short_emb, reference[:3]).min())
     if min(cos_onnx_st, cos_onnx_torch, cos_short) < 0.9999:
-        raise RuntimeError(f"minilm: ONNX embeddings drift from sentence-transformers (cosine {cos_onnx_st:.6f}, "
+        raise RuntimeError(f"{name}: ONNX embeddings drift from sentence-transformers (cosine {cos_onnx_st:.6f}, "
                            f"vs torch wrapper {cos_onnx_torch:.6f}, seq 24 {cos_short:.6f})")
-    _save_npz(out / "minilm_calib.npz", **calib_feed)
-    _save_npz(out / "minilm_eval.npz", **eval_feed)
-    (out / "minilm_sentences.json").write_text(json.dumps({"calib": calib, "eval": evals}, indent=1) + "\n")
+    _save_npz(out / f"{name}_calib.npz", **calib_feed)
+    _save_npz(out / f"{name}_eval.npz", **eval_feed)
+    (out / f"{name}_sentences.json").write_text(json.dumps({"calib": calib, "eval": evals}, indent=1) + "\n")
     return {"sanity_min_cosine_onnx_vs_sentence_transformers": cos_onnx_st,
             "sanity_min_cosine_onnx_vs_torch": cos_onnx_torch,
             "sanity_min_cosine_seq24": cos_short, "sanity_sentences": len(probe),
             "calib_sentences": len(calib), "eval_sentences": len(evals), "seq_len": MINILM_SEQ,
             "longest_tokens": int(max(calib_feed["attention_mask"].sum(1).max(), eval_feed["attention_mask"].sum(1).max())),
-            **versions, "text": "benchmarks/_text.py (paraphrase pairs written for graph-opt)"}
+            **versions, "exporter": "torch.onnx dynamo" if dynamo else "torch.onnx TorchScript",
+            "text": "benchmarks/_text.py (paraphrase pairs written for graph-opt)"}
 
 
 def minilm(*, rebuild: bool = False) -> ZooModel:
@@ -675,13 +703,20 @@ def minilm(*, rebuild: bool = False) -> ZooModel:
     sentence-transformers embeddings, min cosine over 16 sentences, required >= 0.9999.
     """
     info = _ensure_built("minilm", MINILM_VERSION, _build_minilm, rebuild)
+    return minilm_model("minilm", info)
+
+
+def minilm_model(name: str, info: dict[str, Any], source: str = "zoo") -> ZooModel:
+    """The ZooModel of a built MiniLM export ``NAME.onnx`` (its data files named alike)."""
     root = cache_dir()
-    calib = _dataset(root / "minilm_calib.npz", "zoo:minilm/calib")
-    evals = _dataset(root / "minilm_eval.npz", "zoo:minilm/eval")
+    calib = _dataset(root / f"{name}_calib.npz", f"{source}:{name}/calib")
+    evals = _dataset(root / f"{name}_eval.npz", f"{source}:{name}/eval")
     partner = np.arange(len(evals)) ^ 1
     shapes = {k: (1, MINILM_SEQ) for k in MINILM_INPUTS}
-    return ZooModel("minilm", root / "minilm.onnx", calib, evals, "sentence embedding (cosine)",
-                    paraphrase_evaluate(partner), shapes, info)
+    path = root / f"{name}.onnx"
+    output = onnx.load(str(path), load_external_data=False).graph.output[0].name  # the exporter's name
+    return ZooModel(name, path, calib, evals, "sentence embedding (cosine)",
+                    paraphrase_evaluate(partner, output), shapes, info)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -882,9 +917,27 @@ ALL: dict[str, Callable[..., ZooModel]] = {
 
 
 def get(name: str, *, rebuild: bool = False) -> ZooModel:
-    if name not in ALL:
-        raise KeyError(f"unknown zoo model {name!r} (known: {', '.join(ALL)})")
-    return ALL[name](rebuild=rebuild)
+    """A zoo model, or a model of the corpus of real exports (benchmarks/corpus.py) by its name,
+    so every benchmark's ``--models`` takes either."""
+    if name in ALL:
+        return ALL[name](rebuild=rebuild)
+    corpus = _corpus()
+    if name in corpus.META:
+        return corpus.load(name, rebuild=rebuild)
+    raise KeyError(f"unknown model {name!r} (zoo: {', '.join(ALL)}; corpus: {', '.join(corpus.META)})")
+
+
+def _corpus():
+    """benchmarks/corpus.py (it imports this module; imported here only when asked for)."""
+    if "corpus" in sys.modules:
+        return sys.modules["corpus"]
+    name = "_graph_opt_bench_corpus"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCH_DIR / "corpus.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def _op_summary(ops: dict[str, int], top: int = 8) -> str:
