@@ -26,7 +26,7 @@ import numpy as np
 
 from graph_opt import api
 from graph_opt.compare import METRICS, Comparer, cli_pipelines
-from graph_opt.data import Dataset, load_data, parse_shape_spec
+from graph_opt.data import load_data, parse_shape_spec
 from graph_opt.errors import DataError, GraphOptError, ModelSaveError
 from graph_opt.model_io import load_model, save_model, stored_bytes, write_atomic
 from graph_opt.pipeline import Pipeline
@@ -262,7 +262,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             raise DataError(f"cannot read labels {args.labels}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
         if len(labels) != len(data):
             raise DataError(f"{len(labels)} labels for {len(data)} samples")
-        data = Dataset(data.inputs, labels, data.source)
+        data = data.with_labels(labels)
     features = [tuple(f.split("=", 1)) if "=" in f else f for f in args.feature]
     report = api.verify(original, candidate, data=data, tolerances=tolerances, threads=args.threads,
                         temperature=args.temperature, kd_alpha=args.kd_alpha, layers=args.layers, features=features)

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from graph_opt.data import bind_shapes
+from graph_opt.errors import GraphOptError
 from graph_opt.model_io import all_graphs, needs_external_data, read_array, tensor_bytes, weightless_copy, wire_size
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,12 @@ def measure_latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], 
     sessions = [make_session(m, optimize=True, threads=threads) for m in models]
     names = [[o.name for o in s.get_outputs()] for s in sessions]
     for s, n in zip(sessions, names):
-        for _ in range(warmup):
+        try:
+            s.run(n, feed)
+        except Exception as exc:  # the feed does not fit the model: a one-line error, not a traceback
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise GraphOptError(f"onnxruntime failed to run the model for latency: {first[:300]}") from None
+        for _ in range(warmup - 1):
             s.run(n, feed)
     times: list[list[float]] = [[] for _ in sessions]
     order = list(range(len(sessions)))

@@ -105,6 +105,7 @@ def run_model(model_or_session: onnx.ModelProto | ort.InferenceSession, data: Da
               batch_size: int | None = None, threads: int = 1, desc: str = "run") -> dict[str, np.ndarray]:
     """All outputs of the model over every sample of `data`, concatenated on axis 0."""
     if isinstance(model_or_session, onnx.ModelProto):
+        data = data.laid_out(model_or_session)
         session = make_session(model_or_session, threads=threads)
         bs = batch_size or batch_size_for(model_or_session)
     else:
@@ -113,7 +114,7 @@ def run_model(model_or_session: onnx.ModelProto | ort.InferenceSession, data: Da
     names = [o.name for o in session.get_outputs()]
     chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
     n = len(data)
-    for feed in progress(data.batches(bs), total=math.ceil(n / bs), desc=desc):
+    for feed in progress(data.batches(bs), total=math.ceil(n / (data.fixed or bs)), desc=desc):
         try:
             outs = session.run(names, feed)
         except Exception as exc:
@@ -311,7 +312,7 @@ class Reference:
 
     def __init__(self, original: onnx.ModelProto, data: Dataset, *, threads: int = 1, temperature: float = 1.0,
                  kd_alpha: float = 1.0):
-        self.data = data
+        self.data = data.laid_out(original)  # a plain Dataset gets the model's batch axes
         self.batch_size = batch_size_for(original)
         self.threads = threads
         self.temperature = temperature
