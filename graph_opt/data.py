@@ -181,7 +181,8 @@ def bind_shapes(model: onnx.ModelProto, overrides: Mapping[str, tuple[int, ...]]
 
 def unbound_hint(model: onnx.ModelProto, overrides: Mapping[str, tuple[int, ...]] | None = None) -> str | None:
     """The ``--input-shape`` arguments that would bind every dynamic dimension, or None when all
-    are bound: the batch at 1, other dimensions as their names in capitals (``ids=1xSEQ``)."""
+    are bound: the batch at 1, other dimensions as their names in capitals (``ids=1xSEQ``); a
+    symbol already named by an earlier input is not asked for again."""
     bound = bind_shapes(model, overrides, partial=True)
     args, covered = [], set()
     for name, shape in bound.items():
