@@ -309,7 +309,7 @@ def _random_integers(rng: np.random.Generator, name: str, shape: tuple[int, ...]
                      bound: int | None) -> np.ndarray:
     """Integer inputs by convention: masks all ones, token type / segment ids zeros, position ids
     0, 1, 2, ... along the last axis, a sample rate 16000, indices within the table they index,
-    anything else in [0, 100)."""
+    another 0-d integer 0, anything else in [0, 100)."""
     lname = name.lower()
     if "mask" in lname:
         return np.ones(shape, dtype)
@@ -319,6 +319,8 @@ def _random_integers(rng: np.random.Generator, name: str, shape: tuple[int, ...]
         return np.broadcast_to(np.arange(shape[-1]) % (bound or shape[-1]), shape).astype(dtype)
     if lname in ("sr", "sample_rate", "sampling_rate") and bound is None:
         return np.full(shape, 16000, dtype)
+    if not shape and bound is None:  # a 0-d integer is a position, an index or a count: 0 is valid for all
+        return np.zeros(shape, dtype)
     high = min(bound, 100) if bound is not None else 100
     if dtype.kind == "u" or np.iinfo(dtype).max < high:
         high = min(high, int(np.iinfo(dtype).max) + 1)
@@ -346,7 +348,8 @@ def random_dataset(model: onnx.ModelProto, n: int = 8, *, shapes: Mapping[str, t
         elif spec.dtype.kind in "iu":
             arr = _random_integers(rng, spec.name, full, spec.dtype, index_bound(model, spec.name))
         else:
-            raise DataError(f"cannot make random data for input {spec.name!r} of type {spec.dtype}")
+            kind = "string" if spec.dtype.kind in "OSU" else str(spec.dtype)
+            raise DataError(f"cannot make random data for input {spec.name!r} of type {kind}; give real inputs with --data")
         inputs[spec.name] = arr
     return Dataset(inputs, None, f"random(seed={seed}, n={n})", dict(layout.axes), layout.fixed)
 

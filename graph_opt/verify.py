@@ -119,7 +119,8 @@ def run_model(model_or_session: onnx.ModelProto | ort.InferenceSession, data: Da
             outs = session.run(names, feed)
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise GraphOptError(f"onnxruntime failed to run the model on {data.source}: {first[:300]}") from None
+            hint = " (random inputs may not suit this model: give real ones with --data)" if data.source.startswith("random(") else ""
+            raise GraphOptError(f"onnxruntime failed to run the model on {data.source}: {first[:300]}{hint}") from None
         for name, value in zip(names, outs):
             chunks[name].append(np.asarray(value))
     return {name: _concat(parts) for name, parts in chunks.items()}

@@ -189,3 +189,24 @@ def test_plain_dataset_gets_the_models_layout():
                      "sr": np.array(16000, np.int64)})
     report = graph_opt.verify(model, model, data=plain.with_labels(None))
     assert report.samples == 3 and report.cosine > 0.99999
+
+
+def test_scalar_integer_defaults_to_a_valid_index():
+    g = GraphBuilder(opset=17)
+    x = g.input("x", ["N", 4])
+    picked = g.node("Gather", [g.bn(g.gemm(x, 4, 4, name="fc"), 4), g.input("k", [], np.int64)], axis=1)
+    g.node("Identity", [picked], ["y"])
+    g.output("y", ["N"])
+    model = g.build()
+    assert index_bound(model, "k") is None  # vacuity: the table is computed, so no bound from it
+    data = random_dataset(model, 4)
+    assert data.inputs["k"].shape == () and data.inputs["k"] == 0
+    _exact(graph_opt.optimize(model, latency_runs=3))
+
+
+def test_random_data_failure_names_the_way_out():
+    g = GraphBuilder(opset=17)
+    g.node("Expand", [g.input("x", [1, 3, 1]), g.input("shape", [2], np.int64)], ["y"])
+    g.output("y", ["A", "B", "C"])
+    with pytest.raises(graph_opt.errors.GraphOptError, match="give real ones with --data"):
+        graph_opt.optimize(g.build(), latency=False)
