@@ -250,12 +250,12 @@ def model_stats(model: onnx.ModelProto, *, shapes: dict[str, tuple[int, ...]] | 
     layers: list[LayerStats] = []
     macs = hint = symbolic = None
     known, unknown = 0, 0
+    if shapes:
+        bind_shapes(model, shapes, partial=True)  # a bad --input-shape is the user's to fix
     try:
         hint = unbound_hint(model, shapes)
         inferred = _shapes(bound_model(model, shapes, partial=True))
-    except GraphOptError:
-        raise  # a bad --input-shape is the user's to fix
-    except Exception as exc:  # shape inference can fail on exotic models; the rest still stands
+    except Exception as exc:  # a non-tensor input, or shape inference failing: the rest still stands
         note = f"MACs unavailable: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
     else:
         rows = _layer_rows(model, inferred)

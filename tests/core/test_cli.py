@@ -196,3 +196,18 @@ def test_optimize_state_model_with_npz(tmp_path, capsys):
                              "--no-latency", "--json")
     assert code == 0, err
     assert json.loads(stdout)["original"]["parity"]["samples"] == 5
+
+
+def test_inspect_a_model_with_a_sequence_input(tmp_path, capsys):
+    from onnx import TensorProto, helper
+
+    seq = helper.make_tensor_sequence_value_info("xs", TensorProto.FLOAT, [2, 4])
+    nodes = [helper.make_node("SequenceAt", ["xs", "zero"], ["x"]), helper.make_node("Relu", ["x"], ["y"])]
+    graph = helper.make_graph(nodes, "seq", [seq], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor("zero", TensorProto.INT64, [], [0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    code, stdout, err = _run(capsys, "inspect", save_model(model, tmp_path / "m.onnx"), "--json", "--runs", "3")
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["ops"] == {"Relu": 1, "SequenceAt": 1} and "not a tensor" in doc["latency_note"]
