@@ -6,7 +6,7 @@
     graph-opt compare MODEL|--example [--recipe FILE]... [--order "SPEC SPEC ..."]... [--permutations "SPEC SPEC ..."]
                       [--data PATH] [--out-dir DIR] [--jobs N] [--backend process|ray] [--json]
     graph-opt verify ORIGINAL CANDIDATE [--data PATH] [--labels FILE] [--tolerance METRIC=VALUE]... [--json]
-    graph-opt inspect MODEL [--json]
+    graph-opt inspect MODEL [--input-shape NAME=DIMS]... [--json]
     graph-opt passes [--json]
 
 Exit codes: 0 success, 1 verification failed its tolerance, 2 user error (one line on stderr).
@@ -104,7 +104,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", help="op histogram, parameters, bytes, MACs per layer, latency")
     ins.add_argument("model")
-    ins.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS")
+    ins.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS",
+                     help="bind dynamic dims, e.g. ids=1x128 (repeatable); unbound, MACs that depend on them stay symbolic")
     ins.add_argument("--threads", type=int, default=1)
     ins.add_argument("--runs", type=int, default=50, help="timed runs for the latency median")
     ins.add_argument("--no-latency", action="store_true")
