@@ -101,7 +101,7 @@ class BatchLayout:
 
 def batch_layout(model: onnx.ModelProto) -> BatchLayout:
     """The batch axis of every input and the fixed batch, read from the input specs (see module doc)."""
-    specs = [s for s in input_specs(model)]
+    specs = input_specs(model)
     symbols = [d for s in specs for d in s.shape if isinstance(d, str)]
     named = [d for d in symbols if d.lower() in _BATCH_NAMES or "batch" in d.lower()]
     leading = collections.Counter(s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], str))
@@ -412,6 +412,9 @@ def _stack(parts: list[dict[str, np.ndarray]], layout: BatchLayout) -> dict[str,
     """Feeds (or files) joined on each input's batch axis; a shared input (no batch axis, such as
     a 0-d sample rate) is taken from the first part. Arrays under labels or unknown names stack on axis 0."""
     merged = {}
+    for i, part in enumerate(parts):
+        if set(part) != set(parts[0]):
+            raise DataError(f"sample {i} has arrays {sorted(part)}, expected {sorted(parts[0])} like sample 0")
     for k in parts[0]:
         axis = layout.axes.get(k, 0) if k != LABELS_KEY else 0
         values = [p[k] for p in parts]

@@ -164,6 +164,14 @@ def test_reader_and_directory_stack_on_the_batch_axis(tmp_path):
         def get_next(self):
             return feeds.pop(0) if feeds else None
 
+    uneven = [dict(feeds[0]), {"x": feeds[1]["x"], "state": feeds[1]["state"]}]
+
+    class Uneven:
+        def get_next(self):
+            return uneven.pop(0) if uneven else None
+
+    with pytest.raises(DataError, match="sample 1 has arrays"):
+        load_data(Uneven(), model)
     data = load_data(Reader(), model)
     assert data.inputs["state"].shape == (2, 3, 8) and data.inputs["state"][0, 2, 0] == 2 and data.inputs["sr"].shape == ()
     (tmp_path / "d").mkdir()
