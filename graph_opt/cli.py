@@ -6,7 +6,7 @@
     graph-opt compare MODEL|--example [--recipe FILE]... [--order "SPEC SPEC ..."]... [--permutations "SPEC SPEC ..."]
                       [--data PATH] [--out-dir DIR] [--jobs N] [--backend process|ray] [--json]
     graph-opt verify ORIGINAL CANDIDATE [--data PATH] [--labels FILE] [--tolerance METRIC=VALUE]... [--json]
-    graph-opt inspect MODEL [--json]
+    graph-opt inspect MODEL [--input-shape NAME=DIMS]... [--json]
     graph-opt passes [--json]
 
 Exit codes: 0 success, 1 verification failed its tolerance, 2 user error (one line on stderr).
@@ -26,7 +26,7 @@ import numpy as np
 
 from graph_opt import api
 from graph_opt.compare import METRICS, Comparer, cli_pipelines
-from graph_opt.data import Dataset, load_data, parse_shape_spec
+from graph_opt.data import load_data, parse_shape_spec
 from graph_opt.errors import DataError, GraphOptError, ModelSaveError
 from graph_opt.model_io import load_model, save_model, stored_bytes, write_atomic
 from graph_opt.pipeline import Pipeline
@@ -104,7 +104,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", help="op histogram, parameters, bytes, MACs per layer, latency")
     ins.add_argument("model")
-    ins.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS")
+    ins.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS",
+                     help="bind dynamic dims, e.g. ids=1x128 (repeatable); unbound, MACs that depend on them stay symbolic")
     ins.add_argument("--threads", type=int, default=1)
     ins.add_argument("--runs", type=int, default=50, help="timed runs for the latency median")
     ins.add_argument("--no-latency", action="store_true")
@@ -262,7 +263,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             raise DataError(f"cannot read labels {args.labels}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
         if len(labels) != len(data):
             raise DataError(f"{len(labels)} labels for {len(data)} samples")
-        data = Dataset(data.inputs, labels, data.source)
+        data = data.with_labels(labels)
     features = [tuple(f.split("=", 1)) if "=" in f else f for f in args.feature]
     report = api.verify(original, candidate, data=data, tolerances=tolerances, threads=args.threads,
                         temperature=args.temperature, kd_alpha=args.kd_alpha, layers=args.layers, features=features)

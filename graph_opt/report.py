@@ -125,19 +125,53 @@ def layers_table(layers: list) -> str:
     return table(["tensor", "producer", "SNR dB", "cosine", "rel err"], rows)
 
 
+def _layer_macs_text(layer) -> str:
+    if layer.macs is not None:
+        return human_count(layer.macs)
+    if layer.macs_symbolic is not None:
+        return symbolic_text(layer.macs_symbolic)
+    return "unknown"
+
+
+def symbolic_text(formula: str) -> str:
+    """``8192*seq + 64*seq^2`` → ``8.19k·seq + 64·seq^2`` (coefficients in human units)."""
+    terms = []
+    for term in formula.split(" + "):
+        head, _, rest = term.partition("*")
+        terms.append(f"{human_count(int(head))}·{rest}" if head.isdigit() and rest else
+                     human_count(int(head)) if head.isdigit() else term)
+        terms[-1] = terms[-1].replace("*", "·")
+    return " + ".join(terms)
+
+
 def stats_text(stats: ModelStats, top: int = 10) -> str:
+    if stats.macs is not None:
+        macs = human_count(stats.macs)
+    else:
+        parts = [human_count(stats.macs_known)] if stats.macs_known else []
+        if stats.macs_symbolic:
+            parts.append(symbolic_text(stats.macs_symbolic))
+        macs = " + ".join(parts) if parts else "unknown"
+        if stats.macs_unknown:
+            macs += f" + unknown ({stats.macs_unknown} layer{'s' if stats.macs_unknown > 1 else ''})"
     lines = [
         f"params: {stats.params:,} ({human_count(stats.params)})",
         f"weights: {human_bytes(stats.weight_bytes)}   file: {human_bytes(stats.file_bytes)}",
-        f"MACs (batch 1): {human_count(stats.macs)}" + (f"   {stats.note}" if stats.note else ""),
+        f"MACs (batch 1): {macs}" + (f"   {stats.note}" if stats.note else ""),
     ]
+    if stats.hint:
+        lines.append(f"dynamic dimensions unbound: complete the count with {stats.hint}")
     if stats.latency_ms is not None:
         lines.append(f"onnxruntime CPU latency: {stats.latency_ms:.3f} ms (median)")
+    elif stats.latency_note:
+        lines.append(stats.latency_note)
     lines.append("ops: " + ", ".join(f"{k} {v}" for k, v in stats.ops.items()))
     layers = largest_layers(stats, top)
     if layers:
-        total = stats.macs or 1
-        rows = [[l.name, l.op, human_count(l.macs), f"{100 * l.macs / total:.1f}%", human_count(l.params)] for l in layers]
+        total = stats.macs
+        rows = [[l.name, l.op, _layer_macs_text(l),
+                 f"{100 * l.macs / total:.1f}%" if total and l.macs is not None else "-", human_count(l.params)]
+                for l in layers]
         lines.append("largest layers:")
         lines.append(table(["layer", "op", "MACs", "share", "params"], rows))
     return "\n".join(lines)

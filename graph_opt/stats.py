@@ -1,12 +1,18 @@
 """Model statistics: op histogram, parameters, bytes, MACs per layer, onnxruntime latency.
 
-MACs come from shapes inferred with every input bound to a concrete shape (batch 1 unless told):
-Conv/ConvTranspose: out_elements · (C_in / group) · kh · kw; Gemm: M·N·K; MatMul: out_elements · K
-(quantized forms QLinearConv, ConvInteger, QLinearMatMul, MatMulInteger, MatMulNBits count alike).
+MACs come from inferred shapes: Conv/ConvTranspose: out_elements · (C_in / group) · kh · kw;
+Gemm: M·N·K; MatMul: out_elements · K (quantized forms QLinearConv, ConvInteger, QLinearMatMul,
+MatMulInteger, MatMulNBits count alike). Inputs are bound to concrete shapes (batch 1 unless told;
+a symbol bound on one input binds it on all). With ``partial=True`` a dimension nobody bound keeps
+its name, and a layer's MACs are then a product with that symbol in it (``8192·seq``); a layer
+whose shapes shape inference cannot resolve has unknown MACs (None), never 0. The total is None
+as soon as one layer's MACs are symbolic or unknown; `ModelStats` then keeps the known part, the
+symbolic terms and the ``--input-shape`` that would complete the count. Weights are counted
+alike from initializers and Constant nodes (parameters per layer and conv kernel shapes).
 
-Latency follows the measured facts in FINDINGS: sessions with every graph optimization on (as
-deployed), spinning stopped after each run, explicit threads, warm-up, and when several models
-are compared, runs interleaved with a rotating order and the median taken per model, in one run.
+Latency: sessions with every graph optimization on (as deployed), spinning stopped after each
+run, explicit threads, warm-up, and when several models are compared, runs interleaved with a
+rotating order and the median taken per model, in one run.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from graph_opt.data import bind_shapes
+from graph_opt.data import bind_shapes, unbound_hint
+from graph_opt.errors import GraphOptError
 from graph_opt.model_io import all_graphs, needs_external_data, read_array, tensor_bytes, weightless_copy, wire_size
 
 log = logging.getLogger(__name__)
@@ -33,8 +40,9 @@ _SHAPE_TYPES = {onnx.TensorProto.INT64}
 class LayerStats:
     name: str
     op: str
-    macs: int
+    macs: int | None  # None: symbolic (see macs_symbolic) or unknown
     params: int
+    macs_symbolic: str | None = None  # e.g. "8192*seq" when the MACs depend on an unbound dimension
 
 
 @dataclass
@@ -43,16 +51,23 @@ class ModelStats:
     params: int
     weight_bytes: int
     file_bytes: int
-    macs: int | None
+    macs: int | None  # None unless every layer's MACs are known
     layers: list[LayerStats] = field(default_factory=list)
     latency_ms: float | None = None
     note: str = ""
+    macs_known: int | None = None  # the sum over layers whose MACs are numbers (a lower bound)
+    macs_symbolic: str | None = None  # the terms with unbound dimensions, e.g. "8192*seq + 64*seq^2"
+    macs_unknown: int = 0  # layers whose shapes could not be inferred
+    hint: str | None = None  # the --input-shape arguments that would complete the count
+    latency_note: str = ""  # why latency was not measured (inspect)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "ops": dict(self.ops), "params": self.params, "weight_bytes": self.weight_bytes,
-            "file_bytes": self.file_bytes, "macs": self.macs, "latency_ms": self.latency_ms,
-            "layers": [l.__dict__ for l in self.layers], "note": self.note,
+            "file_bytes": self.file_bytes, "macs": self.macs, "macs_known": self.macs_known,
+            "macs_symbolic": self.macs_symbolic, "macs_unknown_layers": self.macs_unknown,
+            "input_shape_hint": self.hint, "latency_ms": self.latency_ms, "latency_note": self.latency_note,
+            "layers": [dict(l.__dict__) for l in self.layers], "note": self.note,
         }
 
 
@@ -79,9 +94,11 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def bound_model(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None) -> onnx.ModelProto:
-    """A copy with every graph input fixed to a concrete shape, shapes inferred throughout."""
-    bound = bind_shapes(model, shapes)
+def bound_model(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None, *,
+                partial: bool = False) -> onnx.ModelProto:
+    """A copy with every graph input fixed to a concrete shape, shapes inferred throughout.
+    With `partial`, a dimension that cannot be bound keeps its name (see `data.bind_shapes`)."""
+    bound = bind_shapes(model, shapes, partial=partial)
     if needs_external_data(model):  # shape inference serializes the model: over 2 GB, without the weights
         work = weightless_copy(model)
     else:
@@ -92,24 +109,40 @@ def bound_model(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | Non
             dims = value.type.tensor_type.shape.dim
             for d, size in zip(dims, bound[value.name]):
                 d.Clear()
-                d.dim_value = size
+                if isinstance(size, int):
+                    d.dim_value = size
+                elif isinstance(size, str):
+                    d.dim_param = size
     return onnx.shape_inference.infer_shapes(work, data_prop=True)
 
 
-def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+Dim = int | str | None
+
+
+def _constant_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Weights of one graph by name: initializers and the values of Constant nodes."""
+    out = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    out[node.output[0]] = attr.t
+    return out
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, tuple[Dim, ...]]:
+    """Every tensor's inferred shape: ints, names of unbound dimensions, None where unknown
+    (including the dimensions shape inference invents, ``unk__N``)."""
     out = {}
     values = list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
     for v in values:
         t = v.type.tensor_type
-        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
-            out[v.name] = tuple(int(d.dim_value) for d in t.shape.dim)
-    for init in model.graph.initializer:
-        out[init.name] = tuple(init.dims)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    out[node.output[0]] = tuple(attr.t.dims)
+        if t.HasField("shape"):
+            out[v.name] = tuple(int(d.dim_value) if d.HasField("dim_value")
+                                else (d.dim_param if d.HasField("dim_param") and not d.dim_param.startswith("unk__") else None)
+                                for d in t.shape.dim)
+    for name, tensor in _constant_tensors(model.graph).items():
+        out[name] = tuple(tensor.dims)
     return out
 
 
@@ -124,56 +157,120 @@ def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
 _CONV_LIKE = {"Conv": (0, 1), "ConvInteger": (0, 1), "QLinearConv": (0, 3), "ConvTranspose": (0, 1)}
 _MATMUL_LIKE = {"MatMul": (0, 1), "MatMulInteger": (0, 1), "QLinearMatMul": (0, 3), "MatMulNBits": (0, None)}
 
+Term = tuple[int, tuple[str, ...]]  # coefficient · product of named dimensions
 
-def layer_macs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None) -> list[LayerStats]:
-    """MACs of every Conv/Gemm/MatMul-like node in the main graph (shapes bound, batch 1 by default)."""
-    inferred = _shapes(bound_model(model, shapes))
-    params = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
-    layers = []
+
+def _product(*dims: Dim) -> Term | None:
+    coef, names = 1, []
+    for d in dims:
+        if isinstance(d, int):
+            coef *= d
+        elif d:
+            names.append(d)
+        else:
+            return None
+    return coef, tuple(sorted(names))
+
+
+def _term_text(term: Term) -> str:
+    coef, names = term
+    counts = collections.Counter(names)
+    parts = [n if k == 1 else f"{n}^{k}" for n, k in counts.items()]
+    return "*".join(([str(coef)] if coef != 1 or not parts else []) + parts)
+
+
+def _layer_term(node: onnx.NodeProto, inferred: dict[str, tuple[Dim, ...]]) -> Term | None:
+    """MACs of one Conv/Gemm/MatMul-like node as a term, None when its shapes are unknown."""
+    out = inferred.get(node.output[0]) if node.output else None
+    if out is None:
+        return None
+    if node.op_type in _CONV_LIKE:
+        _, w_idx = _CONV_LIKE[node.op_type]
+        w = inferred.get(node.input[w_idx]) if len(node.input) > w_idx else None
+        if w is None:
+            return None
+        if node.op_type == "ConvTranspose":
+            x = inferred.get(node.input[0])
+            return _product(*x, *w[1:]) if x else None
+        return _product(*out, *w[1:])
+    if node.op_type == "Gemm":
+        a = inferred.get(node.input[0])
+        if a is None or len(a) != 2:
+            return None
+        return _product(*out, a[0] if _attr(node, "transA", 0) else a[1])
+    if node.op_type == "MatMulNBits":
+        k = _attr(node, "K", None)
+        return _product(*out, int(k)) if k else None
+    a = inferred.get(node.input[0])
+    b = inferred.get(node.input[_MATMUL_LIKE[node.op_type][1]]) if len(node.input) > 1 else None
+    k = b[-2] if b and len(b) >= 2 and isinstance(b[-2], int) else a[-1] if a else None  # a weight's K is static
+    return _product(*out, k) if k is not None else None
+
+
+def _layer_rows(model: onnx.ModelProto, inferred: dict[str, tuple[Dim, ...]]) -> list[tuple[LayerStats, Term | None]]:
+    """Every Conv/Gemm/MatMul-like node of the main graph with its MACs term."""
+    weights = _constant_tensors(model.graph)
+    rows = []
     for i, node in enumerate(model.graph.node):
-        name = node.name or f"{node.op_type}_{i}"
-        out = inferred.get(node.output[0]) if node.output else None
-        macs = None
-        weight_params = sum(params.get(x, 0) for x in node.input[1:])
-        if node.op_type in _CONV_LIKE and out is not None:
-            _, w_idx = _CONV_LIKE[node.op_type]
-            w = inferred.get(node.input[w_idx]) if len(node.input) > w_idx else None
-            if w is not None:
-                if node.op_type == "ConvTranspose":
-                    x = inferred.get(node.input[0])
-                    macs = int(np.prod(x)) * int(np.prod(w[1:])) if x else None
-                else:
-                    macs = int(np.prod(out)) * int(np.prod(w[1:]))
-        elif node.op_type == "Gemm" and out is not None:
-            a = inferred.get(node.input[0])
-            if a is not None:
-                k = a[0] if _attr(node, "transA", 0) else a[1]
-                macs = int(np.prod(out)) * int(k)
-        elif node.op_type in _MATMUL_LIKE and out is not None:
-            a = inferred.get(node.input[0])
-            if node.op_type == "MatMulNBits":
-                k = _attr(node, "K", None)
-                macs = int(np.prod(out)) * int(k) if k else None
-            elif a is not None:
-                macs = int(np.prod(out)) * int(a[-1])
-        if macs is not None:
-            layers.append(LayerStats(name, node.op_type, macs, weight_params))
-    return layers
+        if node.op_type not in _CONV_LIKE and node.op_type not in _MATMUL_LIKE and node.op_type != "Gemm":
+            continue
+        params = sum(int(np.prod(weights[x].dims)) for x in node.input[1:]
+                     if x in weights and weights[x].data_type not in _SHAPE_TYPES)
+        term = _layer_term(node, inferred)
+        macs = int(term[0]) if term is not None and not term[1] else None
+        symbolic = _term_text(term) if term is not None and term[1] else None
+        rows.append((LayerStats(node.name or f"{node.op_type}_{i}", node.op_type, macs, params, symbolic), term))
+    return rows
+
+
+def layer_macs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None, *,
+               partial: bool = False) -> list[LayerStats]:
+    """MACs of every Conv/Gemm/MatMul-like node in the main graph (shapes bound, batch 1 by default).
+
+    Without `partial`, an unbound dynamic dimension raises `DataError` and a layer whose MACs are
+    not a number is left out; with it, every such layer is listed, its MACs None and, when they
+    depend on unbound dimensions only, `macs_symbolic` set."""
+    rows = _layer_rows(model, _shapes(bound_model(model, shapes, partial=partial)))
+    return [layer for layer, _ in rows if partial or layer.macs is not None]
+
+
+def _symbolic_sum(terms: list[Term]) -> str | None:
+    grouped: dict[tuple[str, ...], int] = collections.defaultdict(int)
+    for coef, names in terms:
+        grouped[names] += coef
+    return " + ".join(_term_text((c, n)) for n, c in sorted(grouped.items(), key=lambda kv: (len(kv[0]), kv[0]))) or None
 
 
 def model_stats(model: onnx.ModelProto, *, shapes: dict[str, tuple[int, ...]] | None = None,
                 file_bytes: int | None = None) -> ModelStats:
-    """Parameters, bytes, op histogram and MACs (MACs None when shapes cannot be inferred)."""
+    """Parameters, bytes, op histogram and MACs. MACs are None unless every layer's are known;
+    then `macs_known`, `macs_symbolic`, `macs_unknown` and `hint` say what is known and how to
+    complete it. Never raises on a valid model: a shape inference failure becomes the note."""
     note = ""
+    layers: list[LayerStats] = []
+    macs = hint = symbolic = None
+    known, unknown = 0, 0
+    if shapes:
+        bind_shapes(model, shapes, partial=True)  # a bad --input-shape is the user's to fix
     try:
-        layers = layer_macs(model, shapes)
-        macs = sum(l.macs for l in layers)
-    except Exception as exc:  # shape inference can fail on exotic models; the rest still stands
-        layers, macs = [], None
+        hint = unbound_hint(model, shapes)
+        inferred = _shapes(bound_model(model, shapes, partial=True))
+    except Exception as exc:  # a non-tensor input, or shape inference failing: the rest still stands
         note = f"MACs unavailable: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
+    else:
+        rows = _layer_rows(model, inferred)
+        layers = [layer for layer, _ in rows]
+        known = sum(layer.macs for layer in layers if layer.macs is not None)
+        unknown = sum(1 for _, term in rows if term is None)
+        symbolic = _symbolic_sum([term for layer, term in rows if layer.macs_symbolic is not None])
+        macs = known if symbolic is None and not unknown else None
+        if unknown and hint is None:
+            note = f"MACs unknown for {unknown} layer(s): shape inference did not resolve their shapes"
     if file_bytes is None:
         file_bytes = serialized_bytes(model)
-    return ModelStats(op_histogram(model), count_params(model), tensor_bytes(model), file_bytes, macs, layers, note=note)
+    return ModelStats(op_histogram(model), count_params(model), tensor_bytes(model), file_bytes, macs, layers,
+                      note=note, macs_known=None if note and not layers else known, macs_symbolic=symbolic,
+                      macs_unknown=unknown, hint=hint)
 
 
 def serialized_bytes(model: onnx.ModelProto) -> int:
@@ -190,7 +287,12 @@ def measure_latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], 
     sessions = [make_session(m, optimize=True, threads=threads) for m in models]
     names = [[o.name for o in s.get_outputs()] for s in sessions]
     for s, n in zip(sessions, names):
-        for _ in range(warmup):
+        try:
+            s.run(n, feed)
+        except Exception as exc:  # the feed does not fit the model: a one-line error, not a traceback
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise GraphOptError(f"onnxruntime failed to run the model for latency: {first[:300]}") from None
+        for _ in range(warmup - 1):
             s.run(n, feed)
     times: list[list[float]] = [[] for _ in sessions]
     order = list(range(len(sessions)))
@@ -204,7 +306,13 @@ def measure_latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], 
 
 
 def largest_layers(stats: ModelStats, k: int = 10) -> list[LayerStats]:
-    return sorted(stats.layers, key=lambda l: -l.macs)[:k]
+    """The `k` layers with the most MACs; a symbolic layer ranks by its coefficient, an unknown one last."""
+    def size(layer: LayerStats) -> int:
+        if layer.macs is not None:
+            return layer.macs
+        head = (layer.macs_symbolic or "").split("*")[0]
+        return int(head) if head.isdigit() else 1 if layer.macs_symbolic else -1
+    return sorted(stats.layers, key=lambda l: -size(l))[:k]
 
 
 def weights_of(model: onnx.ModelProto) -> dict[str, np.ndarray]:

@@ -105,6 +105,7 @@ def run_model(model_or_session: onnx.ModelProto | ort.InferenceSession, data: Da
               batch_size: int | None = None, threads: int = 1, desc: str = "run") -> dict[str, np.ndarray]:
     """All outputs of the model over every sample of `data`, concatenated on axis 0."""
     if isinstance(model_or_session, onnx.ModelProto):
+        data = data.laid_out(model_or_session)
         session = make_session(model_or_session, threads=threads)
         bs = batch_size or batch_size_for(model_or_session)
     else:
@@ -113,12 +114,13 @@ def run_model(model_or_session: onnx.ModelProto | ort.InferenceSession, data: Da
     names = [o.name for o in session.get_outputs()]
     chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
     n = len(data)
-    for feed in progress(data.batches(bs), total=math.ceil(n / bs), desc=desc):
+    for feed in progress(data.batches(bs), total=math.ceil(n / (data.fixed or bs)), desc=desc):
         try:
             outs = session.run(names, feed)
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise GraphOptError(f"onnxruntime failed to run the model on {data.source}: {first[:300]}") from None
+            hint = " (random inputs may not suit this model: give real ones with --data)" if data.source.startswith("random(") else ""
+            raise GraphOptError(f"onnxruntime failed to run the model on {data.source}: {first[:300]}{hint}") from None
         for name, value in zip(names, outs):
             chunks[name].append(np.asarray(value))
     return {name: _concat(parts) for name, parts in chunks.items()}
@@ -311,7 +313,7 @@ class Reference:
 
     def __init__(self, original: onnx.ModelProto, data: Dataset, *, threads: int = 1, temperature: float = 1.0,
                  kd_alpha: float = 1.0):
-        self.data = data
+        self.data = data.laid_out(original)  # a plain Dataset gets the model's batch axes
         self.batch_size = batch_size_for(original)
         self.threads = threads
         self.temperature = temperature

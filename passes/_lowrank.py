@@ -262,8 +262,9 @@ def infer_shapes(model: onnx.ModelProto, ctx: PassContext) -> tuple[dict[str, tu
     instead when it failed. Dynamic non-batch dims are taken from `ctx.data` when it has them."""
     overrides: dict[str, tuple[int, ...]] = {}
     if ctx.data is not None:
+        feed = ctx.data.sample(0)  # one run's feed: every input's batch axis (not always axis 0) cut to one run
         for spec in input_specs(model):
-            arr = ctx.data.inputs.get(spec.name)
+            arr = feed.get(spec.name)
             if arr is None or np.ndim(arr) != len(spec.shape) or all(isinstance(d, int) for d in spec.shape[1:]):
                 continue
             overrides[spec.name] = tuple(

@@ -981,3 +981,60 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+# ---- inputs as real exports have them (tests/core/test_data.py, test_cli.py) ----
+
+def scalar_input_model() -> onnx.ModelProto:
+    """Gemm-BN on x[N, 8], scaled by a 0-d float input (a gain or a sample rate)."""
+    g = GraphBuilder(opset=17)
+    y = g.bn(g.gemm(g.input("x", ["N", 8]), 8, 8, name="fc"), 8)
+    g.node("Mul", [y, g.input("gain", [])], ["y"])
+    g.output("y", ["N", 8])
+    return g.build()
+
+
+def fixed_batch_model(batch: int = 2) -> onnx.ModelProto:
+    """conv_bn_model whose batch is fixed at `batch` (x[2, 3, 8, 8]): every run takes exactly 2 samples."""
+    g = GraphBuilder(opset=17)
+    x = g.input("x", [batch, 3, 8, 8])
+    g.node("Relu", [g.bn(g.conv(x, 3, 8, 3, name="c"), 8)], ["y"])
+    g.output("y", [batch, 8, 8, 8])
+    return g.build()
+
+
+def state_model() -> onnx.ModelProto:
+    """A VAD-style step: x[batch, 16] and a state[2, batch, 8] whose batch is on axis 1, plus a 0-d
+    int64 sample rate; out = Gemm-BN(x) + the state's two layers, new state = the state · sr/16000."""
+    g = GraphBuilder(opset=17)
+    x = g.input("x", ["batch", 16])
+    state = g.input("state", [2, "batch", 8])
+    sr = g.input("sr", [], np.int64)
+    h = g.bn(g.gemm(x, 16, 8, name="fc"), 8)
+    s = g.node("ReduceSum", [state, g.const("axis0", np.array([0], np.int64))], keepdims=0)
+    g.node("Add", [h, s], ["out"])
+    scale = g.node("Div", [g.node("Cast", [sr], to=TensorProto.FLOAT), g.const("rate", np.float32(16000))])
+    g.node("Mul", [state, scale], ["new_state"])
+    g.output("out", ["batch", 8])
+    g.output("new_state", [2, "batch", 8])
+    return g.build()
+
+
+def embedding_model(rows: int = 7, through: bool = True) -> onnx.ModelProto:
+    """Token ids[N, seq] (int64) → Gather from a [rows, 8] table (through Cast and Unsqueeze/Reshape
+    when `through`), with an attention mask and token type ids; then Gemm-BN on the mean embedding."""
+    g = GraphBuilder(opset=17)
+    ids = g.input("input_ids", ["N", "seq"], np.int64)
+    mask = g.input("attention_mask", ["N", "seq"], np.int64)
+    types = g.input("token_type_ids", ["N", "seq"], np.int64)
+    idx = ids
+    if through:
+        idx = g.node("Cast", [g.node("Unsqueeze", [ids, g.const("ax", np.array([2], np.int64))])], to=TensorProto.INT32)
+        idx = g.node("Reshape", [idx, g.const("flat", np.array([0, -1], np.int64))])
+    emb = g.node("Gather", [g.weight("table", (rows, 8)), idx], name="embed", axis=0)
+    emb = g.node("Add", [emb, g.node("Gather", [g.weight("types", (2, 8)), types], axis=0)])
+    m = g.node("Unsqueeze", [g.node("Cast", [mask], to=TensorProto.FLOAT), g.const("ax2", np.array([2], np.int64))])
+    pooled = g.node("ReduceMean", [g.node("Mul", [emb, m])], axes=[1], keepdims=0)
+    g.node("Relu", [g.bn(g.gemm(pooled, 8, 8, name="fc"), 8)], ["y"])
+    g.output("y", ["N", 8])
+    return g.build()

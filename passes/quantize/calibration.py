@@ -457,7 +457,7 @@ def _stream(session, names: list[str], data: Dataset, batch_size: int, desc: str
         start, bs = 0, batch_size or 1
         while start < n:
             stop = min(start + bs, n)
-            feed = {k: v[start:stop] for k, v in data.inputs.items()}
+            feed = data.slice(start, stop)  # each input cut on its own batch axis
             try:
                 outs = session.run(names, feed) if names else []
             except Exception as exc:

@@ -3,9 +3,11 @@ import json
 import numpy as np
 import onnx
 import pytest
-from builders import run_cli as _run, gemm_bn_model, small_cnn
+from builders import run_cli as _run, constant_node_model, conv_bn_gemm_model, embedding_model, fixed_batch_model, gemm_bn_model, small_cnn, state_model, symbolic_model, unknown_domain_model
 
 from graph_opt.cli import main
+from graph_opt.data import bind_shapes
+from graph_opt.errors import DataError
 from graph_opt.model_io import save_model
 
 
@@ -123,3 +125,89 @@ def test_closed_stdout_pipe_is_not_a_traceback():
     proc.stdout.close()  # like `graph-opt passes | head -c 10`
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0 and "Traceback" not in err
+
+
+# ---- inspect shows what it can; inputs as real exports have them ----
+
+def test_inspect_with_dynamic_dims_reports_what_is_known(tmp_path, capsys):
+    model = symbolic_model()
+    with pytest.raises(DataError):  # vacuity: these dims cannot be bound without the user
+        bind_shapes(model)
+    path = save_model(model, tmp_path / "m.onnx")
+    code, stdout, err = _run(capsys, "inspect", path, "--json", "--runs", "3")
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["params"] == (8 * 27 + 8) + (8 * 8 + 8) + 2 * 4 * 8 + 2 * 16 * 32 and doc["ops"]["Conv"] == 2
+    assert doc["macs"] is None and doc["latency_ms"] is None and "--input-shape" in doc["latency_note"]
+    layers = {l["name"]: l for l in doc["layers"]}
+    assert layers["ffn1"]["macs"] is None and layers["ffn1"]["macs_symbolic"] == "512*S"  # [1, S, 16] x [16, 32]
+    assert layers["ffn2"]["macs_symbolic"] == "512*S" and doc["macs_symbolic"] == "1024*S"
+    assert layers["c1"]["macs"] is None and layers["c1"]["macs_symbolic"] is None  # unknown, not 0
+    assert doc["input_shape_hint"] == "--input-shape x=1xCxHxW --input-shape t=1xSxD"
+    code, stdout, _ = _run(capsys, "inspect", path, "--no-latency")
+    assert code == 0 and "1.02k·S" in stdout and "unknown" in stdout
+    assert "complete the count with --input-shape x=1xCxHxW --input-shape t=1xSxD" in stdout
+    code, stdout, _ = _run(capsys, "inspect", path, "--json", "--runs", "3",
+                           "--input-shape", "x=1x3x8x8", "--input-shape", "t=1x4x16")
+    doc = json.loads(stdout)
+    assert code == 0 and doc["macs"] == 8 * 64 * 27 + 8 * 64 * 8 + 2 * 4 * 16 * 32 and doc["latency_ms"] > 0
+    assert doc["input_shape_hint"] is None
+
+
+def test_inspect_counts_constant_node_weights(tmp_path, capsys):
+    model = constant_node_model()
+    assert not model.graph.initializer  # vacuity: every weight is a Constant node
+    reference = json.loads(_run(capsys, "inspect", save_model(conv_bn_gemm_model(), tmp_path / "r.onnx"),
+                                "--json", "--no-latency")[1])
+    code, stdout, _ = _run(capsys, "inspect", save_model(model, tmp_path / "m.onnx"), "--json", "--no-latency")
+    doc = json.loads(stdout)
+    assert code == 0 and all(l["params"] > 0 for l in doc["layers"])
+    assert [(l["name"], l["params"], l["macs"]) for l in doc["layers"]] == \
+        [(l["name"], l["params"], l["macs"]) for l in reference["layers"]]
+    assert doc["macs"] == reference["macs"] > 0
+
+
+def test_inspect_a_model_onnxruntime_cannot_run(tmp_path, capsys):
+    code, stdout, err = _run(capsys, "inspect", save_model(unknown_domain_model(), tmp_path / "m.onnx"), "--runs", "3")
+    assert code == 0, err
+    assert "latency not measured: onnxruntime cannot load the model" in stdout and "Conv" in stdout
+
+
+@pytest.mark.parametrize("build, extra", [
+    (fixed_batch_model, []),                                    # batch fixed at 2: latency was fed 1 sample
+    (state_model, []),                                          # state [2, batch, 8] and a 0-d sample rate
+    (embedding_model, ["--input-shape", "input_ids=1x6"]),      # int64 ids into a 7-row table
+])
+def test_optimize_real_inputs_end_to_end(tmp_path, capsys, build, extra):
+    path = save_model(build(), tmp_path / "m.onnx")
+    code, stdout, err = _run(capsys, "optimize", path, "-o", tmp_path / "o.onnx", "--latency-runs", "3", "--json", *extra)
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["passed"] and doc["original"]["stats"]["latency_ms"] > 0
+    assert all(s["accepted"] and s["parity"]["outputs"][0]["cosine"] > 0.99999 for s in doc["steps"] if s["modified"])
+    assert any(s["modified"] for s in doc["steps"])  # fold_batchnorm really rewrote something
+
+
+def test_optimize_state_model_with_npz(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((5, 16)), state=rng.standard_normal((2, 5, 8)), sr=np.int64(8000))
+    path = save_model(state_model(), tmp_path / "m.onnx")
+    code, stdout, err = _run(capsys, "optimize", path, "-o", tmp_path / "o.onnx", "--data", tmp_path / "d.npz",
+                             "--no-latency", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["original"]["parity"]["samples"] == 5
+
+
+def test_inspect_a_model_with_a_sequence_input(tmp_path, capsys):
+    from onnx import TensorProto, helper
+
+    seq = helper.make_tensor_sequence_value_info("xs", TensorProto.FLOAT, [2, 4])
+    nodes = [helper.make_node("SequenceAt", ["xs", "zero"], ["x"]), helper.make_node("Relu", ["x"], ["y"])]
+    graph = helper.make_graph(nodes, "seq", [seq], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor("zero", TensorProto.INT64, [], [0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    code, stdout, err = _run(capsys, "inspect", save_model(model, tmp_path / "m.onnx"), "--json", "--runs", "3")
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["ops"] == {"Relu": 1, "SequenceAt": 1} and "not a tensor" in doc["latency_note"]

@@ -1,5 +1,7 @@
-from builders import GraphBuilder, small_cnn
+import pytest
+from builders import GraphBuilder, constant_node_model, conv_bn_gemm_model, small_cnn
 
+from graph_opt.errors import DataError
 from graph_opt.stats import count_params, layer_macs, model_stats, op_histogram
 
 
@@ -26,3 +28,35 @@ def test_model_stats_summary():
     assert stats.macs == sum(l.macs for l in stats.layers) and stats.macs > 0
     assert stats.file_bytes == model.ByteSize() and stats.weight_bytes <= stats.file_bytes
     assert op_histogram(model) == stats.ops
+
+
+def _attention_like():
+    """q[B, S, 16] and k[B, T, 16]: a MatMul on a static weight (K from the weight) and q·kᵀ (S·T)."""
+    g = GraphBuilder()
+    q = g.node("MatMul", [g.input("q", ["B", "S", 16]), g.weight("wq", (16, 16))], name="proj")
+    kt = g.node("Transpose", [g.input("k", ["B", "T", 16])], perm=[0, 2, 1])
+    g.node("MatMul", [q, kt], ["scores"], name="qk")
+    g.output("scores", ["B", "S", "T"])
+    return g.build()
+
+
+def test_symbolic_macs_and_binding_one_symbol_everywhere():
+    model = _attention_like()
+    with pytest.raises(DataError):  # strict by default: callers that need numbers get the error
+        layer_macs(model)
+    layers = {l.name: l for l in layer_macs(model, partial=True)}
+    assert layers["proj"].macs is None and layers["proj"].macs_symbolic == "256*S"
+    assert layers["qk"].macs_symbolic == "16*S*T"
+    stats = model_stats(model)
+    assert stats.macs is None and stats.macs_known == 0 and stats.macs_symbolic == "256*S + 16*S*T"
+    assert stats.hint == "--input-shape q=1xSx16 --input-shape k=1xTx16"
+    bound = model_stats(model, shapes={"q": (2, 5, 16), "k": (2, 7, 16)})
+    assert bound.macs == 2 * 5 * 256 + 2 * 5 * 7 * 16 and bound.hint is None and bound.macs_symbolic is None
+
+
+def test_constant_node_weights_count_per_layer():
+    model, reference = constant_node_model(), conv_bn_gemm_model()
+    assert not model.graph.initializer
+    assert [(l.name, l.params, l.macs) for l in layer_macs(model)] == \
+        [(l.name, l.params, l.macs) for l in layer_macs(reference)]
+    assert all(l.params > 0 for l in layer_macs(model))
