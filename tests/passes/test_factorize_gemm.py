@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
 
-from graph_opt.data import Dataset
+from graph_opt.data import Dataset, load_data
 from graph_opt.errors import SpecError
 from graph_opt.pass_base import PassContext
 from graph_opt.passes.factorize_gemm import FactorizeGemm
@@ -386,8 +386,10 @@ def _correlated(n, k, seed=0, scale=6.0):
     return (np.random.default_rng(seed).standard_normal((n, k)) @ mix.T).astype(np.float32)
 
 
-def _calib(x, name="x"):
-    return PassContext(data=Dataset({name: x}, None, "calib.npz"))
+def _calib(x, name="x", model=None):
+    if model is None:
+        return PassContext(data=Dataset({name: x}, None, "calib.npz"))
+    return PassContext(data=load_data({name: x}, model))  # the batch axis as the model declares it
 
 
 FORMS = {  # name → (model, input of correlated features: (calib, test) from an (n, k) matrix)
@@ -424,8 +426,8 @@ def test_whitened_factors_beat_plain_svd_on_correlated_inputs(form):
     calib = shape(_correlated(480, 96, seed=0))
     test = {"x": shape(_correlated(160, 96, seed=1))}
     options = dict(rank=12, latency_gate=False)
-    plain = FactorizeGemm(data="plain", **options)(model, _calib(calib))
-    white = FactorizeGemm(**options)(model, _calib(calib))  # data=auto: whitened, since data was given
+    plain = FactorizeGemm(data="plain", **options)(model, _calib(calib, model=model))
+    white = FactorizeGemm(**options)(model, _calib(calib, model=model))  # data=auto: whitened, since data was given
     info = fired(white, 2, model.graph.node[0].op_type)
     assert info["method"] == "whitened svd" and plain.report.rewritten[0]["method"] == "svd"
     ref = run(model, test)[0]
