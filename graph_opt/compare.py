@@ -256,7 +256,8 @@ class _Runner:
         self.tolerances, self.threads, self.seed, self.shapes = tolerances, threads, seed, shapes
 
     def step(self, p: Pass, model: onnx.ModelProto, history: list[PassReport]) -> _Outcome:
-        ctx = PassContext(data=self.calib, original=self.original, history=list(history), seed=self.seed)
+        ctx = PassContext(data=self.calib, original=self.original, history=list(history), seed=self.seed,
+                          shapes=self.shapes)
         start = time.perf_counter()
         result = p(model, ctx)
         out = _Outcome(result.modified, result.report, time.perf_counter() - start)

@@ -137,7 +137,7 @@ class Pipeline:
         baseline = StepRecord("original", "original", stats=self._stats(original), model=original)
         if reference is not None:
             baseline.parity = reference.compare(original)
-        ctx = PassContext(data=self.calib_data, original=original, seed=self.seed)
+        ctx = PassContext(data=self.calib_data, original=original, seed=self.seed, shapes=self.shapes)
         # A model whose weights stay on disk (over 2 GB) keeps each step's weights on disk too: a
         # step in memory would cost a copy of the weights next to onnxruntime's while verifying.
         spill_to = spill_dir() if has_disk_weights(original) else None

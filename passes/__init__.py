@@ -8,8 +8,10 @@ from graph_opt.passes.prune_channels import PruneChannels
 from graph_opt.passes.prune_weights import PruneWeights
 from graph_opt.passes.quantize import Quantize
 from graph_opt.passes.reconstruct import Reconstruct
+from graph_opt.passes.simplify import Simplify
 
 PASSES = (
+    Simplify,
     FoldBatchnorm,
     Cleanup,
     PruneWeights,
@@ -21,4 +23,4 @@ PASSES = (
 )
 
 __all__ = ["PASSES", "Cleanup", "FactorizeConv", "FactorizeGemm", "FoldBatchnorm", "PruneChannels", "PruneWeights",
-           "Quantize", "Reconstruct"]
+           "Quantize", "Reconstruct", "Simplify"]
