@@ -99,3 +99,12 @@ def _verify_conversion(original: onnx.ModelProto, converted: onnx.ModelProto,
         if err > RTOL * max(scale, 1e-30):
             return f"output {out.name!r} differs by {err:.3g} (largest magnitude {scale:.3g})"
     return ""
+
+
+def runnable_original(original: onnx.ModelProto, first_pass, shapes: Mapping[str, tuple[int, ...]] | None = None
+                      ) -> tuple[onnx.ModelProto, str]:
+    """The pipeline's reference when onnxruntime refuses the input: its verified opset upgrade, when
+    the pipeline starts with a pass that upgrades opsets (`simplify`); (original, "") otherwise."""
+    if first_pass is None or not getattr(first_pass, "upgrade_opset", False):
+        return original, ""
+    return upgrade_for_runtime(original, shapes)

@@ -32,7 +32,8 @@ What it does, in order:
    - duplicate initializers of any size (in memory) merged;
    - Pad (constant mode, non-negative pads on spatial axes only) folded into the following
      Conv (pad value 0), AveragePool (pad value 0 → ``count_include_pad=1``; skipped when the
-     pool already pads without counting the pad, or with ``ceil_mode``), MaxPool (pad value −inf,
+     pool already pads without counting the pad, or with ``ceil_mode``; a pool's total pads must stay
+     below its kernel), MaxPool (pad value −inf,
      or a pad value no larger than a proven lower bound of the input: Relu/Clip/Sigmoid outputs;
      otherwise skipped with the reason) when the Pad's output has no other reader;
    - Conv or Gemm followed by Mul/Add with a constant per-output-channel (or scalar) operand:
@@ -486,6 +487,10 @@ class _Rewriter:
                 self.report.skip(label, f"pad value {value:g} before a MaxPool (-inf pads fold; {bound} for the input)")
                 return False
         new_pads = [old[i] + pads[2 + i] for i in range(spatial)] + [old[spatial + i] + pads[rank + 2 + i] for i in range(spatial)]
+        kernel = list(attrs["kernel_shape"].ints) if "kernel_shape" in attrs else []
+        if kind != "Conv" and (len(kernel) != spatial or any(p >= k for p, k in zip(new_pads, kernel * 2))):
+            self.report.skip(label, f"{kind} padded {new_pads} with kernel {kernel}: a pool's pads must stay below its kernel")
+            return False
         for a in list(target.attribute):
             if a.name in ("pads", "auto_pad") or (kind == "AveragePool" and a.name == "count_include_pad"):
                 target.attribute.remove(a)
