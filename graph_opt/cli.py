@@ -1,7 +1,7 @@
 """The `graph-opt` command line: the only place that prints.
 
     graph-opt optimize MODEL -o OUT [--pass SPEC]... [--recipe FILE] [--data PATH] [--input-shape NAME=DIMS]...
-                             [--tolerance METRIC=VALUE]... [--report FILE.json] [--json]
+                             [--tolerance METRIC=VALUE]... [--report FILE.json] [--no-simplify] [--json]
     graph-opt optimize --example -o OUT            (the built-in model and its data)
     graph-opt compare MODEL|--example [--recipe FILE]... [--order "SPEC SPEC ..."]... [--permutations "SPEC SPEC ..."]
                       [--data PATH] [--out-dir DIR] [--jobs N] [--backend process|ray] [--json]
