@@ -40,7 +40,11 @@ What it does, in order:
      ``Mul(s)``: W·s, b·s; ``Add(t)``: b + t (Gemm: ``C' = β·C + t``, β = 1); the Conv/Gemm output
      must have no other reader. New weights get fresh names; the old ones are never edited.
 
-Preconditions and guarantees: graph input and output names never change (a result that would
+Below IR 4 every initializer had to be a graph input as well; such a model is stamped IR 4 without
+those inputs, so that its weights fold as the constants they are (from IR 4 on, an initializer that
+is also an input is a deliberate override point and stays one).
+
+Preconditions and guarantees: graph input and output names never change (initializers aside) (a result that would
 change them is discarded, with the reason); weights kept on disk (models over 2 GB, see
 `model_io`) stay references to their files unless a rewrite reads them; outputs are unchanged
 up to float rounding of the folded products (within 1e-5 relative; the pipeline verifies).
@@ -99,6 +103,7 @@ class Simplify(Pass):
                 return source
             if note:
                 report.rewrite("model", action=note)
+        model = _ir3_constants(model, report)
         bound, batch = _bindings(model, ctx, self.bind_shapes)
         folded = _fold_with_shapes(model, bound, batch, report)
         out = _Rewriter(folded, report, pads=self.fold_pads, affine=self.fold_affine).run()
@@ -109,6 +114,23 @@ class Simplify(Pass):
             return source
         _report_counts(model, out, report)
         return out if report.rewritten else source
+
+
+def _ir3_constants(model: onnx.ModelProto, report: PassReport) -> onnx.ModelProto:
+    """Below IR 4 every initializer had to be listed as a graph input too: a rule of the format,
+    not a wish to override the weights (graph-opt never feeds them). Such a model is stamped IR 4
+    with its initializers no longer inputs, so that they fold as the constants they are. From IR 4
+    on, an initializer listed as an input is a deliberate override point and is left alone."""
+    inits = {t.name for t in model.graph.initializer}
+    if model.ir_version >= 4 or not any(v.name in inits for v in model.graph.input):
+        return model
+    out = _shallow(model)
+    kept = [v for v in out.graph.input if v.name not in inits]
+    del out.graph.input[:]
+    out.graph.input.extend(kept)
+    out.ir_version = 4
+    report.rewrite("model", action=f"IR {model.ir_version} → 4: initializers are no longer graph inputs")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
