@@ -249,3 +249,45 @@ def test_api_prepends_simplify_unless_told_not_to():
     assert [s.name for s in with_it.steps] == ["simplify", "cleanup"] and with_it.steps[0].modified
     without = api.optimize(model, ["cleanup"], latency=False, n_random=2, simplify=False)
     assert [s.name for s in without.steps] == ["cleanup"]
+
+
+def test_ir3_initializers_listed_as_inputs_fold_as_constants():
+    g = GraphBuilder(opset=9)
+    x = g.input("x", ["N", 4])
+    scale = g.node("Mul", [g.const("a", np.full(4, 2.0, np.float32)), g.const("b", np.full(4, 3.0, np.float32))])
+    g.node("Mul", [x, scale], ["y"])
+    g.output("y", ["N", 4])
+    model = g.build(check=False)
+    model.ir_version = 3
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, TensorProto.FLOAT, [4]) for t in model.graph.initializer)
+    onnx.checker.check_model(model, full_check=True)
+    assert op_count(model, "Mul") == 2
+    result = _simplify(model)
+    assert op_count(result.model, "Mul") == 1 and result.model.ir_version == 4
+    assert _names(result.model) == (["x"], ["y"])
+    _close(model, result.model, {"x": random_input((2, 4))})
+
+
+def test_from_ir4_an_initializer_listed_as_input_stays_overridable():
+    g = GraphBuilder(opset=13)
+    x = g.input("x", ["N", 4])
+    g.node("Mul", [x, g.node("Mul", [g.const("a", np.full(4, 2.0, np.float32)), g.const("b", np.ones(4, np.float32))])], ["y"])
+    g.output("y", ["N", 4])
+    model = g.build(check=False)
+    model.graph.input.append(helper.make_tensor_value_info("a", TensorProto.FLOAT, [4]))
+    onnx.checker.check_model(model, full_check=True)
+    out = _simplify(model).model
+    assert "a" in {v.name for v in out.graph.input} and op_count(out, "Mul") == 2
+
+
+def test_duplicate_nodes_are_merged_and_no_op_casts_removed():
+    g = GraphBuilder(opset=13)
+    x = g.input("x", ["N", 4])
+    a = g.node("Relu", [g.node("Cast", [x], to=TensorProto.FLOAT)])
+    b = g.node("Relu", [g.node("Cast", [x], to=TensorProto.FLOAT)])
+    g.node("Add", [a, b], ["y"])
+    g.output("y", ["N", 4])
+    model = g.build()
+    out = _simplify(model).model
+    assert op_count(model, "Relu") == 2 and op_count(out, "Relu") == 1 and op_count(out, "Cast") == 0
+    _close(model, out, {"x": random_input((3, 4))})
