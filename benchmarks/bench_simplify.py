@@ -3,8 +3,8 @@ offline optimization, side by side on the same models in one run.
 
 Per model and tool: nodes after (every graph, If/Loop/Scan bodies included), whether the result is
 valid (full onnx.checker, onnxruntime loads it), exactness (largest output difference relative to
-the output's largest magnitude, onnxruntime CPU with graph optimizations off, on seeded inputs or
-the corpus model's first evaluation sample), the tool's wall time and peak memory (each tool runs
+the output's largest magnitude, and the relative L2 error, onnxruntime CPU with graph optimizations
+off, on seeded inputs or the corpus model's first evaluation sample), the tool's wall time and peak memory (each tool runs
 alone in a fresh subprocess: wall time of the tool call; peak RSS of the subprocess, and its RSS
 just before the call), the graph inputs the result declares, and onnxruntime latency as deployed
 (all optimizations on, spinning stopped): the original and every valid result timed in one process,
@@ -25,7 +25,8 @@ that are also graph inputs).
     python benchmarks/bench_simplify.py --builtin tf_same --builtin light \\
         path/to/model.onnx@x=1x3x48x320 --corpus ppocr_det --rounds 10 --runs 30
 
-Writes ``benchmarks/results/bench_simplify.json`` and prints the Markdown table of RESULTS.md.
+Writes ``benchmarks/results/bench_simplify.json`` (rows of models not measured in this run are kept
+from the previous file) and prints the Markdown table of RESULTS.md.
 Needs ``pip install -e '.[bench]'`` (onnxsim==0.8.1, onnxslim).
 """
 
@@ -249,15 +250,17 @@ def run_tool(tool: str, src: Path, dst: Path, shapes: dict, work: Path, timeout:
     return result
 
 
-def max_rel_error(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
-    worst = 0.0
+def errors(reference: list[np.ndarray], outputs: list[np.ndarray]) -> tuple[float, float]:
+    """(largest |difference| / largest |reference|, ‖difference‖ / ‖reference‖), worst over the outputs."""
+    worst_max = worst_l2 = 0.0
     for r, o in zip(reference, outputs):
         r, o = np.asarray(r, np.float64), np.asarray(o, np.float64)
         if r.shape != o.shape:
-            return float("inf")
+            return float("inf"), float("inf")
         if r.size:
-            worst = max(worst, float(np.max(np.abs(r - o)) / max(float(np.max(np.abs(r))), 1e-30)))
-    return worst
+            worst_max = max(worst_max, float(np.max(np.abs(r - o)) / max(float(np.max(np.abs(r))), 1e-30)))
+            worst_l2 = max(worst_l2, float(np.linalg.norm(r - o) / max(float(np.linalg.norm(r)), 1e-30)))
+    return worst_max, worst_l2
 
 
 def measure_model(label: str, src: Path, shapes: dict, feed: dict | None, work: Path, *, rounds: int, runs: int,
@@ -289,7 +292,7 @@ def measure_model(label: str, src: Path, shapes: dict, feed: dict | None, work: 
                                  for v in out.graph.input if v.name in {i.name for i in original.graph.input}]
                 check_model(out, full=True)
                 got = make_session(out).run(None, feed)
-                res["max_rel_error"] = max_rel_error(reference, got)
+                res["max_rel_error"], res["rel_l2_error"] = errors(reference, got)
                 res["valid"] = True
                 models[tool] = out
             except Exception as exc:  # noqa: BLE001 - an invalid result is a finding, not a crash
@@ -320,16 +323,16 @@ def _fmt_tool(res: dict[str, Any]) -> str:
         return "fails: " + res.get("error", "?")[:60]
     if not res.get("valid"):
         return f"{res['nodes']} nodes, **invalid**: " + res.get("invalid", "")[:60]
-    err = res["max_rel_error"]
+    err = f"{res['max_rel_error']:.1g}" + (f" ({res['rel_l2_error']:.0e})" if "rel_l2_error" in res else "")
     spread = res.get("latency_spread", [0, 0])
-    return (f"{res['nodes']} / {err:.1g} / {res['latency_ratio']:.2f}x ({spread[0]:.2f}–{spread[1]:.2f}) / "
+    return (f"{res['nodes']} / {err} / {res['latency_ratio']:.2f}x ({spread[0]:.2f}–{spread[1]:.2f}) / "
             f"{res['seconds']:.2f}s / {res['peak_kb'] / 1024:.0f} MB")
 
 
 def markdown(doc: dict[str, Any]) -> str:
     tools = doc["tools"]
     head = ["model", "nodes before", *tools]
-    lines = ["Cells: nodes after / max relative error / latency ratio to the original (min–max over rounds) / "
+    lines = ["Cells: nodes after / max relative error (relative L2 error) / latency ratio to the original (min–max over rounds) / "
              "tool time / peak RSS of the tool's process.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in doc["rows"]:
@@ -376,7 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"bench": "bench_simplify", "date": time.strftime("%Y-%m-%d %H:%M:%S"), **cpu_info(),
            "versions": versions(), "rounds": args.rounds, "runs": args.runs, "tools": list(tools), "rows": rows}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench_simplify.json").write_text(json.dumps(doc, indent=1, default=str))
+    path = RESULTS / "bench_simplify.json"
+    if path.exists():  # rows of models this run did not measure are kept (each row holds its own run's ratios)
+        measured = {r["model"] for r in rows}
+        doc["rows"] = [r for r in json.loads(path.read_text()).get("rows", []) if r["model"] not in measured] + rows
+    path.write_text(json.dumps(doc, indent=1, default=str))
     print(f"CPU: {doc['cpu']} ({', '.join(doc['flags'])}), {doc['cores']} cores; " +
           ", ".join(f"{k} {v}" for k, v in doc["versions"].items()))
     print(markdown(doc))

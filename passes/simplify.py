@@ -36,6 +36,8 @@ What it does, in order:
      below its kernel), MaxPool (pad value −inf,
      or a pad value no larger than a proven lower bound of the input: Relu/Clip/Sigmoid outputs;
      otherwise skipped with the reason) when the Pad's output has no other reader;
+   - MatMul of a 2-D input by a constant matrix followed by Add of a constant row → one Gemm;
+   - a Slice of a Slice on other (non-negative, explicit) axes → one Slice;
    - Conv or Gemm followed by Mul/Add with a constant per-output-channel (or scalar) operand:
      ``Mul(s)``: W·s, b·s; ``Add(t)``: b + t (Gemm: ``C' = β·C + t``, β = 1); the Conv/Gemm output
      must have no other reader. New weights get fresh names; the old ones are never edited.
@@ -105,7 +107,13 @@ class Simplify(Pass):
                 report.rewrite("model", action=note)
         model = _ir3_constants(model, report)
         bound, batch = _bindings(model, ctx, self.bind_shapes)
-        folded = _fold_with_shapes(model, bound, batch, report)
+        try:
+            folded = _fold_with_shapes(model, bound, batch, report)
+        except Exception as exc:  # noqa: BLE001 - the engine's failure on one model is a skip, not a crash
+            log.warning("simplify: the folding engine failed: %s", exc)
+            report.skip("model", f"the folding engine failed: {type(exc).__name__}: {str(exc).strip()[:200]}")
+            report.rewritten.clear()
+            return source
         out = _Rewriter(folded, report, pads=self.fold_pads, affine=self.fold_affine).run()
         problem = _interface_changed(source, out)
         if problem:
@@ -295,16 +303,21 @@ def _generalize_reshapes(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
 
 def _unbind_batch(out: onnx.ModelProto, other: onnx.ModelProto, original: onnx.ModelProto) -> None:
     """Where the two probes' type annotations differ, the dim came from the batch size: make it
-    dynamic again (the original's symbol on graph inputs); intermediate annotations are dropped."""
-    for graph in all_graphs(out.graph):
-        del graph.value_info[:]
-    for graph in all_graphs(other.graph):
-        del graph.value_info[:]
-    for mine, theirs in zip(_type_protos(out), _type_protos(other)):
-        for tm, tt in zip(_tensor_types(mine), _tensor_types(theirs)):
-            for dm, dt in zip(tm.shape.dim, tt.shape.dim):
-                if dm.HasField("dim_value") and dm.dim_value != dt.dim_value:
-                    dm.Clear()
+    dynamic again (on graph inputs and outputs, the original's symbol)."""
+    for mine, theirs in zip(all_graphs(out.graph), all_graphs(other.graph)):
+        types = {v.name: v.type for v in (*theirs.input, *theirs.output, *theirs.value_info)}
+        for value in (*mine.input, *mine.output, *mine.value_info):
+            if value.name not in types:
+                for tm in _tensor_types(value.type):
+                    tm.ClearField("shape")
+                continue
+            for tm, tt in zip(_tensor_types(value.type), _tensor_types(types[value.name])):
+                if len(tm.shape.dim) != len(tt.shape.dim):
+                    tm.ClearField("shape")
+                    continue
+                for dm, dt in zip(tm.shape.dim, tt.shape.dim):
+                    if dm.HasField("dim_value") and dm.dim_value != dt.dim_value:
+                        dm.Clear()
     by_name = {v.name: v for v in (*original.graph.input, *original.graph.output)}
     for value in (*out.graph.input, *out.graph.output):
         dims = value.type.tensor_type.shape.dim
@@ -388,6 +401,11 @@ class _Rewriter:
                     changed |= self._fold_pad(node)
                 elif self.affine and node.op_type in ("Conv", "Gemm") and node.domain in ("", "ai.onnx"):
                     changed |= self._fold_affine(node)
+                elif self.affine and node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+                    changed |= self._matmul_add_to_gemm(node)
+                elif node.op_type == "Slice" and node.domain in ("", "ai.onnx"):
+                    changed |= self._merge_slices(node)
+        self._drop_dead_slices()
         return self.model
 
     # -- helpers
@@ -563,6 +581,78 @@ class _Rewriter:
                 low = self._const(producer.input[1])
                 return float(low.reshape(-1)[0]) if low is not None and low.size == 1 else None
         return None
+
+    # -- Slice of a Slice on other axes: one Slice
+    def _slice_params(self, node: onnx.NodeProto) -> list[np.ndarray] | None:
+        if len(node.input) < 3 or len(node.input) < 4 or not node.input[3]:
+            return None  # without explicit axes the slice covers leading axes: left to the engine
+        params = []
+        for i in range(1, 5):
+            if i < len(node.input) and node.input[i]:
+                value = self._const(node.input[i])
+                if value is None or value.ndim != 1:
+                    return None
+                params.append(value.astype(np.int64))
+            else:
+                params.append(np.ones(len(params[0]), np.int64))
+        return params
+
+    def _merge_slices(self, outer: onnx.NodeProto) -> bool:
+        inner = self._producer(outer.input[0])
+        if inner is None or inner.op_type != "Slice" or inner.domain not in ("", "ai.onnx") or self._read_elsewhere(inner.output[0]):
+            return False
+        a, b = self._slice_params(inner), self._slice_params(outer)
+        if a is None or b is None or (a[2] < 0).any() or (b[2] < 0).any() or set(a[2].tolist()) & set(b[2].tolist()):
+            return False
+        label = outer.name or outer.output[0]
+        merged = [np.concatenate([x, y]) for x, y in zip(a, b)]
+        names = [self._add_init(f"{label}_{part}", value) for part, value in zip(("starts", "ends", "axes", "steps"), merged)]
+        del outer.input[:]
+        outer.input.extend([inner.input[0], *names])
+        self.report.rewrite(label, action="Slice of a Slice merged into one", inner=inner.name or inner.output[0])
+        return True
+
+    def _drop_dead_slices(self) -> None:
+        graph = self.model.graph
+        for node in list(graph.node):
+            if node.op_type == "Slice" and not self._consumers(node.output[0]) and not self._read_elsewhere(node.output[0]):
+                graph.node.remove(node)
+                used = {n for g in all_graphs(graph) for x in g.node for n in x.input}
+                for name in node.input[1:]:
+                    if name and name not in used and name in self.inits:
+                        graph.initializer.remove(self.inits.pop(name))
+
+    # -- MatMul(2-D, constant) → Add(constant per column) becomes one Gemm
+    def _rank(self, name: str) -> int | None:
+        for v in (*self.model.graph.value_info, *self.model.graph.input, *self.model.graph.output):
+            if v.name == name and v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+                return len(v.type.tensor_type.shape.dim)
+        return None
+
+    def _matmul_add_to_gemm(self, node: onnx.NodeProto) -> bool:
+        out = node.output[0]
+        consumers = self._consumers(out)
+        if len(consumers) != 1 or self._read_elsewhere(out) or consumers[0].op_type != "Add":
+            return False
+        add = consumers[0]
+        weight = self._const(node.input[1])
+        if weight is None or weight.ndim != 2 or weight.dtype.kind != "f" or self._rank(node.input[0]) != 2:
+            return False
+        other = add.input[1] if add.input[0] == out else add.input[0]
+        c = self._const(other)
+        if c is None or c.dtype != weight.dtype or c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1):
+            return False
+        if c.size not in (1, weight.shape[1]):
+            return False
+        bias = self._add_init(f"{other}_gemm_bias", np.broadcast_to(c.reshape(-1), (weight.shape[1],)).astype(weight.dtype))
+        label = node.name or out
+        node.op_type = "Gemm"
+        del node.input[2:]
+        node.input.append(bias)
+        node.output[0] = add.output[0]
+        self._remove(add)
+        self.report.rewrite(label, action="MatMul and constant Add fused into Gemm", node_removed=add.name or add.output[0])
+        return True
 
     # -- Conv/Gemm → Mul/Add by a constant
     def _fold_affine(self, node: onnx.NodeProto) -> bool:

@@ -291,3 +291,32 @@ def test_duplicate_nodes_are_merged_and_no_op_casts_removed():
     out = _simplify(model).model
     assert op_count(model, "Relu") == 2 and op_count(out, "Relu") == 1 and op_count(out, "Cast") == 0
     _close(model, out, {"x": random_input((3, 4))})
+
+
+def test_matmul_and_constant_add_become_one_gemm():
+    g = GraphBuilder(opset=13)
+    x = g.input("x", ["N", 8])
+    h = g.node("Add", [g.node("MatMul", [x, g.weight("w", (8, 6))]), g.weight("b", (6,))])
+    g.node("Relu", [h], ["y"])
+    g.output("y", ["N", 6])
+    model = g.build()
+    assert op_count(model, "Gemm") == 0
+    out = _simplify(model).model
+    assert op_count(out, "Gemm") == 1 and op_count(out, "MatMul") == 0 and op_count(out, "Add") == 0
+    assert out.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    _close(model, out, {"x": random_input((3, 8))})
+
+
+def test_slices_of_slices_on_other_axes_merge():
+    g = GraphBuilder(opset=13)
+    x = g.input("x", ["N", 3, 8, 8])
+    ints = lambda name, v: g.const(name, np.array(v, np.int64))  # noqa: E731
+    rows = g.node("Slice", [x, ints("s0", [0]), ints("e0", [8]), ints("a0", [2]), ints("st0", [2])])
+    a = g.node("Slice", [rows, ints("s1", [0]), ints("e1", [8]), ints("a1", [3]), ints("st1", [2])])
+    b = g.node("Slice", [rows, ints("s2", [1]), ints("e2", [8]), ints("a2", [3]), ints("st2", [2])])
+    g.node("Concat", [a, b], ["y"], axis=1)  # the Focus / space-to-depth pattern of YOLO stems
+    g.output("y", ["N", 6, 4, 4])
+    model = g.build()
+    out = _simplify(model).model
+    assert op_count(model, "Slice") == 3 and op_count(out, "Slice") == 2
+    _close(model, out, {"x": random_input((2, 3, 8, 8))})
