@@ -82,6 +82,7 @@ log = logging.getLogger(__name__)
 
 _BATCH_PROBES = (3, 5)  # two batch sizes that differ (and are not 1, which broadcasting treats specially)
 _MAX_ROUNDS = 4
+_FOLD_FILL_LIMIT = 65536  # elements: a ConstantOfShape up to this size is folded into an initializer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -347,7 +348,7 @@ def _engine(model: onnx.ModelProto) -> onnx.ModelProto:
                                                   shape=tensor.shape, name=tensor.name, base_dir=info[DISK_KEY])
     count = _node_count(irm)
     for _ in range(_MAX_ROUNDS):
-        optimizer.optimize(irm, num_iterations=2)
+        optimizer.optimize_ir(irm, num_iterations=2, should_fold=_should_fold)
         now = _node_count(irm)
         if now >= count:
             break
@@ -365,6 +366,18 @@ def _engine(model: onnx.ModelProto) -> onnx.ModelProto:
             tensor.CopyFrom(src)
             tensor.name = name
     return out
+
+
+def _should_fold(node) -> bool | None:
+    """The engine leaves ConstantOfShape unfolded (a fill costs less than its bytes in the file);
+    a small one whose shape is known is folded, so that what reads it (anchor grids of detection
+    heads, masks) can fold too. None: the engine's own rule."""
+    if node.op_type != "ConstantOfShape" or node.domain not in ("", "ai.onnx"):
+        return None
+    shape = node.outputs[0].shape
+    if shape is None or not shape.is_static():
+        return None
+    return int(np.prod([int(d) for d in shape])) <= _FOLD_FILL_LIMIT
 
 
 def _node_count(irm) -> int:
