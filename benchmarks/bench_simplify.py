@@ -212,7 +212,7 @@ def _first_sample(value: np.ndarray, shape: tuple[int, ...] | None) -> np.ndarra
     if shape is None:
         return value[:1]
     if shape == ():
-        return value.reshape(-1)[0].reshape(())
+        return np.array(value.reshape(-1)[0])
     if len(shape) == value.ndim:
         axis = next((a for a, (d, s) in enumerate(zip(value.shape, shape)) if d != s and s == 1), 0)
         return np.take(value, [0], axis=axis)

@@ -51,15 +51,16 @@ change them is discarded, with the reason); weights kept on disk (models over 2 
 `model_io`) stay references to their files unless a rewrite reads them; outputs are unchanged
 up to float rounding of the folded products (within 1e-5 relative; the pipeline verifies).
 
-Why onnxscript's optimizer: of the three maintained engines measured on exported CNNs, detectors,
-OCR and a byte classifier (benchmarks/bench_simplify.py, RESULTS.md "simplify"), it was the only
-one exact on every model: onnxruntime's basic-level offline optimization (what `quant_pre_process`
-runs) and onnxslim reach a few nodes fewer but changed an OCR detector's output, and onnxslim
-changed a TF-style CNN's output by folding a −inf max-pool pad into zero padding; both wrote
-invalid models from IR-3 files whose initializers are also graph inputs, which onnxscript leaves
-overridable. It works on onnx-ir (lazy external tensors, subgraphs) in pure Python, emits only
-standard ops, and keeps symbolic dims. Its weaker spots, Pad before pools and constant Mul/Add
-after convs, are what step 4 adds.
+Why onnxscript's optimizer (benchmarks/bench_simplify.py; numbers in RESULTS.md, "simplify"):
+of the maintained engines compared on exported CNNs, detectors, OCR, a byte classifier, a
+transformer and a TF-style CNN, it is the one that keeps dynamic dims dynamic while folding, works
+on onnx-ir's lazy external tensors (weights on disk are not loaded), descends into subgraphs, emits
+only standard ops and leaves IR-3 initializers-as-inputs valid. onnxruntime's basic-level offline
+optimization is as exact and much faster, but folds nothing of a run-time padding chain while the
+batch dim is dynamic, needs every weight in memory, and wrote invalid models from IR-3 files, as
+did onnxslim, which also changed the TF-style CNN's output; onnxsim 0.8.1 wrote an invalid model
+for an OCR classifier. What the engine leaves (Pad before pools, constant Mul/Add after convs,
+MatMul+Add, Slice pairs, small ConstantOfShape fills, the batch probe) is step 4 and the shapes step.
 """
 
 from __future__ import annotations
