@@ -322,7 +322,7 @@ def _fmt_tool(res: dict[str, Any]) -> str:
     if not res.get("ok"):
         return "fails: " + res.get("error", "?")[:60]
     if not res.get("valid"):
-        return f"{res['nodes']} nodes, **invalid**: " + res.get("invalid", "")[:60]
+        return f"{res.get('nodes', '?')} nodes, **invalid**: " + res.get("invalid", "")[:60]
     err = f"{res['max_rel_error']:.1g}" + (f" ({res['rel_l2_error']:.0e})" if "rel_l2_error" in res else "")
     spread = res.get("latency_spread", [0, 0])
     return (f"{res['nodes']} / {err} / {res['latency_ratio']:.2f}x ({spread[0]:.2f}–{spread[1]:.2f}) / "
@@ -351,10 +351,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--runs", type=int, default=30, help="timed runs per model per round (interleaved)")
     ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--table", action="store_true", help="only print the table of the saved results")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))
+    if args.table:
+        doc = json.loads((RESULTS / "bench_simplify.json").read_text())
+        print(f"CPU: {doc['cpu']} ({', '.join(doc['flags'])}), {doc['cores']} cores; "
+              + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()))
+        print(markdown(doc))
+        return 0
     if args.rounds < 10:
         ap.error("--rounds must be at least 10 (the spread needs them)")
     tools = tuple(t for t in args.tools.split(",") if t)

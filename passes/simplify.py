@@ -46,7 +46,10 @@ Below IR 4 every initializer had to be a graph input as well; such a model is st
 those inputs, so that its weights fold as the constants they are (from IR 4 on, an initializer that
 is also an input is a deliberate override point and stays one).
 
-Preconditions and guarantees: graph input and output names never change (initializers aside) (a result that would
+Preconditions and guarantees: the result passes the full onnx.checker (when folding with bound
+dims gives a model that fails it, as when a bound dim disagrees with another input's, the model
+is folded again without binding; a result that still fails is discarded, with the reason); graph
+input and output names never change (initializers aside) (a result that would
 change them is discarded, with the reason); weights kept on disk (models over 2 GB, see
 `model_io`) stay references to their files unless a rewrite reads them; outputs are unchanged
 up to float rounding of the folded products (within 1e-5 relative; the pipeline verifies).
@@ -75,7 +78,8 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from graph_opt.model_io import DISK_KEY, all_graphs, on_disk
+from graph_opt.errors import InvalidModelError
+from graph_opt.model_io import DISK_KEY, all_graphs, check_model, on_disk
 from graph_opt.opset import RuntimeOpsetError, upgrade_for_runtime
 from graph_opt.pass_base import Pass, PassContext, PassReport
 
@@ -117,7 +121,13 @@ class Simplify(Pass):
             report.rewritten.clear()
             return source
         out = _Rewriter(folded, report, pads=self.fold_pads, affine=self.fold_affine).run()
-        problem = _interface_changed(source, out)
+        problem = _interface_changed(source, out) or _checked(out)
+        if problem and (bound or batch):  # bound dims the graph does not agree with: fold without them
+            report.note(f"folding with bound dims gave an invalid model ({problem[:160]}); folded without binding")
+            del report.rewritten[len([r for r in report.rewritten if r.get("node") == "model"]):]
+            del report.skipped[:]
+            out = _Rewriter(_engine(model), report, pads=self.fold_pads, affine=self.fold_affine).run()
+            problem = _interface_changed(source, out) or _checked(out)
         if problem:
             report.skip("model", f"result discarded: {problem}")
             report.rewritten.clear()
@@ -772,6 +782,15 @@ def _interface_changed(before: onnx.ModelProto, after: onnx.ModelProto) -> str:
         return f"graph inputs would change from {ins} to {got_ins}"
     if got_outs != outs:
         return f"graph outputs would change from {outs} to {got_outs}"
+    return ""
+
+
+def _checked(model: onnx.ModelProto) -> str:
+    """"" when `model` passes the full checker, else the reason."""
+    try:
+        check_model(model, full=True)
+    except InvalidModelError as exc:
+        return f"the folded model fails onnx.checker: {exc}"
     return ""
 
 
