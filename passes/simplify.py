@@ -54,7 +54,7 @@ change them is discarded, with the reason); weights kept on disk (models over 2 
 `model_io`) stay references to their files unless a rewrite reads them; outputs are unchanged
 up to float rounding of the folded products (within 1e-5 relative; the pipeline verifies).
 
-Why onnxscript's optimizer (benchmarks/bench_simplify.py; numbers in RESULTS.md, "simplify"):
+Why onnxscript's optimizer (benchmarks/bench_simplify.py; numbers in RESULTS.md, "Graph simplification"):
 of the maintained engines compared on exported CNNs, detectors, OCR, a byte classifier, a
 transformer and a TF-style CNN, it is the one that keeps dynamic dims dynamic while folding, works
 on onnx-ir's lazy external tensors (weights on disk are not loaded), descends into subgraphs, emits
