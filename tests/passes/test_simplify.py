@@ -320,3 +320,12 @@ def test_slices_of_slices_on_other_axes_merge():
     out = _simplify(model).model
     assert op_count(model, "Slice") == 3 and op_count(out, "Slice") == 2
     _close(model, out, {"x": random_input((2, 3, 8, 8))})
+
+
+def test_compare_upgrades_the_reference_when_every_pipeline_starts_with_simplify():
+    c = numpy_helper.from_array(np.ones((1, 4, 1, 1), np.float32), "c")
+    model = _opset6([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Add", ["r", "c"], ["y"])], [c])
+    comparison = api.compare(model, ["cleanup"], latency=False, n_random=2)
+    assert comparison.baseline.reason.startswith("opset 6 upgraded")
+    with pytest.raises(Exception, match="cannot be verified"):
+        api.compare(model, ["cleanup"], latency=False, n_random=2, simplify=False)
