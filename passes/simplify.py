@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -350,7 +351,9 @@ def _engine(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxscript import optimizer
 
     disk = {t.name: t for t in model.graph.initializer if on_disk(t)}
-    irm = ir.from_proto(model)
+    with warnings.catch_warnings():  # our folder key is read below; onnx-ir need not know it
+        warnings.filterwarnings("ignore", message=".*unknown external data key.*", category=UserWarning)
+        irm = ir.from_proto(model)
     for value in irm.graph.initializers.values():
         tensor = value.const_value
         if value.name in disk and isinstance(tensor, ir.ExternalTensor):
