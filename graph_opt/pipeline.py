@@ -3,7 +3,9 @@
 For each pass: run it on the current model (the pass works on its own copy), then enforce the
 postconditions: the output passes onnx.checker (full check), onnxruntime loads it, and, when
 verification data is given, its parity against the *original* model meets every tolerance.
-A pass that fails any of these is rolled back (the model before it continues down the pipeline)
+An input onnxruntime refuses is refused, unless the pipeline starts with `simplify` and its opset
+converts and verifies (`graph_opt.opset`): the converted model is then the reference. A pass that
+fails any of these is rolled back (the model before it continues down the pipeline)
 and the step says why; with `rollback=False` a tolerance violation stops the pipeline instead.
 Each step records its time, model statistics and parity; latencies of all distinct step models
 are measured together at the end, interleaved in one run. When the input's weights are kept on
