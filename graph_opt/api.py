@@ -8,41 +8,45 @@ from typing import Any
 
 import onnx
 
-from graph_opt.compare import Backend, Comparer, Comparison, named_pipelines
+from graph_opt.compare import Backend, Comparer, Comparison, NamedPipeline, named_pipelines
 from graph_opt.data import Dataset, load_data
 from graph_opt.errors import GraphOptError
 from graph_opt.intermediates import divergence, feature_distances
 from graph_opt.model_io import load_model, stored_bytes
 from graph_opt.pass_base import Pass
 from graph_opt.pipeline import Pipeline, PipelineResult
-from graph_opt.registry import parse_spec
+from graph_opt.registry import parse_spec, with_simplify
 from graph_opt.stats import ModelStats, measure_latency, model_stats
 from graph_opt.verify import ParityReport
 from graph_opt.verify import verify as _verify
 
-# The default recipe: every pass that is exact and always safe.
-DEFAULT_PASSES = ("fold_batchnorm", "cleanup")
+# The default recipe: every pass that is exact and always safe. `simplify` also runs first in every
+# other pipeline unless `simplify=False`.
+DEFAULT_PASSES = ("simplify", "fold_batchnorm", "cleanup")
 
 
 def _model(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     return model_or_path if isinstance(model_or_path, onnx.ModelProto) else load_model(model_or_path)
 
 
-def _passes(passes: Sequence[Pass | str] | None) -> list[Pass]:
-    return [p if isinstance(p, Pass) else parse_spec(p) for p in (passes if passes is not None else DEFAULT_PASSES)]
+def _passes(passes: Sequence[Pass | str] | None, simplify: bool = True) -> list[Pass]:
+    configured = [p if isinstance(p, Pass) else parse_spec(p) for p in (passes if passes is not None else DEFAULT_PASSES)]
+    return with_simplify(configured, simplify)
 
 
 def optimize(model_or_path: onnx.ModelProto | str | os.PathLike, passes: Sequence[Pass | str] | None = None, *,
              data: Any = None, calib_data: Any = None, shapes: dict[str, tuple[int, ...]] | None = None,
              tolerances: dict[str, float] | None = None, rollback: bool = True, latency: bool = True,
-             latency_runs: int = 100, threads: int = 1, seed: int = 0, n_random: int = 8) -> PipelineResult:
+             latency_runs: int = 100, threads: int = 1, seed: int = 0, n_random: int = 8,
+             simplify: bool = True) -> PipelineResult:
     """Run `passes` (configured passes or `name:key=value` specs) and verify against the original.
 
+    `simplify` (the pass of that name) runs first unless `simplify=False` or `passes` starts with it.
     `data` (npz path, directory, dict of arrays, CalibrationDataReader, Dataset, or None for seeded
     random inputs) is used for verification, and for calibration unless `calib_data` is given.
     """
     model = _model(model_or_path)
-    configured = _passes(passes)
+    configured = _passes(passes, simplify)
     verify_data = load_data(data, model, shapes=shapes, n_random=n_random, seed=seed)
     calib = load_data(calib_data, model, shapes=shapes, seed=seed) if calib_data is not None else verify_data
     pipeline = Pipeline(configured, verify_data=verify_data, calib_data=calib, tolerances=tolerances,
@@ -55,7 +59,7 @@ def compare(model_or_path: onnx.ModelProto | str | os.PathLike, pipelines: Any, 
             calib_data: Any = None, shapes: dict[str, tuple[int, ...]] | None = None,
             tolerances: dict[str, float] | None = None, metric: str = "auto", latency: bool = True,
             latency_runs: int = 100, threads: int = 1, seed: int = 0, n_random: int = 8, jobs: int = 1,
-            backend: Backend = "process") -> Comparison:
+            backend: Backend = "process", simplify: bool = True) -> Comparison:
     """Run several pipelines on one model with the same data; work shared by common prefixes runs once.
 
     `pipelines`: a mapping name → passes, or a sequence of pass lists (configured passes or specs)
@@ -65,9 +69,10 @@ def compare(model_or_path: onnx.ModelProto | str | os.PathLike, pipelines: Any, 
     depend on it. Worker processes are spawned: a script calling this with `jobs` > 1 needs the
     ``if __name__ == "__main__":`` guard. Latency of every model is measured afterwards, interleaved in one run.
     `metric` is the fidelity of the Pareto fronts: accuracy (with labels), top1, cosine or snr_db.
+    Every pipeline starts with `simplify` (run once, shared) unless `simplify=False`.
     """
     model = _model(model_or_path)
-    named = named_pipelines(pipelines)
+    named = [NamedPipeline(p.name, with_simplify(p.passes, simplify)) for p in named_pipelines(pipelines)]
     verify_data = load_data(data, model, shapes=shapes, n_random=n_random, seed=seed)
     calib = load_data(calib_data, model, shapes=shapes, seed=seed) if calib_data is not None else verify_data
     return Comparer(named, verify_data=verify_data, calib_data=calib, tolerances=tolerances, metric=metric,

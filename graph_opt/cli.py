@@ -1,7 +1,7 @@
 """The `graph-opt` command line: the only place that prints.
 
     graph-opt optimize MODEL -o OUT [--pass SPEC]... [--recipe FILE] [--data PATH] [--input-shape NAME=DIMS]...
-                             [--tolerance METRIC=VALUE]... [--report FILE.json] [--json]
+                             [--tolerance METRIC=VALUE]... [--report FILE.json] [--no-simplify] [--json]
     graph-opt optimize --example -o OUT            (the built-in model and its data)
     graph-opt compare MODEL|--example [--recipe FILE]... [--order "SPEC SPEC ..."]... [--permutations "SPEC SPEC ..."]
                       [--data PATH] [--out-dir DIR] [--jobs N] [--backend process|ray] [--json]
@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 
 from graph_opt import api
-from graph_opt.compare import METRICS, Comparer, cli_pipelines
-from graph_opt.data import load_data, parse_shape_spec
+from graph_opt.compare import METRICS, Comparer, NamedPipeline, cli_pipelines
+from graph_opt.data import Dataset, load_data, parse_shape_spec
 from graph_opt.errors import DataError, GraphOptError, ModelSaveError
 from graph_opt.model_io import load_model, save_model, stored_bytes, write_atomic
 from graph_opt.pipeline import Pipeline
-from graph_opt.registry import catalog, describe, load_recipe, parse_spec
+from graph_opt.registry import catalog, describe, load_recipe, parse_spec, with_simplify
 from graph_opt.intermediates import first_divergence
 from graph_opt.plot import PlotUnavailable
 from graph_opt.report import jsonable, layers_table, parity_table, pipeline_table, stats_text
@@ -61,6 +61,8 @@ def _build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--report", help="JSON report path (default: OUTPUT with .json suffix)")
     opt.add_argument("--no-rollback", action="store_true",
                      help="stop with exit 1 (writing nothing) when a pass exceeds the tolerance, instead of rolling it back")
+    opt.add_argument("--no-simplify", action="store_true",
+                     help="do not run the simplify pass first (constant and shape folding, Pad and Mul/Add into convs)")
     opt.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     opt.add_argument("--latency-runs", type=int, default=100, help="timed runs per model (interleaved)")
     opt.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -83,6 +85,8 @@ def _build_parser() -> argparse.ArgumentParser:
     com.add_argument("--jobs", type=int, default=1, help="run the steps in N processes (the results do not depend on N)")
     com.add_argument("--backend", choices=["process", "ray"], default="process",
                      help="where --jobs run: local processes, or Ray tasks (pip install 'graph-opt[ray]')")
+    com.add_argument("--no-simplify", action="store_true",
+                     help="do not run the simplify pass first (constant and shape folding, Pad and Mul/Add into convs)")
     com.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     com.add_argument("--latency-runs", type=int, default=100, help="timed runs per model (all models interleaved)")
     com.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -168,6 +172,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         passes = example.example_recipe()
     elif not passes:
         passes = [parse_spec(s) for s in api.DEFAULT_PASSES]
+    passes = with_simplify(passes, not args.no_simplify)
     source, model, verify_data, calib = _model_and_data(args, shapes)
     out = Path(args.output)
     report_path = Path(args.report) if args.report else out.with_suffix(".json")
@@ -206,7 +211,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     if args.example == bool(args.model):
         raise GraphOptError("give either MODEL or --example")
-    pipelines = cli_pipelines(recipes=args.recipe, orders=args.order, permuted=args.permutations)
+    pipelines = [NamedPipeline(p.name, with_simplify(p.passes, not args.no_simplify))
+                 for p in cli_pipelines(recipes=args.recipe, orders=args.order, permuted=args.permutations)]
     shapes = _shapes(args.input_shape)
     tolerances = _tolerances(args.tolerance)
     out_dir = Path(args.out_dir).resolve() if args.out_dir else None

@@ -46,6 +46,7 @@ import onnx
 
 from graph_opt.data import Dataset
 from graph_opt.errors import DataError, GraphOptError, InvalidModelError, SpecError
+from graph_opt.opset import RuntimeOpsetError, runnable_original
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.pipeline import PipelineResult, StepRecord, check_candidate
 from graph_opt.plot import Point, pareto_front, plot_front
@@ -256,7 +257,8 @@ class _Runner:
         self.tolerances, self.threads, self.seed, self.shapes = tolerances, threads, seed, shapes
 
     def step(self, p: Pass, model: onnx.ModelProto, history: list[PassReport]) -> _Outcome:
-        ctx = PassContext(data=self.calib, original=self.original, history=list(history), seed=self.seed)
+        ctx = PassContext(data=self.calib, original=self.original, history=list(history), seed=self.seed,
+                          shapes=self.shapes)
         start = time.perf_counter()
         result = p(model, ctx)
         out = _Outcome(result.modified, result.report, time.perf_counter() - start)
@@ -443,11 +445,22 @@ class Comparer:
 
     def run(self, original: onnx.ModelProto) -> Comparison:
         root, nodes, paths = _tree(self.pipelines)
+        upgraded = ""
         try:  # an input onnxruntime refuses cannot be verified: say so, instead of blaming every pass
             reference = Reference(original, self.verify_data, threads=self.threads)
         except InvalidModelError as exc:
-            raise InvalidModelError(f"the input model cannot be verified: {exc}") from None
-        baseline = StepRecord("original", "original", stats=model_stats(original, shapes=self.shapes), model=original)
+            # unless every pipeline starts with `simplify`, which converts an opset onnxruntime does not run
+            firsts = [p.passes[0] if p.passes else None for p in self.pipelines]
+            try:
+                original, upgraded = runnable_original(original, firsts[0], self.shapes) if all(
+                    getattr(f, "upgrade_opset", False) for f in firsts) else (original, "")
+            except RuntimeOpsetError as why:
+                raise InvalidModelError(f"the input model cannot be verified: {why}") from None
+            if not upgraded:
+                raise InvalidModelError(f"the input model cannot be verified: {exc}") from None
+            reference = Reference(original, self.verify_data, threads=self.threads)
+        baseline = StepRecord("original", "original", stats=model_stats(original, shapes=self.shapes), model=original,
+                              reason=upgraded)
         baseline.parity = reference.compare(original)
         root.record, root.parity = baseline, baseline.parity
         if self.backend == "process" and self.jobs == 1:

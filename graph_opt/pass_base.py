@@ -93,12 +93,14 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What a pass may use besides the model: calibration data, the original model, a seed."""
+    """What a pass may use besides the model: calibration data, the original model, a seed, and the
+    input shapes the user bound (`--input-shape`)."""
 
     data: Dataset | None = None
     original: onnx.ModelProto | None = None
     history: list[PassReport] = field(default_factory=list)
     seed: int = 0
+    shapes: dict[str, tuple[int, ...]] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,7 +3,9 @@
 For each pass: run it on the current model (the pass works on its own copy), then enforce the
 postconditions: the output passes onnx.checker (full check), onnxruntime loads it, and, when
 verification data is given, its parity against the *original* model meets every tolerance.
-A pass that fails any of these is rolled back (the model before it continues down the pipeline)
+An input onnxruntime refuses is refused, unless the pipeline starts with `simplify` and its opset
+converts and verifies (`graph_opt.opset`): the converted model is then the reference. A pass that
+fails any of these is rolled back (the model before it continues down the pipeline)
 and the step says why; with `rollback=False` a tolerance violation stops the pipeline instead.
 Each step records its time, model statistics and parity; latencies of all distinct step models
 are measured together at the end, interleaved in one run. When the input's weights are kept on
@@ -24,6 +26,7 @@ import onnx
 from graph_opt.data import Dataset
 from graph_opt.errors import GraphOptError, InvalidModelError
 from graph_opt.model_io import check_model, has_disk_weights, spill, spill_dir
+from graph_opt.opset import RuntimeOpsetError, runnable_original
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.progress import progress
 from graph_opt.stats import ModelStats, measure_latency, model_stats
@@ -130,16 +133,22 @@ class Pipeline:
     def run(self, original: onnx.ModelProto) -> PipelineResult:
         for p in self.passes:
             p.preflight()
+        upgraded = ""
         try:  # an input onnxruntime refuses cannot be verified: say so, instead of blaming every pass
-            reference = Reference(original, self.verify_data, threads=self.threads) if self.verify_data is not None else None
-            if reference is None:
-                make_session(original, threads=self.threads)
+            reference = self._reference(original)
         except InvalidModelError as exc:
-            raise InvalidModelError(f"the input model cannot be verified: {exc}") from None
-        baseline = StepRecord("original", "original", stats=self._stats(original), model=original)
+            # unless the pipeline starts with `simplify`, which converts an opset onnxruntime does not run
+            try:
+                original, upgraded = runnable_original(original, self.passes[0] if self.passes else None, self.shapes)
+            except RuntimeOpsetError as why:
+                raise InvalidModelError(f"the input model cannot be verified: {why}") from None
+            if not upgraded:
+                raise InvalidModelError(f"the input model cannot be verified: {exc}") from None
+            reference = self._reference(original)
+        baseline = StepRecord("original", "original", stats=self._stats(original), model=original, reason=upgraded)
         if reference is not None:
             baseline.parity = reference.compare(original)
-        ctx = PassContext(data=self.calib_data, original=original, seed=self.seed)
+        ctx = PassContext(data=self.calib_data, original=original, seed=self.seed, shapes=self.shapes)
         # A model whose weights stay on disk (over 2 GB) keeps each step's weights on disk too: a
         # step in memory would cost a copy of the weights next to onnxruntime's while verifying.
         spill_to = spill_dir() if has_disk_weights(original) else None
@@ -184,6 +193,12 @@ class Pipeline:
         if self.latency:
             self._measure_latency(result)
         return result
+
+    def _reference(self, original: onnx.ModelProto) -> Reference | None:
+        reference = Reference(original, self.verify_data, threads=self.threads) if self.verify_data is not None else None
+        if reference is None:
+            make_session(original, threads=self.threads)
+        return reference
 
     def _stats(self, model: onnx.ModelProto) -> ModelStats:
         return model_stats(model, shapes=self.shapes)  # over 2 GB it infers shapes on a weightless copy

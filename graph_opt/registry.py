@@ -87,6 +87,16 @@ def parse_spec(spec: str, passes: tuple[type[Pass], ...] | None = None) -> Pass:
     return make_pass(name.strip(), options, passes)
 
 
+SIMPLIFY = "simplify"
+
+
+def with_simplify(passes: list[Pass], enabled: bool = True) -> list[Pass]:
+    """`passes` with the `simplify` pass in front (once: not when it already starts with it)."""
+    if not enabled or (passes and passes[0].name == SIMPLIFY):
+        return list(passes)
+    return [parse_spec(SIMPLIFY), *passes]
+
+
 def load_recipe(path: str | Path, passes: tuple[type[Pass], ...] | None = None) -> list[Pass]:
     """Read a YAML or JSON recipe (an ordered list of passes with options)."""
     path = Path(path)

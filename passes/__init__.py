@@ -9,8 +9,10 @@ from graph_opt.passes.prune_channels import PruneChannels
 from graph_opt.passes.prune_weights import PruneWeights
 from graph_opt.passes.quantize import Quantize
 from graph_opt.passes.reconstruct import Reconstruct
+from graph_opt.passes.simplify import Simplify
 
 PASSES = (
+    Simplify,
     FoldBatchnorm,
     Cleanup,
     PruneWeights,
@@ -22,5 +24,5 @@ PASSES = (
     Distill,
 )
 
-__all__ = ["PASSES", "Cleanup", "Distill", "FactorizeConv", "FactorizeGemm", "FoldBatchnorm", "PruneChannels", "PruneWeights",
-           "Quantize", "Reconstruct"]
+__all__ = ["PASSES", "Cleanup", "Distill", "FactorizeConv", "FactorizeGemm", "FoldBatchnorm", "PruneChannels",
+           "PruneWeights", "Quantize", "Reconstruct", "Simplify"]

@@ -1038,3 +1038,60 @@ def embedding_model(rows: int = 7, through: bool = True) -> onnx.ModelProto:
     g.node("Relu", [g.bn(g.gemm(pooled, 8, 8, name="fc"), 8)], ["y"])
     g.output("y", ["N", 8])
     return g.build()
+# ---- exporter-style graphs the `simplify` pass cleans up ----
+def _unsqueezed(g: GraphBuilder, x: str) -> str:
+    return g.node("Unsqueeze", [x, g.const(f"{x}_axes", np.array([0], np.int64))])
+
+
+def tf_same_padding_model(seed: int = 0, hw: int = 16, constant_weights: bool = True) -> onnx.ModelProto:
+    """A CNN as TensorFlow-style exporters write it: every conv pads "same" through a Shape → Gather →
+    Cast → arithmetic → Pad chain computed at run time (the scalars unsqueezed before the Concat),
+    convs without pads, ReLU6 as Clip, a max pool padded with -inf the same way, weights in Constant
+    nodes (`constant_weights`), a Transpose pair and an Identity; input N×3×hw×hw (N dynamic)."""
+    g = GraphBuilder(opset=13, seed=seed, name="tf_same")
+    x = g.input("image", ["N", 3, hw, hw])
+    layers = [(3, 16, 3, 2, 1), (16, 16, 3, 1, 16), (16, 24, 1, 1, 1), (24, 24, 5, 2, 24), (24, 32, 1, 1, 1)]
+    for i, (cin, cout, k, stride, group) in enumerate(layers):
+        pads = _same_pads_unsq(g, x, k, stride, f"l{i}")
+        padded = g.node("Pad", [x, pads, g.const(f"l{i}_pv", np.float32(0))], mode="constant")
+        w = g.weight(f"l{i}.w", (cout, cin // group, k, k))
+        b = g.weight(f"l{i}.b", (cout,))
+        conv = g.node("Conv", [padded, w, b], name=f"conv{i}", kernel_shape=[k, k], strides=[stride, stride], group=group)
+        x = g.node("Clip", [conv, g.const(f"l{i}_lo", np.float32(0)), g.const(f"l{i}_hi", np.float32(6))])
+        if i == 2:
+            pads = _same_pads_unsq(g, x, 3, 2, "pool")
+            padded = g.node("Pad", [x, pads, g.const("pool_pv", np.float32(-np.inf))], mode="constant")
+            x = g.node("MaxPool", [padded], kernel_shape=[3, 3], strides=[1, 1])
+    t = g.node("Transpose", [x], perm=[0, 2, 3, 1])
+    x = g.node("Identity", [g.node("Transpose", [t], perm=[0, 3, 1, 2])])
+    f = g.node("Flatten", [g.node("GlobalAveragePool", [x])], axis=1)
+    y = g.gemm(f, 32, 10, name="head")
+    g.node("Identity", [y], ["logits"])
+    g.output("logits", ["N", 10])
+    model = g.build()
+    if constant_weights:
+        consts = [helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t) for t in model.graph.initializer]
+        nodes = consts + list(model.graph.node)
+        del model.graph.initializer[:]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _same_pads_unsq(g: GraphBuilder, x: str, k: int, stride: int, tag: str) -> str:
+    """`_same_pads` with the per-axis scalars unsqueezed to 1-D (Concat needs rank 1)."""
+    shape = g.node("Shape", [x], name=f"{tag}_shape")
+    parts = {}
+    for axis in (2, 3):
+        size = g.node("Cast", [g.node("Gather", [shape, g.const(f"{tag}_ax{axis}", np.int64(axis))], axis=0)], to=TensorProto.FLOAT)
+        out = g.node("Ceil", [g.node("Div", [size, g.const(f"{tag}_s{axis}", np.float32(stride))])])
+        need = g.node("Sub", [g.node("Add", [g.node("Mul", [g.node("Sub", [out, g.const(f"{tag}_one{axis}", np.float32(1))]),
+                                                            g.const(f"{tag}_st{axis}", np.float32(stride))]),
+                                              g.const(f"{tag}_k{axis}", np.float32(k))]), size])
+        total = g.node("Max", [need, g.const(f"{tag}_zero{axis}", np.float32(0))])
+        before = g.node("Floor", [g.node("Div", [total, g.const(f"{tag}_two{axis}", np.float32(2))])])
+        parts[axis] = (_unsqueezed(g, before), _unsqueezed(g, g.node("Sub", [total, before])))
+    zeros = g.const(f"{tag}_z", np.zeros(2, np.float32))
+    flat = g.node("Concat", [zeros, parts[2][0], parts[3][0], zeros, parts[2][1], parts[3][1]], axis=0)
+    return g.node("Cast", [flat], to=TensorProto.INT64)

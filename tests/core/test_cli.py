@@ -29,7 +29,7 @@ def test_optimize_json_prints_one_object(tmp_path, model_path, capsys):
                            "--report", tmp_path / "r.json")
     assert code == 0
     doc = json.loads(stdout)
-    assert [s["name"] for s in doc["steps"]] == ["fold_batchnorm", "cleanup"]
+    assert [s["name"] for s in doc["steps"]] == ["simplify", "fold_batchnorm", "cleanup"]
     assert (tmp_path / "r.json").is_file()
 
 

@@ -38,7 +38,7 @@ def test_quick_start_command(tmp_path):
     assert argv[:3] == ["graph-opt", "optimize", "--example"]
     proc = subprocess.run(_graph_opt() + argv[1:], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert "accuracy" in proc.stdout and "fold_batchnorm" in proc.stdout
+    assert "accuracy" in proc.stdout and "simplify" in proc.stdout and "fold_batchnorm" in proc.stdout
     assert all(name in proc.stdout for name in ("prune_channels", "factorize_conv", "quantize", "reconstruct"))
     assert (tmp_path / "out.onnx").stat().st_size > 0
     report = json.loads((tmp_path / "out.json").read_text())
