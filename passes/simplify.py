@@ -16,7 +16,7 @@ What it does, in order:
    higher) and the conversion is verified: on seeded inputs, onnx's reference evaluator on the
    original and onnxruntime on the converted model agree within 1e-5 relative. Otherwise the
    model is left as it is and the skip says why.
-2. **Shapes.** Dynamic dims other than the first (batch) axis are bound where the pipeline knows
+2. **Shapes.** Dynamic dims other than each input's batch axis (`graph_opt.data.batch_layout`) are bound where the pipeline knows
    them (`--input-shape`, or the shapes of the calibration data); a bound dim stays bound in the
    output. The batch dim stays symbolic unless folding needs it: the engine folds the model twice,
    with two different batch sizes, and when both results are the same graph (up to the batch size
@@ -79,6 +79,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
+from graph_opt.data import batch_layout
 from graph_opt.errors import InvalidModelError
 from graph_opt.model_io import DISK_KEY, all_graphs, check_model, on_disk
 from graph_opt.opset import RuntimeOpsetError, upgrade_for_runtime
@@ -159,11 +160,11 @@ def _ir3_constants(model: onnx.ModelProto, report: PassReport) -> onnx.ModelProt
 
 
 def _known_shapes(model: onnx.ModelProto, ctx: PassContext) -> dict[str, tuple[int, ...]]:
-    """Full input shapes the pipeline knows (the user's, else one sample of the data)."""
+    """Full input shapes the pipeline knows (the user's, else one run's feed of the data)."""
     shapes = dict(ctx.shapes or {})
-    if ctx.data is not None:
-        for name, value in ctx.data.inputs.items():
-            shapes.setdefault(name, (1, *value.shape[1:]))
+    if ctx.data is not None and len(ctx.data):
+        for name, value in ctx.data.sample(0).items():
+            shapes.setdefault(name, tuple(np.shape(value)))
     return shapes
 
 
@@ -173,13 +174,18 @@ def _input_dims(model: onnx.ModelProto) -> dict[str, list[onnx.TensorShapeProto.
             if v.name not in inits and v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
 
 
-def _bindings(model: onnx.ModelProto, ctx: PassContext, bind: bool) -> tuple[dict[str, dict[int, int]], dict[str, int | None]]:
-    """(input → {axis: size} for dynamic non-batch dims to bind, input → user's batch size or None
-    for each input whose batch dim is dynamic)."""
+def _bindings(model: onnx.ModelProto, ctx: PassContext,
+              bind: bool) -> tuple[dict[str, dict[int, int]], dict[str, tuple[int, int | None]]]:
+    """(input → {axis: size} for dynamic non-batch dims to bind, input → (its batch axis, the
+    user's batch size or None) for each input whose batch dim is dynamic). The batch axis of each
+    input is the data layer's (`graph_opt.data.batch_layout`: a state [2, batch, 128] batches on
+    axis 1)."""
     user = dict(ctx.shapes or {})
-    data = {k: v.shape[1:] for k, v in ctx.data.inputs.items()} if ctx.data is not None else {}
+    sample = ({k: np.shape(v) for k, v in ctx.data.sample(0).items()}
+              if ctx.data is not None and len(ctx.data) else {})
+    axes = batch_layout(model).axes
     bound: dict[str, dict[int, int]] = {}
-    batch: dict[str, int | None] = {}
+    batch: dict[str, tuple[int, int | None]] = {}
     for name, dims in _input_dims(model).items():
         dynamic = [axis for axis, d in enumerate(dims) if not (d.HasField("dim_value") and d.dim_value > 0)]
         if not dynamic:
@@ -187,17 +193,18 @@ def _bindings(model: onnx.ModelProto, ctx: PassContext, bind: bool) -> tuple[dic
         given = user.get(name)
         if given is not None and len(given) != len(dims):
             given = None
-        sample = data.get(name)
-        if sample is not None and len(sample) + 1 != len(dims):
-            sample = None
-        if 0 in dynamic:
-            batch[name] = given[0] if given is not None else None
+        seen = sample.get(name)
+        if seen is not None and len(seen) != len(dims):
+            seen = None
+        bax = axes.get(name)
+        if bax is not None and bax in dynamic:
+            batch[name] = (bax, given[bax] if given is not None else None)
         if not bind:
             continue
         for axis in dynamic:
-            if axis == 0:
+            if axis == bax:
                 continue
-            size = given[axis] if given is not None else sample[axis - 1] if sample is not None else None
+            size = given[axis] if given is not None else seen[axis] if seen is not None else None
             if size:
                 bound.setdefault(name, {})[axis] = int(size)
     return bound, batch
@@ -220,8 +227,8 @@ def _shallow(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _fold_with_shapes(model: onnx.ModelProto, bound: dict[str, dict[int, int]], batch: dict[str, int | None],
-                      report: PassReport) -> onnx.ModelProto:
+def _fold_with_shapes(model: onnx.ModelProto, bound: dict[str, dict[int, int]],
+                      batch: dict[str, tuple[int, int | None]], report: PassReport) -> onnx.ModelProto:
     if bound:
         report.note("bound for folding (kept in the output): " + ", ".join(
             f"{n}[{a}]={s}" for n, axes in bound.items() for a, s in axes.items()))
@@ -230,8 +237,8 @@ def _fold_with_shapes(model: onnx.ModelProto, bound: dict[str, dict[int, int]], 
     probes = []
     for size in _BATCH_PROBES:
         sizes = {n: dict(bound.get(n, {})) for n in set(bound) | set(batch)}
-        for name in batch:
-            sizes[name][0] = size
+        for name, (axis, _) in batch.items():
+            sizes[name][axis] = size
         probes.append(_engine(_with_dims(model, sizes)))
     if not _same_graph(*probes):
         _generalize_reshapes(*probes)
@@ -241,13 +248,13 @@ def _fold_with_shapes(model: onnx.ModelProto, bound: dict[str, dict[int, int]], 
         report.note("the batch dim stays dynamic: folding gives the same graph at batch sizes "
                     + " and ".join(map(str, _BATCH_PROBES)))
         return out
-    given = {n: s for n, s in batch.items() if s is not None}
+    given = {n: (axis, s) for n, (axis, s) in batch.items() if s is not None}
     if given:
-        report.note("the batch dim is bound (" + ", ".join(f"{n}[0]={s}" for n, s in given.items())
+        report.note("the batch dim is bound (" + ", ".join(f"{n}[{a}]={s}" for n, (a, s) in given.items())
                     + "): folding depends on it")
         sizes = {n: dict(bound.get(n, {})) for n in set(bound) | set(given)}
-        for name, size in given.items():
-            sizes[name][0] = size
+        for name, (axis, size) in given.items():
+            sizes[name][axis] = size
         return _engine(_with_dims(model, sizes))
     report.note("folding with a dynamic batch dim: more would fold with it bound (--input-shape)")
     return _engine(_with_dims(model, bound))
