@@ -8,6 +8,7 @@ from typing import Any
 
 import onnx
 
+from graph_opt import runtimes
 from graph_opt.compare import Backend, Comparer, Comparison, NamedPipeline, named_pipelines
 from graph_opt.data import Dataset, load_data
 from graph_opt.errors import GraphOptError
@@ -17,7 +18,7 @@ from graph_opt.pass_base import Pass
 from graph_opt.pipeline import Pipeline, PipelineResult
 from graph_opt.registry import parse_spec, with_simplify
 from graph_opt.stats import ModelStats, measure_latency, model_stats
-from graph_opt.verify import ParityReport
+from graph_opt.verify import ParityReport, compare_outputs
 from graph_opt.verify import verify as _verify
 
 # The default recipe: every pass that is exact and always safe. `simplify` also runs first in every
@@ -84,8 +85,11 @@ def verify(original: onnx.ModelProto | str | os.PathLike, candidate: onnx.ModelP
            data: Any = None, labels: Any = None, shapes: dict[str, tuple[int, ...]] | None = None,
            tolerances: dict[str, float] | None = None, threads: int = 1, seed: int = 0,
            n_random: int = 8, temperature: float = 1.0, kd_alpha: float = 1.0, layers: bool = False,
-           features: Sequence[str | tuple[str, str]] = ()) -> ParityReport:
+           features: Sequence[str | tuple[str, str]] = (), runtime: str = "onnxruntime") -> ParityReport:
     """Compare `candidate` to `original` under onnxruntime (optimizations off) on the same inputs.
+
+    `runtime="openvino"` runs both under OpenVINO's CPU plugin instead (as it deploys them) and
+    adds the candidate's latency ratio there (`report.latency_ratio`).
 
     `layers=True` adds the per-layer divergence (SNR of every tensor both models compute, in the
     original's order); `features` names intermediate tensors (or (teacher, student) pairs when a
@@ -97,9 +101,17 @@ def verify(original: onnx.ModelProto | str | os.PathLike, candidate: onnx.ModelP
     if labels is not None:
         import numpy as np
 
-        dataset = Dataset(dataset.inputs, np.asarray(labels), dataset.source)
-    report = _verify(ref, cand, dataset, tolerances=tolerances, threads=threads, temperature=temperature,
-                     kd_alpha=kd_alpha)
+        dataset = dataset.with_labels(np.asarray(labels))
+    if runtime == "onnxruntime":
+        report = _verify(ref, cand, dataset, tolerances=tolerances, threads=threads, temperature=temperature,
+                         kd_alpha=kd_alpha)
+    else:
+        rt = runtimes.get(runtime)
+        report = compare_outputs(rt.run(ref, dataset, threads=threads), rt.run(cand, dataset, threads=threads),
+                                 labels=dataset.labels, temperature=temperature, kd_alpha=kd_alpha,
+                                 data_source=f"{dataset.source} ({runtime})", tolerances=tolerances)
+        base, other = rt.latency([ref, cand], dataset.sample(0), runs=50, threads=threads)
+        report.runtime, report.latency_ratio = runtime, other / base
     if layers:
         report.layers = divergence(ref, cand, dataset, threads=threads, shapes=shapes)
     if features:

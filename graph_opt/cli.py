@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import logging
 import os
 import sys
@@ -24,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from graph_opt import api
+from graph_opt import api, runtimes
+from graph_opt.runtimes import RUNTIMES
 from graph_opt.compare import METRICS, Comparer, NamedPipeline, cli_pipelines
 from graph_opt.data import Dataset, load_data, parse_shape_spec
 from graph_opt.errors import DataError, GraphOptError, ModelSaveError
@@ -59,6 +61,12 @@ def _build_parser() -> argparse.ArgumentParser:
     _data_args(opt)
     opt.add_argument("--calib-data", help="calibration data (default: --data)")
     opt.add_argument("--report", help="JSON report path (default: OUTPUT with .json suffix)")
+    opt.add_argument("--report-md", metavar="FILE",
+                     help="also write a Markdown summary for review (steps, tolerances and exit status, skips by "
+                          "reason, fidelity-against-size plot embedded when matplotlib is installed)")
+    opt.add_argument("--verify-runtime", choices=[r for r in RUNTIMES if r != "onnxruntime"], action="append",
+                     default=[], help="also check every step's model and the final parity and latency under this "
+                                      "runtime (pip install 'graph-opt[openvino]')")
     opt.add_argument("--no-rollback", action="store_true",
                      help="stop with exit 1 (writing nothing) when a pass exceeds the tolerance, instead of rolling it back")
     opt.add_argument("--no-simplify", action="store_true",
@@ -80,7 +88,7 @@ def _build_parser() -> argparse.ArgumentParser:
     com.add_argument("--calib-data", help="calibration data (default: --data)")
     com.add_argument("--metric", choices=["auto", *METRICS], default="auto",
                      help="fidelity of the Pareto fronts (auto: accuracy when the data has labels, else cosine)")
-    com.add_argument("--out-dir", metavar="DIR", help="write compare.json, compare.md and compare.png there")
+    com.add_argument("-o", "--out-dir", metavar="DIR", help="write compare.json, compare.md and compare.png there")
     com.add_argument("--save-models", action="store_true", help="also write each pipeline's final model as DIR/NAME.onnx")
     com.add_argument("--jobs", type=int, default=1, help="run the steps in N processes (the results do not depend on N)")
     com.add_argument("--backend", choices=["process", "ray"], default="process",
@@ -104,6 +112,9 @@ def _build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--diverge-snr", type=float, default=30.0, help="SNR (dB) under which a layer counts as diverged")
     ver.add_argument("--feature", action="append", default=[], metavar="TENSOR[=STUDENT_TENSOR]",
                      help="feature-map distance between intermediate tensors (repeatable)")
+    ver.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime",
+                     help="run both models under this runtime (openvino: pip install 'graph-opt[openvino]'); "
+                          "with it, the latency ratio there too")
     ver.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     ins = sub.add_parser("inspect", help="op histogram, parameters, bytes, MACs per layer, latency")
@@ -184,13 +195,17 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     pipeline = Pipeline(passes, verify_data=verify_data, calib_data=calib, tolerances=tolerances,
                         rollback=not args.no_rollback, latency=not args.no_latency, latency_runs=args.latency_runs,
                         threads=args.threads, seed=args.seed, shapes=shapes)
+    runtimes_ = [runtimes.get(name) for name in args.verify_runtime]  # refuse a missing extra before any work
     result = pipeline.run(model)
     doc = {"input": str(source), "output": None, **result.to_dict()}
+    if runtimes_:
+        doc["runtimes"] = {rt.name: _other_runtime(rt, result, verify_data, args) for rt in runtimes_}
     if not result.passed:
         if args.json:
             _print_json(doc)
         else:
             print(pipeline_table(result))
+        _write_markdown(args, result, source, EXIT_VERIFY_FAILED)
         print(f"graph-opt: verification failed, nothing written: {result.stopped}", file=sys.stderr)
         return EXIT_VERIFY_FAILED
     saved = save_model(result.model, out, protect=(source,))
@@ -200,12 +215,70 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         write_atomic(report_path.resolve(), json.dumps(jsonable(doc), indent=2, default=str).encode())
     except OSError as exc:
         raise ModelSaveError(f"wrote {saved} but cannot write the report {report_path}: {exc.strerror or exc}") from None
+    md = _write_markdown(args, result, source, EXIT_OK)
     if args.json:
         _print_json(doc)
     else:
         print(pipeline_table(result))
-        print(f"\nwrote {saved} ({saved.stat().st_size:,} bytes) and report {report_path}")
+        for name, summary in doc.get("runtimes", {}).items():
+            print(_runtime_text(name, summary))
+        print(f"\nwrote {saved} ({saved.stat().st_size:,} bytes) and report {report_path}" + (f" and {md}" if md else ""))
     return EXIT_OK
+
+
+def _other_runtime(rt, result, data, args) -> dict[str, Any]:
+    """Which step models `rt` loads (with the reason when not), and the final model's parity and
+    latency ratio under it against the original's."""
+    steps = [{"step": r.spec, "loads": (why := rt.load(r.model)) is None, "reason": why}
+             for r in result.steps if r.accepted and r.modified]
+    summary: dict[str, Any] = {"steps": steps, "parity": None, "latency_ratio": None}
+    if rt.load(result.original) is not None or rt.load(result.model) is not None:
+        return summary
+    from graph_opt.verify import compare_outputs
+
+    parity = compare_outputs(rt.run(result.original, data, threads=args.threads),
+                             rt.run(result.model, data, threads=args.threads), labels=data.labels,
+                             data_source=f"{data.source} ({rt.name})")
+    summary["parity"] = parity.to_dict()
+    if not args.no_latency:
+        base, final = rt.latency([result.original, result.model], data.sample(0), runs=args.latency_runs,
+                                 threads=args.threads)
+        summary["latency_ratio"] = final / base
+    return summary
+
+
+def _runtime_text(name: str, summary: dict[str, Any]) -> str:
+    refused = [f"{s['step']} ({s['reason']})" for s in summary["steps"] if not s["loads"]]
+    parity = summary["parity"]
+    cos = min((o["cosine"] for o in parity["outputs"]), default=float("nan")) if parity else None
+    lat = summary["latency_ratio"]
+    return (f"\nunder {name}: " + (f"final cosine {cos:.6f} to the original" if cos is not None else "not compared")
+            + (f", latency {lat:.2f}x" if lat is not None else "")
+            + ("; refused: " + "; ".join(refused) if refused else "; every step's model loads"))
+
+
+def _write_markdown(args, result, source: Path, status: int) -> Path | None:
+    if not args.report_md:
+        return None
+    from graph_opt.plot import Point, PlotUnavailable, plot_front
+    from graph_opt.report import pipeline_markdown
+
+    png, note = None, ""
+    points = [Point("original", result.baseline.stats.file_bytes, result.baseline.stats.latency_ms,
+                    result.baseline.parity.cosine if result.baseline.parity else None, reference=True)]
+    points += [Point(r.spec, r.stats.file_bytes, r.stats.latency_ms, r.parity.cosine if r.parity else None)
+               for r in result.steps if r.accepted and r.modified]
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            png = plot_front(points, Path(tmp) / "plot.png", metric="cosine").read_bytes()
+        except PlotUnavailable as exc:
+            note = f"plot skipped: {exc}"
+    target = Path(args.report_md).resolve()
+    if not target.parent.is_dir():
+        raise ModelSaveError(f"--report-md: directory does not exist: {target.parent}")
+    text = pipeline_markdown(result, model=str(source), exit_status=status, plot_png=png, plot_note=note)
+    write_atomic(target, text.encode())
+    return target
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -272,7 +345,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         data = data.with_labels(labels)
     features = [tuple(f.split("=", 1)) if "=" in f else f for f in args.feature]
     report = api.verify(original, candidate, data=data, tolerances=tolerances, threads=args.threads,
-                        temperature=args.temperature, kd_alpha=args.kd_alpha, layers=args.layers, features=features)
+                        temperature=args.temperature, kd_alpha=args.kd_alpha, layers=args.layers, features=features,
+                        runtime=args.runtime)
     first = first_divergence(report.layers, args.diverge_snr) if args.layers else None
     if args.json:
         doc = report.to_dict()
@@ -281,6 +355,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         _print_json(doc)
     else:
         print(parity_table(report))
+        if report.runtime != "onnxruntime":
+            print(f"under {report.runtime}: candidate latency {report.latency_ratio:.2f}x the original's")
         if args.layers:
             print(layers_table(report.layers))
             print(f"first divergence (SNR < {args.diverge_snr:g} dB): "

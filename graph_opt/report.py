@@ -202,8 +202,11 @@ def pipeline_markdown(result: PipelineResult, *, model: str, exit_status: int, p
     lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
     lines.append("")
     final = result.final_parity
+    which = "final model"
+    if result.stopped and result.steps and result.steps[-1].parity is not None:
+        final, which = result.steps[-1].parity, f"`{result.steps[-1].spec}`, which stopped the run"
     if result.tolerances:
-        lines += ["**Tolerances** (final model against the original, on the verification data):", ""]
+        lines += [f"**Tolerances** ({which} against the original, on the verification data):", ""]
         for metric, bound in result.tolerances.items():
             value = final.metric(metric) if final is not None else None
             kind = ">=" if TOLERANCE_METRICS[metric] == "min" else "<="

@@ -171,6 +171,8 @@ class ParityReport:
     violations: list[str] = field(default_factory=list)
     layers: list = field(default_factory=list)  # LayerDivergence, teacher order (optional)
     features: dict[str, float] = field(default_factory=dict)  # feature-map distances (optional)
+    runtime: str = "onnxruntime"  # the runtime both models ran under
+    latency_ratio: float | None = None  # candidate / original latency there (set by api.verify off onnxruntime)
 
     @property
     def cosine(self) -> float:
@@ -223,6 +225,8 @@ class ParityReport:
             "passed": self.passed,
             **({"layers": [l.to_dict() for l in self.layers]} if self.layers else {}),
             **({"features": dict(self.features)} if self.features else {}),
+            "runtime": self.runtime,
+            **({"latency_ratio": self.latency_ratio} if self.latency_ratio is not None else {}),
         }
 
 
