@@ -104,6 +104,10 @@ def bound_model(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | Non
     else:
         work = onnx.ModelProto()
         work.CopyFrom(model)
+    for value in (*work.graph.input, *work.graph.output, *work.graph.value_info):
+        for d in value.type.tensor_type.shape.dim:  # exporters write -1 for "dynamic": not a size
+            if d.HasField("dim_value") and d.dim_value <= 0:
+                d.Clear()
     for value in work.graph.input:
         if value.name in bound:
             dims = value.type.tensor_type.shape.dim
@@ -164,6 +168,8 @@ def _product(*dims: Dim) -> Term | None:
     coef, names = 1, []
     for d in dims:
         if isinstance(d, int):
+            if d <= 0:  # a -1 or 0 left in an annotation is not a size: unknown, never a negative count
+                return None
             coef *= d
         elif d:
             names.append(d)

@@ -60,3 +60,24 @@ def test_constant_node_weights_count_per_layer():
     assert [(l.name, l.params, l.macs) for l in layer_macs(model)] == \
         [(l.name, l.params, l.macs) for l in layer_macs(reference)]
     assert all(l.params > 0 for l in layer_macs(model))
+
+
+def test_a_minus_one_dim_is_dynamic_not_a_negative_size():
+    import onnx
+
+    """paddle2onnx writes -1 for a dynamic batch (in inputs and value_info): MACs stay positive."""
+    from builders import small_cnn
+
+    from graph_opt.stats import model_stats
+
+    model = small_cnn(channels=4)
+    expected = model_stats(model).macs
+    model.graph.input[0].type.tensor_type.shape.dim[0].Clear()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for v in inferred.graph.value_info:  # the -1 annotations a tool saved next to the graph
+        dims = v.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = -1
+    model.graph.value_info.extend(inferred.graph.value_info)
+    assert expected and model_stats(model).macs == expected
