@@ -1113,10 +1113,14 @@ def describe(name: str, zm: ZooModel) -> dict[str, Any]:
 
 def export_data(zm: ZooModel, folder: Path) -> list[Path]:
     """Write the model's splits as graph-opt ``--data`` files: ``NAME_calib.npz``, ``NAME_eval.npz``."""
+    from graph_opt.data import input_specs
+
     folder.mkdir(parents=True, exist_ok=True)
+    scalars = {s.name for s in input_specs(zm.load()) if not s.shape}  # 0-d inputs (silero's sr) stay 0-d
     written = []
     for split, data in (("calib", zm.calib), ("eval", zm.eval)):
-        arrays = dict(data.inputs)
+        arrays = {k: (np.asarray(v).reshape(()) if k in scalars and np.size(v) == 1 else v)
+                  for k, v in data.inputs.items()}
         if data.labels is not None:
             arrays["labels"] = data.labels
         path = folder / f"{zm.name}_{split}.npz"

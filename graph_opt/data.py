@@ -444,7 +444,7 @@ def match_model(data: Dataset, model: onnx.ModelProto, shapes: Mapping[str, tupl
     extra = sorted(set(inputs) - set(names))
     if extra:
         raise DataError(f"{data.source}: array {extra[0]!r} is not a model input (inputs: {', '.join(names)}; labels go under 'labels')")
-    layout = batch_layout(model)
+    layout = _with_data_axes(batch_layout(model), specs, inputs)
     n: int | None = None
     out = {}
     for spec in specs:
@@ -478,6 +478,27 @@ def match_model(data: Dataset, model: onnx.ModelProto, shapes: Mapping[str, tupl
                     data.source, layout.fixed, n - n % layout.fixed, n)
         result = result.take(n - n % layout.fixed)
     return result
+
+
+def _with_data_axes(layout: BatchLayout, specs: list[InputSpec], inputs: dict[str, np.ndarray]) -> BatchLayout:
+    """An input the specs cannot place (no named batch dim: a state [2, ?, 128] next to an input
+    [?, ?]) batches on its one unnamed dynamic axis when the data has the other inputs' sample
+    count there."""
+    if layout.fixed is not None:
+        return layout
+    counts = {inputs[s.name].shape[ax] for s in specs
+              if (ax := layout.axes.get(s.name)) is not None and s.name in inputs and inputs[s.name].ndim > ax}
+    if len(counts) != 1 or (n := counts.pop()) < 2:
+        return layout
+    axes = dict(layout.axes)
+    for s in specs:
+        arr = inputs.get(s.name)
+        if axes.get(s.name) is not None or arr is None or arr.ndim != len(s.shape):
+            continue
+        unnamed = [i for i, d in enumerate(s.shape) if d is None]
+        if len(unnamed) == 1 and arr.shape[unnamed[0]] == n:
+            axes[s.name] = unnamed[0]
+    return BatchLayout(axes, layout.fixed, layout.symbol)
 
 
 def _shape_str(shape: tuple[Any, ...]) -> str:

@@ -183,7 +183,9 @@ def _bindings(model: onnx.ModelProto, ctx: PassContext,
     user = dict(ctx.shapes or {})
     sample = ({k: np.shape(v) for k, v in ctx.data.sample(0).items()}
               if ctx.data is not None and len(ctx.data) else {})
-    axes = batch_layout(model).axes
+    axes = dict(batch_layout(model).axes)
+    if ctx.data is not None and ctx.data.axes:  # what the data showed (a state batched on axis 1)
+        axes.update({k: v for k, v in ctx.data.axes.items() if v is not None})
     bound: dict[str, dict[int, int]] = {}
     batch: dict[str, tuple[int, int | None]] = {}
     for name, dims in _input_dims(model).items():

@@ -218,3 +218,27 @@ def test_random_data_failure_names_the_way_out():
     g.output("y", ["A", "B", "C"])
     with pytest.raises(graph_opt.errors.GraphOptError, match="give real ones with --data"):
         graph_opt.optimize(g.build(), latency=False)
+
+
+def test_unnamed_state_batch_axis_is_taken_from_the_data(tmp_path):
+    """silero-vad style: input [?, 16] and state [2, ?, 8] with unnamed dims: the specs cannot say
+    where the state batches, the data can (its axis 1 has the input's sample count)."""
+    import onnx
+
+    from builders import state_model
+    from graph_opt.data import load_data
+
+    model = state_model()
+    for value in model.graph.input:  # drop the dims' names, as exporters often do
+        for d in value.type.tensor_type.shape.dim:
+            if d.HasField("dim_param"):
+                d.Clear()
+    n = 6
+    arrays = {"x": np.ones((n, 16), np.float32), "state": np.arange(2 * n * 8, dtype=np.float32).reshape(2, n, 8),
+              "sr": np.array(16000, np.int64)}
+    np.savez(tmp_path / "d.npz", **arrays)
+    data = load_data(tmp_path / "d.npz", model)
+    assert data.axes["state"] == 1 and len(data) == n
+    first = data.sample(0)
+    assert first["state"].shape == (2, 1, 8) and np.array_equal(first["state"], arrays["state"][:, :1])
+    onnx.checker.check_model(model)
