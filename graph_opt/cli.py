@@ -69,11 +69,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                       "runtime (pip install 'graph-opt[openvino]')")
     opt.add_argument("--no-rollback", action="store_true",
                      help="stop with exit 1 (writing nothing) when a pass exceeds the tolerance, instead of rolling it back")
-    opt.add_argument("--no-simplify", action="store_true",
-                     help="do not run the simplify pass first (constant and shape folding, Pad and Mul/Add into convs)")
-    opt.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    opt.add_argument("--latency-runs", type=int, default=100, help="timed runs per model (interleaved)")
-    opt.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _run_args(opt)
 
     com = sub.add_parser("compare", help="run several pipelines (recipes or pass orderings) on one model: one table, one plot")
     com.add_argument("model", nargs="?", help="input .onnx model")
@@ -93,11 +89,7 @@ def _build_parser() -> argparse.ArgumentParser:
     com.add_argument("--jobs", type=int, default=1, help="run the steps in N processes (the results do not depend on N)")
     com.add_argument("--backend", choices=["process", "ray"], default="process",
                      help="where --jobs run: local processes, or Ray tasks (pip install 'graph-opt[ray]')")
-    com.add_argument("--no-simplify", action="store_true",
-                     help="do not run the simplify pass first (constant and shape folding, Pad and Mul/Add into convs)")
-    com.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    com.add_argument("--latency-runs", type=int, default=100, help="timed runs per model (all models interleaved)")
-    com.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _run_args(com)
 
     ver = sub.add_parser("verify", help="compare a candidate model with the original under onnxruntime")
     ver.add_argument("original")
@@ -129,6 +121,15 @@ def _build_parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("passes", help="list every pass with its options and defaults")
     ps.add_argument("--json", action="store_true")
     return parser
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """What optimize and compare share about running their pipelines and printing."""
+    p.add_argument("--no-simplify", action="store_true",
+                   help="do not run the simplify pass first (constant and shape folding, Pad and Mul/Add into convs)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--latency-runs", type=int, default=100, help="timed runs per model (all models interleaved)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
