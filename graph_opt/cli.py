@@ -28,7 +28,7 @@ import numpy as np
 from graph_opt import api, runtimes
 from graph_opt.runtimes import RUNTIMES
 from graph_opt.compare import METRICS, Comparer, NamedPipeline, cli_pipelines
-from graph_opt.data import Dataset, load_data, parse_shape_spec
+from graph_opt.data import load_data, parse_shape_spec
 from graph_opt.errors import DataError, GraphOptError, ModelSaveError
 from graph_opt.model_io import load_model, save_model, stored_bytes, write_atomic
 from graph_opt.pipeline import Pipeline

@@ -20,9 +20,10 @@ onnxruntime load, fidelity) is checked by the pipeline after every pass.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx
@@ -103,9 +104,39 @@ class PassContext:
     shapes: dict[str, tuple[int, ...]] | None = None
 
 
+def check_literals(options: Any) -> None:
+    """ValueError when a Literal-typed option holds a value outside its choices (for a union such
+    as ``float | Literal['auto']``, a string that is none of its choices)."""
+    hints = typing.get_type_hints(type(options))
+    for f in dataclasses.fields(options):
+        t, value = hints[f.name], getattr(options, f.name)
+        members = typing.get_args(t) if typing.get_origin(t) in (typing.Union, types.UnionType) else (t,)
+        choices = [c for m in members if typing.get_origin(m) is Literal for c in typing.get_args(m)]
+        if not choices or value in choices:
+            continue
+        if len(members) == 1 or (isinstance(value, str) and str not in members):
+            raise ValueError(f"{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Pass:
-    """Base class of every pass. Subclasses are frozen kw-only dataclasses (fields = options)."""
+    """Base class of every pass. Subclasses are frozen kw-only dataclasses (fields = options).
+
+    Every Literal option is checked when the pass is made (`check_literals`), before a
+    subclass's own ``__post_init__`` runs: a bad choice never reaches `run`."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None and not getattr(own, "checks_literals", False):
+            def post_init(self, _own=own) -> None:
+                check_literals(self)
+                _own(self)
+            post_init.checks_literals = True  # type: ignore[attr-defined]
+            cls.__post_init__ = post_init  # type: ignore[method-assign]
+
+    def __post_init__(self) -> None:
+        check_literals(self)
 
     name: ClassVar[str] = ""
     needs_data: ClassVar[bool] = False

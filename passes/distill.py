@@ -43,7 +43,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from graph_opt.data import Dataset, batch_size_for
+from graph_opt.data import Dataset
 from graph_opt.errors import GraphOptError
 from graph_opt.model_io import copy_model, has_disk_weights
 from graph_opt.pass_base import Pass, PassContext, PassReport

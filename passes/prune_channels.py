@@ -104,7 +104,7 @@ from graph_opt.model_io import copy_model, detached, to_graph, to_model
 from graph_opt.pass_base import PassContext, PassReport
 from graph_opt.passes._graph import (Namer, constant, infer_shapes, is_graph_output, node_label, report_subgraphs,
                                      used_once)
-from graph_opt.passes._groups import (LAYER_OPS, Analysis, Group, Slice, analyze, boundary_layers, check_literals,
+from graph_opt.passes._groups import (LAYER_OPS, Analysis, Group, Slice, analyze, boundary_layers, check_op_types,
                                       fold_problems, selected)
 from graph_opt.stats import count_params, layer_macs
 from graph_opt.verify import make_session
@@ -135,7 +135,7 @@ class PruneChannels(Budgeted):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_literals(self)
+        check_op_types(self)
         if self.budgeted and self.scope == "global":
             raise ValueError("target_macs/target_params/min_snr_db choose a ratio per group: scope=global does not apply")
         if not 0.0 <= self.ratio < 1.0:

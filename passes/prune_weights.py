@@ -48,7 +48,7 @@ from graph_opt.kernels.importance import global_magnitude_masks, magnitude_mask,
 from graph_opt.model_io import needs_external_data, on_disk, read_raw, to_graph, to_model, weightless_copy
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._graph import Namer, constant, node_label, report_subgraphs, used_once
-from graph_opt.passes._groups import LAYER_OPS, boundary_layers, check_literals, selected
+from graph_opt.passes._groups import LAYER_OPS, boundary_layers, check_op_types, selected
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class PruneWeights(Pass):
     keep_first_last: bool = True
 
     def __post_init__(self) -> None:
-        check_literals(self)
+        check_op_types(self)
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity}")
         parse_pattern(self.pattern)

@@ -48,3 +48,18 @@ def test_base_class_protects_the_caller_even_from_an_in_place_pass():
     result = Vandal()(model)
     assert result.modified and result.model.graph.node[0].op_type == "Sigmoid"
     assert model.SerializeToString() == before
+
+
+def _literal_fields(cls):
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    return [f.name for f in __import__("dataclasses").fields(cls)
+            if typing.get_origin(hints[f.name]) is typing.Literal]
+
+
+@pytest.mark.parametrize("cls", [c for c in catalog() if _literal_fields(c)], ids=lambda c: c.name)
+def test_every_literal_option_is_checked_when_the_pass_is_made(cls):
+    for name in _literal_fields(cls):
+        with pytest.raises(ValueError, match=f"{name} must be one of"):
+            cls(**{name: "no-such-choice"})
