@@ -197,7 +197,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    np.savez_compressed(path, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    # np.ascontiguousarray makes a 0-d array 1-d: a scalar input (silero's sr) must stay 0-d
+    np.savez_compressed(path, **{k: np.ascontiguousarray(v) if np.ndim(v) else np.asarray(v) for k, v in arrays.items()})
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
