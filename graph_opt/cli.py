@@ -52,7 +52,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     opt = sub.add_parser("optimize", help="run passes on a model, verify against the original, save")
-    opt.add_argument("model", nargs="?", help="input .onnx model")
+    opt.add_argument("model", nargs="?", help="input .onnx model, or an export folder (every .onnx in it; -o is then a folder)")
     opt.add_argument("--example", action="store_true", help="use the built-in example model and its data")
     opt.add_argument("-o", "--output", required=True, help="where to write the optimized model")
     opt.add_argument("--pass", dest="passes", action="append", default=[], metavar="SPEC",
@@ -61,6 +61,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _data_args(opt)
     opt.add_argument("--calib-data", help="calibration data (default: --data)")
     opt.add_argument("--report", help="JSON report path (default: OUTPUT with .json suffix)")
+    opt.add_argument("--only", action="append", default=[], metavar="NAME",
+                     help="with a folder as MODEL: optimize only this model (relative path or name; repeatable)")
     opt.add_argument("--report-md", metavar="FILE",
                      help="also write a Markdown summary for review (steps, tolerances and exit status, skips by "
                           "reason, fidelity-against-size plot embedded when matplotlib is installed)")
@@ -185,6 +187,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     elif not passes:
         passes = [parse_spec(s) for s in api.DEFAULT_PASSES]
     passes = with_simplify(passes, not args.no_simplify)
+    if args.model and Path(args.model).is_dir():
+        return _optimize_folder(args, passes, shapes, tolerances)
+    if args.only:
+        raise GraphOptError("--only selects models of an export folder: give a folder as MODEL")
     source, model, verify_data, calib = _model_and_data(args, shapes)
     out = Path(args.output)
     report_path = Path(args.report) if args.report else out.with_suffix(".json")
@@ -224,6 +230,47 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         for name, summary in doc.get("runtimes", {}).items():
             print(_runtime_text(name, summary))
         print(f"\nwrote {saved} ({saved.stat().st_size:,} bytes) and report {report_path}" + (f" and {md}" if md else ""))
+    return EXIT_OK
+
+
+def _optimize_folder(args, passes, shapes, tolerances) -> int:
+    """optimize DIR -o OUTDIR: the recipe on every model of an export folder (graph_opt.folder)."""
+    from graph_opt.folder import optimize_folder
+
+    if args.data and not Path(args.data).is_dir():
+        raise GraphOptError("with a folder as MODEL, --data is a folder of <model name>.npz files")
+    out = Path(args.output)
+    report_path = Path(args.report) if args.report else out.with_suffix(".json")
+
+    stopped: list[str] = []
+
+    class Stopped(Exception):
+        pass
+
+    def run(model, data_path):
+        data = load_data(data_path, model, shapes=shapes, n_random=args.samples, seed=args.seed)
+        result = Pipeline(passes, verify_data=data, calib_data=data, tolerances=tolerances,
+                          rollback=not args.no_rollback, latency=not args.no_latency, latency_runs=args.latency_runs,
+                          threads=args.threads, seed=args.seed, shapes=shapes).run(model)
+        if not result.passed:  # --no-rollback: one model failing its tolerance writes no folder at all
+            stopped.append(result.stopped)
+            raise Stopped
+        return result
+
+    try:
+        results = optimize_folder(args.model, out, run, only=args.only, data_dir=args.data)
+    except Stopped:
+        print(f"graph-opt: verification failed, nothing written: {stopped[0]}", file=sys.stderr)
+        return EXIT_VERIFY_FAILED
+    doc = {"input": str(Path(args.model)), "output": str(out.resolve()), "passed": True,
+           "models": {name: r.to_dict() for name, r in results.items()}}
+    write_atomic(report_path.resolve(), json.dumps(jsonable(doc), indent=2, default=str).encode())
+    if args.json:
+        _print_json(doc)
+    else:
+        for name, r in results.items():
+            print(f"\n== {name}\n{pipeline_table(r)}")
+        print(f"\nwrote {out} ({len(results)} models optimized, other files copied) and report {report_path}")
     return EXIT_OK
 
 
