@@ -78,7 +78,7 @@ def compare(model_or_path: onnx.ModelProto | str | os.PathLike, pipelines: Any, 
     calib = load_data(calib_data, model, shapes=shapes, seed=seed) if calib_data is not None else verify_data
     return Comparer(named, verify_data=verify_data, calib_data=calib, tolerances=tolerances, metric=metric,
                     latency=latency, latency_runs=latency_runs, threads=threads, seed=seed, shapes=shapes,
-                    jobs=jobs, backend=backend).run(model)
+                    jobs=jobs, backend=backend, address=address).run(model)
 
 
 def verify(original: onnx.ModelProto | str | os.PathLike, candidate: onnx.ModelProto | str | os.PathLike, *,

@@ -91,6 +91,8 @@ def _build_parser() -> argparse.ArgumentParser:
     com.add_argument("--jobs", type=int, default=1, help="run the steps in N processes (the results do not depend on N)")
     com.add_argument("--backend", choices=["process", "ray"], default="process",
                      help="where --jobs run: local processes, or Ray tasks (pip install 'graph-opt[ray]')")
+    com.add_argument("--address", metavar="HOST:PORT",
+                     help="with --backend ray: attach to this running Ray cluster (ray start --head) instead of starting one")
     _run_args(com)
 
     ver = sub.add_parser("verify", help="compare a candidate model with the original under onnxruntime")
@@ -344,7 +346,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     source, model, verify_data, calib = _model_and_data(args, shapes)
     comparer = Comparer(pipelines, verify_data=verify_data, calib_data=calib, tolerances=tolerances, metric=args.metric,
                         latency=not args.no_latency, latency_runs=args.latency_runs, threads=args.threads,
-                        seed=args.seed, shapes=shapes, jobs=args.jobs, backend=args.backend)
+                        seed=args.seed, shapes=shapes, jobs=args.jobs, backend=args.backend, address=args.address)
     comparison = comparer.run(model)
     doc: dict[str, Any] = {"input": str(source), **comparison.to_dict(), "files": {}, "plot_skipped": None}
     skipped = ""

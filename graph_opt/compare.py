@@ -370,11 +370,18 @@ def import_ray():
     return ray
 
 
-def _run_ray(root: _Node, setup: _Setup, jobs: int) -> Iterator[_Node]:
-    """Ray tasks; joins a running Ray instance if there is one, else starts a local one of `jobs` CPUs."""
+def _run_ray(root: _Node, setup: _Setup, jobs: int, address: str | None = None) -> Iterator[_Node]:
+    """Ray tasks; joins a running Ray instance if there is one, else the cluster at `address`
+    (``ray start --head`` somewhere, ``HOST:PORT`` or ``auto``), else starts a local one of `jobs` CPUs."""
     ray = import_ray()
     started = not ray.is_initialized()
-    if started:
+    if started and address:
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except (ConnectionError, RuntimeError) as exc:
+            raise GraphOptError(f"cannot attach to the Ray cluster at {address}: "
+                                f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}") from None
+    elif started:
         ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         remote = ray.remote(num_cpus=1, max_retries=0)(_remote_step)
@@ -418,7 +425,8 @@ class Comparer:
     def __init__(self, pipelines: list[NamedPipeline], *, verify_data: Dataset, calib_data: Dataset | None = None,
                  tolerances: dict[str, float] | None = None, metric: str = "auto", latency: bool = True,
                  latency_runs: int = 100, threads: int = 1, seed: int = 0,
-                 shapes: dict[str, tuple[int, ...]] | None = None, jobs: int = 1, backend: Backend = "process"):
+                 shapes: dict[str, tuple[int, ...]] | None = None, jobs: int = 1, backend: Backend = "process",
+                 address: str | None = None):
         if not pipelines:
             raise SpecError("nothing to compare: no pipelines")
         if jobs < 1:
@@ -427,6 +435,8 @@ class Comparer:
             raise GraphOptError(f"unknown backend {backend!r} (process or ray)")
         if backend == "ray":
             import_ray()
+        elif address:
+            raise GraphOptError("--address names a Ray cluster: it needs --backend ray")
         if metric == "auto":
             metric = "accuracy" if verify_data.labels is not None else "cosine"
         if metric not in METRICS:
@@ -441,7 +451,7 @@ class Comparer:
         self.metric = metric
         self.latency, self.latency_runs = latency, latency_runs
         self.threads, self.seed, self.shapes = threads, seed, shapes
-        self.jobs, self.backend = jobs, backend
+        self.jobs, self.backend, self.address = jobs, backend, address
 
     def run(self, original: onnx.ModelProto) -> Comparison:
         root, nodes, paths = _tree(self.pipelines)
@@ -463,14 +473,15 @@ class Comparer:
                               reason=upgraded)
         baseline.parity = reference.compare(original)
         root.record, root.parity = baseline, baseline.parity
-        if self.backend == "process" and self.jobs == 1:
+        if self.backend == "process" and self.jobs == 1 and not self.address:
             runner = _Runner(original, reference, self.calib_data, tolerances=self.tolerances, threads=self.threads,
                              seed=self.seed, shapes=self.shapes)
             events = _run_here(nodes, runner)
         else:
             setup = _Setup(uuid.uuid4().hex, original.SerializeToString(), self.verify_data, self.calib_data,
                            self.tolerances, self.threads, self.seed, self.shapes)
-            events = (_run_ray if self.backend == "ray" else _run_processes)(root, setup, self.jobs)
+            events = (_run_ray(root, setup, self.jobs, self.address) if self.backend == "ray"
+                      else _run_processes(root, setup, self.jobs))
         steps = progress(events, total=len(nodes), desc="steps")
         for _ in progress(_finished(steps), total=len(self.pipelines), desc="pipelines"):
             pass

@@ -14,7 +14,7 @@ from builders import run_cli as _run, small_cnn
 import graph_opt
 from graph_opt.compare import Comparer, NamedPipeline, cli_pipelines, named_pipelines, parse_ordering
 from graph_opt.data import random_dataset
-from graph_opt.errors import SpecError
+from graph_opt.errors import GraphOptError, SpecError
 from graph_opt.pass_base import Pass
 from graph_opt.pipeline import Pipeline
 from graph_opt.plot import pareto_front
@@ -234,3 +234,32 @@ def test_plot_labels_of_nearby_points_do_not_overlap():
     placed = _label_offsets({(1.0, 1.0): ["P1"], (1.01, 1.0): ["P2"], (5.0, 0.0): ["P3", "P4"]})
     offsets = {text: off for _, off, text in placed}
     assert offsets["P1"] != offsets["P2"] and offsets["P3, P4"] == (5, 4)
+
+
+@pytest.mark.slow
+def test_ray_backend_attaches_to_a_running_cluster():
+    """`ray start --head` on this machine (loopback only), then --backend ray --address: the results
+    are the sequential ones."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("ray")
+    ray_cli = Path(sys.executable).with_name("ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env_cmd = [str(ray_cli), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+               "--include-dashboard=false", "--disable-usage-stats"]
+    started = subprocess.run(env_cmd, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        model = small_cnn()
+        sequential = _comparer(ORDERS[:2], model).run(model)
+        attached = _comparer(ORDERS[:2], model, backend="ray", address=f"127.0.0.1:{port}").run(model)
+        _same_results(sequential, attached)
+        with pytest.raises(GraphOptError, match="--address names a Ray cluster"):
+            _comparer(ORDERS[:2], model, address=f"127.0.0.1:{port}")
+    finally:
+        subprocess.run([str(ray_cli), "stop", "--force"], capture_output=True, timeout=120)
