@@ -36,6 +36,7 @@ import corpus  # noqa: E402
 import zoo  # noqa: E402
 
 import graph_opt  # noqa: E402
+from graph_opt.data import load_data  # noqa: E402
 from graph_opt.stats import model_stats  # noqa: E402
 
 VERIFY_SAMPLES = 16
@@ -57,7 +58,9 @@ def _run(zm, model, passes, *, simplify: bool):
     start = time.perf_counter()
     # No shapes= here: zm.shapes binds the batch to 1 for counting MACs, and a bound batch would
     # keep simplify from leaving it dynamic; the data's own shapes bind the other dims.
-    result = graph_opt.optimize(model, passes, data=zm.eval.take(VERIFY_SAMPLES), calib_data=zm.calib,
+    # the data as graph-opt reads it (each input's batch axis), then the first samples
+    data = load_data(zm.eval, model).take(VERIFY_SAMPLES)
+    result = graph_opt.optimize(model, passes, data=data, calib_data=load_data(zm.calib, model),
                                 latency=False, simplify=simplify)
     return result, time.perf_counter() - start
 
@@ -139,16 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=20, help="runs per model per round")
     args = ap.parse_args(argv)
     names = args.models or corpus.names()
+    out = _harness.RESULTS_DIR / "bench_frontend.json"
+    old = json.loads(out.read_text())["rows"] if out.exists() else []
+    kept = [r for r in old if r["model"] not in names]
     rows = []
     for name in names:
         zm = corpus.load(name) if name in corpus.names() else zoo.ALL[name]()
         print(f"== {name}", file=sys.stderr, flush=True)
         rows.append(bench_model(zm, rounds=args.rounds, runs=args.runs))
-    out = _harness.RESULTS_DIR / "bench_frontend.json"
-    old = json.loads(out.read_text())["rows"] if out.exists() else []
-    kept = [r for r in old if r["model"] not in {x["model"] for x in rows}]
-    out.write_text(json.dumps({"bench": "bench_frontend", "environment": _harness.environment(),
-                               "rows": kept + rows}, indent=1, default=str))
+        out.write_text(json.dumps({"bench": "bench_frontend", "environment": _harness.environment(),
+                                   "rows": kept + rows}, indent=1, default=str))  # after every model
     print(markdown(kept + rows))
     print(f"\n{_harness.cpu_line()}")
     return 0

@@ -60,7 +60,7 @@ def compare(model_or_path: onnx.ModelProto | str | os.PathLike, pipelines: Any, 
             calib_data: Any = None, shapes: dict[str, tuple[int, ...]] | None = None,
             tolerances: dict[str, float] | None = None, metric: str = "auto", latency: bool = True,
             latency_runs: int = 100, threads: int = 1, seed: int = 0, n_random: int = 8, jobs: int = 1,
-            backend: Backend = "process", simplify: bool = True) -> Comparison:
+            backend: Backend = "process", simplify: bool = True, address: str | None = None) -> Comparison:
     """Run several pipelines on one model with the same data; work shared by common prefixes runs once.
 
     `pipelines`: a mapping name → passes, or a sequence of pass lists (configured passes or specs)
