@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=20, help="runs per model per latency round")
     ap.add_argument("--distill-minutes", type=float, default=5.0)
     ap.add_argument("--distill-steps", type=int, default=400)
+    ap.add_argument("--distill-lr", type=float, default=1e-4, help="Adam's step size (the pass's default)")
     ap.add_argument("--no-distill", action="store_true")
     ap.add_argument("--only", default="", help="run only families whose name contains this text")
     args = ap.parse_args(argv)
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
                 if args.no_distill:
                     continue
                 start = time.perf_counter()
-                dist = Distill(steps=args.distill_steps, max_minutes=args.distill_minutes, lr=1e-3, threads=2,
+                dist = Distill(steps=args.distill_steps, max_minutes=args.distill_minutes, lr=args.distill_lr, threads=2,
                                patience=6)(rec.model, ctx)
                 keep(label + " + reconstruct + distill", dist.model, time.perf_counter() - start,
                      notes=[n for n in dist.report.notes if n.startswith("distill:")],
