@@ -272,11 +272,27 @@ def model_stats(model: onnx.ModelProto, *, shapes: dict[str, tuple[int, ...]] | 
         macs = known if symbolic is None and not unknown else None
         if unknown and hint is None:
             note = f"MACs unknown for {unknown} layer(s): shape inference did not resolve their shapes"
+        inner = _subgraph_layer_count(model)
+        if inner:  # layers inside If/Loop/Scan bodies are not counted: the total is not known, not 0
+            macs = None
+            note = (note + "; " if note else "") + f"{inner} layer(s) inside If/Loop/Scan bodies are not counted"
     if file_bytes is None:
         file_bytes = serialized_bytes(model)
     return ModelStats(op_histogram(model), count_params(model), tensor_bytes(model), file_bytes, macs, layers,
                       note=note, macs_known=None if note and not layers else known, macs_symbolic=symbolic,
                       macs_unknown=unknown, hint=hint)
+
+
+def _subgraph_layer_count(model: onnx.ModelProto) -> int:
+    """Conv/Gemm/MatMul-like nodes (and LSTM/GRU/RNN) in the bodies of If/Loop/Scan nodes."""
+    ops = {*_CONV_LIKE, *_MATMUL_LIKE, "Gemm", "LSTM", "GRU", "RNN"}
+    count = 0
+    for node in model.graph.node:
+        for attr in node.attribute:
+            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for body in bodies:
+                count += sum(1 for g in all_graphs(body) for n in g.node if n.op_type in ops)
+    return count
 
 
 def serialized_bytes(model: onnx.ModelProto) -> int:

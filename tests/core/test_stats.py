@@ -81,3 +81,24 @@ def test_a_minus_one_dim_is_dynamic_not_a_negative_size():
             dims[0].dim_value = -1
     model.graph.value_info.extend(inferred.graph.value_info)
     assert expected and model_stats(model).macs == expected
+
+
+def test_layers_inside_if_bodies_make_macs_unknown_not_zero():
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graph_opt.stats import model_stats
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    branch = lambda name: helper.make_graph(  # noqa: E731
+        [helper.make_node("MatMul", ["x", "w"], [f"{name}_y"])], name, [],
+        [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, ["N", 4])])
+    node = helper.make_node("If", ["c"], ["y"], then_branch=branch("then"), else_branch=branch("else"))
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                                            helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    stats = model_stats(model)
+    assert stats.macs is None and "2 layer(s) inside If/Loop/Scan bodies" in stats.note
