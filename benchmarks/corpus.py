@@ -331,6 +331,19 @@ REC_H, REC_W = 48, 320
 CLS_H, CLS_W = 48, 192
 
 
+
+def _free_box(rng: np.random.Generator, side: int, w: int, h: int, boxes: list[tuple[int, int, int, int]], *,
+              gap: int, tries: int) -> tuple[int, int, int, int] | None:
+    """A w×h box inside a side×side canvas at least `gap` pixels from every box in `boxes`, drawn
+    at random (`tries` draws), or None."""
+    for _ in range(tries):
+        x, y = int(rng.integers(4, side - w - 4)), int(rng.integers(4, side - h - 4))
+        box = (x, y, x + w, y + h)
+        if all(box[2] + gap < b[0] or b[2] + gap < box[0] or box[3] + gap < b[1] or b[3] + gap < box[1]
+               for b in boxes):
+            return box
+    return None
+
 def _det_page(rng: np.random.Generator, sentences: list[str], background: np.ndarray | None):
     """A DET_SIDE square page: a background (a photo view, lightened, or plain paper) with 3-6 text
     lines at random places. Returns BGR uint8 image and the line boxes (x1, y1, x2, y2)."""
@@ -351,13 +364,10 @@ def _det_page(rng: np.random.Generator, sentences: list[str], background: np.nda
         w, h = right - left, bottom - top
         if w >= DET_SIDE - 8:
             continue
-        for _ in range(20):  # a place that overlaps no earlier line
-            x, y = int(rng.integers(4, DET_SIDE - w - 4)), int(rng.integers(4, DET_SIDE - h - 4))
-            box = (x, y, x + w, y + h)
-            if all(box[2] + 6 < b[0] or b[2] + 6 < box[0] or box[3] + 6 < b[1] or b[3] + 6 < box[1] for b in boxes):
-                break
-        else:
+        box = _free_box(rng, DET_SIDE, w, h, boxes, gap=6, tries=20)  # overlapping no earlier line
+        if box is None:
             continue
+        x, y = box[:2]
         ink = tuple(int(v) for v in rng.integers(0, 70, 3))
         draw.text((x - left, y - top), text, font=font, fill=ink)
         boxes.append(box)
@@ -730,13 +740,10 @@ def _dddd_page(view: np.ndarray, rng: np.random.Generator):
         font = _font(int(rng.integers(len(FONTS))), int(rng.integers(36, 64)))
         left, top, right, bottom = draw.textbbox((0, 0), glyph, font=font)
         w, h = right - left, bottom - top
-        for _ in range(30):
-            x, y = int(rng.integers(4, DDDD_SIDE - w - 4)), int(rng.integers(4, DDDD_SIDE - h - 4))
-            box = (x, y, x + w, y + h)
-            if all(box[2] + 8 < b[0] or b[2] + 8 < box[0] or box[3] + 8 < b[1] or b[3] + 8 < box[1] for b in boxes):
-                break
-        else:
+        box = _free_box(rng, DDDD_SIDE, w, h, boxes, gap=8, tries=30)
+        if box is None:
             continue
+        x, y = box[:2]
         colour = tuple(int(v) for v in rng.integers(0, 256, 3))
         draw.text((x - left, y - top), glyph, font=font, fill=colour, stroke_width=1,
                   stroke_fill=tuple(255 - c for c in colour))

@@ -312,16 +312,20 @@ def _torch_env(seed: int):
         torch.use_deterministic_algorithms(prev_det)
 
 
-def _train_example_module():
-    """benchmarks/train_example.py, imported by path (benchmarks/ is not a package)."""
-    _torch()
-    name = "_graph_opt_bench_train_example"
+def _bench_module(name: str, file: str):
+    """A script of benchmarks/ imported by path (benchmarks/ is not a package), once."""
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BENCH_DIR / "train_example.py")
+        spec = importlib.util.spec_from_file_location(name, BENCH_DIR / file)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def _train_example_module():
+    """benchmarks/train_example.py."""
+    _torch()
+    return _bench_module("_graph_opt_bench_train_example", "train_example.py")
 
 
 def _ort_session(path: Path):
@@ -932,13 +936,7 @@ def _corpus():
     """benchmarks/corpus.py (it imports this module; imported here only when asked for)."""
     if "corpus" in sys.modules:
         return sys.modules["corpus"]
-    name = "_graph_opt_bench_corpus"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BENCH_DIR / "corpus.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return _bench_module("_graph_opt_bench_corpus", "corpus.py")
 
 
 def _op_summary(ops: dict[str, int], top: int = 8) -> str:
