@@ -429,6 +429,9 @@ class Comparer:
                  address: str | None = None):
         if not pipelines:
             raise SpecError("nothing to compare: no pipelines")
+        for pipeline in pipelines:  # a pass that cannot run here (an extra missing) refuses before any work
+            for p in pipeline.passes:
+                p.preflight()
         if jobs < 1:
             raise GraphOptError(f"--jobs must be at least 1 (got {jobs})")
         if backend not in ("process", "ray"):

@@ -209,6 +209,11 @@ class Dataset:
     axes: dict[str, int | None] | None = None
     fixed: int | None = None
 
+    @property
+    def seeded_random(self) -> bool:
+        """Made by `random_dataset` because no data was given: not the user's data."""
+        return self.source.startswith("random(")
+
     def axis(self, name: str) -> int | None:
         if self.axes is not None and name in self.axes:
             return self.axes[name]

@@ -119,7 +119,7 @@ def run_model(model_or_session: onnx.ModelProto | ort.InferenceSession, data: Da
             outs = session.run(names, feed)
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            hint = " (random inputs may not suit this model: give real ones with --data)" if data.source.startswith("random(") else ""
+            hint = " (random inputs may not suit this model: give real ones with --data)" if data.seeded_random else ""
             raise GraphOptError(f"onnxruntime failed to run the model on {data.source}: {first[:300]}{hint}") from None
         for name, value in zip(names, outs):
             chunks[name].append(np.asarray(value))

@@ -288,7 +288,7 @@ def infer_shapes(model: onnx.ModelProto, ctx: PassContext) -> tuple[dict[str, tu
 
 def real_data(ctx: PassContext) -> bool:
     """Calibration data the user gave (not the seeded random inputs made when none was)."""
-    return ctx.data is not None and not ctx.data.source.startswith("random(")
+    return ctx.data is not None and not ctx.data.seeded_random
 
 
 # ---------------------------------------------------------------------------------------------

@@ -112,7 +112,7 @@ class Distill(Pass):
         torch = _torch()
         from graph_opt.passes._torch import TorchGraph, UntrainableError
 
-        if ctx.data.source.startswith("random("):
+        if ctx.data.seeded_random:
             report.note("distill: no calibration data was given, so the student trains on seeded random inputs")
         threads = torch.get_num_threads()
         if self.threads:
@@ -212,11 +212,12 @@ def _teacher_batches(teacher: onnx.ModelProto, data: Dataset, hints: list[str], 
     model = with_outputs(teacher, hints, " (distill hints)") if hints else teacher
     session = make_session(model)
     names = [o.name for o in session.get_outputs()]
-    out, start = [], 0
-    for feed in data.batches(batch_size):
-        n = len(next(iter(feed.values())))
-        labels = None if data.labels is None else np.asarray(data.labels[start:start + n])
-        start += n
+    out, n = [], len(data)
+    step = data.fixed or batch_size
+    for start in range(0, n, step):  # each input cut on its own batch axis, labels alike
+        stop = min(start + step, n)
+        feed = data.slice(start, stop)
+        labels = None if data.labels is None else np.asarray(data.labels[start:stop])
         out.append(_Batch(feed, dict(zip(names, session.run(names, feed))), labels))
     return out
 

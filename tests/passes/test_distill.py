@@ -34,6 +34,10 @@ def test_without_torch_a_pipeline_refuses_before_any_pass(monkeypatch):
     pipeline = Pipeline([PruneWeights(sparsity=0.5), Distill()], verify_data=_data(4, 0))
     with pytest.raises(MissingExtraError, match=r"pip install 'graph-opt\[train\]'"):
         pipeline.run(model)
+    from graph_opt.compare import Comparer, named_pipelines
+
+    with pytest.raises(MissingExtraError):  # compare refuses as early
+        Comparer(named_pipelines(["prune_weights distill"]), verify_data=_data(4, 0))
 
 
 def test_without_teacher_or_data_it_skips_with_the_reason():
