@@ -265,8 +265,6 @@ def errors(reference: list[np.ndarray], outputs: list[np.ndarray]) -> tuple[floa
 
 def measure_model(label: str, src: Path, shapes: dict, feed: dict | None, work: Path, *, rounds: int, runs: int,
                   timeout: float, tools: tuple[str, ...]) -> dict[str, Any]:
-    import onnx
-
     from graph_opt.model_io import check_model, load_model
     from graph_opt.stats import measure_latency
     from graph_opt.verify import make_session

@@ -8,7 +8,7 @@ from builders import (GraphBuilder, assert_valid, constant_node_model, control_f
 from onnx import TensorProto, helper, numpy_helper
 
 import graph_opt.model_io as mio
-from graph_opt import api, cli
+from graph_opt import api
 from graph_opt.data import random_dataset
 from graph_opt.model_io import all_graphs, load_model, on_disk, save_model
 from graph_opt.pass_base import PassContext
