@@ -37,6 +37,7 @@ from graph_opt.intermediates import first_divergence
 from graph_opt.plot import PlotUnavailable
 from graph_opt.report import jsonable, layers_table, parity_table, pipeline_table, stats_text
 from graph_opt.verify import parse_tolerance
+from graph_opt.onnx_util import first_line
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USER_ERROR = 0, 1, 2
 
@@ -389,7 +390,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         try:
             labels = np.load(args.labels, allow_pickle=False)
         except Exception as exc:
-            raise DataError(f"cannot read labels {args.labels}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+            raise DataError(f"cannot read labels {args.labels}: {first_line(exc)}") from None
         if len(labels) != len(data):
             raise DataError(f"{len(labels)} labels for {len(data)} samples")
         data = data.with_labels(labels)

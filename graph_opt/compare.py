@@ -55,6 +55,7 @@ from graph_opt.registry import load_recipe, parse_spec
 from graph_opt.report import _step_row, jsonable, table
 from graph_opt.stats import ModelStats, measure_latency, model_stats
 from graph_opt.verify import ParityReport, Reference
+from graph_opt.onnx_util import first_line
 
 log = logging.getLogger(__name__)
 
@@ -380,7 +381,7 @@ def _run_ray(root: _Node, setup: _Setup, jobs: int, address: str | None = None) 
             ray.init(address=address, log_to_driver=False, configure_logging=False)
         except (ConnectionError, RuntimeError) as exc:
             raise GraphOptError(f"cannot attach to the Ray cluster at {address}: "
-                                f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}") from None
+                                f"{first_line(exc, 200)}") from None
     elif started:
         ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:

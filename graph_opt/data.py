@@ -37,6 +37,7 @@ import onnx
 from onnx import helper
 
 from graph_opt.errors import DataError
+from graph_opt.onnx_util import first_line
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +395,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     except Exception as exc:
-        raise DataError(f"cannot read {path} as .npz: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise DataError(f"cannot read {path} as .npz: {first_line(exc)}") from None
 
 
 def _from_arrays(arrays: dict[str, np.ndarray], source: str) -> Dataset:

@@ -38,6 +38,7 @@ from onnx import external_data_helper, numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graph_opt.errors import InvalidModelError, ModelLoadError, ModelSaveError
+from graph_opt.onnx_util import all_graphs, first_line, gs_subgraphs
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True,
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, onnx may raise others
-        raise ModelLoadError(f"{path} is not a valid ONNX model (cannot parse: {_first_line(exc)})") from None
+        raise ModelLoadError(f"{path} is not a valid ONNX model (cannot parse: {first_line(exc)})") from None
     if not model.HasField("graph") or model.ir_version == 0:
         raise ModelLoadError(f"{path} is not a valid ONNX model (no graph or no IR version)")
     _load_external_data(model, path.parent.resolve(), path, weights)
@@ -72,7 +73,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True,
             elif has_disk_weights(model):  # on a weightless view: no weight is read
                 _check_weightless(model, full=False)
         except Exception as exc:
-            raise ModelLoadError(f"{path} fails onnx.checker: {_first_line(exc)}") from None
+            raise ModelLoadError(f"{path} fails onnx.checker: {first_line(exc)}") from None
     return model
 
 
@@ -113,7 +114,7 @@ def _load_external_data(model: onnx.ModelProto, base: Path, path: Path, weights:
                 tensor.data_location = onnx.TensorProto.DEFAULT
                 del tensor.external_data[:]
     except Exception as exc:
-        raise ModelLoadError(f"{path}: cannot read external data: {_first_line(exc)}") from None
+        raise ModelLoadError(f"{path}: cannot read external data: {first_line(exc)}") from None
 
 
 def stored_bytes(path: str | os.PathLike) -> int:
@@ -318,11 +319,6 @@ def _is_within(target: Path, base: Path) -> bool:
         return True
     except ValueError:
         return False
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
@@ -543,20 +539,6 @@ def detached(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndar
     return shell, arrays
 
 
-def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    """The graphs `node` holds in its attributes (If branches, Loop and Scan bodies)."""
-    return [g for a in node.attribute
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
-
-
-def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """`graph` and every graph nested in its nodes, at any depth."""
-    yield graph
-    for node in graph.node:
-        for sub in subgraphs(node):
-            yield from all_graphs(sub)
-
-
 def _names_read(graph: onnx.GraphProto) -> set[str]:
     """Every name a node of `graph` or of its subgraphs reads."""
     return {name for g in all_graphs(graph) for node in g.node for name in node.input}
@@ -698,7 +680,7 @@ def check_model(model: onnx.ModelProto, *, full: bool = True) -> onnx.ModelProto
         _check_weightless(model, full)
         return model
     except Exception as exc:
-        raise InvalidModelError(f"model fails onnx.checker: {_first_line(exc)}") from None
+        raise InvalidModelError(f"model fails onnx.checker: {first_line(exc)}") from None
 
 
 def _check_weightless(model: onnx.ModelProto, full: bool) -> None:
@@ -898,20 +880,11 @@ def _restore_initializer_inputs(model: onnx.ModelProto, like: onnx.ModelProto) -
 
 def _all_tensors(graph: gs.Graph):
     seen = set()
-    for g in [graph, *_subgraphs(graph)]:
+    for g in [graph, *gs_subgraphs(graph)]:
         for tensor in g.tensors().values():
             if id(tensor) not in seen:
                 seen.add(id(tensor))
                 yield tensor
-
-
-def _subgraphs(graph: gs.Graph):
-    for node in graph.nodes:
-        for value in node.attrs.values():
-            for sub in value if isinstance(value, list) else [value]:
-                if isinstance(sub, gs.Graph):
-                    yield sub
-                    yield from _subgraphs(sub)
 
 
 def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from graph_opt.errors import DataError, InvalidModelError
+from graph_opt.onnx_util import first_line, opset_version
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +28,6 @@ RTOL = 1e-5
 
 class RuntimeOpsetError(InvalidModelError):
     """onnxruntime cannot run the model and the opset conversion does not convert or does not verify."""
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def _load_problem(model: onnx.ModelProto) -> str:
@@ -47,7 +44,7 @@ def upgrade_for_runtime(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, 
                         seed: int = 0) -> tuple[onnx.ModelProto, str]:
     """(model, "") when onnxruntime runs it; (converted model, what was done) when the conversion
     verifies; RuntimeOpsetError with the reason otherwise."""
-    version = default_opset(model)
+    version = opset_version(model)
     problem = "" if version >= MIN_RUNTIME_OPSET and not _load_problem(model) else (
         f"opset {version} is below onnxruntime's {MIN_RUNTIME_OPSET}" if version < MIN_RUNTIME_OPSET else _load_problem(model))
     if not problem:
@@ -62,7 +59,7 @@ def upgrade_for_runtime(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, 
         onnx.checker.check_model(converted, full_check=True)
     except Exception as exc:  # the converter raises bare RuntimeErrors for unsupported adapters
         raise RuntimeOpsetError(f"{problem}; onnx's version converter cannot convert opset {version} to {target}: "
-                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+                                f"{first_line(exc)}") from None
     still = _load_problem(converted)
     if still:
         raise RuntimeOpsetError(f"{problem}; converted to opset {target}, onnxruntime still refuses it: {still}")
@@ -88,7 +85,7 @@ def _verify_conversion(original: onnx.ModelProto, converted: onnx.ModelProto,
     try:
         expected = ReferenceEvaluator(original).run(None, feed)
     except Exception as exc:
-        return f"onnx's reference evaluator cannot run the original ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+        return f"onnx's reference evaluator cannot run the original ({first_line(exc)})"
     got = make_session(converted).run(None, feed)
     for out, e, g in zip(converted.graph.output, expected, got):
         e, g = np.asarray(e, np.float64), np.asarray(g, np.float64)

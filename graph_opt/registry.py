@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from graph_opt.errors import SpecError
 from graph_opt.pass_base import Pass
+from graph_opt.onnx_util import first_line
 
 
 def catalog() -> tuple[type[Pass], ...]:
@@ -111,7 +112,7 @@ def load_recipe(path: str | Path, passes: tuple[type[Pass], ...] | None = None) 
 
             data = yaml.safe_load(text)
     except Exception as exc:
-        raise SpecError(f"cannot parse recipe {path}: {str(exc).splitlines()[0]}") from None
+        raise SpecError(f"cannot parse recipe {path}: {first_line(exc)}") from None
     return recipe_passes(data, str(path), passes)
 
 

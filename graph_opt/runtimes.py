@@ -25,6 +25,7 @@ import onnx
 
 from graph_opt.data import Dataset, batch_size_for
 from graph_opt.errors import GraphOptError
+from graph_opt.onnx_util import first_line
 
 RUNTIMES = ("onnxruntime", "openvino")
 
@@ -40,10 +41,6 @@ class Runtime(Protocol):
                 threads: int = 1) -> list[float]: ...
 
 
-def _first_line(exc: BaseException) -> str:
-    return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:300]
-
-
 class OnnxRuntime:
     name = "onnxruntime"
 
@@ -53,7 +50,7 @@ class OnnxRuntime:
         try:
             make_session(model)
         except GraphOptError as exc:
-            return _first_line(exc)
+            return first_line(exc)
         return None
 
     def run(self, model: onnx.ModelProto, data: Dataset, *, threads: int = 1) -> dict[str, np.ndarray]:
@@ -72,7 +69,7 @@ def _openvino_reason(exc: BaseException) -> str:
     lines = [ln.strip(" -") for ln in str(exc).splitlines() if ln.strip()]
     noise = ("Exception from", "Check ", "FrontEnd API failed", "Model wasn't", "Summary", "To facilitate")
     useful = [ln for ln in lines if not ln.startswith(noise)]
-    return (useful[0] if useful else _first_line(exc))[:300]
+    return (useful[0] if useful else first_line(exc))[:300]
 
 
 class OpenVino:

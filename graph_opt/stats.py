@@ -28,7 +28,8 @@ import onnx
 
 from graph_opt.data import bind_shapes, unbound_hint
 from graph_opt.errors import GraphOptError
-from graph_opt.model_io import all_graphs, needs_external_data, read_array, tensor_bytes, weightless_copy, wire_size
+from graph_opt.model_io import needs_external_data, read_array, tensor_bytes, weightless_copy, wire_size
+from graph_opt.onnx_util import all_graphs, attr, first_line, subgraphs
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,9 @@ def _weight_tensors(model: onnx.ModelProto):
         yield from graph.initializer
         for node in graph.node:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                for attr in node.attribute:
-                    if attr.type == onnx.AttributeProto.TENSOR:
-                        yield attr.t
+                for a in node.attribute:
+                    if a.type == onnx.AttributeProto.TENSOR:
+                        yield a.t
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -128,9 +129,9 @@ def _constant_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     out = {t.name: t for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
-            for attr in node.attribute:
-                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                    out[node.output[0]] = attr.t
+            for a in node.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    out[node.output[0]] = a.t
     return out
 
 
@@ -148,13 +149,6 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple[Dim, ...]]:
     for name, tensor in _constant_tensors(model.graph).items():
         out[name] = tuple(tensor.dims)
     return out
-
-
-def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 # op type → (index of the data input, index of the weight input) for conv-like ops
@@ -203,9 +197,9 @@ def _layer_term(node: onnx.NodeProto, inferred: dict[str, tuple[Dim, ...]]) -> T
         a = inferred.get(node.input[0])
         if a is None or len(a) != 2:
             return None
-        return _product(*out, a[0] if _attr(node, "transA", 0) else a[1])
+        return _product(*out, a[0] if attr(node, "transA", 0) else a[1])
     if node.op_type == "MatMulNBits":
-        k = _attr(node, "K", None)
+        k = attr(node, "K", None)
         return _product(*out, int(k)) if k else None
     a = inferred.get(node.input[0])
     b = inferred.get(node.input[_MATMUL_LIKE[node.op_type][1]]) if len(node.input) > 1 else None
@@ -262,7 +256,7 @@ def model_stats(model: onnx.ModelProto, *, shapes: dict[str, tuple[int, ...]] | 
         hint = unbound_hint(model, shapes)
         inferred = _shapes(bound_model(model, shapes, partial=True))
     except Exception as exc:  # a non-tensor input, or shape inference failing: the rest still stands
-        note = f"MACs unavailable: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
+        note = f"MACs unavailable: {first_line(exc, 200)}"
     else:
         rows = _layer_rows(model, inferred)
         layers = [layer for layer, _ in rows]
@@ -288,10 +282,8 @@ def _subgraph_layer_count(model: onnx.ModelProto) -> int:
     ops = {*_CONV_LIKE, *_MATMUL_LIKE, "Gemm", "LSTM", "GRU", "RNN"}
     count = 0
     for node in model.graph.node:
-        for attr in node.attribute:
-            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for body in bodies:
-                count += sum(1 for g in all_graphs(body) for n in g.node if n.op_type in ops)
+        for body in subgraphs(node):
+            count += sum(1 for g in all_graphs(body) for n in g.node if n.op_type in ops)
     return count
 
 
@@ -312,7 +304,7 @@ def measure_latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], 
         try:
             s.run(n, feed)
         except Exception as exc:  # the feed does not fit the model: a one-line error, not a traceback
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise GraphOptError(f"onnxruntime failed to run the model for latency: {first[:300]}") from None
         for _ in range(warmup - 1):
             s.run(n, feed)

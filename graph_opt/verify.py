@@ -27,6 +27,7 @@ from graph_opt.data import Dataset, batch_size_for
 from graph_opt.errors import GraphOptError, InvalidModelError
 from graph_opt.model_io import detached, needs_external_data, session_source
 from graph_opt.progress import progress
+from graph_opt.onnx_util import first_line
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def make_session(model: onnx.ModelProto, *, optimize: bool | Literal["basic"] = 
         with session_source(model) as source:
             return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise InvalidModelError(f"onnxruntime cannot load the model: {first[:300]}") from None
 
 
@@ -118,7 +119,7 @@ def run_model(model_or_session: onnx.ModelProto | ort.InferenceSession, data: Da
         try:
             outs = session.run(names, feed)
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             hint = " (random inputs may not suit this model: give real ones with --data)" if data.seeded_random else ""
             raise GraphOptError(f"onnxruntime failed to run the model on {data.source}: {first[:300]}{hint}") from None
         for name, value in zip(names, outs):

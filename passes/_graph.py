@@ -4,13 +4,26 @@ and `GraphIndex`, the same on an onnx GraphProto for passes that edit the ModelP
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from graph_opt.model_io import on_disk, peek, read_array, subgraphs, weightless_copy
+from graph_opt.model_io import on_disk, peek, read_array, weightless_copy
+from graph_opt.onnx_util import subgraphs
+
+
+# The layers every pass works on: a constant weight times the input.
+LAYER_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def check_op_types(options: Any, hint: str = "") -> None:
+    """ValueError when the option `op_types` names an op outside LAYER_OPS."""
+    bad = sorted(set(getattr(options, "op_types", ())) - set(LAYER_OPS))
+    if bad:
+        raise ValueError(f"op_types must be among {', '.join(LAYER_OPS)}, got {', '.join(bad)}{hint}")
 
 
 def constant(tensor: gs.Tensor) -> np.ndarray | None:

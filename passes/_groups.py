@@ -43,9 +43,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graph_opt.passes._graph import constant, node_label, used_once
+from graph_opt.passes._graph import LAYER_OPS, constant, node_label, used_once
 
-LAYER_OPS = ("Conv", "Gemm", "MatMul")
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
 
@@ -243,14 +242,6 @@ def fold_problems(an: Analysis, *, exact: bool) -> dict[int, str]:
             elif exact and site.padded and v != 0.0:
                 out[root] = f"its constant {v:.3g} meets the zero padding of {label} (fold=approximate allows it)"
     return out
-
-
-def check_op_types(options: Any) -> None:
-    """ValueError when `op_types` names an op outside LAYER_OPS (Literal options are checked by
-    the Pass base class)."""
-    bad = sorted(set(getattr(options, "op_types", ())) - set(LAYER_OPS))
-    if bad:
-        raise ValueError(f"op_types must be among {', '.join(LAYER_OPS)}, got {', '.join(bad)}")
 
 
 def selected(node: gs.Node, op_types: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:

@@ -38,6 +38,7 @@ from graph_opt.model_io import to_graph, to_model, weights_on_disk
 from graph_opt.pass_base import PassContext, PassReport
 from graph_opt.passes._graph import Namer, node_label, report_subgraphs
 from graph_opt.stats import bound_model
+from graph_opt.onnx_util import first_line
 
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,7 @@ def infer_shapes(model: onnx.ModelProto, ctx: PassContext) -> tuple[dict[str, tu
     try:
         bound = bound_model(model, overrides or None)
     except Exception as exc:  # a DataError for unbound dims, or shape inference giving up
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc, 200)
         return {}, f"shapes not inferred ({first}); layers that need MACs are skipped"
     out: dict[str, tuple[int, ...]] = {}
     for value in [*bound.graph.value_info, *bound.graph.input, *bound.graph.output]:

@@ -73,6 +73,7 @@ import onnx_graphsurgeon as gs
 
 from graph_opt.kernels.lowrank import svd_factors, whitened_svd_factors
 from graph_opt.kernels.rank import matmul_costs, rank_for_budget, svd_costs, vbmf_rank
+from graph_opt.onnx_util import opset_version
 from graph_opt.pass_base import PassContext, PassReport
 from graph_opt.passes._graph import constant, used_once
 from graph_opt.passes._lowrank import (
@@ -99,7 +100,7 @@ class FactorizeGemm(LowRankPass):
     op_types: tuple[str, ...] = CANDIDATES
 
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
-        legacy_gemm = _opset(model) < 11
+        legacy_gemm = opset_version(model) < 11
         grams = self.statistics(model, ctx, report, _stat_requests(model, self.op_types))
         return self.rewrite_layers(model, report, ctx, lambda node, shapes, label: self._match(node, shapes, label,
                                                                                                legacy_gemm, grams))
@@ -243,10 +244,6 @@ def _stat_requests(model: onnx.ModelProto, op_types: tuple[str, ...]) -> set[tup
         elif n.op_type == "Conv" and all(d == 1 for d in dims.get(b, (0, 0, 0))[2:]):
             out.add((a, 1))
     return out
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((int(i.version) for i in model.opset_import if i.domain in ("", "ai.onnx")), 1)
 
 
 def _matmul_site(node: gs.Node, shapes: dict) -> _Site | str:

@@ -102,9 +102,10 @@ from graph_opt.data import batch_size_for, input_specs
 from graph_opt.kernels.importance import ActivationStats, bn_gamma_scores, channel_norms, channel_sumsq, select_channels
 from graph_opt.model_io import copy_model, detached, to_graph, to_model
 from graph_opt.pass_base import PassContext, PassReport
-from graph_opt.passes._graph import (Namer, constant, infer_shapes, is_graph_output, node_label, report_subgraphs,
+from graph_opt.passes._graph import (LAYER_OPS, Namer, check_op_types, constant, infer_shapes, is_graph_output, node_label,
+                                     report_subgraphs,
                                      used_once)
-from graph_opt.passes._groups import (LAYER_OPS, Analysis, Group, Slice, analyze, boundary_layers, check_op_types,
+from graph_opt.passes._groups import (Analysis, Group, Slice, analyze, boundary_layers,
                                       fold_problems, selected)
 from graph_opt.stats import count_params, layer_macs
 from graph_opt.verify import make_session

@@ -48,7 +48,8 @@ from graph_opt.kernels.importance import global_magnitude_masks, magnitude_mask,
 from graph_opt.model_io import needs_external_data, on_disk, read_raw, to_graph, to_model, weightless_copy
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._graph import Namer, constant, node_label, report_subgraphs, used_once
-from graph_opt.passes._groups import LAYER_OPS, boundary_layers, check_op_types, selected
+from graph_opt.passes._graph import LAYER_OPS, check_op_types
+from graph_opt.passes._groups import boundary_layers, selected
 
 log = logging.getLogger(__name__)
 

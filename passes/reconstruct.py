@@ -129,7 +129,8 @@ from onnx import helper, numpy_helper
 
 from graph_opt.data import Dataset, batch_size_for
 from graph_opt.intermediates import stream
-from graph_opt.model_io import all_graphs, copy_model, disk_tensor, has_disk_weights, on_disk, read_array
+from graph_opt.onnx_util import all_graphs, attr
+from graph_opt.model_io import copy_model, disk_tensor, has_disk_weights, on_disk, read_array
 from graph_opt.kernels.lstsq import (
     LstsqAccumulator,
     MeanErrorAccumulator,
@@ -139,7 +140,7 @@ from graph_opt.kernels.lstsq import (
     im2col,
 )
 from graph_opt.pass_base import Pass, PassContext, PassReport
-from graph_opt.passes._graph import Namer
+from graph_opt.passes._graph import LAYER_OPS, Namer
 from graph_opt.passes._lowrank import FACTOR_NAME
 from graph_opt.progress import progress
 from graph_opt.verify import make_session
@@ -148,7 +149,6 @@ log = logging.getLogger(__name__)
 
 Target = Literal["lowrank", "prune", "quant"]
 TARGETS: tuple[Target, ...] = ("lowrank", "prune", "quant")
-LAYER_OPS = ("Conv", "Gemm", "MatMul")
 LOWRANK_PASSES = ("factorize_gemm", "factorize_conv")
 PRUNE_PASSES = ("prune_channels",)
 QUANT_PASSES = ("quantize",)
@@ -437,7 +437,7 @@ class _Graph:
         if node is not None and node.op_type == "DequantizeLinear" and all(
                 not i or i in self.inits for i in node.input):
             inits = [self.inits[i] for i in node.input if i]
-            out_type = _attr(node, "output_dtype", 0) or self.inits[node.input[1]].data_type  # the scale's type
+            out_type = attr(node, "output_dtype", 0) or self.inits[node.input[1]].data_type  # the scale's type
             graph = helper.make_graph([node], "dq", [], [helper.make_tensor_value_info(name, out_type, None)], inits)
             mini = helper.make_model(graph, opset_imports=list(self.model.opset_import))
             mini.ir_version = self.model.ir_version
@@ -605,16 +605,9 @@ def _next_layers(g: _Graph, node: onnx.NodeProto) -> list[onnx.NodeProto]:
 def _depthwise(g: _Graph, node: onnx.NodeProto) -> bool:
     if node.op_type != "Conv":
         return False
-    group = _attr(node, "group", 1)
+    group = attr(node, "group", 1)
     w = _weight_input(g, node)
     return group > 1 and not isinstance(w, str) and w[1].shape[1] == 1
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _weight_input(g: _Graph, node: onnx.NodeProto) -> tuple[str, np.ndarray, bool, int] | str:
@@ -652,9 +645,9 @@ def _in_features(g: _Graph, node: onnx.NodeProto) -> int | None:
         return None
     _, value, _, slot = w
     if node.op_type == "Conv":
-        return int(value.shape[1]) * int(_attr(node, "group", 1))
+        return int(value.shape[1]) * int(attr(node, "group", 1))
     if node.op_type == "Gemm":
-        return int(value.shape[1] if _attr(node, "transB", 0) else value.shape[0])
+        return int(value.shape[1] if attr(node, "transB", 0) else value.shape[0])
     return int(value.shape[-2] if slot == 1 else value.shape[-1])
 
 
@@ -922,27 +915,27 @@ def _match(student: _Graph, teacher: _Graph, node: onnx.NodeProto, kinds: list[s
                   weight_name=w_name, weight_dtype=w_value.dtype, weight_shape=tuple(w_value.shape))
     value = np.asarray(w_value, np.float64)
     if node.op_type == "Conv":
-        group = int(_attr(node, "group", 1))
+        group = int(attr(node, "group", 1))
         o = value.shape[0]
         if o % group:
             return f"{o} output channels do not split into {group} groups"
-        kernel = list(_attr(node, "kernel_shape", list(value.shape[2:])))
-        auto_pad = _attr(node, "auto_pad", b"NOTSET")
-        attrs = {"kernel": kernel, "strides": list(_attr(node, "strides", [1] * len(kernel))),
-                 "dilations": list(_attr(node, "dilations", [1] * len(kernel))),
-                 "pads": list(_attr(node, "pads", [0] * 2 * len(kernel))),
+        kernel = list(attr(node, "kernel_shape", list(value.shape[2:])))
+        auto_pad = attr(node, "auto_pad", b"NOTSET")
+        attrs = {"kernel": kernel, "strides": list(attr(node, "strides", [1] * len(kernel))),
+                 "dilations": list(attr(node, "dilations", [1] * len(kernel))),
+                 "pads": list(attr(node, "pads", [0] * 2 * len(kernel))),
                  "auto_pad": auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad}
         site = _ConvSite(**common, channel_axis=1, groups=group, d=int(np.prod(value.shape[1:])), m=o // group,
                          bias=_conv_gemm_bias(student, node, o, 1.0, quantized, w_value.dtype),
                          matrix=conv_weight_matrix(value, group), attrs=attrs)
     elif node.op_type == "Gemm":
-        trans_b = bool(_attr(node, "transB", 0))
+        trans_b = bool(attr(node, "transB", 0))
         n = value.shape[0] if trans_b else value.shape[1]
-        alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
+        alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
         site = _GemmSite(**common, channel_axis=1, groups=1, d=int(value.size // n), m=int(n),
                          bias=_conv_gemm_bias(student, node, n, beta, quantized, w_value.dtype),
                          matrix=(alpha * (value.T if trans_b else value))[None], alpha=alpha,
-                         trans_a=bool(_attr(node, "transA", 0)), trans_b=trans_b)
+                         trans_a=bool(attr(node, "transA", 0)), trans_b=trans_b)
     else:
         left = slot == 0
         m = value.shape[0] if left else value.shape[1]
@@ -1102,9 +1095,9 @@ def _filter_rows(g: _Graph, node: onnx.NodeProto) -> tuple[np.ndarray, int]:
     _, value, _, slot = w
     value = np.asarray(value, np.float64)
     if node.op_type == "Conv":
-        return value.reshape(value.shape[0], value.shape[1], -1), int(_attr(node, "group", 1))
+        return value.reshape(value.shape[0], value.shape[1], -1), int(attr(node, "group", 1))
     if node.op_type == "Gemm":
-        rows = value if _attr(node, "transB", 0) else value.T
+        rows = value if attr(node, "transB", 0) else value.T
     else:
         rows = value.T if slot == 1 else value
     return rows[:, :, None], 1

@@ -81,7 +81,8 @@ import onnx
 
 from graph_opt.data import batch_layout
 from graph_opt.errors import InvalidModelError
-from graph_opt.model_io import DISK_KEY, all_graphs, check_model, on_disk
+from graph_opt.model_io import DISK_KEY, check_model, on_disk
+from graph_opt.onnx_util import all_graphs, subgraphs
 from graph_opt.opset import RuntimeOpsetError, upgrade_for_runtime
 from graph_opt.pass_base import Pass, PassContext, PassReport
 
@@ -452,8 +453,7 @@ class _Rewriter:
         """Read by a graph output or a subgraph (outer-scope reference)."""
         if any(o.name == name for o in self.model.graph.output):
             return True
-        return any(name in _names(sub) for node in self.model.graph.node
-                   for a in node.attribute for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)))
+        return any(name in _names(sub) for node in self.model.graph.node for sub in subgraphs(node))
 
     def _const(self, name: str) -> np.ndarray | None:
         tensor = self.inits.get(name)
@@ -772,9 +772,8 @@ def _names(graph: onnx.GraphProto) -> set[str]:
     for node in graph.node:
         names.update(node.input)
         names.update(node.output)
-        for a in node.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                names |= _names(sub)
+        for sub in subgraphs(node):
+            names |= _names(sub)
     names.discard("")
     return names
 

@@ -58,7 +58,7 @@ from graph_opt.data import Dataset, random_dataset
 from graph_opt.model_io import copy_model
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._fold import apply_folds, find_folds
-from graph_opt.passes._graph import GraphIndex
+from graph_opt.passes._graph import GraphIndex, check_op_types
 from graph_opt.passes._qplan import QuantPlan
 from graph_opt.passes.quantize.calibration import REDUCE_BATCH, STREAM_BUDGET_BYTES, STREAM_MAX_BATCH, calibrate
 from graph_opt.passes.quantize.emit import apply_plan, report_plan
@@ -112,10 +112,7 @@ class Quantize(Pass):
     def __post_init__(self) -> None:
         if self.target != "host" and self.target not in NAMED_TARGETS:
             raise ValueError(f"unknown target {self.target!r} (known: host, {', '.join(NAMED_TARGETS)})")
-        bad = [op for op in self.op_types if op not in LAYER_OPS]
-        if bad:
-            raise ValueError(f"op_types may only name {', '.join(LAYER_OPS)} (got {', '.join(bad)}); "
-                             "Add/Concat/pooling follow the quantized layers automatically, use exclude to stop them")
+        check_op_types(self, "; Add/Concat/pooling follow the quantized layers automatically, use exclude to stop them")
         if self.block_size is not None and self.block_size < 0:
             raise ValueError("block_size must be >= 0 (0: never blocked, None: automatic)")
         if not 0.0 < self.percentile <= 100.0:

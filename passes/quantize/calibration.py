@@ -48,6 +48,7 @@ from graph_opt.passes.quantize.layers import opset_of
 from graph_opt.passes.quantize.ops import LAYER_OPS, SHARED_OPS
 from graph_opt.progress import progress
 from graph_opt.verify import make_session, release_memory
+from graph_opt.onnx_util import first_line
 
 if TYPE_CHECKING:
     from graph_opt.passes.quantize import Quantize
@@ -461,7 +462,7 @@ def _stream(session, names: list[str], data: Dataset, batch_size: int, desc: str
             try:
                 outs = session.run(names, feed) if names else []
             except Exception as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                first = first_line(exc)
                 raise GraphOptError(f"onnxruntime failed during {desc}: {first[:300]}") from None
             if not batch_size and start == 0:
                 size = batch_bytes(outs) if batch_bytes else sum(int(np.asarray(o).nbytes) for o in outs)

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
-from graph_opt.model_io import subgraphs
+from graph_opt.onnx_util import attr, subgraphs
 from graph_opt.passes._graph import GraphIndex, all_nodes
 from graph_opt.passes._qplan import NodeDecision
 from graph_opt.passes.quantize.ops import LAYER_OPS, QUANTIZED_OPS
@@ -121,7 +121,7 @@ def match_layer(ix: GraphIndex, idx: int) -> Layer | str:
     elif op == "Gemm":
         if wv.ndim != 2:
             return "Gemm weight is not 2-D"
-        trans_b = node_attr(node, "transB", 0)
+        trans_b = attr(node, "transB", 0)
         axis, red = (0, 1) if trans_b else (1, 0)
     else:
         if wv.ndim < 2:
@@ -144,19 +144,11 @@ def match_layer(ix: GraphIndex, idx: int) -> Layer | str:
             layer.bias_float = f"bias shape {bv.shape} is not ({n_out},)"
         elif op == "Gemm" and (bv.shape not in ((n_out,), (1, n_out))):
             layer.bias_float = f"Gemm C of shape {bv.shape} is not one value per output column"
-        elif op == "Gemm" and (node_attr(node, "alpha", 1.0) != 1.0 or node_attr(node, "beta", 1.0) != 1.0):
+        elif op == "Gemm" and (attr(node, "alpha", 1.0) != 1.0 or attr(node, "beta", 1.0) != 1.0):
             layer.bias_float = "Gemm alpha or beta is not 1"
         else:
             layer.bv = bv
     return layer
-
-
-def node_attr(node: onnx.NodeProto, name: str, default):
-    """Attribute `name` of `node`, or `default` when absent."""
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _subgraph_layers(node: onnx.NodeProto) -> int:
@@ -190,7 +182,7 @@ def float_on_input(ix: GraphIndex, layer: Layer) -> str:
     if k < MIN_INT8_REDUCTION:
         return (f"float: reduction of {k} < {MIN_INT8_REDUCTION} products per output on the graph input "
                 "(int8 gains nothing there and the input would need its own QuantizeLinear)")
-    depthwise = shape[1] == 1 and node_attr(ix.nodes[layer.idx], "group", 1) > 1
+    depthwise = shape[1] == 1 and attr(ix.nodes[layer.idx], "group", 1) > 1
     if shape[1] % INT8_CHANNEL_PACK and not depthwise:
         return (f"float: {shape[1]} input channels per group on the graph input, not a multiple of "
                 f"{INT8_CHANNEL_PACK} (onnxruntime's fast int8 convolution takes them in fours; its generic "

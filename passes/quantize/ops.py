@@ -3,8 +3,8 @@ which take their own, which an output QDQ absorbs, and which are already quantiz
 
 from __future__ import annotations
 
-# The layers: a constant weight, quantized with its bias and input.
-LAYER_OPS = ("Conv", "Gemm", "MatMul")
+from graph_opt.passes._graph import LAYER_OPS  # noqa: F401 (the layers: quantized with their bias and input)
+
 # Ops that only move or select values: the outputs share the input's scale (ORT drops the QDQ).
 # Resize only in its default nearest mode (the others interpolate).
 SHARED_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Split", "Slice", "Gather",

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 from graph_opt.kernels.quant import compute_params
 from graph_opt.passes._graph import GraphIndex
 from graph_opt.passes._qplan import NodeDecision, TensorQuant
-from graph_opt.passes.quantize.layers import Layer, excluded, matching_pattern, node_attr
+from graph_opt.onnx_util import attr
+from graph_opt.passes.quantize.layers import Layer, excluded, matching_pattern
 from graph_opt.passes.quantize.ops import ABSORBED_OPS, OWN_OPS, SHARED_OPS
 
 if TYPE_CHECKING:
@@ -123,7 +124,7 @@ class _Placer:
         src, outs = node.input[0], [o for o in node.output if o]
         if not outs or (len(outs) > 1 and op != "Split") or any(self._keep(o) for o in outs):
             return  # (a MaxPool's second output holds int64 indices)
-        if op == "Resize" and node_attr(node, "mode", b"nearest") != b"nearest":
+        if op == "Resize" and attr(node, "mode", b"nearest") != b"nearest":
             return
         self._materialize(src)
         base = pl.acts[src]

@@ -40,6 +40,7 @@ from graph_opt.passes.quantize.layers import Layer, float_on_input, match_layers
 from graph_opt.passes.quantize.placement import Placement, calibration_tensors, place
 from graph_opt.passes.quantize.weights import attach_hessians, block_for, weights_and_biases
 from graph_opt.verify import make_session, release_memory
+from graph_opt.onnx_util import first_line
 
 if TYPE_CHECKING:
     from graph_opt.passes.quantize import Quantize
@@ -217,7 +218,7 @@ def _upgrade_opset(model: onnx.ModelProto, target: int) -> tuple[onnx.ModelProto
             out = onnx.version_converter.convert_version(model, target)
             onnx.checker.check_model(out)
         except Exception as exc:
-            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            text = first_line(exc, 200)
             return f"cannot upgrade opset {current} → {target} (needed by weights): {text}"
         how = "onnx.version_converter"
     try:

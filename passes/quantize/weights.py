@@ -46,7 +46,8 @@ from graph_opt.kernels.quant import (
 )
 from graph_opt.passes._graph import GraphIndex
 from graph_opt.passes._qplan import TensorQuant
-from graph_opt.passes.quantize.layers import Layer, node_attr
+from graph_opt.onnx_util import attr
+from graph_opt.passes.quantize.layers import Layer
 
 if TYPE_CHECKING:
     from graph_opt.passes.quantize import Quantize
@@ -129,7 +130,7 @@ def attach_hessians(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, La
     requests = {}
     for idx, layer in layers.items():
         if layer.op in ("Gemm", "MatMul") and layer.wv.ndim == 2:
-            trans_a = node_attr(ix.nodes[idx], "transA", 0) if layer.op == "Gemm" else 0
+            trans_a = attr(ix.nodes[idx], "transA", 0) if layer.op == "Gemm" else 0
             requests[idx] = (layer.x, 0 if trans_a else -1)
     grams = second_moments(model, data, set(requests.values()))
     done = 0

@@ -10,7 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 import graph_opt.model_io as mio
 from graph_opt import api
 from graph_opt.data import random_dataset
-from graph_opt.model_io import all_graphs, load_model, on_disk, save_model
+from graph_opt.model_io import load_model, on_disk, save_model
+from graph_opt.onnx_util import all_graphs
 from graph_opt.pass_base import PassContext
 from graph_opt.passes.simplify import Simplify
 

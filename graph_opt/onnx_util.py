@@ -1,0 +1,54 @@
+"""Small ONNX utilities every layer uses: node attributes, the default-domain opset, the graphs
+nested in If/Loop/Scan nodes (on an onnx GraphProto and on a graphsurgeon Graph), and the one-line
+text of an exception for user-facing errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import onnx
+import onnx_graphsurgeon as gs
+
+
+def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    """The value of attribute `name` of `node`, or `default` when it is absent."""
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    """The model's version of the default ("" / "ai.onnx") operator set (1 when none is declared)."""
+    return next((int(i.version) for i in model.opset_import if i.domain in ("", "ai.onnx")), 1)
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type's name when the message is empty)."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:limit]
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs `node` holds in its attributes (If branches, Loop and Scan bodies)."""
+    return [g for a in node.attribute
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
+
+
+def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """`graph` and every graph nested in its nodes, at any depth."""
+    yield graph
+    for node in graph.node:
+        for sub in subgraphs(node):
+            yield from all_graphs(sub)
+
+
+def gs_subgraphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """Every graphsurgeon graph nested in `graph`'s nodes, at any depth (not `graph` itself)."""
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            for sub in value if isinstance(value, list) else [value]:
+                if isinstance(sub, gs.Graph):
+                    yield sub
+                    yield from gs_subgraphs(sub)
