@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import onnx
 
 from graph_opt import runtimes
@@ -99,9 +100,7 @@ def verify(original: onnx.ModelProto | str | os.PathLike, candidate: onnx.ModelP
     cand = _model(candidate)
     dataset: Dataset = load_data(data, ref, shapes=shapes, n_random=n_random, seed=seed)
     if labels is not None:
-        import numpy as np
-
-        dataset = dataset.with_labels(np.asarray(labels))
+        dataset = dataset.with_labels(labels if isinstance(labels, (str, os.PathLike)) else np.asarray(labels))
     if runtime == "onnxruntime":
         report = _verify(ref, cand, dataset, tolerances=tolerances, threads=threads, temperature=temperature,
                          kd_alpha=kd_alpha)

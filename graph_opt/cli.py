@@ -20,24 +20,21 @@ import tempfile
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from graph_opt import api, runtimes
-from graph_opt.runtimes import RUNTIMES
-from graph_opt.compare import METRICS, Comparer, NamedPipeline, cli_pipelines
+from graph_opt.compare import METRICS, cli_pipelines
 from graph_opt.data import load_data, parse_shape_spec
-from graph_opt.errors import DataError, GraphOptError, ModelSaveError
-from graph_opt.model_io import load_model, save_model, stored_bytes, write_atomic
-from graph_opt.pipeline import Pipeline
-from graph_opt.registry import catalog, describe, load_recipe, parse_spec, with_simplify
+from graph_opt.errors import GraphOptError, ModelSaveError, PassError
 from graph_opt.intermediates import first_divergence
+from graph_opt.model_io import load_model, save_model, stored_bytes, write_atomic
 from graph_opt.plot import PlotUnavailable
+from graph_opt.registry import catalog, describe, load_recipe, parse_spec
 from graph_opt.report import jsonable, layers_table, parity_table, pipeline_table, stats_text
+from graph_opt.runtimes import RUNTIMES
 from graph_opt.verify import parse_tolerance
-from graph_opt.onnx_util import first_line
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USER_ERROR = 0, 1, 2
 
@@ -189,7 +186,6 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         passes = example.example_recipe()
     elif not passes:
         passes = [parse_spec(s) for s in api.DEFAULT_PASSES]
-    passes = with_simplify(passes, not args.no_simplify)
     if args.model and Path(args.model).is_dir():
         return _optimize_folder(args, passes, shapes, tolerances)
     if args.only:
@@ -202,11 +198,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             raise ModelSaveError(f"refusing to overwrite the input model {source}; choose another output path")
         if not target.resolve().parent.is_dir():
             raise ModelSaveError(f"output directory does not exist: {target.resolve().parent}")
-    pipeline = Pipeline(passes, verify_data=verify_data, calib_data=calib, tolerances=tolerances,
-                        rollback=not args.no_rollback, latency=not args.no_latency, latency_runs=args.latency_runs,
-                        threads=args.threads, seed=args.seed, shapes=shapes)
     runtimes_ = [runtimes.get(name) for name in args.verify_runtime]  # refuse a missing extra before any work
-    result = pipeline.run(model)
+    result = _optimize(args, model, passes, verify_data, calib, shapes, tolerances)
     doc = {"input": str(source), "output": None, **result.to_dict()}
     if runtimes_:
         doc["runtimes"] = {rt.name: _other_runtime(rt, result, verify_data, args) for rt in runtimes_}
@@ -236,6 +229,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _optimize(args, model, passes, verify_data, calib, shapes, tolerances):
+    return api.optimize(model, passes, data=verify_data, calib_data=calib, shapes=shapes, tolerances=tolerances,
+                        rollback=not args.no_rollback, latency=not args.no_latency, latency_runs=args.latency_runs,
+                        threads=args.threads, seed=args.seed, simplify=not args.no_simplify)
+
+
 def _optimize_folder(args, passes, shapes, tolerances) -> int:
     """optimize DIR -o OUTDIR: the recipe on every model of an export folder (graph_opt.folder)."""
     from graph_opt.folder import optimize_folder
@@ -252,9 +251,7 @@ def _optimize_folder(args, passes, shapes, tolerances) -> int:
 
     def run(model, data_path):
         data = load_data(data_path, model, shapes=shapes, n_random=args.samples, seed=args.seed)
-        result = Pipeline(passes, verify_data=data, calib_data=data, tolerances=tolerances,
-                          rollback=not args.no_rollback, latency=not args.no_latency, latency_runs=args.latency_runs,
-                          threads=args.threads, seed=args.seed, shapes=shapes).run(model)
+        result = _optimize(args, model, passes, data, data, shapes, tolerances)
         if not result.passed:  # --no-rollback: one model failing its tolerance writes no folder at all
             stopped.append(result.stopped)
             raise Stopped
@@ -335,8 +332,8 @@ def _write_markdown(args, result, source: Path, status: int) -> Path | None:
 def cmd_compare(args: argparse.Namespace) -> int:
     if args.example == bool(args.model):
         raise GraphOptError("give either MODEL or --example")
-    pipelines = [NamedPipeline(p.name, with_simplify(p.passes, not args.no_simplify))
-                 for p in cli_pipelines(recipes=args.recipe, orders=args.order, permuted=args.permutations)]
+    pipelines = {p.name: p.passes for p in cli_pipelines(recipes=args.recipe, orders=args.order,
+                                                         permuted=args.permutations)}
     shapes = _shapes(args.input_shape)
     tolerances = _tolerances(args.tolerance)
     out_dir = Path(args.out_dir).resolve() if args.out_dir else None
@@ -345,10 +342,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.save_models and out_dir is None:
         raise GraphOptError("--save-models needs --out-dir")
     source, model, verify_data, calib = _model_and_data(args, shapes)
-    comparer = Comparer(pipelines, verify_data=verify_data, calib_data=calib, tolerances=tolerances, metric=args.metric,
-                        latency=not args.no_latency, latency_runs=args.latency_runs, threads=args.threads,
-                        seed=args.seed, shapes=shapes, jobs=args.jobs, backend=args.backend, address=args.address)
-    comparison = comparer.run(model)
+    comparison = api.compare(model, pipelines, data=verify_data, calib_data=calib, shapes=shapes, tolerances=tolerances,
+                             metric=args.metric, latency=not args.no_latency, latency_runs=args.latency_runs,
+                             threads=args.threads, seed=args.seed, jobs=args.jobs, backend=args.backend,
+                             simplify=not args.no_simplify, address=args.address)
     doc: dict[str, Any] = {"input": str(source), **comparison.to_dict(), "files": {}, "plot_skipped": None}
     skipped = ""
     if out_dir is not None:
@@ -386,16 +383,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     original = load_model(args.original)
     candidate = load_model(args.candidate)
     data = load_data(args.data, original, shapes=shapes, n_random=args.samples, seed=args.seed)
-    if args.labels:
-        try:
-            labels = np.load(args.labels, allow_pickle=False)
-        except Exception as exc:
-            raise DataError(f"cannot read labels {args.labels}: {first_line(exc)}") from None
-        if len(labels) != len(data):
-            raise DataError(f"{len(labels)} labels for {len(data)} samples")
-        data = data.with_labels(labels)
     features = [tuple(f.split("=", 1)) if "=" in f else f for f in args.feature]
-    report = api.verify(original, candidate, data=data, tolerances=tolerances, threads=args.threads,
+    report = api.verify(original, candidate, data=data, labels=args.labels, tolerances=tolerances, threads=args.threads,
                         temperature=args.temperature, kd_alpha=args.kd_alpha, layers=args.layers, features=features,
                         runtime=args.runtime)
     first = first_divergence(report.layers, args.diverge_snr) if args.layers else None
@@ -442,6 +431,7 @@ COMMANDS = {"optimize": cmd_optimize, "compare": cmd_compare, "verify": cmd_veri
 
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
+    args = None
     try:
         args = parser.parse_args(argv)
         logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="graph-opt: %(message)s")
@@ -451,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except GraphOptError as exc:
         print(f"graph-opt: error: {exc}", file=sys.stderr)
+        if isinstance(exc, PassError) and exc.internal:
+            if args is not None and args.verbose:
+                traceback.print_exception(exc.__cause__ or exc, file=sys.stderr)
+            else:
+                print("graph-opt: rerun with -v for the traceback, and please report it", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("graph-opt: interrupted", file=sys.stderr)

@@ -34,7 +34,6 @@ import hashlib
 import itertools
 import logging
 import multiprocessing
-import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -45,17 +44,23 @@ from typing import Any, Literal
 import onnx
 
 from graph_opt.data import Dataset
-from graph_opt.errors import DataError, GraphOptError, InvalidModelError, SpecError
-from graph_opt.opset import RuntimeOpsetError, runnable_original
+from graph_opt.errors import DataError, GraphOptError, SpecError
+from graph_opt.onnx_util import first_line
 from graph_opt.pass_base import Pass, PassContext, PassReport
-from graph_opt.pipeline import PipelineResult, StepRecord, check_candidate
+from graph_opt.pipeline import (
+    PipelineResult,
+    StepOutcome,
+    StepRecord,
+    reference_for,
+    run_step,
+    step_record,
+)
 from graph_opt.plot import Point, pareto_front, plot_front
 from graph_opt.progress import progress
 from graph_opt.registry import load_recipe, parse_spec
 from graph_opt.report import _step_row, jsonable, table
 from graph_opt.stats import ModelStats, measure_latency, model_stats
 from graph_opt.verify import ParityReport, Reference
-from graph_opt.onnx_util import first_line
 
 log = logging.getLogger(__name__)
 
@@ -206,13 +211,17 @@ class _Node:
             self.blob = self.model.SerializeToString()
         return self.blob
 
-    def prefix(self) -> str:
+    def specs(self) -> list[str]:
+        """The specs of the steps from the original to here."""
         specs = []
         node = self
         while node.step is not None:
             specs.append(node.step.spec())
             node = node.parent
-        return " ".join(reversed(specs))
+        return specs[::-1]
+
+    def prefix(self) -> str:
+        return " ".join(self.specs())
 
 
 def _tree(pipelines: list[NamedPipeline]) -> tuple[_Node, list[_Node], list[list[_Node]]]:
@@ -237,18 +246,6 @@ def _tree(pipelines: list[NamedPipeline]) -> tuple[_Node, list[_Node], list[list
 
 # ---- one step (runs wherever the backend puts it) ----
 
-@dataclass
-class _Outcome:
-    modified: bool
-    report: PassReport
-    seconds: float
-    accepted: bool = True
-    reason: str = ""
-    parity: ParityReport | None = None
-    stats: ModelStats | None = None
-    model: onnx.ModelProto | bytes | None = None  # None: the step hands on its input model
-
-
 class _Runner:
     """Runs one pass on one model against the original: the body of `Pipeline.run`'s loop."""
 
@@ -257,20 +254,11 @@ class _Runner:
         self.original, self.reference, self.calib = original, reference, calib
         self.tolerances, self.threads, self.seed, self.shapes = tolerances, threads, seed, shapes
 
-    def step(self, p: Pass, model: onnx.ModelProto, history: list[PassReport]) -> _Outcome:
+    def step(self, p: Pass, model: onnx.ModelProto, history: list[PassReport], before: list[str]) -> StepOutcome:
         ctx = PassContext(data=self.calib, original=self.original, history=list(history), seed=self.seed,
                           shapes=self.shapes)
-        start = time.perf_counter()
-        result = p(model, ctx)
-        out = _Outcome(result.modified, result.report, time.perf_counter() - start)
-        if not result.modified:
-            return out
-        problem, out.parity = check_candidate(result.model, self.reference, self.tolerances, threads=self.threads)
-        if problem is not None:
-            out.accepted, out.reason = False, problem
-            return out
-        out.model, out.stats = result.model, model_stats(result.model, shapes=self.shapes)
-        return out
+        return run_step(p, model, ctx, self.reference, self.tolerances, threads=self.threads, shapes=self.shapes,
+                        before=before)
 
 
 @dataclass
@@ -301,31 +289,23 @@ def _worker_init(setup: _Setup) -> None:
     _WORKER[setup.token] = setup.runner()
 
 
-def _remote_step(setup: _Setup | str, p: Pass, blob: bytes, history: list[PassReport]) -> _Outcome:
+def _remote_step(setup: _Setup | str, p: Pass, blob: bytes, history: list[PassReport], before: list[str]) -> StepOutcome:
     """A step in a worker: the model comes and goes as bytes."""
     token = setup if isinstance(setup, str) else setup.token
     if token not in _WORKER:  # a Ray worker meets this comparison for the first time
         assert not isinstance(setup, str)
         _worker_init(setup)
-    out = _WORKER[token].step(p, onnx.ModelProto.FromString(blob), history)
+    out = _WORKER[token].step(p, onnx.ModelProto.FromString(blob), history, before)
     if isinstance(out.model, onnx.ModelProto):
         out.model = out.model.SerializeToString()
     return out
 
 
-def _apply(node: _Node, out: _Outcome) -> None:
+def _apply(node: _Node, out: StepOutcome) -> None:
     """Turn a step's outcome into the node's record, exactly as `Pipeline.run` records a step."""
     parent, p = node.parent, node.step
-    rec = StepRecord(p.name, p.spec(), modified=out.modified, accepted=out.accepted, reason=out.reason,
-                     seconds=out.seconds, report=out.report)
-    if out.model is None:  # no rewrite, or rolled back: the parent's model, stats (and parity) go on
-        rec.model, rec.stats = parent.model, parent.record.stats
-        rec.parity = parent.parity if out.accepted else out.parity
-        node.history = parent.history
-    else:
-        rec.model = out.model if isinstance(out.model, onnx.ModelProto) else onnx.ModelProto.FromString(out.model)
-        rec.stats, rec.parity = out.stats, out.parity
-        node.history = [*parent.history, out.report]
+    rec = step_record(p, out, parent.record, parent.parity)
+    node.history = parent.history if out.model is None else [*parent.history, out.report]
     node.record = rec
     node.parity = rec.parity if rec.accepted else parent.parity
     if not rec.accepted:
@@ -336,7 +316,7 @@ def _apply(node: _Node, out: _Outcome) -> None:
 
 def _run_here(nodes: list[_Node], runner: _Runner) -> Iterator[_Node]:
     for node in nodes:
-        _apply(node, runner.step(node.step, node.parent.model, node.parent.history))
+        _apply(node, runner.step(node.step, node.parent.model, node.parent.history, node.parent.specs()))
         yield node
 
 
@@ -348,7 +328,7 @@ def _run_processes(root: _Node, setup: _Setup, jobs: int) -> Iterator[_Node]:
 
         def submit(node: _Node) -> None:
             for child in node.children.values():
-                pending[pool.submit(_remote_step, setup.token, child.step, node.serialized(), node.history)] = child
+                pending[pool.submit(_remote_step, setup.token, child.step, node.serialized(), node.history, node.specs())] = child
 
         try:
             submit(root)
@@ -391,7 +371,7 @@ def _run_ray(root: _Node, setup: _Setup, jobs: int, address: str | None = None) 
 
         def submit(node: _Node) -> None:
             for child in node.children.values():
-                pending[remote.remote(setup_ref, child.step, node.serialized(), node.history)] = child
+                pending[remote.remote(setup_ref, child.step, node.serialized(), node.history, node.specs())] = child
 
         submit(root)
         while pending:
@@ -459,20 +439,9 @@ class Comparer:
 
     def run(self, original: onnx.ModelProto) -> Comparison:
         root, nodes, paths = _tree(self.pipelines)
-        upgraded = ""
-        try:  # an input onnxruntime refuses cannot be verified: say so, instead of blaming every pass
-            reference = Reference(original, self.verify_data, threads=self.threads)
-        except InvalidModelError as exc:
-            # unless every pipeline starts with `simplify`, which converts an opset onnxruntime does not run
-            firsts = [p.passes[0] if p.passes else None for p in self.pipelines]
-            try:
-                original, upgraded = runnable_original(original, firsts[0], self.shapes) if all(
-                    getattr(f, "upgrade_opset", False) for f in firsts) else (original, "")
-            except RuntimeOpsetError as why:
-                raise InvalidModelError(f"the input model cannot be verified: {why}") from None
-            if not upgraded:
-                raise InvalidModelError(f"the input model cannot be verified: {exc}") from None
-            reference = Reference(original, self.verify_data, threads=self.threads)
+        original, reference, upgraded = reference_for(original, self.verify_data,
+                                                      [p.passes[0] if p.passes else None for p in self.pipelines],
+                                                      threads=self.threads, shapes=self.shapes)
         baseline = StepRecord("original", "original", stats=model_stats(original, shapes=self.shapes), model=original,
                               reason=upgraded)
         baseline.parity = reference.compare(original)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -256,7 +257,15 @@ class Dataset:
         size = self.fixed or 1
         return self.slice(index * size, (index + 1) * size)
 
-    def with_labels(self, labels: np.ndarray | None) -> Dataset:
+    def with_labels(self, labels: np.ndarray | str | os.PathLike | None) -> Dataset:
+        """This data with `labels` (an array, or a .npy file of one label per sample)."""
+        if labels is not None and not isinstance(labels, np.ndarray):
+            try:
+                labels = np.load(labels, allow_pickle=False)
+            except Exception as exc:
+                raise DataError(f"cannot read labels {labels}: {first_line(exc)}") from None
+        if labels is not None and len(labels) != len(self):
+            raise DataError(f"{len(labels)} labels for {len(self)} samples")
         return replace(self, labels=labels)
 
     def laid_out(self, model: onnx.ModelProto) -> Dataset:

@@ -30,3 +30,18 @@ class DataError(GraphOptError):
 
 class InvalidModelError(GraphOptError):
     """A model fails onnx.checker, shape inference, or onnxruntime's loader."""
+
+
+class PassError(GraphOptError):
+    """A pass raised instead of returning: the message names the pass and the steps run before it.
+
+    ``internal`` is True when the cause is not a `GraphOptError`, i.e. a bug in graph-opt; the
+    original exception stays the ``__cause__`` (the CLI prints its traceback with ``-v``)."""
+
+    def __init__(self, message: str, pass_name: str = "", internal: bool = False):
+        super().__init__(message)
+        self.pass_name = pass_name
+        self.internal = internal
+
+    def __reduce__(self):  # crosses process boundaries (compare's workers) with its fields
+        return type(self), (str(self), self.pass_name, self.internal)

@@ -18,14 +18,16 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import onnx
 
 from graph_opt.data import Dataset
-from graph_opt.errors import GraphOptError, InvalidModelError
+from graph_opt.errors import GraphOptError, InvalidModelError, PassError
 from graph_opt.model_io import check_model, has_disk_weights, spill, spill_dir
+from graph_opt.onnx_util import first_line
 from graph_opt.opset import RuntimeOpsetError, runnable_original
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.progress import progress
@@ -112,6 +114,95 @@ def check_candidate(candidate: onnx.ModelProto, reference: Reference | None, tol
     return None, parity
 
 
+@dataclass
+class StepOutcome:
+    """What one step did: the pass's report and, when accepted, the model it produced."""
+
+    modified: bool
+    report: PassReport
+    seconds: float
+    accepted: bool = True
+    reason: str = ""
+    parity: ParityReport | None = None
+    stats: ModelStats | None = None
+    model: onnx.ModelProto | bytes | None = None  # None: the step hands on its input model
+
+
+def reference_for(original: onnx.ModelProto, verify_data: Dataset | None, firsts: Sequence[Pass | None], *,
+                  threads: int = 1, shapes: dict[str, tuple[int, ...]] | None = None
+                  ) -> tuple[onnx.ModelProto, Reference | None, str]:
+    """(original, reference, note): what every step is verified against (None without data: the
+    original is only loaded). An input onnxruntime refuses is refused with the reason, unless each
+    pipeline's first pass (`firsts`) converts opsets (`simplify`) and the converted model verifies:
+    it is then the original, and `note` says so."""
+    def reference(model: onnx.ModelProto) -> Reference | None:
+        if verify_data is None:
+            make_session(model, threads=threads)
+            return None
+        return Reference(model, verify_data, threads=threads)
+
+    try:
+        return original, reference(original), ""
+    except InvalidModelError as exc:
+        first = firsts[0] if firsts and all(getattr(f, "upgrade_opset", False) for f in firsts) else None
+        try:
+            upgraded, note = runnable_original(original, first, shapes)
+        except RuntimeOpsetError as why:
+            raise InvalidModelError(f"the input model cannot be verified: {why}") from None
+        if not note:
+            raise InvalidModelError(f"the input model cannot be verified: {exc}") from None
+        return upgraded, reference(upgraded), note
+
+
+def run_step(p: Pass, model: onnx.ModelProto, ctx: PassContext, reference: Reference | None,
+             tolerances: dict[str, float], *, threads: int = 1, shapes: dict[str, tuple[int, ...]] | None = None,
+             before: Sequence[str] = (), keep: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None
+             ) -> StepOutcome:
+    """Run `p` on `model` and check its output (`check_candidate`): the one step of `Pipeline.run`
+    and of `compare`. `before` names the steps run before it (for the error message); `keep` is
+    applied to a new model before it is verified (a pipeline over 2 GB spills its weights to disk).
+    An exception inside the pass is raised as `PassError` naming the pass and those steps."""
+    start = time.perf_counter()
+    try:
+        result = p(model, ctx)
+    except Exception as exc:
+        internal = not isinstance(exc, GraphOptError)
+        where = f"after {' -> '.join(before)}" if before else "the first step"
+        what = f"{type(exc).__name__}: {first_line(exc)} (a bug in graph-opt)" if internal else first_line(exc)
+        raise PassError(f"pass {p.spec()} failed ({where}): {what}", p.name, internal) from exc
+    out = StepOutcome(result.modified, result.report, 0.0)
+    candidate = result.model if result.modified else None
+    del result
+    if candidate is not None and keep is not None:
+        candidate = keep(candidate)
+    # graphsurgeon graphs are reference cycles: a pass's working copy of every weight
+    # lives until the cyclic collector runs, which may be never before the next pass
+    gc.collect()
+    out.seconds = time.perf_counter() - start
+    if candidate is None:
+        return out
+    problem, out.parity = check_candidate(candidate, reference, tolerances, threads=threads)
+    if problem is not None:
+        out.accepted, out.reason = False, problem
+        return out
+    out.model, out.stats = candidate, model_stats(candidate, shapes=shapes)
+    return out
+
+
+def step_record(p: Pass, out: StepOutcome, previous: StepRecord, parity: ParityReport | None) -> StepRecord:
+    """The record of a step from its outcome. A step that changed nothing, or was rolled back,
+    hands on `previous`'s model and stats; `parity` is that of the last accepted step."""
+    rec = StepRecord(p.name, p.spec(), modified=out.modified, accepted=out.accepted, reason=out.reason,
+                     seconds=out.seconds, report=out.report)
+    if out.model is None:
+        rec.model, rec.stats = previous.model, previous.stats
+        rec.parity = parity if out.accepted else out.parity
+    else:
+        rec.model = out.model if isinstance(out.model, onnx.ModelProto) else onnx.ModelProto.FromString(out.model)
+        rec.stats, rec.parity = out.stats, out.parity
+    return rec
+
+
 class Pipeline:
     """An ordered list of configured passes with verification against the original model."""
 
@@ -133,18 +224,8 @@ class Pipeline:
     def run(self, original: onnx.ModelProto) -> PipelineResult:
         for p in self.passes:
             p.preflight()
-        upgraded = ""
-        try:  # an input onnxruntime refuses cannot be verified: say so, instead of blaming every pass
-            reference = self._reference(original)
-        except InvalidModelError as exc:
-            # unless the pipeline starts with `simplify`, which converts an opset onnxruntime does not run
-            try:
-                original, upgraded = runnable_original(original, self.passes[0] if self.passes else None, self.shapes)
-            except RuntimeOpsetError as why:
-                raise InvalidModelError(f"the input model cannot be verified: {why}") from None
-            if not upgraded:
-                raise InvalidModelError(f"the input model cannot be verified: {exc}") from None
-            reference = self._reference(original)
+        original, reference, upgraded = reference_for(original, self.verify_data, [self.passes[0] if self.passes else None],
+                                                      threads=self.threads, shapes=self.shapes)
         baseline = StepRecord("original", "original", stats=self._stats(original), model=original, reason=upgraded)
         if reference is not None:
             baseline.parity = reference.compare(original)
@@ -152,39 +233,21 @@ class Pipeline:
         # A model whose weights stay on disk (over 2 GB) keeps each step's weights on disk too: a
         # step in memory would cost a copy of the weights next to onnxruntime's while verifying.
         spill_to = spill_dir() if has_disk_weights(original) else None
-        current, current_parity, current_stats = original, baseline.parity, baseline.stats
+        current, current_parity = original, baseline.parity
         steps: list[StepRecord] = []
         stopped = ""
         for p in progress(self.passes, total=len(self.passes), desc="passes"):
-            step = StepRecord(p.name, p.spec())
-            start = time.perf_counter()
-            result = p(current, ctx)
-            step.report, step.modified = result.report, result.modified
-            candidate = result.model if result.modified else current
-            del result
-            if candidate is not current and spill_to is not None:
-                candidate = spill(candidate, spill_to)  # its new weights go to disk, out of memory
-            # graphsurgeon graphs are reference cycles: a pass's working copy of every weight
-            # lives until the cyclic collector runs, which may be never before the next pass
-            gc.collect()
-            step.seconds = time.perf_counter() - start
-            if step.modified:
-                problem, step.parity = check_candidate(candidate, reference, self.tolerances, threads=self.threads)
-                if step.parity is not None and step.parity.violations and not self.rollback:
-                    stopped = f"{p.name}: {problem}"
-                if problem is not None:
-                    step.accepted, step.reason = False, problem
-                    log.warning("%s rolled back: %s", p.name, problem)
-                    candidate = current
-            if candidate is current:
-                step.parity = step.parity if not step.accepted else current_parity
-                step.stats = current_stats
-            else:
-                step.stats = self._stats(candidate)
-                ctx.history.append(step.report)
-            step.model = candidate
+            out = run_step(p, current, ctx, reference, self.tolerances, threads=self.threads, shapes=self.shapes,
+                           before=[s.spec for s in steps], keep=(lambda m: spill(m, spill_to)) if spill_to else None)
+            if not out.accepted:
+                log.warning("%s rolled back: %s", p.name, out.reason)
+                if out.parity is not None and out.parity.violations and not self.rollback:
+                    stopped = f"{p.name}: {out.reason}"
+            step = step_record(p, out, steps[-1] if steps else baseline, current_parity)
             steps.append(step)
-            current, current_stats = candidate, step.stats
+            if step.model is not current:
+                ctx.history.append(step.report)
+                current = step.model
             if step.accepted:
                 current_parity = step.parity
             if stopped:
@@ -193,12 +256,6 @@ class Pipeline:
         if self.latency:
             self._measure_latency(result)
         return result
-
-    def _reference(self, original: onnx.ModelProto) -> Reference | None:
-        reference = Reference(original, self.verify_data, threads=self.threads) if self.verify_data is not None else None
-        if reference is None:
-            make_session(original, threads=self.threads)
-        return reference
 
     def _stats(self, model: onnx.ModelProto) -> ModelStats:
         return model_stats(model, shapes=self.shapes)  # over 2 GB it infers shapes on a weightless copy

@@ -1,83 +1,57 @@
 """Streaming activation-range observers for calibration: numbers in, numbers out (numpy only).
 
-An observer is fed one batch at a time (``update``) and keeps a fixed amount of state, whatever
-the number of batches, so calibration never holds every intermediate tensor in memory.
-``range(method=...)`` turns the state into a real range ``(lo, hi)`` for ``quant.compute_params``
-(which widens it to include 0). Two observers of the same kind combine with ``merge``.
+An observer is fed one batch at a time (``update``) and keeps a fixed amount of state, so
+calibration never holds every intermediate tensor. ``range(method=...)`` gives a real range
+``(lo, hi)`` for ``quant.compute_params`` (which widens it to include 0); ``merge`` combines two.
 
-``MinMaxObserver`` keeps the running min and max: streaming is exactly the batch result.
+``MinMaxObserver``: the running min and max, exactly the batch result.
 
-``HistogramObserver`` keeps the running min/max plus a histogram of fixed size.
+``HistogramObserver``: the running min/max and a fixed-size histogram on a power-of-two grid
+anchored at zero. ``2N`` bins (``N = bins_per_side``, default 4096) of width ``w = 2^e`` cover
+``[−N·w, N·w)``, ``e`` the smallest integer with ``max|x| < N·2^e``. When a batch exceeds the
+range, ``e`` grows by ``k`` and each ``2^k`` adjacent bins merge into one; since
+``floor(floor(x/w)/2^k) = floor(x/(w·2^k))`` and ``x / 2^e`` is exact in floating point, the
+histogram after any sequence of batches (or ``merge``) is bit-identical to that of the
+concatenated data, and so is every derived range. Resolution: ``[0, max|x|]`` spans N/2 to N
+bins; thresholds are resolved to one bin ``w ≤ 2·max|x|/N``. Zero is a bin edge, so the |x|
+histogram folds the two halves exactly. Non-finite values are skipped (``n_nonfinite``); exact
+zeros are counted apart (``n_zero``): representable whatever the range, entropy and mse leave them
+out (the spike of zeros after a ReLU would drag the threshold down); percentile counts them.
 
-Histogram design — a power-of-two grid anchored at zero:
+Range methods (``symmetric=True`` works on |x| and clips the observed ``[min, max]`` to
+``[−T, T]``; ``symmetric=False`` works on signed values):
 
-- ``2N`` bins (``N = bins_per_side``, a power of two, default 4096) of width ``w = 2^e`` cover
-  ``[−N·w, N·w)``; bin ``i`` (``−N ≤ i < N``) holds ``x`` with ``floor(x / w) = i``. ``e`` is the
-  smallest integer with ``max|x| < N·2^e``: a function of the largest magnitude seen, nothing else.
-- When a batch exceeds the covered range, ``e`` grows by ``k`` and each group of ``2^k`` adjacent
-  bins merges into one. Because the edges are multiples of a power of two anchored at 0, a coarse
-  bin is *exactly* the union of the fine bins it replaces: re-binning loses nothing relative to
-  having used the coarse grid from the start (``floor(floor(x/w)/2^k) = floor(x/(w·2^k))``), and
-  ``x / 2^e`` is exact in floating point. Hence the histogram after any sequence of batches — or
-  after ``merge`` — is bit-identical to the histogram of the concatenated data, and every range
-  derived from it is identical too (stronger than the "within one bin" one might expect).
-- The price is resolution: ``max|x|`` lands in the upper half of the covered range, so
-  ``[0, max|x|]`` spans between ``N/2`` and ``N`` bins (≥ 2048 by default); derived thresholds are
-  resolved to one bin ``w ≤ 2·max|x|/N``. Zero is always a bin edge, so the |x| histogram is the
-  fold of the two halves, with no approximation.
-- Non-finite values (NaN, ±inf) are skipped and counted in ``n_nonfinite``. Exact zeros are
-  also counted apart (``n_zero``): they are exactly representable whatever the range, so entropy
-  and mse leave them out (otherwise the spike of zeros after a ReLU dominates KL and drags the
-  threshold down); percentile counts them as data.
-
-Range methods (``symmetric=True`` works on |x|, giving a threshold ``T``; the returned range is
-the observed ``[min, max]`` clipped to ``[−T, T]``; ``symmetric=False`` works on signed values):
-
-- ``minmax``: the exact observed min and max.
+- ``minmax``: the observed min and max.
 - ``percentile``: ``T`` is the ``p``-th percentile of |x| (linear inside a bin). Asymmetric: the
-  ``100 − p`` % tail mass is split evenly between the two tails, or put on the one populated side
-  of one-sided data (e.g. after ReLU).
-- ``entropy`` (the KL-divergence criterion of TensorRT's int8 calibration, implemented from the
-  idea): for each candidate ``T`` = an edge ``i·w`` with ``i ≥ M`` (``M`` = number of quantized
-  levels on the side: 128 for symmetric int8), the reference ``P`` is the |x| histogram up to
-  ``T`` with all the mass beyond ``T`` added to its last bin (what clipping does); ``Q`` merges
-  the unclipped bins below ``T`` into ``M`` contiguous groups and spreads each group's mass
-  evenly over the group's non-empty bins (what quantizing does). ``Q`` is mixed with a
-  ``1e−8`` share of uniform mass so that clipped mass falling where ``Q`` is empty costs a
-  finite, logarithmic penalty. The ``T`` minimizing ``KL(P‖Q)`` wins (ties: the larger ``T``);
-  every bin edge is a candidate, each scored in O(M) from prefix sums (a float32 screen of all
-  of them, then float64 for those within the screen's error bound of its best: the same choice
-  as float64 throughout, at about 0.7 of its cost). ``T`` is never below
-  ``M`` bins: a linear histogram cannot see finer, so with outliers at ``A`` the threshold
-  cannot drop below about ``A·M/N`` (``A/32`` by default for int8).
-  Asymmetric: each side is searched on its own with ``L/2`` levels (``L`` levels in all), or
-  ``L`` levels for one-sided data.
-- ``mse``: minimizes the expected squared error of quantize→dequantize over the histogram, each
-  bin's mass at its centre: values inside ``[lo, hi]`` cost ``Δ²/12`` (rounding noise, ``Δ`` the
-  grid step: ``T/k`` symmetric with ``k = L/2 − 1``, ``(hi − lo)/(L − 1)`` asymmetric), values
-  outside cost their squared distance to the clip point; exact zeros cost nothing. Symmetric:
-  every edge is tried. Asymmetric: a grid of at most 256×256 ``(lo, hi)`` edge pairs, then every
-  pair between the best one's grid neighbours (a local refinement: on a multi-modal objective
-  the global optimum could in principle be missed). Squared error weighs outliers heavily: with
-  a share ``f`` of the data at ``A``, the optimum is about ``T = A·f / (f + 1/(12k²))``, so MSE
-  clips far below ``A`` only when ``f ≪ 1/(12k²)`` (≈ 5e−6 for symmetric 8 bits: one value in
-  10⁶ gives ``T ≈ 0.16·A``); percentile and entropy do not weigh the outliers' distance.
+  ``100 − p`` % tail mass is split evenly between the tails, or put on the populated side of
+  one-sided data.
+- ``entropy`` (the KL criterion of TensorRT's int8 calibration, implemented from the idea): for
+  each candidate edge ``T = i·w``, ``i ≥ M`` (``M`` levels on the side: 128 for symmetric int8),
+  ``P`` is the |x| histogram up to ``T`` with the mass beyond it added to the last bin (clipping);
+  ``Q`` merges the bins below ``T`` into ``M`` groups, each group's mass spread evenly over its
+  non-empty bins (quantizing), mixed with a ``1e−8`` share of uniform mass so that clipped mass
+  where ``Q`` is empty costs a finite penalty. The ``T`` minimizing ``KL(P‖Q)`` wins (ties: the
+  larger). Every edge is scored in O(M) from prefix sums (a float32 screen, then float64 for
+  those within the screen's error bound of its best: the float64 choice). Asymmetric: each side
+  on its own with ``L/2`` levels, or ``L`` for one-sided data.
+- ``mse``: the expected squared error of quantize→dequantize over the histogram (each bin's mass
+  at its centre): ``Δ²/12`` inside ``[lo, hi]`` (``Δ = T/k``, ``k = L/2 − 1`` symmetric;
+  ``(hi − lo)/(L − 1)`` asymmetric), the squared distance to the clip point outside, nothing for
+  exact zeros. Symmetric: every edge is tried. Asymmetric: a grid of at most 256×256 edge pairs,
+  then every pair between the best one's grid neighbours (local: a multi-modal objective's global
+  optimum could be missed). With a share ``f`` of the data at ``A`` the optimum is about
+  ``T = A·f / (f + 1/(12k²))``: MSE clips far below ``A`` only when ``f ≪ 1/(12k²)``.
 
-Precision of the histogram methods: one bin ``w`` (for percentile, plus the sampling noise of
-the data itself).
+Precision of the histogram methods: one bin ``w`` (percentile: plus the data's sampling noise).
 
-Per-feature floor (``feature_axis``): a histogram pools every feature (channel) of a tensor, so a
-clipping method cannot tell rare spikes from a feature that is large *on every input* (the
-outlier dimensions of a transformer's hidden states, a few features far above the others).
-Clipping such a feature distorts it on every sample, not on a few. With
-``feature_axis`` set, the observer also keeps, per feature ``c``, the smallest per-sample maximum
+Per-feature floor (``feature_axis``): a pooled histogram cannot tell rare spikes from a feature
+that is large on every input (a transformer's outlier dimensions), which clipping would distort on
+every sample. The observer then also keeps per feature ``c`` the smallest per-sample maximum
 ``top_c = min_s max x[s, c, …]`` and the largest per-sample minimum ``bottom_c`` (axis 0 indexes
-the samples; two small vectors, exact under streaming and merging like min/max). Each clipped
-range is then widened to ``[min(lo, min_c bottom_c), max(hi, max_c top_c)]``: no feature is cut
-below the value it reaches in every sample. ``minmax`` never clips, so it is unaffected. A NaN
-in a sample's feature leaves that sample out for that feature; the floor never exceeds the
-observed finite ``[min, max]``; a feature axis whose length changes between batches drops the
-floor.
+samples; exact under streaming and merging), and widens each clipped range to
+``[min(lo, min_c bottom_c), max(hi, max_c top_c)]``. A NaN leaves that sample out for that
+feature; the floor never exceeds the observed finite ``[min, max]``; a feature axis whose length
+changes between batches drops the floor.
 """
 
 from __future__ import annotations

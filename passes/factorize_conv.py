@@ -27,13 +27,10 @@ is ``‖(K − K̂) ×₂ R‖``: Tucker-2 of ``K ×₂ R``, the first 1×1 mapp
 (`kernels.lowrank.whitened_tucker2`; per group with the group's block of C). Exact at full ranks;
 the rewrite reports ``whitened tucker2``. CP and spatial SVD truncate the kernel.
 
-Grouped convs (group G, at least 2 input channels per group) are factorized per group with one
-rank for all groups: every factor conv is grouped (G groups; CP's depthwise convs have G·R), so
-the chain is exact when each group's factors are. Depthwise convs are skipped, and so are 1×1
-convs (``factorize_gemm`` splits them by SVD). ``auto_pad`` SAME_UPPER/SAME_LOWER/VALID is handled:
-padding is decided per spatial axis from that axis's input size, kernel, stride and dilation, so
-it is copied to the factor convs that carry those (Tucker's core; CP's and spatial SVD's
-vertical and horizontal convs), whose other axes have kernel 1 and stride 1, hence no padding.
+Grouped convs (≥ 2 input channels per group) are factorized per group, one rank for all groups,
+every factor conv grouped: exact when each group's factors are. ``auto_pad`` is copied to the
+factor convs that carry the kernel's spatial axes (its padding is decided per axis; the others
+have kernel 1 and stride 1, hence no padding).
 
 Rank selection (one rule): ``rank=`` (absolute; Tucker-2 uses it for both ranks, capped at O/G
 and I/G), ``rank_ratio=`` (of each full rank: (O/G, I/G) for Tucker-2, min(I·kh, O·kw) per group
@@ -41,11 +38,10 @@ for spatial SVD, the break-even rank for CP), ``energy=`` (Σσ² share of each 
 of M for spatial SVD; the largest over groups), ``params_ratio=``/``macs_ratio=`` (per-layer
 budget; Tucker-2 ranks stay proportional to (O, I)), ``rank=auto`` (Empirical VBMF on the
 unfoldings, Kim et al. 2016; on M for spatial SVD). CP takes neither ``energy`` nor ``auto``.
-**Default: ``macs_ratio=0.5``** with ranks aligned to 16 and the latency gate on: Tucker-2 on
-wide k×k convs runs at a little above its MAC ratio, while ranks off a multiple of 16 break
-onnxruntime's blocked layout and gain nothing (docs/design.md, facts 2-3). ``align`` rounds a target rank up to a multiple of 16, a budget rank down to one
-(up to 16 when below it), keeping the aligned ranks only when they still save; an explicit
-``rank=`` is never changed.
+**Default: ``macs_ratio=0.5``**, ranks aligned to 16, latency gate on: ranks off a multiple of 16
+break onnxruntime's blocked layout (docs/design.md, facts 2-3). ``align`` rounds a target rank up
+to a multiple of 16, a budget rank down (up to 16 below it), kept only when it still saves; an
+explicit ``rank=`` is never changed.
 
 Shapes for MACs come from the model with every input bound to batch 1 (dynamic non-batch dims from
 the calibration data when given). A layer whose shapes cannot be inferred is skipped when

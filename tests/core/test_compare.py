@@ -14,7 +14,7 @@ from builders import run_cli as _run, small_cnn
 import graph_opt
 from graph_opt.compare import Comparer, NamedPipeline, cli_pipelines, named_pipelines, parse_ordering
 from graph_opt.data import random_dataset
-from graph_opt.errors import GraphOptError, SpecError
+from graph_opt.errors import GraphOptError, PassError, SpecError
 from graph_opt.pass_base import Pass
 from graph_opt.pipeline import Pipeline
 from graph_opt.plot import pareto_front
@@ -263,3 +263,45 @@ def test_ray_backend_attaches_to_a_running_cluster():
             _comparer(ORDERS[:2], model, address=f"127.0.0.1:{port}")
     finally:
         subprocess.run([str(ray_cli), "stop", "--force"], capture_output=True, timeout=120)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Crash(Pass):
+    """Raises inside the pass: a bug (ZeroDivisionError) or a user-facing GraphOptError."""
+
+    name: ClassVar[str] = "crash"
+    user: bool = False
+
+    def run(self, model, report, ctx):
+        if self.user:
+            raise GraphOptError("calibration data has no input 'x'")
+        return 1 / 0
+
+
+def test_an_exception_inside_a_pass_names_the_pass_and_the_steps_before_it():
+    import pickle
+
+    model = small_cnn()
+    with pytest.raises(PassError) as err:
+        _comparer([[Tally(tag="c"), Tally(tag="b"), Crash()]], model).run(model)
+    assert str(err.value).startswith("pass crash failed (after tally:tag=c -> tally:tag=b): ZeroDivisionError")
+    assert err.value.internal and err.value.pass_name == "crash"
+    back = pickle.loads(pickle.dumps(err.value))  # as it comes back from a worker process
+    assert (str(back), back.pass_name, back.internal) == (str(err.value), "crash", True)
+    with pytest.raises(PassError) as err:  # the same step function under Pipeline.run
+        Pipeline([Crash(user=True)], verify_data=random_dataset(model, 4), latency=False).run(model)
+    assert str(err.value) == "pass crash:user=True failed (the first step): calibration data has no input 'x'"
+    assert not err.value.internal
+
+
+def test_cli_prints_the_failing_pass_in_one_line_and_the_traceback_only_with_v(tmp_path, model_path, monkeypatch,
+                                                                              capsys):
+    import graph_opt.passes.cleanup as cleanup
+
+    monkeypatch.setattr(cleanup.Cleanup, "run", lambda self, model, report, ctx: 1 / 0)
+    out = tmp_path / "out.onnx"
+    code, _, err = _run(capsys, "optimize", model_path, "-o", out, "--pass", "cleanup", "--no-latency")
+    assert code == 2 and not out.exists()
+    assert "error: pass cleanup failed (after simplify): ZeroDivisionError" in err and "Traceback" not in err
+    code, _, err = _run(capsys, "-v", "optimize", model_path, "-o", out, "--pass", "cleanup", "--no-latency")
+    assert code == 2 and "Traceback" in err and "ZeroDivisionError" in err
