@@ -21,8 +21,8 @@ from graph_opt.passes._groups_plan import Chan, Edit
 
 
 class LayoutOps:
-    """Mixed into `_groups_walk.Walker`; uses its bookkeeping: `set`, `unknown`, `new_atoms`,
-    `unify`, `shape_of` and the `edits` list."""
+    """Mixed into `_groups_walk.Walker`; uses its bookkeeping: `set`, `unknown`, `first_only`,
+    `attr_or_input`, `new_atoms`, `unify`, `shape_of` and the `edits` list."""
 
     def op_Concat(self, node: gs.Node, ins: list[Chan | None]) -> None:
         label = node_label(node)
@@ -58,11 +58,10 @@ class LayoutOps:
         self.set(node.outputs[0], Chan(first.axis, rank, first.atoms, value, approx))
 
     def op_Split(self, node: gs.Node, ins: list[Chan | None]) -> None:
-        x = ins[0]
-        label = node_label(node)
-        if x is None or any(c is not None for c in ins[1:]):
-            self.unknown(node, ins, f"{label} takes them as split sizes")
+        x = self.first_only(node, ins, "split sizes")
+        if x is None:
             return
+        label = node_label(node)
         axis = int(node.attrs.get("axis", 0)) % x.rank
         outs = node.outputs
         if axis != x.axis:
@@ -70,12 +69,9 @@ class LayoutOps:
                 self.set(o, x)
             return
         n = len(x.atoms)
-        sizes = node.attrs.get("split")
-        if len(node.inputs) > 1 and node.inputs[1].name:
-            sizes = constant(node.inputs[1])
-            if sizes is None:
-                self.unknown(node, ins, f"the split sizes of {label} are computed at run time")
-                return
+        ok, sizes = self.attr_or_input(node, ins, "split", "split sizes")
+        if not ok:
+            return
         if sizes is None:
             parts = int(node.attrs.get("num_outputs", len(outs)))
             step = -(-n // parts)
@@ -91,11 +87,10 @@ class LayoutOps:
         self.edits.append(Edit("split", node, x.atoms, {"sizes": sizes}))
 
     def op_Slice(self, node: gs.Node, ins: list[Chan | None]) -> None:
-        x = ins[0]
-        label = node_label(node)
-        if x is None or any(c is not None for c in ins[1:]):
-            self.unknown(node, ins, f"{label} takes them as slice bounds")
+        x = self.first_only(node, ins, "slice bounds")
+        if x is None:
             return
+        label = node_label(node)
         if len(node.inputs) < 3:
             self.unknown(node, ins, f"{label} uses the opset-1 attribute form")
             return
@@ -216,14 +211,8 @@ class LayoutOps:
         if any(c is not None for c in ins[1:]):
             self.unknown(node, ins, f"{node_label(node)} takes them as its axes")
             return False, None
-        if len(node.inputs) > 1 and node.inputs[1].name:
-            axes = constant(node.inputs[1])
-            if axes is None:
-                self.unknown(node, ins, f"the axes of {node_label(node)} are computed at run time")
-                return False, None
-            return True, [int(a) for a in np.asarray(axes).ravel()]
-        axes = node.attrs.get("axes")
-        return True, None if axes is None else [int(a) for a in axes]
+        ok, axes = self.attr_or_input(node, ins, "axes", "axes")
+        return ok, None if axes is None else [int(a) for a in np.asarray(axes).ravel()]
 
 
 def _reshape_shape(s_in, target) -> tuple[int | None, ...] | None:

@@ -9,6 +9,7 @@ emits once its producers' filters are zero. Layout ops are in `_groups_layout`.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import onnx
@@ -161,6 +162,34 @@ class Walker(LayoutOps):
             if c is not None:
                 self.freeze(c.atoms, reason)
 
+    def attr_or_input(self, node: gs.Node, ins: list[Chan | None], name: str, what: str) -> tuple[bool, Any]:
+        """(ok, value) of attribute `name`, or of the constant second input that replaced it in later
+        opsets; ok False (the channels frozen) when that input is computed at run time."""
+        if len(node.inputs) > 1 and node.inputs[1].name:
+            value = constant(node.inputs[1])
+            if value is None:
+                self.unknown(node, ins, f"the {what} of {node_label(node)} are computed at run time")
+                return False, None
+            return True, value
+        return True, node.attrs.get(name)
+
+    def layer_weight(self, node: gs.Node, ins: list[Chan | None]) -> np.ndarray | None:
+        """The constant weight (input 1) of a Conv/Gemm, else None; channels that reach its weight or
+        bias are frozen."""
+        for c in ins[1:]:
+            if c is not None:
+                self.freeze(c.atoms, f"{node_label(node)} takes them as its weight or bias")
+        return constant(node.inputs[1]) if len(node.inputs) > 1 else None
+
+    def first_only(self, node: gs.Node, ins: list[Chan | None], role: str) -> Chan | None:
+        """The channels of `node`'s first input, or None when it has none or another input carries
+        channels too (those are then frozen: `node` takes them as `role`)."""
+        x = ins[0]
+        if x is None or any(c is not None for c in ins[1:]):
+            self.unknown(node, ins, f"{node_label(node)} takes them as {role}")
+            return None
+        return x
+
     # ---------------------------------------------------------------- the walk
     def run(self) -> Analysis:
         for node in self.graph.nodes:
@@ -237,10 +266,7 @@ class Walker(LayoutOps):
     def conv(self, node: gs.Node, ins: list[Chan | None]) -> None:
         label = node_label(node)
         x = ins[0]
-        for c in ins[1:]:
-            if c is not None:
-                self.freeze(c.atoms, f"{label} takes them as its weight or bias")
-        w = constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        w = self.layer_weight(node, ins)
         if w is None or w.dtype.kind != "f":
             if x is not None:
                 self.freeze(x.atoms, f"the weight of {label} is not a constant")
@@ -300,10 +326,7 @@ class Walker(LayoutOps):
     def gemm(self, node: gs.Node, ins: list[Chan | None]) -> None:
         label = node_label(node)
         a = ins[0]
-        for c in ins[1:]:
-            if c is not None:
-                self.freeze(c.atoms, f"{label} takes them as its weight or bias")
-        w = constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        w = self.layer_weight(node, ins)
         if w is None or w.ndim != 2 or w.dtype.kind != "f":
             if a is not None:
                 self.freeze(a.atoms, f"the weight of {label} is not a constant matrix")
@@ -367,11 +390,10 @@ class Walker(LayoutOps):
 
     # ---------------------------------------------------------------- per-channel pass-through
     def unary(self, node: gs.Node, ins: list[Chan | None]) -> None:
-        x = ins[0]
-        label = node_label(node)
-        if x is None or any(c is not None for c in ins[1:]):
-            self.unknown(node, ins, f"{label} takes them as a parameter")
+        x = self.first_only(node, ins, "a parameter")
+        if x is None:
             return
+        label = node_label(node)
         if node.op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].outputs:
             self.unknown(node, ins, f"the mask of {label} is used")
             return
@@ -383,11 +405,10 @@ class Walker(LayoutOps):
         self.set(node.outputs[0], Chan(x.axis, x.rank, x.atoms, np.asarray(value, np.float64), x.approx))
 
     def op_Clip(self, node: gs.Node, ins: list[Chan | None]) -> None:
-        x = ins[0]
-        label = node_label(node)
-        if x is None or any(c is not None for c in ins[1:]):
-            self.unknown(node, ins, f"{label} takes them as a bound")
+        x = self.first_only(node, ins, "a bound")
+        if x is None:
             return
+        label = node_label(node)
         lo, hi = node.attrs.get("min", -np.inf), node.attrs.get("max", np.inf)
         for i, name in ((1, "min"), (2, "max")):
             if len(node.inputs) > i and node.inputs[i].name:
@@ -493,17 +514,13 @@ class Walker(LayoutOps):
         self.set(node.outputs[0], Chan(1, rank, x.atoms, x.value, approx))
 
     def reduce(self, node: gs.Node, ins: list[Chan | None]) -> None:
-        x = ins[0]
-        label = node_label(node)
-        if x is None or any(c is not None for c in ins[1:]):
-            self.unknown(node, ins, f"{label} takes them as its axes")
+        x = self.first_only(node, ins, "its axes")
+        if x is None:
             return
-        axes = node.attrs.get("axes")
-        if len(node.inputs) > 1 and node.inputs[1].name:
-            axes = constant(node.inputs[1])
-            if axes is None:
-                self.unknown(node, ins, f"the axes of {label} are computed at run time")
-                return
+        label = node_label(node)
+        ok, axes = self.attr_or_input(node, ins, "axes", "axes")
+        if not ok:
+            return
         if axes is None or len(axes) == 0:
             if int(node.attrs.get("noop_with_empty_axes", 0)):
                 self.set(node.outputs[0], x)
@@ -525,11 +542,10 @@ class Walker(LayoutOps):
         self.set(node.outputs[0], Chan(axis, rank, x.atoms, value, x.approx))
 
     def op_Pad(self, node: gs.Node, ins: list[Chan | None]) -> None:
-        x = ins[0]
-        label = node_label(node)
-        if x is None or any(c is not None for c in ins[1:]):
-            self.unknown(node, ins, f"{label} takes them as a parameter")
+        x = self.first_only(node, ins, "a parameter")
+        if x is None:
             return
+        label = node_label(node)
         if len(node.inputs) > 1 and node.inputs[1].name:
             pads = constant(node.inputs[1])
         else:

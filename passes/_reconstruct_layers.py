@@ -9,7 +9,9 @@ Channel maps: each student filter is matched to the teacher filter it was sliced
 ≥ MAP_MIN_COSINE over the kept input channels, in increasing order, so a per-channel scale such as
 a folded BatchNorm or weight quantization does not hide it); the kept input channels are traced back
 through channel-wise ops and depthwise convs, and a layer whose channels pass through anything else
-raises `Unmappable`.
+cannot be mapped (a skip reason). Maps are memoized by the teacher tensor: found before the
+weights they read are refit, or taken from an earlier reconstruct's report, since refit filters no
+longer match the teacher's.
 """
 
 from __future__ import annotations
