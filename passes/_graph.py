@@ -181,8 +181,7 @@ class GraphIndex:
         m = re.fullmatch(r"(\w+)\((.*)\)", label)
         if m:
             op, out = m.groups()
-            return next((idx for idx, n in enumerate(self.nodes) if n.op_type == op and n.output and n.output[0] == out),
-                        None)
+            return next((i for i, n in enumerate(self.nodes) if n.op_type == op and n.output[:1] == [out]), None)
         return None
 
     def has_tensor(self, name: str) -> bool:

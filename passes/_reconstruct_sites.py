@@ -244,7 +244,8 @@ class _MatMulSite(Site):
         return (weight.T if self.left else weight)[None]
 
 
-def match_site(student: GraphIndex, teacher: GraphIndex, node: onnx.NodeProto, kinds: list[str], bias_only: bool) -> Site | str:
+def match_site(student: GraphIndex, teacher: GraphIndex, node: onnx.NodeProto, kinds: list[str],
+               bias_only: bool) -> Site | str:
     """How to refit one layer (decided without touching the graph), or why it is skipped."""
     label = student.label(node)
     w = weight_input(student, node)
