@@ -44,11 +44,15 @@ def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
             yield from all_graphs(sub)
 
 
+def gs_node_subgraphs(node: gs.Node) -> list[gs.Graph]:
+    """The graphsurgeon graphs `node` holds in its attributes (If branches, Loop and Scan bodies)."""
+    return [sub for value in node.attrs.values()
+            for sub in (value if isinstance(value, list) else [value]) if isinstance(sub, gs.Graph)]
+
+
 def gs_subgraphs(graph: gs.Graph) -> Iterator[gs.Graph]:
     """Every graphsurgeon graph nested in `graph`'s nodes, at any depth (not `graph` itself)."""
     for node in graph.nodes:
-        for value in node.attrs.values():
-            for sub in value if isinstance(value, list) else [value]:
-                if isinstance(sub, gs.Graph):
-                    yield sub
-                    yield from gs_subgraphs(sub)
+        for sub in gs_node_subgraphs(node):
+            yield sub
+            yield from gs_subgraphs(sub)

@@ -4,6 +4,8 @@ and `GraphIndex`, the same on an onnx GraphProto for passes that edit the ModelP
 from __future__ import annotations
 
 import itertools
+import logging
+import re
 from typing import Any
 
 import numpy as np
@@ -12,7 +14,10 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from graph_opt.model_io import on_disk, peek, read_array, weightless_copy
-from graph_opt.onnx_util import subgraphs
+from graph_opt.onnx_util import attr, gs_node_subgraphs, subgraphs
+from graph_opt.verify import make_session
+
+log = logging.getLogger(__name__)
 
 
 # The layers every pass works on: a constant weight times the input.
@@ -97,12 +102,10 @@ def node_label(node: gs.Node, index: int | None = None) -> str:
 
 def subgraph_nodes(node: gs.Node):
     """Every node inside the subgraphs of `node` (If branches, Loop/Scan bodies), nested ones too."""
-    for value in node.attrs.values():
-        for sub in value if isinstance(value, list) else [value]:
-            if isinstance(sub, gs.Graph):
-                for inner in sub.nodes:
-                    yield inner
-                    yield from subgraph_nodes(inner)
+    for sub in gs_node_subgraphs(node):
+        for inner in sub.nodes:
+            yield inner
+            yield from subgraph_nodes(inner)
 
 
 def report_subgraphs(graph: gs.Graph | GraphIndex, report, ops) -> None:
@@ -129,7 +132,12 @@ def _inner_nodes(node: onnx.NodeProto):
 
 
 class GraphIndex:
-    """Producers, consumers, constants and unique labels of a model's main graph (read-only)."""
+    """Producers, consumers, constants and unique labels of a model's main graph.
+
+    Read-only, with one exception for passes that refit weights in the model they index:
+    `add_initializer` appends a new initializer and indexes it (re-pointing a node's input to it
+    is the caller's edit; producers and consumers stay as they were when the index was built).
+    """
 
     def __init__(self, model: onnx.ModelProto):
         g = model.graph
@@ -140,6 +148,7 @@ class GraphIndex:
         self.graph_outputs = {o.name for o in g.output}
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[tuple[int, int]]] = {}
+        self._position = {id(node): idx for idx, node in enumerate(self.nodes)}
         for idx, node in enumerate(self.nodes):
             for out in node.output:
                 if out:
@@ -154,7 +163,34 @@ class GraphIndex:
             counts[node.name] = counts.get(node.name, 0) + 1
         self.labels = [n.name if n.name and counts[n.name] == 1 else f"{n.op_type}({n.output[0] if n.output else idx})"
                        for idx, n in enumerate(self.nodes)]
+        self.by_name = {n.name: idx for idx, n in enumerate(self.nodes) if n.name and counts[n.name] == 1}
         self._const: dict[str, np.ndarray | None] = {}
+        self._dequantized: dict[str, np.ndarray | None] = {}
+
+    def index(self, node: onnx.NodeProto) -> int:
+        """The position of `node` (one of `nodes`, by identity) in the graph."""
+        return self._position[id(node)]
+
+    def label(self, node: onnx.NodeProto) -> str:
+        return self.labels[self.index(node)]
+
+    def find(self, label: str) -> int | None:
+        """The node a report labelled: by its unique name, or ``Op(output)`` (first output)."""
+        if label in self.by_name:
+            return self.by_name[label]
+        m = re.fullmatch(r"(\w+)\((.*)\)", label)
+        if m:
+            op, out = m.groups()
+            return next((i for i, n in enumerate(self.nodes) if n.op_type == op and n.output[:1] == [out]), None)
+        return None
+
+    def has_tensor(self, name: str) -> bool:
+        """True for a tensor a node writes or a graph input (initializers aside)."""
+        return name in self.producer or name in self.graph_inputs
+
+    def producer_node(self, name: str) -> onnx.NodeProto | None:
+        idx = self.producer.get(name)
+        return None if idx is None else self.nodes[idx]
 
     def const(self, name: str, *, cache: bool = True) -> np.ndarray | None:
         """Value of an initializer or Constant-node output, else None. Cached unless kept on disk or
@@ -205,6 +241,34 @@ class GraphIndex:
     def producer_op(self, name: str) -> str | None:
         idx = self.producer.get(name)
         return None if idx is None else self.nodes[idx].op_type
+
+    def dequantized(self, name: str) -> np.ndarray | None:
+        """The value of `name` when a DequantizeLinear of initializers writes it (a quantized weight),
+        evaluated by onnxruntime on that node alone; None otherwise or when it cannot be evaluated."""
+        if name not in self._dequantized:
+            self._dequantized[name] = self._dequantize(name)
+        return self._dequantized[name]
+
+    def _dequantize(self, name: str) -> np.ndarray | None:
+        node = self.producer_node(name)
+        if node is None or node.op_type != "DequantizeLinear" or not all(not i or i in self.inits for i in node.input):
+            return None
+        inits = [self.inits[i] for i in node.input if i]
+        out_type = attr(node, "output_dtype", 0) or self.inits[node.input[1]].data_type  # the scale's type
+        graph = onnx.helper.make_graph([node], "dq", [], [onnx.helper.make_tensor_value_info(name, out_type, None)],
+                                       inits)
+        mini = onnx.helper.make_model(graph, opset_imports=list(self.model.opset_import))
+        mini.ir_version = self.model.ir_version
+        try:
+            return make_session(mini).run([name], {})[0]
+        except Exception as exc:  # noqa: BLE001 - an exotic DequantizeLinear: the weight is unknown
+            log.debug("cannot evaluate %s: %s", name, exc)
+            return None
+
+    def add_initializer(self, tensor: onnx.TensorProto) -> None:
+        """Append `tensor` (a fresh name) to the model's initializers and index it."""
+        self.model.graph.initializer.append(tensor)
+        self.inits[tensor.name] = self.model.graph.initializer[-1]
 
 
 def subgraph_reads(node: onnx.NodeProto) -> set[str]:

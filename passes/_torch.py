@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from graph_opt.errors import GraphOptError
+from graph_opt.onnx_util import subgraphs
 
 # Ops whose inputs other than the first are weights a compressed model trains.
 LAYER_WEIGHTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (0, 1), "Add": (0, 1),
@@ -290,7 +291,7 @@ class TorchGraph(torch.nn.Module):
                                        "conversion does not implement it")
             if node.domain not in ("", "ai.onnx"):
                 raise UntrainableError(f"node {node.name!r} is in domain {node.domain!r}: not converted")
-            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            if subgraphs(node):
                 raise UntrainableError(f"node {node.name!r} has a subgraph: not converted")
             for i in CONSTANT_INPUTS.get(node.op_type, ()):
                 if i < len(node.input) and node.input[i] and node.input[i] not in consts:

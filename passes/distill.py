@@ -47,6 +47,7 @@ from graph_opt.data import Dataset
 from graph_opt.errors import GraphOptError
 from graph_opt.model_io import copy_model, has_disk_weights
 from graph_opt.pass_base import Pass, PassContext, PassReport
+from graph_opt.passes._graph import GraphIndex
 from graph_opt.progress import bar
 from graph_opt.verify import make_session
 
@@ -277,10 +278,7 @@ def _rkd_distance(s, t, torch):
 
 def _write_back(model: onnx.ModelProto, trained: dict[str, np.ndarray], report: PassReport) -> onnx.ModelProto:
     out = copy_model(model)
-    readers: dict[str, str] = {}
-    for n in out.graph.node:
-        for i in n.input:
-            readers.setdefault(i, n.name or n.op_type)
+    ix = GraphIndex(out)
     for t in out.graph.initializer:
         if t.name not in trained:
             continue
@@ -290,5 +288,7 @@ def _write_back(model: onnx.ModelProto, trained: dict[str, np.ndarray], report: 
         if change == 0.0 or not math.isfinite(change):
             continue
         t.CopyFrom(numpy_helper.from_array(new, t.name))
-        report.rewrite(readers.get(t.name, t.name), weight=t.name, action="trained", rel_change=change)
+        first = ix.nodes[ix.readers(t.name)[0][0]] if ix.readers(t.name) else None
+        report.rewrite(first.name or first.op_type if first else t.name, weight=t.name, action="trained",
+                       rel_change=change)
     return out

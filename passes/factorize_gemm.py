@@ -73,9 +73,9 @@ import onnx_graphsurgeon as gs
 
 from graph_opt.kernels.lowrank import svd_factors, whitened_svd_factors
 from graph_opt.kernels.rank import matmul_costs, rank_for_budget, svd_costs, vbmf_rank
-from graph_opt.onnx_util import opset_version
+from graph_opt.onnx_util import attr, opset_version
 from graph_opt.pass_base import PassContext, PassReport
-from graph_opt.passes._graph import constant, used_once
+from graph_opt.passes._graph import GraphIndex, constant, used_once
 from graph_opt.passes._lowrank import (
     GATE_MIN_MATMUL_DIM,
     LowRankPass,
@@ -229,19 +229,17 @@ def _gemm_site(node: gs.Node, shapes: dict, legacy: bool = False) -> _Site | str
 def _stat_requests(model: onnx.ModelProto, op_types: tuple[str, ...]) -> set[tuple[str, int]]:
     """(activation, feature axis) of every main-graph candidate with a constant weight, in the
     convention of the `_Site` builders (a superset: the match may still skip the layer)."""
-    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    consts = set(dims) | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    ix = GraphIndex(model)
     out = set()
-    for n in model.graph.node:
+    for n in ix.nodes:
         if n.op_type not in op_types or len(n.input) < 2:
             continue
         a, b = n.input[0], n.input[1]
-        if n.op_type == "Gemm" and b in consts and a not in consts:
-            trans_a = next((int(x.i) for x in n.attribute if x.name == "transA"), 0)
-            out.add((a, 0 if trans_a else 1))
-        elif n.op_type == "MatMul" and (a in consts) != (b in consts):
-            out.add((a, -1) if b in consts else (b, -2))
-        elif n.op_type == "Conv" and all(d == 1 for d in dims.get(b, (0, 0, 0))[2:]):
+        if n.op_type == "Gemm" and ix.is_const(b) and not ix.is_const(a):
+            out.add((a, 0 if attr(n, "transA", 0) else 1))
+        elif n.op_type == "MatMul" and ix.is_const(a) != ix.is_const(b):
+            out.add((a, -1) if ix.is_const(b) else (b, -2))
+        elif n.op_type == "Conv" and b in ix.inits and all(d == 1 for d in ix.inits[b].dims[2:]):
             out.add((a, 1))
     return out
 
