@@ -182,7 +182,7 @@ def child_check(model_path: Path, result_path: Path) -> int:
     import onnx
     import onnxruntime as ort
 
-    from graph_opt.model_io import tensor_bytes
+    from graph_opt.external_data import tensor_bytes
 
     out: dict = {}
     try:

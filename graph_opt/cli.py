@@ -30,7 +30,8 @@ from graph_opt.runtimes import RUNTIMES
 from graph_opt.compare import METRICS, Comparer, NamedPipeline, cli_pipelines
 from graph_opt.data import load_data, parse_shape_spec
 from graph_opt.errors import DataError, GraphOptError, ModelSaveError
-from graph_opt.model_io import load_model, save_model, stored_bytes, write_atomic
+from graph_opt.external_data import stored_bytes
+from graph_opt.model_io import load_model, save_model, write_atomic
 from graph_opt.pipeline import Pipeline
 from graph_opt.registry import catalog, describe, load_recipe, parse_spec, with_simplify
 from graph_opt.intermediates import first_divergence

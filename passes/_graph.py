@@ -11,7 +11,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from graph_opt.model_io import on_disk, peek, read_array, weightless_copy
+from graph_opt.external_data import on_disk, read_array, weightless_copy
+from graph_opt.gs_convert import peek
 from graph_opt.onnx_util import subgraphs
 
 

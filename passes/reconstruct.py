@@ -130,7 +130,8 @@ from onnx import helper, numpy_helper
 from graph_opt.data import Dataset, batch_size_for
 from graph_opt.intermediates import stream
 from graph_opt.onnx_util import all_graphs, attr
-from graph_opt.model_io import copy_model, disk_tensor, has_disk_weights, on_disk, read_array
+from graph_opt.external_data import disk_tensor, has_disk_weights, on_disk, read_array
+from graph_opt.model_io import copy_model
 from graph_opt.kernels.lstsq import (
     LstsqAccumulator,
     MeanErrorAccumulator,

@@ -81,7 +81,8 @@ import onnx
 
 from graph_opt.data import batch_layout
 from graph_opt.errors import InvalidModelError
-from graph_opt.model_io import DISK_KEY, check_model, on_disk
+from graph_opt.external_data import DISK_KEY, on_disk
+from graph_opt.model_io import check_model
 from graph_opt.onnx_util import all_graphs, subgraphs
 from graph_opt.opset import RuntimeOpsetError, upgrade_for_runtime
 from graph_opt.pass_base import Pass, PassContext, PassReport
