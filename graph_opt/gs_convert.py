@@ -2,9 +2,9 @@
 
 `to_graph` imports a model whose weights graphsurgeon builds lazily, as private copies, so a pass
 may edit the arrays it reads without reaching the caller's model; weights a pass never reads are
-exported from their TensorProto as they are (`to_model`), without a copy of their bytes in between.
+never turned into arrays, and `to_model` copies their bytes once, straight into the exported model.
 Weights kept on disk (`graph_opt.external_data`) are read from their files when first used, and the
-ones a pass rewrote are written back to disk on export. Sub-byte element types (int4 and friends),
+ones a pass rewrote go to a new file in `spill_dir()` on export. Sub-byte element types (int4 and friends),
 which graphsurgeon cannot round-trip, cross the boundary as graph inputs and come back untouched.
 `to_model` keeps the source model's IR version, opsets, metadata and functions, and the
 initializers it listed as graph inputs.
