@@ -93,7 +93,7 @@ class Simplify(Pass):
 
     bind_shapes: bool = True  # bind dynamic non-batch dims from --input-shape / the data's shapes
     fold_pads: bool = True  # Pad → Conv / AveragePool / MaxPool
-    fold_affine: bool = True  # Conv/Gemm → constant Mul/Add folded into weights and bias
+    fold_affine: bool = True  # Conv/Gemm → constant Mul/Add folded into weights and bias; MatMul + Add → Gemm
     upgrade_opset: bool = True  # convert opsets onnxruntime does not run (verified), else skip
 
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
