@@ -182,7 +182,7 @@ def child_check(model_path: Path, result_path: Path) -> int:
     import onnx
     import onnxruntime as ort
 
-    from graph_opt.model_io import tensor_bytes
+    from graph_opt.external_data import tensor_bytes
 
     out: dict = {}
     try:
@@ -221,8 +221,10 @@ def child_profile(model_path: Path, spec: str, result_path: Path) -> int:
     from graph_opt.data import load_data
     from graph_opt.model_io import load_model, save_model
     from graph_opt.pass_base import PassContext
-    from graph_opt.pipeline import Pipeline, _Reference, check_candidate
+    from graph_opt.pipeline import check_candidate
     from graph_opt.registry import parse_spec
+    from graph_opt.stats import model_stats
+    from graph_opt.verify import Reference
 
     phases = []
 
@@ -237,12 +239,12 @@ def child_profile(model_path: Path, spec: str, result_path: Path) -> int:
     model = load_model(model_path)
     t = mark("load_model", t)
     data = load_data(None, model, n_random=8, seed=0)
-    pipeline = Pipeline([parse_spec(spec)], verify_data=data, latency=False)
-    pipeline._stats(model)
+    step = parse_spec(spec)
+    model_stats(model)
     t = mark("stats of the original", t)
-    reference = _Reference(model, data)
+    reference = Reference(model, data)
     t = mark("reference outputs (onnxruntime session)", t)
-    result = pipeline.passes[0](model, PassContext(data=data, original=model))
+    result = step(model, PassContext(data=data, original=model))
     t = mark(f"pass {spec}", t)
     gc.collect()
     t = mark("gc", t)

@@ -160,13 +160,13 @@ def versions() -> dict[str, str]:
 
 
 def node_count(model) -> int:
-    from graph_opt.model_io import all_graphs
+    from graph_opt.onnx_util import all_graphs
 
     return sum(len(g.node) for g in all_graphs(model.graph))
 
 
 def op_counts(model) -> Counter:
-    from graph_opt.model_io import all_graphs
+    from graph_opt.onnx_util import all_graphs
 
     return Counter(n.op_type for g in all_graphs(model.graph) for n in g.node)
 

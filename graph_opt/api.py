@@ -14,7 +14,8 @@ from graph_opt.compare import Backend, Comparer, Comparison, NamedPipeline, name
 from graph_opt.data import Dataset, load_data
 from graph_opt.errors import GraphOptError
 from graph_opt.intermediates import divergence, feature_distances
-from graph_opt.model_io import load_model, stored_bytes
+from graph_opt.external_data import stored_bytes
+from graph_opt.model_io import load_model
 from graph_opt.pass_base import Pass
 from graph_opt.pipeline import Pipeline, PipelineResult
 from graph_opt.registry import parse_spec, with_simplify

@@ -28,8 +28,9 @@ from graph_opt import api, runtimes
 from graph_opt.compare import METRICS, cli_pipelines
 from graph_opt.data import load_data, parse_shape_spec
 from graph_opt.errors import GraphOptError, ModelSaveError, PassError
+from graph_opt.external_data import stored_bytes
+from graph_opt.model_io import load_model, save_model, write_atomic
 from graph_opt.intermediates import first_divergence
-from graph_opt.model_io import load_model, save_model, stored_bytes, write_atomic
 from graph_opt.plot import PlotUnavailable
 from graph_opt.registry import catalog, describe, load_recipe, parse_spec
 from graph_opt.report import jsonable, layers_table, parity_table, pipeline_table, stats_text

@@ -26,7 +26,8 @@ import onnx
 
 from graph_opt.data import Dataset
 from graph_opt.errors import GraphOptError, InvalidModelError, PassError
-from graph_opt.model_io import check_model, has_disk_weights, spill, spill_dir
+from graph_opt.external_data import has_disk_weights, spill, spill_dir
+from graph_opt.model_io import check_model
 from graph_opt.onnx_util import first_line
 from graph_opt.opset import RuntimeOpsetError, runnable_original
 from graph_opt.pass_base import Pass, PassContext, PassReport

@@ -28,7 +28,7 @@ import onnx
 
 from graph_opt.data import bind_shapes, unbound_hint
 from graph_opt.errors import GraphOptError
-from graph_opt.model_io import needs_external_data, read_array, tensor_bytes, weightless_copy, wire_size
+from graph_opt.external_data import needs_external_data, read_array, tensor_bytes, weightless_copy, wire_size
 from graph_opt.onnx_util import all_graphs, attr, first_line, subgraphs
 
 log = logging.getLogger(__name__)

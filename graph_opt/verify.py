@@ -25,7 +25,8 @@ import onnxruntime as ort
 from graph_opt import metrics
 from graph_opt.data import Dataset, batch_size_for
 from graph_opt.errors import GraphOptError, InvalidModelError
-from graph_opt.model_io import detached, needs_external_data, session_source
+from graph_opt.external_data import detached, needs_external_data
+from graph_opt.model_io import session_source
 from graph_opt.progress import progress
 from graph_opt.onnx_util import first_line
 

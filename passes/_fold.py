@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from graph_opt.model_io import copy_model, disk_tensor, on_disk
+from graph_opt.external_data import disk_tensor, on_disk
+from graph_opt.model_io import copy_model
 from graph_opt.passes._graph import GraphIndex, Namer
 
 _DEFAULT = ("", "ai.onnx")

@@ -13,7 +13,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from graph_opt.model_io import on_disk, peek, read_array, weightless_copy
+from graph_opt.external_data import on_disk, read_array, weightless_copy
+from graph_opt.gs_convert import peek
 from graph_opt.onnx_util import attr, gs_node_subgraphs, subgraphs
 from graph_opt.verify import make_session
 
@@ -286,7 +287,7 @@ def all_nodes(graph: onnx.GraphProto):
 def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
     """Static dims (None where unknown) of every tensor onnx shape inference can reach.
 
-    Inference runs on a weightless copy (`model_io.weightless_copy`): dims and types are all it
+    Inference runs on a weightless copy (`external_data.weightless_copy`): dims and types are all it
     reads of the weights, and the whole model would be serialized into it and copied back out
     (over 2 GB protobuf cannot serialize it at all)."""
     try:

@@ -34,7 +34,7 @@ from graph_opt.budget import Budgeted, run_budget
 from graph_opt.data import input_specs
 from graph_opt.intermediates import second_moments
 from graph_opt.kernels.rank import Cost, rank_for_energy, rank_for_ratio, round_rank
-from graph_opt.model_io import to_graph, to_model, weights_on_disk
+from graph_opt.gs_convert import to_graph, to_model, weights_on_disk
 from graph_opt.pass_base import PassContext, PassReport
 from graph_opt.passes._graph import Namer, node_label, report_subgraphs
 from graph_opt.stats import bound_model

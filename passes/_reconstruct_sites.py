@@ -20,7 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from graph_opt.kernels.lstsq import conv_rows, conv_weight_from_matrix, conv_weight_matrix, im2col
-from graph_opt.model_io import disk_tensor, has_disk_weights, read_array
+from graph_opt.external_data import disk_tensor, has_disk_weights, read_array
 from graph_opt.onnx_util import attr
 from graph_opt.passes._graph import GraphIndex, Namer
 from graph_opt.passes._lowrank import FACTOR_NAME

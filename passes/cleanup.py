@@ -16,7 +16,7 @@ from typing import ClassVar
 import onnx
 import onnx_graphsurgeon as gs
 
-from graph_opt.model_io import to_graph, to_model
+from graph_opt.gs_convert import to_graph, to_model
 from graph_opt.pass_base import Pass, PassContext, PassReport
 
 

@@ -45,7 +45,8 @@ from onnx import numpy_helper
 
 from graph_opt.data import Dataset
 from graph_opt.errors import GraphOptError
-from graph_opt.model_io import copy_model, has_disk_weights
+from graph_opt.external_data import has_disk_weights
+from graph_opt.model_io import copy_model
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._graph import GraphIndex
 from graph_opt.progress import bar

@@ -62,7 +62,9 @@ import onnx_graphsurgeon as gs
 from graph_opt.budget import Budgeted, run_budget
 from graph_opt.data import batch_size_for, input_specs
 from graph_opt.kernels.importance import ActivationStats, bn_gamma_scores, channel_norms, channel_sumsq, select_channels
-from graph_opt.model_io import copy_model, detached, to_graph, to_model
+from graph_opt.external_data import detached
+from graph_opt.gs_convert import to_graph, to_model
+from graph_opt.model_io import copy_model
 from graph_opt.pass_base import PassContext, PassReport
 from graph_opt.passes._graph import (LAYER_OPS, Namer, check_op_types, constant, infer_shapes, is_graph_output, node_label,
                                      report_subgraphs,

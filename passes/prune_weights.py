@@ -45,7 +45,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graph_opt.kernels.importance import global_magnitude_masks, magnitude_mask, nm_mask
-from graph_opt.model_io import needs_external_data, on_disk, read_raw, to_graph, to_model, weightless_copy
+from graph_opt.external_data import needs_external_data, on_disk, read_raw, weightless_copy
+from graph_opt.gs_convert import to_graph, to_model
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._graph import Namer, constant, node_label, report_subgraphs, used_once
 from graph_opt.passes._graph import LAYER_OPS, check_op_types

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graph_opt.model_io import read_array
+from graph_opt.external_data import read_array
 from graph_opt.verify import make_session
 
 

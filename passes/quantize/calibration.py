@@ -42,7 +42,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graph_opt.data import Dataset, batch_size_for
 from graph_opt.errors import GraphOptError
 from graph_opt.kernels.calib import HistogramObserver, MinMaxObserver
-from graph_opt.model_io import detached
+from graph_opt.external_data import detached
 from graph_opt.passes._graph import GraphIndex, Namer, infer_shapes
 from graph_opt.passes.quantize.layers import opset_of
 from graph_opt.passes.quantize.ops import LAYER_OPS, SHARED_OPS

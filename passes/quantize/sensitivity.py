@@ -27,7 +27,7 @@ import onnx
 from onnx import helper
 
 from graph_opt.data import Dataset, batch_size_for
-from graph_opt.model_io import detached, has_disk_weights
+from graph_opt.external_data import detached, has_disk_weights
 from graph_opt.passes._graph import GraphIndex, Namer
 from graph_opt.passes._qplan import TensorQuant
 from graph_opt.passes.quantize import calibration

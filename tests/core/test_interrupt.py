@@ -203,7 +203,7 @@ def test_disk_full_with_external_data(tmp_path, monkeypatch):
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(model_io, "_external_shell", no_space)  # where the weights are written
+    monkeypatch.setattr(model_io, "external_shell", no_space)  # where the weights are written
     with pytest.raises(ModelSaveError, match="No space left on device"):
         save_model(_big_model(64, seed=2), target, external_data=True)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp dir left, old pair intact

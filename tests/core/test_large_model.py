@@ -10,11 +10,13 @@ import onnxruntime as ort
 import pytest
 from builders import conv_bn_model, gemm_bn_model, wide_cnn
 
+import graph_opt.external_data as ext
 import graph_opt.model_io as mio
 from graph_opt import cli
 from graph_opt.data import random_dataset
-from graph_opt.model_io import (load_model, needs_external_data, read_raw, save_model, session_source, to_graph,
-                                to_model)
+from graph_opt.external_data import needs_external_data, read_raw
+from graph_opt.gs_convert import to_graph, to_model
+from graph_opt.model_io import load_model, save_model, session_source
 from graph_opt.pipeline import Pipeline
 from graph_opt.registry import parse_spec
 from graph_opt.verify import make_session, run_model
@@ -22,7 +24,7 @@ from graph_opt.verify import make_session, run_model
 
 @pytest.fixture
 def over_the_limit(monkeypatch):
-    monkeypatch.setattr(mio, "PROTOBUF_LIMIT", 1024)
+    monkeypatch.setattr(ext, "PROTOBUF_LIMIT", 1024)
 
 
 def test_session_source_is_bytes_below_the_limit():
@@ -96,7 +98,7 @@ def test_pipeline_statistics_over_the_limit_match_the_in_memory_ones(monkeypatch
 
     model = conv_bn_model(cin=16, cout=16)
     expected = model_stats(model)
-    monkeypatch.setattr(mio, "PROTOBUF_LIMIT", 1024)
+    monkeypatch.setattr(ext, "PROTOBUF_LIMIT", 1024)
     got = Pipeline([], latency=False)._stats(model)
     assert (got.params, got.weight_bytes, got.macs, got.ops) == (expected.params, expected.weight_bytes,
                                                                  expected.macs, expected.ops)
@@ -125,7 +127,7 @@ def test_every_pass_family_over_the_limit(spec, monkeypatch):
     model = wide_cnn(channels=32, hw=8)
     data = random_dataset(model, 8, seed=0)
     expected = Pipeline([parse_spec(spec)], verify_data=data, latency=False).run(model)
-    monkeypatch.setattr(mio, "PROTOBUF_LIMIT", 1024)
+    monkeypatch.setattr(ext, "PROTOBUF_LIMIT", 1024)
     assert needs_external_data(model)
     # What fails on a real > 2 GB model must not happen here: shape inference, or an onnxruntime
     # session from bytes, on a model that still carries its weights.
@@ -163,7 +165,7 @@ def test_compressed_sizes_over_the_limit_are_streamed_and_close_to_the_in_memory
 
     model = wide_cnn(channels=32, hw=8)
     in_memory = compressed_sizes(model)
-    monkeypatch.setattr(mio, "PROTOBUF_LIMIT", 1024)
+    monkeypatch.setattr(ext, "PROTOBUF_LIMIT", 1024)
     streamed = compressed_sizes(model)
     assert streamed["bytes"] == pytest.approx(in_memory["bytes"], rel=0.05)
     assert streamed["gzip_bytes"] == pytest.approx(in_memory["gzip_bytes"], rel=0.05)
@@ -193,7 +195,7 @@ def test_weights_kept_on_disk_give_the_in_memory_result(specs, tmp_path):
     path = save_model(model, tmp_path / "in.onnx", external_data=True)
     files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     disk = load_model(path, weights="disk")
-    assert mio.has_disk_weights(disk) and _disk_bytes_in_memory(disk) == 0
+    assert ext.has_disk_weights(disk) and _disk_bytes_in_memory(disk) == 0
     before = disk.SerializeToString()
     result = Pipeline([parse_spec(s) for s in specs], verify_data=data, latency=False).run(disk)
     assert disk.SerializeToString() == before  # the input model is not mutated
@@ -209,7 +211,7 @@ def test_weights_kept_on_disk_give_the_in_memory_result(specs, tmp_path):
     want = run_model(result.model, data)[name]
     (tmp_path / "in.onnx.data").rename(tmp_path / "moved.data")  # the saved output must not read it
     again = load_model(out, weights="memory")
-    assert _disk_bytes_in_memory(again) > 0 and not mio.has_disk_weights(again)
+    assert _disk_bytes_in_memory(again) > 0 and not ext.has_disk_weights(again)
     for key, value in weights_of(expected.model).items():
         np.testing.assert_allclose(weights_of(again)[key], value, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(run_model(again, data)[name], want)
@@ -222,7 +224,7 @@ def test_save_refuses_to_overwrite_the_weights_it_reads(tmp_path):
     disk = load_model(path, weights="disk")
     with pytest.raises(ModelSaveError, match="weights are read from it"):
         save_model(disk, tmp_path / "m.onnx")
-    assert mio.read_array(disk.graph.initializer[0]).shape == tuple(disk.graph.initializer[0].dims)
+    assert ext.read_array(disk.graph.initializer[0]).shape == tuple(disk.graph.initializer[0].dims)
 
 
 @pytest.mark.parametrize("spec", ["fold_batchnorm", "prune_weights:sparsity=0.5", "prune_channels:ratio=0.25",
@@ -242,7 +244,7 @@ def test_a_graphsurgeon_pass_exports_the_weights_it_rewrites_to_disk(spec, tmp_p
     disk = load_model(save_model(model, tmp_path / "in.onnx", external_data=True), weights="disk")
     got = parse_spec(spec)(disk, PassContext(data=ctx_data))
     assert got.modified and _disk_bytes_in_memory(got.model) == 0
-    assert any(mio.on_disk(t) and mio.spill_dir().name in t.external_data[-1].value for t in got.model.graph.initializer)
+    assert any(ext.on_disk(t) and ext.spill_dir().name in t.external_data[-1].value for t in got.model.graph.initializer)
     want = weights_of(expected.model)
     assert weights_of(got.model).keys() == want.keys()
     for name, value in weights_of(got.model).items():
@@ -275,11 +277,11 @@ def test_a_full_disk_while_keeping_weights_on_disk_is_one_clear_error(tmp_path, 
     import tempfile
 
     src = save_model(conv_bn_model(cin=16, cout=16), tmp_path / "in.onnx", external_data=True)
-    monkeypatch.setattr(mio, "PROTOBUF_LIMIT", 1024)  # so the CLI keeps the weights on disk
+    monkeypatch.setattr(ext, "PROTOBUF_LIMIT", 1024)  # so the CLI keeps the weights on disk
     real = tempfile.mkstemp
 
     def mkstemp(*args, dir=None, **kwargs):
-        if dir is not None and str(dir).startswith(str(mio.spill_dir())):
+        if dir is not None and str(dir).startswith(str(ext.spill_dir())):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(*args, dir=dir, **kwargs)
 
@@ -295,13 +297,13 @@ def test_the_spill_folder_of_a_killed_run_is_removed_by_the_next_run(tmp_path, m
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(mio, "_spill_dir", [])
+    monkeypatch.setattr(ext, "_spill_dir", [])
     dead = tmp_path / "graph-opt-weights.4194305.abc"  # above the kernel's pid limit: never a live process
     alive = tmp_path / f"graph-opt-weights.{os.getpid()}.xyz"
     for folder in (dead, alive):
         folder.mkdir()
         (folder / "weights.bin").write_bytes(b"x")
-    mine = mio.spill_dir()
+    mine = ext.spill_dir()
     assert mine.parent == tmp_path and mine.is_dir() and str(os.getpid()) in mine.name
     assert not dead.exists() and alive.exists()
 
@@ -314,7 +316,7 @@ def test_a_model_on_disk_saves_to_another_folder_self_contained(tmp_path, over_t
         (tmp_path / f"in{i}").mkdir()
         (tmp_path / f"out{i}").mkdir()
         disk = load_model(save_model(model, tmp_path / f"in{i}" / "in.onnx", external_data=True), weights="disk")
-        mio.PROTOBUF_LIMIT = limit
+        ext.PROTOBUF_LIMIT = limit
         out = save_model(disk, tmp_path / f"out{i}" / "out.onnx", external_data=True)
         (tmp_path / f"in{i}" / "in.onnx.data").unlink()
         again = onnx.load(str(out))  # external data read from next to the output only
@@ -326,8 +328,8 @@ def test_the_stored_size_of_a_model_counts_its_external_data(tmp_path, over_the_
 
     model = wide_cnn(channels=32, hw=8)
     path = save_model(model, tmp_path / "m.onnx", external_data=True)
-    assert mio.stored_bytes(path) == path.stat().st_size + (tmp_path / "m.onnx.data").stat().st_size
-    assert inspect(path, latency=False).file_bytes == mio.stored_bytes(path) > mio.tensor_bytes(model)
+    assert ext.stored_bytes(path) == path.stat().st_size + (tmp_path / "m.onnx.data").stat().st_size
+    assert inspect(path, latency=False).file_bytes == ext.stored_bytes(path) > ext.tensor_bytes(model)
 
 
 def test_latency_of_models_on_disk_is_measured_one_session_at_a_time(tmp_path, monkeypatch):
@@ -350,7 +352,7 @@ def test_loading_weights_on_disk_checks_the_graph_and_accepts_a_hard_linked_data
 
     path = save_model(gemm_bn_model(k=64, n=64), tmp_path / "m.onnx", external_data=True)
     os.link(tmp_path / "m.onnx.data", tmp_path / "backup.data")  # onnx's own file check refuses this
-    assert mio.has_disk_weights(load_model(path, weights="disk"))
+    assert ext.has_disk_weights(load_model(path, weights="disk"))
     broken = onnx.load(str(path), load_external_data=False)
     broken.graph.node[0].input[0] = "nowhere"
     (tmp_path / "broken.onnx").write_bytes(broken.SerializeToString())

@@ -7,7 +7,9 @@ import pytest
 from builders import GraphBuilder, conv_bn_model, gemm_bn_model
 
 from graph_opt.errors import ModelLoadError, ModelSaveError
-from graph_opt.model_io import check_model, load_model, read_raw, save_model, to_graph, to_model
+from graph_opt.external_data import read_raw
+from graph_opt.gs_convert import to_graph, to_model
+from graph_opt.model_io import check_model, load_model, save_model
 
 
 def _big_weight_model():
@@ -130,10 +132,10 @@ def test_graphsurgeon_copy_owns_its_weights():
 
 
 def test_switches_to_external_data_above_the_protobuf_limit(tmp_path, monkeypatch):
-    import graph_opt.model_io as mio
+    import graph_opt.external_data as ext
 
     model = _big_weight_model()
-    monkeypatch.setattr(mio, "PROTOBUF_LIMIT", 1024)  # pretend 16 KB of weights is "over 2 GB"
+    monkeypatch.setattr(ext, "PROTOBUF_LIMIT", 1024)  # pretend 16 KB of weights is "over 2 GB"
     path = save_model(model, tmp_path / "m.onnx")
     assert (tmp_path / "m.onnx.data").is_file()
     assert read_raw(load_model(path).graph.initializer[0]) == model.graph.initializer[0].raw_data
@@ -175,7 +177,7 @@ def test_wire_size_equals_protobuf_bytesize_without_encoding_the_weights():
     from onnx import TensorProto, helper, numpy_helper
 
     from graph_opt.data import random_dataset
-    from graph_opt.model_io import wire_size
+    from graph_opt.external_data import wire_size
     from graph_opt.pass_base import PassContext
     from graph_opt.passes import Quantize
 

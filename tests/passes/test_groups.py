@@ -7,7 +7,7 @@ from builders import (GraphBuilder, assert_valid, concat_model, depthwise_model,
                       residual_model, run, se_model)
 from onnx import helper
 
-from graph_opt.model_io import to_graph
+from graph_opt.gs_convert import to_graph
 from graph_opt.passes._graph import infer_shapes
 from graph_opt.passes._groups import _map_axis, analyze, boundary_layers, fold_problems
 from graph_opt.passes.prune_channels import PruneChannels
@@ -250,7 +250,7 @@ def test_boundary_layers_see_through_skip_connections():
     transformer), yet only the first block's input projection is the first layer."""
     from builders import GraphBuilder
 
-    from graph_opt.model_io import to_graph
+    from graph_opt.gs_convert import to_graph
     from graph_opt.passes._groups import boundary_layers
 
     g = GraphBuilder()

@@ -7,10 +7,12 @@ from builders import (GraphBuilder, assert_valid, constant_node_model, control_f
                       run, tf_same_padding_model)
 from onnx import TensorProto, helper, numpy_helper
 
+import graph_opt.external_data as ext
 import graph_opt.model_io as mio
 from graph_opt import api
 from graph_opt.data import random_dataset
-from graph_opt.model_io import load_model, on_disk, save_model
+from graph_opt.external_data import on_disk
+from graph_opt.model_io import load_model, save_model
 from graph_opt.onnx_util import all_graphs
 from graph_opt.pass_base import PassContext
 from graph_opt.passes.simplify import Simplify
@@ -206,7 +208,7 @@ def test_pipeline_upgrades_the_reference_when_it_starts_with_simplify():
 
 
 def test_weights_kept_on_disk_stay_on_disk(tmp_path, monkeypatch):
-    monkeypatch.setattr(mio, "PROTOBUF_LIMIT", 1024)
+    monkeypatch.setattr(ext, "PROTOBUF_LIMIT", 1024)
     model = tf_same_padding_model(constant_weights=False)
     path = save_model(model, tmp_path / "big.onnx")
     loaded = load_model(path, weights="disk")
