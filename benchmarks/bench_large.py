@@ -250,7 +250,7 @@ def child_profile(model_path: Path, spec: str, result_path: Path) -> int:
     t = mark("gc", t)
     problem, _ = check_candidate(result.model, reference, {})
     t = mark(f"check_candidate ({problem or 'accepted'})", t)
-    pipeline._stats(result.model)
+    model_stats(result.model)
     t = mark("stats of the result", t)
     out = result_path.with_suffix(".onnx")
     save_model(result.model, out)
