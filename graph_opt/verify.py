@@ -327,7 +327,9 @@ class Reference:
         self.outputs = run_model(original, data, batch_size=self.batch_size, threads=threads, desc="reference")
 
     def compare(self, candidate: onnx.ModelProto, tolerances: dict[str, float] | None = None) -> ParityReport:
-        cand = run_model(candidate, self.data, batch_size=self.batch_size, threads=self.threads, desc="candidate")
+        # a candidate whose batch is bound (simplify with the user's --input-shape) runs at its own size
+        batch_size = batch_size_for(candidate, self.batch_size)
+        cand = run_model(candidate, self.data, batch_size=batch_size, threads=self.threads, desc="candidate")
         return compare_outputs(self.outputs, cand, labels=self.data.labels, temperature=self.temperature,
                                kd_alpha=self.kd_alpha,
                                data_source=self.data.source, tolerances=tolerances)

@@ -332,3 +332,20 @@ def test_compare_upgrades_the_reference_when_every_pipeline_starts_with_simplify
     assert comparison.baseline.reason.startswith("opset 6 upgraded")
     with pytest.raises(Exception, match="cannot be verified"):
         api.compare(model, ["cleanup"], latency=False, n_random=2, simplify=False)
+
+
+def test_a_batch_bound_by_the_user_is_verified_at_that_batch_size():
+    """`--input-shape x=1,4` on a model whose folding needs the batch: the simplified model takes
+    batches of 1 only, and the pipeline verifies it sample by sample instead of rolling it back."""
+    g = GraphBuilder(opset=13)
+    x = g.input("x", ["N", 4])
+    ones = g.node("ConstantOfShape", [g.node("Shape", [x])], value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]))
+    g.node("Add", [g.node("Mul", [x, ones]), g.const("b", np.arange(4, dtype=np.float32))], ["y"])
+    g.output("y", ["N", 4])
+    model = g.build()
+    result = api.optimize(model, [], data=random_dataset(model, 8, seed=0), shapes={"x": (1, 4)}, latency=False)
+    step = result.steps[0]
+    assert step.name == "simplify" and step.modified and step.accepted, step.reason
+    assert op_count(result.model, "Shape") == 0 and op_count(result.model, "ConstantOfShape") == 0
+    assert result.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    assert step.parity.max_abs == 0.0 and step.parity.samples == 8
