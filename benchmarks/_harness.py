@@ -18,6 +18,7 @@ Results go to `benchmarks/results/<bench>.json` and a Markdown table on stdout.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -35,6 +36,50 @@ from graph_opt.target import host
 from graph_opt.verify import compare_outputs
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def zoo_args(doc: str, *, models: str, runs: int, argv=None) -> argparse.Namespace:
+    """The command line every zoo benchmark takes: --models (comma-separated zoo or corpus names),
+    --runs (latency runs per model) and --threads."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--models", default=models)
+    ap.add_argument("--runs", type=int, default=runs)
+    ap.add_argument("--threads", type=int, default=1)
+    return ap.parse_args(argv)
+
+
+def apply_passes(model: onnx.ModelProto, passes, ctx, counted: tuple[type, ...]) -> tuple[onnx.ModelProto, int]:
+    """`passes` one after the other (no verification): the final model and how many layers the
+    passes of the `counted` classes rewrote."""
+    rewritten = 0
+    for p in passes:
+        result = p(model, ctx)
+        if isinstance(p, counted):
+            rewritten += len(result.report.rewritten)
+        model = result.model
+    return model, rewritten
+
+
+def measure_models(args: argparse.Namespace, get, variants, *, before=None, after=None) -> list[Row]:
+    """`measure` on every model of ``args.models`` (``get(name)`` loads one, ``variants(zm)`` gives
+    (models, extras)), printing each model's table as it completes. ``before(zm, extras)`` may add
+    extras; ``after(rows, extras)`` may annotate the rows and return a line to print."""
+    rows = []
+    for name in args.models.split(","):
+        zm = get(name)
+        vs, extras = variants(zm)
+        if before is not None:
+            before(zm, extras)
+        got = measure(zm, vs, runs=args.runs, threads=args.threads, extras=extras)
+        for r in got:
+            r.rewritten = r.extra.get("rewritten", 0)
+        line = after(got, extras) if after is not None else None
+        rows += got
+        print(f"\n## {name}\n", flush=True)
+        print(markdown(got), flush=True)
+        if line:
+            print(f"\n{line}", flush=True)
+    return rows
 
 
 def cpu_busy(seconds: float = 1.0) -> float:

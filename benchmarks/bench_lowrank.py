@@ -15,7 +15,6 @@ Writes benchmarks/results/bench_lowrank.json and prints Markdown tables.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -31,16 +30,6 @@ from graph_opt.passes import Cleanup, FactorizeConv, FactorizeGemm, FoldBatchnor
 LEVELS = (0.3, 0.5, 0.7, 0.9)
 
 
-def _apply(model, passes, ctx):
-    rewritten = 0
-    for p in passes:
-        result = p(model, ctx)
-        if isinstance(p, (FactorizeConv, FactorizeGemm)):
-            rewritten += len(result.report.rewritten)
-        model = result.model
-    return model, rewritten
-
-
 def variants(zm) -> tuple[dict, dict]:
     model = zm.load()
     ctx = PassContext(data=zm.calib)  # binds dynamic dims (MiniLM's sequence) for MAC-based ranks
@@ -48,7 +37,7 @@ def variants(zm) -> tuple[dict, dict]:
 
     def add(name, passes):
         start = time.perf_counter()
-        m, n = _apply(model, passes, ctx)
+        m, n = _harness.apply_passes(model, passes, ctx, (FactorizeConv, FactorizeGemm))
         out[name] = m
         extras[name] = {"rewritten": n, "seconds": round(time.perf_counter() - start, 2)}
 
@@ -72,21 +61,8 @@ def variants(zm) -> tuple[dict, dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="example,resnet,mobilenet,minilm")
-    ap.add_argument("--runs", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args(argv)
-    rows = []
-    for name in args.models.split(","):
-        zm = zoo.get(name)
-        vs, extras = variants(zm)
-        got = _harness.measure(zm, vs, runs=args.runs, threads=args.threads, extras=extras)
-        for r in got:
-            r.rewritten = r.extra.get("rewritten", 0)
-        rows += got
-        print(f"\n## {name}\n", flush=True)
-        print(_harness.markdown(got), flush=True)
+    args = _harness.zoo_args(__doc__, models="example,resnet,mobilenet,minilm", runs=200, argv=argv)
+    rows = _harness.measure_models(args, zoo.get, variants)
     path = _harness.save("bench_lowrank", rows, {"runs": args.runs, "threads": args.threads, "levels": LEVELS})
     print(f"\nwrote {path}", file=sys.stderr)
     return 0

@@ -14,7 +14,6 @@ Writes benchmarks/results/bench_prune.json and prints Markdown tables.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import sys
 import time
@@ -26,16 +25,6 @@ from graph_opt.pass_base import PassContext
 from graph_opt.passes import Cleanup, FoldBatchnorm, PruneChannels, PruneWeights
 
 RATIOS = (0.1, 0.25, 0.4)
-
-
-def _apply(model, passes, ctx):
-    rewritten = 0
-    for p in passes:
-        result = p(model, ctx)
-        if isinstance(p, (PruneChannels, PruneWeights)):
-            rewritten += len(result.report.rewritten)
-        model = result.model
-    return model, rewritten
 
 
 def variants(zm) -> tuple[dict, dict]:
@@ -50,7 +39,7 @@ def variants(zm) -> tuple[dict, dict]:
 
     def add(name, passes):
         start = time.perf_counter()
-        m, n = _apply(model, passes, ctx)
+        m, n = _harness.apply_passes(model, passes, ctx, (PruneChannels, PruneWeights))
         out[name] = m
         extras[name] = {"rewritten": n, "seconds": round(time.perf_counter() - start, 2),
                         "gzip_bytes": len(gzip.compress(m.SerializeToString(), 6))}
@@ -65,26 +54,16 @@ def variants(zm) -> tuple[dict, dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="example,resnet,mobilenet,minilm")
-    ap.add_argument("--runs", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args(argv)
-    rows = []
-    for name in args.models.split(","):
-        zm = zoo.get(name)
-        vs, extras = variants(zm)
+    args = _harness.zoo_args(__doc__, models="example,resnet,mobilenet,minilm", runs=200, argv=argv)
+    def fp32_gzip(zm, extras):
         extras["fp32"] = {"gzip_bytes": len(gzip.compress(zm.load().SerializeToString(), 6))}
-        got = _harness.measure(zm, vs, runs=args.runs, threads=args.threads, extras=extras)
-        base_gz = extras["fp32"]["gzip_bytes"]
+
+    def gzip_ratios(got, extras):
         for r in got:
-            r.rewritten = r.extra.get("rewritten", 0)
-            r.extra["gzip_ratio"] = round(r.extra["gzip_bytes"] / base_gz, 3)
-        rows += got
-        print(f"\n## {name}\n", flush=True)
-        print(_harness.markdown(got), flush=True)
-        print("\ngzip-compressed size vs fp32: " + ", ".join(f"{r.variant}: {r.extra['gzip_ratio']:.2f}x" for r in got[1:]),
-              flush=True)
+            r.extra["gzip_ratio"] = round(r.extra["gzip_bytes"] / extras["fp32"]["gzip_bytes"], 3)
+        return "gzip-compressed size vs fp32: " + ", ".join(f"{r.variant}: {r.extra['gzip_ratio']:.2f}x" for r in got[1:])
+
+    rows = _harness.measure_models(args, zoo.get, variants, before=fp32_gzip, after=gzip_ratios)
     path = _harness.save("bench_prune", rows, {"runs": args.runs, "threads": args.threads, "ratios": RATIOS})
     print(f"\nwrote {path}", file=sys.stderr)
     return 0

@@ -14,7 +14,6 @@ Markdown; nothing is written to disk but the profiler's temporary files, which a
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
@@ -28,7 +27,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import zoo  # noqa: E402
-from _harness import cpu_busy, environment  # noqa: E402
+from _harness import cpu_busy, environment, zoo_args  # noqa: E402
 
 from graph_opt.pass_base import PassContext  # noqa: E402
 from graph_opt.passes import Quantize  # noqa: E402
@@ -87,11 +86,7 @@ def profile(name: str, runs: int, threads: int) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="example,resnet")
-    ap.add_argument("--runs", type=int, default=300)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args(argv)
+    args = zoo_args(__doc__, models="example,resnet", runs=300, argv=argv)
     env = environment()
     print(f"# profile_quantize: per-node onnxruntime time, fp32 vs graph-opt int8\n\n{json.dumps(env)}\n")
     for name in args.models.split(","):

@@ -443,8 +443,7 @@ def _make_cnn(kind: str):
 
 def _train_cnn(model, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float, seed: int) -> list[float]:
     torch = _torch()
-    F = torch.nn.functional
-    augment = _train_example_module().augment  # +-10 deg, 0.9..1.1 scale, ~2 px shift
+    train_epoch = _train_example_module().train_epoch  # +-10 deg, 0.9..1.1 scale, ~2 px shift augmentation
     gen = torch.Generator().manual_seed(seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     batch = 64
@@ -453,23 +452,11 @@ def _train_cnn(model, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float, s
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs, steps_per_epoch=steps)
     history = []
     for epoch in range(epochs):
-        model.train()
-        perm = torch.randperm(len(xt), generator=gen)
-        loss_sum, correct, start = 0.0, 0, time.perf_counter()
-        for i in range(0, len(xt), batch):
-            idx = perm[i:i + batch]
-            xb, yb = augment(xt[idx], gen), yt[idx]
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb, label_smoothing=0.05)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == yb).sum())
-        history.append(loss_sum / len(xt))
-        print(f"[zoo]   epoch {epoch + 1:2d}/{epochs} loss {history[-1]:.4f} train-acc(aug) "
-              f"{correct / len(xt):.4f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        loss, acc = train_epoch(model, opt, sched, xt, yt, batch_size=batch, gen=gen)
+        history.append(loss)
+        print(f"[zoo]   epoch {epoch + 1:2d}/{epochs} loss {loss:.4f} train-acc(aug) "
+              f"{acc:.4f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     return history
 
 
