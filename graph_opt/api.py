@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
 from graph_opt import runtimes
-from graph_opt.compare import Backend, Comparer, Comparison, NamedPipeline, named_pipelines
+from graph_opt.compare import Backend, Comparer, Comparison, Comparisons, ModelCase, NamedPipeline, named_pipelines
 from graph_opt.data import Dataset, load_data
 from graph_opt.errors import GraphOptError
 from graph_opt.intermediates import divergence, feature_distances
@@ -81,6 +82,47 @@ def compare(model_or_path: onnx.ModelProto | str | os.PathLike, pipelines: Any, 
     return Comparer(named, verify_data=verify_data, calib_data=calib, tolerances=tolerances, metric=metric,
                     latency=latency, latency_runs=latency_runs, threads=threads, seed=seed, shapes=shapes,
                     jobs=jobs, backend=backend, address=address).run(model)
+
+
+def compare_models(models: Mapping[str, onnx.ModelProto | str | os.PathLike] | Sequence[str | os.PathLike],
+                   pipelines: Any, *, data: Any = None, shapes: dict[str, tuple[int, ...]] | None = None,
+                   tolerances: dict[str, float] | None = None, metric: str = "auto", latency: bool = True,
+                   latency_runs: int = 100, threads: int = 1, seed: int = 0, n_random: int = 8, jobs: int = 1,
+                   backend: Backend = "process", simplify: bool = True, address: str | None = None) -> Comparisons:
+    """`compare` on several models at once: the same pipelines on each, one task per (model, step)
+    in one pool of `jobs` workers (or Ray tasks), one `Comparison` per model.
+
+    `models`: a mapping name → model or path, or paths (named after their file, made unique).
+    `data`: None (seeded random inputs per model), a mapping name → data source, or a folder
+    holding ``<name>.npz`` per model (a model without one gets random inputs). The results are
+    those of `compare` on each model alone, whatever `jobs` and `backend`.
+    """
+    named = _named_models(models)
+    pipes = [NamedPipeline(p.name, with_simplify(p.passes, simplify)) for p in named_pipelines(pipelines)]
+    cases = []
+    for name, model in named.items():
+        source = data.get(name) if isinstance(data, Mapping) else data
+        if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+            source = Path(source) / f"{name}.npz"
+            source = source if source.is_file() else None
+        cases.append(ModelCase(name, model, load_data(source, model, shapes=shapes, n_random=n_random, seed=seed)))
+    comparer = Comparer(pipes, tolerances=tolerances, metric=metric, latency=latency, latency_runs=latency_runs,
+                        threads=threads, seed=seed, shapes=shapes, jobs=jobs, backend=backend, address=address)
+    return Comparisons(comparer.run_models(cases))
+
+
+def _named_models(models) -> dict[str, onnx.ModelProto]:
+    if isinstance(models, Mapping):
+        return {str(name): _model(m) for name, m in models.items()}
+    out: dict[str, onnx.ModelProto] = {}
+    for path in models:
+        name, k = Path(path).stem, 2
+        while name in out:
+            name, k = f"{Path(path).stem}-{k}", k + 1
+        out[name] = _model(path)
+    if not out:
+        raise GraphOptError("nothing to compare: no models")
+    return out
 
 
 def verify(original: onnx.ModelProto | str | os.PathLike, candidate: onnx.ModelProto | str | os.PathLike, *,

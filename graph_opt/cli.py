@@ -3,7 +3,7 @@
     graph-opt optimize MODEL -o OUT [--pass SPEC]... [--recipe FILE] [--data PATH] [--input-shape NAME=DIMS]...
                              [--tolerance METRIC=VALUE]... [--report FILE.json] [--no-simplify] [--json]
     graph-opt optimize --example -o OUT            (the built-in model and its data)
-    graph-opt compare MODEL|--example [--recipe FILE]... [--order "SPEC SPEC ..."]... [--permutations "SPEC SPEC ..."]
+    graph-opt compare MODEL [MODEL...]|--example [--recipe FILE]... [--order "SPEC SPEC ..."]... [--permutations "SPEC SPEC ..."]
                       [--data PATH] [--out-dir DIR] [--jobs N] [--backend process|ray] [--json]
     graph-opt verify ORIGINAL CANDIDATE [--data PATH] [--labels FILE] [--tolerance METRIC=VALUE]... [--json]
     graph-opt inspect MODEL [--input-shape NAME=DIMS]... [--json]
@@ -72,8 +72,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="stop with exit 1 (writing nothing) when a pass exceeds the tolerance, instead of rolling it back")
     _run_args(opt)
 
-    com = sub.add_parser("compare", help="run several pipelines (recipes or pass orderings) on one model: one table, one plot")
-    com.add_argument("model", nargs="?", help="input .onnx model")
+    com = sub.add_parser("compare", help="run several pipelines (recipes or pass orderings) on one or more models: "
+                                         "one table, one plot per model")
+    com.add_argument("model", nargs="*", help="input .onnx model(s); with several, --data is a folder of <model name>.npz")
     com.add_argument("--example", action="store_true", help="use the built-in example model and its data")
     com.add_argument("--recipe", action="append", default=[], metavar="FILE",
                      help="a pipeline from a YAML/JSON recipe, named after the file (repeatable)")
@@ -332,7 +333,7 @@ def _write_markdown(args, result, source: Path, status: int) -> Path | None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     if args.example == bool(args.model):
-        raise GraphOptError("give either MODEL or --example")
+        raise GraphOptError("give either MODEL(s) or --example")
     pipelines = {p.name: p.passes for p in cli_pipelines(recipes=args.recipe, orders=args.order,
                                                          permuted=args.permutations)}
     shapes = _shapes(args.input_shape)
@@ -342,40 +343,90 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ModelSaveError(f"--out-dir {out_dir}: not a directory, or its parent does not exist")
     if args.save_models and out_dir is None:
         raise GraphOptError("--save-models needs --out-dir")
+    common = dict(shapes=shapes, tolerances=tolerances, metric=args.metric, latency=not args.no_latency,
+                  latency_runs=args.latency_runs, threads=args.threads, seed=args.seed, jobs=args.jobs,
+                  backend=args.backend, simplify=not args.no_simplify, address=args.address)
+    if len(args.model) > 1:
+        return _compare_models(args, pipelines, common, out_dir)
+    args.model = args.model[0] if args.model else None
     source, model, verify_data, calib = _model_and_data(args, shapes)
-    comparison = api.compare(model, pipelines, data=verify_data, calib_data=calib, shapes=shapes, tolerances=tolerances,
-                             metric=args.metric, latency=not args.no_latency, latency_runs=args.latency_runs,
-                             threads=args.threads, seed=args.seed, jobs=args.jobs, backend=args.backend,
-                             simplify=not args.no_simplify, address=args.address)
+    comparison = api.compare(model, pipelines, data=verify_data, calib_data=calib, **common)
     doc: dict[str, Any] = {"input": str(source), **comparison.to_dict(), "files": {}, "plot_skipped": None}
     skipped = ""
     if out_dir is not None:
         out_dir.mkdir(exist_ok=True)
         files = doc["files"]
-        try:
-            files["plot"] = str(comparison.plot(out_dir / "compare.png", title=f"graph-opt compare: {source.name}"))
-        except PlotUnavailable as exc:
-            skipped = doc["plot_skipped"] = f"plot skipped: {exc}"
+        skipped = _compare_plot(comparison, out_dir / "compare.png", f"graph-opt compare: {source.name}", files, doc)
         if args.save_models:
-            files["models"] = {p.name: str(save_model(r.model, out_dir / f"{p.name}.onnx", protect=(source,)))
-                               for p, r in zip(comparison.pipelines, comparison.results)}
+            files["models"] = _save_finals(comparison, out_dir, "", source)
         markdown = comparison.markdown(source=str(source), plot="compare.png" if "plot" in files else None)
-        files["markdown"] = str(out_dir / "compare.md")
-        files["json"] = str(out_dir / "compare.json")
-        write_atomic(out_dir / "compare.md", markdown.encode())
-        write_atomic(out_dir / "compare.json", json.dumps(jsonable(doc), indent=2, default=str).encode())
+        _write_compare(out_dir, markdown, doc)
+    _print_compare(args, doc, comparison.table(), out_dir, skipped)
+    return EXIT_OK
+
+
+def _compare_models(args, pipelines, common, out_dir) -> int:
+    """compare M1 M2 …: the pipelines on every model in one pool of steps; one table, one report."""
+    if args.calib_data:
+        raise GraphOptError("--calib-data takes one model's data; with several models give --data DIR")
+    if args.data and not Path(args.data).is_dir():
+        raise GraphOptError("with several models, --data is a folder of <model name>.npz files")
+    paths = [Path(m) for m in args.model]
+    comparisons = api.compare_models(paths, pipelines, data=args.data, n_random=args.samples, **common)
+    doc: dict[str, Any] = {"inputs": [str(p) for p in paths], **comparisons.to_dict(), "files": {}, "plot_skipped": None}
+    skipped = ""
+    if out_dir is not None:
+        out_dir.mkdir(exist_ok=True)
+        files, plots = doc["files"], {}
+        files["plots"], files["models"] = {}, {}
+        for c in comparisons.items:
+            inner: dict[str, Any] = {}
+            skipped = _compare_plot(c, out_dir / f"compare_{c.name}.png", f"graph-opt compare: {c.name}", inner, doc)
+            if "plot" in inner:
+                files["plots"][c.name] = plots[c.name] = inner["plot"]
+            if args.save_models:
+                files["models"][c.name] = _save_finals(c, out_dir, f"{c.name}_", *paths)
+        plots = {name: Path(path).name for name, path in plots.items()}
+        _write_compare(out_dir, comparisons.markdown(plots=plots), doc)
+    _print_compare(args, doc, comparisons.table(), out_dir, skipped)
+    return EXIT_OK
+
+
+def _compare_plot(comparison, path: Path, title: str, files: dict, doc: dict) -> str:
+    try:
+        files["plot"] = str(comparison.plot(path, title=title))
+    except PlotUnavailable as exc:
+        doc["plot_skipped"] = f"plot skipped: {exc}"
+    return doc["plot_skipped"] or ""
+
+
+def _save_finals(comparison, out_dir: Path, prefix: str, *inputs: Path) -> dict[str, str]:
+    return {p.name: str(save_model(r.model, out_dir / f"{prefix}{p.name}.onnx", protect=inputs))
+            for p, r in zip(comparison.pipelines, comparison.results)}
+
+
+def _write_compare(out_dir: Path, markdown: str, doc: dict) -> None:
+    doc["files"]["markdown"] = str(out_dir / "compare.md")
+    doc["files"]["json"] = str(out_dir / "compare.json")
+    write_atomic(out_dir / "compare.md", markdown.encode())
+    write_atomic(out_dir / "compare.json", json.dumps(jsonable(doc), indent=2, default=str).encode())
+
+
+def _print_compare(args, doc: dict, text: str, out_dir: Path | None, skipped: str) -> None:
     if args.json:
         _print_json(doc)
     else:
-        print(comparison.table())
+        print(text)
         if out_dir is not None:
-            print("\nwrote " + ", ".join(v for k, v in doc["files"].items() if k != "models")
-                  + (f" and {len(doc['files']['models'])} models" if "models" in doc["files"] else ""))
+            files = doc["files"]
+            written = [v for k, v in files.items() if k not in ("models", "plots")] + list(files.get("plots", {}).values())
+            models = files.get("models") or {}
+            count = sum(len(v) if isinstance(v, dict) else 1 for v in models.values()) if "inputs" in doc else len(models)
+            print("\nwrote " + ", ".join(written) + (f" and {count} models" if count else ""))
         else:
             print("\nnothing written (give --out-dir DIR for compare.json, compare.md and compare.png)")
     if skipped:
         print(f"graph-opt: {skipped}", file=sys.stderr if args.json else sys.stdout)
-    return EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

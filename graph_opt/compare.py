@@ -33,11 +33,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import multiprocessing
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,29 +43,21 @@ import onnx
 
 from graph_opt.data import Dataset
 from graph_opt.errors import DataError, GraphOptError, SpecError
-from graph_opt.onnx_util import first_line
-from graph_opt.pass_base import Pass, PassContext, PassReport
-from graph_opt.pipeline import (
-    PipelineResult,
-    StepOutcome,
-    StepRecord,
-    reference_for,
-    run_step,
-    step_record,
-)
+from graph_opt.fanout import Runner, Setup, Tree, import_ray, pass_key, run_trees, tree
+from graph_opt.pass_base import Pass
+from graph_opt.pipeline import PipelineResult, StepRecord, reference_for
 from graph_opt.plot import Point, pareto_front, plot_front
 from graph_opt.progress import progress
 from graph_opt.registry import load_recipe, parse_spec
 from graph_opt.report import _step_row, jsonable, table
 from graph_opt.stats import ModelStats, measure_latency, model_stats
-from graph_opt.verify import ParityReport, Reference
+from graph_opt.verify import ParityReport
 
 log = logging.getLogger(__name__)
 
 Backend = Literal["process", "ray"]
 METRICS = ("accuracy", "top1", "cosine", "snr_db")
 MAX_PERMUTED = 6  # 720 orderings; 7 passes would be 5,040 pipelines
-RAY_EXTRA = "pip install 'graph-opt[ray]'"
 
 
 # ---- what to compare ----
@@ -171,7 +161,7 @@ def dedupe(pipelines: list[NamedPipeline]) -> list[NamedPipeline]:
     names: set[str] = set()
     out = []
     for p in pipelines:
-        key = tuple(_key(x) for x in p.passes)
+        key = tuple(pass_key(x) for x in p.passes)
         if key in seen:
             log.warning("%s repeats %s (%s); compared once", p.name, seen[key], p.ordering)
             continue
@@ -184,226 +174,34 @@ def dedupe(pipelines: list[NamedPipeline]) -> list[NamedPipeline]:
     return out
 
 
-def _key(p: Pass) -> tuple[str, str]:
-    return f"{type(p).__module__}.{type(p).__qualname__}", p.spec()
+# ---- the comparison ----
 
-
-# ---- the prefix tree ----
-
-@dataclass(eq=False)
-class _Node:
-    index: int  # creation order: a parent is always created before its children
-    step: Pass | None  # None at the root (the original model)
-    parent: _Node | None
-    children: dict[tuple[str, str], _Node] = field(default_factory=dict)
-    ends: list[int] = field(default_factory=list)  # pipelines whose last step this is
-    record: StepRecord | None = None
-    parity: ParityReport | None = None  # parity of the last accepted step up to here
-    history: list[PassReport] = field(default_factory=list)  # reports of accepted rewrites
-    blob: bytes | None = None  # the model serialized once, for workers
-
-    @property
-    def model(self) -> onnx.ModelProto:
-        return self.record.model
-
-    def serialized(self) -> bytes:
-        if self.blob is None:
-            self.blob = self.model.SerializeToString()
-        return self.blob
-
-    def specs(self) -> list[str]:
-        """The specs of the steps from the original to here."""
-        specs = []
-        node = self
-        while node.step is not None:
-            specs.append(node.step.spec())
-            node = node.parent
-        return specs[::-1]
-
-    def prefix(self) -> str:
-        return " ".join(self.specs())
-
-
-def _tree(pipelines: list[NamedPipeline]) -> tuple[_Node, list[_Node], list[list[_Node]]]:
-    """The root, every other node in creation order, and each pipeline's path of nodes."""
-    root = _Node(0, None, None)
-    nodes: list[_Node] = []
-    paths = []
-    for i, pipe in enumerate(pipelines):
-        node, path = root, []
-        for p in pipe.passes:
-            key = _key(p)
-            if key not in node.children:
-                child = _Node(len(nodes) + 1, p, node)
-                node.children[key] = child
-                nodes.append(child)
-            node = node.children[key]
-            path.append(node)
-        node.ends.append(i)
-        paths.append(path)
-    return root, nodes, paths
-
-
-# ---- one step (runs wherever the backend puts it) ----
-
-class _Runner:
-    """Runs one pass on one model against the original: the body of `Pipeline.run`'s loop."""
-
-    def __init__(self, original: onnx.ModelProto, reference: Reference, calib: Dataset, *,
-                 tolerances: dict[str, float], threads: int, seed: int, shapes: dict[str, tuple[int, ...]] | None):
-        self.original, self.reference, self.calib = original, reference, calib
-        self.tolerances, self.threads, self.seed, self.shapes = tolerances, threads, seed, shapes
-
-    def step(self, p: Pass, model: onnx.ModelProto, history: list[PassReport], before: list[str]) -> StepOutcome:
-        ctx = PassContext(data=self.calib, original=self.original, history=list(history), seed=self.seed,
-                          shapes=self.shapes)
-        return run_step(p, model, ctx, self.reference, self.tolerances, threads=self.threads, shapes=self.shapes,
-                        before=before)
+def resolve_metric(metric: str, data: Dataset) -> str:
+    """``auto`` → ``accuracy`` when the data has labels, else ``cosine``; refuses a metric the data cannot give."""
+    if metric == "auto":
+        metric = "accuracy" if data.labels is not None else "cosine"
+    if metric not in METRICS:
+        raise GraphOptError(f"unknown fidelity metric {metric!r} (one of {', '.join(METRICS)})")
+    if metric == "accuracy" and data.labels is None:
+        raise DataError(f"fidelity metric 'accuracy' needs labels; {data.source} has none "
+                        "(add a 'labels' array to the .npz, or choose --metric cosine)")
+    return metric
 
 
 @dataclass
-class _Setup:
-    """What a worker needs to build its `_Runner`, sent once (the original as bytes)."""
+class ModelCase:
+    """One model to compare the pipelines on, with its data (`Comparer.run_models`)."""
 
-    token: str  # names this comparison in a worker that outlives it (Ray reuses workers)
-    original: bytes
-    verify: Dataset
-    calib: Dataset
-    tolerances: dict[str, float]
-    threads: int
-    seed: int
-    shapes: dict[str, tuple[int, ...]] | None
+    name: str
+    model: onnx.ModelProto
+    verify_data: Dataset
+    calib_data: Dataset | None = None
 
-    def runner(self) -> _Runner:
-        original = onnx.ModelProto.FromString(self.original)
-        reference = Reference(original, self.verify, threads=self.threads)
-        return _Runner(original, reference, self.calib, tolerances=self.tolerances, threads=self.threads,
-                       seed=self.seed, shapes=self.shapes)
-
-
-_WORKER: dict[str, _Runner] = {}  # per worker process: the runner of the current comparison
-
-
-def _worker_init(setup: _Setup) -> None:
-    _WORKER.clear()
-    _WORKER[setup.token] = setup.runner()
-
-
-def _remote_step(setup: _Setup | str, p: Pass, blob: bytes, history: list[PassReport], before: list[str]) -> StepOutcome:
-    """A step in a worker: the model comes and goes as bytes."""
-    token = setup if isinstance(setup, str) else setup.token
-    if token not in _WORKER:  # a Ray worker meets this comparison for the first time
-        assert not isinstance(setup, str)
-        _worker_init(setup)
-    out = _WORKER[token].step(p, onnx.ModelProto.FromString(blob), history, before)
-    if isinstance(out.model, onnx.ModelProto):
-        out.model = out.model.SerializeToString()
-    return out
-
-
-def _apply(node: _Node, out: StepOutcome) -> None:
-    """Turn a step's outcome into the node's record, exactly as `Pipeline.run` records a step."""
-    parent, p = node.parent, node.step
-    rec = step_record(p, out, parent.record, parent.parity)
-    node.history = parent.history if out.model is None else [*parent.history, out.report]
-    node.record = rec
-    node.parity = rec.parity if rec.accepted else parent.parity
-    if not rec.accepted:
-        log.warning("%s (after %s) rolled back: %s", p.spec(), parent.prefix() or "the original", rec.reason)
-
-
-# ---- backends: each yields nodes as they complete, parents before their children ----
-
-def _run_here(nodes: list[_Node], runner: _Runner) -> Iterator[_Node]:
-    for node in nodes:
-        _apply(node, runner.step(node.step, node.parent.model, node.parent.history, node.parent.specs()))
-        yield node
-
-
-def _run_processes(root: _Node, setup: _Setup, jobs: int) -> Iterator[_Node]:
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
-                             initargs=(setup,)) as pool:
-        pending: dict[Any, _Node] = {}
-
-        def submit(node: _Node) -> None:
-            for child in node.children.values():
-                pending[pool.submit(_remote_step, setup.token, child.step, node.serialized(), node.history, node.specs())] = child
-
-        try:
-            submit(root)
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in sorted(done, key=lambda f: pending[f].index):
-                    node = pending.pop(fut)
-                    _apply(node, fut.result())
-                    yield node
-                    submit(node)
-        finally:
-            pool.shutdown(cancel_futures=True)
-
-
-def import_ray():
-    try:
-        import ray
-    except ImportError:
-        raise GraphOptError(f"--backend ray needs the ray package ({RAY_EXTRA})") from None
-    return ray
-
-
-def _run_ray(root: _Node, setup: _Setup, jobs: int, address: str | None = None) -> Iterator[_Node]:
-    """Ray tasks; joins a running Ray instance if there is one, else the cluster at `address`
-    (``ray start --head`` somewhere, ``HOST:PORT`` or ``auto``), else starts a local one of `jobs` CPUs."""
-    ray = import_ray()
-    started = not ray.is_initialized()
-    if started and address:
-        try:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
-        except (ConnectionError, RuntimeError) as exc:
-            raise GraphOptError(f"cannot attach to the Ray cluster at {address}: "
-                                f"{first_line(exc, 200)}") from None
-    elif started:
-        ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        remote = ray.remote(num_cpus=1, max_retries=0)(_remote_step)
-        setup_ref = ray.put(setup)
-        pending: dict[Any, _Node] = {}
-
-        def submit(node: _Node) -> None:
-            for child in node.children.values():
-                pending[remote.remote(setup_ref, child.step, node.serialized(), node.history, node.specs())] = child
-
-        submit(root)
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                node = pending.pop(ref)
-                try:
-                    out = ray.get(ref)
-                except ray.exceptions.RayTaskError as exc:  # a user mistake stays one line, as in this process
-                    if isinstance(getattr(exc, "cause", None), GraphOptError):
-                        raise exc.cause from None
-                    raise
-                _apply(node, out)
-                yield node
-                submit(node)
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _finished(events: Iterator[_Node]) -> Iterator[int]:
-    """Pipelines, as their last step completes."""
-    for node in events:
-        yield from node.ends
-
-
-# ---- the comparison ----
 
 class Comparer:
     """Several named pipelines, run on one model with the same data; shared prefixes run once."""
 
-    def __init__(self, pipelines: list[NamedPipeline], *, verify_data: Dataset, calib_data: Dataset | None = None,
+    def __init__(self, pipelines: list[NamedPipeline], *, verify_data: Dataset | None = None, calib_data: Dataset | None = None,
                  tolerances: dict[str, float] | None = None, metric: str = "auto", latency: bool = True,
                  latency_runs: int = 100, threads: int = 1, seed: int = 0,
                  shapes: dict[str, tuple[int, ...]] | None = None, jobs: int = 1, backend: Backend = "process",
@@ -421,13 +219,10 @@ class Comparer:
             import_ray()
         elif address:
             raise GraphOptError("--address names a Ray cluster: it needs --backend ray")
-        if metric == "auto":
-            metric = "accuracy" if verify_data.labels is not None else "cosine"
-        if metric not in METRICS:
+        if verify_data is not None:
+            resolve_metric(metric, verify_data)  # a wrong metric refuses before any work
+        elif metric not in (*METRICS, "auto"):
             raise GraphOptError(f"unknown fidelity metric {metric!r} (one of {', '.join(METRICS)})")
-        if metric == "accuracy" and verify_data.labels is None:
-            raise DataError(f"fidelity metric 'accuracy' needs labels; {verify_data.source} has none "
-                            "(add a 'labels' array to the .npz, or choose --metric cosine)")
         self.pipelines = list(pipelines)
         self.verify_data = verify_data
         self.calib_data = calib_data if calib_data is not None else verify_data
@@ -438,35 +233,45 @@ class Comparer:
         self.jobs, self.backend, self.address = jobs, backend, address
 
     def run(self, original: onnx.ModelProto) -> Comparison:
-        root, nodes, paths = _tree(self.pipelines)
-        original, reference, upgraded = reference_for(original, self.verify_data,
-                                                      [p.passes[0] if p.passes else None for p in self.pipelines],
-                                                      threads=self.threads, shapes=self.shapes)
-        baseline = StepRecord("original", "original", stats=model_stats(original, shapes=self.shapes), model=original,
-                              reason=upgraded)
-        baseline.parity = reference.compare(original)
-        root.record, root.parity = baseline, baseline.parity
-        if self.backend == "process" and self.jobs == 1 and not self.address:
-            runner = _Runner(original, reference, self.calib_data, tolerances=self.tolerances, threads=self.threads,
-                             seed=self.seed, shapes=self.shapes)
-            events = _run_here(nodes, runner)
-        else:
-            setup = _Setup(uuid.uuid4().hex, original.SerializeToString(), self.verify_data, self.calib_data,
-                           self.tolerances, self.threads, self.seed, self.shapes)
-            events = (_run_ray(root, setup, self.jobs, self.address) if self.backend == "ray"
-                      else _run_processes(root, setup, self.jobs))
-        steps = progress(events, total=len(nodes), desc="steps")
-        for _ in progress(_finished(steps), total=len(self.pipelines), desc="pipelines"):
-            pass
-        results = [PipelineResult(original, path[-1].model, baseline, [n.record for n in path], self.tolerances)
-                   for path in paths]
-        comparison = Comparison(original, baseline, self.pipelines, results, self.tolerances, self.metric,
-                                pass_runs=len(nodes), data_source=self.verify_data.source, samples=len(self.verify_data))
-        if self.latency:
-            self._measure_latency(comparison)
-        return comparison
+        return self.run_models([ModelCase("", original, self.verify_data, self.calib_data)])[0]
 
-    def _measure_latency(self, comparison: Comparison) -> None:
+    def run_models(self, cases: list[ModelCase]) -> list[Comparison]:
+        """The pipelines on each model with its own data, as one pool of steps (see `fanout`):
+        one `Comparison` per model, in the order given."""
+        run_id = uuid.uuid4().hex
+        trees, made = [], []
+        for k, case in enumerate(cases):
+            root, nodes, paths = tree([p.passes for p in self.pipelines])
+            original, reference, upgraded = reference_for(case.model, case.verify_data,
+                                                          [p.passes[0] if p.passes else None for p in self.pipelines],
+                                                          threads=self.threads, shapes=self.shapes)
+            baseline = StepRecord("original", "original", stats=model_stats(original, shapes=self.shapes),
+                                  model=original, reason=upgraded)
+            baseline.parity = reference.compare(original)
+            root.record, root.parity = baseline, baseline.parity
+            calib = case.calib_data if case.calib_data is not None else case.verify_data
+            runner = Runner(original, reference, calib, tolerances=self.tolerances, threads=self.threads,
+                            seed=self.seed, shapes=self.shapes)
+            setup = Setup(f"{run_id}:{k}", original.SerializeToString(), case.verify_data, calib, self.tolerances,
+                          self.threads, self.seed, self.shapes)
+            trees.append(Tree(root, nodes, runner, setup))
+            made.append((case, original, baseline, nodes, paths))
+        events = run_trees(trees, jobs=self.jobs, backend=self.backend, address=self.address)
+        for _ in progress(events, total=sum(len(t.nodes) for t in trees), desc="steps"):
+            pass
+        out = []
+        for case, original, baseline, nodes, paths in made:
+            results = [PipelineResult(original, path[-1].model, baseline, [n.record for n in path], self.tolerances)
+                       for path in paths]
+            comparison = Comparison(original, baseline, self.pipelines, results, self.tolerances,
+                                    resolve_metric(self.metric, case.verify_data), pass_runs=len(nodes),
+                                    data_source=case.verify_data.source, samples=len(case.verify_data), name=case.name)
+            if self.latency:
+                self._measure_latency(comparison, case.verify_data)
+            out.append(comparison)
+        return out
+
+    def _measure_latency(self, comparison: Comparison, data: Dataset) -> None:
         """Every distinct model (by content) of every pipeline, interleaved in one run."""
         records = [comparison.baseline, *(s for r in comparison.results for s in r.steps)]
         digests: dict[int, str] = {}
@@ -476,7 +281,7 @@ class Comparer:
                 digest = hashlib.sha256(rec.model.SerializeToString()).hexdigest()
                 digests[id(rec.model)] = digest
                 unique.setdefault(digest, rec.model)
-        feed = self.verify_data.sample(0)
+        feed = data.sample(0)
         times = dict(zip(unique, measure_latency(list(unique.values()), feed, runs=self.latency_runs,
                                                  threads=self.threads)))
         for rec in records:
@@ -498,6 +303,7 @@ class Comparison:
     data_source: str = ""
     samples: int = 0
     latency: dict[str, int] | None = None  # how latency was measured (None: not measured)
+    name: str = ""  # the model's name when several were compared
 
     @property
     def steps_without_sharing(self) -> int:
@@ -648,3 +454,25 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(map(cell, headers)) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+@dataclass
+class Comparisons:
+    """`compare` over several models: one `Comparison` per model, in the order given."""
+
+    items: list[Comparison]
+
+    def table(self, *, timings: bool = True) -> str:
+        return "\n\n".join(f"== {c.name}\n{c.table(timings=timings)}" for c in self.items)
+
+    def markdown(self, *, plots: Mapping[str, str] | None = None) -> str:
+        """One document: a section per model (its plot when `plots` names one)."""
+        parts = [f"# graph-opt compare: {len(self.items)} models", ""]
+        for c in self.items:
+            body = c.markdown(source=c.name, plot=(plots or {}).get(c.name))
+            parts.append(body.replace("# graph-opt compare", f"## {c.name}", 1).replace("\n## ", "\n### "))
+        return "\n".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"models": {c.name: c.to_dict() for c in self.items}}
+

@@ -8,8 +8,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import pytest
-from builders import run_cli as _run, small_cnn
+from builders import residual_model, run_cli as _run, small_cnn
 
 import graph_opt
 from graph_opt.compare import Comparer, NamedPipeline, cli_pipelines, named_pipelines, parse_ordering
@@ -305,3 +306,44 @@ def test_cli_prints_the_failing_pass_in_one_line_and_the_traceback_only_with_v(t
     assert "error: pass cleanup failed (after simplify): ZeroDivisionError" in err and "Traceback" not in err
     code, _, err = _run(capsys, "-v", "optimize", model_path, "-o", out, "--pass", "cleanup", "--no-latency")
     assert code == 2 and "Traceback" in err and "ZeroDivisionError" in err
+
+
+# ---- several models at once ----
+
+def _alone(models, **kw):
+    return [graph_opt.compare(m, ORDERS[:2], latency=False, tolerances={"cosine": 0.95}, **kw) for m in models]
+
+
+@pytest.mark.parametrize("backend,jobs", [("process", 1), ("process", 2), ("ray", 2)])
+def test_several_models_give_each_model_alone_results_on_every_backend(backend, jobs):
+    if backend == "ray":
+        pytest.importorskip("ray")
+    models = {"cnn": small_cnn(), "res": residual_model()}
+    many = graph_opt.compare_models(models, ORDERS[:2], latency=False, tolerances={"cosine": 0.95}, jobs=jobs,
+                                    backend=backend)
+    assert [c.name for c in many.items] == ["cnn", "res"]
+    for together, alone in zip(many.items, _alone(models.values())):
+        _same_results(together, alone)
+    assert any(s.modified for c in many.items for r in c.results for s in r.steps)
+
+
+def test_cli_compares_several_models_in_one_table_and_one_report(tmp_path, capsys):
+    from graph_opt.model_io import save_model
+
+    paths = [save_model(small_cnn(), tmp_path / "cnn.onnx"), save_model(residual_model(), tmp_path / "res.onnx")]
+    data = tmp_path / "data"
+    data.mkdir()
+    np.savez(data / "res.npz", **random_dataset(residual_model(), 4, seed=3).inputs)  # cnn: random inputs
+    out = tmp_path / "out"
+    code, stdout, err = _run(capsys, "compare", *paths, "--order", "fold_batchnorm cleanup", "--order", "cleanup",
+                             "--data", data, "--out-dir", out, "--no-latency")
+    assert code == 0, err
+    assert "== cnn" in stdout and "== res" in stdout
+    doc = json.loads((out / "compare.json").read_text())
+    assert list(doc["models"]) == ["cnn", "res"]
+    assert doc["models"]["res"]["data"] == {"source": str(data / "res.npz"), "samples": 4}
+    assert doc["models"]["cnn"]["data"]["source"].startswith("random")
+    markdown = (out / "compare.md").read_text()
+    assert "## cnn" in markdown and "## res" in markdown and markdown.count("| pipeline | step |") == 2
+    code, _, err = _run(capsys, "compare", *paths, "--order", "cleanup", "--data", data / "res.npz")
+    assert code == 2 and "folder of <model name>.npz" in err
