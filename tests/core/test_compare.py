@@ -226,7 +226,7 @@ def test_cli_user_errors_are_one_line_exit_2_nothing_written(tmp_path, model_pat
 
 def test_cli_needs_model_or_example(capsys):
     code, _, err = _run(capsys, "compare", "--order", "cleanup")
-    assert code == 2 and "give either MODEL or --example" in err
+    assert code == 2 and "give either MODEL(s) or --example" in err
 
 
 def test_plot_labels_of_nearby_points_do_not_overlap():
