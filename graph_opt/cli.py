@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from graph_opt import api, runtimes
-from graph_opt.runtimes import RUNTIMES
+from graph_opt import api
+from graph_opt import runtime as runtimes  # the runtimes `--verify-runtime` offers
+from graph_opt.runtime import RUNTIMES
 from graph_opt.compare import METRICS, Comparer, NamedPipeline, cli_pipelines
 from graph_opt.data import load_data, parse_shape_spec
 from graph_opt.errors import DataError, GraphOptError, ModelSaveError

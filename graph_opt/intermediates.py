@@ -28,7 +28,7 @@ from graph_opt.data import Dataset, batch_size_for
 from graph_opt.errors import GraphOptError
 from graph_opt.model_io import copy_model
 from graph_opt.progress import progress
-from graph_opt.verify import make_session
+from graph_opt.runtime import make_session
 
 
 def node_outputs(model: onnx.ModelProto) -> list[str]:

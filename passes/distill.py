@@ -48,7 +48,7 @@ from graph_opt.errors import GraphOptError
 from graph_opt.model_io import copy_model, has_disk_weights
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.progress import bar
-from graph_opt.verify import make_session
+from graph_opt.runtime import make_session
 
 log = logging.getLogger(__name__)
 

@@ -108,7 +108,7 @@ from graph_opt.passes._graph import (LAYER_OPS, Namer, check_op_types, constant,
 from graph_opt.passes._groups import (Analysis, Group, Slice, analyze, boundary_layers,
                                       fold_problems, selected)
 from graph_opt.stats import count_params, layer_macs
-from graph_opt.verify import make_session
+from graph_opt.runtime import make_session
 
 log = logging.getLogger(__name__)
 

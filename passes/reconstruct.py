@@ -143,7 +143,7 @@ from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._graph import LAYER_OPS, Namer
 from graph_opt.passes._lowrank import FACTOR_NAME
 from graph_opt.progress import progress
-from graph_opt.verify import make_session
+from graph_opt.runtime import make_session
 
 log = logging.getLogger(__name__)
 

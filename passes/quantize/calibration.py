@@ -47,7 +47,7 @@ from graph_opt.passes._graph import GraphIndex, Namer, infer_shapes
 from graph_opt.passes.quantize.layers import opset_of
 from graph_opt.passes.quantize.ops import LAYER_OPS, SHARED_OPS
 from graph_opt.progress import progress
-from graph_opt.verify import make_session, release_memory
+from graph_opt.runtime import make_session, release_memory
 from graph_opt.onnx_util import first_line
 
 if TYPE_CHECKING:

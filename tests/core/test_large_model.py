@@ -17,7 +17,7 @@ from graph_opt.model_io import (load_model, needs_external_data, read_raw, save_
                                 to_model)
 from graph_opt.pipeline import Pipeline
 from graph_opt.registry import parse_spec
-from graph_opt.verify import make_session, run_model
+from graph_opt.runtime import make_session, run_model
 
 
 @pytest.fixture

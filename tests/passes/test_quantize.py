@@ -1192,7 +1192,7 @@ def test_sensitivity_runs_with_basic_optimizations_and_calibration_with_all(monk
     """The sensitivity copy runs a few samples: onnxruntime's basic optimizations only, without
     the layout changes that keep reordered copies of the weights; minmax calibration runs every
     sample, with every optimization."""
-    from graph_opt.verify import session_options
+    from graph_opt.runtime import session_options
 
     assert session_options(optimize="basic").graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     levels: dict[str, set] = {}
