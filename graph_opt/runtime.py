@@ -33,7 +33,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Literal, Protocol
 
 import numpy as np
@@ -126,6 +126,65 @@ def release_memory() -> None:
         libc.malloc_trim(0)
 
 
+# Automatic batches (`run_batches` with batch_size 0): about this many bytes of requested outputs
+# per batch, at most STREAM_MAX_BATCH samples.
+STREAM_BUDGET_BYTES = 64 << 20
+STREAM_MAX_BATCH = 64
+# Sessions that reduce inside onnxruntime return scalars, but onnxruntime's own buffers still grow
+# with the batch: a few samples per run amortize the cost of a run, more only hold memory, unless
+# the weights each run reads outweigh the batch.
+REDUCE_BATCH = 4
+
+
+def run_batches(session, names: list[str], data: Dataset, batch_size: int, desc: str = "run", *,
+                budget_bytes: int | None = None, batch_bytes: Callable[[list[np.ndarray]], float] | None = None,
+                weight_bytes: int | None = None) -> Iterator[tuple[dict[str, np.ndarray], list[np.ndarray]]]:
+    """Run `session` (anything with onnxruntime's ``run(names, feed)``) over `data` batch by batch,
+    in order, yielding ``(feed, outputs)``; each feed cuts every input on its own batch axis.
+
+    ``batch_size`` samples per run (a model whose batch is static: always that many, `data.fixed`),
+    or 0 for automatic: the first run takes one sample, the rest go in batches whose requested
+    outputs take about ``budget_bytes`` (default `STREAM_BUDGET_BYTES`; at most `STREAM_MAX_BATCH`
+    samples). ``batch_bytes(outputs)`` overrides how a batch's memory is counted (a session that
+    reduces inside onnxruntime counts the tensors it reduced, not the scalars it returns); such a
+    session gives ``weight_bytes``, the bytes of its model's weights: its batches take half the
+    budget, and stop at `REDUCE_BATCH` samples or at as many as the weights outweigh. A failing run
+    raises `GraphOptError` with onnxruntime's first line."""
+    budget = STREAM_BUDGET_BYTES if budget_bytes is None else budget_bytes
+    n = len(data)
+    step = data.fixed or batch_size
+    total = math.ceil(n / step) if step else None
+
+    def run():
+        start, bs = 0, step or 1
+        while start < n:
+            stop = min(start + bs, n)
+            feed = data.slice(start, stop)
+            try:
+                outs = session.run(names, feed) if names else []
+            except Exception as exc:
+                hint = " (random inputs may not suit this model: give real ones with --data)" if data.seeded_random else ""
+                raise GraphOptError(f"onnxruntime failed to run the model on {data.source} ({desc}): "
+                                    f"{first_line(exc)[:300]}{hint}") from None
+            if not step and start == 0:
+                size = batch_bytes(outs) if batch_bytes else sum(int(np.asarray(o).nbytes) for o in outs)
+                bs = _automatic_batch(max(size / (stop - start), 1.0), budget, weight_bytes)
+            yield feed, outs
+            del outs
+            start = stop
+
+    yield from progress(run(), total=total, desc=desc)
+
+
+def _automatic_batch(per_sample: float, budget: int, weight_bytes: int | None) -> int:
+    """Samples per run after the first (see `run_batches`)."""
+    if weight_bytes is None:
+        bs = min(STREAM_MAX_BATCH, budget // per_sample)
+    else:
+        bs = min(STREAM_MAX_BATCH, budget // 2 // per_sample, max(REDUCE_BATCH, weight_bytes // per_sample))
+    return int(max(1, bs))
+
+
 def run_model(model_or_session: onnx.ModelProto | ort.InferenceSession, data: Dataset, *,
               batch_size: int | None = None, threads: int = 1, desc: str = "run") -> dict[str, np.ndarray]:
     """All outputs of the model over every sample of `data`, concatenated on axis 0."""
@@ -138,14 +197,7 @@ def run_model(model_or_session: onnx.ModelProto | ort.InferenceSession, data: Da
         bs = batch_size or 32
     names = [o.name for o in session.get_outputs()]
     chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    n = len(data)
-    for feed in progress(data.batches(bs), total=math.ceil(n / (data.fixed or bs)), desc=desc):
-        try:
-            outs = session.run(names, feed)
-        except Exception as exc:
-            first = first_line(exc)
-            hint = " (random inputs may not suit this model: give real ones with --data)" if data.seeded_random else ""
-            raise GraphOptError(f"onnxruntime failed to run the model on {data.source}: {first[:300]}{hint}") from None
+    for _feed, outs in run_batches(session, names, data, bs, desc):
         for name, value in zip(names, outs):
             chunks[name].append(np.asarray(value))
     return {name: _concat(parts) for name, parts in chunks.items()}
