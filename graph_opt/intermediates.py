@@ -61,6 +61,10 @@ class PerFeature:
     axis: int
     features: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.op not in ("max", "min") or (self.axis != 1 and not self.features):
+            raise ValueError(f"{self}: op 'max' or 'min'; away from axis 1 the number of features is needed")
+
 
 Reducer = str | PerFeature
 
@@ -93,35 +97,16 @@ class Capture:
         """Add, per tensor, the `reducers` asked for as outputs, and move every node added since
         the last call (the reductions, and nodes a caller appended) next to its producers."""
         g = self.model.graph
-        fresh = _Names(g)
-        axes = None  # ReduceMax/ReduceMin take their axes as an input from opset 18
-        rows: dict[tuple[str, int], str] = {}
         known = self._known()
+        emit = _Reductions(g, opset_version(self.model))
         for t, wanted in reducers.items():
             _check(t, known, label)
             out = self.reduced.setdefault(t, {})
             for r in wanted:
-                if r in out:
-                    continue
-                if isinstance(r, PerFeature):
-                    if (t, r.axis) not in rows:
-                        rows[(t, r.axis)] = _feature_rows(g, fresh, t, r)
-                    if axes is None and opset_version(self.model) >= 18:
-                        axes = fresh("feature_reduce_axes")
-                        g.initializer.append(numpy_helper.from_array(np.array([1], np.int64), axes))
-                    out[r] = fresh(f"{t}_feature_{r.op}")
-                    op = "ReduceMax" if r.op == "max" else "ReduceMin"
-                    if axes is not None:
-                        g.node.append(helper.make_node(op, [rows[(t, r.axis)], axes], [out[r]], keepdims=0))
-                    else:
-                        g.node.append(helper.make_node(op, [rows[(t, r.axis)]], [out[r]], axes=[1], keepdims=0))
-                else:
-                    op = _REDUCE_OPS[r]
-                    out[r] = fresh(f"{t}_{r}")
-                    attrs = {} if op == "Size" else {"keepdims": 0}
-                    g.node.append(helper.make_node(op, [t], [out[r]], **attrs))
-                g.output.append(onnx.ValueInfoProto(name=out[r]))
-                self.names.append(out[r])
+                if r not in out:
+                    out[r] = emit(t, r)
+                    g.output.append(onnx.ValueInfoProto(name=out[r]))
+                    self.names.append(out[r])
         _place_after_producers(g, self._placed)
         self._placed = len(g.node)
         return self
@@ -176,16 +161,45 @@ class _Names:
         return name
 
 
-def _feature_rows(g: onnx.GraphProto, fresh: _Names, t: str, r: PerFeature) -> str:
-    """`t` laid out so that axis 1 is what a `PerFeature` reduction reduces (see its docstring)."""
-    rows = fresh(f"{t}_per_feature")
-    if r.axis == 1:  # (N, C, …) → (N·C, …): the max of each row is one sample's one channel
-        g.node.append(helper.make_node("Flatten", [t], [rows], axis=2))
-    else:  # (N, …, C) → (N, M, C): the middle axes merged
-        shape = fresh(f"{t}_per_feature_shape")
-        g.initializer.append(numpy_helper.from_array(np.array([0, -1, r.features], np.int64), shape))
-        g.node.append(helper.make_node("Reshape", [t, shape], [rows]))
-    return rows
+class _Reductions:
+    """Appends to `g` the nodes of one reduction of a tensor and returns its output's name."""
+
+    def __init__(self, g: onnx.GraphProto, opset: int) -> None:
+        self.g, self.fresh = g, _Names(g)
+        self.axes_input = opset >= 18  # ReduceMax/ReduceMin take their axes as an input from opset 18
+        self.axes: str | None = None
+        self.rows: dict[tuple[str, int], str] = {}  # (tensor, feature axis) -> its Flatten/Reshape
+
+    def __call__(self, t: str, r: Reducer) -> str:
+        if not isinstance(r, PerFeature):
+            if r not in _REDUCE_OPS:
+                raise ValueError(f"unknown reduction {r!r} (known: {', '.join(_REDUCE_OPS)}, PerFeature)")
+            out = self.fresh(f"{t}_{r}")
+            attrs = {} if r == "size" else {"keepdims": 0}
+            self.g.node.append(helper.make_node(_REDUCE_OPS[r], [t], [out], **attrs))
+            return out
+        rows = self.rows.get((t, r.axis)) or self._feature_rows(t, r)
+        out = self.fresh(f"{t}_feature_{r.op}")
+        op = "ReduceMax" if r.op == "max" else "ReduceMin"
+        if self.axes_input:
+            if self.axes is None:
+                self.axes = self.fresh("feature_reduce_axes")
+                self.g.initializer.append(numpy_helper.from_array(np.array([1], np.int64), self.axes))
+            self.g.node.append(helper.make_node(op, [rows, self.axes], [out], keepdims=0))
+        else:
+            self.g.node.append(helper.make_node(op, [rows], [out], axes=[1], keepdims=0))
+        return out
+
+    def _feature_rows(self, t: str, r: PerFeature) -> str:
+        """`t` laid out so that axis 1 is what a `PerFeature` reduction reduces (see its docstring)."""
+        rows = self.rows[(t, r.axis)] = self.fresh(f"{t}_per_feature")
+        if r.axis == 1:  # (N, C, …) → (N·C, …): the max of each row is one sample's one channel
+            self.g.node.append(helper.make_node("Flatten", [t], [rows], axis=2))
+        else:  # (N, …, C) → (N, M, C): the middle axes merged
+            shape = self.fresh(f"{t}_per_feature_shape")
+            self.g.initializer.append(numpy_helper.from_array(np.array([0, -1, r.features], np.int64), shape))
+            self.g.node.append(helper.make_node("Reshape", [t, shape], [rows]))
+        return rows
 
 
 def _place_after_producers(g: onnx.GraphProto, n_model: int) -> None:
