@@ -7,84 +7,58 @@ After::
 
     x → Conv1(W1[15,…], b1') → BN' → Relu → Conv2(W2[32,15,…], b2 + Σ_taps W2[:, c]·k_c) → y
 
-**Channels and groups.** `passes/_groups.py` finds which channels must go together: a Conv /
-Gemm / MatMul (constant weight) output channel, through BatchNormalization, elementwise
-activations and pooling, into the input channels of the next layers; residual Add/Mul/Sub tie
-the channels of their operands (one *group* of producers); Concat on the channel axis maps
-channel ranges; Split/Slice cut them; depthwise convs carry them; an SE block's
-GlobalAveragePool → Conv/Gemm → … → Mul ties the gate to the features; Flatten/Reshape → Gemm
-maps channel c to its block of features; MatMul → activation → MatMul (a transformer FFN)
-prunes hidden units like channels.
+**Groups** (`passes/_groups.py`): the channels that must go together: a Conv / Gemm / MatMul
+(constant weight) output channel through BatchNormalization, activations and pooling into the
+next layers' input channels; residual Add/Mul/Sub tie their operands' producers; Concat maps
+channel ranges, Split/Slice cut them, depthwise convs carry them; an SE gate is tied to its
+features; Flatten/Reshape → Gemm maps a channel to its block of features; a transformer FFN's
+hidden units prune like channels.
 
-**Importance** (one score per channel, summed over the producers tied into it):
-`l1` = Σ|w| of the filter, `l2` = √Σw² (of the effective filter W·γ/√(σ² + ε) when a
-BatchNormalization reads the producer's output: BN rescales each channel, so the raw norm would
-not measure its strength; the score is the same before and after `fold_batchnorm`),
-`bn_gamma` = |γ| of the BatchNormalizations the channel passes (network slimming; run it before
-`fold_batchnorm`), `activation` = mean |a| or 1 − APoZ (`activation_stat`) of what the consumers
-read, measured on the calibration data (`ctx.data`) by adding those tensors as outputs of a copy
-of the model and streaming batches through onnxruntime. `scope=layer` prunes ⌊ratio·n⌋ channels of every group, `scope=global` ranks all
-groups together (scores divided by their group's mean) and prunes ⌊ratio·Σn⌋; every group keeps
-at least `min_channels` (and a multiple of `round_to`, see below).
+**Importance** (per channel, summed over the producers tied into it): `l1` = Σ|w| of the filter,
+`l2` = √Σw², both of the effective filter W·γ/√(σ² + ε) when a BatchNormalization reads the
+output (the score is the same before and after `fold_batchnorm`); `bn_gamma` = |γ| (run it
+before `fold_batchnorm`); `activation` = mean |a| or 1 − APoZ (`activation_stat`) of what the
+consumers read, streamed over the calibration data (`intermediates.stream`). `scope=layer`
+prunes ⌊ratio·n⌋ channels of every group, `scope=global` ranks all groups together (scores over
+their group's mean) and prunes ⌊ratio·Σn⌋; every group keeps at least `min_channels`.
+`round_to=k` (default 4) rounds every kept count up to a multiple of k, sparing the strongest
+chosen channels, so `ratio` is an upper bound (exact with `round_to=1`, and the report notes kept
+widths that are not multiples of 4): fewer MACs at odd widths can run slower than the original
+(benchmarks/RESULTS.md, "Pruning").
 
-**mode=zero** zeroes the chosen filters of the producers (the weight rows/columns that make the
-channel). Shapes stay; the channel then emits a constant k_c: its bias pushed through BN,
-activations, residual sums (k_c = relu(γ(b − μ)/√(σ² + ε) + β) for Conv → BN → Relu).
+**mode=zero** zeroes the chosen filters; shapes stay, and the channel then emits a constant k_c
+(its bias pushed through BN, activations, residual sums). **mode=remove** deletes the channels
+everywhere (weights, biases, BN parameters, per-channel constants, depthwise weights and
+`group`, consumer input channels; Reshape targets, Split sizes and Slice bounds recomputed) and
+folds k_c into the consumers' biases (created when absent; a MatMul gets an Add):
+``b'[o] = b[o] + Σ_c k_c · Σ_taps W[o, c, taps]`` for a Conv, ``C' = C + (α/β) Σ_c k_c · op(B)[c, :]``
+for a Gemm, ``bias' = bias + Σ_c k_c W[c, :]`` for a MatMul.
 
-**mode=remove** deletes the same channels everywhere: producer weights and biases, BN
-parameters, per-channel constants of Add/Mul/PRelu, depthwise weights (and `group`), consumer
-input channels; Reshape targets, Split sizes and Slice bounds are recomputed. The constant k_c a
-removed channel would have fed its consumers is folded into their biases (a bias is created when
-there is none; a MatMul gets a following Add):
+**Exactness.** Removing equals zeroing when the fold is exact: every consumer a Gemm/MatMul or an
+unpadded Conv, or k_c = 0 (a padded Conv sees 0, not k_c, on the zero-padded border).
+`fold=exact` (default) only chooses such channels (k_c = 0 wherever it meets zero padding, also
+through a depthwise conv, a constant Pad or a count_include_pad AveragePool); `fold=approximate`
+removes the others too and reports per consumer the bound on the border error,
+``max_o Σ_c |k_c| Σ_taps |W[o, c]|``. A channel whose constant depends on the input is never
+chosen. Dropping live filters is lossy with no stated bound (the pipeline verifies it); mode=zero
+and mode=remove with the same options choose the same channels and agree to float rounding.
 
-- Conv consumer: ``b'[o] = b[o] + Σ_c k_c · Σ_taps W[o, c, taps]``;
-- Gemm consumer: ``C' = C + (α/β) Σ_c k_c · op(B)[c, :]``; MatMul: ``bias' = bias + Σ_c k_c W[c, :]``.
+Selection: a group's producers must all match `op_types`, `include` (fnmatch on node names) and
+not `exclude`; `keep_first_last` spares groups touching a layer fed by an input or feeding an output.
+Skipped groups (reason in the report): channels reaching a graph output; an op the analysis does
+not understand; a grouped non-depthwise conv; a MatMul of two runtime tensors or with the
+channels on its right; a Reshape splitting the channel axis or with a runtime target; an
+unfollowable Flatten/Squeeze; a weight or constant shared with another node; channels read
+inside a subgraph (If/Loop/Scan bodies are not rewritten); a runtime tensor spanning the channel
+axis; an unselected producer; a first/last layer; no more than `min_channels` channels; no
+BatchNormalization (bn_gamma); channels not observed on the data (activation); no exactly
+foldable channel (fold=exact); a ratio rounding to 0. importance=activation without data skips
+the pass. A layer input, Split/Slice piece or reshaped axis is never emptied: its strongest
+channel is kept and the choice redone (`kept_so_no_piece_empties`). Nothing to prune → the model
+is returned as is.
 
-So *removing equals zeroing* (``remove(m) = remove(zero(m))`` and both compute what ``zero(m)``
-computes) whenever the fold is exact. It is exact when every consumer is a Gemm/MatMul or an
-unpadded Conv, or when k_c = 0. A padded Conv sees a constant channel as k_c inside but as 0 on
-the zero-padded border, so Σ_taps over-counts there. `fold=exact` (default) therefore only
-chooses channels whose fold is exact (k_c = 0 wherever it meets zero padding, in a consumer or
-in a depthwise conv / constant Pad / count_include_pad AveragePool on the way); `fold=approximate`
-also removes the others, folds the interior value, and reports per consumer the bound on the
-error at border pixels, ``max_o Σ_c |k_c| Σ_taps |W[o, c]|``. A channel whose constant depends on
-the input (multiplied by a runtime tensor, a non-uniform constant) is never chosen.
-
-**Widths and latency.** Fewer MACs is not always faster: on the built-in example (onnxruntime
-CPU, all optimizations on) kept widths such as 13/26/52 ran *slower* than the original 16/32/64
-in a one-off measurement (no benchmark script covers unrounded widths yet), while 12/24/48 ran
-faster; benchmarks/bench_prune.py measures the rounded default. `round_to=k` rounds every group's kept count
-up to a multiple of k (sparing its strongest chosen channels, so never more is pruned than
-asked). The default is 4, so `ratio` is an upper bound; with `round_to=1` the ratio is exact and
-the report notes kept widths that are not multiples of 4.
-
-Choosing channels is lossy, as pruning is: the pass states no bound for dropping live filters;
-the pipeline's verification measures it. What it guarantees: mode=zero and mode=remove with the
-same options choose the same channels and agree (to float rounding) when the fold is exact.
-
-Layers: the producers of a group must all match `op_types` and `include` (fnmatch on node
-names, all when empty) and not `exclude`; with `keep_first_last` a group that touches (produces
-for, or is read by) a first layer (fed by a graph input) or a last layer (feeding a graph
-output) is left alone.
-
-Skipped groups, with the reason in the report: channels reaching a graph output; an op the
-analysis does not understand; a grouped (non-depthwise) conv; a MatMul of two runtime tensors or
-with the channels on its right; a Reshape that splits the channel axis or whose target is
-computed at run time; a Flatten/Squeeze it cannot follow; a weight, bias or per-channel constant
-shared with another node; channels read inside a subgraph (and every If/Loop/Scan whose
-subgraphs hold layers: subgraphs are not rewritten); a runtime tensor spanning the
-channel axis; a producer not selected; the first/last layer; no more than `min_channels`
-channels; no BatchNormalization (importance=bn_gamma); channels not observed on the calibration
-data (importance=activation); no channel whose fold is exact (fold=exact); a ratio that rounds
-to 0 channels. importance=activation without calibration data skips the whole pass. A layer
-input, Split/Slice piece or reshaped axis is never emptied: when the lowest-ranked channels would
-empty one, its strongest channel is kept and the choice redone (`kept_so_no_piece_empties`).
-Nothing to prune → the model is returned as is (also when mode=zero finds the filters at zero).
-
-Report: one entry per group (channels, pruned, kept, the pruned indices in the first producer's
-order, how many were not exactly removable and why fewer than asked were pruned), one per
-changed node (parameters and MACs before/after: they sum to the model's change) and a note with
-the model totals; with fold=approximate, a note per consumer with its border error bound.
+Report: per group the pruned indices, kept count and why fewer than asked; per changed node
+parameters and MACs before/after (summing to the model's change); each approximate fold's bound.
 """
 
 from __future__ import annotations
