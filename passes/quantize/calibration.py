@@ -1,8 +1,8 @@
 """Calibration for the quantize pass: the range of each activation a placement may quantize.
 
-One streaming pass (at most ``max_samples``; batches sized by memory, `runtime.run_batches`, each dropped
-after it updates the observers) over a weightless copy of the model run by onnxruntime, with the
-observed tensors as extra outputs (`_exposing`).
+One streaming pass (at most ``max_samples``; batches sized by memory, `runtime.run_batches`,
+each dropped after it updates the observers) over a weightless copy of the model run by
+onnxruntime, with the observed tensors as extra outputs (`_exposing`).
 
 - ``minmax`` reduces each observed tensor to three scalars inside onnxruntime (ReduceMin,
   ReduceMax, Size) and derives the ranges of Relu/Clip/Sigmoid/Tanh outputs and of data-movement
@@ -41,8 +41,8 @@ from onnx import TensorProto
 
 from graph_opt.data import Dataset, batch_size_for
 from graph_opt.errors import GraphOptError
-from graph_opt.kernels.calib import HistogramObserver, MinMaxObserver
 from graph_opt.intermediates import PerFeature, with_outputs
+from graph_opt.kernels.calib import HistogramObserver, MinMaxObserver
 from graph_opt.passes._graph import GraphIndex, infer_shapes
 from graph_opt.passes.quantize.ops import LAYER_OPS, SHARED_OPS
 from graph_opt.runtime import cores, make_session, release_memory, run_batches
@@ -60,8 +60,8 @@ def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method:
     tensors as extra outputs of a private copy of `model`, and each batch updates the observers
     and is dropped (see the module docstring). Tensors that turn out not to be float32 are left
     out. Without `batch_size` the batch is sized to the memory the tensors take as outputs (see
-    `runtime.run_batches`). ``feature_axis(tensor, rank)``: the axis whose features the histogram observer of
-    `tensor` keeps a floor for (`kernels.calib`), or None.
+    `runtime.run_batches`). ``feature_axis(tensor, rank)``: the axis whose features the histogram
+    observer of `tensor` keeps a floor for (`kernels.calib`), or None.
     """
     if max_samples is not None:
         data = data.take(max_samples)
