@@ -137,7 +137,7 @@ def worker(spec: dict) -> int:
         import zoo
         from graph_opt.pass_base import PassContext
         from graph_opt.passes import Quantize
-        from graph_opt.verify import release_memory, session_options
+        from graph_opt.runtime import release_memory, session_options
 
         zm = zoo.get(spec["model"])
         model = zm.load()
@@ -300,7 +300,7 @@ def _take_medians(job: dict) -> None:
 
 def _check_runs(model, zm) -> str | None:
     """None when onnxruntime loads and runs the model (optimizations off and on), else why not."""
-    from graph_opt.verify import make_session
+    from graph_opt.runtime import make_session
 
     feed = zm.eval.sample(0)
     for optimize in (False, True):
@@ -337,7 +337,7 @@ def _with_sample_cosine(zm):
 def _deployed(model, zm, evaluate, ref) -> dict:
     """Fidelity with every onnxruntime optimization on (fused integer kernels, as deployed)."""
     from graph_opt import metrics
-    from graph_opt.verify import make_session, run_model
+    from graph_opt.runtime import make_session, run_model
 
     out = run_model(make_session(model, optimize=True), zm.eval, batch_size=CALIB_BATCH)
     name = next(iter(ref))

@@ -267,7 +267,7 @@ def measure_model(label: str, src: Path, shapes: dict, feed: dict | None, work: 
                   timeout: float, tools: tuple[str, ...]) -> dict[str, Any]:
     from graph_opt.model_io import check_model, load_model
     from graph_opt.stats import measure_latency
-    from graph_opt.verify import make_session
+    from graph_opt.runtime import make_session
 
     original = load_model(src)
     if feed is None:

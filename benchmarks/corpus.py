@@ -675,7 +675,7 @@ def vad_evaluate(truth: np.ndarray, reference: np.ndarray, output: str = "output
 
 def vad_runner(model: onnx.ModelProto, data: Dataset, threads: int) -> dict[str, np.ndarray]:
     """All chunks of a split in one run: the batch is axis 0 of ``input``, axis 1 of ``state``."""
-    from graph_opt.verify import make_session
+    from graph_opt.runtime import make_session
 
     session = make_session(model, threads=threads)
     names = [o.name for o in session.get_outputs()]

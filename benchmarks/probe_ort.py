@@ -102,7 +102,7 @@ def probe_saturation(rounds: int, runs: int) -> None:
     from graph_opt.data import Dataset
     from graph_opt.pass_base import PassContext
     from graph_opt.passes.quantize import Quantize
-    from graph_opt.verify import make_session
+    from graph_opt.runtime import make_session
 
     c, hw = 64, 14
     model = _conv_model([(c, c, 3)] * 3, hw, c, seed=3)

@@ -4,7 +4,7 @@ int8 (``Quantize()`` with its defaults, calibrated on ``zm.calib``), as deployed
     python benchmarks/profile_quantize.py [--models example,resnet] [--runs 300] [--threads 1]
 
 Both sessions run with every onnxruntime optimization on (the fused integer kernels) and the
-session options of bench_quantize's latency runs (`verify.session_options`), one sample per
+session options of bench_quantize's latency runs (`runtime.session_options`), one sample per
 run, the two models alternating run by run so that a change in the machine's speed reaches
 both. onnxruntime's profiler records each kernel's time per run; the tables give each node's
 median over the runs (µs), and the sum per op type. The profiler's own overhead is in every
@@ -31,11 +31,11 @@ from _harness import cpu_busy, environment, zoo_args  # noqa: E402
 
 from graph_opt.pass_base import PassContext  # noqa: E402
 from graph_opt.passes import Quantize  # noqa: E402
-from graph_opt.verify import session_options  # noqa: E402
+from graph_opt.runtime import session_options  # noqa: E402
 
 
 def _session(model, prefix: str, threads: int) -> ort.InferenceSession:
-    """The options bench_quantize's latency runs with (`verify.session_options`), plus the profiler."""
+    """The options bench_quantize's latency runs with (`runtime.session_options`), plus the profiler."""
     opts = session_options(optimize=True, threads=threads)
     opts.enable_profiling = True
     opts.profile_file_prefix = prefix

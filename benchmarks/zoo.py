@@ -80,10 +80,10 @@ class ZooModel:
 
     ``calib`` and ``eval`` are disjoint real samples (and disjoint from any training data).
     ``evaluate`` takes the outputs of a model run over ``eval`` (output name -> array stacked on
-    axis 0, as `graph_opt.verify.run_model` returns them) and gives the task metrics.
+    axis 0, as `graph_opt.runtime.run_model` returns them) and gives the task metrics.
     ``shapes`` binds every input to a concrete batch-1 shape (for `graph_opt.stats.model_stats`
     and latency). ``info`` is the build record (build time, sanity numbers, provenance).
-    ``runner(model, data, threads)``, when set, replaces `graph_opt.verify.run_model` for models
+    ``runner(model, data, threads)``, when set, replaces `graph_opt.runtime.run_model` for models
     whose inputs do not all stack samples on axis 0 (a recurrent state batched on axis 1, a
     scalar): it runs the whole split in one call, as the model expects it; ``sampler(data, i)``
     then gives sample i as a batch-1 feed (for latency).
@@ -112,7 +112,7 @@ class ZooModel:
                 threads: int = 1) -> dict[str, np.ndarray]:
         """Outputs of `model` (default: this model) over `data` (default: the eval split), under
         onnxruntime CPU with graph optimizations off (graph_opt's verification settings)."""
-        from graph_opt.verify import run_model
+        from graph_opt.runtime import run_model
 
         if model is None:
             model = self.path

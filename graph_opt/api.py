@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import onnx
 
-from graph_opt import runtimes
 from graph_opt.compare import Backend, Comparer, Comparison, Comparisons, ModelCase, NamedPipeline, named_pipelines
 from graph_opt.data import Dataset, load_data
 from graph_opt.errors import GraphOptError
@@ -20,6 +19,7 @@ from graph_opt.model_io import load_model
 from graph_opt.pass_base import Pass
 from graph_opt.pipeline import Pipeline, PipelineResult
 from graph_opt.registry import parse_spec, with_simplify
+from graph_opt.runtime import get as get_runtime
 from graph_opt.stats import ModelStats, measure_latency, model_stats
 from graph_opt.verify import ParityReport, compare_outputs
 from graph_opt.verify import verify as _verify
@@ -148,7 +148,7 @@ def verify(original: onnx.ModelProto | str | os.PathLike, candidate: onnx.ModelP
         report = _verify(ref, cand, dataset, tolerances=tolerances, threads=threads, temperature=temperature,
                          kd_alpha=kd_alpha)
     else:
-        rt = runtimes.get(runtime)
+        rt = get_runtime(runtime)
         report = compare_outputs(rt.run(ref, dataset, threads=threads), rt.run(cand, dataset, threads=threads),
                                  labels=dataset.labels, temperature=temperature, kd_alpha=kd_alpha,
                                  data_source=f"{dataset.source} ({runtime})", tolerances=tolerances)

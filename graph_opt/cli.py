@@ -24,7 +24,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from graph_opt import api, runtimes
+from graph_opt import api, runtime
 from graph_opt.compare import METRICS, cli_pipelines
 from graph_opt.data import load_data, parse_shape_spec
 from graph_opt.errors import GraphOptError, ModelSaveError, PassError
@@ -34,7 +34,7 @@ from graph_opt.intermediates import first_divergence
 from graph_opt.plot import PlotUnavailable
 from graph_opt.registry import catalog, describe, load_recipe, parse_spec
 from graph_opt.report import jsonable, layers_table, parity_table, pipeline_table, stats_text
-from graph_opt.runtimes import RUNTIMES
+from graph_opt.runtime import RUNTIMES
 from graph_opt.verify import parse_tolerance
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USER_ERROR = 0, 1, 2
@@ -200,7 +200,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             raise ModelSaveError(f"refusing to overwrite the input model {source}; choose another output path")
         if not target.resolve().parent.is_dir():
             raise ModelSaveError(f"output directory does not exist: {target.resolve().parent}")
-    runtimes_ = [runtimes.get(name) for name in args.verify_runtime]  # refuse a missing extra before any work
+    runtimes_ = [runtime.get(name) for name in args.verify_runtime]  # refuse a missing extra before any work
     result = _optimize(args, model, passes, verify_data, calib, shapes, tolerances)
     doc = {"input": str(source), "output": None, **result.to_dict()}
     if runtimes_:

@@ -338,7 +338,7 @@ def detached(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndar
 
     The model keeps each such initializer's name, type and dims as a reference to a file that does
     not exist, as `weightless_copy`; the arrays (read-only, one copy of the bytes) are handed to
-    onnxruntime separately (`verify.make_session`), so a session costs neither a deep copy of the
+    onnxruntime separately (`runtime.make_session`), so a session costs neither a deep copy of the
     model nor its serialization. Weights kept on disk stay references to their files.
     """
     shell = onnx.ModelProto()

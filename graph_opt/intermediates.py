@@ -1,9 +1,20 @@
-"""Intermediate tensors of a model, streamed batch by batch, and teacher/student layer matching.
+"""Intermediate tensors of a model: exposed, reduced inside onnxruntime, streamed batch by batch;
+teacher/student layer matching.
 
-`stream(model, data, names)` exposes any internal tensors as extra outputs of a private copy of
-the model and yields them one batch at a time, so callers accumulate statistics (calibration
-ranges, XᵀX for a refit, per-layer errors) with memory bounded by one batch, never by the
-number of samples.
+`with_outputs(model, names, reducers=)` makes a `Capture`: a private, weightless copy of the
+model (`external_data.detached`: its weights as arrays, handed to onnxruntime beside it) that also
+outputs the tensors `names` and, per `reducers` (``{tensor: reductions}``), reductions of a
+tensor computed inside onnxruntime, so that a few numbers per batch leave the session instead
+of the tensor: ``"min"``, ``"max"``, ``"sum"``, ``"sumsq"`` (ReduceMin, ReduceMax, ReduceSum,
+ReduceSumSquare over every axis) and ``"size"`` (its number of elements), one scalar each, and
+`PerFeature` (the max or min of every sample's every feature). Each reduction node is moved next
+to its tensor's producer, so that onnxruntime can free the tensor soon after it is made. A
+caller may add nodes of its own to `Capture.model` first (probes); they are moved the same way.
+
+`stream(model, data, names)` runs such a copy and yields ``(feed, {name: value})`` one batch at
+a time (`runtime.run_batches`: a fixed batch, or with ``budget_bytes`` batches sized by the bytes
+of their outputs), so callers accumulate statistics (calibration ranges, XᵀX for a refit,
+per-layer errors) with memory bounded by one batch, never by the number of samples.
 
 `divergence(teacher, student, data)` answers "which rewrite hurt": it matches the tensors that
 teacher and student both compute (same name and same shape; after a rewrite, a layer's output
@@ -16,19 +27,19 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from graph_opt.data import Dataset, batch_size_for
 from graph_opt.errors import GraphOptError
-from graph_opt.model_io import copy_model
-from graph_opt.progress import progress
-from graph_opt.verify import make_session
+from graph_opt.external_data import detached
+from graph_opt.onnx_util import Namer, opset_version
+from graph_opt.runtime import make_session, run_batches
 
 
 def node_outputs(model: onnx.ModelProto) -> list[str]:
@@ -36,28 +47,167 @@ def node_outputs(model: onnx.ModelProto) -> list[str]:
     return [o for n in model.graph.node for o in n.output if o]
 
 
-def with_outputs(model: onnx.ModelProto, names: list[str], label: str = "") -> onnx.ModelProto:
-    """A copy of `model` that also outputs `names` (types left for onnxruntime to infer)."""
-    work = copy_model(model)
-    present = {o.name for o in work.graph.output}
-    produced = set(node_outputs(work)) | {i.name for i in work.graph.input} | {t.name for t in work.graph.initializer}
-    for name in names:
-        if name not in produced:
-            raise GraphOptError(f"no tensor named {name!r} in the model{label}")
-        if name not in present:
-            work.graph.output.append(helper.ValueInfoProto(name=name))
-            present.add(name)
-    return work
+# Whole-tensor reductions: one scalar per tensor and run.
+_REDUCE_OPS = {"min": "ReduceMin", "max": "ReduceMax", "sum": "ReduceSum", "sumsq": "ReduceSumSquare", "size": "Size"}
+
+
+@dataclass(frozen=True)
+class PerFeature:
+    """The max or min of each sample's each feature: over every axis but the batch (0) and
+    `axis`. ``axis`` 1 gives ``(samples·features,)`` (Flatten from axis 2), the last axis (of
+    static length `features`) gives ``(samples, features)`` (Reshape to samples × rest × features)."""
+
+    op: Literal["max", "min"]
+    axis: int
+    features: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.op not in ("max", "min") or (self.axis != 1 and not self.features):
+            raise ValueError(f"{self}: op 'max' or 'min'; away from axis 1 the number of features is needed")
+
+
+Reducer = str | PerFeature
+
+
+class Capture:
+    """A private, weightless copy of a model that also outputs internal tensors or reductions of
+    them (see the module docstring). `names` lists what a run fetches, in the order asked;
+    `reduced[tensor][reducer]` is the output holding one reduction."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model, self.weights = detached(model)
+        self.names: list[str] = []
+        self.reduced: dict[str, dict[Reducer, str]] = {}
+        self._placed = len(self.model.graph.node)  # nodes after these are moved next to their producers
+
+    def expose(self, names: Sequence[str], label: str = "") -> Capture:
+        """Make every tensor of `names` an output (types left for onnxruntime to infer)."""
+        g = self.model.graph
+        present = {o.name for o in g.output}
+        known = self._known()
+        for name in dict.fromkeys(names):
+            _check(name, known, label)
+            if name not in present:
+                g.output.append(helper.ValueInfoProto(name=name))
+                present.add(name)
+            self.names.append(name)
+        return self
+
+    def reduce(self, reducers: Mapping[str, Sequence[Reducer]], label: str = "") -> Capture:
+        """Add, per tensor, the `reducers` asked for as outputs, and move every node added since
+        the last call (the reductions, and nodes a caller appended) next to its producers."""
+        g = self.model.graph
+        known = self._known()
+        emit = _Reductions(g, opset_version(self.model))
+        for t, wanted in reducers.items():
+            _check(t, known, label)
+            out = self.reduced.setdefault(t, {})
+            for r in wanted:
+                if r not in out:
+                    out[r] = emit(t, r)
+                    g.output.append(onnx.ValueInfoProto(name=out[r]))
+                    self.names.append(out[r])
+        _place_after_producers(g, self._placed)
+        self._placed = len(g.node)
+        return self
+
+    def _known(self) -> set[str]:
+        """The tensors the copy computes or is given: node outputs (a caller's too), inputs, initializers."""
+        g = self.model.graph
+        return set(node_outputs(self.model)) | {i.name for i in g.input} | {t.name for t in g.initializer}
+
+
+def _check(name: str, known: set[str], label: str) -> None:
+    if name not in known:
+        raise GraphOptError(f"no tensor named {name!r} in the model{label}")
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str], label: str = "", *,
+                 reducers: Mapping[str, Sequence[Reducer]] | None = None) -> Capture:
+    """A `Capture` of `model` exposing `names` and the `reducers` of its tensors (module docstring)."""
+    cap = Capture(model).expose(names, label)
+    return cap.reduce(reducers, label) if reducers else cap
 
 
 def stream(model: onnx.ModelProto, data: Dataset, names: list[str], *, batch_size: int | None = None,
-           threads: int = 1, desc: str = "capture") -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-    """Yield (feed, {name: value}) per batch for the requested tensors (and nothing else kept)."""
-    session = make_session(with_outputs(model, names, f" ({desc})"), threads=threads)
-    bs = batch_size or batch_size_for(model)
-    for feed in progress(data.batches(bs), total=math.ceil(len(data) / bs), desc=desc):
-        values = session.run(names, feed)
+           threads: int = 1, desc: str = "capture", budget_bytes: int | None = None
+           ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """Yield (feed, {name: value}) per batch for the requested tensors (and nothing else kept).
+
+    Batches of `batch_size` samples (default: the model's static batch, else 32); with
+    `budget_bytes` and no `batch_size`, batches whose tensors take about that many bytes
+    (`runtime.run_batches`). Graph optimizations off, as the parity harness runs."""
+    cap = with_outputs(model, names, f" ({desc})")
+    session = make_session(cap.model, weights=cap.weights, threads=threads)
+    del cap
+    bs = batch_size or batch_size_for(model, 0 if budget_bytes is not None else 32)
+    for feed, values in run_batches(session, names, data, bs, desc, budget_bytes=budget_bytes):
         yield feed, dict(zip(names, values))
+
+
+class _Reductions:
+    """Appends to `g` the nodes of one reduction of a tensor and returns its output's name."""
+
+    def __init__(self, g: onnx.GraphProto, opset: int) -> None:
+        self.g, self.fresh = g, Namer(g)
+        self.axes_input = opset >= 18  # ReduceMax/ReduceMin take their axes as an input from opset 18
+        self.axes: str | None = None
+        self.rows: dict[tuple[str, int], str] = {}  # (tensor, feature axis) -> its Flatten/Reshape
+
+    def __call__(self, t: str, r: Reducer) -> str:
+        if not isinstance(r, PerFeature):
+            if r not in _REDUCE_OPS:
+                raise ValueError(f"unknown reduction {r!r} (known: {', '.join(_REDUCE_OPS)}, PerFeature)")
+            out = self.fresh(f"{t}_{r}")
+            attrs = {} if r == "size" else {"keepdims": 0}
+            self.g.node.append(helper.make_node(_REDUCE_OPS[r], [t], [out], **attrs))
+            return out
+        rows = self.rows.get((t, r.axis)) or self._feature_rows(t, r)
+        out = self.fresh(f"{t}_feature_{r.op}")
+        op = "ReduceMax" if r.op == "max" else "ReduceMin"
+        if self.axes_input:
+            if self.axes is None:
+                self.axes = self.fresh("feature_reduce_axes")
+                self.g.initializer.append(numpy_helper.from_array(np.array([1], np.int64), self.axes))
+            self.g.node.append(helper.make_node(op, [rows, self.axes], [out], keepdims=0))
+        else:
+            self.g.node.append(helper.make_node(op, [rows], [out], axes=[1], keepdims=0))
+        return out
+
+    def _feature_rows(self, t: str, r: PerFeature) -> str:
+        """`t` laid out so that axis 1 is what a `PerFeature` reduction reduces (see its docstring)."""
+        rows = self.rows[(t, r.axis)] = self.fresh(f"{t}_per_feature")
+        if r.axis == 1:  # (N, C, …) → (N·C, …): the max of each row is one sample's one channel
+            self.g.node.append(helper.make_node("Flatten", [t], [rows], axis=2))
+        else:  # (N, …, C) → (N, M, C): the middle axes merged
+            shape = self.fresh(f"{t}_per_feature_shape")
+            self.g.initializer.append(numpy_helper.from_array(np.array([0, -1, r.features], np.int64), shape))
+            self.g.node.append(helper.make_node("Reshape", [t, shape], [rows]))
+        return rows
+
+
+def _place_after_producers(g: onnx.GraphProto, n_model: int) -> None:
+    """Move each node after the first `n_model` (already in a valid order among themselves) to
+    just after the last producer of its inputs, so that onnxruntime can consume a tensor (and
+    free it) soon after it is made, not only at the end of the graph."""
+    nodes = list(g.node)
+    if len(nodes) == n_model:
+        return
+    slot: dict[str, int] = {}  # tensor -> index of the model node it follows (-1: before all)
+    for k, n in enumerate(nodes[:n_model]):
+        for o in n.output:
+            slot[o] = k
+    after: dict[int, list[onnx.NodeProto]] = {}
+    for n in nodes[n_model:]:
+        k = max((slot.get(t, -1) for t in n.input if t), default=-1)
+        after.setdefault(k, []).append(n)
+        for o in n.output:
+            slot[o] = k
+    del g.node[:]
+    g.node.extend(after.get(-1, ()))
+    for k, n in enumerate(nodes[:n_model]):
+        g.node.append(n)
+        g.node.extend(after.get(k, ()))
 
 
 @dataclass

@@ -4,6 +4,7 @@ text of an exception for user-facing errors."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,3 +57,34 @@ def gs_subgraphs(graph: gs.Graph) -> Iterator[gs.Graph]:
         for sub in gs_node_subgraphs(node):
             yield sub
             yield from gs_subgraphs(sub)
+
+
+class Namer:
+    """Fresh, unique tensor/node names derived from a base (never reuses an existing name).
+
+    Built from a graphsurgeon graph, from an onnx GraphProto (for passes that edit the ModelProto
+    directly: every node, tensor, initializer, input and output name of its main graph), or from
+    the set of names already taken.
+    """
+
+    def __init__(self, graph_or_names: gs.Graph | onnx.GraphProto | set[str]):
+        if isinstance(graph_or_names, gs.Graph):
+            self.taken = set(graph_or_names.tensors().keys()) | {n.name for n in graph_or_names.nodes}
+        elif isinstance(graph_or_names, onnx.GraphProto):
+            g = graph_or_names
+            self.taken = ({t for n in g.node for t in (*n.input, *n.output, n.name)}
+                          | {t.name for t in (*g.initializer, *g.input, *g.output)})
+        else:
+            self.taken = set(graph_or_names)
+
+    def __call__(self, base: str) -> str:
+        base = base or "t"
+        if base not in self.taken:
+            self.taken.add(base)
+            return base
+        for i in itertools.count(1):
+            name = f"{base}_{i}"
+            if name not in self.taken:
+                self.taken.add(name)
+                return name
+        raise AssertionError("unreachable")

@@ -31,7 +31,7 @@ class RuntimeOpsetError(InvalidModelError):
 
 
 def _load_problem(model: onnx.ModelProto) -> str:
-    from graph_opt.verify import make_session
+    from graph_opt.runtime import make_session
 
     try:
         make_session(model)
@@ -76,7 +76,7 @@ def _verify_conversion(original: onnx.ModelProto, converted: onnx.ModelProto,
     from onnx.reference import ReferenceEvaluator
 
     from graph_opt.data import random_dataset
-    from graph_opt.verify import make_session
+    from graph_opt.runtime import make_session
 
     try:
         feed = random_dataset(converted, 2, shapes=dict(shapes or {}), seed=seed).sample(0)

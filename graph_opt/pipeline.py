@@ -33,7 +33,8 @@ from graph_opt.opset import RuntimeOpsetError, runnable_original
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.progress import progress
 from graph_opt.stats import ModelStats, measure_latency, model_stats
-from graph_opt.verify import ParityReport, Reference, make_session
+from graph_opt.runtime import make_session
+from graph_opt.verify import ParityReport, Reference
 
 log = logging.getLogger(__name__)
 

@@ -296,7 +296,7 @@ def serialized_bytes(model: onnx.ModelProto) -> int:
 def measure_latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], *, runs: int = 100,
                     warmup: int = 10, threads: int = 1) -> list[float]:
     """Median latency in milliseconds of each model, interleaved in one run (rotating order)."""
-    from graph_opt.verify import make_session
+    from graph_opt.runtime import make_session
 
     sessions = [make_session(m, optimize=True, threads=threads) for m in models]
     names = [[o.name for o in s.get_outputs()] for s in sessions]

@@ -5,135 +5,25 @@ optimizations OFF (onnxruntime's own fusions must not hide a wrong rewrite), exp
 the same seeded or user-given inputs for both models. Per output it reports max abs error,
 relative L2 error, cosine similarity and SNR; for 2-D float outputs read as logits, top-1/top-5
 agreement and the soft-label KD loss; task accuracy of both models when labels are known.
+The sessions and the batched runs are `graph_opt.runtime`'s (`run_model`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import logging
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from graph_opt import metrics
 from graph_opt.data import Dataset, batch_size_for
 from graph_opt.errors import GraphOptError, InvalidModelError
-from graph_opt.external_data import detached, needs_external_data
-from graph_opt.model_io import session_source
-from graph_opt.progress import progress
-from graph_opt.onnx_util import first_line
+from graph_opt.runtime import run_model
 
 log = logging.getLogger(__name__)
-
-
-def session_options(*, optimize: bool | Literal["basic"] = False, threads: int = 1, fuse_qdq: bool = True,
-                    arena: bool = True) -> ort.SessionOptions:
-    """``optimize``: every onnxruntime graph optimization (True), none (False), or ``"basic"`` ones
-    only: constant folding and redundant-node removal, without the fusions and the layout changes
-    that keep reordered copies of the convolution weights (a session run on a few batches then
-    starts about as fast and takes less memory: quantize's sensitivity step). ``fuse_qdq=False`` keeps QuantizeLinear/DequantizeLinear as the float ops they define even
-    with optimizations on (no integer kernels), while constant folding, layout and the other
-    float optimizations still apply. ``arena=False`` turns off onnxruntime's CPU memory arena and
-    memory pattern: each buffer is freed when its last reader is done instead of the arena keeping
-    the largest batch's pages (quantize's calibration and sensitivity runs; bench_quantize
-    measures their peaks)."""
-    opts = ort.SessionOptions()
-    levels = {True: ort.GraphOptimizationLevel.ORT_ENABLE_ALL, False: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
-    opts.graph_optimization_level = levels[optimize]
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
-    # Spinning worker threads steal CPU from the next session timed on a 2-core machine.
-    opts.add_session_config_entry("session.force_spinning_stop", "1")
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if not fuse_qdq:
-        opts.add_session_config_entry("session.disable_quant_qdq", "1")
-    if not arena:
-        opts.enable_cpu_mem_arena = False
-        opts.enable_mem_pattern = False
-    return opts
-
-
-def make_session(model: onnx.ModelProto, *, optimize: bool | Literal["basic"] = False, threads: int = 1, fuse_qdq: bool = True,
-                 arena: bool = True, weights: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
-    """An onnxruntime CPU session; a model that onnxruntime refuses raises `InvalidModelError`.
-
-    The weights reach onnxruntime as arrays, not inside the serialized model (`model_io.detached`):
-    `weights`, the arrays of a model made by `detached` and then edited (a calibration copy with
-    extra outputs), or else `model`'s own. A model with weights kept on disk reaches onnxruntime
-    through a temporary external-data copy (protobuf cannot serialize it), see
-    `model_io.session_source`."""
-    if weights is None and not needs_external_data(model):
-        model, weights = detached(model)
-    options = session_options(optimize=optimize, threads=threads, fuse_qdq=fuse_qdq, arena=arena)
-    if weights:
-        options.add_external_initializers(list(weights), [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()])
-    try:
-        with session_source(model) as source:
-            return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        first = first_line(exc)
-        raise InvalidModelError(f"onnxruntime cannot load the model: {first[:300]}") from None
-
-
-@functools.cache
-def _libc():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-def release_memory() -> None:
-    """Hand the heap that freed sessions and arrays left behind back to the OS (glibc keeps it
-    otherwise, so each later phase would start from the earlier phases' peak). No-op elsewhere.
-    No gc.collect: sessions and arrays go with their last reference, and a full collection
-    is slow with onnx and numpy loaded."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
-def run_model(model_or_session: onnx.ModelProto | ort.InferenceSession, data: Dataset, *,
-              batch_size: int | None = None, threads: int = 1, desc: str = "run") -> dict[str, np.ndarray]:
-    """All outputs of the model over every sample of `data`, concatenated on axis 0."""
-    if isinstance(model_or_session, onnx.ModelProto):
-        data = data.laid_out(model_or_session)
-        session = make_session(model_or_session, threads=threads)
-        bs = batch_size or batch_size_for(model_or_session)
-    else:
-        session = model_or_session
-        bs = batch_size or 32
-    names = [o.name for o in session.get_outputs()]
-    chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    n = len(data)
-    for feed in progress(data.batches(bs), total=math.ceil(n / (data.fixed or bs)), desc=desc):
-        try:
-            outs = session.run(names, feed)
-        except Exception as exc:
-            first = first_line(exc)
-            hint = " (random inputs may not suit this model: give real ones with --data)" if data.seeded_random else ""
-            raise GraphOptError(f"onnxruntime failed to run the model on {data.source}: {first[:300]}{hint}") from None
-        for name, value in zip(names, outs):
-            chunks[name].append(np.asarray(value))
-    return {name: _concat(parts) for name, parts in chunks.items()}
-
-
-def _concat(parts: list[np.ndarray]) -> np.ndarray:
-    if len(parts) == 1:
-        return parts[0]
-    if all(p.ndim and p.shape[1:] == parts[0].shape[1:] for p in parts):
-        return np.concatenate(parts)
-    return np.concatenate([p.ravel() for p in parts])  # varying shapes: compare element-wise
 
 
 @dataclass

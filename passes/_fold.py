@@ -21,7 +21,8 @@ from onnx import helper, numpy_helper
 
 from graph_opt.external_data import disk_tensor, on_disk
 from graph_opt.model_io import copy_model
-from graph_opt.passes._graph import GraphIndex, Namer
+from graph_opt.onnx_util import Namer
+from graph_opt.passes._graph import GraphIndex
 
 _DEFAULT = ("", "ai.onnx")
 

@@ -3,7 +3,6 @@ and `GraphIndex`, the same on an onnx GraphProto for passes that edit the ModelP
 
 from __future__ import annotations
 
-import itertools
 import logging
 import re
 from typing import Any
@@ -16,7 +15,7 @@ from onnx import numpy_helper
 from graph_opt.external_data import on_disk, read_array, weightless_copy
 from graph_opt.gs_convert import peek
 from graph_opt.onnx_util import attr, gs_node_subgraphs, subgraphs
-from graph_opt.verify import make_session
+from graph_opt.runtime import make_session
 
 log = logging.getLogger(__name__)
 
@@ -60,37 +59,6 @@ def sole_consumer(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
 def used_once(tensor: gs.Tensor) -> bool:
     """True when exactly one node input slot reads this tensor (weights shared by nodes fail)."""
     return sum(1 for node in tensor.outputs for t in node.inputs if t is tensor) == 1
-
-
-class Namer:
-    """Fresh, unique tensor/node names derived from a base (never reuses an existing name).
-
-    Built from a graphsurgeon graph, from an onnx GraphProto (for passes that edit the ModelProto
-    directly: every node, tensor, initializer, input and output name of its main graph), or from
-    the set of names already taken.
-    """
-
-    def __init__(self, graph_or_names: gs.Graph | onnx.GraphProto | set[str]):
-        if isinstance(graph_or_names, gs.Graph):
-            self.taken = set(graph_or_names.tensors().keys()) | {n.name for n in graph_or_names.nodes}
-        elif isinstance(graph_or_names, onnx.GraphProto):
-            g = graph_or_names
-            self.taken = ({t for n in g.node for t in (*n.input, *n.output, n.name)}
-                          | {t.name for t in (*g.initializer, *g.input, *g.output)})
-        else:
-            self.taken = set(graph_or_names)
-
-    def __call__(self, base: str) -> str:
-        base = base or "t"
-        if base not in self.taken:
-            self.taken.add(base)
-            return base
-        for i in itertools.count(1):
-            name = f"{base}_{i}"
-            if name not in self.taken:
-                self.taken.add(name)
-                return name
-        raise AssertionError("unreachable")
 
 
 def node_label(node: gs.Node, index: int | None = None) -> str:

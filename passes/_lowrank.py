@@ -36,9 +36,9 @@ from graph_opt.intermediates import second_moments
 from graph_opt.kernels.rank import Cost, rank_for_energy, rank_for_ratio, round_rank
 from graph_opt.gs_convert import to_graph, to_model, weights_on_disk
 from graph_opt.pass_base import PassContext, PassReport
-from graph_opt.passes._graph import Namer, node_label, report_subgraphs
+from graph_opt.passes._graph import node_label, report_subgraphs
 from graph_opt.stats import bound_model
-from graph_opt.onnx_util import first_line
+from graph_opt.onnx_util import Namer, first_line
 
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ from onnx import numpy_helper
 
 from graph_opt.kernels.lstsq import conv_rows, conv_weight_from_matrix, conv_weight_matrix, im2col
 from graph_opt.external_data import disk_tensor, has_disk_weights, read_array
-from graph_opt.onnx_util import attr
-from graph_opt.passes._graph import GraphIndex, Namer
+from graph_opt.onnx_util import Namer, attr
+from graph_opt.passes._graph import GraphIndex
 from graph_opt.passes._lowrank import FACTOR_NAME
 from graph_opt.passes._reconstruct_layers import bias_add, layer_output, teacher_name, weight_input
 

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from graph_opt.external_data import on_disk
-from graph_opt.onnx_util import all_graphs, subgraphs
+from graph_opt.onnx_util import Namer, all_graphs, subgraphs
 from graph_opt.pass_base import PassReport
 
 
@@ -54,7 +54,7 @@ class _Rewriter:
         self.pads = pads
         self.affine = affine
         self.inits = {t.name: t for t in model.graph.initializer}
-        self.used_names = {n for g in all_graphs(model.graph) for n in _names(g)}
+        self._fresh = Namer({n for g in all_graphs(model.graph) for n in _names(g)})
 
     def run(self) -> onnx.ModelProto:
         self._merge_duplicates()
@@ -89,14 +89,6 @@ class _Rewriter:
         if tensor is None or on_disk(tensor) or any(i.name == name for i in self.model.graph.input):
             return None
         return onnx.numpy_helper.to_array(tensor)
-
-    def _fresh(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.used_names:
-            i += 1
-            name = f"{base}_{i}"
-        self.used_names.add(name)
-        return name
 
     def _add_init(self, base: str, value: np.ndarray) -> str:
         name = self._fresh(base)

@@ -50,7 +50,7 @@ from graph_opt.model_io import copy_model
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._graph import GraphIndex
 from graph_opt.progress import bar
-from graph_opt.verify import make_session
+from graph_opt.runtime import make_session
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +211,9 @@ def _teacher_batches(teacher: onnx.ModelProto, data: Dataset, hints: list[str], 
     """The calibration data in fixed batches, each with the teacher's outputs and hint tensors."""
     from graph_opt.intermediates import with_outputs
 
-    model = with_outputs(teacher, hints, " (distill hints)") if hints else teacher
-    session = make_session(model)
+    cap = with_outputs(teacher, hints, " (distill hints)")
+    session = make_session(cap.model, weights=cap.weights)
+    del cap
     names = [o.name for o in session.get_outputs()]
     out, n = [], len(data)
     step = data.fixed or batch_size

@@ -60,19 +60,19 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graph_opt.budget import Budgeted, run_budget
-from graph_opt.data import batch_size_for, input_specs
+from graph_opt.data import input_specs
+from graph_opt.intermediates import stream
 from graph_opt.kernels.importance import ActivationStats, bn_gamma_scores, channel_norms, channel_sumsq, select_channels
-from graph_opt.external_data import detached
 from graph_opt.gs_convert import to_graph, to_model
 from graph_opt.model_io import copy_model
 from graph_opt.pass_base import PassContext, PassReport
-from graph_opt.passes._graph import (LAYER_OPS, Namer, check_op_types, constant, infer_shapes, is_graph_output, node_label,
+from graph_opt.onnx_util import Namer
+from graph_opt.passes._graph import (LAYER_OPS, check_op_types, constant, infer_shapes, is_graph_output, node_label,
                                      report_subgraphs,
                                      used_once)
 from graph_opt.passes._groups import (Analysis, Group, Slice, analyze, boundary_layers,
                                       fold_problems, selected)
 from graph_opt.stats import count_params, layer_macs
-from graph_opt.verify import make_session
 
 log = logging.getLogger(__name__)
 
@@ -338,18 +338,11 @@ def _bn_scale(node: gs.Node, n: int) -> np.ndarray:
 
 def _activation_stats(model: onnx.ModelProto, wanted: dict, ctx: PassContext) -> dict[str, ActivationStats]:
     """Per-channel statistics of the `wanted` tensors, batch by batch (only sums are kept)."""
-    # The weights reach onnxruntime as arrays (one copy of them, no serialized model); the extra
-    # outputs need no type: onnxruntime takes it from the graph.
-    capture, weights = detached(model)
-    outputs = {o.name for o in capture.graph.output}
-    capture.graph.output.extend(onnx.ValueInfoProto(name=name) for name in wanted if name not in outputs)
-    session = make_session(capture, weights=weights)
-    del capture, weights
     names = list(wanted)
     stats = {n: ActivationStats(len(wanted[n].atoms)) for n in names}
-    for feed in ctx.data.batches(batch_size_for(model)):
-        for name, value in zip(names, session.run(names, feed)):
-            stats[name].update(value, wanted[name].axis)
+    for _feed, values in stream(model, ctx.data, names, desc="activation statistics"):
+        for name in names:
+            stats[name].update(values[name], wanted[name].axis)
     return stats
 
 

@@ -48,7 +48,8 @@ from graph_opt.kernels.importance import global_magnitude_masks, magnitude_mask,
 from graph_opt.external_data import needs_external_data, on_disk, read_raw, weightless_copy
 from graph_opt.gs_convert import to_graph, to_model
 from graph_opt.pass_base import Pass, PassContext, PassReport
-from graph_opt.passes._graph import Namer, constant, node_label, report_subgraphs, used_once
+from graph_opt.onnx_util import Namer
+from graph_opt.passes._graph import constant, node_label, report_subgraphs, used_once
 from graph_opt.passes._graph import LAYER_OPS, check_op_types
 from graph_opt.passes._groups import boundary_layers, selected
 

@@ -10,7 +10,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from graph_opt.external_data import read_array
-from graph_opt.verify import make_session
+from graph_opt.runtime import make_session
 
 
 class GraphBuilder:
@@ -898,7 +898,7 @@ def _step_problems(step, previous, original: onnx.ModelProto, data) -> list[str]
 
 def output_mse(teacher: onnx.ModelProto, student: onnx.ModelProto, data) -> float:
     """Mean squared difference of all graph outputs (pooled), as reconstruct measures it."""
-    from graph_opt.verify import run_model
+    from graph_opt.runtime import run_model
 
     t, s = run_model(teacher, data), run_model(student, data)
     total = sum(float(np.sum((t[k].astype(np.float64) - s[k].astype(np.float64)) ** 2)) for k in t)

@@ -60,7 +60,7 @@ from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._fold import apply_folds, find_folds
 from graph_opt.passes._graph import GraphIndex, check_op_types
 from graph_opt.passes._qplan import QuantPlan
-from graph_opt.passes.quantize.calibration import REDUCE_BATCH, STREAM_BUDGET_BYTES, STREAM_MAX_BATCH, calibrate
+from graph_opt.passes.quantize.calibration import calibrate
 from graph_opt.passes.quantize.emit import apply_plan, report_plan
 from graph_opt.passes.quantize.layers import INT8_CHANNEL_PACK, MIN_INT8_REDUCTION
 from graph_opt.passes.quantize.ops import ABSORBED_OPS, LAYER_OPS, OWN_OPS, QUANTIZED_OPS, SHARED_OPS
@@ -73,8 +73,8 @@ from graph_opt.verify import Reference
 
 __all__ = [
     "ABSORBED_OPS", "AUTO_SNR_DB", "CONCAT_RANGE_RATIO", "INT4_AUTO_BLOCK", "INT8_CHANNEL_PACK", "LAYER_OPS",
-    "MIN_INT8_REDUCTION", "OWN_OPS", "QUANTIZED_OPS", "REDUCE_BATCH", "SHARED_OPS", "STREAM_BUDGET_BYTES",
-    "STREAM_MAX_BATCH", "Quantize", "apply_plan", "calibrate", "make_plan",
+    "MIN_INT8_REDUCTION", "OWN_OPS", "QUANTIZED_OPS", "SHARED_OPS", "Quantize", "apply_plan", "calibrate",
+    "make_plan",
 ]
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,8 @@
 """Calibration for the quantize pass: the range of each activation a placement may quantize.
 
-One streaming pass (at most ``max_samples``; batches sized by memory, `_stream`, each dropped
-after it updates the observers) over a weightless copy of the model run by onnxruntime, with the
-observed tensors as extra outputs (`_exposing`).
+One streaming pass (at most ``max_samples``; batches sized by memory, `runtime.run_batches`,
+each dropped after it updates the observers) over a weightless copy of the model run by
+onnxruntime, with the observed tensors as extra outputs (`_exposing`).
 
 - ``minmax`` reduces each observed tensor to three scalars inside onnxruntime (ReduceMin,
   ReduceMax, Size) and derives the ranges of Relu/Clip/Sigmoid/Tanh outputs and of data-movement
@@ -21,8 +21,9 @@ observed tensors as extra outputs (`_exposing`).
 derive, on every core, the ones a dry run of the placement asks for; `_Asking` records what a
 dry run asked. Tensors that are not float32 are left out (never an error).
 
-The sessions (`make_session`) and the streaming (`_stream`, `_cores`) are shared with the
-sensitivity measurement, which reads them from this module.
+The copies with extra outputs and reductions are `intermediates.with_outputs`'s; their sessions
+run with every graph optimization and without onnxruntime's memory arena, their batches are
+`runtime.run_batches`'s (sized by memory unless ``batch_size`` is given).
 """
 
 from __future__ import annotations
@@ -30,38 +31,24 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import math
-import os
 import time
 from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
 from graph_opt.data import Dataset, batch_size_for
 from graph_opt.errors import GraphOptError
+from graph_opt.intermediates import PerFeature, with_outputs
 from graph_opt.kernels.calib import HistogramObserver, MinMaxObserver
-from graph_opt.external_data import detached
-from graph_opt.passes._graph import GraphIndex, Namer, infer_shapes
-from graph_opt.passes.quantize.layers import opset_of
+from graph_opt.passes._graph import GraphIndex, infer_shapes
 from graph_opt.passes.quantize.ops import LAYER_OPS, SHARED_OPS
-from graph_opt.progress import progress
-from graph_opt.verify import make_session, release_memory
-from graph_opt.onnx_util import first_line
+from graph_opt.runtime import cores, make_session, release_memory, run_batches
 
 if TYPE_CHECKING:
     from graph_opt.passes.quantize import Quantize
-
-
-# Automatic batches of the calibration and sensitivity runs: about this many bytes of requested
-# outputs per batch (every observed tensor is an output), at most STREAM_MAX_BATCH samples.
-STREAM_BUDGET_BYTES = 64 << 20
-STREAM_MAX_BATCH = 64
-# Sessions that reduce inside onnxruntime (minmax calibration, sensitivity) return scalars, but
-# onnxruntime's own buffers still grow with the batch: a few samples per run amortize the cost
-# of a run, more only hold memory, unless the weights each run reads outweigh the batch.
-REDUCE_BATCH = 4
 
 
 def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method: str, *,
@@ -73,8 +60,8 @@ def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method:
     tensors as extra outputs of a private copy of `model`, and each batch updates the observers
     and is dropped (see the module docstring). Tensors that turn out not to be float32 are left
     out. Without `batch_size` the batch is sized to the memory the tensors take as outputs (see
-    `_stream`). ``feature_axis(tensor, rank)``: the axis whose features the histogram observer of
-    `tensor` keeps a floor for (`kernels.calib`), or None.
+    `runtime.run_batches`). ``feature_axis(tensor, rank)``: the axis whose features the histogram
+    observer of `tensor` keeps a floor for (`kernels.calib`), or None.
     """
     if max_samples is not None:
         data = data.take(max_samples)
@@ -91,7 +78,7 @@ def calibrate(model: onnx.ModelProto, data: Dataset, tensors: list[str], method:
     fetch = wanted + [x for pair in reduced.values() for x in pair]
     observe = _Observing(tensors, inputs, fetch, reduced, method, inside, feature_axis)
     _observe_stream(runner, observe, data, batch_size or batch_size_for(model, 0), threads,
-                    lambda: _exposing(model, wanted, _cores(0) - 1, inside))
+                    lambda: _exposing(model, wanted, cores(0) - 1, inside))
     return {t: o for t, o in observe.observers.items() if o.count}
 
 
@@ -147,12 +134,12 @@ def _observe_stream(runner: _Swappable, observe: _Observing, data: Dataset, batc
     fetch = observe.fetch
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
-        for k, (feed, outs) in enumerate(_stream(runner, fetch, data, batch_size, "calibrate")):
+        for k, (feed, outs) in enumerate(run_batches(runner, fetch, data, batch_size, "calibrate")):
             if k == 0:
                 start = time.perf_counter()
                 observe(feed, outs)
                 observe_s = time.perf_counter() - start
-                if not threads and _cores(0) > 1:
+                if not threads and cores(0) > 1:
                     start = time.perf_counter()
                     runner.run(fetch, feed)
                     if observe_s > time.perf_counter() - start:
@@ -170,7 +157,7 @@ def _observe_stream(runner: _Swappable, observe: _Observing, data: Dataset, batc
 
 
 class _Swappable:
-    """An onnxruntime session that can be replaced between two runs of `_stream`."""
+    """An onnxruntime session that can be replaced between two runs of `run_batches`."""
 
     def __init__(self, session) -> None:
         self.session = session
@@ -205,8 +192,8 @@ def _calibrate_minmax(model: onnx.ModelProto, data: Dataset, tensors: list[str],
         values = dict(zip(names, outs))
         return sum(int(values[n]) * values[lo].itemsize for lo, _, n in reduced.values())
 
-    for feed, outs in _stream(session, names, data, batch_size or batch_size_for(model, 0), "calibrate",
-                              batch_bytes=batch_bytes, weight_bytes=weight_bytes):
+    for feed, outs in run_batches(session, names, data, batch_size or batch_size_for(model, 0), "calibrate",
+                                  batch_bytes=batch_bytes, weight_bytes=weight_bytes):
         values = dict(zip(names, outs))
         extremes = _batch_extremes(values, reduced, guards, dropped)
         if extremes is not None:
@@ -239,26 +226,15 @@ def _reducing_session(model: onnx.ModelProto, tensors: list[str], threads: int):
     """A session of a weightless copy of `model` whose outputs are ReduceMin, ReduceMax and Size of
     each tensor of `tensors` and the ReduceSum of each float graph output (the guards): the
     session, ``{tensor: (min, max, size) output names}``, the guard names and the weights' bytes."""
-    work, weights = detached(model)
-    weight_bytes = sum(int(a.nbytes) for a in weights.values())
-    g = work.graph
-    namer = Namer(g)
-    reduced: dict[str, tuple[str, str, str]] = {}
-    for t in tensors:
-        lo, hi, n = namer(f"{t}_calib_min"), namer(f"{t}_calib_max"), namer(f"{t}_calib_size")
-        g.node.extend([helper.make_node("ReduceMin", [t], [lo], keepdims=0),
-                       helper.make_node("ReduceMax", [t], [hi], keepdims=0),
-                       helper.make_node("Size", [t], [n])])
-        reduced[t] = (lo, hi, n)
-    guards = []
-    for o in model.graph.output:
-        if o.type.tensor_type.elem_type == TensorProto.FLOAT:
-            guards.append(namer(f"{o.name}_calib_sum"))
-            g.node.append(helper.make_node("ReduceSum", [o.name], [guards[-1]], keepdims=0))
-    place_after_producers(g, len(model.graph.node))
-    names = [*(x for r in reduced.values() for x in r), *guards]
-    g.output.extend(onnx.ValueInfoProto(name=x) for x in names)
-    session = make_session(work, optimize=True, threads=threads, arena=False, weights=weights)
+    reducers: dict[str, tuple[str, ...]] = {t: ("min", "max", "size") for t in tensors}
+    outputs = [o.name for o in model.graph.output if o.type.tensor_type.elem_type == TensorProto.FLOAT]
+    for o in outputs:
+        reducers[o] = reducers.get(o, ()) + ("sum",)
+    cap = with_outputs(model, [], reducers=reducers)
+    reduced = {t: (cap.reduced[t]["min"], cap.reduced[t]["max"], cap.reduced[t]["size"]) for t in tensors}
+    guards = [cap.reduced[o]["sum"] for o in outputs]
+    weight_bytes = sum(int(a.nbytes) for a in cap.weights.values())
+    session = make_session(cap.model, optimize=True, threads=threads, arena=False, weights=cap.weights)
     return session, reduced, guards, weight_bytes
 
 
@@ -370,49 +346,16 @@ def _clip_bounds(ix: GraphIndex, node: onnx.NodeProto) -> tuple[float, float] | 
     return (lo, hi) if lo <= hi else None
 
 
-def _cores(threads: int) -> int:
-    """The threads to use for `threads` (0: one per core this process may run on)."""
-    if threads:
-        return threads
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _exposing(model: onnx.ModelProto, tensors: list[str], threads: int,
               features: Mapping[str, tuple[int, int | None]] | None = None):
     """A session of `model` with every tensor in `tensors` also a graph output, and the names of
     the extra outputs that give, per tensor in `features` (``{tensor: (axis, features)}``, see
     `_inside_features`), its per-sample, per-feature max and min: onnxruntime reduces them next
     to the tensor's producer, on its own threads, instead of numpy in the observer's."""
-    work, weights = detached(model)
-    g = work.graph
-    present = {o.name for o in g.output}
-    g.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in present)
-    reduced: dict[str, tuple[str, str]] = {}
-    if features:
-        namer = Namer(g)
-        n_model = len(g.node)
-        axes_input = opset_of(model) >= 18  # ReduceMax/ReduceMin take axes as an input from opset 18
-        axes_const = namer("feature_reduce_axes")
-        if axes_input:
-            g.initializer.append(numpy_helper.from_array(np.array([1], np.int64), axes_const))
-        for t, (axis, size) in features.items():
-            rows = namer(f"{t}_per_feature")
-            if axis == 1:  # (N, C, …) → (N·C, …): the max of each row is one sample's one channel
-                g.node.append(helper.make_node("Flatten", [t], [rows], axis=2))
-            else:  # (N, …, C) → (N, M, C): the middle axes merged
-                shape = namer(f"{t}_per_feature_shape")
-                g.initializer.append(numpy_helper.from_array(np.array([0, -1, size], np.int64), shape))
-                g.node.append(helper.make_node("Reshape", [t, shape], [rows]))
-            pair = namer(f"{t}_feature_max"), namer(f"{t}_feature_min")
-            for op, out in zip(("ReduceMax", "ReduceMin"), pair):
-                if axes_input:
-                    g.node.append(helper.make_node(op, [rows, axes_const], [out], keepdims=0))
-                else:
-                    g.node.append(helper.make_node(op, [rows], [out], axes=[1], keepdims=0))
-            reduced[t] = pair
-        place_after_producers(g, n_model)
-        g.output.extend(onnx.ValueInfoProto(name=x) for pair in reduced.values() for x in pair)
-    return make_session(work, optimize=True, threads=threads, arena=False, weights=weights), reduced
+    pairs = {t: (PerFeature("max", axis, size), PerFeature("min", axis, size)) for t, (axis, size) in (features or {}).items()}
+    cap = with_outputs(model, tensors, reducers=pairs)
+    reduced = {t: (cap.reduced[t][hi], cap.reduced[t][lo]) for t, (hi, lo) in pairs.items()}
+    return make_session(cap.model, optimize=True, threads=threads, arena=False, weights=cap.weights), reduced
 
 
 def _inside_features(model: onnx.ModelProto, tensors: list[str],
@@ -439,45 +382,6 @@ def _inside_features(model: onnx.ModelProto, tensors: list[str],
         elif axis == len(shape) - 1 and shape[-1]:
             out[t] = (axis, shape[-1])
     return out
-
-
-def _stream(session, names: list[str], data: Dataset, batch_size: int, desc: str, *, batch_bytes=None,
-            weight_bytes: int | None = None):
-    """Run `session` over `data` batch by batch, yielding ``(feed, outputs)``.
-
-    ``batch_size`` 0 means automatic: the first run takes one sample, and the rest go in batches
-    whose requested outputs take about `STREAM_BUDGET_BYTES` (at most `STREAM_MAX_BATCH` samples;
-    ``batch_bytes(outputs)`` overrides how a batch's memory is counted). A session that reduces
-    inside onnxruntime gives ``weight_bytes``, the bytes of its model's weights: its batches take
-    half the budget, and stop at `REDUCE_BATCH` samples or at as many as the weights outweigh.
-    A calibration model exposes every observed tensor at once, so one batch of a detector at
-    320×320 holds ~50 MB per sample: the budget, not a fixed batch of 8, bounds the peak memory.
-    """
-    def run():
-        n = len(data)
-        start, bs = 0, batch_size or 1
-        while start < n:
-            stop = min(start + bs, n)
-            feed = data.slice(start, stop)  # each input cut on its own batch axis
-            try:
-                outs = session.run(names, feed) if names else []
-            except Exception as exc:
-                first = first_line(exc)
-                raise GraphOptError(f"onnxruntime failed during {desc}: {first[:300]}") from None
-            if not batch_size and start == 0:
-                size = batch_bytes(outs) if batch_bytes else sum(int(np.asarray(o).nbytes) for o in outs)
-                per_sample = max(size / (stop - start), 1.0)
-                if weight_bytes is None:
-                    bs = min(STREAM_MAX_BATCH, STREAM_BUDGET_BYTES // per_sample)
-                else:
-                    bs = min(STREAM_MAX_BATCH, STREAM_BUDGET_BYTES // 2 // per_sample,
-                             max(REDUCE_BATCH, weight_bytes // per_sample))
-                bs = int(max(1, bs))
-            yield feed, outs
-            del outs
-            start = stop
-
-    yield from progress(run(), desc=desc)
 
 
 class _RangeMap(Mapping[str, tuple[float, float]]):
@@ -524,7 +428,7 @@ class Ranges(_RangeMap):
         dry = _Asking(observers, lambda t: (observers[t].min, observers[t].max))
         place(dry)
         todo = [t for t in dry.asked if t not in self._done]
-        workers = min(_cores(self._opts.threads), len(todo))
+        workers = min(cores(self._opts.threads), len(todo))
         if workers < 2:
             return
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
@@ -577,25 +481,3 @@ def _range(obs: MinMaxObserver, opts: Quantize) -> tuple[float, float]:
     if isinstance(obs, HistogramObserver):
         return obs.range(opts.calibration, percentile=opts.percentile, symmetric=False, dtype=opts.activations)
     return obs.range("minmax")
-
-
-def place_after_producers(g: onnx.GraphProto, n_model: int) -> None:
-    """Move each node appended after the first `n_model` (already in a valid order among
-    themselves) to just after the last producer of its inputs, so that onnxruntime can consume
-    a tensor (and free it) soon after it is made, not only at the end of the graph."""
-    nodes = list(g.node)
-    slot: dict[str, int] = {}  # tensor -> index of the model node it follows (-1: before all)
-    for k, n in enumerate(nodes[:n_model]):
-        for o in n.output:
-            slot[o] = k
-    after: dict[int, list[onnx.NodeProto]] = {}
-    for n in nodes[n_model:]:
-        k = max((slot.get(t, -1) for t in n.input if t), default=-1)
-        after.setdefault(k, []).append(n)
-        for o in n.output:
-            slot[o] = k
-    del g.node[:]
-    g.node.extend(after.get(-1, ()))
-    for k, n in enumerate(nodes[:n_model]):
-        g.node.append(n)
-        g.node.extend(after.get(k, ()))

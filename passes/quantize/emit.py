@@ -18,7 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 from graph_opt.kernels.quant import pack_int2, pack_int4
 from graph_opt.model_io import copy_model
 from graph_opt.pass_base import PassReport
-from graph_opt.passes._graph import GraphIndex, Namer
+from graph_opt.onnx_util import Namer
+from graph_opt.passes._graph import GraphIndex
 from graph_opt.passes._qplan import QuantPlan, TensorQuant
 from graph_opt.passes.quantize.layers import opset_of
 from graph_opt.stats import serialized_bytes

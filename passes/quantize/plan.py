@@ -39,7 +39,7 @@ from graph_opt.passes.quantize import calibration, sensitivity
 from graph_opt.passes.quantize.layers import Layer, float_on_input, match_layers, opset_of, rematch_layers
 from graph_opt.passes.quantize.placement import Placement, calibration_tensors, place
 from graph_opt.passes.quantize.weights import attach_hessians, block_for, weights_and_biases
-from graph_opt.verify import make_session, release_memory
+from graph_opt.runtime import make_session, release_memory
 from graph_opt.onnx_util import first_line
 
 if TYPE_CHECKING:

@@ -27,13 +27,15 @@ import onnx
 from onnx import helper
 
 from graph_opt.data import Dataset, batch_size_for
-from graph_opt.external_data import detached, has_disk_weights
-from graph_opt.passes._graph import GraphIndex, Namer
+from graph_opt.external_data import has_disk_weights
+from graph_opt.intermediates import Capture
+from graph_opt.onnx_util import Namer
+from graph_opt.passes._graph import GraphIndex
 from graph_opt.passes._qplan import TensorQuant
-from graph_opt.passes.quantize import calibration
 from graph_opt.passes.quantize.emit import dq_weight, param_inits
 from graph_opt.passes.quantize.layers import Layer
 from graph_opt.passes.quantize.placement import Placement
+from graph_opt.runtime import make_session, run_batches
 
 if TYPE_CHECKING:
     from graph_opt.passes.quantize import Quantize
@@ -58,13 +60,12 @@ def _probe_graph(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer
                  ) -> tuple[onnx.ModelProto, dict[str, np.ndarray], _Probes]:
     """`model` (weightless, `detached`, with its arrays) plus, per quantized layer, a probe: a copy
     of the layer reading its planned QDQ input, weight and bias, beside the float layer."""
-    work, arrays = detached(model)
-    g = work.graph
+    cap = Capture(model)  # the probes are added to its copy, and moved next to their producers with the sums
+    g = cap.model.graph
     namer = Namer(g)
     probe_of: dict[int, tuple[str, str]] = {}  # layer idx -> (float output, probe output)
     wo_of: dict[int, str] = {}                  # static layer idx -> weight-only probe output
     qdq_done: dict[str, str] = {}
-    n_model = len(g.node)
 
     def qdq(t: str) -> str:
         """`t` through the planned QuantizeLinear → DequantizeLinear (one pair per tensor)."""
@@ -97,27 +98,17 @@ def _probe_graph(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer
     pairs = {f"layer:{idx}": yp for idx, yp in probe_of.items()}
     pairs.update({f"weight_only:{idx}": (probe_of[idx][0], p) for idx, p in wo_of.items()})
     pairs.update({f"tensor:{t}": (t, qdq(t)) for t in measured})
-    sums: dict[str, str] = {}  # tensor -> its ReduceSumSquare output
-    sizes: dict[str, str] = {}  # reference tensor -> its Size output (to size the batches)
-
-    def sum_sq(t: str) -> str:
-        if t not in sums:
-            sums[t] = namer(f"{t}_sumsq")
-            g.node.append(helper.make_node("ReduceSumSquare", [t], [sums[t]], keepdims=0))
-        return sums[t]
-
-    outputs: dict[str, tuple[str, str]] = {}
+    reducers: dict[str, list[str]] = {}
+    diffs: dict[str, str] = {}
     for key, (ref, cand) in pairs.items():
-        diff = namer(f"{cand}_error")
-        g.node.append(helper.make_node("Sub", [ref, cand], [diff]))
-        outputs[key] = (sum_sq(ref), sum_sq(diff))
-        if ref not in sizes:
-            sizes[ref] = namer(f"{ref}_size")
-            g.node.append(helper.make_node("Size", [ref], [sizes[ref]]))
-    calibration.place_after_producers(g, n_model)
-    probes = _Probes(outputs, list(sizes.values()), measured)
-    g.output.extend(onnx.ValueInfoProto(name=t) for t in probes.names)
-    return work, arrays, probes
+        diffs[key] = namer(f"{cand}_error")
+        g.node.append(helper.make_node("Sub", [ref, cand], [diffs[key]]))
+        reducers.setdefault(ref, ["sumsq", "size"])
+        reducers[diffs[key]] = ["sumsq"]
+    cap.reduce(reducers)
+    outputs = {key: (cap.reduced[ref]["sumsq"], cap.reduced[diffs[key]]["sumsq"]) for key, (ref, _) in pairs.items()}
+    sizes = list(dict.fromkeys(cap.reduced[ref]["size"] for ref, _ in pairs.values()))
+    return cap.model, cap.weights, _Probes(outputs, sizes, measured)
 
 
 def measure(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], weights: dict[int, TensorQuant],
@@ -130,7 +121,7 @@ def measure(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], we
     # copies of the weights cost memory and win no time. Even those constant-fold each probe's
     # DequantizeLinear of a constant weight into a float copy of it: for weights kept on disk (a model
     # over 2 GB) that is a second copy of them all, so that model runs unoptimized.
-    session = calibration.make_session(work, optimize="basic" if not has_disk_weights(work) else False, fuse_qdq=False,
+    session = make_session(work, optimize="basic" if not has_disk_weights(work) else False, fuse_qdq=False,
                            threads=opts.threads, arena=False, weights=arrays)
     del work, arrays
     sub = data.take(min(opts.max_samples, opts.sensitivity_samples))
@@ -142,8 +133,8 @@ def measure(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], we
         # What the reference and the candidate tensors of one batch take (float32).
         return 2 * 4 * sum(int(v) for n, v in zip(names, outs) if n in size_names)
 
-    for _feed, outs in calibration._stream(session, names, sub, batch_size or batch_size_for(model, 0), "sensitivity",
-                               batch_bytes=batch_bytes, weight_bytes=weight_bytes):
+    for _feed, outs in run_batches(session, names, sub, batch_size or batch_size_for(model, 0), "sensitivity",
+                                   batch_bytes=batch_bytes, weight_bytes=weight_bytes):
         values = dict(zip(names, outs))
         for key, (ref2, err2) in outputs.items():
             acc[key][0] += float(values[ref2])

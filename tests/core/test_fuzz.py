@@ -101,7 +101,7 @@ def test_the_oracle_is_not_vacuous():
 def test_generator_is_deterministic_and_valid():
     import onnx
 
-    from graph_opt.verify import make_session
+    from graph_opt.runtime import make_session
 
     for seed in range(40):
         a, shapes = fuzz_model(fuzz_spec(seed))

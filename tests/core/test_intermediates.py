@@ -5,9 +5,10 @@ from builders import small_cnn
 from onnx import numpy_helper
 
 from graph_opt import metrics, verify
-from graph_opt.data import random_dataset
+from graph_opt.data import Dataset, random_dataset
 from graph_opt.errors import GraphOptError
-from graph_opt.intermediates import divergence, feature_distances, first_divergence, stream
+from graph_opt.intermediates import PerFeature, divergence, feature_distances, first_divergence, stream, with_outputs
+from graph_opt.runtime import make_session, run_batches
 
 
 def _scaled(model, name, factor):
@@ -37,6 +38,57 @@ def test_stream_yields_requested_tensors_per_batch():
     assert shapes == [(2, 16, 16, 16), (2, 16, 16, 16), (1, 16, 16, 16)]
     with pytest.raises(GraphOptError, match="no tensor named 'nope'"):
         next(stream(model, data, ["nope"]))
+
+
+@pytest.mark.parametrize("opset", [17, 18])  # ReduceMax/ReduceMin take their axes as an input from 18
+def test_reducers_give_inside_onnxruntime_what_numpy_computes_from_the_tensor(opset):
+    model = small_cnn()
+    model.opset_import[0].version = opset
+    nodes = [n.SerializeToString() for n in model.graph.node]
+    assert not any(n.op_type.startswith("Reduce") for n in model.graph.node)  # vacuity
+    t = "relu5_out"  # (N, 16, 16, 16)
+    reducers = ("min", "max", "sum", "sumsq", "size", PerFeature("max", 1, 16), PerFeature("min", 1, 16),
+                PerFeature("max", 3, 16))
+    cap = with_outputs(model, [t], reducers={t: reducers})
+    assert [n.SerializeToString() for n in model.graph.node] == nodes  # the input model is untouched
+    assert cap.names == [t, *(cap.reduced[t][r] for r in reducers)]
+    # Every reduction sits right after the tensor's producer (the shared Flatten/Reshape first).
+    order = [n.op_type for n in cap.model.graph.node]
+    at = next(i for i, n in enumerate(cap.model.graph.node) if t in n.output)
+    assert order[at + 1:at + 11] == ["ReduceMin", "ReduceMax", "ReduceSum", "ReduceSumSquare", "Size", "Flatten",
+                                     "ReduceMax", "ReduceMin", "Reshape", "ReduceMax"]
+    feed = {"x": np.random.default_rng(0).normal(size=(3, 3, 16, 16)).astype(np.float32)}
+    got = dict(zip(cap.names, make_session(cap.model, weights=cap.weights).run(cap.names, feed)))
+    x = got[t].astype(np.float64)
+    out = {r: got[cap.reduced[t][r]] for r in reducers}
+    assert (out["min"], out["max"], int(out["size"])) == (got[t].min(), got[t].max(), x.size)
+    assert out["sum"] == pytest.approx(x.sum(), rel=1e-5) and out["sumsq"] == pytest.approx((x * x).sum(), rel=1e-5)
+    np.testing.assert_array_equal(out[PerFeature("max", 1, 16)], got[t].max(axis=(2, 3)).ravel())
+    np.testing.assert_array_equal(out[PerFeature("min", 1, 16)], got[t].min(axis=(2, 3)).ravel())
+    np.testing.assert_array_equal(out[PerFeature("max", 3, 16)], got[t].max(axis=(1, 2)))
+    with pytest.raises(GraphOptError, match="no tensor named 'nope' in the model"):
+        with_outputs(model, [], reducers={"nope": ("min",)})
+
+
+def test_stream_with_a_byte_budget_sizes_its_batches_by_the_tensors_bytes():
+    model = small_cnn()
+    data = random_dataset(model, 10, seed=2)
+    per_sample = 16 * 16 * 16 * 4  # relu5_out, float32
+    batches = list(stream(model, data, ["relu5_out"], budget_bytes=3 * per_sample))
+    assert [len(feed["x"]) for feed, _ in batches] == [1, 3, 3, 3]  # one sample first, then the budget's
+    whole = next(stream(model, data, ["relu5_out"], batch_size=10))[1]["relu5_out"]
+    assert len(list(stream(model, data, ["relu5_out"]))) == 1  # without a budget: batches of 32
+    np.testing.assert_allclose(np.concatenate([v["relu5_out"] for _, v in batches]), whole, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failing_run_is_one_line_naming_the_data_and_the_step():
+    class Failing:
+        def run(self, names, feed):
+            raise RuntimeError("bad input\nstack trace")
+
+    data = Dataset({"x": np.zeros((4, 2), np.float32)}, None, "calib.npz")
+    with pytest.raises(GraphOptError, match=r"^onnxruntime failed to run the model on calib.npz \(probe\): bad input$"):
+        next(run_batches(Failing(), ["y"], data, 2, "probe"))
 
 
 def test_feature_distance_matches_definition():

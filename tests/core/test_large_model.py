@@ -19,7 +19,7 @@ from graph_opt.gs_convert import to_graph, to_model
 from graph_opt.model_io import load_model, save_model, session_source
 from graph_opt.pipeline import Pipeline
 from graph_opt.registry import parse_spec
-from graph_opt.verify import make_session, run_model
+from graph_opt.runtime import make_session, run_model
 
 
 @pytest.fixture

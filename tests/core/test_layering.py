@@ -51,3 +51,13 @@ def test_a_pass_never_imports_another_pass(path):
 def test_tensorly_is_called_from_one_kernel_module():
     users = [p.name for p in (ROOT / "kernels").glob("*.py") if any(m.startswith("tensorly") for m in _imports(p))]
     assert len(users) <= 1, users
+
+
+@pytest.mark.parametrize("path", sorted([*(ROOT / "graph_opt").rglob("*.py"), *(ROOT / "passes").rglob("*.py")]),
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_onnxruntime_is_imported_by_the_runtime_module_only(path):
+    # Every session goes through graph_opt.runtime (its options, its error messages, one place to change them).
+    if path.relative_to(ROOT).as_posix() == "graph_opt/runtime.py":
+        return
+    bad = {m for m in _imports(path) if m.split(".")[0] == "onnxruntime"}
+    assert not bad, f"{path.relative_to(ROOT)} imports {bad}: make sessions with graph_opt.runtime.make_session"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from builders import GraphBuilder, random_input, small_cnn
 
-from graph_opt import runtimes
+from graph_opt import runtime
 from graph_opt.data import Dataset
 from graph_opt.errors import GraphOptError
 from graph_opt.pass_base import PassContext
@@ -21,13 +21,13 @@ needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None
 
 def test_unknown_runtime_is_a_user_error():
     with pytest.raises(GraphOptError, match="unknown runtime 'tvm'"):
-        runtimes.get("tvm")
+        runtime.get("tvm")
 
 
 def test_onnxruntime_runtime_runs_and_times():
     model = small_cnn(channels=4)
     data = Dataset({"x": random_input([5, 4, 16, 16])}, None, "t")
-    rt = runtimes.get("onnxruntime")
+    rt = runtime.get("onnxruntime")
     assert rt.load(model) is None
     out = rt.run(model, data)
     assert out["logits"].shape == (5, 10)
@@ -38,7 +38,7 @@ def test_onnxruntime_runtime_runs_and_times():
 def test_openvino_matches_onnxruntime_on_float_and_int8_models():
     model = small_cnn(channels=4)
     data = Dataset({"x": random_input([6, 4, 16, 16])}, None, "t")
-    ort_rt, ov_rt = runtimes.get("onnxruntime"), runtimes.get("openvino")
+    ort_rt, ov_rt = runtime.get("onnxruntime"), runtime.get("openvino")
     float_parity = compare_outputs(ort_rt.run(model, data), ov_rt.run(model, data))
     assert float_parity.cosine > 0.99999 and list(ov_rt.run(model, data)) == ["logits"]
     q = Quantize(sensitivity_snr_db=None)(model, PassContext(data=data)).model
@@ -56,7 +56,7 @@ def test_openvino_names_why_it_refuses_a_model():
     g.node("MadeUpOp", [x], ["y"], domain="com.example")
     g.output("y", ["N", 4])
     model = g.build(check=False)
-    reason = runtimes.get("openvino").load(model)
+    reason = runtime.get("openvino").load(model)
     assert reason and "MadeUpOp" in reason
     with pytest.raises(GraphOptError, match="OpenVINO refuses the model"):
-        runtimes.get("openvino").run(model, Dataset({"x": np.ones((2, 4), np.float32)}, None, "t"))
+        runtime.get("openvino").run(model, Dataset({"x": np.ones((2, 4), np.float32)}, None, "t"))

@@ -7,7 +7,8 @@ from onnx import numpy_helper
 from graph_opt import metrics
 from graph_opt.data import random_dataset
 from graph_opt.errors import GraphOptError
-from graph_opt.verify import check_tolerances, parse_tolerance, run_model, verify
+from graph_opt.runtime import run_model
+from graph_opt.verify import check_tolerances, parse_tolerance, verify
 
 
 def _perturbed(model, name, factor):
@@ -106,7 +107,7 @@ def test_sessions_take_the_weights_as_arrays_not_inside_the_serialized_model(mon
 
     import onnxruntime as ort
 
-    from graph_opt.verify import make_session, session_options
+    from graph_opt.runtime import make_session, session_options
 
     model = small_cnn(seed=1)
     unread = numpy_helper.from_array(np.ones((16, 16), np.float32), "unread_weight")

@@ -196,7 +196,7 @@ def test_im2col_conv_equals_a_direct_conv(case):
 def test_auto_pad_matches_onnxruntime(auto_pad):
     from onnx import TensorProto, helper, numpy_helper
 
-    from graph_opt.verify import make_session
+    from graph_opt.runtime import make_session
 
     rng = np.random.default_rng(1)
     x = rng.standard_normal((1, 3, 8, 7)).astype(np.float32)

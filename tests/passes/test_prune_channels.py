@@ -15,7 +15,7 @@ from graph_opt.passes.fold_batchnorm import FoldBatchnorm
 from graph_opt.passes.prune_channels import PruneChannels, unit_shapes
 from graph_opt.registry import parse_spec
 from graph_opt.stats import model_stats
-from graph_opt.verify import make_session
+from graph_opt.runtime import make_session
 
 FREE = {"keep_first_last": False, "round_to": 1}  # exact ratios; the default rounds kept widths to 4
 

@@ -21,7 +21,9 @@ from graph_opt.kernels.quant import (
 from graph_opt.metrics import cosine
 from graph_opt.pass_base import PassContext
 from graph_opt.passes.fold_batchnorm import FoldBatchnorm
+from graph_opt import runtime
 from graph_opt.passes.quantize import calibration as quantize_mod
+from graph_opt.passes.quantize import sensitivity as sensitivity_mod
 from graph_opt.passes.quantize import CONCAT_RANGE_RATIO, Quantize, apply_plan
 
 
@@ -520,7 +522,7 @@ def test_histogram_calibration_gives_onnxruntime_a_thread_less_when_the_observer
         alive.append(weakref.ref(session))
         return session, reduced
 
-    monkeypatch.setattr(quantize_mod, "_cores", lambda n: n or 4)
+    monkeypatch.setattr(quantize_mod, "cores", lambda n: n or 4)
     monkeypatch.setattr(quantize_mod, "_exposing", spy)
     monkeypatch.setattr(HistogramObserver, "update", slow_update)
     switched = Quantize(calibration="percentile", sensitivity_snr_db=None, batch_size=8).plan(model, data)
@@ -574,14 +576,14 @@ def test_minmax_on_a_model_with_a_static_batch_runs_one_sample_at_a_time_without
 def _record_batch_sizes(monkeypatch) -> list[int]:
     """The number of samples of every batch quantize's sessions run, in order (filled as they run)."""
     sizes: list[int] = []
-    real = quantize_mod._stream
 
     def spy(session, names, data, batch_size, desc, **kw):
-        for feed, outs in real(session, names, data, batch_size, desc, **kw):
+        for feed, outs in runtime.run_batches(session, names, data, batch_size, desc, **kw):
             sizes.append(len(next(iter(feed.values()))))
             yield feed, outs
 
-    monkeypatch.setattr(quantize_mod, "_stream", spy)
+    for module in (quantize_mod, sensitivity_mod):
+        monkeypatch.setattr(module, "run_batches", spy)
     return sizes
 
 
@@ -597,12 +599,12 @@ def test_automatic_batches_follow_the_memory_budget_and_change_nothing(method, m
     # stop at REDUCE_BATCH well under the budget (this model's weights are small); an exposing
     # calibration takes the rest at once.
     default = Quantize(calibration=method).plan(model, data)
-    k = quantize_mod.REDUCE_BATCH
+    k = runtime.REDUCE_BATCH
     assert sizes == ([1, *_chunks(23, k)] if method == "minmax" else [1, 23]) + [1, *_chunks(15, k)]
     assert [t.range for t in default.by_role("activation")] == [t.range for t in fixed.by_role("activation")]
     sizes.clear()
     # A budget below one sample's outputs: one sample per run, same ranges, same decisions.
-    monkeypatch.setattr(quantize_mod, "STREAM_BUDGET_BYTES", 1)
+    monkeypatch.setattr(runtime, "STREAM_BUDGET_BYTES", 1)
     auto = Quantize(calibration=method).plan(model, data)
     assert set(sizes) == {1} and len(sizes) == 24 + 16
     acts = fixed.by_role("activation")
@@ -630,10 +632,10 @@ def test_the_automatic_batch_rule(budget, weight_bytes, want, monkeypatch):
         def run(self, names, feed):
             return [np.zeros(len(feed["x"]))]
 
-    monkeypatch.setattr(quantize_mod, "STREAM_BUDGET_BYTES", budget)
-    assert quantize_mod.REDUCE_BATCH == 4
+    monkeypatch.setattr(runtime, "STREAM_BUDGET_BYTES", budget)
+    assert runtime.REDUCE_BATCH == 4
     data = Dataset({"x": np.zeros((100, 3), np.float32)})
-    sizes = [len(feed["x"]) for feed, _ in quantize_mod._stream(
+    sizes = [len(feed["x"]) for feed, _ in runtime.run_batches(
         Session(), ["y"], data, 0, "test", batch_bytes=lambda outs: 1000 * len(outs[0]), weight_bytes=weight_bytes)]
     assert sizes[:2] == [1, want] and sum(sizes) == 100
 
@@ -650,7 +652,7 @@ def test_reducing_sessions_take_larger_batches_when_the_weights_outweigh_them(mo
     assert plan.by_role("activation") and plan.to_json(compact=False) == one.to_json(compact=False)
     sizes.clear()
     Quantize(sensitivity_snr_db=None).plan(small_cnn(), random_dataset(small_cnn(), 40, seed=1))
-    assert sizes == [1, *_chunks(39, quantize_mod.REDUCE_BATCH)]
+    assert sizes == [1, *_chunks(39, runtime.REDUCE_BATCH)]
 
 
 def test_sensitivity_on_a_few_samples_finds_the_sensitive_layer():
@@ -1170,16 +1172,16 @@ def test_calibration_threads_default_to_all_cores_and_do_not_change_the_plan(met
     model = small_cnn(seed=3)
     data = random_dataset(model, 48, seed=5)
     seen = []
-    real = quantize_mod.make_session
 
     def spy(m, **kw):
         seen.append(kw.get("threads"))
-        return real(m, **kw)
+        return runtime.make_session(m, **kw)
 
-    monkeypatch.setattr(quantize_mod, "make_session", spy)
+    for module in (quantize_mod, sensitivity_mod):  # the calibration and the sensitivity sessions
+        monkeypatch.setattr(module, "make_session", spy)
     default = Quantize(calibration=method).plan(model, data)
     # A histogram method may move to one thread less when its observer is the slower side.
-    assert seen and seen[0] == 0 and set(seen) <= {0, max(1, quantize_mod._cores(0) - 1)}
+    assert seen and seen[0] == 0 and set(seen) <= {0, max(1, quantize_mod.cores(0) - 1)}
     seen.clear()
     one = Quantize(calibration=method, threads=1).plan(model, data)
     assert set(seen) == {1}
@@ -1192,19 +1194,17 @@ def test_sensitivity_runs_with_basic_optimizations_and_calibration_with_all(monk
     """The sensitivity copy runs a few samples: onnxruntime's basic optimizations only, without
     the layout changes that keep reordered copies of the weights; minmax calibration runs every
     sample, with every optimization."""
-    from graph_opt.verify import session_options
-
-    assert session_options(optimize="basic").graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    assert runtime.session_options(optimize="basic").graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     levels: dict[str, set] = {}
-    real = quantize_mod.make_session
 
     def spy(m, **kw):
         ops = {n.op_type for n in m.graph.node}
         kind = "sensitivity" if "ReduceSumSquare" in ops else "calibration" if "ReduceMin" in ops else "other"
         levels.setdefault(kind, set()).add(kw.get("optimize"))
-        return real(m, **kw)
+        return runtime.make_session(m, **kw)
 
-    monkeypatch.setattr(quantize_mod, "make_session", spy)
+    for module in (quantize_mod, sensitivity_mod):
+        monkeypatch.setattr(module, "make_session", spy)
     model = FoldBatchnorm()(small_cnn()).model
     result = Quantize()(model, PassContext(data=random_dataset(model, 16, seed=0)))
     assert result.modified
