@@ -16,12 +16,12 @@ history of the accepted rewrites before it, which `reconstruct` reads), check th
 and roll it back when it breaks a tolerance (the parent's model goes on). Each pipeline's result
 is a `PipelineResult` whose steps are the tree nodes on its path.
 
-Where the steps run: in this process (``jobs=1``), in ``jobs`` worker processes (spawn context;
-models travel as serialized bytes; each worker computes the original's reference outputs once),
-or as Ray tasks (``backend="ray"``, an optional extra). A node depends only on its parent's model
-and history and every pass is seeded, so the results are the same whatever the backend and the
-number of jobs. Latency is measured afterwards in this process: every distinct model of every
-pipeline together, interleaved in one run (`stats.measure_latency`), so the ratios compare.
+Where the steps run (`graph_opt.fanout`): in this process (``jobs=1``), in ``jobs`` worker
+processes, or as Ray tasks (``backend="ray"``, an optional extra); the results are the same
+whatever the backend and the number of jobs. Several models are compared at once with
+`Comparer.run_models`: one tree per model, every (model, step) a task of the same pool, one
+`Comparison` per model. Latency is measured afterwards in this process: every distinct model of
+every pipeline of a model together, interleaved in one run (`stats.measure_latency`).
 
 Fidelity is one metric (``accuracy`` when the data has labels, else ``cosine``; or ``top1``,
 ``snr_db``); the original and each pipeline's final model are points of fidelity against file

@@ -283,6 +283,12 @@ def batch_size_for(model: onnx.ModelProto, requested: int = 32) -> int:
     return batch_layout(model).fixed or requested
 
 
+def paired_batch_size(teacher: onnx.ModelProto, student: onnx.ModelProto, requested: int = 32) -> int:
+    """The batch size both models take when run side by side on the same batches: a static batch
+    of either (a student whose batch `simplify` bound under the user's --input-shape), else `requested`."""
+    return batch_layout(teacher).fixed or batch_layout(student).fixed or requested
+
+
 # Ops an index input passes through unchanged in value on its way to a Gather.
 _INDEX_PASSTHROUGH = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity", "Expand", "Transpose"}
 

@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from graph_opt.data import Dataset, batch_size_for
+from graph_opt.data import Dataset, batch_size_for, paired_batch_size
 from graph_opt.errors import GraphOptError
 from graph_opt.external_data import detached
 from graph_opt.onnx_util import Namer, opset_version
@@ -267,7 +267,7 @@ def divergence(teacher: onnx.ModelProto, student: onnx.ModelProto, data: Dataset
     if not names:
         return []
     accs = {n: _Acc() for n in names}
-    bs = batch_size_for(teacher)
+    bs = paired_batch_size(teacher, student)
     student_batches = stream(student, data, names, batch_size=bs, threads=threads, desc="student layers")
     for (_, t_vals), (_, s_vals) in zip(stream(teacher, data, names, batch_size=bs, threads=threads,
                                                desc="teacher layers"), student_batches):
@@ -317,7 +317,7 @@ def feature_distances(teacher: onnx.ModelProto, student: onnx.ModelProto, data: 
     s_names = list(dict.fromkeys(s for _, s in pairs))
     sums = {p: 0.0 for p in pairs}
     count = {p: 0 for p in pairs}
-    bs = batch_size_for(teacher)
+    bs = paired_batch_size(teacher, student)
     for (_, tv), (_, sv) in zip(stream(teacher, data, t_names, batch_size=bs, threads=threads, desc="teacher"),
                                 stream(student, data, s_names, batch_size=bs, threads=threads, desc="student")):
         for t, s in pairs:

@@ -43,7 +43,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from graph_opt.data import Dataset
+from graph_opt.data import Dataset, paired_batch_size
 from graph_opt.errors import GraphOptError
 from graph_opt.external_data import has_disk_weights
 from graph_opt.model_io import copy_model
@@ -136,7 +136,8 @@ class Distill(Pass):
         missing = [s for _, s in pairs if not any(s in n.output for n in model.graph.node)]
         if missing:
             raise UntrainableError(f"hint tensor {missing[0]!r} is not computed by the student")
-        batches = _teacher_batches(ctx.original, ctx.data, [t for t, _ in pairs], min(self.batch_size, len(ctx.data)))
+        batches = _teacher_batches(ctx.original, ctx.data, [t for t, _ in pairs],
+                                   paired_batch_size(ctx.original, model, min(self.batch_size, len(ctx.data))))
         first = batches[0]  # the conversion must reproduce the student as onnxruntime runs it
         student.check(first.feed, make_session(model).run(student.outputs, first.feed))
         student.to(device)

@@ -70,7 +70,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx
 
-from graph_opt.data import Dataset, batch_size_for
+from graph_opt.data import Dataset, paired_batch_size
 from graph_opt.intermediates import stream
 from graph_opt.kernels.lstsq import LstsqAccumulator, MeanErrorAccumulator
 from graph_opt.model_io import copy_model
@@ -133,7 +133,7 @@ class Reconstruct(Pass):
             todo.append((node, chosen))
         if not todo:
             return model
-        bs, writer = batch_size_for(ctx.original), Writer(student)
+        bs, writer = paired_batch_size(ctx.original, model), Writer(student)
         applied: list[tuple[dict, list[Edit]]] = []
         # Channel maps by teacher tensor: found before the weights they read change, or by an earlier reconstruct.
         maps: dict[str, np.ndarray | None] = {

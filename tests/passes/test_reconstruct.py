@@ -500,3 +500,30 @@ def test_replaced_weights_read_inside_a_subgraph_are_kept():
     _drop_unused(model, {"outer_w", "dead_w"})
     names = {t.name for t in model.graph.initializer}
     assert "outer_w" in names and "dead_w" not in names
+
+
+def test_a_student_whose_batch_simplify_bound_is_refit_and_compared_on_its_own_batches():
+    """`--input-shape x=1,…` on a model whose folding needs the batch: simplify binds the batch
+    to 1, and the teacher/student passes (reconstruct, layer divergence) then run both models on
+    batches of 1 instead of failing on the student."""
+    from onnx import TensorProto, helper
+
+    import graph_opt
+    from graph_opt.data import random_dataset
+
+    model = small_cnn()
+    model.graph.node[0].input[0] = "x_scaled"
+    ones = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+    model.graph.node.insert(0, helper.make_node("Shape", ["x"], ["x_shape"]))
+    model.graph.node.insert(1, helper.make_node("ConstantOfShape", ["x_shape"], ["x_ones"], value=ones))
+    model.graph.node.insert(2, helper.make_node("Mul", ["x", "x_ones"], ["x_scaled"]))
+    data = random_dataset(model, 8, seed=0)
+    result = graph_opt.optimize(model, ["prune_channels:ratio=0.5,keep_first_last=false", "reconstruct"], data=data,
+                                shapes={"x": (1, 3, 16, 16)}, latency=False)
+    simplify, prune, refit = result.steps
+    assert simplify.accepted and result.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    assert prune.accepted and prune.modified, prune.reason
+    assert refit.modified and refit.report.rewritten, refit.report.skipped
+    assert refit.accepted and refit.parity.snr_db > prune.parity.snr_db
+    report = graph_opt.verify(model, result.model, data=data, layers=True)
+    assert report.layers and report.outputs[0].shape == (8, 10)
