@@ -69,7 +69,7 @@ def _openvino_reason(exc: BaseException) -> str:
     lines = [ln.strip(" -") for ln in str(exc).splitlines() if ln.strip()]
     noise = ("Exception from", "Check ", "FrontEnd API failed", "Model wasn't", "Summary", "To facilitate")
     useful = [ln for ln in lines if not ln.startswith(noise)]
-    return (useful[0] if useful else first_line(exc))[:300]
+    return (" ".join(useful[:2]) if useful[0:1] and useful[0].endswith("message:") else useful[0] if useful else first_line(exc))[:300]
 
 
 class OpenVino:
