@@ -50,6 +50,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,8 @@ FAMILIES: dict[str, list[str] | None] = {
     "prune_weights": ["prune_weights"],
 }
 RUNTIMES = ("onnxruntime", "openvino")
+# the task metric a table row shows (every metric is in the JSON); otherwise the model's first one
+PREFERRED_METRICS = ("det_f1_vs_fp32", "decision_agreement_vs_fp32")
 
 
 # ============================================================================================ child
@@ -103,13 +106,22 @@ def _candidates(zm, original, calib, families: list[str], soft_budget: float, st
         entry["optimize_seconds"] = round(time.perf_counter() - t0, 1)
         entry["steps"] = [{"name": s.name, "spec": s.spec, "modified": s.modified, "accepted": s.accepted,
                            "reason": s.reason, "rewritten": len(s.report.rewritten) if s.report else 0,
-                           "skips": len(s.report.skipped) if s.report else 0} for s in res.steps]
+                           "skips": len(s.report.skipped) if s.report else 0,
+                           "skip_reasons": _top_reasons(s.report)} for s in res.steps]
         family_steps = [s for s in res.steps if s.name != "simplify"] if FAMILIES[family] else res.steps
         entry["rolled_back"] = [f"{s.name}: {s.reason}" for s in res.steps if not s.accepted]
         entry["unchanged"] = not any(s.modified and s.accepted for s in family_steps)
         entry["model"] = res.model
         out[family] = entry
     return out
+
+
+def _top_reasons(report, k: int = 3) -> list[str]:
+    """The `k` most frequent skip reasons of a pass report, with their counts."""
+    if report is None or not report.skipped:
+        return []
+    counts = Counter(sk.reason for sk in report.skipped)
+    return [f"{n}x {reason[:120]}" for reason, n in counts.most_common(k)]
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -169,8 +181,12 @@ def measure_model(name: str, args) -> dict[str, Any]:
             r["error"] = _first_line(exc)
             continue
         reason = runner.rt.load(original)
-        if reason:
+        if reason:  # nothing to compare with; still say which candidates this runtime loads
             r["original_rejected"] = reason
+            for family, entry in cands.items():
+                if "model" in entry:
+                    reason = runner.rt.load(entry["model"])
+                    r[family] = {"rejected": reason} if reason else {"loads_without_original": True}
             continue
         t0 = time.perf_counter()
         ref = runner.outputs(original)
@@ -316,9 +332,9 @@ def _metric_cell(task: Any, key: str | None) -> str:
 def _rt_cells(rt: dict[str, Any], family: str, key: str | None) -> list[str]:
     if "error" in rt:
         return ["n/a", "-", "-", "-"]
-    if "original_rejected" in rt:
-        return ["original rejected", "-", "-", "-"]
     cell = rt.get(family, {})
+    if "original_rejected" in rt and "rejected" not in cell:
+        return ["yes (original rejected)" if cell.get("loads_without_original") else "-", "-", "-", "-"]
     if "rejected" in cell:
         return ["**rejected**", "-", "-", "-"]
     if "cosine" not in cell:
@@ -330,6 +346,11 @@ def _rt_cells(rt: dict[str, Any], family: str, key: str | None) -> list[str]:
     return ["yes", f"{cell['cosine']:.4f}", _metric_cell(cell.get("task"), key), lat]
 
 
+def _vs_ort(rt: dict[str, Any]) -> str:
+    c = rt.get("original_cosine_vs_onnxruntime")
+    return "" if c is None else f" (vs ORT {c:.4f})"
+
+
 def render_model(doc: dict[str, Any]) -> str:
     """One model's rows of the table (Markdown, no header)."""
     name = doc["model"]
@@ -337,17 +358,23 @@ def render_model(doc: dict[str, Any]) -> str:
         return f"| {name} | - | {doc['error'][:120]} |" + " |" * 8
     ort_, ov = doc["runtimes"].get("onnxruntime", {}), doc["runtimes"].get("openvino", {})
     base = ort_.get("original_task")
-    key = next(iter(base)) if isinstance(base, dict) and base else None
-    ms = {rt: f" = {d['original_ms']:.3g} ms" if "original_ms" in d else "" for rt, d in (("ort", ort_), ("ov", ov))}
-    rows = [f"| {name} | original ({key or 'no metric'}) | | yes | 1.0000 | {_metric_cell(base, key)} | 1.00x{ms['ort']} "
-            f"| {'yes' if 'original_task' in ov else ov.get('original_rejected', ov.get('error', '-'))[:60]} | 1.0000 "
-            f"| {_metric_cell(ov.get('original_task'), key)} | 1.00x{ms['ov']} |"]
+    key = next((k for k in PREFERRED_METRICS if isinstance(base, dict) and k in base),
+               next(iter(base)) if isinstance(base, dict) and base else None)
+    cells = []
+    for rt in (ort_, ov):
+        ms = f" = {rt['original_ms']:.3g} ms" if "original_ms" in rt else ""
+        if "original_task" in rt:
+            cells += ["yes", f"1.0000{_vs_ort(rt)}", _metric_cell(rt["original_task"], key), f"1.00x{ms}"]
+        else:
+            cells += ["**rejected**" if "original_rejected" in rt else "n/a", "-", "-", "-"]
+    rows = [f"| {name} | original ({key or 'no metric'}) | | " + " | ".join(cells) + " |"]
     for family, entry in doc["families"].items():
         if "skipped" in entry:
             rows.append(f"| {name} | {family} | {entry['skipped'][:100]} |" + " |" * 8)
             continue
-        steps = "unchanged" if entry["unchanged"] else ", ".join(
-            f"{s['name']} {s['rewritten']}" for s in entry["steps"] if s["accepted"] and s["modified"])
+        steps = ", ".join(f"{s['name']} {s['rewritten']}" for s in entry["steps"] if s["accepted"] and s["modified"])
+        if entry["unchanged"]:
+            steps = (steps + "; " if steps else "") + "**family made no change**"
         if entry["rolled_back"]:
             steps += "; rolled back: " + "; ".join(entry["rolled_back"])[:80]
         cells = _rt_cells(ort_, family, key) + _rt_cells(ov, family, key)
@@ -373,7 +400,8 @@ def rejections(docs: list[dict[str, Any]]) -> list[str]:
 
 
 def render(doc: dict[str, Any]) -> str:
-    docs = doc["models"]
+    order = {name: i for i, name in enumerate(MODELS)}
+    docs = sorted(doc["models"], key=lambda d: order.get(d["model"], len(order)))
     parts = [HEADER, *(render_model(d) for d in docs)]
     env = doc["environment"]
     parts.append("\n" + env["cpu_line"] + "; flags: " + " ".join(env.get("cpu_flags", [])))
@@ -396,8 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=20, help="latency runs per model per round")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calib", type=int, default=64, help="calibration/verification samples for optimize")
-    ap.add_argument("--timeout", type=float, default=420.0, help="hard cap per model (seconds)")
-    ap.add_argument("--soft-budget", type=float, default=200.0,
+    ap.add_argument("--timeout", type=float, default=360.0, help="hard cap per model (seconds)")
+    ap.add_argument("--soft-budget", type=float, default=150.0,
                     help="a family's optimize does not start after this many seconds of the model's run")
     ap.add_argument("--render", action="store_true", help="print the tables of the saved results and exit")
     ap.add_argument("--one", help=argparse.SUPPRESS)
