@@ -1,28 +1,31 @@
 """bench_runtimes: every pass family's default output under onnxruntime and under OpenVINO, side by side.
 
-For each model of the zoo and the corpus (``--models``; default: every name below that loads) and
-each pass family, the family's default output is made by the real pipeline
-(``graph_opt.api.optimize(model, specs, data=calib, shapes=zm.shapes, latency=False)``; `simplify`
+For each model of the zoo and the corpus (``--models``; default: the 14 of ``MODELS``, one that does not
+load is reported with its error) and each pass family (``--families``), the family's default output is
+made by the real pipeline (``graph_opt.api.optimize(model, specs, data=calib, shapes=zm.shapes,
+latency=False)``, ``calib`` the first ``--calib`` calibration samples; `simplify`
 runs first as always, no tolerances, so a step is rolled back only when its output is invalid):
 
 - ``simplify``: the default recipe alone (``api.DEFAULT_PASSES``: simplify, fold_batchnorm, cleanup);
 - ``prune_channels``, ``factorize`` (``factorize_gemm`` then ``factorize_conv``), ``quantize``,
   ``prune_weights``: each pass at its defaults, after simplify.
 
-The pipeline's final model is the candidate; the steps it ran (modified, rolled back and why) are
-recorded, and a candidate no step changed is marked "unchanged". Then, under each runtime
-(``graph_opt.runtimes.get("onnxruntime")`` and ``get("openvino")``):
+The pipeline's final model is the candidate; the steps it ran (modified, rolled back and why, the most
+frequent skip reasons) are recorded, and a family whose own pass changed nothing is marked so.
+Then, under each runtime (``graph_opt.runtimes.get("onnxruntime")`` and ``get("openvino")``):
 
-- loads: whether the runtime accepts the candidate (else its one-line reason);
+- loads: whether the runtime accepts the candidate (else its one-line reason; when it rejects the
+  original, only the candidates' loads are recorded);
 - fidelity against the ORIGINAL model run under the SAME runtime, over the model's whole eval
-  split (at most a few hundred samples; a model with its own ``runner`` runs through it under
-  onnxruntime, through its batch layout under OpenVINO): cosine of the main (first) output, and
-  the zoo's task metrics (``zm.evaluate``);
+  split (a few hundred samples; silero_vad's 3,451 short chunks; a model with its own ``runner``
+  runs through it under onnxruntime, through its batch layout under OpenVINO): cosine of the main
+  (first) output, and the zoo's task metrics (``zm.evaluate``);
 - latency ratio candidate / original in that runtime, batch-1 feed (``zm.sample()``): the
   original and every loaded candidate timed interleaved (rotating order) in ``--rounds`` rounds of
   ``--runs`` runs, the ratio's median over rounds and its min-max spread. onnxruntime runs with all
   graph optimizations on and spinning stopped (``graph_opt.stats.measure_latency``), OpenVINO with
-  its CPU plugin; both with ``--threads`` threads.
+  its CPU plugin at its default inference precision (recorded: bf16 on a CPU with avx512_bf16);
+  both with ``--threads`` threads. Under OpenVINO the original's cosine to onnxruntime's is recorded too.
 
 Each model runs in its own child process with a hard time cap (``--timeout`` seconds; a model over
 it is reported as timed out); inside it, a family whose optimize step would start after
@@ -30,7 +33,7 @@ it is reported as timed out); inside it, a family whose optimize step would star
 the machine was while timing are recorded.
 
     python benchmarks/bench_runtimes.py [--models example,resnet,...] [--rounds 10] [--runs 20]
-    python benchmarks/bench_runtimes.py --render      # the Markdown tables of the saved results
+    python benchmarks/bench_runtimes.py --render      # the Markdown table of the saved results
 
 Writes ``benchmarks/results/bench_runtimes.json`` (models not measured in a run keep their previous
 rows) and prints the Markdown table of RESULTS.md. Needs ``pip install -e '.[openvino]'``, the
