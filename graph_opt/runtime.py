@@ -252,6 +252,8 @@ def _openvino_reason(exc: BaseException) -> str:
     lines = [ln.strip(" -") for ln in str(exc).splitlines() if ln.strip()]
     noise = ("Exception from", "Check ", "FrontEnd API failed", "Model wasn't", "Summary", "To facilitate")
     useful = [ln for ln in lines if not ln.startswith(noise)]
+    if useful and useful[0].endswith("message:"):  # 'Conv-16 with a message:': the message is on the next line
+        return " ".join(useful[:2])[:300]
     return (useful[0] if useful else first_line(exc))[:300]
 
 
