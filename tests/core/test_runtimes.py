@@ -60,3 +60,12 @@ def test_openvino_names_why_it_refuses_a_model():
     assert reason and "MadeUpOp" in reason
     with pytest.raises(GraphOptError, match="OpenVINO refuses the model"):
         runtime.get("openvino").run(model, Dataset({"x": np.ones((2, 4), np.float32)}, None, "t"))
+
+
+def test_an_openvino_refusal_keeps_the_message_on_the_line_after_the_op():
+    from graph_opt.runtime import _openvino_reason
+
+    exc = RuntimeError("Exception from src/core/src/node.cpp:123:\nConv-16 with a message:\n"
+                       "Input rank is dynamic inside If\nSummary: ...")
+    assert _openvino_reason(exc) == "Conv-16 with a message: Input rank is dynamic inside If"
+    assert _openvino_reason(RuntimeError("Check 'x' failed\nUnsupported op Foo")) == "Unsupported op Foo"
