@@ -21,6 +21,10 @@ l1), ``ffn lowrank`` factorizes both MatMuls (``factorize_gemm``, per-layer MAC 
 attention is untouched. Each row then also gives the FFN MAC ratio (``ffn_macs``). Outputs
 that are not logits (a sentence embedding) are distilled with the relative MSE (``loss=mse``),
 optionally with every layer's output as FitNets hints (``--distill-hints``).
+``--distill-augment N`` (token inputs): distill trains on the calibration sentences plus N
+perturbed copies of each (`perturbed_sentences`: tokens dropped, replaced by tokens of other
+calibration sentences, or two sentences spliced), labelled by the teacher; no eval sentence is
+used, and `reconstruct` and the data-aware factors still see the calibration sentences only.
 
 Corpus models are raw exports: `simplify` runs first (exact) and every variant starts from it.
 Every fidelity number is on the eval split (held out from calibration and from training);
@@ -36,8 +40,10 @@ import sys
 import time
 
 import _harness
+import numpy as np
 import zoo
 
+from graph_opt.data import Dataset
 from graph_opt.pass_base import PassContext
 from graph_opt.passes import (Cleanup, Distill, FactorizeConv, FactorizeGemm, FoldBatchnorm, PruneChannels,
                               Reconstruct, Simplify)
@@ -86,6 +92,40 @@ def _ffn_lowrank(level: float, data: str) -> list:
     return [FactorizeGemm(macs_ratio=level, data=data, include=(FFN_UP, FFN_DOWN), exclude=(ATTENTION,))]
 
 
+def perturbed_sentences(data: Dataset, copies: int, seed: int = 0) -> Dataset:
+    """`data` (tokenized sentences: input_ids, attention_mask, token_type_ids, right-padded with 0)
+    with `copies` perturbed copies of every sentence first, then the sentences themselves
+    (last, so that distill's held-out batches, taken from the end, are mostly real sentences).
+    Each copy, seeded, either drops 20% of the tokens, replaces 20% by tokens drawn from the other
+    sentences, or joins its first half to the second half of another sentence; the first and last
+    tokens ([CLS], [SEP]) stay."""
+    ids, mask = data.inputs["input_ids"], data.inputs["attention_mask"]
+    n, seq = ids.shape
+    rng = np.random.default_rng(seed)
+    lengths = mask.sum(1).astype(int)
+    bodies = [ids[i, 1:lengths[i] - 1] for i in range(n)]
+    pool = np.concatenate(bodies)
+    out = np.zeros((n * copies, seq), ids.dtype)
+    for k in range(n * copies):
+        i = k % n
+        body = bodies[i].copy()
+        kind = rng.integers(3)
+        if kind == 0:
+            kept = rng.random(len(body)) > 0.2
+            body = body[kept] if kept.any() else body
+        elif kind == 1:
+            swap = rng.random(len(body)) < 0.2
+            body[swap] = rng.choice(pool, int(swap.sum()))
+        else:
+            other = bodies[rng.integers(n)]
+            body = np.concatenate([body[:len(body) // 2], other[len(other) // 2:]])[:seq - 2]
+        out[k, 0], out[k, 1:len(body) + 1], out[k, len(body) + 1] = ids[i, 0], body, ids[i, lengths[i] - 1]
+    inputs = {"input_ids": np.concatenate([out, ids]),
+              "attention_mask": np.concatenate([(out != 0).astype(mask.dtype), mask]),
+              "token_type_ids": np.zeros((n * (copies + 1), seq), ids.dtype)}
+    return Dataset(inputs, None, f"{data.source} + {copies} perturbed copies of each sentence")
+
+
 def families(zm) -> dict[str, tuple[list, list]]:
     """name → (passes before the data-aware choice, the low-rank passes or [] for pruning only)."""
     level = LOWRANK_LEVEL["classification" if zm.task.startswith("classification") else "default"]
@@ -108,6 +148,8 @@ def main(argv=None) -> int:
                     help="compress only a transformer's feed-forward MatMuls, to LEVEL x their MACs")
     ap.add_argument("--distill-hints", action="store_true",
                     help="with --ffn: every layer's output (its last LayerNormalization) as a FitNets hint")
+    ap.add_argument("--distill-augment", type=int, default=0, metavar="N",
+                    help="token inputs: distill also on N perturbed copies of each calibration sentence")
     args = ap.parse_args(argv)
     rows = []
     for name in args.models.split(","):
@@ -145,8 +187,10 @@ def main(argv=None) -> int:
                 if args.no_distill:
                     continue
                 start = time.perf_counter()
+                dctx = ctx if not args.distill_augment else PassContext(
+                    data=perturbed_sentences(zm.calib, args.distill_augment), original=raw, history=ctx.history)
                 dist = Distill(loss="kd" if classifier else "mse", hint=hints, steps=args.distill_steps,
-                               max_minutes=args.distill_minutes, lr=args.distill_lr, threads=2, patience=6)(rec.model, ctx)
+                               max_minutes=args.distill_minutes, lr=args.distill_lr, threads=2, patience=6)(rec.model, dctx)
                 keep(label + " + reconstruct + distill", dist.model, time.perf_counter() - start,
                      notes=[n for n in dist.report.notes if n.startswith("distill:")],
                      skipped=[s.reason for s in dist.report.skipped])
