@@ -83,8 +83,9 @@ def ffn_macs(model, shapes) -> int:
 
 def ffn_families(level: float) -> dict[str, tuple[list, list]]:
     """The FFN-only families at `level`× the FFN MACs. Pruning takes ⌊ratio·n⌋ hidden units and rounds
-    the kept ones up to a multiple of 4, so the ratio sits a little above 1 − level."""
-    prune = [PruneChannels(ratio=round(1.0 - level + 0.005, 3), include=(FFN_UP,))]
+    the kept ones up to a multiple of 4, so the ratio sits a little above 1 − level; the last layer's FFN
+    is pruned too (``keep_first_last`` off: its hidden units do not reach the output)."""
+    prune = [PruneChannels(ratio=round(1.0 - level + 0.005, 3), include=(FFN_UP,), keep_first_last=False)]
     return {f"ffn prune {level}": (prune, []), f"ffn lowrank {level}": ([], [level])}
 
 
