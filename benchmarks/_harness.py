@@ -207,13 +207,15 @@ def _default(o: Any) -> Any:
     return str(o)
 
 
-def markdown(rows: list[Row], task_keys: list[str] | None = None) -> str:
+def markdown(rows: list[Row], task_keys: list[str] | None = None, extra_keys=()) -> str:
+    """One table row per variant; `extra_keys` adds columns from each row's ``extra`` (``-`` where absent)."""
     keys = task_keys if task_keys is not None else sorted({k for r in rows for k in r.task})
-    head = ["model", "variant", "params", "MACs", "size", "latency", "cosine", "top-1 agr", *keys, "rewritten"]
+    head = ["model", "variant", "params", "MACs", *extra_keys, "size", "latency", "cosine", "top-1 agr", *keys,
+            "rewritten"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.model, r.variant, f"{r.params_ratio:.2f}x", "-" if r.macs_ratio is None else f"{r.macs_ratio:.2f}x",
-                 f"{r.size_ratio:.2f}x", f"{r.latency_ratio:.2f}x" + _spread(r), f"{r.cosine:.4f}",
+                 *[_cell(r.extra.get(k)) for k in extra_keys], f"{r.size_ratio:.2f}x", f"{r.latency_ratio:.2f}x" + _spread(r), f"{r.cosine:.4f}",
                  "-" if r.top1_agreement is None else f"{r.top1_agreement:.3f}",
                  *[_cell(r.task.get(k)) for k in keys], str(r.rewritten)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -231,20 +233,22 @@ def _cell(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def render(bench: str, task_keys: list[str] | None = None) -> str:
+def render(bench: str, task_keys: list[str] | None = None, models: list[str] | None = None, extra_keys=()) -> str:
     """The Markdown tables of a saved result file, one per model (as pasted into RESULTS.md)."""
     doc = json.loads((RESULTS_DIR / f"{bench}.json").read_text())
-    rows = [Row(**r) for r in doc["rows"]]
+    rows = [Row(**r) for r in doc["rows"] if models is None or r["model"] in models]
     parts = []
     for model in dict.fromkeys(r.model for r in rows):
         mine = sorted((r for r in rows if r.model == model), key=lambda r: r.variant != "fp32")
         busy = max(max(r.extra.get("cpu_busy_before", 0), r.extra.get("cpu_busy_after", 0)) for r in mine)
         keys = [k for k in (task_keys or []) if any(k in r.task for r in mine)] or None
-        parts.append(f"**{model}** (CPU busy while timing: up to {busy:.0%})\n\n{markdown(mine, keys)}")
+        parts.append(f"**{model}** (CPU busy while timing: up to {busy:.0%})\n\n{markdown(mine, keys, extra_keys)}")
     return "\n\n".join(parts)
 
 
 if __name__ == "__main__":
     import sys
 
-    print(render(sys.argv[1], sys.argv[2].split(",") if len(sys.argv) > 2 else None))
+    # BENCH [TASK_KEYS [MODELS [EXTRA_KEYS]]], comma-separated lists
+    lists = [a.split(",") if a else None for a in sys.argv[2:5]] + [None] * 3
+    print(render(sys.argv[1], lists[0], lists[1], lists[2] or ()))

@@ -2,6 +2,7 @@
 
     pip install -e '.[bench,train]'
     python benchmarks/bench_recovery.py [--models resnet,minilm,ppocr_cls,...] [--rounds 10] [--distill-minutes 5]
+    python benchmarks/bench_recovery.py --models minilm --ffn 0.7     # a transformer's feed-forward blocks only
 
 For each model (zoo and corpus, `zoo.get`) and each structural family at about 0.5–0.7× MACs —
 low-rank (`factorize_conv` Tucker-2 + `factorize_gemm` SVD at a per-layer MAC budget), channel
@@ -13,6 +14,18 @@ pruning (`prune_channels`, l1), and both — the variants are:
   against the teacher: soft labels / relative MSE, early stopping on held-out calibration batches);
 - pruning: ``pruned``, ``+ reconstruct``, ``+ reconstruct + distill``; both: the same on prune → low-rank.
 
+``--ffn LEVEL`` (BERT-style encoders): the families act on the feed-forward blocks only, the
+two MatMuls of each layer (``intermediate/dense``, ``output/dense``), at LEVEL× their MACs:
+``ffn prune`` removes FFN hidden units (``prune_channels`` on the ``intermediate/dense`` groups,
+l1), ``ffn lowrank`` factorizes both MatMuls (``factorize_gemm``, per-layer MAC budget LEVEL);
+attention is untouched. Each row then also gives the FFN MAC ratio (``ffn_macs``). Outputs
+that are not logits (a sentence embedding) are distilled with the relative MSE (``loss=mse``),
+optionally with every layer's output as FitNets hints (``--distill-hints``).
+``--distill-augment N`` (token inputs): distill trains on the calibration sentences plus N
+perturbed copies of each (`perturbed_sentences`: tokens dropped, replaced by tokens of other
+calibration sentences, or two sentences spliced), labelled by the teacher; no eval sentence is
+used, and `reconstruct` and the data-aware factors still see the calibration sentences only.
+
 Corpus models are raw exports: `simplify` runs first (exact) and every variant starts from it.
 Every fidelity number is on the eval split (held out from calibration and from training);
 latency is interleaved over rounds (median ratio and its spread), with the CPU recorded, and
@@ -22,15 +35,19 @@ the wall time of each step is kept. Writes results/bench_recovery.json and Markd
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import sys
 import time
 
 import _harness
+import numpy as np
 import zoo
 
+from graph_opt.data import Dataset
 from graph_opt.pass_base import PassContext
 from graph_opt.passes import (Cleanup, Distill, FactorizeConv, FactorizeGemm, FoldBatchnorm, PruneChannels,
                               Reconstruct, Simplify)
+from graph_opt.stats import model_stats
 
 LOWRANK_LEVEL = {"classification": 0.5, "default": 0.7}
 PRUNE_RATIO = 0.3
@@ -46,6 +63,68 @@ def _apply(model, passes, ctx):
 
 def _lowrank(level: float, data: str) -> list:
     return [FactorizeConv(macs_ratio=level, data=data), FactorizeGemm(macs_ratio=level, data=data)]
+
+
+# A BERT-style layer's feed-forward MatMuls (the torch exporter's node names; factors add /svd_i).
+FFN_UP = "*/intermediate/dense/MatMul"
+FFN_DOWN = "*/output/dense/MatMul"
+ATTENTION = "*/attention/*"
+
+
+def is_ffn(node_name: str) -> bool:
+    name = node_name.split("/svd_")[0]
+    return fnmatch.fnmatch(name, FFN_UP) or (fnmatch.fnmatch(name, FFN_DOWN) and not fnmatch.fnmatch(name, ATTENTION))
+
+
+def ffn_macs(model, shapes) -> int:
+    """MACs (batch 1) of the feed-forward MatMuls, their low-rank factors included."""
+    return sum(layer.macs or 0 for layer in model_stats(model, shapes=shapes).layers if is_ffn(layer.name))
+
+
+def ffn_families(level: float) -> dict[str, tuple[list, list]]:
+    """The FFN-only families at `level`× the FFN MACs. Pruning takes ⌊ratio·n⌋ hidden units and rounds
+    the kept ones up to a multiple of 4, so the ratio sits a little above 1 − level; the last layer's FFN
+    is pruned too (``keep_first_last`` off: its hidden units do not reach the output)."""
+    prune = [PruneChannels(ratio=round(1.0 - level + 0.005, 3), include=(FFN_UP,), keep_first_last=False)]
+    return {f"ffn prune {level}": (prune, []), f"ffn lowrank {level}": ([], [level])}
+
+
+def _ffn_lowrank(level: float, data: str) -> list:
+    return [FactorizeGemm(macs_ratio=level, data=data, include=(FFN_UP, FFN_DOWN), exclude=(ATTENTION,))]
+
+
+def perturbed_sentences(data: Dataset, copies: int, seed: int = 0) -> Dataset:
+    """`data` (tokenized sentences: input_ids, attention_mask, token_type_ids, right-padded with 0)
+    with `copies` perturbed copies of every sentence first, then the sentences themselves
+    (last, so that distill's held-out batches, taken from the end, are mostly real sentences).
+    Each copy, seeded, either drops 20% of the tokens, replaces 20% by tokens drawn from the other
+    sentences, or joins its first half to the second half of another sentence; the first and last
+    tokens ([CLS], [SEP]) stay."""
+    ids, mask = data.inputs["input_ids"], data.inputs["attention_mask"]
+    n, seq = ids.shape
+    rng = np.random.default_rng(seed)
+    lengths = mask.sum(1).astype(int)
+    bodies = [ids[i, 1:lengths[i] - 1] for i in range(n)]
+    pool = np.concatenate(bodies)
+    out = np.zeros((n * copies, seq), ids.dtype)
+    for k in range(n * copies):
+        i = k % n
+        body = bodies[i].copy()
+        kind = rng.integers(3)
+        if kind == 0:
+            kept = rng.random(len(body)) > 0.2
+            body = body[kept] if kept.any() else body
+        elif kind == 1:
+            swap = rng.random(len(body)) < 0.2
+            body[swap] = rng.choice(pool, int(swap.sum()))
+        else:
+            other = bodies[rng.integers(n)]
+            body = np.concatenate([body[:len(body) // 2], other[len(other) // 2:]])[:seq - 2]
+        out[k, 0], out[k, 1:len(body) + 1], out[k, len(body) + 1] = ids[i, 0], body, ids[i, lengths[i] - 1]
+    inputs = {"input_ids": np.concatenate([out, ids]),
+              "attention_mask": np.concatenate([(out != 0).astype(mask.dtype), mask]),
+              "token_type_ids": np.zeros((n * (copies + 1), seq), ids.dtype)}
+    return Dataset(inputs, None, f"{data.source} + {copies} perturbed copies of each sentence")
 
 
 def families(zm) -> dict[str, tuple[list, list]]:
@@ -66,6 +145,12 @@ def main(argv=None) -> int:
     ap.add_argument("--distill-lr", type=float, default=1e-4, help="Adam's step size (the pass's default)")
     ap.add_argument("--no-distill", action="store_true")
     ap.add_argument("--only", default="", help="run only families whose name contains this text")
+    ap.add_argument("--ffn", type=float, default=None, metavar="LEVEL",
+                    help="compress only a transformer's feed-forward MatMuls, to LEVEL x their MACs")
+    ap.add_argument("--distill-hints", action="store_true",
+                    help="with --ffn: every layer's output (its last LayerNormalization) as a FitNets hint")
+    ap.add_argument("--distill-augment", type=int, default=0, metavar="N",
+                    help="token inputs: distill also on N perturbed copies of each calibration sentence")
     args = ap.parse_args(argv)
     rows = []
     for name in args.models.split(","):
@@ -78,14 +163,20 @@ def main(argv=None) -> int:
             variants[label] = model
             extras[label] = {"seconds": round(seconds, 2), **extra}
 
-        for fam, (first, lowrank) in families(zm).items():
+        fams = ffn_families(args.ffn) if args.ffn is not None else families(zm)
+        factorize = _ffn_lowrank if args.ffn is not None else _lowrank
+        classifier = zm.task.startswith("classification")
+        hints = tuple(n.output[0] for n in base.graph.node
+                      if n.op_type == "LayerNormalization" and fnmatch.fnmatch(n.name, "*/output/LayerNorm/*")
+                      and not fnmatch.fnmatch(n.name, ATTENTION)) if args.distill_hints else ()
+        for fam, (first, lowrank) in fams.items():
             if args.only not in fam:
                 continue
             modes = ["plain", "whitened"] if lowrank else ["whitened"]
             for mode in modes:
                 ctx = PassContext(data=zm.calib, original=raw)
                 start = time.perf_counter()
-                model = _apply(base, first + (_lowrank(lowrank[0], mode) if lowrank else []) + [Cleanup()], ctx)
+                model = _apply(base, first + (factorize(lowrank[0], mode) if lowrank else []) + [Cleanup()], ctx)
                 label = fam + (f" {mode}" if lowrank else "")
                 keep(label, model, time.perf_counter() - start)
                 if mode == "plain":
@@ -97,15 +188,22 @@ def main(argv=None) -> int:
                 if args.no_distill:
                     continue
                 start = time.perf_counter()
-                dist = Distill(steps=args.distill_steps, max_minutes=args.distill_minutes, lr=args.distill_lr, threads=2,
-                               patience=6)(rec.model, ctx)
+                dctx = ctx if not args.distill_augment else PassContext(
+                    data=perturbed_sentences(zm.calib, args.distill_augment), original=raw, history=ctx.history)
+                dist = Distill(loss="kd" if classifier else "mse", hint=hints, steps=args.distill_steps,
+                               max_minutes=args.distill_minutes, lr=args.distill_lr, threads=2, patience=6)(rec.model, dctx)
                 keep(label + " + reconstruct + distill", dist.model, time.perf_counter() - start,
                      notes=[n for n in dist.report.notes if n.startswith("distill:")],
                      skipped=[s.reason for s in dist.report.skipped])
+        if args.ffn is not None:
+            full = ffn_macs(raw, zm.shapes)
+            extras["fp32"] = {"ffn_macs": 1.0}
+            for label, model in variants.items():
+                extras[label]["ffn_macs"] = round(ffn_macs(model, zm.shapes) / full, 4)
         got = _harness.measure(zm, variants, rounds=args.rounds, runs=args.runs, extras=extras)
         rows += got
         print(f"\n## {name}\n", flush=True)
-        print(_harness.markdown(got), flush=True)
+        print(_harness.markdown(got, extra_keys=["ffn_macs", "seconds"] if args.ffn is not None else ()), flush=True)
     path = _harness.save("bench_recovery", rows, {"rounds": args.rounds, "runs": args.runs})
     print(f"\n{_harness.cpu_line()}\nwrote {path}", file=sys.stderr)
     return 0

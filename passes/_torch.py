@@ -181,6 +181,62 @@ def _split(n, a, x, split=None):
     return tuple(torch.split(x, sizes, dim=axis))
 
 
+def _reduce(kind):
+    def run(n, a, x, axes=None):
+        dims = _axes(n, a, [x, axes])
+        if not dims:
+            if int(a.get("noop_with_empty_axes", 0)):
+                return x
+            dims = list(range(x.dim()))
+        keep = bool(a.get("keepdims", 1))
+        if kind == "sum":
+            return x.sum(dim=dims, keepdim=keep)
+        return torch.sqrt((x * x).sum(dim=dims, keepdim=keep))
+    return run
+
+
+def _shape(n, a, x):
+    dims = list(x.shape)
+    start, end = int(a.get("start", 0)), a.get("end")
+    return torch.tensor(dims[start:None if end is None else int(end)], dtype=torch.int64)
+
+
+def _constant_of_shape(n, a, shape):
+    value = a.get("value")
+    fill = torch.from_numpy(np.array(numpy_helper.to_array(value), copy=True).reshape(-1)) if value is not None else (
+        torch.zeros(1, dtype=torch.float32))
+    return fill.expand(*[int(v) for v in shape.tolist()]).clone()
+
+
+def _cumsum(n, a, x, axis):
+    if int(a.get("exclusive", 0)) or int(a.get("reverse", 0)):
+        raise UntrainableError(f"CumSum {n.name!r}: exclusive/reverse are not converted")
+    return torch.cumsum(x, dim=int(axis.reshape(-1)[0]), dtype=x.dtype)
+
+
+def _cast(n, a, x):
+    to = int(a["to"])
+    if to not in _DTYPES:
+        raise UntrainableError(f"Cast {n.name!r}: to {onnx.TensorProto.DataType.Name(to)} is not converted")
+    return x.to(_DTYPES[to])
+
+
+def _expand(n, a, x, shape):
+    target = torch.broadcast_shapes(tuple(x.shape), tuple(int(v) for v in shape.tolist()))
+    return x.expand(*target)
+
+
+def _div(n, a, x, y):
+    if torch.is_floating_point(x):
+        return x / y
+    return torch.div(x, y, rounding_mode="trunc")  # ONNX integer Div truncates
+
+
+_DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.DOUBLE: torch.float64,
+           onnx.TensorProto.INT64: torch.int64, onnx.TensorProto.INT32: torch.int32,
+           onnx.TensorProto.BOOL: torch.bool}
+
+
 def _softmax(n, a, x):
     return torch.softmax(x, dim=int(a.get("axis", -1)))
 
@@ -190,7 +246,7 @@ def _gather(n, a, x, idx):
     idx = idx.long()
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)
     out = torch.index_select(x, axis, idx.reshape(-1))
-    return out.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])
+    return out.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]))  # a 0-d index gives a 0-d result
 
 
 def _pad(n, a, x, pads=None, value=None, axes=None):
@@ -219,7 +275,7 @@ OPS: dict[str, Callable] = {
     "Conv": _conv, "Gemm": _gemm,
     "MatMul": lambda n, a, x, y: x @ y,
     "Add": lambda n, a, x, y: x + y, "Sub": lambda n, a, x, y: x - y,
-    "Mul": lambda n, a, x, y: x * y, "Div": lambda n, a, x, y: x / y,
+    "Mul": lambda n, a, x, y: x * y, "Div": _div,
     "Pow": lambda n, a, x, y: x ** y, "Sqrt": lambda n, a, x: torch.sqrt(x), "Neg": lambda n, a, x: -x,
     "Relu": lambda n, a, x: torch.relu(x), "Sigmoid": lambda n, a, x: torch.sigmoid(x),
     "Tanh": lambda n, a, x: torch.tanh(x), "Erf": lambda n, a, x: torch.erf(x), "Exp": lambda n, a, x: torch.exp(x),
@@ -237,10 +293,15 @@ OPS: dict[str, Callable] = {
     "Concat": lambda n, a, *xs: torch.cat(xs, dim=int(a["axis"])),
     "Split": _split, "Slice": _slice, "Gather": _gather, "Pad": _pad,
     "Unsqueeze": _unsqueeze, "Squeeze": _squeeze, "ReduceMean": _reduce_mean,
+    "ReduceSum": _reduce("sum"), "ReduceL2": _reduce("l2"),
+    "Shape": _shape, "ConstantOfShape": _constant_of_shape, "CumSum": _cumsum, "Cast": _cast, "Expand": _expand,
 }
 # Inputs that must be constants for the conversion (shapes, axes, indices of data-movement ops).
-CONSTANT_INPUTS = {"Reshape": (1,), "Slice": (1, 2, 3, 4), "Split": (1,), "Pad": (1, 2, 3), "Unsqueeze": (1,),
-                   "Squeeze": (1,), "ReduceMean": (1,), "Clip": (1, 2)}
+# A Reshape/Expand/ConstantOfShape target may be computed at run time (Shape → Gather → Concat, as
+# exporters write them): those chains are integer ops on shapes and run here as they do in onnxruntime.
+CONSTANT_INPUTS = {"Slice": (1, 2, 3, 4), "Split": (1,), "Pad": (1, 2, 3), "Unsqueeze": (1,),
+                   "Squeeze": (1,), "ReduceMean": (1,), "ReduceSum": (1,), "ReduceL2": (1,), "CumSum": (1,),
+                   "Clip": (1, 2)}
 
 
 class TorchGraph(torch.nn.Module):
@@ -273,8 +334,11 @@ class TorchGraph(torch.nn.Module):
 
     @staticmethod
     def layer_weights(model: onnx.ModelProto) -> set[str]:
-        """Float initializers that layers (Conv, Gemm, MatMul, normalizations, bias Adds) read."""
-        inits = {t.name for t in model.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT,)}
+        """Float initializers that layers (Conv, Gemm, MatMul, normalizations, bias Adds) read.
+        A single-element constant is not a layer's weight (GELU's 0.5, an attention scale, a mask
+        value; often one tensor shared by every layer after `simplify` merges duplicates): it stays fixed."""
+        inits = {t.name for t in model.graph.initializer
+                 if t.data_type in (onnx.TensorProto.FLOAT,) and int(np.prod(t.dims)) > 1}
         out = set()
         for n in model.graph.node:
             for i in LAYER_WEIGHTS.get(n.op_type, ()):

@@ -7,6 +7,7 @@ import importlib.util
 import sys
 
 import numpy as np
+import onnx
 import pytest
 from builders import GraphBuilder, assert_valid, random_input, run, small_cnn
 
@@ -119,3 +120,51 @@ def test_an_op_the_conversion_lacks_is_refused_in_one_line():
     model = g.build()
     with pytest.raises(UntrainableError, match=r"op Einsum .* cannot be trained"):
         Distill()(model, PassContext(data=Dataset({"x": random_input([8, 8])}, None, "c.npz"), original=model))
+
+
+def _encoder_plumbing_model():
+    """The shape and pooling plumbing of a BERT-style sentence encoder export: position ids from
+    Shape → ConstantOfShape → CumSum, a Reshape whose target is computed from Shape at run time,
+    a masked mean (Cast, ReduceSum, Clip, Div), an L2 normalization (ReduceL2, Expand), and an
+    integer Div that must truncate (8 // 3 = 2, where float division gives 2.67)."""
+    g = GraphBuilder(seed=3)
+    ids = g.input("ids", ["N", 6], dtype=np.int64)
+    mask = g.input("mask", ["N", 6], dtype=np.int64)
+    ones = g.node("ConstantOfShape", [g.node("Shape", [ids])],
+                  value=onnx.numpy_helper.from_array(np.array([1], np.int64)))
+    pos = g.node("Sub", [g.node("CumSum", [ones, g.const("one_axis", np.array(1, np.int64))]),
+                         g.const("one", np.array(1, np.int64))])
+    x = g.node("Add", [g.node("Gather", [g.weight("tok", (10, 8)), ids]), g.node("Gather", [g.weight("pos", (6, 8)), pos])])
+    h = g.node("MatMul", [x, g.weight("w", (8, 8))])
+    shape = g.node("Shape", [h])
+    batch = g.node("Unsqueeze", [g.node("Gather", [shape, g.const("zero", np.array(0, np.int64))], axis=0),
+                                 g.const("ax0", np.array([0], np.int64))])
+    heads = g.node("Reshape", [h, g.node("Concat", [batch, g.const("rest", np.array([6, 2, 4], np.int64))], axis=0)])
+    h = g.node("Reshape", [heads, g.node("Concat", [batch, g.const("back", np.array([6, 8], np.int64))], axis=0)])
+    third = g.node("Cast", [g.node("Div", [g.node("Gather", [shape, g.const("two", np.array(2, np.int64))], axis=0),
+                                           g.const("three", np.array(3, np.int64))])], to=onnx.TensorProto.FLOAT)
+    h = g.node("Mul", [h, third])
+    keep = g.node("Cast", [g.node("Unsqueeze", [mask, g.const("ax2", np.array([2], np.int64))])], to=onnx.TensorProto.FLOAT)
+    total = g.node("ReduceSum", [g.node("Mul", [h, keep]), g.const("ax1", np.array([1], np.int64))], keepdims=0)
+    count = g.node("Clip", [g.node("ReduceSum", [keep, g.const("ax1b", np.array([1], np.int64))], keepdims=0),
+                            g.const("tiny", np.array(1e-9, np.float32))])
+    mean = g.node("Div", [total, count])
+    norm = g.node("Clip", [g.node("ReduceL2", [mean], axes=[1], keepdims=1), g.const("eps", np.array(1e-12, np.float32))])
+    g.node("Div", [mean, g.node("Expand", [norm, g.node("Shape", [mean])])], ["y"])
+    g.output("y", ["N", 8])
+    return g.build()
+
+
+@needs_torch
+def test_conversion_reproduces_a_sentence_encoders_shape_and_pooling_ops():
+    from graph_opt.passes._torch import TorchGraph
+
+    model = _encoder_plumbing_model()
+    rng = np.random.default_rng(0)
+    mask = np.ones((3, 6), np.int64)
+    mask[0, 4:] = 0
+    mask[2, 2:] = 0
+    feed = {"ids": rng.integers(0, 10, (3, 6)).astype(np.int64), "mask": mask}
+    TorchGraph(model).check(feed, run(model, feed), rtol=1e-5)
+    # scalar constants (GELU's 0.5, a mask value) are not trained; the MatMul weight is
+    assert TorchGraph.layer_weights(model) == {"w"}
