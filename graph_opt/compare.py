@@ -239,6 +239,7 @@ class Comparer:
         """The pipelines on each model with its own data, as one pool of steps (see `fanout`):
         one `Comparison` per model, in the order given."""
         run_id = uuid.uuid4().hex
+        remote = self.backend == "ray" or self.jobs > 1
         trees, made = [], []
         for k, case in enumerate(cases):
             root, nodes, paths = tree([p.passes for p in self.pipelines])
@@ -252,8 +253,9 @@ class Comparer:
             calib = case.calib_data if case.calib_data is not None else case.verify_data
             runner = Runner(original, reference, calib, tolerances=self.tolerances, threads=self.threads,
                             seed=self.seed, shapes=self.shapes)
+            # the original travels as bytes only to workers; a serial run never copies its weights
             setup = Setup(f"{run_id}:{k}", original.SerializeToString(), case.verify_data, calib, self.tolerances,
-                          self.threads, self.seed, self.shapes)
+                          self.threads, self.seed, self.shapes) if remote else None
             trees.append(Tree(root, nodes, runner, setup))
             made.append((case, original, baseline, nodes, paths))
         events = run_trees(trees, jobs=self.jobs, backend=self.backend, address=self.address)

@@ -135,12 +135,13 @@ class Setup:
 
 @dataclass
 class Tree:
-    """One model's prefix tree with what runs it: `runner` in this process, `setup` elsewhere."""
+    """One model's prefix tree with what runs it: `runner` in this process, `setup` elsewhere
+    (None for a run in this process)."""
 
     root: Node
     nodes: list[Node]
     runner: Runner
-    setup: Setup
+    setup: Setup | None
 
 
 _SETUPS: dict[str, Setup] = {}  # per worker process: the setups of the current run (process pool)

@@ -42,7 +42,6 @@ import math
 import onnx_graphsurgeon as gs
 
 from graph_opt.passes._graph import LAYER_OPS, constant, node_label
-from graph_opt.passes._groups_layout import _map_axis  # noqa: F401 (tested through this module)
 from graph_opt.passes._groups_plan import Analysis, Chan, Edit, FoldSite, Group, Producer, Slice
 from graph_opt.passes._groups_walk import Walker
 

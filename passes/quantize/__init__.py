@@ -58,12 +58,12 @@ from graph_opt.data import Dataset, random_dataset
 from graph_opt.model_io import copy_model
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._fold import apply_folds, find_folds
-from graph_opt.passes._graph import GraphIndex, check_op_types
+from graph_opt.passes._graph import LAYER_OPS, GraphIndex, check_op_types
 from graph_opt.passes._qplan import QuantPlan
 from graph_opt.passes.quantize.calibration import calibrate
 from graph_opt.passes.quantize.emit import apply_plan, report_plan
 from graph_opt.passes.quantize.layers import INT8_CHANNEL_PACK, MIN_INT8_REDUCTION
-from graph_opt.passes.quantize.ops import ABSORBED_OPS, LAYER_OPS, OWN_OPS, QUANTIZED_OPS, SHARED_OPS
+from graph_opt.passes.quantize.ops import ABSORBED_OPS, OWN_OPS, QUANTIZED_OPS, SHARED_OPS
 from graph_opt.passes.quantize.placement import CONCAT_RANGE_RATIO
 from graph_opt.passes.quantize.plan import make_plan
 from graph_opt.passes.quantize.weights import INT4_AUTO_BLOCK

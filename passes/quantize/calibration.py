@@ -43,8 +43,8 @@ from graph_opt.data import Dataset, batch_size_for
 from graph_opt.errors import GraphOptError
 from graph_opt.intermediates import PerFeature, with_outputs
 from graph_opt.kernels.calib import HistogramObserver, MinMaxObserver
-from graph_opt.passes._graph import GraphIndex, infer_shapes
-from graph_opt.passes.quantize.ops import LAYER_OPS, SHARED_OPS
+from graph_opt.passes._graph import LAYER_OPS, GraphIndex, infer_shapes
+from graph_opt.passes.quantize.ops import SHARED_OPS
 from graph_opt.runtime import cores, make_session, release_memory, run_batches
 
 if TYPE_CHECKING:

@@ -26,9 +26,9 @@ import onnx
 from onnx import TensorProto
 
 from graph_opt.onnx_util import attr, subgraphs
-from graph_opt.passes._graph import GraphIndex, all_nodes
+from graph_opt.passes._graph import LAYER_OPS, GraphIndex, all_nodes
 from graph_opt.passes._qplan import NodeDecision
-from graph_opt.passes.quantize.ops import LAYER_OPS, QUANTIZED_OPS
+from graph_opt.passes.quantize.ops import QUANTIZED_OPS
 
 if TYPE_CHECKING:
     from graph_opt.passes.quantize import Quantize

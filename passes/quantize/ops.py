@@ -1,9 +1,8 @@
-"""The op tables of the quantize pass: which ops are layers, which share their input's scale,
-which take their own, which an output QDQ absorbs, and which are already quantized."""
+"""The op tables of the quantize pass: which ops share their input's scale, which take their
+own, which an output QDQ absorbs, and which are already quantized (the layers themselves are
+`passes._graph.LAYER_OPS`)."""
 
 from __future__ import annotations
-
-from graph_opt.passes._graph import LAYER_OPS  # noqa: F401 (the layers: quantized with their bias and input)
 
 # Ops that only move or select values: the outputs share the input's scale (ORT drops the QDQ).
 # Resize only in its default nearest mode (the others interpolate).

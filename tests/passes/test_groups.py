@@ -9,7 +9,8 @@ from onnx import helper
 
 from graph_opt.gs_convert import to_graph
 from graph_opt.passes._graph import infer_shapes
-from graph_opt.passes._groups import _map_axis, analyze, boundary_layers, fold_problems
+from graph_opt.passes._groups import analyze, boundary_layers, fold_problems
+from graph_opt.passes._groups_layout import _map_axis
 from graph_opt.passes.prune_channels import PruneChannels
 
 
