@@ -24,7 +24,7 @@ from typing import Any
 import onnx
 
 from graph_opt.errors import ModelSaveError, SpecError
-from graph_opt.model_io import load_model, save_model
+from graph_opt.model_io import load_model, save_model, umask_mode
 
 
 def external_files(path: Path) -> set[Path]:
@@ -70,6 +70,7 @@ def optimize_folder(src: str | os.PathLike, dst: str | os.PathLike, run: Callabl
     replaced = {f for m in models for f in external_files(m)}
     results: dict[str, Any] = {}
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    staging.chmod(umask_mode(0o777))  # the output folder, once renamed into place: not a private temp dir
     try:
         for path in models:
             rel = path.relative_to(src)

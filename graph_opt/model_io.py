@@ -103,10 +103,19 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
     return target
 
 
+def umask_mode(mode: int) -> int:
+    """`mode` as the process's umask leaves it: what `open()` or `mkdir()` would have given. Temporary
+    files and folders are private (0600/0700); an output renamed into place gets this instead."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def write_atomic(target: Path, payload: bytes) -> None:
     """Write bytes through a temporary file in the same folder, fsync, then rename into place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, umask_mode(0o666))
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
             fh.flush()

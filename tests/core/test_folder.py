@@ -69,3 +69,24 @@ def test_a_broken_tolerance_writes_no_folder(tmp_path, capsys):
     np.testing.assert_equal(sorted(p.name for p in src.iterdir()),
                             sorted(["config.json", "decoder.onnx", "decoder.onnx.data", "encoder.onnx", "extra",
                                     "tokenizer.json"]))
+
+
+def test_outputs_get_the_umask_permissions_not_the_private_temp_ones(tmp_path, capsys):
+    """Written through private temporary files and folders (0600/0700), the outputs end up as a
+    plain `open()`/`mkdir()` would have made them: readable by the service that deploys them."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        src = _export_folder(tmp_path / "export")
+        out_dir, out_file = tmp_path / "optimized", tmp_path / "one.onnx"
+        code, _, err = _run(capsys, "optimize", src, "-o", out_dir, "--pass", "cleanup", "--no-latency")
+        assert code == 0, err
+        code, _, err = _run(capsys, "optimize", src / "encoder.onnx", "-o", out_file, "--pass", "cleanup",
+                            "--no-latency")
+        assert code == 0, err
+    finally:
+        os.umask(old)
+    assert out_dir.stat().st_mode & 0o777 == 0o755
+    for path in (out_dir / "encoder.onnx", out_file, tmp_path / "one.json", tmp_path / "optimized.json"):
+        assert path.stat().st_mode & 0o777 == 0o644, path
