@@ -210,14 +210,15 @@ def _default(o: Any) -> Any:
 def markdown(rows: list[Row], task_keys: list[str] | None = None, extra_keys=()) -> str:
     """One table row per variant; `extra_keys` adds columns from each row's ``extra`` (``-`` where absent)."""
     keys = task_keys if task_keys is not None else sorted({k for r in rows for k in r.task})
+    counted = any(r.rewritten for r in rows)  # a bench that does not count rewritten layers shows no column of 0s
     head = ["model", "variant", "params", "MACs", *extra_keys, "size", "latency", "cosine", "top-1 agr", *keys,
-            "rewritten"]
+            *(["rewritten"] if counted else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.model, r.variant, f"{r.params_ratio:.2f}x", "-" if r.macs_ratio is None else f"{r.macs_ratio:.2f}x",
                  *[_cell(r.extra.get(k)) for k in extra_keys], f"{r.size_ratio:.2f}x", f"{r.latency_ratio:.2f}x" + _spread(r), f"{r.cosine:.4f}",
                  "-" if r.top1_agreement is None else f"{r.top1_agreement:.3f}",
-                 *[_cell(r.task.get(k)) for k in keys], str(r.rewritten)]
+                 *[_cell(r.task.get(k)) for k in keys], *([str(r.rewritten)] if counted else [])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
