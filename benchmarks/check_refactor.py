@@ -15,7 +15,8 @@ Two sections:
     python benchmarks/check_refactor.py                  # write results/check_refactor.json
     python benchmarks/check_refactor.py --check FILE     # compare with a saved run; exit 1 on a difference
 
-Run it before and after a refactor on the same machine: every fingerprint must match.
+Run it before and after a refactor on the same machine: every fingerprint must match (plans, parities
+and `target=host` choices depend on the CPU, so a saved file from another machine differs).
 """
 
 from __future__ import annotations
