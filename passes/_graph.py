@@ -49,13 +49,6 @@ def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return any(t is tensor for t in graph.outputs)
 
 
-def sole_consumer(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
-    """The only node reading `tensor`, when it is not also a graph output."""
-    if len(tensor.outputs) != 1 or is_graph_output(graph, tensor):
-        return None
-    return tensor.outputs[0]
-
-
 def used_once(tensor: gs.Tensor) -> bool:
     """True when exactly one node input slot reads this tensor (weights shared by nodes fail)."""
     return sum(1 for node in tensor.outputs for t in node.inputs if t is tensor) == 1

@@ -466,9 +466,5 @@ def float_dtype_reason(w: np.ndarray) -> str | None:
     return None
 
 
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def prod(values) -> int:
     return int(math.prod(int(v) for v in values))
