@@ -41,28 +41,31 @@ def _passes(passes: Sequence[Pass | str] | None, simplify: bool = True) -> list[
 def optimize(model_or_path: onnx.ModelProto | str | os.PathLike, passes: Sequence[Pass | str] | None = None, *,
              data: Any = None, calib_data: Any = None, shapes: dict[str, tuple[int, ...]] | None = None,
              tolerances: dict[str, float] | None = None, rollback: bool = True, latency: bool = True,
-             latency_runs: int = 100, threads: int = 1, seed: int = 0, n_random: int = 8,
-             simplify: bool = True) -> PipelineResult:
+             latency_runs: int | None = None, latency_steps: bool = False, threads: int = 1, seed: int = 0,
+             n_random: int = 8, simplify: bool = True) -> PipelineResult:
     """Run `passes` (configured passes or `name:key=value` specs) and verify against the original.
 
     `simplify` (the pass of that name) runs first unless `simplify=False` or `passes` starts with it.
     `data` (npz path, directory, dict of arrays, CalibrationDataReader, Dataset, or None for seeded
     random inputs) is used for verification, and for calibration unless `calib_data` is given.
+    Latency (``latency``) is measured for the original and the final model, and for every step
+    with ``latency_steps``; ``latency_runs`` None sizes the interleaved rounds by time
+    (`graph_opt.stats.measure_latency`).
     """
     model = _model(model_or_path)
     configured = _passes(passes, simplify)
     verify_data = load_data(data, model, shapes=shapes, n_random=n_random, seed=seed)
     calib = load_data(calib_data, model, shapes=shapes, seed=seed) if calib_data is not None else verify_data
     pipeline = Pipeline(configured, verify_data=verify_data, calib_data=calib, tolerances=tolerances,
-                        rollback=rollback, latency=latency, latency_runs=latency_runs, threads=threads,
-                        seed=seed, shapes=shapes)
+                        rollback=rollback, latency=latency, latency_runs=latency_runs,
+                        latency_steps=latency_steps, threads=threads, seed=seed, shapes=shapes)
     return pipeline.run(model)
 
 
 def compare(model_or_path: onnx.ModelProto | str | os.PathLike, pipelines: Any, *, data: Any = None,
             calib_data: Any = None, shapes: dict[str, tuple[int, ...]] | None = None,
             tolerances: dict[str, float] | None = None, metric: str = "auto", latency: bool = True,
-            latency_runs: int = 100, threads: int = 1, seed: int = 0, n_random: int = 8, jobs: int = 1,
+            latency_runs: int | None = None, threads: int = 1, seed: int = 0, n_random: int = 8, jobs: int = 1,
             backend: Backend = "process", simplify: bool = True, address: str | None = None) -> Comparison:
     """Run several pipelines on one model with the same data; work shared by common prefixes runs once.
 
@@ -87,7 +90,7 @@ def compare(model_or_path: onnx.ModelProto | str | os.PathLike, pipelines: Any, 
 def compare_models(models: Mapping[str, onnx.ModelProto | str | os.PathLike] | Sequence[str | os.PathLike],
                    pipelines: Any, *, data: Any = None, shapes: dict[str, tuple[int, ...]] | None = None,
                    tolerances: dict[str, float] | None = None, metric: str = "auto", latency: bool = True,
-                   latency_runs: int = 100, threads: int = 1, seed: int = 0, n_random: int = 8, jobs: int = 1,
+                   latency_runs: int | None = None, threads: int = 1, seed: int = 0, n_random: int = 8, jobs: int = 1,
                    backend: Backend = "process", simplify: bool = True, address: str | None = None) -> Comparisons:
     """`compare` on several models at once: the same pipelines on each, one task per (model, step)
     in one pool of `jobs` workers (or Ray tasks), one `Comparison` per model.

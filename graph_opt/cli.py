@@ -70,6 +70,8 @@ def _build_parser() -> argparse.ArgumentParser:
                                       "runtime (pip install 'graph-opt[openvino]')")
     opt.add_argument("--no-rollback", action="store_true",
                      help="stop with exit 1 (writing nothing) when a pass exceeds the tolerance, instead of rolling it back")
+    opt.add_argument("--latency-steps", action="store_true",
+                     help="time every step's model, not only the original and the final one")
     _run_args(opt)
 
     com = sub.add_parser("compare", help="run several pipelines (recipes or pass orderings) on one or more models: "
@@ -132,7 +134,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-simplify", action="store_true",
                    help="do not run the simplify pass first (constant and shape folding, Pad and Mul/Add into convs)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    p.add_argument("--latency-runs", type=int, default=100, help="timed runs per model (all models interleaved)")
+    p.add_argument("--latency-runs", type=int, default=None,
+                   help="timed rounds, every model once per round, interleaved (default: as many as fit in "
+                        "about 3 seconds, 10 to 100)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -234,7 +238,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 def _optimize(args, model, passes, verify_data, calib, shapes, tolerances):
     return api.optimize(model, passes, data=verify_data, calib_data=calib, shapes=shapes, tolerances=tolerances,
                         rollback=not args.no_rollback, latency=not args.no_latency, latency_runs=args.latency_runs,
-                        threads=args.threads, seed=args.seed, simplify=not args.no_simplify)
+                        latency_steps=args.latency_steps, threads=args.threads, seed=args.seed,
+                        simplify=not args.no_simplify)
 
 
 def _optimize_folder(args, passes, shapes, tolerances) -> int:

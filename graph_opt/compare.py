@@ -248,7 +248,7 @@ class Comparer:
                                                           threads=self.threads, shapes=self.shapes)
             baseline = StepRecord("original", "original", stats=model_stats(original, shapes=self.shapes),
                                   model=original, reason=upgraded)
-            baseline.parity = reference.compare(original)
+            baseline.parity = reference.itself()
             root.record, root.parity = baseline, baseline.parity
             calib = case.calib_data if case.calib_data is not None else case.verify_data
             runner = Runner(original, reference, calib, tolerances=self.tolerances, threads=self.threads,

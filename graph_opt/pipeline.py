@@ -210,7 +210,7 @@ class Pipeline:
 
     def __init__(self, passes: list[Pass], *, verify_data: Dataset | None = None, calib_data: Dataset | None = None,
                  tolerances: dict[str, float] | None = None, rollback: bool = True, latency: bool = True,
-                 latency_runs: int = 100, threads: int = 1, seed: int = 0,
+                 latency_runs: int | None = None, latency_steps: bool = False, threads: int = 1, seed: int = 0,
                  shapes: dict[str, tuple[int, ...]] | None = None):
         self.passes = list(passes)
         self.verify_data = verify_data
@@ -219,6 +219,7 @@ class Pipeline:
         self.rollback = rollback
         self.latency = latency
         self.latency_runs = latency_runs
+        self.latency_steps = latency_steps
         self.threads = threads
         self.seed = seed
         self.shapes = shapes
@@ -230,7 +231,7 @@ class Pipeline:
                                                       threads=self.threads, shapes=self.shapes)
         baseline = StepRecord("original", "original", stats=self._stats(original), model=original, reason=upgraded)
         if reference is not None:
-            baseline.parity = reference.compare(original)
+            baseline.parity = reference.itself()
         ctx = PassContext(data=self.calib_data, original=original, seed=self.seed, shapes=self.shapes)
         # A model whose weights stay on disk (over 2 GB) keeps each step's weights on disk too: a
         # step in memory would cost a copy of the weights next to onnxruntime's while verifying.
@@ -269,7 +270,9 @@ class Pipeline:
 
             data = random_dataset(result.original, 1, shapes=self.shapes, seed=self.seed)
         feed = data.sample(0)
-        records = [result.baseline, *result.steps]
+        # The original and the final model; every step's only when asked (each costs a session and its runs).
+        records = [result.baseline, *(result.steps if self.latency_steps else
+                                      [s for s in result.steps if s.model is result.model])]
         unique: list[onnx.ModelProto] = []
         for r in records:
             if not any(r.model is u for u in unique):

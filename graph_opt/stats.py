@@ -293,9 +293,17 @@ def serialized_bytes(model: onnx.ModelProto) -> int:
     return tensor_bytes(model) if needs_external_data(model) else wire_size(model)
 
 
-def measure_latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], *, runs: int = 100,
+# Latency with runs=None: at least MIN_ROUNDS interleaved rounds, at most MAX_ROUNDS, stopping once
+# the timed rounds have taken BUDGET_S seconds (a 30 ms model: about 50 rounds of two models).
+MIN_ROUNDS, MAX_ROUNDS, BUDGET_S = 10, 100, 3.0
+
+
+def measure_latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], *, runs: int | None = 100,
                     warmup: int = 10, threads: int = 1) -> list[float]:
-    """Median latency in milliseconds of each model, interleaved in one run (rotating order)."""
+    """Median latency in milliseconds of each model, interleaved in one run (rotating order).
+
+    ``runs=None``: as many rounds as fit in `BUDGET_S` seconds, within [`MIN_ROUNDS`, `MAX_ROUNDS`].
+    """
     from graph_opt.runtime import make_session
 
     sessions = [make_session(m, optimize=True, threads=threads) for m in models]
@@ -310,7 +318,10 @@ def measure_latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], 
             s.run(n, feed)
     times: list[list[float]] = [[] for _ in sessions]
     order = list(range(len(sessions)))
-    for r in range(runs):
+    began = time.perf_counter()
+    for r in range(MAX_ROUNDS if runs is None else runs):
+        if runs is None and r >= MIN_ROUNDS and time.perf_counter() - began >= BUDGET_S:
+            break
         rot = order[r % len(order):] + order[:r % len(order)]
         for i in rot:
             start = time.perf_counter_ns()

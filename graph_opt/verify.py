@@ -224,6 +224,12 @@ class Reference:
                                kd_alpha=self.kd_alpha,
                                data_source=self.data.source, tolerances=tolerances)
 
+    def itself(self) -> ParityReport:
+        """The original against itself, without running it again: exact by construction, with the
+        original's own task metrics (accuracy on labelled data) for the report's first row."""
+        return compare_outputs(self.outputs, self.outputs, labels=self.data.labels, temperature=self.temperature,
+                               kd_alpha=self.kd_alpha, data_source=self.data.source)
+
 
 def verify(original: onnx.ModelProto, candidate: onnx.ModelProto, data: Dataset, *,
            tolerances: dict[str, float] | None = None, threads: int = 1, temperature: float = 1.0,

@@ -86,3 +86,29 @@ def test_latency_is_measured_for_each_distinct_model():
     result = pipe.run(model)
     assert result.baseline.stats.latency_ms > 0 and result.steps[0].stats.latency_ms > 0
     assert result.steps[1].stats is result.steps[0].stats
+
+
+def test_latency_times_the_original_and_the_final_model_unless_every_step_is_asked_for():
+    model = small_cnn()
+    passes = [FoldBatchnorm(), ScaleHead(factor=1.0 + 1e-7)]  # two steps, each a new model
+    result = Pipeline(passes, verify_data=random_dataset(model, 2), latency_runs=3).run(model)
+    assert result.steps[0].model is not result.model  # vacuity: the first step is an intermediate model
+    assert result.steps[0].stats.latency_ms is None
+    assert result.baseline.stats.latency_ms > 0 and result.steps[1].stats.latency_ms > 0
+    every = Pipeline(passes, verify_data=random_dataset(model, 2), latency_runs=3, latency_steps=True).run(model)
+    assert all(s.stats.latency_ms > 0 for s in every.steps)
+
+
+def test_the_original_row_is_not_run_twice(monkeypatch):
+    import importlib
+
+    verify = importlib.import_module("graph_opt.verify")  # the module, not the function of that name
+    model = small_cnn()
+    data = random_dataset(model, 4)
+    runs = []
+    real = verify.run_model
+    monkeypatch.setattr(verify, "run_model", lambda *a, **k: runs.append(1) or real(*a, **k))
+    result = Pipeline([FoldBatchnorm()], verify_data=data, latency=False).run(model)
+    assert len(runs) == 2  # the reference and the one step's candidate
+    assert result.baseline.parity.cosine == 1.0 and result.baseline.parity.max_abs == 0.0
+    assert result.baseline.parity.to_dict() == verify.Reference(model, data).compare(model).to_dict()
