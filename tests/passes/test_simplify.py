@@ -72,6 +72,28 @@ def test_folding_that_needs_the_batch_binds_it_only_when_the_user_did():
     _close(model, bound.model, {"x": random_input((2, 4))})
 
 
+@pytest.mark.parametrize("size", [1, 3])
+def test_a_batch_bound_by_the_user_is_one_of_the_two_probes(monkeypatch, size):
+    """Folding that depends on the batch, bound by the user: the engine runs at that size and at
+    one other, and the first answer is kept (no third run)."""
+    from graph_opt.passes import simplify
+
+    g = GraphBuilder(opset=13)
+    x = g.input("x", ["N", 4])
+    n = g.node("Cast", [g.node("Gather", [g.node("Shape", [x]), g.const("zero", np.int64(0))])], to=TensorProto.FLOAT)
+    g.node("Mul", [x, n], ["y"])
+    g.output("y", ["N", 4])
+    model = g.build()
+    runs = []
+    real = simplify._engine
+    monkeypatch.setattr(simplify, "_engine", lambda m: runs.append(m.graph.input[0].type.tensor_type.shape.dim[0].dim_value)
+                        or real(m))
+    out = _simplify(model, shapes={"x": (size, 4)})
+    assert len(runs) == 2 and runs[0] == size and runs[1] != size
+    assert op_count(out.model, "Shape") == 0
+    _close(model, out.model, {"x": random_input((size, 4))})
+
+
 def test_constant_nodes_become_initializers():
     model = constant_node_model()
     assert op_count(model, "Constant") > 0 and not model.graph.initializer
