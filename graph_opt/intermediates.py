@@ -7,7 +7,7 @@ outputs the tensors `names` and, per `reducers` (``{tensor: reductions}``), redu
 tensor computed inside onnxruntime, so that a few numbers per batch leave the session instead
 of the tensor: ``"min"``, ``"max"``, ``"sum"``, ``"sumsq"`` (ReduceMin, ReduceMax, ReduceSum,
 ReduceSumSquare over every axis) and ``"size"`` (its number of elements), one scalar each, and
-`PerFeature` (the max or min of every sample's every feature). Each reduction node is moved next
+`PerFeature` (the max, min or mean of every sample's every feature). Each reduction node is moved next
 to its tensor's producer, so that onnxruntime can free the tensor soon after it is made. A
 caller may add nodes of its own to `Capture.model` first (probes); they are moved the same way.
 
@@ -53,17 +53,17 @@ _REDUCE_OPS = {"min": "ReduceMin", "max": "ReduceMax", "sum": "ReduceSum", "sums
 
 @dataclass(frozen=True)
 class PerFeature:
-    """The max or min of each sample's each feature: over every axis but the batch (0) and
+    """The max, min or mean of each sample's each feature: over every axis but the batch (0) and
     `axis`. ``axis`` 1 gives ``(samples·features,)`` (Flatten from axis 2), the last axis (of
     static length `features`) gives ``(samples, features)`` (Reshape to samples × rest × features)."""
 
-    op: Literal["max", "min"]
+    op: Literal["max", "min", "mean"]
     axis: int
     features: int | None = None
 
     def __post_init__(self) -> None:
-        if self.op not in ("max", "min") or (self.axis != 1 and not self.features):
-            raise ValueError(f"{self}: op 'max' or 'min'; away from axis 1 the number of features is needed")
+        if self.op not in ("max", "min", "mean") or (self.axis != 1 and not self.features):
+            raise ValueError(f"{self}: op 'max', 'min' or 'mean'; away from axis 1 the number of features is needed")
 
 
 Reducer = str | PerFeature
@@ -150,7 +150,7 @@ class _Reductions:
 
     def __init__(self, g: onnx.GraphProto, opset: int) -> None:
         self.g, self.fresh = g, Namer(g)
-        self.axes_input = opset >= 18  # ReduceMax/ReduceMin take their axes as an input from opset 18
+        self.axes_input = opset >= 18  # ReduceMax/ReduceMin/ReduceMean take their axes as an input from opset 18
         self.axes: str | None = None
         self.rows: dict[tuple[str, int], str] = {}  # (tensor, feature axis) -> its Flatten/Reshape
 
@@ -164,7 +164,7 @@ class _Reductions:
             return out
         rows = self.rows.get((t, r.axis)) or self._feature_rows(t, r)
         out = self.fresh(f"{t}_feature_{r.op}")
-        op = "ReduceMax" if r.op == "max" else "ReduceMin"
+        op = {"max": "ReduceMax", "min": "ReduceMin", "mean": "ReduceMean"}[r.op]
         if self.axes_input:
             if self.axes is None:
                 self.axes = self.fresh("feature_reduce_axes")
@@ -370,6 +370,33 @@ def second_moments(model: onnx.ModelProto, data: Dataset | None,
     _GRAM_MEMO.clear()
     _GRAM_MEMO[key] = grams
     return grams
+
+
+def channel_means(model: onnx.ModelProto, data: Dataset | None, channels: Mapping[str, int], *,
+                  batch_size: int | None = None, threads: int = 1) -> dict[str, np.ndarray]:
+    """tensor → the mean of each channel (axis 1) over every sample and position, float64, for
+    each tensor of `channels` (tensor → its number of channels) that is float and has them:
+    reduced inside onnxruntime (`PerFeature` mean), so one number per sample and channel leaves
+    the session, streamed over `data` in one run of a private copy of `model`."""
+    if data is None or not channels:
+        return {}
+    means = {t: PerFeature("mean", 1) for t in channels}
+    cap = with_outputs(model, [], " (channel means)", reducers={t: [r] for t, r in means.items()})
+    names = [cap.reduced[t][r] for t, r in means.items()]
+    session = make_session(cap.model, weights=cap.weights, threads=threads)
+    del cap
+    sums: dict[str, np.ndarray] = {}
+    rows: dict[str, int] = {}
+    bs = batch_size or batch_size_for(model, 32)
+    for _, values in run_batches(session, names, data, bs, "channel means"):
+        for (t, c), v in zip(channels.items(), values):
+            v = np.asarray(v)
+            if not np.issubdtype(v.dtype, np.floating) or v.size % c:
+                continue
+            per_sample = v.reshape(-1, c).astype(np.float64)
+            sums[t] = sums.get(t, 0.0) + per_sample.sum(axis=0)
+            rows[t] = rows.get(t, 0) + per_sample.shape[0]
+    return {t: sums[t] / rows[t] for t in sums if rows[t] and np.all(np.isfinite(sums[t]))}
 
 
 def _fingerprint(model: onnx.ModelProto) -> str:

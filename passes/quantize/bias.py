@@ -1,0 +1,135 @@
+"""Bias correction of the quantize pass (``bias_correction=True``): the output shift of weight rounding, removed.
+
+A layer ``y = W·x + b`` with weights rounded to ``Wq`` computes ``y + (Wq − W)·x``. Over the
+data, its expected output moves by ``E[(Wq − W)·x] = (Wq − W)·E[x]``, the same on every sample:
+rounding that leans one way in a channel (few weights, a coarse grid) shifts that channel's
+mean, and the layers after it see a biased input (Nagel et al. 2019, section 4.3, empirical
+variant). The correction subtracts that shift from the bias before it is quantized:
+
+    b' = b − (Wq − W)·E[x]
+
+per output channel, with ``E[x]`` the mean of each input channel on the calibration data, from
+the float model (one streaming run, reduced inside onnxruntime:
+`graph_opt.intermediates.channel_means`).
+
+- Conv: ``Δb[o] = Σ_{j,k} (Wq − W)[o, j, k] · E[x[g(o)·I/g + j]]`` (j the input channel within
+  the group of o, k the kernel taps). Every tap is assumed to read the channel's mean: at the
+  border the taps that fall on zero padding read 0 instead, so there the correction is too large
+  by the padded taps' share of it (an approximation on the border rows and columns only).
+- Gemm (``transA`` 0, ``alpha`` and ``beta`` 1): ``Δb[n] = Σ_k (Wq − W)[k, n] · E[x[k]]`` (rows of
+  B per ``transB``).
+- Only layers whose activations are quantized (their bias becomes int32) are corrected; a layer
+  without a bias gets one (`with_zero_biases`, zeros before the correction) when the option is on
+  and calibration data is given. MatMul (its bias is a separate Add) is not corrected.
+
+Exact elsewhere: a layer whose weights are on the grid has ``Wq = W`` and keeps its bias.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from graph_opt.data import Dataset
+from graph_opt.intermediates import channel_means
+from graph_opt.kernels.quant import dequantize
+from graph_opt.model_io import copy_model
+from graph_opt.onnx_util import Namer, attr
+from graph_opt.passes._graph import GraphIndex
+from graph_opt.passes._qplan import TensorQuant
+from graph_opt.passes.quantize.layers import Layer
+
+if TYPE_CHECKING:
+    from graph_opt.passes.quantize import Quantize
+
+
+def _correctable(ix: GraphIndex, idx: int) -> bool:
+    node = ix.nodes[idx]
+    if node.op_type == "Gemm":
+        return not any(attr(node, a, d) != d for a, d in (("transA", 0), ("alpha", 1.0), ("beta", 1.0)))
+    return node.op_type == "Conv"
+
+
+def with_zero_biases(model: onnx.ModelProto, opts: Quantize) -> onnx.ModelProto:
+    """`model`, or a copy where each Conv/Gemm of ``op_types`` with a private float32 constant
+    weight and no bias reads a new zero bias (the same function), so that a correction has a bias
+    to go to."""
+    ix = GraphIndex(model)
+    todo: list[tuple[int, int]] = []
+    for idx, node in enumerate(ix.nodes):
+        if node.op_type not in ("Conv", "Gemm") or node.op_type not in opts.op_types or len(node.input) < 2:
+            continue
+        if len(node.input) > 2 and node.input[2]:
+            continue
+        w = node.input[1]
+        if (w not in ix.inits or ix.const_dtype(w) != TensorProto.FLOAT or len(ix.readers(w)) != 1
+                or not _correctable(ix, idx)):
+            continue
+        dims = tuple(ix.inits[w].dims)
+        if node.op_type == "Conv" and len(dims) >= 3:
+            todo.append((idx, dims[0]))
+        elif node.op_type == "Gemm" and len(dims) == 2:
+            todo.append((idx, dims[0] if attr(node, "transB", 0) else dims[1]))
+    if not todo:
+        return model
+    out = copy_model(model)
+    namer = Namer(out.graph)
+    for idx, n in todo:
+        node = out.graph.node[idx]
+        name = namer(f"{ix.labels[idx]}.bias_correction")
+        out.graph.initializer.append(numpy_helper.from_array(np.zeros(n, np.float32), name))
+        while len(node.input) < 3:
+            node.input.append("")
+        node.input[2] = name
+    return out
+
+
+def attach_means(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], candidates: set[int],
+                 data: Dataset | None, opts: Quantize, notes: list[str]) -> None:
+    """Attach the mean of each input channel (``layer.input_mean``) to the Conv/Gemm candidates
+    for quantized activations whose bias can become int32, from one streaming run over `data`."""
+    if data is None:
+        notes.append("bias_correction without calibration data: biases not corrected")
+        return
+    wanted = {idx: lay for idx, lay in layers.items()
+              if idx in candidates and lay.bv is not None and lay.op in ("Conv", "Gemm") and _correctable(ix, idx)}
+    channels = {}
+    for lay in wanted.values():
+        w = lay.wv
+        c = w.shape[1] * int(attr(ix.nodes[lay.idx], "group", 1)) if lay.op == "Conv" else w.shape[lay.red_axis]
+        channels[lay.x] = c
+    means = channel_means(model, data.take(opts.max_samples), channels, threads=opts.threads or 1)
+    for lay in wanted.values():
+        m = means.get(lay.x)
+        if m is not None and m.size == channels[lay.x]:
+            lay.input_mean = m
+    done = sum(lay.input_mean is not None for lay in wanted.values())
+    notes.append(f"bias_correction: input channel means of {done} layers from {min(len(data), opts.max_samples)} "
+                 "samples; biases corrected by (Wq − W)·E[x] where the layer's activations are quantized")
+
+
+def shift(layer: Layer, wq: TensorQuant) -> np.ndarray | None:
+    """``(Wq − W)·E[x]`` per output channel (float64), or None without the input means."""
+    if layer.input_mean is None or wq.codes is None or wq.scheme != "affine":
+        return None
+    w = layer.wv.astype(np.float64)
+    dw = dequantize(wq.codes, wq.params()).astype(np.float64) - w
+    m = layer.input_mean
+    if layer.op == "Conv":
+        o, per = dw.shape[0], dw.shape[1]
+        groups = m.size // per
+        dw = dw.reshape(groups, o // groups, per, -1).sum(axis=3)  # the taps: each reads the mean
+        return np.einsum("goj,gj->go", dw, m.reshape(groups, per)).reshape(o)
+    return np.tensordot(dw, m, axes=([layer.red_axis], [0]))
+
+
+def corrected(layer: Layer, wq: TensorQuant) -> np.ndarray:
+    """The layer's float bias less the expected shift of its rounded weights (the bias as it is
+    without input means)."""
+    delta = shift(layer, wq)
+    if delta is None:
+        return layer.bv
+    return (layer.bv.astype(np.float64) - delta.reshape(layer.bv.shape)).astype(np.float32)
