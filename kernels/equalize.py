@@ -13,9 +13,10 @@ The choice of s: with ``r1_c = max|W1[c, …]|`` (the range of output channel c 
 and ``r2_c = max|W2[…, c, …]|`` (the range of every weight of the second layer that reads channel
 c), ``s_c = sqrt(r1_c / r2_c)`` makes both ranges ``sqrt(r1_c · r2_c)``: the per-channel ranges of
 each pair become equal, which is what maximises the product of their precisions per tensor
-(the paper's section 4.1). A channel where either range is 0 keeps s = 1. A layer inside a chain
-(second of one pair and first of the next) is rebalanced by both pairs: the pairs are swept in
-turn until every scale of a sweep is within `tol` of 1 (or `max_sweeps`).
+(the paper's section 4.1). A channel where either range is 0, or below `DEAD_RANGE` of its
+layer's widest, keeps s = 1. A layer inside a chain (second of one pair and first of the next)
+is rebalanced by both pairs: the pairs are swept in turn until every scale of a sweep is within
+`tol` of 1 (or `max_sweeps`).
 
 Weights are in the canonical layout ``(O, I/groups, *kernel)`` (a Conv's; a Gemm's is ``(O, I)``
 with groups 1): input channel ``c`` of a grouped layer is ``(group c // (I/g), slot c % (I/g))``
@@ -81,13 +82,19 @@ class EqLayer:
         self.weight = grouped.reshape(self.weight.shape)
 
 
+# A channel whose range is below this share of its layer's widest keeps s = 1: its weights are
+# (near) zero, and a huge s would blow its bias, and with it the middle tensor's range, up.
+DEAD_RANGE = 1e-6
+
+
 def pair_scales(first: EqLayer, second: EqLayer) -> np.ndarray:
-    """``s_c = sqrt(r1_c / r2_c)`` for the tensor between `first` and `second` (1 where a range is 0)."""
+    """``s_c = sqrt(r1_c / r2_c)`` for the tensor between `first` and `second` (1 where a range is
+    0 or below `DEAD_RANGE` of its layer's widest)."""
     r1, r2 = first.output_ranges(), second.input_ranges()
     if r1.shape != r2.shape:
         raise ValueError(f"{r1.size} output channels feed {r2.size} input channels")
     s = np.ones_like(r1)
-    ok = (r1 > 0) & (r2 > 0)
+    ok = (r1 > DEAD_RANGE * r1.max(initial=0.0)) & (r2 > DEAD_RANGE * r2.max(initial=0.0)) & (r1 > 0) & (r2 > 0)
     s[ok] = np.sqrt(r1[ok] / r2[ok])
     return s
 

@@ -6,7 +6,7 @@ import pytest
 from builders import GraphBuilder, assert_valid, op_count, random_input, run
 
 from graph_opt.data import Dataset
-from graph_opt.kernels.equalize import EqLayer, equalize, pair_scales, range_spread
+from graph_opt.kernels.equalize import range_spread
 from graph_opt.pass_base import PassContext
 from graph_opt.passes.equalize import Equalize
 from graph_opt.passes.quantize import Quantize
@@ -77,48 +77,6 @@ def _weights(model):
 
 def _rel_err(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-# -- kernel
-
-def test_pair_scales_even_the_ranges_of_a_grouped_pair():
-    rng = np.random.default_rng(0)
-    first = EqLayer(rng.standard_normal((8, 4, 3, 3)) * 10.0 ** rng.uniform(-2, 2, (8, 1, 1, 1)), groups=1,
-                    bias=rng.standard_normal(8))
-    second = EqLayer(rng.standard_normal((6, 4, 3, 3)), groups=2)  # input channel c: group c // 4
-    s = pair_scales(first, second)
-    assert np.ptp(np.log10(first.output_ranges())) > 1.0  # vacuity: uneven to begin with
-    out = equalize([first, second], [(0, 1)])
-    assert out.converged and out.sweeps <= 2
-    np.testing.assert_allclose(out.layers[0].output_ranges(), out.layers[1].input_ranges(), rtol=1e-12)
-    np.testing.assert_allclose(out.scales[0], s, rtol=1e-12)
-    np.testing.assert_allclose(out.layers[0].bias, first.bias / s, rtol=1e-12)
-    assert np.array_equal(first.weight, EqLayer(first.weight, 1).weight)  # the inputs are left as they are
-
-
-def test_equalize_preserves_the_function_of_a_relu_chain():
-    rng = np.random.default_rng(1)
-    layers = [EqLayer(rng.standard_normal((5, 3)) * rng.uniform(0.01, 10, (5, 1)), bias=rng.standard_normal(5)),
-              EqLayer(rng.standard_normal((4, 5)) * rng.uniform(0.01, 10, (4, 1)), bias=rng.standard_normal(4)),
-              EqLayer(rng.standard_normal((2, 4)))]
-
-    def f(ls, x):
-        for k, lay in enumerate(ls):
-            x = x @ lay.weight.T + (0 if lay.bias is None else lay.bias)
-            x = np.maximum(x, 0) if k < len(ls) - 1 else x
-        return x
-
-    x = rng.standard_normal((7, 3))
-    out = equalize(layers, [(0, 1), (1, 2)])
-    assert out.converged
-    np.testing.assert_allclose(f(out.layers, x), f(layers, x), rtol=1e-10, atol=1e-12)
-    assert range_spread(out.layers[1].output_ranges()) < range_spread(layers[1].output_ranges())
-
-
-def test_zero_channels_keep_scale_one():
-    first = EqLayer(np.array([[0.0, 0.0], [1.0, 2.0]]))
-    second = EqLayer(np.array([[3.0, 4.0]]))
-    assert pair_scales(first, second)[0] == 1.0
 
 
 # -- pass
