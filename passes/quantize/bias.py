@@ -8,14 +8,18 @@ variant). The correction subtracts that shift from the bias before it is quantiz
 
     b' = b − (Wq − W)·E[x]
 
-per output channel, with ``E[x]`` the mean of each input channel on the calibration data, from
-the float model (one streaming run, reduced inside onnxruntime:
-`graph_opt.intermediates.channel_means`).
+per output channel, with ``E[x]`` the mean of each input channel on the calibration data (its
+first `MEAN_SAMPLES` samples), from the float model (one streaming run, reduced inside
+onnxruntime: `graph_opt.intermediates.channel_means`).
 
-- Conv: ``Δb[o] = Σ_{j,k} (Wq − W)[o, j, k] · E[x[g(o)·I/g + j]]`` (j the input channel within
-  the group of o, k the kernel taps). Every tap is assumed to read the channel's mean: at the
-  border the taps that fall on zero padding read 0 instead, so there the correction is too large
-  by the padded taps' share of it (an approximation on the border rows and columns only).
+- Conv: ``Δb[o] = Σ_{j,k} (Wq − W)[o, j, k] · f[k] · E[x[g(o)·I/g + j]]`` (j the input channel
+  within the group of o, k the kernel taps), where ``f[k]`` is the share of output positions at
+  which tap k reads inside the input rather than the zero padding (from the input's spatial size,
+  pads, strides and dilations; 1 for every tap of an unpadded conv). The correction is then exact
+  for the output's mean over all positions when each channel's mean is the same at every
+  position; it is the border taps' share too small in the interior and too large at the border
+  otherwise (on small feature maps, where most taps of a 5×5 kernel can fall on padding, this
+  matters: without ``f`` the correction is too large there).
 - Gemm (``transA`` 0, ``alpha`` and ``beta`` 1): ``Δb[n] = Σ_k (Wq − W)[k, n] · E[x[k]]`` (rows of
   B per ``transB``).
 - Only layers whose activations are quantized (their bias becomes int32) are corrected; a layer
@@ -34,7 +38,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from graph_opt.data import Dataset
-from graph_opt.intermediates import channel_means
+from graph_opt.intermediates import ChannelMean, channel_means
 from graph_opt.kernels.quant import dequantize
 from graph_opt.model_io import copy_model
 from graph_opt.onnx_util import Namer, attr
@@ -44,6 +48,10 @@ from graph_opt.passes.quantize.layers import Layer
 
 if TYPE_CHECKING:
     from graph_opt.passes.quantize import Quantize
+
+# The samples the channel means are taken over (at most): a mean over every position of this many
+# samples is stable, and the run costs what a calibration run over them costs.
+MEAN_SAMPLES = 64
 
 
 def _correctable(ix: GraphIndex, idx: int) -> bool:
@@ -101,14 +109,59 @@ def attach_means(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer
         w = lay.wv
         c = w.shape[1] * int(attr(ix.nodes[lay.idx], "group", 1)) if lay.op == "Conv" else w.shape[lay.red_axis]
         channels[lay.x] = c
-    means = channel_means(model, data.take(opts.max_samples), channels, threads=opts.threads or 1)
+    n = min(len(data), opts.max_samples, MEAN_SAMPLES)
+    means = channel_means(model, data.take(n), channels, threads=opts.threads)
     for lay in wanted.values():
         m = means.get(lay.x)
-        if m is not None and m.size == channels[lay.x]:
-            lay.input_mean = m
+        if m is None:
+            continue
+        if lay.op == "Gemm":
+            lay.input_mean = m.mean
+            continue
+        f = tap_shares(ix.nodes[lay.idx], m, lay.wv.shape[2:])
+        if f is not None:
+            lay.input_mean = m.mean.reshape((-1,) + (1,) * f.ndim) * f
     done = sum(lay.input_mean is not None for lay in wanted.values())
-    notes.append(f"bias_correction: input channel means of {done} layers from {min(len(data), opts.max_samples)} "
-                 "samples; biases corrected by (Wq − W)·E[x] where the layer's activations are quantized")
+    notes.append(f"bias_correction: input channel means of {done} layers from {n} samples; biases corrected "
+                 "by (Wq − W)·E[x] where the layer's activations are quantized")
+
+
+def _shares_1d(size: int, k: int, stride: int, dilation: int, before: int, after: int) -> np.ndarray:
+    """Per tap of a 1-D kernel: the share of output positions at which it reads inside the input."""
+    span = (k - 1) * dilation + 1
+    out = (size + before + after - span) // stride + 1
+    if out < 1:
+        return np.zeros(k)
+    starts = np.arange(out) * stride - before
+    idx = starts[:, None] + np.arange(k)[None, :] * dilation
+    return ((idx >= 0) & (idx < size)).mean(axis=0)
+
+
+def tap_shares(node: onnx.NodeProto, m: ChannelMean, kernel: tuple[int, ...]) -> np.ndarray | None:
+    """The share of output positions at which each tap of a Conv reads inside its input (shape
+    `kernel`), from the input's spatial size and the Conv's pads, strides, dilations and
+    auto_pad; None when the input's positions do not match the kernel's rank."""
+    spatial = m.shape[2:]
+    n = len(kernel)
+    if len(spatial) != n:
+        return None
+    strides = list(attr(node, "strides", [1] * n))
+    dilations = list(attr(node, "dilations", [1] * n))
+    auto = attr(node, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    pads = list(attr(node, "pads", [0] * 2 * n))
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        for d in range(n):
+            total = max((-(-spatial[d] // strides[d]) - 1) * strides[d] + (kernel[d] - 1) * dilations[d] + 1
+                        - spatial[d], 0)
+            small = total // 2
+            pads[d], pads[d + n] = (small, total - small) if auto == "SAME_UPPER" else (total - small, small)
+    elif auto == "VALID":
+        pads = [0] * 2 * n
+    f = np.ones(())
+    for d in range(n):
+        f = np.multiply.outer(f, _shares_1d(spatial[d], kernel[d], strides[d], dilations[d], pads[d], pads[d + n]))
+    return f
 
 
 def shift(layer: Layer, wq: TensorQuant) -> np.ndarray | None:
@@ -118,11 +171,11 @@ def shift(layer: Layer, wq: TensorQuant) -> np.ndarray | None:
     w = layer.wv.astype(np.float64)
     dw = dequantize(wq.codes, wq.params()).astype(np.float64) - w
     m = layer.input_mean
-    if layer.op == "Conv":
+    if layer.op == "Conv":  # m: E[x] per input channel and tap, the tap's share of positions applied
         o, per = dw.shape[0], dw.shape[1]
-        groups = m.size // per
-        dw = dw.reshape(groups, o // groups, per, -1).sum(axis=3)  # the taps: each reads the mean
-        return np.einsum("goj,gj->go", dw, m.reshape(groups, per)).reshape(o)
+        groups = m.shape[0] // per
+        dw = dw.reshape(groups, o // groups, per, -1)
+        return np.einsum("gojk,gjk->go", dw, m.reshape(groups, per, -1)).reshape(o)
     return np.tensordot(dw, m, axes=([layer.red_axis], [0]))
 
 

@@ -37,8 +37,7 @@ def _data(seed: int, n: int = 64) -> Dataset:
 def _channel_mean_error(model, cand, data) -> float:
     x = data.inputs["x"]
     ref, got = run(model, {"x": x})[0], run(cand, {"x": x})[0]
-    inner = (slice(None), slice(None), slice(1, -1), slice(1, -1))  # away from the padded border
-    return float(np.linalg.norm((got - ref)[inner].mean(axis=(0, 2, 3))))
+    return float(np.linalg.norm((got - ref).mean(axis=(0, 2, 3))))
 
 
 def _quantize(model, data, **kw):
@@ -89,5 +88,22 @@ def test_channel_means_match_numpy():
     data = _data(3, n=10)
     got = channel_means(model, data, {"x": 8, "relu_out": 8}, batch_size=4)
     x = data.inputs["x"].astype(np.float64)
-    np.testing.assert_allclose(got["x"], x.mean(axis=(0, 2, 3)), rtol=1e-6)
-    np.testing.assert_allclose(got["relu_out"], np.maximum(x, 0).mean(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(got["x"].mean, x.mean(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(got["relu_out"].mean, np.maximum(x, 0).mean(axis=(0, 2, 3)), rtol=1e-6)
+    assert got["x"].shape[1:] == (8, 6, 6)
+
+
+def test_tap_shares_count_the_padded_positions():
+    from onnx import helper
+
+    from graph_opt.intermediates import ChannelMean
+    from graph_opt.passes.quantize.bias import tap_shares
+
+    m = ChannelMean(np.zeros(1), (1, 1, 3, 8))
+    padded = helper.make_node("Conv", ["x", "w"], ["y"], pads=[2, 1, 2, 1], strides=[1, 2])
+    f = tap_shares(padded, m, (5, 3))
+    np.testing.assert_allclose(f[:, 1], [1 / 3, 2 / 3, 1, 2 / 3, 1 / 3])  # 3 rows, 5 taps, pad 2
+    np.testing.assert_allclose(f[2], [0.75, 1, 1])  # 8 columns, stride 2, pad 1: 4 outputs
+    same = helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER")
+    np.testing.assert_allclose(tap_shares(same, m, (3, 3))[1], [7 / 8, 1, 7 / 8])
+    assert np.all(tap_shares(helper.make_node("Conv", ["x", "w"], ["y"]), m, (3, 3)) == 1)
