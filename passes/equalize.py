@@ -35,6 +35,11 @@ with another node or is not finite; a Gemm C that is not one value per column, a
 with ``transA``; channel counts that do not match. High-bias absorption (the paper's section 4.2)
 is not done: it is exact only where the data bounds each pre-activation below, which a pass
 without a proof over all inputs cannot promise.
+
+Not run by ``quantize``: with per-channel int8 weights the weights' own spread costs little, and
+the middle tensor's range moves by the scales in ways the weights alone do not predict; whether
+it helps is model by model (benchmarks/RESULTS.md, "Cross-layer equalization and bias
+correction", `bench_equalize.py`).
 """
 
 from __future__ import annotations

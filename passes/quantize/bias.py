@@ -27,6 +27,11 @@ onnxruntime: `graph_opt.intermediates.channel_means`).
   and calibration data is given. MatMul (its bias is a separate Add) is not corrected.
 
 Exact elsewhere: a layer whose weights are on the grid has ``Wq = W`` and keeps its bias.
+
+Off by default: the shift is that of the weights alone, measured on the float model's inputs;
+the quantized model's layers also see rounded, clipped inputs, whose mean error this does not
+correct (``reconstruct`` corrects biases along the chain, on the quantized model). Measured:
+benchmarks/RESULTS.md, "Cross-layer equalization and bias correction" (`bench_equalize.py`).
 """
 
 from __future__ import annotations
