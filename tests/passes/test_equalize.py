@@ -222,3 +222,47 @@ def test_quantizing_after_equalize_is_more_accurate():
     assert op_count(plain, "QuantizeLinear") > 0 and op_count(equalized, "QuantizeLinear") > 0
     assert e_plain > 0.2  # the badly scaled channels really hurt per-tensor activations
     assert e_eq < e_plain / 4
+
+
+def random_chain(seed: int) -> onnx.ModelProto:
+    """A seeded random Conv chain: 2-4 layers, grouped/depthwise/dense, 1×1 or 3×3, strides,
+    homogeneous ops between them, channels scaled over ±2 decades."""
+    rng = np.random.default_rng(seed)
+    g = GraphBuilder(seed=seed)
+    c = int(rng.choice([4, 8, 12]))
+    t = g.input("x", ["N", c, 9, 9])
+    for k in range(int(rng.integers(2, 5))):
+        groups = int(rng.choice([d for d in (1, 2, 4, c) if c % d == 0]))
+        cout = int(rng.choice([4, 8, 12])) if groups == 1 else c * int(rng.choice([1, 2]))
+        if cout % groups:
+            groups = 1
+        ks = int(rng.choice([1, 3]))
+        w = rng.standard_normal((cout, c // groups, ks, ks)) * 10.0 ** rng.uniform(-2, 2, (cout, 1, 1, 1))
+        ins = [t, g.const(f"w{k}", w.astype(np.float32))]
+        if rng.random() < 0.7:
+            ins.append(g.const(f"b{k}", rng.standard_normal(cout).astype(np.float32)))
+        t = g.node("Conv", ins, name=f"conv{k}", kernel_shape=[ks, ks], pads=[ks // 2] * 4, group=groups,
+                   strides=[int(rng.choice([1, 2]))] * 2 if ks == 3 else [1, 1])
+        op = str(rng.choice(["Relu", "LeakyRelu", "Identity", "MaxPool", "none"]))
+        if op == "MaxPool":
+            t = g.node("MaxPool", [t], kernel_shape=[2, 2], pads=[0, 0, 1, 1])
+        elif op == "LeakyRelu":
+            t = g.node("LeakyRelu", [t], alpha=0.2)
+        elif op != "none":
+            t = g.node(op, [t])
+        c = cout
+    g.node("Identity", [t], ["y"])
+    g.output("y", ["N", c, None, None])
+    return g.build()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_chains_stay_exact(seed):
+    model = random_chain(seed)
+    result = Equalize()(model)
+    assert result.modified, f"seed {seed}: nothing equalized"
+    assert len(result.model.graph.node) == len(model.graph.node)
+    assert_valid(result.model)
+    feed = {"x": random_input([2, int(model.graph.input[0].type.tensor_type.shape.dim[1].dim_value), 9, 9], seed=seed)}
+    ref, got = run(model, feed)[0], run(result.model, feed)[0]
+    assert _rel_err(got, ref) < 1e-4, f"seed {seed}"
