@@ -24,7 +24,8 @@ onnxruntime: `graph_opt.intermediates.channel_means`).
   B per ``transB``).
 - Only layers whose activations are quantized (their bias becomes int32) are corrected; a layer
   without a bias gets one (`with_zero_biases`, zeros before the correction) when the option is on
-  and calibration data is given. MatMul (its bias is a separate Add) is not corrected.
+  and calibration data is given (one the plan then keeps float or weight-only keeps its float
+  zero bias: the same function). MatMul (its bias is a separate Add) is not corrected.
 
 Exact elsewhere: a layer whose weights are on the grid has ``Wq = W`` and keeps its bias.
 

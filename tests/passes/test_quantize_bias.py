@@ -107,3 +107,11 @@ def test_tap_shares_count_the_padded_positions():
     same = helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER")
     np.testing.assert_allclose(tap_shares(same, m, (3, 3))[1], [7 / 8, 1, 7 / 8])
     assert np.all(tap_shares(helper.make_node("Conv", ["x", "w"], ["y"]), m, (3, 3)) == 1)
+
+
+def test_bias_correction_without_data_is_a_no_op():
+    model = leaning_model(bias=False)
+    plain = Quantize(reduce_range=False)(model)
+    asked = Quantize(reduce_range=False, bias_correction=True)(model)
+    assert op_count(asked.model, "QuantizeLinear") == 0  # weight-only: nothing to correct, no bias added
+    assert asked.model.SerializeToString() == plain.model.SerializeToString()
