@@ -6,8 +6,9 @@ model (`external_data.detached`: its weights as arrays, handed to onnxruntime be
 outputs the tensors `names` and, per `reducers` (``{tensor: reductions}``), reductions of a
 tensor computed inside onnxruntime, so that a few numbers per batch leave the session instead
 of the tensor: ``"min"``, ``"max"``, ``"sum"``, ``"sumsq"`` (ReduceMin, ReduceMax, ReduceSum,
-ReduceSumSquare over every axis) and ``"size"`` (its number of elements), one scalar each, and
-`PerFeature` (the max or min of every sample's every feature). Each reduction node is moved next
+ReduceSumSquare over every axis) and ``"size"`` (its number of elements), one scalar each,
+``"shape"`` (its dims, an int64 vector), and
+`PerFeature` (the max, min or mean of every sample's every feature). Each reduction node is moved next
 to its tensor's producer, so that onnxruntime can free the tensor soon after it is made. A
 caller may add nodes of its own to `Capture.model` first (probes); they are moved the same way.
 
@@ -48,22 +49,23 @@ def node_outputs(model: onnx.ModelProto) -> list[str]:
 
 
 # Whole-tensor reductions: one scalar per tensor and run.
-_REDUCE_OPS = {"min": "ReduceMin", "max": "ReduceMax", "sum": "ReduceSum", "sumsq": "ReduceSumSquare", "size": "Size"}
+_REDUCE_OPS = {"min": "ReduceMin", "max": "ReduceMax", "sum": "ReduceSum", "sumsq": "ReduceSumSquare", "size": "Size",
+               "shape": "Shape"}
 
 
 @dataclass(frozen=True)
 class PerFeature:
-    """The max or min of each sample's each feature: over every axis but the batch (0) and
+    """The max, min or mean of each sample's each feature: over every axis but the batch (0) and
     `axis`. ``axis`` 1 gives ``(samples·features,)`` (Flatten from axis 2), the last axis (of
     static length `features`) gives ``(samples, features)`` (Reshape to samples × rest × features)."""
 
-    op: Literal["max", "min"]
+    op: Literal["max", "min", "mean"]
     axis: int
     features: int | None = None
 
     def __post_init__(self) -> None:
-        if self.op not in ("max", "min") or (self.axis != 1 and not self.features):
-            raise ValueError(f"{self}: op 'max' or 'min'; away from axis 1 the number of features is needed")
+        if self.op not in ("max", "min", "mean") or (self.axis != 1 and not self.features):
+            raise ValueError(f"{self}: op 'max', 'min' or 'mean'; away from axis 1 the number of features is needed")
 
 
 Reducer = str | PerFeature
@@ -150,7 +152,7 @@ class _Reductions:
 
     def __init__(self, g: onnx.GraphProto, opset: int) -> None:
         self.g, self.fresh = g, Namer(g)
-        self.axes_input = opset >= 18  # ReduceMax/ReduceMin take their axes as an input from opset 18
+        self.axes_input = opset >= 18  # ReduceMax/ReduceMin/ReduceMean take their axes as an input from opset 18
         self.axes: str | None = None
         self.rows: dict[tuple[str, int], str] = {}  # (tensor, feature axis) -> its Flatten/Reshape
 
@@ -159,12 +161,12 @@ class _Reductions:
             if r not in _REDUCE_OPS:
                 raise ValueError(f"unknown reduction {r!r} (known: {', '.join(_REDUCE_OPS)}, PerFeature)")
             out = self.fresh(f"{t}_{r}")
-            attrs = {} if r == "size" else {"keepdims": 0}
+            attrs = {} if r in ("size", "shape") else {"keepdims": 0}
             self.g.node.append(helper.make_node(_REDUCE_OPS[r], [t], [out], **attrs))
             return out
         rows = self.rows.get((t, r.axis)) or self._feature_rows(t, r)
         out = self.fresh(f"{t}_feature_{r.op}")
-        op = "ReduceMax" if r.op == "max" else "ReduceMin"
+        op = {"max": "ReduceMax", "min": "ReduceMin", "mean": "ReduceMean"}[r.op]
         if self.axes_input:
             if self.axes is None:
                 self.axes = self.fresh("feature_reduce_axes")
@@ -370,6 +372,45 @@ def second_moments(model: onnx.ModelProto, data: Dataset | None,
     _GRAM_MEMO.clear()
     _GRAM_MEMO[key] = grams
     return grams
+
+
+@dataclass(frozen=True)
+class ChannelMean:
+    """The mean of each channel (axis 1) of a tensor over every sample and position, and the
+    tensor's shape (of the last batch; its dims after the channels are the positions)."""
+
+    mean: np.ndarray
+    shape: tuple[int, ...]
+
+
+def channel_means(model: onnx.ModelProto, data: Dataset | None, channels: Mapping[str, int], *,
+                  batch_size: int | None = None, threads: int = 1) -> dict[str, ChannelMean]:
+    """tensor → its `ChannelMean` (float64), for each tensor of `channels` (tensor → its number of
+    channels) that is float and has them: reduced inside onnxruntime (`PerFeature` mean and
+    ``"shape"``), so one number per sample and channel leaves the session, streamed over `data`
+    in one run of a private copy of `model`."""
+    if data is None or not channels:
+        return {}
+    mean = PerFeature("mean", 1)
+    cap = with_outputs(model, [], " (channel means)", reducers={t: [mean, "shape"] for t in channels})
+    names = [cap.reduced[t][r] for t in channels for r in (mean, "shape")]
+    session = make_session(cap.model, weights=cap.weights, threads=threads)
+    del cap
+    sums: dict[str, np.ndarray] = {}
+    rows: dict[str, int] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    bs = batch_size or batch_size_for(model, 32)
+    for _, values in run_batches(session, names, data, bs, "channel means"):
+        for k, (t, c) in enumerate(channels.items()):
+            v, shape = np.asarray(values[2 * k]), tuple(int(d) for d in values[2 * k + 1])
+            if not np.issubdtype(v.dtype, np.floating) or v.size % c or len(shape) < 2 or shape[1] != c:
+                continue
+            per_sample = v.reshape(-1, c).astype(np.float64)
+            sums[t] = sums.get(t, 0.0) + per_sample.sum(axis=0)
+            rows[t] = rows.get(t, 0) + per_sample.shape[0]
+            shapes[t] = shape
+    return {t: ChannelMean(sums[t] / rows[t], shapes[t]) for t in sums
+            if rows[t] and np.all(np.isfinite(sums[t]))}
 
 
 def _fingerprint(model: onnx.ModelProto) -> str:

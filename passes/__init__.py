@@ -2,6 +2,7 @@
 
 from graph_opt.passes.cleanup import Cleanup
 from graph_opt.passes.distill import Distill
+from graph_opt.passes.equalize import Equalize
 from graph_opt.passes.factorize_conv import FactorizeConv
 from graph_opt.passes.factorize_gemm import FactorizeGemm
 from graph_opt.passes.fold_batchnorm import FoldBatchnorm
@@ -15,6 +16,7 @@ PASSES = (
     Simplify,
     FoldBatchnorm,
     Cleanup,
+    Equalize,
     PruneWeights,
     PruneChannels,
     FactorizeGemm,
@@ -24,5 +26,5 @@ PASSES = (
     Distill,
 )
 
-__all__ = ["PASSES", "Cleanup", "Distill", "FactorizeConv", "FactorizeGemm", "FoldBatchnorm", "PruneChannels",
+__all__ = ["PASSES", "Cleanup", "Distill", "Equalize", "FactorizeConv", "FactorizeGemm", "FoldBatchnorm", "PruneChannels",
            "PruneWeights", "Quantize", "Reconstruct", "Simplify"]

@@ -16,6 +16,7 @@ name, the float weight is removed, and the file really shrinks. One module per s
 - `layers`: which Conv/Gemm/MatMul (``op_types``) can be quantized, or why not;
 - `weights`: weight and bias codes (int8/uint8/int4 grids, 7-bit ``reduce_range``, GPTQ
   rounding, ternary/binary) and their error bounds;
+- `bias`: ``bias_correction``, the expected output shift of rounded weights removed from the bias;
 - `calibration`: one streaming onnxruntime pass for the activation ranges (minmax, percentile,
   entropy, mse; per-feature floors);
 - `placement`: which activations get a QDQ (layers, shared-scale data movement, own-scale
@@ -108,6 +109,7 @@ class Quantize(Pass):
     min_snr_db: float | None = None
     threads: int = 0
     rounding: Literal["nearest", "gptq"] = "nearest"
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         if self.target != "host" and self.target not in NAMED_TARGETS:

@@ -11,6 +11,7 @@ node → quantize / float / skip with the reason), which `emit.apply_plan` write
 2. ``rounding=gptq``: the layers' input second moments (`weights.attach_hessians`);
 3. the static candidates (`_candidates`): 8-bit unblocked weights with ``activations`` not
    'none' and calibration data, less the Convs on a graph input `layers.float_on_input` keeps;
+   ``bias_correction``: their input channel means (`bias.attach_means`);
 4. calibrate only what a dry run of the placement on stand-in ranges asks for (`_calibrate`),
    then place (`placement.place`) and quantize the weights and biases (`weights`);
 5. measure the sensitivity (`sensitivity.measure`), keep the sensitive nodes float or
@@ -35,7 +36,7 @@ from graph_opt.errors import GraphOptError
 from graph_opt.model_io import copy_model
 from graph_opt.passes._graph import GraphIndex, all_nodes
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
-from graph_opt.passes.quantize import calibration, sensitivity
+from graph_opt.passes.quantize import bias, calibration, sensitivity
 from graph_opt.passes.quantize.layers import Layer, float_on_input, match_layers, opset_of, rematch_layers
 from graph_opt.passes.quantize.placement import Placement, calibration_tensors, place
 from graph_opt.passes.quantize.weights import attach_hessians, block_for, weights_and_biases
@@ -50,9 +51,12 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
               batch_size: int | None = None) -> tuple[QuantPlan, onnx.ModelProto]:
     """Decide everything (pure with respect to `model`): the plan and the model it applies to.
 
-    The returned model is `model` itself, or a copy upgraded to the opset the plan needs.
+    The returned model is `model` itself, or a copy upgraded to the opset the plan needs (and,
+    with ``bias_correction``, where Conv/Gemm layers without a bias read a zero one).
     """
     batch_size = batch_size or opts.batch_size
+    if opts.bias_correction and data is not None and opts.activations != "none":
+        model = bias.with_zero_biases(model, opts)
     ix = GraphIndex(model)
     decisions, layers, n_qdq = match_layers(ix, opts)
     notes: list[str] = []
@@ -78,6 +82,8 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
     if opts.rounding == "gptq":
         attach_hessians(model, ix, layers, data, notes)
     candidates, forced = _candidates(ix, layers, data, opts, notes)
+    if opts.bias_correction and candidates:
+        bias.attach_means(model, ix, layers, candidates, data, opts, notes)
     ranges: Mapping[str, tuple[float, float]] = {}
     unasked: frozenset[str] = frozenset()
     if opts.activations != "none" and candidates:

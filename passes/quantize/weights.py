@@ -17,7 +17,8 @@ Numerics (`graph_opt.kernels.quant`): ``q = saturate(round(x/s) + z)``, ``x̂ = 
 - ``ternary`` (TWN: ``Δ = 0.7·mean|w|``, codes ``sign(w)·[|w| > Δ]``, ``α = mean(|w| : |w| > Δ)``)
   and ``binary`` (``sign(w)``, ``α = mean|w|``): int2 codes with α per channel as the scale.
 - Bias of a layer with a quantized input: int32 with ``s_b = s_x·s_w``, zero point 0; kept float
-  when a code would overflow int32 (and for the reasons `layers.match_layer` records).
+  when a code would overflow int32 (and for the reasons `layers.match_layer` records); with
+  ``bias_correction``, less the expected output shift of the rounded weight (`bias`).
 
 Error per element: a weight by s/2 (ternary/binary: |w − α·code|, large by design), a bias by
 s_x·s_w/2. A weight already on the grid comes back exactly.
@@ -47,6 +48,7 @@ from graph_opt.kernels.quant import (
 from graph_opt.passes._graph import GraphIndex
 from graph_opt.passes._qplan import TensorQuant
 from graph_opt.onnx_util import attr
+from graph_opt.passes.quantize.bias import corrected
 from graph_opt.passes.quantize.layers import Layer
 
 if TYPE_CHECKING:
@@ -144,10 +146,11 @@ def attach_hessians(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, La
 
 
 def _quantize_bias(layer: Layer, x_scale: np.ndarray, wq: TensorQuant) -> TensorQuant | str:
-    """int32 bias with scale s_x·s_w (per channel when the weight is), or why it stays float."""
+    """int32 bias with scale s_x·s_w (per channel when the weight is), or why it stays float;
+    with ``bias_correction``, of the bias less its rounded weight's expected shift (`bias`)."""
     s = (np.float32(x_scale) * wq.scale).astype(np.float32)
     s = np.maximum(s, np.float32(MIN_SCALE))
-    bv = layer.bv.astype(np.float64)
+    bv = corrected(layer, wq).astype(np.float64)
     flat = bv.reshape(-1)
     codes = np.rint(flat / (s.astype(np.float64) if s.ndim else float(s)))
     if np.any(np.abs(codes) > _INT32_MAX):
