@@ -1,0 +1,487 @@
+"""smooth: move the per-feature outliers of a MatMul/Gemm input into its weights (SmoothQuant).
+
+Before / after (a LayerNorm whose output feeds the Q, K and V projections)::
+
+    x → LayerNormalization(γ, β) → h ─┬→ MatMul(Wq)      x → LayerNormalization(γ/s, β/s) → h' ─┬→ MatMul(diag(s)·Wq)
+                                       ├→ MatMul(Wk)                                              ├→ MatMul(diag(s)·Wk)
+                                       └→ MatMul(Wv)                                              └→ MatMul(diag(s)·Wv)
+
+A layer ``Y = X·W`` is unchanged by ``X' = X·diag(1/s)``, ``W' = diag(s)·W``. With
+``s_j = max|X_j|^α / max|W_j|^(1−α)`` (`kernels.smooth`; ``max|X_j|`` over the calibration data,
+``max|W_j|`` over every layer reading X) the activation's outlier features shrink and the
+weights' rows grow, so that int8 quantization after this pass (one scale per activation
+tensor, one per weight column) loses less on both sides. ``alpha`` sets the split.
+
+Exact in float (the output changes by float32 rounding only) because 1/s is folded into what
+writes X, and every reader of X's values is a layer that takes s:
+
+- LayerNormalization over the last axis with constant scale (and bias): γ' = γ/s, β' = β/s;
+- a decomposed LayerNorm as exporters write it, ``Add(Mul(n, γ), β)`` (or ``Mul(n, γ)``) with
+  constant γ, β along the last axis and the Mul read by the Add only: the same;
+- a MatMul/Gemm with a constant weight (and a constant bias, as Gemm's C or a following Add):
+  its output columns are divided by s;
+- the readers: MatMul with X on the left and a constant 2-D weight, Gemm with transA = 0 and a
+  constant B, each weight read by that node only; Shape and Size read no values.
+
+``unfoldable=mul`` also rewrites what cannot be folded, at the cost of one elementwise Mul per
+tensor (reported): when X's producer cannot absorb 1/s, ``Mul(X, 1/s)`` feeds the layers; when
+other nodes read X too (a post-LN transformer's residual Add reads the LayerNorm output), the
+producer writes X' and ``Mul(X', s)`` gives those readers X back under its old name.
+
+``min_spread``: a tensor is only smoothed when its largest feature range is at least that many
+times the median one (`kernels.smooth.spread`): without outliers there is nothing to move.
+
+Per-feature extremes come from one streaming onnxruntime pass over at most ``max_samples``
+calibration samples (`graph_opt.intermediates`: `PerFeature` max and min of each tensor reduced
+inside the session); without data, seeded random inputs stand in (and the report says so).
+
+Skipped, with the reason: a layer's weight not constant, not float32, not 2-D or shared; X not
+float32 or of unknown width; the producer is not one of the above (unless ``unfoldable=mul``),
+its constants shared or not along the last axis; X read by other nodes or a graph output (unless
+``unfoldable=mul``); X never observed, or its extremes not finite; X's spread under
+``min_spread``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from graph_opt.data import Dataset, batch_size_for, random_dataset
+from graph_opt.external_data import disk_tensor, on_disk
+from graph_opt.intermediates import PerFeature, with_outputs
+from graph_opt.kernels.smooth import migration_scales, row_max, spread
+from graph_opt.onnx_util import Namer, attr
+from graph_opt.pass_base import Pass, PassContext, PassReport
+from graph_opt.passes._graph import GraphIndex, subgraph_reads
+from graph_opt.runtime import make_session, run_batches
+
+log = logging.getLogger(__name__)
+
+_DEFAULT = ("", "ai.onnx")
+# Readers that use a tensor's shape only: they never see the scaled values.
+_SHAPE_READERS = frozenset({"Shape", "Size"})
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One reader of X that takes s: its node, and its weight with the axis of X's features."""
+
+    node: int
+    weight: str
+    axis: int
+
+
+@dataclass(frozen=True)
+class Producer:
+    """How 1/s is folded into what writes X: the constants to divide, each along its last axis
+    (``kind`` 'layernorm', 'affine') or along the output axis of a layer weight (``kind`` 'layer')."""
+
+    kind: Literal["layernorm", "affine", "layer"]
+    node: int                          # the node writing X
+    constants: tuple[tuple[str, int], ...]  # (constant, axis of X's features in it; -1: the last)
+
+
+@dataclass
+class Group:
+    """One tensor X and its readers: the decision of `match`, before any number is known."""
+
+    tensor: str
+    features: int
+    layers: list[Layer]
+    producer: Producer | None
+    why_not_folded: str = ""           # when producer is None
+    rest: list[int] = field(default_factory=list)   # nodes reading X's values that take no s
+    rest_labels: list[str] = field(default_factory=list)  # those, and 'a graph output', for reports
+    output: bool = False               # X is a graph output
+
+    @property
+    def muls(self) -> int:
+        """Mul nodes this group costs: one to scale X for the layers, or one to restore X for the rest."""
+        return int(self.producer is None or bool(self.rest) or self.output)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Smooth(Pass):
+    """Migrate activation outliers of MatMul/Gemm inputs into the weights (SmoothQuant; exact in float)."""
+
+    name: ClassVar[str] = "smooth"
+    alpha: float = 0.5
+    min_spread: float = 1.0
+    unfoldable: Literal["skip", "mul"] = "skip"
+    max_samples: int = 256
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not self.min_spread >= 1.0:
+            raise ValueError(f"min_spread must be >= 1 (1: every tensor), got {self.min_spread}")
+        if self.max_samples < 1:
+            raise ValueError("max_samples must be >= 1")
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0 (0: onnxruntime's default, one per core)")
+
+    def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
+        ix = GraphIndex(model)
+        groups = []
+        for x, found in find_groups(ix).items():
+            why = found if isinstance(found, str) else self._why_not(found)
+            if why:
+                report.skip(x, why)
+            else:
+                groups.append(found)
+        if not groups:
+            return model
+        data = ctx.data
+        if data is None:
+            data = random_dataset(model, 16, seed=ctx.seed)
+            report.note("no calibration data: per-feature ranges measured on 16 seeded random inputs")
+        extremes = feature_extremes(model, data.take(self.max_samples), {g.tensor: g.features for g in groups},
+                                    threads=self.threads)
+        scales: dict[str, np.ndarray] = {}
+        chosen = []
+        for g in groups:
+            a = extremes.get(g.tensor)
+            if a is None:
+                report.skip(g.tensor, "never observed on the calibration data, or not float32")
+                continue
+            if not np.all(np.isfinite(a)):
+                report.skip(g.tensor, "its per-feature extremes are not finite")
+                continue
+            before = spread(a)
+            if before < self.min_spread:
+                report.skip(g.tensor,
+                            f"no outliers: largest feature range {before:.1f}x the median < min_spread {self.min_spread:g}")
+                continue
+            w = np.max([row_max(ix.const(layer.weight), layer.axis) for layer in g.layers], axis=0)
+            s = migration_scales(a, w, self.alpha)
+            scales[g.tensor] = s
+            chosen.append(g)
+            report.rewrite(g.tensor, tensor=g.tensor,
+                           layers=[ix.labels[layer.node] for layer in g.layers],
+                           into=(ix.labels[g.producer.node] if g.producer else "Mul"), muls=g.muls,
+                           spread_before=round(before, 2), spread_after=round(spread(a / s), 2),
+                           scale_min=float(s.min()), scale_max=float(s.max()))
+        if not chosen:
+            return model
+        muls = sum(g.muls for g in chosen)
+        if muls:
+            report.note(f"unfoldable=mul: {muls} Mul node(s) added (one elementwise product over each tensor per run)")
+        report.note(f"alpha {self.alpha:g}: {len(chosen)} tensor(s) smoothed, "
+                    f"{sum(len(g.layers) for g in chosen)} layer weight(s) scaled")
+        return apply(model, ix, chosen, scales)
+
+    def _why_not(self, g: Group) -> str:
+        if self.unfoldable == "mul":
+            return ""
+        if g.producer is None:
+            return f"{g.why_not_folded}: 1/s cannot be folded (unfoldable=mul would add a Mul)"
+        if g.rest or g.output:
+            return (f"also read by {', '.join(g.rest_labels)}, which would need X unscaled "
+                    "(unfoldable=mul would add a Mul to restore it)")
+        return ""
+
+
+# ------------------------------------------------------------------------------------------- match
+
+
+def find_groups(ix: GraphIndex) -> dict[str, Group | str]:
+    """Every float tensor that a smoothable layer reads: its `Group`, or the reason there is none."""
+    out: dict[str, Group | str] = {}
+    for idx, node in enumerate(ix.nodes):
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in _DEFAULT or len(node.input) < 2:
+            continue
+        x = node.input[0]
+        if x in out or ix.is_const(x):
+            continue
+        if not ix.is_const(node.input[1]):
+            continue  # two activations (attention's MatMuls): no weight to take s
+        out[x] = match(ix, x)
+    return out
+
+
+def _layer(ix: GraphIndex, idx: int) -> Layer | str:
+    """The node as a reader that takes s, or why it cannot."""
+    node = ix.nodes[idx]
+    w = node.input[1]
+    if not ix.is_const(w):
+        return "weight is not a constant"
+    if ix.const_dtype(w) != TensorProto.FLOAT:
+        return "weight is not float32"
+    shape = _const_shape(ix, w)
+    if shape is None or len(shape) != 2:
+        return "weight is not 2-D"
+    if node.op_type == "Gemm":
+        if attr(node, "transA", 0):
+            return "Gemm with transA"
+        axis = 1 if attr(node, "transB", 0) else 0
+    else:
+        axis = 0
+    if ix.sole_reader(w) != idx:
+        return "weight is shared with another node"
+    return Layer(idx, w, axis)
+
+
+def match(ix: GraphIndex, x: str) -> Group | str:
+    """The group of tensor `x`: its layers, how its producer folds 1/s (or why not), its other readers."""
+    layers: list[Layer] = []
+    rest: list[int] = []
+    labels: list[str] = []
+    for idx, slot in ix.readers(x):
+        node = ix.nodes[idx]
+        if slot >= 0 and node.op_type in _SHAPE_READERS and node.domain in _DEFAULT:
+            continue
+        layer = _layer(ix, idx) if node.op_type in ("MatMul", "Gemm") and slot == 0 and node.domain in _DEFAULT \
+            else None
+        if isinstance(layer, Layer):
+            layers.append(layer)
+        else:
+            rest.append(idx)
+            labels.append(ix.labels[idx] + (f" ({layer})" if isinstance(layer, str) else ""))
+    if not layers:
+        return f"no reader takes s: {', '.join(labels)}"
+    widths = {_const_shape(ix, layer.weight)[layer.axis] for layer in layers}
+    if len(widths) != 1:
+        return f"its layers disagree on its width ({sorted(widths)})"
+    features = widths.pop()
+    producer = _producer(ix, x, features)
+    output = x in ix.graph_outputs
+    return Group(x, features, layers, producer if isinstance(producer, Producer) else None,
+                 producer if isinstance(producer, str) else "", rest,
+                 labels + (["a graph output"] if output else []), output)
+
+
+def _producer(ix: GraphIndex, x: str, k: int) -> Producer | str:
+    """How the node writing `x` absorbs 1/s (`Producer`), or why it cannot."""
+    if x not in ix.producer:
+        return "a graph input"
+    idx = ix.producer[x]
+    node = ix.nodes[idx]
+    op = node.op_type
+    if node.domain not in _DEFAULT:
+        return f"producer {op} ({node.domain})"
+    if op == "LayerNormalization":
+        if node.output[0] != x:
+            return "written by LayerNormalization's statistics output"
+        consts = [(node.input[i], -1) for i in (1, 2) if len(node.input) > i and node.input[i]]
+        why = _private_vectors(ix, idx, consts, k)
+        if why:
+            return why
+        if _const_shape(ix, node.input[1]) != (k,):  # the scale has the normalized axes' shape
+            return "LayerNormalization normalizes more than the last axis"
+        return Producer("layernorm", idx, tuple(consts))
+    if op in ("Mul", "Add"):
+        return _affine(ix, idx, k)
+    if op in ("MatMul", "Gemm"):
+        return _layer_producer(ix, idx, None, k)
+    return f"producer {op}"
+
+
+def _affine(ix: GraphIndex, idx: int, k: int) -> Producer | str:
+    """``Add(Mul(n, γ), β)``, ``Mul(n, γ)``, or ``Add(MatMul(y, W), b)`` (a layer's bias)."""
+    node = ix.nodes[idx]
+    const = [i for i in node.input if ix.is_const(i)]
+    if len(node.input) != 2 or len(const) != 1:
+        return f"producer {node.op_type} without exactly one constant operand"
+    other = next(i for i in node.input if i != const[0])
+    if node.op_type == "Mul":
+        why = _private_vectors(ix, idx, [(const[0], -1)], k)
+        return why or Producer("affine", idx, ((const[0], -1),))
+    # Add: the bias of a decomposed LayerNorm (after its Mul) or of a layer
+    inner = ix.producer.get(other)
+    if inner is None or ix.sole_reader(other) != idx:
+        return "producer Add whose other operand is not read by it alone"
+    prev = ix.nodes[inner]
+    if prev.op_type == "Mul" and prev.domain in _DEFAULT:
+        gamma = [i for i in prev.input if ix.is_const(i)]
+        if len(gamma) != 1:
+            return "producer Add after a Mul without exactly one constant operand"
+        consts = [(gamma[0], -1), (const[0], -1)]
+        why = _private_vectors(ix, idx, [consts[1]], k) or _private_vectors(ix, inner, [consts[0]], k)
+        return why or Producer("affine", idx, tuple(consts))
+    if prev.op_type in ("MatMul", "Gemm") and prev.domain in _DEFAULT:
+        return _layer_producer(ix, inner, (idx, const[0]), k)
+    return f"producer Add after {prev.op_type}"
+
+
+def _layer_producer(ix: GraphIndex, idx: int, bias: tuple[int, str] | None, k: int) -> Producer | str:
+    """A MatMul/Gemm writing X (with `bias`: ``(Add node, constant)`` after it): output columns / s."""
+    node = ix.nodes[idx]
+    layer = _layer(ix, idx)
+    if isinstance(layer, str):
+        return f"producer {node.op_type}: {layer}"
+    w_axis = 1 - layer.axis  # the output features of its weight
+    if _const_shape(ix, layer.weight)[w_axis] != k:
+        return f"producer {node.op_type} writes {_const_shape(ix, layer.weight)[w_axis]} features, not {k}"
+    consts: list[tuple[str, int]] = [(layer.weight, w_axis)]
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+        why = _private_vectors(ix, idx, [(node.input[2], -1)], k)
+        if why:
+            return why
+        consts.append((node.input[2], -1))
+    if bias is not None:
+        why = _private_vectors(ix, bias[0], [(bias[1], -1)], k)
+        if why:
+            return why
+        consts.append((bias[1], -1))
+    return Producer("layer", bias[0] if bias else idx, tuple(consts))
+
+
+def _private_vectors(ix: GraphIndex, idx: int, consts: list[tuple[str, int]], k: int) -> str:
+    """'' when every constant is float32, read by node `idx` only, and spans X's last axis (length
+    1 or k there); else why not."""
+    label = f"{ix.nodes[idx].op_type}"
+    for name, _ in consts:
+        if ix.const_dtype(name) != TensorProto.FLOAT:
+            return f"producer {label}: a constant is not float32"
+        if ix.sole_reader(name) != idx:
+            return f"producer {label}: its constant {name!r} is shared"
+        shape = _const_shape(ix, name)
+        if shape is None:
+            return f"producer {label}: a constant is not readable"
+        if shape and shape[-1] not in (1, k):
+            return f"producer {label}: a constant of shape {list(shape)} is not along the last axis"
+    return ""
+
+
+def _const_shape(ix: GraphIndex, name: str) -> tuple[int, ...] | None:
+    if name in ix.inits:
+        return tuple(ix.inits[name].dims)
+    value = ix.const(name)
+    return None if value is None else tuple(value.shape)
+
+
+# ----------------------------------------------------------------------------------- statistics
+
+
+def feature_extremes(model: onnx.ModelProto, data: Dataset, widths: dict[str, int], *,
+                     threads: int = 0) -> dict[str, np.ndarray]:
+    """``{tensor: max_j |X_j|}`` over every sample of `data`, for each tensor of `widths` (its
+    number of features, on the last axis), streamed: onnxruntime reduces each batch to the
+    per-sample, per-feature max and min (`PerFeature`), nothing else leaves the session."""
+    reducers = {t: (PerFeature("max", -1, k), PerFeature("min", -1, k), "size") for t, k in widths.items()}
+    cap = with_outputs(model, [], reducers=reducers)
+    names = [cap.reduced[t][r] for t, rs in reducers.items() for r in rs]
+    weight_bytes = sum(int(a.nbytes) for a in cap.weights.values())
+    session = make_session(cap.model, optimize=True, threads=threads, arena=False, weights=cap.weights)
+    del cap
+
+    def batch_bytes(outs: list[np.ndarray]) -> float:  # the tensors reduced, not the reductions
+        return float(sum(int(outs[i]) * 4 for i in range(2, len(outs), 3)))
+
+    acc: dict[str, np.ndarray] = {}
+    bad: set[str] = set()  # not float32, or a NaN reached the reductions
+    for _, outs in run_batches(session, names, data, batch_size_for(model, 0), "smooth statistics",
+                               batch_bytes=batch_bytes, weight_bytes=weight_bytes):
+        for i, t in enumerate(reducers):
+            hi, lo = (np.asarray(v) for v in outs[3 * i: 3 * i + 2])
+            if hi.dtype != np.float32:
+                bad.add(t)
+            if t in bad or hi.size == 0:
+                continue
+            a = np.maximum(np.abs(hi), np.abs(lo)).reshape(-1, widths[t]).max(axis=0).astype(np.float64)
+            acc[t] = np.maximum(acc[t], a) if t in acc else a  # NaN propagates: the group is then skipped
+    return {t: a for t, a in acc.items() if t not in bad}
+
+
+# ---------------------------------------------------------------------------------------- rewrite
+
+
+def apply(model: onnx.ModelProto, ix: GraphIndex, groups: list[Group], scales: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Rewrite `model` (the private copy `ix` indexes) in place: every group's layers take s, its
+    producer 1/s (or a Mul does), its other readers get X back from a Mul; new constants get fresh
+    names and the replaced ones go."""
+    g = model.graph
+    namer = Namer(g)
+    # Every constant edit as per-axis factors, composed: a layer can read one smoothed tensor and
+    # write another (its weight's rows times s, its columns divided by the next s).
+    factors: dict[str, list[tuple[int, np.ndarray]]] = {}
+    owner: dict[str, int] = {}
+    after: dict[int, list[onnx.NodeProto]] = {}   # node index -> Mul nodes to put right after it (-1: first)
+    for grp in groups:
+        s = scales[grp.tensor]
+        for layer in grp.layers:
+            factors.setdefault(layer.weight, []).append((layer.axis, s))
+            owner[layer.weight] = layer.node
+        x_layers = grp.tensor
+        if grp.producer is not None:
+            for name, axis in grp.producer.constants:
+                factors.setdefault(name, []).append((axis, 1.0 / s))
+                owner[name] = ix.sole_reader(name)
+            if grp.rest or grp.output:  # the producer writes X/s; a Mul restores X for the others
+                x_layers = namer(f"{grp.tensor}_smoothed")
+                ix.nodes[grp.producer.node].output[0] = x_layers
+                after.setdefault(grp.producer.node, []).append(
+                    _mul(g, namer, x_layers, s, grp.tensor))
+        else:
+            x_layers = namer(f"{grp.tensor}_smoothed")
+            after.setdefault(ix.producer.get(grp.tensor, -1), []).append(
+                _mul(g, namer, grp.tensor, 1.0 / s, x_layers))
+        for layer in grp.layers:
+            ix.nodes[layer.node].input[0] = x_layers
+    to_disk = any(on_disk(t) for t in g.initializer)
+    replaced: set[str] = set()
+    for name, edits in factors.items():
+        value = np.asarray(ix.const(name, cache=False))
+        dtype = value.dtype
+        new = value.astype(np.float64)
+        for axis, f in edits:
+            if new.ndim == 0:
+                new = new.reshape(1)
+            shape = [1] * new.ndim
+            shape[axis] = -1
+            new = new * f.reshape(shape)
+        new = new.astype(dtype)
+        fresh = namer(f"{name}_smooth")
+        tensor = disk_tensor(new, fresh) if to_disk and new.nbytes >= 1024 else numpy_helper.from_array(new, fresh)
+        g.initializer.append(tensor)
+        node = ix.nodes[owner[name]]
+        for i, inp in enumerate(node.input):
+            if inp == name:
+                node.input[i] = fresh
+        replaced.add(name)
+    if after:
+        nodes = list(ix.nodes)
+        del g.node[:]
+        g.node.extend(after.get(-1, ()))
+        for idx, node in enumerate(nodes):
+            g.node.append(node)
+            g.node.extend(after.get(idx, ()))
+    _drop_unread(model, replaced)
+    return model
+
+
+def _mul(g: onnx.GraphProto, namer: Namer, x: str, factor: np.ndarray, out: str) -> onnx.NodeProto:
+    const = namer(f"{out}_scale")
+    g.initializer.append(numpy_helper.from_array(factor.astype(np.float32), const))
+    return helper.make_node("Mul", [x, const], [out], name=namer(f"{out}_mul"))
+
+
+def _drop_unread(model: onnx.ModelProto, names: set[str]) -> None:
+    """Remove the initializers (and Constant nodes) of `names` that nothing reads any more."""
+    g = model.graph
+    read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    for n in g.node:
+        read |= subgraph_reads(n)
+    gone = {n for n in names if n not in read}
+    if not gone:
+        return
+    keep = [t for t in g.initializer if t.name not in gone]
+    if len(keep) != len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(keep)
+    nodes = [n for n in g.node if not (n.op_type == "Constant" and n.output and n.output[0] in gone)]
+    if len(nodes) != len(g.node):
+        del g.node[:]
+        g.node.extend(nodes)
+    for field_ in (g.input, g.value_info):
+        kept = [v for v in field_ if v.name not in gone]
+        if len(kept) != len(field_):
+            del field_[:]
+            field_.extend(kept)
