@@ -229,3 +229,25 @@ def test_int8_after_smooth_loses_less_than_int8_alone():
 
     # one activation scale for h: the 40x feature coarsens every other feature's grid without smoothing
     assert err(both) < 0.5 * err(plain), (err(both), err(plain))
+
+
+def test_quantize_smooth_option_runs_the_pass_first_and_says_so():
+    data = _data(n=32)
+    q = Quantize(target="x86-avx512-vnni", sensitivity_snr_db=None)
+    post_ln = Quantize(target="x86-avx512-vnni", smooth="auto")(qkv_model(residual=True), PassContext(data=data))
+    assert_valid(post_ln.model)
+    assert any(n.startswith("smooth: ") and "1 Mul node(s) added" in n for n in post_ln.report.notes)
+    model = qkv_model()
+    plain = q(model, PassContext(data=data))
+    smoothed = Quantize(target="x86-avx512-vnni", sensitivity_snr_db=None, smooth=0.5)(model, PassContext(data=data))
+    assert_valid(smoothed.model)
+    assert len(smoothed.report.rewritten) == len(plain.report.rewritten)
+    ref = run(model, data.inputs)[0].astype(np.float64)
+
+    def err(m):
+        return float(np.mean((run(m, data.inputs)[0] - ref) ** 2) / np.mean(ref ** 2))
+
+    assert err(smoothed.model) < 0.5 * err(plain.model), (err(smoothed.model), err(plain.model))
+    assert not any(n.startswith("smooth") for n in plain.report.notes)  # off by default
+    with pytest.raises(ValueError, match="smooth must be"):
+        Quantize(smooth=2.0)
