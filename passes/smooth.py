@@ -470,18 +470,8 @@ def _drop_unread(model: onnx.ModelProto, names: set[str]) -> None:
     for n in g.node:
         read |= subgraph_reads(n)
     gone = {n for n in names if n not in read}
-    if not gone:
-        return
-    keep = [t for t in g.initializer if t.name not in gone]
-    if len(keep) != len(g.initializer):
-        del g.initializer[:]
-        g.initializer.extend(keep)
-    nodes = [n for n in g.node if not (n.op_type == "Constant" and n.output and n.output[0] in gone)]
-    if len(nodes) != len(g.node):
-        del g.node[:]
-        g.node.extend(nodes)
-    for field_ in (g.input, g.value_info):
-        kept = [v for v in field_ if v.name not in gone]
-        if len(kept) != len(field_):
-            del field_[:]
-            field_.extend(kept)
+    # Deleted by index, in reverse: re-extending the field would copy every weight kept.
+    for field_, key in ((g.initializer, lambda t: t.name), (g.input, lambda v: v.name), (g.value_info, lambda v: v.name),
+                        (g.node, lambda n: n.output[0] if n.op_type == "Constant" and n.output else None)):
+        for i in reversed([i for i, item in enumerate(field_) if key(item) in gone]):
+            del field_[i]
