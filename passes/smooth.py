@@ -18,6 +18,8 @@ writes X, and every reader of X's values is a layer that takes s:
 - LayerNormalization over the last axis with constant scale (and bias): γ' = γ/s, β' = β/s;
 - a decomposed LayerNorm as exporters write it, ``Add(Mul(n, γ), β)`` (or ``Mul(n, γ)``) with
   constant γ, β along the last axis and the Mul read by the Add only: the same;
+- ``Mul(a, Mul(b, c))`` with c constant and the inner Mul read by the outer one only (an exported
+  GELU ends so): c' = c/s;
 - a MatMul/Gemm with a constant weight (and a constant bias, as Gemm's C or a following Add):
   its output columns are divided by s;
 - the readers: MatMul with X on the left and a constant 2-D weight, Gemm with transA = 0 and a
@@ -284,9 +286,11 @@ def _producer(ix: GraphIndex, x: str, k: int) -> Producer | str:
 
 
 def _affine(ix: GraphIndex, idx: int, k: int) -> Producer | str:
-    """``Add(Mul(n, γ), β)``, ``Mul(n, γ)``, or ``Add(MatMul(y, W), b)`` (a layer's bias)."""
+    """``Add(Mul(n, γ), β)``, ``Mul(n, γ)``, ``Mul(a, Mul(b, c))``, or ``Add(MatMul(y, W), b)`` (a layer's bias)."""
     node = ix.nodes[idx]
     const = [i for i in node.input if ix.is_const(i)]
+    if node.op_type == "Mul" and len(node.input) == 2 and not const:
+        return _product(ix, idx, k)
     if len(node.input) != 2 or len(const) != 1:
         return f"producer {node.op_type} without exactly one constant operand"
     other = next(i for i in node.input if i != const[0])
@@ -308,6 +312,22 @@ def _affine(ix: GraphIndex, idx: int, k: int) -> Producer | str:
     if prev.op_type in ("MatMul", "Gemm") and prev.domain in _DEFAULT:
         return _layer_producer(ix, inner, (idx, const[0]), k)
     return f"producer Add after {prev.op_type}"
+
+
+def _product(ix: GraphIndex, idx: int, k: int) -> Producer | str:
+    """``Mul(a, Mul(b, c))`` with c constant and the inner Mul read by the outer one only: 1/s goes
+    into c (an exported GELU, ``x · (0.5 · (1 + erf(x/√2)))``, ends so)."""
+    for operand in ix.nodes[idx].input:
+        inner = ix.producer.get(operand)
+        if inner is None or ix.sole_reader(operand) != idx:
+            continue
+        prev = ix.nodes[inner]
+        const = [i for i in prev.input if ix.is_const(i)]
+        if prev.op_type == "Mul" and prev.domain in _DEFAULT and len(prev.input) == 2 and len(const) == 1:
+            why = _private_vectors(ix, inner, [(const[0], -1)], k)
+            if not why:
+                return Producer("affine", idx, ((const[0], -1),))
+    return "producer Mul of two activations, neither a private Mul by a constant"
 
 
 def _layer_producer(ix: GraphIndex, idx: int, bias: tuple[int, str] | None, k: int) -> Producer | str:

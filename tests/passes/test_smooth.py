@@ -251,3 +251,30 @@ def test_quantize_smooth_option_runs_the_pass_first_and_says_so():
     assert not any(n.startswith("smooth") for n in plain.report.notes)  # off by default
     with pytest.raises(ValueError, match="smooth must be"):
         Quantize(smooth=2.0)
+
+
+@pytest.mark.parametrize("form", ["torchscript", "dynamo"])
+def test_an_exported_gelu_takes_one_over_s_in_its_constant(form):
+    """GELU as the two exporters write it: ((x·(1 + erf(x/√2)))·0.5) or x·(0.5·(1 + erf(x/√2)))."""
+    g = GraphBuilder(seed=6)
+    x = g.input("x", ["N", T, D])
+    e = g.node("Add", [g.node("Erf", [g.node("Div", [x, g.const("sqrt2", np.array(np.sqrt(2), np.float32))])]),
+                       g.const("one", np.array(1, np.float32))])
+    half = g.const("half", np.array(0.5, np.float32))
+    if form == "torchscript":
+        h = g.node("Mul", [g.node("Mul", [x, e]), half], ["h"], name="gelu")
+    else:
+        h = g.node("Mul", [x, g.node("Mul", [half, e])], ["h"], name="gelu")
+    g.node("MatMul", [h, g.weight("w", (D, D), 0.2)], ["y"], name="proj")
+    g.output("y", ["N", T, D])
+    model = g.build()
+    values = _data().inputs["x"]
+    values[:, :, 9] *= 30
+    data = Dataset({"x": values})
+    result = Smooth()(model, PassContext(data=data))
+    out = result.model
+    assert [e["into"] for e in result.report.rewritten] == ["gelu"]
+    assert _ops(out) == _ops(model)
+    assert_valid(out)
+    _assert_float_parity(model, out, data)
+    assert "half" not in _weights(out)  # the scalar 0.5 became 0.5/s, one per feature
