@@ -10,7 +10,8 @@ A layer ``Y = X·W`` is unchanged by ``X' = X·diag(1/s)``, ``W' = diag(s)·W``.
 ``s_j = max|X_j|^α / max|W_j|^(1−α)`` (`kernels.smooth`; ``max|X_j|`` over the calibration data,
 ``max|W_j|`` over every layer reading X) the activation's outlier features shrink and the
 weights' rows grow, so that int8 quantization after this pass (one scale per activation
-tensor, one per weight column) loses less on both sides. ``alpha`` sets the split.
+tensor, one per weight column) loses less on both sides. ``alpha`` sets the split (default
+chosen by `benchmarks/bench_smooth.py`).
 
 Exact in float (the output changes by float32 rounding only) because 1/s is folded into what
 writes X, and every reader of X's values is a layer that takes s:
@@ -30,7 +31,8 @@ tensor (reported): when X's producer cannot absorb 1/s, ``Mul(X, 1/s)`` feeds th
 other nodes read X too (a post-LN transformer's residual Add reads the LayerNorm output), the
 producer writes X' and ``Mul(X', s)`` gives those readers X back under its old name.
 
-``min_spread``: a tensor is only smoothed when its largest feature range is at least that many
+``op_types`` limits the readers that take s (``MatMul``: a transformer's projections, not a CNN's
+Gemm head). ``min_spread``: a tensor is only smoothed when its largest feature range is at least that many
 times the median one (`kernels.smooth.spread`): without outliers there is nothing to move.
 
 Per-feature extremes come from one streaming onnxruntime pass over at most ``max_samples``
@@ -113,9 +115,10 @@ class Smooth(Pass):
     """Migrate activation outliers of MatMul/Gemm inputs into the weights (SmoothQuant; exact in float)."""
 
     name: ClassVar[str] = "smooth"
-    alpha: float = 0.5
+    alpha: float = 0.7
     min_spread: float = 1.0
     unfoldable: Literal["skip", "mul"] = "skip"
+    op_types: tuple[str, ...] = ("MatMul", "Gemm")
     max_samples: int = 256
     threads: int = 0
 
@@ -128,11 +131,13 @@ class Smooth(Pass):
             raise ValueError("max_samples must be >= 1")
         if self.threads < 0:
             raise ValueError("threads must be >= 0 (0: onnxruntime's default, one per core)")
+        if not self.op_types or set(self.op_types) - {"MatMul", "Gemm"}:
+            raise ValueError(f"op_types must be among MatMul, Gemm, got {', '.join(self.op_types) or 'none'}")
 
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
         ix = GraphIndex(model)
         groups = []
-        for x, found in find_groups(ix).items():
+        for x, found in find_groups(ix, self.op_types).items():
             why = found if isinstance(found, str) else self._why_not(found)
             if why:
                 report.skip(x, why)
@@ -193,18 +198,18 @@ class Smooth(Pass):
 # ------------------------------------------------------------------------------------------- match
 
 
-def find_groups(ix: GraphIndex) -> dict[str, Group | str]:
-    """Every float tensor that a smoothable layer reads: its `Group`, or the reason there is none."""
+def find_groups(ix: GraphIndex, op_types: tuple[str, ...] = ("MatMul", "Gemm")) -> dict[str, Group | str]:
+    """Every float tensor that a smoothable layer (of `op_types`) reads: its `Group`, or the reason there is none."""
     out: dict[str, Group | str] = {}
     for idx, node in enumerate(ix.nodes):
-        if node.op_type not in ("MatMul", "Gemm") or node.domain not in _DEFAULT or len(node.input) < 2:
+        if node.op_type not in op_types or node.domain not in _DEFAULT or len(node.input) < 2:
             continue
         x = node.input[0]
         if x in out or ix.is_const(x):
             continue
         if not ix.is_const(node.input[1]):
             continue  # two activations (attention's MatMuls): no weight to take s
-        out[x] = match(ix, x)
+        out[x] = match(ix, x, op_types)
     return out
 
 
@@ -230,7 +235,7 @@ def _layer(ix: GraphIndex, idx: int) -> Layer | str:
     return Layer(idx, w, axis)
 
 
-def match(ix: GraphIndex, x: str) -> Group | str:
+def match(ix: GraphIndex, x: str, op_types: tuple[str, ...] = ("MatMul", "Gemm")) -> Group | str:
     """The group of tensor `x`: its layers, how its producer folds 1/s (or why not), its other readers."""
     layers: list[Layer] = []
     rest: list[int] = []
@@ -239,8 +244,7 @@ def match(ix: GraphIndex, x: str) -> Group | str:
         node = ix.nodes[idx]
         if slot >= 0 and node.op_type in _SHAPE_READERS and node.domain in _DEFAULT:
             continue
-        layer = _layer(ix, idx) if node.op_type in ("MatMul", "Gemm") and slot == 0 and node.domain in _DEFAULT \
-            else None
+        layer = _layer(ix, idx) if node.op_type in op_types and slot == 0 and node.domain in _DEFAULT else None
         if isinstance(layer, Layer):
             layers.append(layer)
         else:

@@ -32,7 +32,8 @@ quantized. ``min_snr_db``: after planning, the fewest least robust layers are ke
 the whole model holds the floor on the calibration data (`graph_opt/budget.py`).
 ``smooth`` (``off`` by default): the `smooth` pass runs first (SmoothQuant scale migration, exact
 in float) with ``alpha`` = the number given, or ``auto`` (`SMOOTH_AUTO`): it moves the outlier
-features of MatMul/Gemm inputs into the weights, one Mul per tensor where they cannot be folded.
+features of MatMul inputs (a transformer's projections) into the weights, one Mul per tensor where
+they cannot be folded.
 
 Skipped, with the reason: op types not in ``op_types``; weights not constant, not float32,
 non-finite, shared (an If/Loop/Scan body read counts) or 1-D; MatMul with the constant on the
@@ -84,7 +85,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # ``smooth=auto``: the smooth pass's settings chosen on the transformer exports of bench_smooth.py.
-SMOOTH_AUTO = {"alpha": 0.5, "unfoldable": "mul"}
+SMOOTH_AUTO = {"alpha": 0.7, "unfoldable": "mul", "op_types": ("MatMul",)}
 AUTO_SNR_DB = {"int8": 25.0, "uint8": 25.0, "int4": 10.0, "ternary": None, "binary": None}
 
 

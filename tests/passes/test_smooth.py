@@ -146,6 +146,13 @@ def test_a_preceding_layer_takes_one_over_s_in_its_columns_and_bias(gemm):
     assert s[0] > 1
 
 
+def test_op_types_limits_the_layers_that_take_s():
+    model, data = _chain(gemm=True)
+    assert Smooth()(model, PassContext(data=data)).modified
+    result = Smooth(op_types=("MatMul",))(model, PassContext(data=data))
+    assert not result.modified and not result.report.skipped
+
+
 def test_post_ln_residual_reader_is_skipped_with_the_reason_or_restored_by_a_mul():
     model, data = qkv_model(residual=True), _data()
     skipped = Smooth()(model, PassContext(data=data))
@@ -211,7 +218,8 @@ def test_without_data_seeded_random_inputs_stand_in_and_say_so():
 
 
 def test_options_are_validated():
-    for bad in ({"alpha": 1.5}, {"min_spread": 0.5}, {"max_samples": 0}, {"unfoldable": "maybe"}):
+    for bad in ({"alpha": 1.5}, {"min_spread": 0.5}, {"max_samples": 0}, {"unfoldable": "maybe"},
+                {"op_types": ("Conv",)}, {"op_types": ()}):
         with pytest.raises(ValueError):
             Smooth(**bad)
 
