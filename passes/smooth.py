@@ -41,7 +41,7 @@ inside the session); without data, seeded random inputs stand in (and the report
 
 Skipped, with the reason: a layer's weight not constant, not float32, not 2-D or shared; X not
 float32 or of unknown width; the producer is not one of the above (unless ``unfoldable=mul``),
-its constants shared or not along the last axis; X read by other nodes or a graph output (unless
+its constants not along the last axis; X read by other nodes or a graph output (unless
 ``unfoldable=mul``); X never observed, or its extremes not finite; X's spread under
 ``min_spread``.
 """
@@ -88,7 +88,7 @@ class Producer:
 
     kind: Literal["layernorm", "affine", "layer"]
     node: int                          # the node writing X
-    constants: tuple[tuple[str, int], ...]  # (constant, axis of X's features in it; -1: the last)
+    constants: tuple[tuple[int, str, int], ...]  # (node reading it, constant, axis of X's features; -1: the last)
 
 
 @dataclass
@@ -275,8 +275,8 @@ def _producer(ix: GraphIndex, x: str, k: int) -> Producer | str:
     if op == "LayerNormalization":
         if node.output[0] != x:
             return "written by LayerNormalization's statistics output"
-        consts = [(node.input[i], -1) for i in (1, 2) if len(node.input) > i and node.input[i]]
-        why = _private_vectors(ix, idx, consts, k)
+        consts = [(idx, node.input[i], -1) for i in (1, 2) if len(node.input) > i and node.input[i]]
+        why = _vectors(ix, consts, k)
         if why:
             return why
         if _const_shape(ix, node.input[1]) != (k,):  # the scale has the normalized axes' shape
@@ -299,8 +299,8 @@ def _affine(ix: GraphIndex, idx: int, k: int) -> Producer | str:
         return f"producer {node.op_type} without exactly one constant operand"
     other = next(i for i in node.input if i != const[0])
     if node.op_type == "Mul":
-        why = _private_vectors(ix, idx, [(const[0], -1)], k)
-        return why or Producer("affine", idx, ((const[0], -1),))
+        why = _vectors(ix, [(idx, const[0], -1)], k)
+        return why or Producer("affine", idx, ((idx, const[0], -1),))
     # Add: the bias of a decomposed LayerNorm (after its Mul) or of a layer
     inner = ix.producer.get(other)
     if inner is None or ix.sole_reader(other) != idx:
@@ -310,8 +310,8 @@ def _affine(ix: GraphIndex, idx: int, k: int) -> Producer | str:
         gamma = [i for i in prev.input if ix.is_const(i)]
         if len(gamma) != 1:
             return "producer Add after a Mul without exactly one constant operand"
-        consts = [(gamma[0], -1), (const[0], -1)]
-        why = _private_vectors(ix, idx, [consts[1]], k) or _private_vectors(ix, inner, [consts[0]], k)
+        consts = [(inner, gamma[0], -1), (idx, const[0], -1)]
+        why = _vectors(ix, consts, k)
         return why or Producer("affine", idx, tuple(consts))
     if prev.op_type in ("MatMul", "Gemm") and prev.domain in _DEFAULT:
         return _layer_producer(ix, inner, (idx, const[0]), k)
@@ -320,17 +320,17 @@ def _affine(ix: GraphIndex, idx: int, k: int) -> Producer | str:
 
 def _product(ix: GraphIndex, idx: int, k: int) -> Producer | str:
     """``Mul(a, Mul(b, c))`` with c constant and the inner Mul read by the outer one only: 1/s goes
-    into c (an exported GELU, ``x · (0.5 · (1 + erf(x/√2)))``, ends so)."""
+    into c (an exported GELU, ``x · (0.5 · (1 + erf(x/√2)))``, ends so; c may be shared by every
+    GELU of the model: the inner Mul gets its own copy)."""
     for operand in ix.nodes[idx].input:
         inner = ix.producer.get(operand)
         if inner is None or ix.sole_reader(operand) != idx:
             continue
         prev = ix.nodes[inner]
         const = [i for i in prev.input if ix.is_const(i)]
-        if prev.op_type == "Mul" and prev.domain in _DEFAULT and len(prev.input) == 2 and len(const) == 1:
-            why = _private_vectors(ix, inner, [(const[0], -1)], k)
-            if not why:
-                return Producer("affine", idx, ((const[0], -1),))
+        if (prev.op_type == "Mul" and prev.domain in _DEFAULT and len(prev.input) == 2 and len(const) == 1
+                and not _vectors(ix, [(inner, const[0], -1)], k)):
+            return Producer("affine", idx, ((inner, const[0], -1),))
     return "producer Mul of two activations, neither a private Mul by a constant"
 
 
@@ -343,29 +343,27 @@ def _layer_producer(ix: GraphIndex, idx: int, bias: tuple[int, str] | None, k: i
     w_axis = 1 - layer.axis  # the output features of its weight
     if _const_shape(ix, layer.weight)[w_axis] != k:
         return f"producer {node.op_type} writes {_const_shape(ix, layer.weight)[w_axis]} features, not {k}"
-    consts: list[tuple[str, int]] = [(layer.weight, w_axis)]
+    consts: list[tuple[int, str, int]] = [(idx, layer.weight, w_axis)]
     if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
-        why = _private_vectors(ix, idx, [(node.input[2], -1)], k)
-        if why:
-            return why
-        consts.append((node.input[2], -1))
+        consts.append((idx, node.input[2], -1))
     if bias is not None:
-        why = _private_vectors(ix, bias[0], [(bias[1], -1)], k)
-        if why:
-            return why
-        consts.append((bias[1], -1))
+        consts.append((bias[0], bias[1], -1))
+    why = _vectors(ix, consts[1:], k)
+    if why:
+        return why
     return Producer("layer", bias[0] if bias else idx, tuple(consts))
 
 
-def _private_vectors(ix: GraphIndex, idx: int, consts: list[tuple[str, int]], k: int) -> str:
-    """'' when every constant is float32, read by node `idx` only, and spans X's last axis (length
-    1 or k there); else why not."""
-    label = f"{ix.nodes[idx].op_type}"
-    for name, _ in consts:
+def _vectors(ix: GraphIndex, consts: list[tuple[int, str, int]], k: int) -> str:
+    """'' when every constant (node reading it, name, axis) is float32, read once by its node, and
+    spans X's last axis (length 1 or k there); else why not. One read by other nodes too is fine:
+    the node gets a private copy."""
+    for idx, name, _ in consts:
+        label = ix.nodes[idx].op_type
         if ix.const_dtype(name) != TensorProto.FLOAT:
             return f"producer {label}: a constant is not float32"
-        if ix.sole_reader(name) != idx:
-            return f"producer {label}: its constant {name!r} is shared"
+        if list(ix.nodes[idx].input).count(name) != 1:
+            return f"producer {label}: reads its constant {name!r} twice"
         shape = _const_shape(ix, name)
         if shape is None:
             return f"producer {label}: a constant is not readable"
@@ -425,19 +423,16 @@ def apply(model: onnx.ModelProto, ix: GraphIndex, groups: list[Group], scales: d
     namer = Namer(g)
     # Every constant edit as per-axis factors, composed: a layer can read one smoothed tensor and
     # write another (its weight's rows times s, its columns divided by the next s).
-    factors: dict[str, list[tuple[int, np.ndarray]]] = {}
-    owner: dict[str, int] = {}
+    factors: dict[tuple[int, str], list[tuple[int, np.ndarray]]] = {}
     after: dict[int, list[onnx.NodeProto]] = {}   # node index -> Mul nodes to put right after it (-1: first)
     for grp in groups:
         s = scales[grp.tensor]
         for layer in grp.layers:
-            factors.setdefault(layer.weight, []).append((layer.axis, s))
-            owner[layer.weight] = layer.node
+            factors.setdefault((layer.node, layer.weight), []).append((layer.axis, s))
         x_layers = grp.tensor
         if grp.producer is not None:
-            for name, axis in grp.producer.constants:
-                factors.setdefault(name, []).append((axis, 1.0 / s))
-                owner[name] = ix.sole_reader(name)
+            for idx, name, axis in grp.producer.constants:
+                factors.setdefault((idx, name), []).append((axis, 1.0 / s))
             if grp.rest or grp.output:  # the producer writes X/s; a Mul restores X for the others
                 x_layers = namer(f"{grp.tensor}_smoothed")
                 ix.nodes[grp.producer.node].output[0] = x_layers
@@ -451,7 +446,7 @@ def apply(model: onnx.ModelProto, ix: GraphIndex, groups: list[Group], scales: d
             ix.nodes[layer.node].input[0] = x_layers
     to_disk = any(on_disk(t) for t in g.initializer)
     replaced: set[str] = set()
-    for name, edits in factors.items():
+    for (idx, name), edits in factors.items():
         value = np.asarray(ix.const(name, cache=False))
         dtype = value.dtype
         new = value.astype(np.float64)
@@ -465,10 +460,8 @@ def apply(model: onnx.ModelProto, ix: GraphIndex, groups: list[Group], scales: d
         fresh = namer(f"{name}_smooth")
         tensor = disk_tensor(new, fresh) if to_disk and new.nbytes >= 1024 else numpy_helper.from_array(new, fresh)
         g.initializer.append(tensor)
-        node = ix.nodes[owner[name]]
-        for i, inp in enumerate(node.input):
-            if inp == name:
-                node.input[i] = fresh
+        node = ix.nodes[idx]
+        node.input[list(node.input).index(name)] = fresh
         replaced.add(name)
     if after:
         nodes = list(ix.nodes)

@@ -286,3 +286,29 @@ def test_an_exported_gelu_takes_one_over_s_in_its_constant(form):
     assert_valid(out)
     _assert_float_parity(model, out, data)
     assert "half" not in _weights(out)  # the scalar 0.5 became 0.5/s, one per feature
+
+
+def test_a_constant_shared_by_two_producers_is_copied_for_each():
+    """Two dynamo-style GELUs reading one 0.5 (exporters deduplicate constants), each feeding a layer."""
+    g = GraphBuilder(seed=7)
+    x = g.input("x", ["N", T, D])
+    half = g.const("half", np.array(0.5, np.float32))
+    outs = []
+    for i in range(2):
+        a = g.node("Add", [x, g.weight(f"shift{i}", (D,), 0.1)])
+        h = g.node("Mul", [a, g.node("Mul", [half, g.node("Sigmoid", [a])])], [f"h{i}"], name=f"gate{i}")
+        outs.append(g.node("MatMul", [h, g.weight(f"w{i}", (D, D), 0.2)], name=f"proj{i}"))
+    g.node("Add", outs, ["y"])
+    g.output("y", ["N", T, D])
+    model = g.build()
+    values = _data().inputs["x"]
+    values[:, :, 9] *= 30
+    data = Dataset({"x": values})
+    result = Smooth()(model, PassContext(data=data))
+    out = result.model
+    assert sorted(e["into"] for e in result.report.rewritten) == ["gate0", "gate1"]
+    assert _ops(out) == _ops(model)
+    assert_valid(out)
+    _assert_float_parity(model, out, data)
+    inner = [n for n in out.graph.node if n.op_type == "Mul" and not n.name.startswith("gate")]
+    assert len({n.input[0] for n in inner}) == 2 and "half" not in _weights(out)
