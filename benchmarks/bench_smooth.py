@@ -7,6 +7,7 @@ For every model (the zoo's MiniLM, exported with the TorchScript exporter, and t
 ``minilm_dynamo``, the same weights through the dynamo exporter) and the calibration split it ships:
 
 - ``quantize``: graph-opt's ``Quantize()`` with its defaults (the target read from this CPU);
+- ``quantize smooth=auto``: the same with the smooth pass run first by quantize itself (its time included);
 - ``smooth a=A <mode> → quantize``: ``Smooth(alpha=A, unfoldable=mode)`` then the same
   ``Quantize()``, for every alpha of ``--alphas`` and both modes: ``skip`` (exact folds only, no
   node added) and ``mul`` (also the tensors whose producer cannot absorb 1/s or whose other
@@ -61,6 +62,12 @@ def variants(zm, alphas: list[float], sensitivity_off: bool) -> tuple[dict, dict
             print(f"[{zm.name}] {name + tag}: {extras[name + tag]}", file=sys.stderr, flush=True)
 
     quantized("quantize", model, {})
+    start = time.perf_counter()
+    res = Quantize(smooth="auto")(model, ctx)
+    out["quantize smooth=auto"] = res.model
+    extras["quantize smooth=auto"] = {"quantize_s": round(time.perf_counter() - start, 1),
+                                      "int8_layers": sum(1 for e in res.report.rewritten if e.get("weight")),
+                                      "kept_float": sum("sensitive" in s.reason for s in res.report.skipped)}
     for mode in ("skip", "mul"):
         for alpha in alphas:
             start = time.perf_counter()
