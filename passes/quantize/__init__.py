@@ -71,7 +71,8 @@ from graph_opt.passes.quantize.ops import ABSORBED_OPS, OWN_OPS, QUANTIZED_OPS, 
 from graph_opt.passes.quantize.placement import CONCAT_RANGE_RATIO
 from graph_opt.passes.quantize.plan import make_plan
 from graph_opt.passes.quantize.weights import INT4_AUTO_BLOCK
-from graph_opt.passes.smooth import Smooth
+from graph_opt.passes._smooth import Settings as SmoothSettings
+from graph_opt.passes._smooth import smooth
 from graph_opt.target import NAMED as NAMED_TARGETS
 from graph_opt.target import resolve as resolve_target
 from graph_opt.verify import Reference
@@ -148,11 +149,12 @@ class Quantize(Pass):
         # apply_folds and the floor's runs each write a copy.
         if self.smooth != "off" and self.activations != "none" and ctx.data is not None:
             settings = SMOOTH_AUTO if self.smooth == "auto" else {**SMOOTH_AUTO, "alpha": float(self.smooth)}
-            smoothed = Smooth(**settings, max_samples=self.max_samples, threads=self.threads)(model, ctx)
-            report.note("smooth: " + "; ".join(smoothed.report.notes) if smoothed.modified else
-                        "smooth: nothing to smooth")
-            if smoothed.modified:
-                out = dataclasses.replace(self, smooth="off").run(smoothed.model, report, ctx)
+            sub = PassReport("smooth", settings)
+            smoothed = smooth(copy_model(model), sub, ctx,
+                              SmoothSettings(**settings, max_samples=self.max_samples, threads=self.threads))
+            report.note("smooth: " + "; ".join(sub.notes) if sub.rewritten else "smooth: nothing to smooth")
+            if sub.rewritten:
+                out = dataclasses.replace(self, smooth="off").run(smoothed, report, ctx)
                 return out if report.rewritten else copy_model(model)
         if self.min_snr_db is not None:
             return self._run_with_floor(copy_model(model), report, ctx)

@@ -9,7 +9,8 @@ from graph_opt.data import Dataset
 from graph_opt.kernels.smooth import spread
 from graph_opt.pass_base import PassContext
 from graph_opt.passes.quantize import Quantize
-from graph_opt.passes.smooth import Smooth, feature_extremes
+from graph_opt.passes._smooth import feature_extremes
+from graph_opt.passes.smooth import Smooth
 
 D, T = 32, 8
 OUTLIERS = {3: 40.0, 11: 25.0}  # feature -> LayerNorm gamma: a transformer's outlier dimensions
