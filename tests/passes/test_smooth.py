@@ -313,3 +313,19 @@ def test_a_constant_shared_by_two_producers_is_copied_for_each():
     _assert_float_parity(model, out, data)
     inner = [n for n in out.graph.node if n.op_type == "Mul" and not n.name.startswith("gate")]
     assert len({n.input[0] for n in inner}) == 2 and "half" not in _weights(out)
+
+
+def test_a_model_with_weights_on_disk_gets_its_new_weights_on_disk_with_the_same_values(tmp_path):
+    from graph_opt import external_data as ext
+    from graph_opt.model_io import load_model, save_model
+    from graph_opt.stats import weights_of
+
+    model, data = qkv_model(), _data()
+    expected = Smooth()(model, PassContext(data=data)).model
+    disk = load_model(save_model(model, tmp_path / "in.onnx", external_data=True), weights="disk")
+    got = Smooth()(disk, PassContext(data=data)).model
+    assert any(ext.on_disk(t) and ext.spill_dir().name in t.external_data[-1].value for t in got.graph.initializer)
+    want = weights_of(expected)
+    assert weights_of(got).keys() == want.keys()
+    for name, value in weights_of(got).items():
+        np.testing.assert_array_equal(value, want[name])
