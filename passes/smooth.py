@@ -26,14 +26,18 @@ writes X, and every reader of X's values is a layer that takes s:
 - the readers: MatMul with X on the left and a constant 2-D weight, Gemm with transA = 0 and a
   constant B, each weight read by that node only; Shape and Size read no values.
 
+A producer's vector constant that other nodes read too (exporters share one 0.5 between every
+GELU) is copied for the producer; the replaced constants that nothing reads any more are removed.
+
 ``unfoldable=mul`` also rewrites what cannot be folded, at the cost of one elementwise Mul per
 tensor (reported): when X's producer cannot absorb 1/s, ``Mul(X, 1/s)`` feeds the layers; when
 other nodes read X too (a post-LN transformer's residual Add reads the LayerNorm output), the
 producer writes X' and ``Mul(X', s)`` gives those readers X back under its old name.
 
-``op_types`` limits the readers that take s (``MatMul``: a transformer's projections, not a CNN's
-Gemm head). ``min_spread``: a tensor is only smoothed when its largest feature range is at least that many
-times the median one (`kernels.smooth.spread`): without outliers there is nothing to move.
+``op_types`` limits the readers that take s (``MatMul``: a transformer's projections, not a
+CNN's Gemm head). ``min_spread``: a tensor is only smoothed when its largest feature range is at
+least that many times the median one (`kernels.smooth.spread`): without outliers there is
+nothing to move.
 
 Per-feature extremes come from one streaming onnxruntime pass over at most ``max_samples``
 calibration samples (`graph_opt.intermediates`: `PerFeature` max and min of each tensor reduced
@@ -43,7 +47,8 @@ Skipped, with the reason: a layer's weight not constant, not float32, not 2-D or
 float32 or of unknown width; the producer is not one of the above (unless ``unfoldable=mul``),
 its constants not along the last axis; X read by other nodes or a graph output (unless
 ``unfoldable=mul``); X never observed, or its extremes not finite; X's spread under
-``min_spread``.
+``min_spread``. The mechanism (matching, statistics, rewrite) is `passes._smooth`, which
+`quantize`'s ``smooth`` option calls too.
 """
 
 from __future__ import annotations
