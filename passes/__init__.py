@@ -11,6 +11,7 @@ from graph_opt.passes.prune_weights import PruneWeights
 from graph_opt.passes.quantize import Quantize
 from graph_opt.passes.reconstruct import Reconstruct
 from graph_opt.passes.simplify import Simplify
+from graph_opt.passes.smooth import Smooth
 
 PASSES = (
     Simplify,
@@ -21,10 +22,11 @@ PASSES = (
     PruneChannels,
     FactorizeGemm,
     FactorizeConv,
+    Smooth,
     Quantize,
     Reconstruct,
     Distill,
 )
 
 __all__ = ["PASSES", "Cleanup", "Distill", "Equalize", "FactorizeConv", "FactorizeGemm", "FoldBatchnorm", "PruneChannels",
-           "PruneWeights", "Quantize", "Reconstruct", "Simplify"]
+           "PruneWeights", "Quantize", "Reconstruct", "Simplify", "Smooth"]

@@ -31,6 +31,10 @@ dot products, whose u8×s8 kernels saturate (docs/design.md, fact 6); the report
 BatchNormalization after a Conv/Gemm is folded first (`passes._fold`) when activations are
 quantized. ``min_snr_db``: after planning, the fewest least robust layers are kept float until
 the whole model holds the floor on the calibration data (`graph_opt/budget.py`).
+``smooth`` (``off`` by default): the `smooth` pass runs first (SmoothQuant scale migration, exact
+in float) with ``alpha`` = the number given, or ``auto`` (`SMOOTH_AUTO`): it moves the outlier
+features of MatMul inputs (a transformer's projections) into the weights, one Mul per tensor where
+they cannot be folded.
 
 Skipped, with the reason: op types not in ``op_types``; weights not constant, not float32,
 non-finite, shared (an If/Loop/Scan body read counts) or 1-D; MatMul with the constant on the
@@ -68,6 +72,8 @@ from graph_opt.passes.quantize.ops import ABSORBED_OPS, OWN_OPS, QUANTIZED_OPS, 
 from graph_opt.passes.quantize.placement import CONCAT_RANGE_RATIO
 from graph_opt.passes.quantize.plan import make_plan
 from graph_opt.passes.quantize.weights import INT4_AUTO_BLOCK
+from graph_opt.passes._smooth import Settings as SmoothSettings
+from graph_opt.passes._smooth import smooth
 from graph_opt.target import NAMED as NAMED_TARGETS
 from graph_opt.target import resolve as resolve_target
 from graph_opt.verify import Reference
@@ -80,6 +86,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# ``smooth=auto``: the smooth pass's settings chosen on the transformer exports of bench_smooth.py.
+SMOOTH_AUTO = {"alpha": 0.7, "unfoldable": "mul", "op_types": ("MatMul",)}
 AUTO_SNR_DB = {"int8": 25.0, "uint8": 25.0, "int4": 10.0, "ternary": None, "binary": None}
 
 
@@ -110,6 +118,7 @@ class Quantize(Pass):
     threads: int = 0
     rounding: Literal["nearest", "gptq"] = "nearest"
     bias_correction: bool = False
+    smooth: float | Literal["off", "auto"] = "off"
 
     def __post_init__(self) -> None:
         if self.target != "host" and self.target not in NAMED_TARGETS:
@@ -129,6 +138,8 @@ class Quantize(Pass):
             raise ValueError(f"min_snr_db must be a finite number of dB, got {self.min_snr_db}")
         if self.threads < 0:
             raise ValueError("threads must be >= 0 (0: onnxruntime's default, one per core)")
+        if not isinstance(self.smooth, str) and not 0.0 <= self.smooth <= 1.0:
+            raise ValueError(f"smooth must be off, auto or an alpha in [0, 1], got {self.smooth}")
 
     @property
     def weights_reduced(self) -> bool:
@@ -138,6 +149,15 @@ class Quantize(Pass):
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
         # `model` is the caller's (edits_input is False): the plan only reads it, and apply_plan,
         # apply_folds and the floor's runs each write a copy.
+        if self.smooth != "off" and self.activations != "none" and ctx.data is not None:
+            settings = SMOOTH_AUTO if self.smooth == "auto" else {**SMOOTH_AUTO, "alpha": float(self.smooth)}
+            sub = PassReport("smooth", settings)
+            smoothed = smooth(copy_model(model), sub, ctx,
+                              SmoothSettings(**settings, max_samples=self.max_samples, threads=self.threads))
+            report.note("smooth: " + "; ".join(sub.notes) if sub.rewritten else "smooth: nothing to smooth")
+            if sub.rewritten:
+                out = dataclasses.replace(self, smooth="off").run(smoothed, report, ctx)
+                return out if report.rewritten else copy_model(model)
         if self.min_snr_db is not None:
             return self._run_with_floor(copy_model(model), report, ctx)
         if self.weights == "int8" and self.activations != "none":
