@@ -76,7 +76,7 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
         layers = rematch_layers(ix, opts)
 
     if opts.rounding == "gptq":
-        attach_hessians(model, ix, layers, data, notes)
+        attach_hessians(model, ix, layers, data, notes, opts)
     candidates, forced = _candidates(ix, layers, data, opts, notes)
     ranges: Mapping[str, tuple[float, float]] = {}
     unasked: frozenset[str] = frozenset()

@@ -1,0 +1,235 @@
+"""GPTQ for block-wise weights (``rounding=gptq`` with int4 or ``block_size``): each layer's codes
+and per-block scales solved against its real inputs, streamed so that a model of billions of
+parameters fits in memory.
+
+For every 2-D Gemm/MatMul weight with blocks, the input statistic is ``H = E[x xᵀ]`` over every
+position of the layer's input (all axes but the feature axis are samples), on the float model's
+activations (not chained through the layers already quantized). The codes come from
+`kernels.quant.gptq_blockwise` (per-block scales computed as the feedback proceeds, lazy batch
+updates, dampening, float64 Cholesky of ``H⁻¹``).
+
+Streaming, one layer input at a time (`LayerInputs`):
+
+1. one onnxruntime pass over the calibration data exposes every such input; each batch's rows
+   are appended (float32) to one spill file per tensor in a private temporary folder (kept in
+   memory when they all fit in `SPILL_BYTES`), so a batch is the most ever held of the model's
+   activations;
+2. per tensor, in graph order: ``H`` accumulated in float64 from the rows, read back in chunks;
+   every layer reading the tensor is solved together (their weights stacked as rows: GPTQ rows
+   are independent given ``H``, so this is exact and shares one Cholesky); ``H`` and the rows
+   are dropped before the next tensor.
+
+Peak memory beyond the model: one batch of the exposed tensors, one ``H`` (float64, inputs²) and
+one tensor's stacked weights. Cost: the feedback is ``O(outputs · inputs²)`` per layer; when the
+model's total ``Σ outputs·inputs²`` exceeds `FEEDBACK_BUDGET` (multiply-adds), the feedback is
+windowed (``gptq_blockwise(window=)``) with the widest multiple of the block that fits, and a
+note says so. Skipped (nearest rounding, with a note): layers whose input is not float, not
+finite, or wider than `MAX_INPUTS`; every layer when there is no calibration data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Self
+
+import numpy as np
+import onnx
+from graph_opt.kernels.quant import QuantParams, gptq_blockwise
+from graph_opt.passes._graph import GraphIndex
+from graph_opt.passes.quantize.layers import Layer
+
+from graph_opt.data import Dataset, batch_size_for
+from graph_opt.intermediates import stream
+from graph_opt.onnx_util import attr
+
+if TYPE_CHECKING:
+    from graph_opt.passes.quantize import Quantize
+
+log = logging.getLogger(__name__)
+
+SPILL_BYTES = 256 * 2**20   # the exposed rows stay in memory below this, else go to disk
+MAX_INPUTS = 16384          # H of a wider input (float64) would take over 2 GB
+FEEDBACK_BUDGET = 4e11      # multiply-adds of GPTQ's feedback over the whole model before it is windowed
+_CHUNK_ROWS = 8192
+
+
+class LayerInputs:
+    """The rows of some tensors over the calibration data, captured in one streaming pass and
+    read back one tensor at a time (see the module docstring). Use as a context manager: the
+    spill folder is removed on exit."""
+
+    def __init__(self, model: onnx.ModelProto, data: Dataset, requests: dict[str, int], widths: dict[str, int]) -> None:
+        self.requests = requests
+        self.rows: dict[str, int] = {}
+        self.bad: dict[str, str] = {}
+        self._mem: dict[str, list[np.ndarray]] = {}
+        self._dir: tempfile.TemporaryDirectory | None = None
+        self._files: dict[str, object] = {}
+        held = 0
+        inputs = {i.name for i in model.graph.input}
+        names = sorted(t for t in requests if t not in inputs)
+        batches = (stream(model, data, names, desc="gptq inputs") if names
+                   else ((feed, {}) for feed in data.batches(batch_size_for(model))))
+        try:
+            for feed, values in batches:
+                for t, axis in requests.items():
+                    if t in self.bad:
+                        continue
+                    x = np.asarray(feed[t] if t in inputs else values[t])
+                    if x.ndim == 0 or not np.issubdtype(x.dtype, np.floating) or x.shape[axis] != widths[t]:
+                        self.bad[t] = "its input is not a float tensor of the weight's width"
+                        continue
+                    r = np.ascontiguousarray(np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]), np.float32)
+                    if not np.all(np.isfinite(r)):
+                        self.bad[t] = "its input is not finite on the calibration data"
+                        continue
+                    self.rows[t] = self.rows.get(t, 0) + r.shape[0]
+                    self._mem.setdefault(t, []).append(r)
+                    held += r.nbytes
+                if held > SPILL_BYTES:  # from here on, rows go to disk as they come
+                    self._spill()
+                    held = 0
+        finally:
+            if self._dir is not None:
+                self._spill()
+            for fh in self._files.values():
+                fh.close()
+            self._files.clear()
+
+    def _spill(self) -> None:
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="graph_opt_gptq.")
+        for t, parts in self._mem.items():
+            if t not in self._files:
+                self._files[t] = open(self._path(t), "wb")  # noqa: SIM115 (closed after the pass)
+            for r in parts:
+                self._files[t].write(r.tobytes())
+        self._mem.clear()
+
+    def _path(self, t: str) -> str:
+        assert self._dir is not None
+        return os.path.join(self._dir.name, f"{abs(hash(t)):x}.f32")
+
+    def gram(self, t: str, width: int) -> np.ndarray | None:
+        """``E[x xᵀ]`` of tensor `t` in float64, its rows read in chunks; None when not captured."""
+        n = self.rows.get(t, 0)
+        if not n or t in self.bad:
+            return None
+        h = np.zeros((width, width))
+        if self._dir is None:
+            for r in self._mem.pop(t):
+                r64 = r.astype(np.float64)
+                h += r64.T @ r64
+        else:
+            rows = np.memmap(self._path(t), dtype=np.float32, mode="r", shape=(n, width))
+            for i in range(0, n, _CHUNK_ROWS):
+                r64 = np.asarray(rows[i:i + _CHUNK_ROWS], dtype=np.float64)
+                h += r64.T @ r64
+            del rows
+            os.unlink(self._path(t))
+        return h / n
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mem.clear()
+        if self._dir is not None:
+            self._dir.cleanup()
+
+
+def _rows_view(layer: Layer) -> tuple[np.ndarray, bool]:
+    """The weight as (outputs × inputs) float32, and whether that is its transpose."""
+    w = np.asarray(layer.wv, dtype=np.float32)
+    return (w.T, True) if layer.red_axis == 0 else (w, False)
+
+
+def feedback_window(sizes: list[tuple[int, int]], block: int, budget: float = FEEDBACK_BUDGET) -> int | None:
+    """The feedback window for layers of (outputs, inputs) `sizes`: None (full GPTQ) when
+    ``Σ outputs·inputs²`` fits `budget`, else the widest multiple of `block` (halving from the
+    widest input) that fits, at least `block`."""
+    if sum(n * k * k for n, k in sizes) <= budget:
+        return None
+    window = max(k for _, k in sizes)
+    window = max(block, -(-window // block) * block)
+    while window > block and sum(n * k * min(k, window) for n, k in sizes) > budget:
+        window = max(block, (window // 2) // block * block)
+    return window
+
+
+def solve_blocked(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], data: Dataset | None,
+                  opts: Quantize, block_of: Callable[[Layer], int], limits: tuple[int, int],
+                  notes: list[str]) -> None:
+    """Set ``layer.gptq = (codes, params)`` for every blocked 2-D Gemm/MatMul layer of `layers`
+    (see the module docstring); the others are left alone."""
+    todo = {i: lay for i, lay in layers.items()
+            if lay.op in ("Gemm", "MatMul") and block_of(lay) > 0 and np.ndim(lay.wv) == 2}
+    if not todo:
+        return
+    if data is None:
+        notes.append("rounding=gptq without calibration data: block-wise weights rounded to nearest")
+        return
+    requests: dict[str, int] = {}
+    widths: dict[str, int] = {}
+    groups: dict[str, list[int]] = {}
+    skipped: dict[int, str] = {}
+    for idx, lay in todo.items():
+        k = int(np.shape(lay.wv)[lay.red_axis])
+        if k > MAX_INPUTS:
+            skipped[idx] = f"{k} input features (over {MAX_INPUTS})"
+            continue
+        trans_a = attr(ix.nodes[idx], "transA", 0) if lay.op == "Gemm" else 0
+        requests[lay.x] = 0 if trans_a else -1
+        widths[lay.x] = k
+        groups.setdefault(lay.x, []).append(idx)
+    sizes = [(int(np.shape(todo[i].wv)[1 - todo[i].red_axis]), widths[t]) for t, ids in groups.items() for i in ids]
+    blocks = {block_of(todo[i]) for ids in groups.values() for i in ids}
+    window = feedback_window(sizes, max(blocks)) if len(blocks) == 1 else None
+    done = 0
+    with LayerInputs(model, data, requests, widths) as captured:
+        for t in sorted(groups, key=lambda name: min(groups[name])):
+            h = captured.gram(t, widths[t])
+            if h is None:
+                for i in groups[t]:
+                    skipped[i] = captured.bad.get(t, "its input was not captured")
+                continue
+            for same_block in _by_block(groups[t], todo, block_of):
+                _solve_group(same_block, todo, h, block_of(todo[same_block[0]]), opts, limits, window)
+                done += len(same_block)
+            del h
+    note = (f"rounding=gptq: {done} of {len(todo)} block-wise layers solved against their inputs' second moments "
+            f"on {len(data)} samples (streamed one input at a time")
+    note += f"; feedback windowed to {window} input features to bound the cost)" if window else "; full feedback)"
+    notes.append(note)
+    for idx, why in skipped.items():
+        notes.append(f"rounding=gptq: {todo[idx].label} rounded to nearest: {why}")
+
+
+def _by_block(ids: list[int], layers: dict[int, Layer], block_of: Callable[[Layer], int]) -> list[list[int]]:
+    out: dict[int, list[int]] = {}
+    for i in ids:
+        out.setdefault(block_of(layers[i]), []).append(i)
+    return list(out.values())
+
+
+def _solve_group(ids: list[int], layers: dict[int, Layer], h: np.ndarray, block: int, opts: Quantize,
+                 limits: tuple[int, int], window: int | None) -> None:
+    """GPTQ on the weights of `ids` (one input, one block size) stacked as rows, split back."""
+    views = [_rows_view(layers[i]) for i in ids]
+    stacked = views[0][0] if len(views) == 1 else np.concatenate([v for v, _ in views], axis=0)
+    codes, p = gptq_blockwise(stacked, h, 1, block, opts.weights, symmetric=opts.symmetric, limits=limits,
+                              window=window)
+    del stacked
+    start = 0
+    for i, (v, transposed) in zip(ids, views):
+        stop = start + v.shape[0]
+        c, s, z = codes[start:stop], p.scale[start:stop], p.zero_point[start:stop]
+        if transposed:
+            c, s, z = c.T, s.T, z.T
+        lay = layers[i]
+        lay.gptq = (np.ascontiguousarray(c), QuantParams(scale=np.ascontiguousarray(s), zero_point=np.ascontiguousarray(z),
+                                                         dtype=opts.weights, axis=lay.red_axis, block_size=block))
+        start = stop
