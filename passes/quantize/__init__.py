@@ -108,6 +108,7 @@ class Quantize(Pass):
     min_snr_db: float | None = None
     threads: int = 0
     rounding: Literal["nearest", "gptq"] = "nearest"
+    int4_format: Literal["matmulnbits", "dq"] = "dq"
 
     def __post_init__(self) -> None:
         if self.target != "host" and self.target not in NAMED_TARGETS:
@@ -157,7 +158,7 @@ class Quantize(Pass):
                 report.skip(d.node, d.reason)
         if plan.empty:
             return model if private else copy_model(model)
-        out = apply_plan(work, plan)
+        out = apply_plan(work, plan, int4_format=self.int4_format)
         report_plan(plan, report, model, out)
         return out
 
