@@ -658,47 +658,52 @@ def gptq_blockwise(w: ArrayLike, hessian: ArrayLike, in_axis: int, block_size: i
             qmin, qmax = zero - k, zero + k
     else:
         qmin, qmax = limits
-    # The feedback runs in float32 (as the paper's implementation); U is factored in float64.
-    W = np.array(a.T if in_axis == 0 else a, dtype=np.float32, order="C")  # (outputs, inputs)
-    rows = W.shape[0]
+    # The feedback runs in float32 (as the paper's implementation); U is factored in float64. Work
+    # on (inputs, outputs), C order, so that one input feature's weights are contiguous.
+    W = np.array(a if in_axis == 0 else a.T, dtype=np.float32, order="C")
+    cols = W.shape[1]
     n_blocks = -(-n // block_size)
-    scale = np.empty((rows, n_blocks), np.float32)
-    zp = np.empty((rows, n_blocks), np.int64)
-    zp_f = np.empty((rows, n_blocks), np.float32)
+    scale = np.empty((n_blocks, cols), np.float32)
+    zp = np.empty((n_blocks, cols), np.int64)
+    zp_f = np.empty((n_blocks, cols), np.float32)
     codes = np.empty(W.shape, dtype=np.float32)
     lazy = block_size * max(1, -(-128 // block_size))
-    sub = math.gcd(16, block_size)  # a block starts on a sub-window boundary: its columns are up to date
+    sub = math.gcd(16, block_size)  # a block starts on a sub-window boundary: its features are up to date
     i1 = 0
     while i1 < n:
         j0 = i1 // span * span  # the window holding this lazy batch: feedback stops at its end
         j1 = min(j0 + span, n)
         i2 = min(i1 + lazy, j1)
-        upper = uppers[i1 // span][i1 - j0:, i1 - j0:]  # indexed from column i1
-        part = W[:, i1:i2]  # a view: updated in place
+        upper = uppers[i1 // span][i1 - j0:, i1 - j0:]  # indexed from feature i1
+        part = W[i1:i2]  # a view: updated in place
         width = i2 - i1
-        errors = np.zeros((rows, width), np.float32)
+        errors = np.zeros((width, cols), np.float32)
         for s1 in range(0, width, sub):
             s2 = min(s1 + sub, width)
             for i in range(s1, s2):
-                col = i1 + i
-                b = col // block_size
-                if col % block_size == 0:
-                    grp = W[:, col:min(col + block_size, n)]  # updated: every earlier column's feedback is in
-                    scale[:, b], zp[:, b] = _params_from_range(grp.min(axis=1), grp.max(axis=1), dtype, symmetric,
-                                                               min_scale)
-                    zp_f[:, b] = zp[:, b]
-                s_col = scale[:, b]
-                q = np.clip(np.rint(part[:, i] / s_col) + zp_f[:, b], qmin, qmax)
-                codes[:, col] = q
-                err = (part[:, i] - (q - zp_f[:, b]) * s_col) / upper[i, i]
-                errors[:, i] = err
-                part[:, i + 1:s2] -= np.outer(err, upper[i, i + 1:s2])
+                f = i1 + i
+                b = f // block_size
+                if f % block_size == 0:
+                    grp = W[f:min(f + block_size, n)]  # updated: every earlier feature's feedback is in
+                    scale[b], zp[b] = _params_from_range(grp.min(axis=0), grp.max(axis=0), dtype, symmetric, min_scale)
+                    zp_f[b] = zp[b]
+                q = np.rint(part[i] / scale[b])
+                q += zp_f[b]
+                np.clip(q, qmin, qmax, out=q)
+                codes[f] = q
+                err = errors[i]
+                np.subtract(q, zp_f[b], out=err)
+                err *= scale[b]
+                np.subtract(part[i], err, out=err)
+                err /= upper[i, i]
+                if i + 1 < s2:
+                    part[i + 1:s2] -= upper[i, i + 1:s2, None] * err[None, :]
             if s2 < width:
-                part[:, s2:] -= errors[:, s1:s2] @ upper[s1:s2, s2:width]
+                part[s2:] -= upper[s1:s2, s2:width].T @ errors[s1:s2]
         if i2 < j1:
-            W[:, i2:j1] -= errors @ upper[:width, width:j1 - i1]
+            W[i2:j1] -= upper[:width, width:j1 - i1].T @ errors
         i1 = i2
-    if in_axis == 0:
+    if in_axis == 1:
         codes, scale, zp = codes.T, scale.T, zp.T
     params = QuantParams(scale=np.ascontiguousarray(scale), zero_point=np.ascontiguousarray(zp), dtype=dtype,
                          axis=in_axis, block_size=block_size)

@@ -6,7 +6,9 @@ For every 2-D Gemm/MatMul weight with blocks, the input statistic is ``H = E[x x
 position of the layer's input (all axes but the feature axis are samples), on the float model's
 activations (not chained through the layers already quantized). The codes come from
 `kernels.quant.gptq_blockwise` (per-block scales computed as the feedback proceeds, lazy batch
-updates, dampening, float64 Cholesky of ``H⁻¹``).
+updates, dampening, float64 Cholesky of ``H⁻¹``). The damping grows as the calibration rows get
+fewer than the input features (`shrinkage`): 1% of the mean diagonal with at least 100 rows per
+feature, the whole mean diagonal with fewer rows than features.
 
 Streaming, one layer input at a time (`LayerInputs`):
 
@@ -19,8 +21,8 @@ Streaming, one layer input at a time (`LayerInputs`):
    are independent given ``H``, so this is exact and shares one Cholesky); ``H`` and the rows
    are dropped before the next tensor.
 
-Peak memory beyond the model: one batch of the exposed tensors, one ``H`` (float64, inputs²) and
-one tensor's stacked weights. Cost: the feedback is ``O(outputs · inputs²)`` per layer; when the
+Peak memory beyond the model: one batch of the exposed tensors (at most `SPILL_BYTES` of rows in
+memory), one ``H`` (float64, inputs²) and one tensor's stacked weights. Cost: the feedback is ``O(outputs · inputs²)`` per layer; when the
 model's total ``Σ outputs·inputs²`` exceeds `FEEDBACK_BUDGET` (multiply-adds), the feedback is
 windowed (``gptq_blockwise(window=)``) with the widest multiple of the block that fits, and a
 note says so. Skipped (nearest rounding, with a note): layers whose input is not float, not
@@ -52,8 +54,9 @@ log = logging.getLogger(__name__)
 
 SPILL_BYTES = 256 * 2**20   # the exposed rows stay in memory below this, else go to disk
 MAX_INPUTS = 16384          # H of a wider input (float64) would take over 2 GB
-FEEDBACK_BUDGET = 4e11      # multiply-adds of GPTQ's feedback over the whole model before it is windowed
-_CHUNK_ROWS = 8192
+MIN_DAMP = 0.01            # GPTQ's damping with plenty of rows (the paper's 1%)
+FEEDBACK_BUDGET = 6e11      # multiply-adds of GPTQ's feedback over the whole model before it is windowed
+_CHUNK_ROWS = 2048
 
 
 class LayerInputs:
@@ -61,7 +64,8 @@ class LayerInputs:
     read back one tensor at a time (see the module docstring). Use as a context manager: the
     spill folder is removed on exit."""
 
-    def __init__(self, model: onnx.ModelProto, data: Dataset, requests: dict[str, int], widths: dict[str, int]) -> None:
+    def __init__(self, model: onnx.ModelProto, data: Dataset, requests: dict[str, int], widths: dict[str, int], *,
+                 threads: int = 0) -> None:
         self.requests = requests
         self.rows: dict[str, int] = {}
         self.bad: dict[str, str] = {}
@@ -71,7 +75,7 @@ class LayerInputs:
         held = 0
         inputs = {i.name for i in model.graph.input}
         names = sorted(t for t in requests if t not in inputs)
-        batches = (stream(model, data, names, desc="gptq inputs") if names
+        batches = (stream(model, data, names, desc="gptq inputs", threads=threads) if names
                    else ((feed, {}) for feed in data.batches(batch_size_for(model))))
         try:
             for feed, values in batches:
@@ -114,20 +118,23 @@ class LayerInputs:
         return os.path.join(self._dir.name, f"{abs(hash(t)):x}.f32")
 
     def gram(self, t: str, width: int) -> np.ndarray | None:
-        """``E[x xᵀ]`` of tensor `t` in float64, its rows read in chunks; None when not captured."""
+        """``E[x xᵀ]`` of tensor `t`, float64; None when not captured. Each chunk of `_CHUNK_ROWS`
+        rows is multiplied in float32 (relative error about 1e-7 · chunk rows, far below GPTQ's
+        damping) and the chunks are summed in float64."""
         n = self.rows.get(t, 0)
         if not n or t in self.bad:
             return None
         h = np.zeros((width, width))
         if self._dir is None:
-            for r in self._mem.pop(t):
-                r64 = r.astype(np.float64)
-                h += r64.T @ r64
+            chunks = iter(self._mem.pop(t))
         else:
             rows = np.memmap(self._path(t), dtype=np.float32, mode="r", shape=(n, width))
-            for i in range(0, n, _CHUNK_ROWS):
-                r64 = np.asarray(rows[i:i + _CHUNK_ROWS], dtype=np.float64)
-                h += r64.T @ r64
+            chunks = (np.asarray(rows[i:i + _CHUNK_ROWS]) for i in range(0, n, _CHUNK_ROWS))
+        for r in chunks:
+            for i in range(0, r.shape[0], _CHUNK_ROWS):
+                part = r[i:i + _CHUNK_ROWS]
+                h += part.T @ part
+        if self._dir is not None:
             del rows
             os.unlink(self._path(t))
         return h / n
@@ -139,6 +146,12 @@ class LayerInputs:
         self._mem.clear()
         if self._dir is not None:
             self._dir.cleanup()
+
+
+def _weight_shape(ix: GraphIndex, layer: Layer) -> tuple[int, ...]:
+    """The weight's shape without reading it (a weight kept on disk is read only to be solved)."""
+    init = ix.inits.get(layer.w)
+    return tuple(int(d) for d in init.dims) if init is not None else tuple(np.shape(layer.wv))
 
 
 def _rows_view(layer: Layer) -> tuple[np.ndarray, bool]:
@@ -165,8 +178,9 @@ def solve_blocked(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Laye
                   notes: list[str]) -> None:
     """Set ``layer.gptq = (codes, params)`` for every blocked 2-D Gemm/MatMul layer of `layers`
     (see the module docstring); the others are left alone."""
+    shapes = {i: _weight_shape(ix, lay) for i, lay in layers.items()}
     todo = {i: lay for i, lay in layers.items()
-            if lay.op in ("Gemm", "MatMul") and block_of(lay) > 0 and np.ndim(lay.wv) == 2}
+            if lay.op in ("Gemm", "MatMul") and block_of(lay) > 0 and len(shapes[i]) == 2}
     if not todo:
         return
     if data is None:
@@ -177,7 +191,7 @@ def solve_blocked(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Laye
     groups: dict[str, list[int]] = {}
     skipped: dict[int, str] = {}
     for idx, lay in todo.items():
-        k = int(np.shape(lay.wv)[lay.red_axis])
+        k = shapes[idx][lay.red_axis]
         if k > MAX_INPUTS:
             skipped[idx] = f"{k} input features (over {MAX_INPUTS})"
             continue
@@ -185,19 +199,20 @@ def solve_blocked(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Laye
         requests[lay.x] = 0 if trans_a else -1
         widths[lay.x] = k
         groups.setdefault(lay.x, []).append(idx)
-    sizes = [(int(np.shape(todo[i].wv)[1 - todo[i].red_axis]), widths[t]) for t, ids in groups.items() for i in ids]
+    sizes = [(shapes[i][1 - todo[i].red_axis], widths[t]) for t, ids in groups.items() for i in ids]
     blocks = {block_of(todo[i]) for ids in groups.values() for i in ids}
     window = feedback_window(sizes, max(blocks)) if len(blocks) == 1 else None
     done = 0
-    with LayerInputs(model, data, requests, widths) as captured:
+    with LayerInputs(model, data, requests, widths, threads=opts.threads) as captured:
         for t in sorted(groups, key=lambda name: min(groups[name])):
             h = captured.gram(t, widths[t])
             if h is None:
                 for i in groups[t]:
                     skipped[i] = captured.bad.get(t, "its input was not captured")
                 continue
+            damp = shrinkage(widths[t], captured.rows[t])
             for same_block in _by_block(groups[t], todo, block_of):
-                _solve_group(same_block, todo, h, block_of(todo[same_block[0]]), opts, limits, window)
+                _solve_group(same_block, todo, h, block_of(todo[same_block[0]]), opts, limits, window, damp)
                 done += len(same_block)
             del h
     note = (f"rounding=gptq: {done} of {len(todo)} block-wise layers solved against their inputs' second moments "
@@ -215,13 +230,22 @@ def _by_block(ids: list[int], layers: dict[int, Layer], block_of: Callable[[Laye
     return list(out.values())
 
 
+def shrinkage(inputs: int, rows: int) -> float:
+    """GPTQ's damping λ/mean(diag H) for an input of `inputs` features seen in `rows` rows:
+    ``clip(inputs / rows, MIN_DAMP, 1)``. With fewer rows than features ``H`` is singular and
+    the feedback would fit the calibration rows' null space (worse than nearest rounding on
+    other data); shrinking ``H`` toward its mean variance in proportion to ``inputs/rows`` (as
+    covariance shrinkage does) leaves nearest rounding's behaviour where the data says little."""
+    return float(min(1.0, max(MIN_DAMP, inputs / max(rows, 1))))
+
+
 def _solve_group(ids: list[int], layers: dict[int, Layer], h: np.ndarray, block: int, opts: Quantize,
-                 limits: tuple[int, int], window: int | None) -> None:
+                 limits: tuple[int, int], window: int | None, damp: float) -> None:
     """GPTQ on the weights of `ids` (one input, one block size) stacked as rows, split back."""
     views = [_rows_view(layers[i]) for i in ids]
     stacked = views[0][0] if len(views) == 1 else np.concatenate([v for v, _ in views], axis=0)
     codes, p = gptq_blockwise(stacked, h, 1, block, opts.weights, symmetric=opts.symmetric, limits=limits,
-                              window=window)
+                              window=window, damp=damp)
     del stacked
     start = 0
     for i, (v, transposed) in zip(ids, views):
