@@ -233,16 +233,28 @@ def _busy(a: tuple[int, int], b: tuple[int, int]) -> float:
     return round((b[0] - a[0]) / max(b[1] - a[1], 1), 3)
 
 
-def run_child(args: list[str], *, timeout: float, env: dict | None = None) -> tuple[float, int, int]:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process (its threads included), 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def run_child(args: list[str], *, timeout: float, env: dict | None = None) -> tuple[float, int, int, float]:
+    """(wall s, return code, highest VmHWM seen in kB, CPU seconds of the child)."""
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *args], env=env or dict(os.environ))
-    seen = 0
+    seen, cpu = 0, 0.0
     while proc.poll() is None:
         seen = max(seen, status_kb("VmHWM", str(proc.pid)))
+        cpu = max(cpu, _cpu_seconds(proc.pid))
         if time.perf_counter() - start > timeout:
             proc.kill()
         time.sleep(0.2)
-    return time.perf_counter() - start, proc.returncode, seen
+    return time.perf_counter() - start, proc.returncode, seen, cpu
 
 
 # --------------------------------------------------------------------------- main
@@ -309,11 +321,12 @@ def main() -> int:
                     "--calib-data", str(work / "calib.npz"), "--pass", spec, "--no-latency", "--threads", "2", "--no-simplify"]
             res = work / (name.replace(" ", "_") + ".result.json")
             env = dict(os.environ, OPENBLAS_NUM_THREADS="1")  # threaded BLAS collapses on a shared 2-core machine
-            wall, rc, seen = run_child([large, "--child-optimize", str(res), json.dumps(argv)], timeout=args.timeout, env=env)
+            wall, rc, seen, cpu = run_child([large, "--child-optimize", str(res), json.dumps(argv)], timeout=args.timeout,
+                                            env=env)
             r = json.loads(res.read_text()) if res.exists() else {"exit": rc, "error": f"child died (rc {rc})"}
             peak_kb = max(r.get("vm_hwm_kb", 0), seen)
             row = {"variant": name, "spec": spec, "exit": r.get("exit"), "error": r.get("error", ""),
-                   "wall_s": round(wall, 1), "peak_mb": peak_kb // 1024,
+                   "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_mb": peak_kb // 1024,
                    "peak_over_weights": round(peak_kb * 1024 / info["weight_bytes"], 2), "commit": _commit()}
             report = work / (name.replace(" ", "_") + ".json")
             if report.exists():
@@ -384,17 +397,17 @@ def markdown(doc: dict) -> str:
          f"held-out {doc['heldout']['sequences']} × {doc['heldout']['tokens']} tokens (both seeded random ids)."), "",
         ("| variant | wall s (CLI) | quantize s | peak MB | peak / weights | output GB | load s | peak after load MB "
          "| logits cosine | rel. error | top-1 agreement | status |"),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     fp = doc.get("fp32") or {}
-    lines.append(f"| fp32 | | | | | {m['weight_bytes'] / 1e9:.2f} | {fp.get('load_s', '')} | {fp.get('peak_after_load_mb', '')} "
+    lines.append(f"| fp32 | | | | | | {m['weight_bytes'] / 1e9:.2f} | {fp.get('load_s', '')} | {fp.get('peak_after_load_mb', '')} "
                  "| 1 | 0 | 1 | |")
     for r in doc["rows"]:
         ev = r.get("eval") or {}
         status = "ok" if r.get("exit") == 0 and "cosine" in ev else f"exit {r.get('exit')}: {r.get('error', '')[:120]}"
         if r.get("peak_over_weights", 0) > 2:
             status += "; peak > 2x"
-        lines.append(f"| {r['variant']} | {r['wall_s']} | {r.get('pass_s') or ''} | {r['peak_mb']:,} | {r['peak_over_weights']} | "
+        lines.append(f"| {r['variant']} | {r['wall_s']} | {r.get('cpu_s', '')} | {r.get('pass_s') or ''} | {r['peak_mb']:,} | {r['peak_over_weights']} | "
                      f"{r.get('output_bytes', 0) / 1e9:.3f} | {ev.get('load_s', '')} | {ev.get('peak_after_load_mb', '')} | "
                      f"{ev.get('cosine', '')} | {ev.get('rel_error', '')} | {ev.get('top1_agreement', '')} | {status} |")
     lat = doc.get("latency") or {}

@@ -16,13 +16,17 @@ name, the float weight is removed, and the file really shrinks. One module per s
 - `layers`: which Conv/Gemm/MatMul (``op_types``) can be quantized, or why not;
 - `weights`: weight and bias codes (int8/uint8/int4 grids, 7-bit ``reduce_range``, GPTQ
   rounding, ternary/binary) and their error bounds;
+- `gptq`: ``rounding=gptq`` for block-wise (int4) weights, streamed one layer input at a time;
 - `calibration`: one streaming onnxruntime pass for the activation ranges (minmax, percentile,
   entropy, mse; per-feature floors);
 - `placement`: which activations get a QDQ (layers, shared-scale data movement, own-scale
   Add/Mul/Concat/pooling) and which stay float, with the reason;
 - `sensitivity`: each quantized node's own SNR in isolation, against ``sensitivity_snr_db``;
 - `plan`: the order of those decisions, the opset upgrade, weight-only fallbacks;
-- `emit`: the nodes written, and the report.
+- `emit`: the nodes written, and the report; ``int4_format='matmulnbits'`` writes a weight-only
+  int4 MatMul as one ``com.microsoft.MatMulNBits`` (the same weights, bit for bit), ``'dq'`` as
+  DequantizeLinear(int4, block) → MatMul, standard ONNX that onnxruntime fuses into MatMulNBits
+  at load and other runtimes (OpenVINO) read.
 
 ``reduce_range='auto'`` (default) puts int8 weights with quantized activations on a 7-bit grid
 when the ``target`` CPU (``host``, or a name of `graph_opt.target.NAMED`) is x86 without int8

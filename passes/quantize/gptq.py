@@ -24,8 +24,8 @@ Streaming, one layer input at a time (`LayerInputs`):
 Peak memory beyond the model: one batch of the exposed tensors (at most `SPILL_BYTES` of rows in
 memory), one ``H`` (float64, inputs²) and one tensor's stacked weights. Cost: the feedback is ``O(outputs · inputs²)`` per layer; when the
 model's total ``Σ outputs·inputs²`` exceeds `FEEDBACK_BUDGET` (multiply-adds), the feedback is
-windowed (``gptq_blockwise(window=)``) with the widest multiple of the block that fits, and a
-note says so. Skipped (nearest rounding, with a note): layers whose input is not float, not
+windowed (``gptq_blockwise(window=)``) with the widest power-of-two multiple of the block that
+fits, and a note says so. Skipped (nearest rounding, with a note): layers whose input is not float, not
 finite, or wider than `MAX_INPUTS`; every layer when there is no calibration data.
 """
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Self
 
@@ -162,14 +163,13 @@ def _rows_view(layer: Layer) -> tuple[np.ndarray, bool]:
 
 def feedback_window(sizes: list[tuple[int, int]], block: int, budget: float = FEEDBACK_BUDGET) -> int | None:
     """The feedback window for layers of (outputs, inputs) `sizes`: None (full GPTQ) when
-    ``Σ outputs·inputs²`` fits `budget`, else the widest multiple of `block` (halving from the
-    widest input) that fits, at least `block`."""
+    ``Σ outputs·inputs²`` fits `budget`, else the widest ``block·2^j`` whose
+    ``Σ outputs·inputs·min(inputs, window)`` fits (at least `block`)."""
     if sum(n * k * k for n, k in sizes) <= budget:
         return None
-    window = max(k for _, k in sizes)
-    window = max(block, -(-window // block) * block)
-    while window > block and sum(n * k * min(k, window) for n, k in sizes) > budget:
-        window = max(block, (window // 2) // block * block)
+    window = block
+    while window * 2 < max(k for _, k in sizes) and sum(n * k * min(k, window * 2) for n, k in sizes) <= budget:
+        window *= 2
     return window
 
 
@@ -203,22 +203,30 @@ def solve_blocked(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Laye
     blocks = {block_of(todo[i]) for ids in groups.values() for i in ids}
     window = feedback_window(sizes, max(blocks)) if len(blocks) == 1 else None
     done = 0
+    clock = {"capture": 0.0, "second moments": 0.0, "solve": 0.0}
+    t0 = time.perf_counter()
     with LayerInputs(model, data, requests, widths, threads=opts.threads) as captured:
+        clock["capture"] = time.perf_counter() - t0
+        rows = max(captured.rows.values(), default=0)
         for t in sorted(groups, key=lambda name: min(groups[name])):
+            t0 = time.perf_counter()
             h = captured.gram(t, widths[t])
+            clock["second moments"] += time.perf_counter() - t0
             if h is None:
                 for i in groups[t]:
                     skipped[i] = captured.bad.get(t, "its input was not captured")
                 continue
             damp = shrinkage(widths[t], captured.rows[t])
+            t0 = time.perf_counter()
             for same_block in _by_block(groups[t], todo, block_of):
                 _solve_group(same_block, todo, h, block_of(todo[same_block[0]]), opts, limits, window, damp)
                 done += len(same_block)
+            clock["solve"] += time.perf_counter() - t0
             del h
     note = (f"rounding=gptq: {done} of {len(todo)} block-wise layers solved against their inputs' second moments "
-            f"on {len(data)} samples (streamed one input at a time")
-    note += f"; feedback windowed to {window} input features to bound the cost)" if window else "; full feedback)"
-    notes.append(note)
+            f"on {len(data)} samples ({rows} rows; streamed one input at a time")
+    note += f"; feedback windowed to {window} input features to bound the cost" if window else "; full feedback"
+    notes.append(note + "; " + ", ".join(f"{k} {v:.1f} s" for k, v in clock.items()) + ")")
     for idx, why in skipped.items():
         notes.append(f"rounding=gptq: {todo[idx].label} rounded to nearest: {why}")
 
