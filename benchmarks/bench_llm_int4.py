@@ -273,6 +273,8 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated variants (default: all)")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--render", action="store_true")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the rows (and latency) of bench_llm_int4.json this run does not measure")
     ap.add_argument("--child-eval", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--child-latency", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -369,6 +371,14 @@ def main() -> int:
     doc = {"command": command, "environment": environment(), "cpu": cpu_info(), "model": info,
            "calibration": {"sequences": n_cal, "tokens": s_cal}, "verify": {"sequences": 2, "tokens": 32},
            "heldout": {"sequences": 4, "tokens": 64}, "fp32": evals.get("fp32"), "rows": rows, "latency": latency}
+    previous = RESULTS_DIR / "bench_llm_int4.json"
+    if args.update and previous.exists():
+        old = json.loads(previous.read_text())
+        ran = {r["variant"] for r in rows}
+        doc["rows"] = [r for r in old.get("rows", []) if r["variant"] not in ran] + rows
+        doc["rows"].sort(key=lambda r: list(VARIANTS).index(r["variant"]) if r["variant"] in VARIANTS else 99)
+        doc["latency"] = latency or old.get("latency", {})
+        doc["command"] = old["command"] + "; then " + command
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / "bench_llm_int4.json").write_text(json.dumps(doc, indent=1) + "\n")
     md = markdown(doc)

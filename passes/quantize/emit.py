@@ -16,8 +16,12 @@ block padded with the zero point), scales ``[N·⌈K/block⌉]`` row-major by N,
 ``K, N, bits=4, block_size, accuracy_level``. Signed codes are stored offset by 8 (``u = q + 8``):
 with no zero-point input onnxruntime's zero point is 8, so ``(u − 8)·s = q·s`` is exactly what the
 DequantizeLinear form computes; a non-zero zero point goes into a packed uint8 zero-point input
-(``z + 8``). ``accuracy_level`` (0: unset, float A; 4: A quantized to int8 per block inside the
-kernel, not exact) is written as given. Anything else keeps the DequantizeLinear form.
+(``z + 8``). ``accuracy_level`` `NBITS_ACCURACY_LEVEL` (4: A quantized to int8 per block inside
+the kernel, products in int8 dot products): the level onnxruntime's own DequantizeLinear →
+MatMul fusion writes, so both forms run the same kernel once loaded (level 0, float A, runs
+several times slower on CPU; the int8 A adds well under a percent of relative error to a
+layer's output, against int4's weight error of several percent). Anything else keeps the
+DequantizeLinear form.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ def dq_weight(g: onnx.GraphProto, namer: Namer, tq: TensorQuant, out: str) -> st
 
 
 NBITS_DOMAIN = "com.microsoft"
+NBITS_ACCURACY_LEVEL = 4  # what onnxruntime's DQ → MatMulNBits fusion writes (see the module docstring)
 
 
 def nbits_block_ok(block: int | None) -> bool:
@@ -131,7 +136,7 @@ def matmul_nbits(g: onnx.GraphProto, namer: Namer, node: onnx.NodeProto, tq: Ten
 
 
 def apply_plan(model: onnx.ModelProto, plan: QuantPlan, *, int4_format: str = "dq",
-               accuracy_level: int = 0) -> onnx.ModelProto:
+               accuracy_level: int = NBITS_ACCURACY_LEVEL) -> onnx.ModelProto:
     """Insert the plan's QuantizeLinear/DequantizeLinear nodes into a copy of `model`.
 
     Weights and biases: integer initializer + DequantizeLinear writing the weight's old name (the
