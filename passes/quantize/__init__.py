@@ -25,8 +25,9 @@ name, the float weight is removed, and the file really shrinks. One module per s
 - `plan`: the order of those decisions, the opset upgrade, weight-only fallbacks;
 - `emit`: the nodes written, and the report; ``int4_format='matmulnbits'`` writes a weight-only
   int4 MatMul as one ``com.microsoft.MatMulNBits`` (the same weights, bit for bit), ``'dq'`` as
-  DequantizeLinear(int4, block) → MatMul, standard ONNX that onnxruntime fuses into MatMulNBits
-  at load and other runtimes (OpenVINO) read.
+  DequantizeLinear(int4, block) → MatMul (the default), standard ONNX that onnxruntime fuses into
+  the same MatMulNBits kernel at load, that `reconstruct` refits and other runtimes (OpenVINO)
+  read; MatMulNBits loads faster and with less memory (benchmarks/RESULTS.md, "Weight-only int4").
 
 ``reduce_range='auto'`` (default) puts int8 weights with quantized activations on a 7-bit grid
 when the ``target`` CPU (``host``, or a name of `graph_opt.target.NAMED`) is x86 without int8
