@@ -405,7 +405,7 @@ def markdown(doc: dict) -> str:
          f"hidden {m['hidden']}, MLP {m['ff']}, {m['heads']} heads, vocab {m['vocab']}, {m['matmuls']} weight MatMuls; "
          f"seeded random weights. Calibration {doc['calibration']['sequences']} × {doc['calibration']['tokens']} tokens; "
          f"held-out {doc['heldout']['sequences']} × {doc['heldout']['tokens']} tokens (both seeded random ids)."), "",
-        ("| variant | wall s (CLI) | quantize s | peak MB | peak / weights | output GB | load s | peak after load MB "
+        ("| variant | wall s (CLI) | CPU s (CLI) | quantize s | peak MB | peak / weights | output GB | load s | peak after load MB "
          "| logits cosine | rel. error | top-1 agreement | status |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
