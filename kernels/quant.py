@@ -617,8 +617,10 @@ def gptq_blockwise(w: ArrayLike, hessian: ArrayLike, in_axis: int, block_size: i
     Grouping as in the paper: a block's scale (and zero point) is computed when its first column
     is reached, from the weights as updated by the feedback so far (`compute_params` semantics,
     so the grid is the one ``DequantizeLinear`` with ``block_size`` reads). Lazy batch updates:
-    the feedback stays inside a window of whole blocks (at least 128 columns) and reaches the
-    columns after it as one matrix product per window; inside the window, in sub-windows of 16.
+    the feedback stays inside a batch of whole blocks (at least 128 columns) and reaches the
+    columns after it as one matrix product per batch; inside the batch, in sub-batches of 16.
+    ``U`` is factored in float64; the weights and the feedback are float32, as in the paper's
+    implementation (the rounding error they correct is ~2⁻⁴ of a weight, float32's ~2⁻²⁴).
 
     Returns ``(codes, params)``: codes of ``w``'s shape (storage dtype of ``dtype``) within
     ``limits`` (default: the codes nearest rounding can make on the grid, ±k for a symmetric
