@@ -16,7 +16,7 @@ Streaming, one layer input at a time (`LayerInputs`):
    are appended (float32) to one spill file per tensor in a private temporary folder (kept in
    memory when they all fit in `SPILL_BYTES`), so a batch is the most ever held of the model's
    activations;
-2. per tensor, in graph order: ``H`` accumulated in float64 from the rows, read back in chunks;
+2. per tensor, in graph order: ``H`` from the rows read back in chunks (float32 products, summed in float64);
    every layer reading the tensor is solved together (their weights stacked as rows: GPTQ rows
    are independent given ``H``, so this is exact and shares one Cholesky); ``H`` and the rows
    are dropped before the next tensor.
