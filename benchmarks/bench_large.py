@@ -67,6 +67,8 @@ FAMILIES: dict[str, list[str]] = {
     "prune_weights": ["--pass", "prune_weights:sparsity=0.5"],
     "prune_channels": ["--pass", "prune_channels:ratio=0.3"],
     "quantize": ["--pass", "quantize"],
+    # weight-only int4 with GPTQ: inputs captured once and streamed to disk, one Gram matrix at a time
+    "quantize_int4": ["--pass", "quantize:weights=int4,activations=none,rounding=gptq"],
     # reconstruct needs something compressed to refit: the low-rank factors of factorize_gemm
     "reconstruct": ["--pass", "factorize_gemm:latency_gate=false", "--pass", "reconstruct"],
 }

@@ -1095,3 +1095,45 @@ def _same_pads_unsq(g: GraphBuilder, x: str, k: int, stride: int, tag: str) -> s
     zeros = g.const(f"{tag}_z", np.zeros(2, np.float32))
     flat = g.node("Concat", [zeros, parts[2][0], parts[3][0], zeros, parts[2][1], parts[3][1]], axis=0)
     return g.node("Cast", [flat], to=TensorProto.INT64)
+
+
+def decoder_model(d: int = 128, heads: int = 4, ff: int = 256, layers: int = 1, seq: int = 8, seed: int = 0
+                  ) -> onnx.ModelProto:
+    """LLaMA-like decoder blocks on a float input x [N, seq, d]: RMSNorm, causal attention
+    (q/k/v/o MatMuls reading [d, d] weights), RMSNorm, SwiGLU MLP (gate/up [d, ff], down [ff, d]),
+    residual adds; 7 weight MatMuls per block (q, k, v share their input, so do gate and up)."""
+    g = GraphBuilder(opset=17, seed=seed)
+    x = g.input("x", ["N", seq, d])
+    dh = d // heads
+    g.const("eps", np.float32(1e-5))
+    g.const("heads_shape", np.array([0, seq, heads, dh], np.int64))
+    g.const("model_shape", np.array([0, seq, d], np.int64))
+    g.const("inv_sqrt_dh", np.float32(1.0 / np.sqrt(dh)))
+    g.const("causal", np.triu(np.full((seq, seq), -1e4, np.float32), 1))
+
+    def rms(t: str, name: str) -> str:
+        ms = g.node("ReduceMean", [g.node("Mul", [t, t])], axes=[-1], keepdims=1)
+        inv = g.node("Reciprocal", [g.node("Sqrt", [g.node("Add", [ms, "eps"])])])
+        return g.node("Mul", [g.node("Mul", [t, inv]), g.const(f"{name}.g", g.rng.uniform(0.8, 1.2, d).astype(np.float32))])
+
+    def mm(t: str, k: int, n: int, name: str) -> str:
+        return g.node("MatMul", [t, g.weight(f"{name}.w", (k, n), scale=1.0 / np.sqrt(k))], name=name)
+
+    def split_heads(t: str) -> str:
+        return g.node("Transpose", [g.node("Reshape", [t, "heads_shape"])], perm=[0, 2, 1, 3])
+
+    for i in range(layers):
+        h = rms(x, f"l{i}.ln1")
+        q, k, v = (split_heads(mm(h, d, d, f"l{i}.{p}")) for p in ("q", "k", "v"))
+        s = g.node("Add", [g.node("Mul", [g.node("MatMul", [q, g.node("Transpose", [k], perm=[0, 1, 3, 2])]),
+                                          "inv_sqrt_dh"]), "causal"])
+        a = g.node("MatMul", [g.node("Softmax", [s], axis=-1), v])
+        a = g.node("Reshape", [g.node("Transpose", [a], perm=[0, 2, 1, 3]), "model_shape"])
+        x = g.node("Add", [x, mm(a, d, d, f"l{i}.o")])
+        h = rms(x, f"l{i}.ln2")
+        gate, up = mm(h, d, ff, f"l{i}.gate"), mm(h, d, ff, f"l{i}.up")
+        act = g.node("Mul", [g.node("Mul", [gate, g.node("Sigmoid", [gate])]), up])
+        x = g.node("Add", [x, mm(act, ff, d, f"l{i}.down")])
+    g.node("Identity", [x], ["y"])
+    g.output("y", ["N", seq, d])
+    return g.build()

@@ -17,13 +17,18 @@ name, the float weight is removed, and the file really shrinks. One module per s
 - `weights`: weight and bias codes (int8/uint8/int4 grids, 7-bit ``reduce_range``, GPTQ
   rounding, ternary/binary) and their error bounds;
 - `bias`: ``bias_correction``, the expected output shift of rounded weights removed from the bias;
+- `gptq`: ``rounding=gptq`` for block-wise (int4) weights, streamed one layer input at a time;
 - `calibration`: one streaming onnxruntime pass for the activation ranges (minmax, percentile,
   entropy, mse; per-feature floors);
 - `placement`: which activations get a QDQ (layers, shared-scale data movement, own-scale
   Add/Mul/Concat/pooling) and which stay float, with the reason;
 - `sensitivity`: each quantized node's own SNR in isolation, against ``sensitivity_snr_db``;
 - `plan`: the order of those decisions, the opset upgrade, weight-only fallbacks;
-- `emit`: the nodes written, and the report.
+- `emit`: the nodes written, and the report; ``int4_format='matmulnbits'`` writes a weight-only
+  int4 MatMul as one ``com.microsoft.MatMulNBits`` (the same weights, bit for bit), ``'dq'`` as
+  DequantizeLinear(int4, block) → MatMul (the default), standard ONNX that onnxruntime fuses into
+  the same MatMulNBits kernel at load, that `reconstruct` refits and other runtimes (OpenVINO)
+  read; MatMulNBits loads faster and with less memory (benchmarks/RESULTS.md, "Weight-only int4").
 
 ``reduce_range='auto'`` (default) puts int8 weights with quantized activations on a 7-bit grid
 when the ``target`` CPU (``host``, or a name of `graph_opt.target.NAMED`) is x86 without int8
@@ -119,6 +124,7 @@ class Quantize(Pass):
     rounding: Literal["nearest", "gptq"] = "nearest"
     bias_correction: bool = False
     smooth: float | Literal["off", "auto"] = "off"
+    int4_format: Literal["matmulnbits", "dq"] = "dq"
 
     def __post_init__(self) -> None:
         if self.target != "host" and self.target not in NAMED_TARGETS:
@@ -179,7 +185,7 @@ class Quantize(Pass):
                 report.skip(d.node, d.reason)
         if plan.empty:
             return model if private else copy_model(model)
-        out = apply_plan(work, plan)
+        out = apply_plan(work, plan, int4_format=self.int4_format)
         report_plan(plan, report, model, out)
         return out
 

@@ -7,6 +7,21 @@ DequantizeLinear right after its producer: a tensor whose every reader is quanti
 (``consumers=None``) keeps its name on the DequantizeLinear output, otherwise only the listed
 readers are redirected to the new DequantizeLinear output. A shared-scale tensor reuses its
 source's scale and zero-point initializers. The plan's opset must already be the model's.
+
+``int4_format='matmulnbits'``: a weight-only MatMul whose 2-D int4 weight is blocked along K
+(power-of-two blocks of at least 16) becomes one ``com.microsoft.MatMulNBits`` (onnxruntime's
+int4 kernel) instead of DequantizeLinear → MatMul: ``Y = A · dequant(B)``, B as uint8
+``[N, ⌈K/block⌉, block/2]`` (two codes per byte along K, the first in the low nibble, the last
+block padded with the zero point), scales ``[N·⌈K/block⌉]`` row-major by N, attributes
+``K, N, bits=4, block_size, accuracy_level``. Signed codes are stored offset by 8 (``u = q + 8``):
+with no zero-point input onnxruntime's zero point is 8, so ``(u − 8)·s = q·s`` is exactly what the
+DequantizeLinear form computes; a non-zero zero point goes into a packed uint8 zero-point input
+(``z + 8``). ``accuracy_level`` `NBITS_ACCURACY_LEVEL` (4: A quantized to int8 per block inside
+the kernel, products in int8 dot products): the level onnxruntime's own DequantizeLinear →
+MatMul fusion writes, so both forms run the same kernel once loaded (level 0, float A, runs
+several times slower on CPU; the int8 A adds well under a percent of relative error to a
+layer's output, against int4's weight error of several percent). Anything else keeps the
+DequantizeLinear form.
 """
 
 from __future__ import annotations
@@ -67,14 +82,71 @@ def dq_weight(g: onnx.GraphProto, namer: Namer, tq: TensorQuant, out: str) -> st
     return out
 
 
-def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
+NBITS_DOMAIN = "com.microsoft"
+NBITS_ACCURACY_LEVEL = 4  # what onnxruntime's DQ → MatMulNBits fusion writes (see the module docstring)
+
+
+def nbits_block_ok(block: int | None) -> bool:
+    """Block sizes MatMulNBits takes: a power of two, at least 16."""
+    return block is not None and block >= 16 and block & (block - 1) == 0
+
+
+def _nbits_candidates(ix: GraphIndex, plan: QuantPlan) -> dict[int, TensorQuant]:
+    """node index → its weight's plan entry, for the MatMuls that become MatMulNBits."""
+    label_idx = {label: i for i, label in enumerate(ix.labels)}
+    out: dict[int, TensorQuant] = {}
+    for d in plan.nodes:
+        if d.action != "quantize" or d.op != "MatMul" or not d.weight or d.inputs:
+            continue
+        tq = plan.tensors.get(d.weight)
+        if (tq is None or tq.dtype != "int4" or tq.axis != 0 or not nbits_block_ok(tq.block_size)
+                or tq.codes is None or np.ndim(tq.codes) != 2):
+            continue
+        idx = label_idx.get(d.node)
+        if idx is not None and list(ix.nodes[idx].input)[1:2] == [tq.tensor] and len(ix.readers(tq.tensor)) == 1:
+            out[idx] = tq
+    return out
+
+
+def matmul_nbits(g: onnx.GraphProto, namer: Namer, node: onnx.NodeProto, tq: TensorQuant,
+                 accuracy_level: int) -> onnx.NodeProto:
+    """The MatMulNBits node (and its initializers in `g`) computing `node` (x @ W) with W's int4
+    codes and block scales (see the module docstring for the layout)."""
+    codes = np.asarray(tq.codes, dtype=np.int16)  # (K, N)
+    k, n = codes.shape
+    block = int(tq.block_size)
+    k_blocks = -(-k // block)
+    u = np.full((n, k_blocks * block), 8, np.int16)
+    u[:, :k] = codes.T + 8
+    packed = pack_int4(u.reshape(-1)).reshape(n, k_blocks, block // 2)
+    base = tq.tensor
+    b_name, s_name = namer(f"{base}_nbits"), namer(f"{base}_nbits_scales")
+    g.initializer.append(numpy_helper.from_array(packed, b_name))
+    g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(tq.scale.T).reshape(-1).astype(np.float32), s_name))
+    inputs = [node.input[0], b_name, s_name]
+    zp = np.asarray(tq.zero_point, dtype=np.int16)
+    if np.any(zp != 0):
+        z_name = namer(f"{base}_nbits_zero_points")
+        zu = np.full((n, k_blocks + k_blocks % 2), 8, np.int16)
+        zu[:, :k_blocks] = zp.T + 8
+        g.initializer.append(numpy_helper.from_array(pack_int4(zu.reshape(-1)), z_name))
+        inputs.append(z_name)
+    return helper.make_node("MatMulNBits", inputs, list(node.output), name=node.name or namer(f"{base}_MatMulNBits"),
+                            domain=NBITS_DOMAIN, K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level)
+
+
+def apply_plan(model: onnx.ModelProto, plan: QuantPlan, *, int4_format: str = "dq",
+               accuracy_level: int = NBITS_ACCURACY_LEVEL) -> onnx.ModelProto:
     """Insert the plan's QuantizeLinear/DequantizeLinear nodes into a copy of `model`.
 
     Weights and biases: integer initializer + DequantizeLinear writing the weight's old name (the
     float initializer, or its Constant node, is removed). Activations: Q → DQ after the producer;
     a tensor with ``consumers=None`` keeps its name on the DQ output (the producer's output is
-    renamed), otherwise only the listed nodes read the new DQ output.
+    renamed), otherwise only the listed nodes read the new DQ output. ``int4_format='matmulnbits'``:
+    the eligible int4 MatMuls become MatMulNBits (module docstring).
     """
+    if int4_format not in ("dq", "matmulnbits"):
+        raise ValueError(f"int4_format must be 'dq' or 'matmulnbits', got {int4_format!r}")
     if opset_of(model) < plan.opset:
         raise ValueError(f"the plan needs opset {plan.opset}, the model has {opset_of(model)}")
     ix = GraphIndex(model)
@@ -94,7 +166,13 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     kept_inputs = [i for i in g.input if i.name not in replaced]
     del g.input[:]
     g.input.extend(kept_inputs)
+    nbits = _nbits_candidates(ix, plan) if int4_format == "matmulnbits" else {}
+    nbits_weights = {tq.tensor for tq in nbits.values()}
+    if nbits and not any(imp.domain == NBITS_DOMAIN for imp in out.opset_import):
+        out.opset_import.append(helper.make_opsetid(NBITS_DOMAIN, 1))
     for tq in plan.tensors.values():
+        if tq.tensor in nbits_weights:
+            continue
         if tq.role in ("weight", "bias"):
             if tq.codes is None:
                 raise ValueError(f"plan entry {tq.tensor!r} has no codes (plans read from JSON cannot be applied)")
@@ -130,6 +208,8 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     for idx, node in enumerate(old_nodes):
         if idx in drop_nodes:
             continue
+        if idx in nbits:
+            node = matmul_nbits(g, namer, node, nbits[idx], accuracy_level)
         for slot, name in enumerate(node.input):
             if (idx, name) in redirect:
                 node.input[slot] = redirect[(idx, name)]

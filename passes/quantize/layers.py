@@ -19,7 +19,7 @@ import fnmatch
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -74,6 +74,7 @@ class Layer:
     bias_float: str = ""  # why the bias cannot become int32 ('' when it can)
     hessian: np.ndarray | None = None  # E[x xᵀ] of the input features (rounding=gptq)
     input_mean: np.ndarray | None = None  # E[x] per input channel, (Cin, *kernel) for a Conv (bias_correction)
+    gptq: tuple[np.ndarray, Any] | None = None  # block-wise codes and QuantParams solved by GPTQ
 
     @property
     def wv(self) -> np.ndarray:

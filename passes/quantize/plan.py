@@ -33,7 +33,7 @@ from onnx import helper
 
 from graph_opt.data import Dataset
 from graph_opt.errors import GraphOptError
-from graph_opt.model_io import copy_model
+from graph_opt.model_io import check_model, copy_model
 from graph_opt.passes._graph import GraphIndex, all_nodes
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
 from graph_opt.passes.quantize import bias, calibration, sensitivity
@@ -80,7 +80,7 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
         layers = rematch_layers(ix, opts)
 
     if opts.rounding == "gptq":
-        attach_hessians(model, ix, layers, data, notes)
+        attach_hessians(model, ix, layers, data, notes, opts)
     candidates, forced = _candidates(ix, layers, data, opts, notes)
     if opts.bias_correction and candidates:
         bias.attach_means(model, ix, layers, candidates, data, opts, notes)
@@ -222,7 +222,7 @@ def _upgrade_opset(model: onnx.ModelProto, target: int) -> tuple[onnx.ModelProto
     else:
         try:
             out = onnx.version_converter.convert_version(model, target)
-            onnx.checker.check_model(out)
+            check_model(out, full=False)  # a model whose weights stay on disk is checked without them
         except Exception as exc:
             text = first_line(exc, 200)
             return f"cannot upgrade opset {current} → {target} (needed by weights): {text}"

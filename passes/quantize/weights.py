@@ -13,7 +13,9 @@ Numerics (`graph_opt.kernels.quant`): ``q = saturate(round(x/s) + z)``, ``x̂ = 
   (`kernels.quant.gptq_quantize`): each input column's rounding error is spread over the columns
   not yet rounded through the inverse of the layer's input second moment, measured on the float
   model's activations (not chained through the quantized layers). Same grid, codes inside the
-  limits nearest rounding can reach (`_code_limits`).
+  limits nearest rounding can reach (`_code_limits`). Block-wise weights (int4) are solved by
+  `gptq.solve_blocked` instead: per-block scales chosen as the feedback proceeds (the grid then
+  differs from nearest rounding's), streamed one layer input at a time.
 - ``ternary`` (TWN: ``Δ = 0.7·mean|w|``, codes ``sign(w)·[|w| > Δ]``, ``α = mean(|w| : |w| > Δ)``)
   and ``binary`` (``sign(w)``, ``α = mean|w|``): int2 codes with α per channel as the scale.
 - Bias of a layer with a quantized input: int32 with ``s_b = s_x·s_w``, zero point 0; kept float
@@ -47,6 +49,7 @@ from graph_opt.kernels.quant import (
 )
 from graph_opt.passes._graph import GraphIndex
 from graph_opt.passes._qplan import TensorQuant
+from graph_opt.passes.quantize.gptq import solve_blocked
 from graph_opt.onnx_util import attr
 from graph_opt.passes.quantize.bias import corrected
 from graph_opt.passes.quantize.layers import Layer
@@ -103,6 +106,9 @@ def _quantize_weight(layer: Layer, opts: Quantize, static: bool) -> TensorQuant:
             p = _reduced_params(w, axis, opts.symmetric)
         else:
             p = compute_params(w, dtype, symmetric=opts.symmetric, axis=axis)
+    if block > 0 and layer.gptq is not None:  # solved against the data with its own block scales
+        codes, p = layer.gptq
+        return TensorQuant.from_params(layer.w, "weight", p, shape=shape, codes=codes)
     codes = quantize(w, p)
     if layer.hessian is not None and w.ndim == 2:
         reduced = static and dtype == "int8" and opts.weights_reduced and block == 0
@@ -123,9 +129,18 @@ def _code_limits(dtype: str, symmetric: bool, reduced: bool) -> tuple[int, int]:
 
 
 def attach_hessians(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], data: Dataset | None,
-              notes: list[str]) -> None:
+              notes: list[str], opts: Quantize) -> None:
     """rounding=gptq: attach each 2-D Gemm/MatMul weight's input second moment, from the float
-    model's activations on the calibration data (not chained through the quantized layers)."""
+    model's activations on the calibration data (not chained through the quantized layers).
+    Block-wise weights are solved here, one input at a time (`gptq.solve_blocked`: codes and
+    per-block scales on ``layer.gptq``), so no second moment is held for them."""
+    blocked = {i: lay for i, lay in layers.items() if block_for(lay, opts) > 0}
+    if blocked:
+        solve_blocked(model, ix, blocked, data, opts, lambda lay: block_for(lay, opts),
+                      _code_limits(opts.weights, opts.symmetric, False), notes)
+    layers = {i: lay for i, lay in layers.items() if i not in blocked}
+    if not layers:
+        return
     if data is None:
         notes.append("rounding=gptq without calibration data: weights rounded to nearest")
         return

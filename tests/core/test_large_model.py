@@ -179,7 +179,7 @@ def _disk_bytes_in_memory(model: onnx.ModelProto) -> int:
 @pytest.mark.parametrize("specs", [
     ["fold_batchnorm"], ["factorize_gemm:latency_gate=false,rank=8"], ["factorize_conv:latency_gate=false,rank=8"],
     ["prune_weights:sparsity=0.5"], ["prune_channels:ratio=0.25"], ["prune_channels:ratio=0.25,importance=activation"],
-    ["quantize"],
+    ["quantize"], ["quantize:weights=int4,activations=none,rounding=gptq,block_size=32"],
     ["factorize_conv:latency_gate=false,rank=4", "reconstruct"],
 ])
 def test_weights_kept_on_disk_give_the_in_memory_result(specs, tmp_path):
