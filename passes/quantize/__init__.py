@@ -21,12 +21,20 @@ name, the float weight is removed, and the file really shrinks. One module per s
 - `placement`: which activations get a QDQ (layers, shared-scale data movement, own-scale
   Add/Mul/Concat/pooling) and which stay float, with the reason;
 - `sensitivity`: each quantized node's own SNR in isolation, against ``sensitivity_snr_db``;
+- `speed`: MatMul + bias as Gemm, the target's activation type, and the latency gate;
 - `plan`: the order of those decisions, the opset upgrade, weight-only fallbacks;
 - `emit`: the nodes written, and the report.
 
 ``reduce_range='auto'`` (default) puts int8 weights with quantized activations on a 7-bit grid
 when the ``target`` CPU (``host``, or a name of `graph_opt.target.NAMED`) is x86 without int8
 dot products, whose u8×s8 kernels saturate (docs/design.md, fact 6); the report names the target.
+``activations='auto'`` (default) is uint8 on x86 and int8 on ARM (`speed.activation_dtype`).
+``prefer='speed'`` (default) with ``target='host'`` keeps float every layer that is not faster in
+int8 on this CPU, from one profiled run of the float and the planned int8 model (``gate_runs``
+runs each; `speed`, part 3); ``prefer='size'`` keeps every planned layer int8. A named target
+cannot be timed: its rules apply and the report says so. With static activations, a MatMul + bias
+Add of static shape is written as Gemm first (`speed.gemm_form`, exact), which onnxruntime's
+integer kernels take.
 BatchNormalization after a Conv/Gemm is folded first (`passes._fold`) when activations are
 quantized. ``min_snr_db``: after planning, the fewest least robust layers are kept float until
 the whole model holds the floor on the calibration data (`graph_opt/budget.py`).
@@ -35,7 +43,7 @@ Skipped, with the reason: op types not in ``op_types``; weights not constant, no
 non-finite, shared (an If/Loop/Scan body read counts) or 1-D; MatMul with the constant on the
 left or two activation operands; already quantized layers and quantized ops (never twice); layers
 inside subgraphs; unobserved or non-float activations; sensitive layers; mismatched Concats; a
-model whose opset cannot be upgraded.
+model whose opset cannot be upgraded; layers not faster in int8 on this CPU (``prefer='speed'``).
 
 Lossy, bounded per element: a weight by s/2 (ternary/binary: |w − α·code|, large by design), an
 activation inside its range by s_x/2 (outside it saturates), a bias by s_x·s_w/2. Weights already
@@ -55,11 +63,13 @@ import onnx
 
 from graph_opt.budget import exact_pattern, hold_floor, name_nodes
 from graph_opt.data import Dataset, random_dataset
+from graph_opt.errors import GraphOptError
 from graph_opt.model_io import copy_model
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._fold import apply_folds, find_folds
 from graph_opt.passes._graph import LAYER_OPS, GraphIndex, check_op_types
 from graph_opt.passes._qplan import QuantPlan
+from graph_opt.passes.quantize import speed
 from graph_opt.passes.quantize.calibration import calibrate
 from graph_opt.passes.quantize.emit import apply_plan, report_plan
 from graph_opt.passes.quantize.layers import INT8_CHANNEL_PACK, MIN_INT8_REDUCTION
@@ -89,7 +99,7 @@ class Quantize(Pass):
     name: ClassVar[str] = "quantize"
     edits_input: ClassVar[bool] = False
     weights: Literal["int8", "uint8", "int4", "ternary", "binary"] = "int8"
-    activations: Literal["uint8", "int8", "none"] = "uint8"
+    activations: Literal["auto", "uint8", "int8", "none"] = "auto"
     calibration: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
     percentile: float = 99.99
     per_channel: bool = True
@@ -97,6 +107,8 @@ class Quantize(Pass):
     block_size: int | None = None
     reduce_range: bool | Literal["auto"] = "auto"
     target: str = "host"
+    prefer: Literal["speed", "size"] = "speed"
+    gate_runs: int = 20
     op_types: tuple[str, ...] = LAYER_OPS
     exclude: tuple[str, ...] = ()
     keep_float: tuple[str, ...] = ()
@@ -112,6 +124,10 @@ class Quantize(Pass):
     def __post_init__(self) -> None:
         if self.target != "host" and self.target not in NAMED_TARGETS:
             raise ValueError(f"unknown target {self.target!r} (known: host, {', '.join(NAMED_TARGETS)})")
+        if self.activations == "auto":  # the target's signedness (speed.activation_dtype), fixed here once
+            object.__setattr__(self, "activations", speed.activation_dtype(resolve_target(self.target)))
+        if self.gate_runs < 1:
+            raise ValueError("gate_runs must be >= 1")
         check_op_types(self, "; Add/Concat/pooling follow the quantized layers automatically, use exclude to stop them")
         if self.block_size is not None and self.block_size < 0:
             raise ValueError("block_size must be >= 0 (0: never blocked, None: automatic)")
@@ -138,28 +154,77 @@ class Quantize(Pass):
         # apply_folds and the floor's runs each write a copy.
         if self.min_snr_db is not None:
             return self._run_with_floor(copy_model(model), report, ctx)
-        if self.weights == "int8" and self.activations != "none":
-            report.note(f"target {resolve_target(self.target).describe()}: int8 weights on a "
-                        + ("7-bit grid (reduce_range)" if self.weights_reduced else "full 8-bit grid"))
         private = False
+        folded = ""
         if self.activations != "none" and any(n.op_type == "BatchNormalization" for n in model.graph.node):
             # A BatchNormalization between a Conv/Gemm and its output QDQ would run in float
             # between int8 layers, slower than the fp32 model; folding is exact.
             ix = GraphIndex(model)
             folds, _ = find_folds(ix)
             if folds:
-                report.note(f"folded {len(folds)} BatchNormalization into their Conv/Gemm first "
-                            "(exact), so the layer outputs stay int8")
+                folded = (f"folded {len(folds)} BatchNormalization into their Conv/Gemm first "
+                          "(exact), so the layer outputs stay int8")
                 model, private = apply_folds(model, ix, folds), True
         plan, work = make_plan(model, ctx.data, self)
+        out = None if plan.empty else apply_plan(work, plan)
+        if out is not None and self._gated(ctx):
+            gated = self._gate(model, work, plan, out, report, ctx)
+            if gated is not None:
+                return gated
+        if self.weights == "int8" and self.activations != "none":
+            report.note(f"target {resolve_target(self.target).describe()}: int8 weights on a "
+                        + ("7-bit grid (reduce_range)" if self.weights_reduced else "full 8-bit grid")
+                        + f"; activations {self.activations}")
+        if folded:
+            report.note(folded)
+        if self.prefer == "speed" and self.target != "host" and self.activations != "none":
+            report.note(f"prefer=speed for target {self.target}: nothing can be timed for another machine, so no "
+                        "layer was gated by latency (the target's rules only: " + "; ".join(
+                            speed.target_rules(resolve_target(self.target))) + ")")
         for d in plan.nodes:
             if d.action != "quantize":
                 report.skip(d.node, d.reason)
-        if plan.empty:
+        if out is None:
             return model if private else copy_model(model)
-        out = apply_plan(work, plan)
         report_plan(plan, report, model, out)
         return out
+
+    def _gated(self, ctx: PassContext) -> bool:
+        return (self.prefer == "speed" and self.target == "host" and self.activations != "none"
+                and ctx.data is not None and self.weights in ("int8", "uint8"))
+
+    def _gate(self, model: onnx.ModelProto, work: onnx.ModelProto, plan: QuantPlan, out: onnx.ModelProto,
+              report: PassReport, ctx: PassContext) -> onnx.ModelProto | None:
+        """Keep float the layers not faster in int8 on this CPU (`speed`, part 3): the planned model
+        and its float form profiled once each, then planned again with those layers float. None:
+        nothing to change."""
+        keys = speed.layer_keys(plan, work)
+        if not keys:
+            return None
+        feed = ctx.data.laid_out(work).slice(0, 1)
+        try:
+            f_prof, q_prof = speed.profile_timer(feed, self.gate_runs, max(1, self.threads))(work, out)
+        except GraphOptError as exc:
+            report.note(f"prefer=speed: latency gate not run ({exc}); every planned layer kept as planned")
+            return None
+        result = speed.decide(keys, f_prof, q_prof)
+        note = (f"prefer=speed on {resolve_target(self.target).describe()}: {len(result.keep_float)} of {len(keys)} "
+                f"quantized layers kept float, not faster in int8 here (profiled {self.gate_runs} runs of the "
+                "float and int8 models, alternating)")
+        if result.unmatched:
+            note += f"; {len(result.unmatched)} layers not found in the profiles, left as planned"
+        if not result.keep_float:
+            report.note(note)
+            return None
+        keep = self.keep_float + tuple(exact_pattern(label) for label in result.keep_float)
+        second = dataclasses.replace(self, prefer="size", keep_float=keep)(model, ctx)
+        report.rewritten.extend(second.report.rewritten)
+        report.skipped.extend(s for s in second.report.skipped if s.node not in result.keep_float)
+        for label, why in result.keep_float.items():
+            report.skip(label, why)
+        report.notes.extend(n for n in second.report.notes if not n.startswith("prefer=size"))
+        report.note(note)
+        return second.model if second.report.rewritten else copy_model(model)
 
     def _run_with_floor(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
         """Mixed precision: quantize as planned, then keep the fewest least robust layers (their

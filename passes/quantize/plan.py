@@ -4,6 +4,8 @@
 a `passes._qplan.QuantPlan` (tensor → dtype, scale, zero point, axis, block, calibrated range;
 node → quantize / float / skip with the reason), which `emit.apply_plan` writes in one step:
 
+0. with static activations: MatMul + bias Add of static shape become Gemm (`speed.gemm_form`,
+   exact; onnxruntime's own MatMul + Add fusion would otherwise keep them from its integer kernels);
 1. match the layers (`layers.match_layers`); the plan needs opset 13 for per-channel
    DequantizeLinear, 21 for int4 and blocks, 25 for int2; a lower model is upgraded
    (`_upgrade_opset`: an opset bump when no used op changed, else ``onnx.version_converter``,
@@ -35,8 +37,8 @@ from graph_opt.errors import GraphOptError
 from graph_opt.model_io import copy_model
 from graph_opt.passes._graph import GraphIndex, all_nodes
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
-from graph_opt.passes.quantize import calibration, sensitivity
-from graph_opt.passes.quantize.layers import Layer, float_on_input, match_layers, opset_of, rematch_layers
+from graph_opt.passes.quantize import calibration, sensitivity, speed
+from graph_opt.passes.quantize.layers import Layer, excluded, float_on_input, match_layers, opset_of, rematch_layers
 from graph_opt.passes.quantize.placement import Placement, calibration_tensors, place
 from graph_opt.passes.quantize.weights import attach_hessians, block_for, weights_and_biases
 from graph_opt.runtime import make_session, release_memory
@@ -50,12 +52,20 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
               batch_size: int | None = None) -> tuple[QuantPlan, onnx.ModelProto]:
     """Decide everything (pure with respect to `model`): the plan and the model it applies to.
 
-    The returned model is `model` itself, or a copy upgraded to the opset the plan needs.
+    The returned model is `model` itself, or a copy with MatMul + bias written as Gemm and
+    upgraded to the opset the plan needs.
     """
     batch_size = batch_size or opts.batch_size
+    notes: list[str] = []
+    if (opts.activations != "none" and data is not None and opts.weights in ("int8", "uint8")
+            and {"MatMul", "Gemm"} <= set(opts.op_types)):
+        ix = GraphIndex(model)
+        model, gemms = speed.gemm_form(model, lambda node: excluded(ix, ix.index(node), opts) is not None)
+        if gemms:
+            notes.append(f"{len(gemms)} MatMul + bias Add of static shape written as Gemm (exact), so that "
+                         "onnxruntime fuses them into integer kernels (speed.gemm_form)")
     ix = GraphIndex(model)
     decisions, layers, n_qdq = match_layers(ix, opts)
-    notes: list[str] = []
     if n_qdq:
         decisions.append(NodeDecision(f"QuantizeLinear/DequantizeLinear ×{n_qdq}", "QDQ", "skip",
                                       "already quantized: existing QDQ nodes are left as they are"))
