@@ -37,7 +37,8 @@ Add of static shape is written as Gemm first (`speed.gemm_form`, exact), which o
 integer kernels take.
 BatchNormalization after a Conv/Gemm is folded first (`passes._fold`) when activations are
 quantized. ``min_snr_db``: after planning, the fewest least robust layers are kept float until
-the whole model holds the floor on the calibration data (`graph_opt/budget.py`).
+the whole model holds the floor on the calibration data (`graph_opt/budget.py`; no latency
+gate then).
 
 Skipped, with the reason: op types not in ``op_types``; weights not constant, not float32,
 non-finite, shared (an If/Loop/Scan body read counts) or 1-D; MatMul with the constant on the
@@ -196,14 +197,15 @@ class Quantize(Pass):
     def _gate(self, model: onnx.ModelProto, work: onnx.ModelProto, plan: QuantPlan, out: onnx.ModelProto,
               report: PassReport, ctx: PassContext) -> onnx.ModelProto | None:
         """Keep float the layers not faster in int8 on this CPU (`speed`, part 3): the planned model
-        and its float form profiled once each, then planned again with those layers float. None:
-        nothing to change."""
+        and its float form profiled once each, then planned again with those layers float and
+        profiled once more; when the int8 model as a whole is not faster either, the model stays
+        float. None: nothing to change."""
         keys = speed.layer_keys(plan, work)
         if not keys:
             return None
-        feed = ctx.data.laid_out(work).slice(0, 1)
+        timer = speed.profile_timer(ctx.data.laid_out(work).slice(0, 1), self.gate_runs, max(1, self.threads))
         try:
-            f_prof, q_prof = speed.profile_timer(feed, self.gate_runs, max(1, self.threads))(work, out)
+            f_prof, q_prof = timer(work, out)
         except GraphOptError as exc:
             report.note(f"prefer=speed: latency gate not run ({exc}); every planned layer kept as planned")
             return None
@@ -214,28 +216,55 @@ class Quantize(Pass):
         if result.unmatched:
             note += f"; {len(result.unmatched)} layers not found in the profiles, left as planned"
         if not result.keep_float:
+            if speed.slower_as_a_whole(f_prof, q_prof):
+                return self._all_float(model, plan, keys, f_prof, q_prof, report, note)
             report.note(note)
             return None
         keep = self.keep_float + tuple(exact_pattern(label) for label in result.keep_float)
         second = dataclasses.replace(self, prefer="size", keep_float=keep)(model, ctx)
+        if not second.report.rewritten:
+            return self._all_float(model, plan, keys, f_prof, q_prof, report, note, result.keep_float)
+        try:
+            f_prof, q_prof = timer(work, second.model)
+        except GraphOptError:
+            f_prof, q_prof = [], []
+        if speed.slower_as_a_whole(f_prof, q_prof):
+            return self._all_float(model, plan, keys, f_prof, q_prof, report, note, result.keep_float)
         report.rewritten.extend(second.report.rewritten)
         report.skipped.extend(s for s in second.report.skipped if s.node not in result.keep_float)
         for label, why in result.keep_float.items():
             report.skip(label, why)
         report.notes.extend(n for n in second.report.notes if not n.startswith("prefer=size"))
         report.note(note)
-        return second.model if second.report.rewritten else copy_model(model)
+        return second.model
+
+    def _all_float(self, model, plan, keys, f_prof, q_prof, report: PassReport, note: str,
+                   reasons: dict[str, str] | None = None) -> onnx.ModelProto:
+        """The model unchanged: no quantized layer gains, or the int8 model is not faster as a whole."""
+        f_us, q_us = speed.total_us(f_prof), speed.total_us(q_prof)
+        whole = (f"float: the int8 model as a whole is not faster on this CPU (profiled {q_us:.0f} µs against "
+                 f"{f_us:.0f} µs in float)")
+        for d in plan.nodes:
+            if d.action != "quantize":
+                report.skip(d.node, d.reason)
+        for k in keys:
+            report.skip(k.label, (reasons or {}).get(k.label, whole))
+        report.note(note)
+        if f_us > 0:
+            report.note(f"prefer=speed: the model stays float ({whole[len('float: '):]}); prefer=size quantizes it")
+        return copy_model(model)
 
     def _run_with_floor(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
         """Mixed precision: quantize as planned, then keep the fewest least robust layers (their
         measured SNR, lowest first) in float until the model's SNR on the calibration data holds
-        `min_snr_db` (graph_opt.budget.hold_floor)."""
+        `min_snr_db` (graph_opt.budget.hold_floor). The latency gate does not run here."""
         name_nodes(model)  # keep_float selects layers by node name
         runs: dict[int, PassReport] = {}
 
         def rebuild(kept: tuple[str, ...]) -> onnx.ModelProto:
             keep = self.keep_float + tuple(exact_pattern(n) for n in kept)
-            result = dataclasses.replace(self, min_snr_db=None, keep_float=keep)(model, ctx)
+            # the floor's rebuilds are not timed (one profile per rebuild would multiply the cost)
+            result = dataclasses.replace(self, min_snr_db=None, keep_float=keep, prefer="size")(model, ctx)
             runs[id(result.model)] = result.report
             return result.model
 

@@ -34,7 +34,9 @@ Three parts, each independent of the others:
    ``(1 - MIN_GAIN)`` of its float cost. Profiled kernels map back to layers by onnxruntime's
    names: the node name, or an output name, followed by nothing or by a separator (``/``, ``_``,
    ``:``), the longest such key winning. A layer that no kernel of one of the profiles matches is
-   left as planned. The timings come from a `Timer`; tests inject fake ones.
+   left as planned. Then the model as planned again is profiled once more against float: when its
+   kernels' total is not ``MIN_GAIN`` below float's (`slower_as_a_whole`), the whole model stays
+   float. The timings come from a `Timer`; tests inject fake ones.
 
 ``prefer='size'`` skips the gate (every planned layer stays int8, as before); a named target
 other than the host cannot be timed: its rules apply and the report says the gate did not run.
@@ -288,3 +290,16 @@ def layer_keys(plan, work: onnx.ModelProto) -> list[LayerKeys]:
         tensors = [*d.inputs, d.output or "", d.weight, d.bias or ""]
         out.append(LayerKeys(d.node, tuple(n for n in names if n), tuple(dict.fromkeys(t for t in tensors if t))))
     return out
+
+
+def total_us(profile: Sequence[tuple[str, float]]) -> float:
+    """A profile's time per run: the sum of its kernels' medians."""
+    return float(sum(us for _, us in profile))
+
+
+def slower_as_a_whole(float_profile: Sequence[tuple[str, float]], int8_profile: Sequence[tuple[str, float]],
+                      min_gain: float = MIN_GAIN) -> bool:
+    """The int8 model is not `min_gain` faster than float over all its kernels (False when either
+    profile is empty: nothing was measured)."""
+    f, q = total_us(float_profile), total_us(int8_profile)
+    return f > 0 and q > 0 and q >= (1.0 - min_gain) * f

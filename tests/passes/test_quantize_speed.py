@@ -169,9 +169,10 @@ def test_gate_keeps_the_slow_layer_float(tmp_path, monkeypatch):
     monkeypatch.setattr(speed, "profile_timer", _fake({"fc1": 100.0, "fc2": 100.0}, {"fc1": 40.0, "fc2": 130.0},
                                                       calls))
     result = Quantize()(model, _ctx(model))
-    assert len(calls) == 1  # one profile of each model
+    assert len(calls) == 2  # the float and planned models, then the float and gated models
     f, q = calls[0]
     assert op_count(f, "QuantizeLinear") == 0 and op_count(q, "QuantizeLinear") > 0
+    assert calls[1][0] is f and op_count(calls[1][1], "QuantizeLinear") < op_count(q, "QuantizeLinear")
     layers = {e["node"] for e in result.report.rewritten if e.get("weight")}
     assert layers == {"fc1"}
     skipped = {s.node: s.reason for s in result.report.skipped}
@@ -191,6 +192,18 @@ def test_gate_keeps_everything_float_when_nothing_gains(monkeypatch):
     result = Quantize()(model, _ctx(model))
     assert not result.modified and op_count(result.model, "QuantizeLinear") == 0
     assert {s.node for s in result.report.skipped} >= {"fc1", "fc2"}
+
+
+def test_a_model_not_faster_as_a_whole_stays_float(monkeypatch):
+    # each layer gains, but the quantize/dequantize nodes no layer owns eat the gain
+    model = encoder_ffn()
+    monkeypatch.setattr(speed, "profile_timer", _fake({"fc1": 100.0, "fc2": 100.0},
+                                                      {"fc1": 50.0, "fc2": 50.0, "stray_QuantizeLinear": 200.0}))
+    result = Quantize()(model, _ctx(model))
+    assert not result.modified and op_count(result.model, "QuantizeLinear") == 0
+    reasons = {s.node: s.reason for s in result.report.skipped}
+    assert "as a whole is not faster" in reasons["fc1"] and "as a whole is not faster" in reasons["fc2"]
+    assert any("prefer=size quantizes it" in n for n in result.report.notes)
 
 
 def test_prefer_size_does_not_gate(monkeypatch):
