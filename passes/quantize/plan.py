@@ -59,8 +59,7 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
     notes: list[str] = []
     if (opts.activations != "none" and data is not None and opts.weights in ("int8", "uint8")
             and {"MatMul", "Gemm"} <= set(opts.op_types)):
-        ix = GraphIndex(model)
-        model, gemms = speed.gemm_form(model, lambda node: excluded(ix, ix.index(node), opts) is not None)
+        model, gemms = speed.gemm_form(model, lambda gix, idx: excluded(gix, idx, opts) is not None)
         if gemms:
             notes.append(f"{len(gemms)} MatMul + bias Add of static shape written as Gemm (exact), so that "
                          "onnxruntime fuses them into integer kernels (speed.gemm_form)")

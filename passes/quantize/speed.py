@@ -118,11 +118,12 @@ def _sites(ix: GraphIndex, shapes: Mapping[str, tuple[int, ...]], skip: Callable
     return sites
 
 
-def gemm_form(model: onnx.ModelProto, skip: Callable[[onnx.NodeProto], bool] = lambda node: False
+def gemm_form(model: onnx.ModelProto, skip: Callable[[GraphIndex, int], bool] = lambda ix, idx: False
               ) -> tuple[onnx.ModelProto, list[str]]:
     """The model with every MatMul + bias Add of static shape written as Gemm (see the module
-    docstring), and the names of the rewritten MatMuls; `model` itself when there are none.
-    `skip(node)`: MatMuls to leave as they are (excluded ones). Exact: Gemm computes x·W + b."""
+    docstring), and the labels of the rewritten MatMuls; `model` itself when there are none.
+    `skip(index, i)`: MatMuls to leave as they are (excluded ones), by their position in the
+    `GraphIndex` of `model`. Exact: Gemm computes x·W + b."""
     ix = GraphIndex(model)
     shapes = _static_shapes(model)
     unknown = [n.input[0] for n in ix.nodes if n.op_type == "MatMul" and n.input and n.input[0] not in shapes]
@@ -131,7 +132,7 @@ def gemm_form(model: onnx.ModelProto, skip: Callable[[onnx.NodeProto], bool] = l
             shapes = _static_shapes(onnx.shape_inference.infer_shapes(weightless_copy(model), data_prop=True))
         except Exception as exc:  # noqa: BLE001 - shape inference fails on some exports: the stated shapes only
             log.debug("shape inference failed: %s", exc)
-    sites = _sites(ix, shapes, lambda idx: skip(ix.nodes[idx]))
+    sites = _sites(ix, shapes, lambda idx: skip(ix, idx))
     if not sites:
         return model, []
     out = copy_model(model, nodes=False)

@@ -219,3 +219,10 @@ def test_profile_nodes_names_every_kernel_of_each_model():
     f, q = profile_nodes([model, model], feed, runs=2, warmup=1)
     assert f and q and {t.name for t in f} == {t.name for t in q}
     assert all(t.us >= 0 for t in f) and any(t.op == "Gemm" or t.op == "MatMul" for t in f)
+
+
+def test_an_excluded_matmul_keeps_its_form():
+    model = encoder_ffn()
+    plan = Quantize(exclude=("fc2",)).plan(model, random_dataset(model, 16))
+    assert any("1 MatMul + bias Add" in n for n in plan.notes)
+    assert {d.node: d.op for d in plan.nodes if d.node in ("fc1", "fc2")} == {"fc1": "Gemm", "fc2": "MatMul"}
