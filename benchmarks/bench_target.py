@@ -1,6 +1,6 @@
 """Target-aware quantization: int8 latency against fp32 with and without the latency gate.
 
-    python benchmarks/bench_target.py [--models minilm,resnet,magika,ppocr_cls,yolo,orinet] [--runs 50] [--rounds 10]
+    python benchmarks/bench_target.py [--models minilm,resnet,magika,ppocr_cls,yolo,orinet] [--runs 50] [--rounds 10] [--profile]
 
 For every model (zoo or corpus), the simplified model (``simplify`` with the zoo's input shapes,
 as the CLI runs it) is the fp32 reference, and two int8 variants are made from it with
@@ -18,6 +18,11 @@ rounds of ``--runs`` runs, batch-1 sample, optimizations on, 1 thread; the ratio
 median of the rounds' ratios with their min-max. Fidelity: cosine / task metric against fp32 on
 the eval split. The quantize wall time of each variant is recorded; the machine's busy share
 before and after timing too. Writes benchmarks/results/bench_target.json and prints Markdown.
+
+``--profile``: instead, where the time goes: the four models profiled kernel by kernel
+(`graph_opt.runtime.profile_nodes`, ``--runs`` runs each, alternating, batch-1 sample), the sum of
+the kernels' medians per onnxruntime op type (µs per run); written to
+benchmarks/results/bench_target_profile.json.
 """
 
 from __future__ import annotations
@@ -65,6 +70,38 @@ def variants(zm, calib: int = 64):
     return model, out, extras
 
 
+def profile(names: list[str], runs: int, threads: int) -> int:
+    import collections
+    import json
+
+    from graph_opt.runtime import profile_nodes
+
+    out = {"environment": _harness.environment(), "runs": runs, "models": {}}
+    for name in names:
+        zm = zoo.get(name)
+        simplified, vs, _ = variants(zm)
+        models = {"fp32": simplified, **vs}
+        busy = _harness.cpu_busy(0.5)
+        profiles = profile_nodes(list(models.values()), zm.sample(0), runs=runs, threads=threads)
+        per_op = {}
+        for tag, nodes in zip(models, profiles):
+            ops = collections.Counter()
+            for t in nodes:
+                ops[t.op] += t.us
+            per_op[tag] = {op: round(us, 1) for op, us in ops.most_common()}
+        out["models"][name] = {"cpu_busy_before": round(busy, 3), "per_op_us": per_op}
+        tags = list(models)
+        ops = sorted({op for v in per_op.values() for op in v}, key=lambda op: -max(v.get(op, 0) for v in per_op.values()))
+        print(f"\n## {name} (µs per run, sum of kernel medians; machine busy before: {busy:.0%})\n")
+        print("| op type | " + " | ".join(tags) + " |\n|---|" + "---|" * len(tags))
+        for op in ops[:14]:
+            print(f"| {op} | " + " | ".join(f"{per_op[t].get(op, 0):.0f}" for t in tags) + " |")
+        print("| **total** | " + " | ".join(f"**{sum(per_op[t].values()):.0f}**" for t in tags) + " |", flush=True)
+    path = _harness.RESULTS_DIR / "bench_target_profile.json"
+    path.write_text(json.dumps(out, indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -73,7 +110,10 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--profile", action="store_true", help="per-op-type kernel times instead of latency ratios")
     args = ap.parse_args(argv)
+    if args.profile:
+        return profile(args.models.split(","), args.runs, args.threads)
     rows = []
     for name in args.models.split(","):
         zm = zoo.get(name)
