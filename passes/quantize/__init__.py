@@ -197,8 +197,8 @@ class Quantize(Pass):
     def _gate(self, model: onnx.ModelProto, work: onnx.ModelProto, plan: QuantPlan, out: onnx.ModelProto,
               report: PassReport, ctx: PassContext) -> onnx.ModelProto | None:
         """Keep float the layers not faster in int8 on this CPU (`speed`, part 3): the planned model
-        and its float form profiled once each, then planned again with those layers float and
-        profiled once more; when the int8 model as a whole is not faster either, the model stays
+        and its float form profiled once each, then planned again with those layers float (the
+        first plan's sensitivity verdicts reused) and profiled once more; when the int8 model as a whole is not faster either, the model stays
         float. None: nothing to change."""
         keys = speed.layer_keys(plan, work)
         if not keys:
@@ -221,7 +221,16 @@ class Quantize(Pass):
             report.note(note)
             return None
         keep = self.keep_float + tuple(exact_pattern(label) for label in result.keep_float)
-        second = dataclasses.replace(self, prefer="size", keep_float=keep)(model, ctx)
+        replan = dataclasses.replace(self, prefer="size", keep_float=keep)
+        # Each node's sensitivity is measured alone, so the first plan's verdicts still hold: the
+        # nodes it kept float for it are kept float by name, and nothing is measured again.
+        sensitive = {d.node: d.reason for d in plan.nodes if d.action == "float" and d.sensitivity is not None}
+        if self.sensitive == "float" and self.threshold_db() is not None:
+            replan = dataclasses.replace(replan, sensitivity_snr_db=None,
+                                         keep_float=keep + tuple(exact_pattern(label) for label in sensitive))
+        else:
+            sensitive = {}
+        second = replan(model, ctx)
         if not second.report.rewritten:
             return self._all_float(model, plan, keys, f_prof, q_prof, report, note, result.keep_float)
         try:
@@ -231,10 +240,12 @@ class Quantize(Pass):
         if speed.slower_as_a_whole(f_prof, q_prof):
             return self._all_float(model, plan, keys, f_prof, q_prof, report, note, result.keep_float)
         report.rewritten.extend(second.report.rewritten)
-        report.skipped.extend(s for s in second.report.skipped if s.node not in result.keep_float)
-        for label, why in result.keep_float.items():
+        report.skipped.extend(s for s in second.report.skipped
+                              if s.node not in result.keep_float and s.node not in sensitive)
+        for label, why in {**sensitive, **result.keep_float}.items():
             report.skip(label, why)
         report.notes.extend(n for n in second.report.notes if not n.startswith("prefer=size"))
+        report.notes.extend(n for n in plan.notes if n.startswith("sensitivity threshold") and sensitive)
         report.note(note)
         return second.model
 

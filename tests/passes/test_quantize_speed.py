@@ -226,3 +226,20 @@ def test_an_excluded_matmul_keeps_its_form():
     plan = Quantize(exclude=("fc2",)).plan(model, random_dataset(model, 16))
     assert any("1 MatMul + bias Add" in n for n in plan.notes)
     assert {d.node: d.op for d in plan.nodes if d.node in ("fc1", "fc2")} == {"fc1": "Gemm", "fc2": "MatMul"}
+
+
+def test_the_gated_replan_reuses_the_sensitivity_verdicts(monkeypatch):
+    from graph_opt.passes.quantize import sensitivity
+
+    real, calls = sensitivity.measure, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sensitivity, "measure", counted)
+    monkeypatch.setattr(speed, "profile_timer", _fake({"fc1": 100.0, "fc2": 100.0}, {"fc1": 40.0, "fc2": 130.0}))
+    model = encoder_ffn()
+    result = Quantize()(model, _ctx(model))
+    assert {e["node"] for e in result.report.rewritten if e.get("weight")} == {"fc1"}
+    assert len(calls) == 1  # measured for the first plan only
