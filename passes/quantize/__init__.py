@@ -233,10 +233,11 @@ class Quantize(Pass):
         second = replan(model, ctx)
         if not second.report.rewritten:
             return self._all_float(model, plan, keys, f_prof, q_prof, report, note, result.keep_float)
-        try:
-            f_prof, q_prof = timer(work, second.model)
-        except GraphOptError:
-            f_prof, q_prof = [], []
+        if not speed.clearly_faster(f_prof, q_prof, result):  # else no second profile is needed
+            try:
+                f_prof, q_prof = timer(work, second.model)
+            except GraphOptError:
+                f_prof, q_prof = [], []
         if speed.slower_as_a_whole(f_prof, q_prof):
             return self._all_float(model, plan, keys, f_prof, q_prof, report, note, result.keep_float)
         report.rewritten.extend(second.report.rewritten)

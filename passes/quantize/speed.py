@@ -34,9 +34,10 @@ Three parts, each independent of the others:
    ``(1 - MIN_GAIN)`` of its float cost. Profiled kernels map back to layers by onnxruntime's
    names: the node name, or an output name, followed by nothing or by a separator (``/``, ``_``,
    ``:``), the longest such key winning. A layer that no kernel of one of the profiles matches is
-   left as planned. Then the model as planned again is profiled once more against float: when its
-   kernels' total is not ``MIN_GAIN`` below float's (`slower_as_a_whole`), the whole model stays
-   float. The timings come from a `Timer`; tests inject fake ones.
+   left as planned. Then the model as planned again is profiled once more against float (unless
+   the first profile predicts it below ``CLEARLY_FASTER`` of float's total, `clearly_faster`): when
+   its kernels' total is not ``MIN_GAIN`` below float's (`slower_as_a_whole`), the whole model
+   stays float. The timings come from a `Timer`; tests inject fake ones.
 
 ``prefer='size'`` skips the gate (every planned layer stays int8, as before); a named target
 other than the host cannot be timed: its rules apply and the report says the gate did not run.
@@ -304,3 +305,19 @@ def slower_as_a_whole(float_profile: Sequence[tuple[str, float]], int8_profile: 
     profile is empty: nothing was measured)."""
     f, q = total_us(float_profile), total_us(int8_profile)
     return f > 0 and q > 0 and q >= (1.0 - min_gain) * f
+
+
+# The first profile alone settles the whole-model check when the planned int8 model, with the
+# layers the gate keeps float counted at their float time, is below this share of float's total.
+CLEARLY_FASTER = 0.8
+
+
+def clearly_faster(float_profile: Sequence[tuple[str, float]], int8_profile: Sequence[tuple[str, float]],
+                   result: GateResult) -> bool:
+    """The gated model is predicted well below float from the first profile alone: the int8 total
+    with each layer kept float counted at its float time instead of its int8 time."""
+    f, q = total_us(float_profile), total_us(int8_profile)
+    if f <= 0 or q <= 0:
+        return False
+    predicted = q - sum(qi - fi for label, (fi, qi) in result.costs.items() if label in result.keep_float)
+    return predicted < CLEARLY_FASTER * f

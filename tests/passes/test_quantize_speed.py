@@ -135,11 +135,16 @@ def test_a_named_target_is_never_timed(monkeypatch):
 
 
 def _fake(float_us, int8_us, calls=None):
+    """A `speed.profile_timer` giving fixed kernel times; `int8_us` a list: one per call, in turn."""
+    per_call = int8_us if isinstance(int8_us, list) else [int8_us]
+    seen = []
+
     def factory(feed, runs, threads=1):
         def timer(f, q):
+            seen.append(1)
             if calls is not None:
                 calls.append((f, q))
-            return list(float_us.items()), list(int8_us.items())
+            return list(float_us.items()), list(per_call[min(len(seen), len(per_call)) - 1].items())
         return timer
     return factory
 
@@ -166,8 +171,9 @@ def test_name_matching_takes_the_longest_key_and_needs_a_separator():
 def test_gate_keeps_the_slow_layer_float(tmp_path, monkeypatch):
     model = encoder_ffn()
     calls = []
-    monkeypatch.setattr(speed, "profile_timer", _fake({"fc1": 100.0, "fc2": 100.0}, {"fc1": 40.0, "fc2": 130.0},
-                                                      calls))
+    # fc1 gains a little: the gated model (185 µs predicted against 200) is profiled again
+    monkeypatch.setattr(speed, "profile_timer", _fake({"fc1": 100.0, "fc2": 100.0},
+                                                      [{"fc1": 85.0, "fc2": 130.0}, {"fc1": 85.0, "fc2": 100.0}], calls))
     result = Quantize()(model, _ctx(model))
     assert len(calls) == 2  # the float and planned models, then the float and gated models
     f, q = calls[0]
@@ -243,3 +249,21 @@ def test_the_gated_replan_reuses_the_sensitivity_verdicts(monkeypatch):
     result = Quantize()(model, _ctx(model))
     assert {e["node"] for e in result.report.rewritten if e.get("weight")} == {"fc1"}
     assert len(calls) == 1  # measured for the first plan only
+
+
+def test_a_clearly_faster_gated_model_is_not_profiled_again(monkeypatch):
+    model = encoder_ffn()
+    calls = []
+    # fc2 stays float; fc1 saves so much that the gated model is predicted at 0.55 of float
+    monkeypatch.setattr(speed, "profile_timer", _fake({"fc1": 200.0, "fc2": 20.0}, {"fc1": 100.0, "fc2": 30.0},
+                                                      calls))
+    result = Quantize()(model, _ctx(model))
+    assert {e["node"] for e in result.report.rewritten if e.get("weight")} == {"fc1"}
+    assert len(calls) == 1
+
+
+def test_clearly_faster_counts_the_float_layers_at_their_float_time():
+    r = speed.GateResult({"b": "float"}, {"a": (100.0, 40.0), "b": (100.0, 150.0)}, [])
+    assert speed.clearly_faster([("a", 100.0), ("b", 100.0)], [("a", 40.0), ("b", 150.0)], r)  # 140 < 160
+    assert not speed.clearly_faster([("a", 100.0), ("b", 100.0)], [("a", 90.0), ("b", 150.0)], r)  # 190
+    assert not speed.clearly_faster([], [("a", 1.0)], r)
