@@ -198,8 +198,9 @@ class Quantize(Pass):
               report: PassReport, ctx: PassContext) -> onnx.ModelProto | None:
         """Keep float the layers not faster in int8 on this CPU (`speed`, part 3): the planned model
         and its float form profiled once each, then planned again with those layers float (the
-        first plan's sensitivity verdicts reused) and profiled once more; when the int8 model as a whole is not faster either, the model stays
-        float. None: nothing to change."""
+        first plan's sensitivity verdicts reused) and, unless the first profile shows it clearly
+        faster (`speed.clearly_faster`), profiled once more; when the int8 model as a whole is not
+        faster, the model stays float. None: nothing to change."""
         keys = speed.layer_keys(plan, work)
         if not keys:
             return None

@@ -11,11 +11,11 @@ Three parts, each independent of the others:
    Why: onnxruntime's basic-level MatMulAddFusion makes exactly this Gemm from a float MatMul +
    Add when the input shape is static, and it runs before the QDQ fusions (extended level). On
    the QDQ graph it leaves ``DQ → Reshape → Gemm(DQ(W), float bias)``, which no integer kernel
-   matches: every weight is dequantized on every run and the Gemm runs in float (a transformer
-   encoder ran more than twice as slow as fp32). Written as Gemm before planning, the layer is a
-   Gemm with an int32 bias that onnxruntime fuses into QGemm, and the Reshapes move int8 data.
-   Shapes are those the model states, else ONNX shape inference's (as onnxruntime infers them on
-   load). Skipped (left as they are): dynamic or unknown input shapes, a weight or bias read elsewhere,
+   matches: every weight is dequantized on every run and the Gemm runs in float, slower than the
+   fp32 model (docs/design.md, fact 8). Written as Gemm before planning, the layer is a Gemm with
+   an int32 bias that onnxruntime fuses into QGemm, and the Reshapes move int8 data. Shapes are
+   those the model states, else ONNX shape inference's (onnxruntime infers them on load).
+   Skipped (left as they are): dynamic or unknown input shapes, a weight or bias read elsewhere,
    a bias not one value per output column, a MatMul output read by anything but the Add or
    being a graph output.
 
@@ -25,7 +25,7 @@ Three parts, each independent of the others:
    onnxruntime's guidance names S8S8 the first choice there); 7-bit weights on x86 without int8
    dot products (`graph_opt.target`).
 
-3. The latency gate (`gate`, ``prefer='speed'`` with ``target='host'``): the float model and the
+3. The latency gate (`decide`, ``prefer='speed'`` with ``target='host'``): the float model and the
    planned int8 model are profiled once each, alternating run by run (`runtime.profile_nodes`).
    Each quantized layer's int8 cost is its kernel plus the QuantizeLinear/DequantizeLinear that
    onnxruntime left unfused on the tensors it reads and writes (a tensor's cost is shared by the
@@ -37,7 +37,7 @@ Three parts, each independent of the others:
    left as planned. Then the model as planned again is profiled once more against float (unless
    the first profile predicts it below ``CLEARLY_FASTER`` of float's total, `clearly_faster`): when
    its kernels' total is not ``MIN_GAIN`` below float's (`slower_as_a_whole`), the whole model
-   stays float. The timings come from a `Timer`; tests inject fake ones.
+   stays float. The timings come from `profile_timer` (a `Timer`); tests inject fake ones.
 
 ``prefer='size'`` skips the gate (every planned layer stays int8, as before); a named target
 other than the host cannot be timed: its rules apply and the report says the gate did not run.
