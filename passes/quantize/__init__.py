@@ -125,8 +125,6 @@ class Quantize(Pass):
     def __post_init__(self) -> None:
         if self.target != "host" and self.target not in NAMED_TARGETS:
             raise ValueError(f"unknown target {self.target!r} (known: host, {', '.join(NAMED_TARGETS)})")
-        if self.activations == "auto":  # the target's signedness (speed.activation_dtype), fixed here once
-            object.__setattr__(self, "activations", speed.activation_dtype(resolve_target(self.target)))
         if self.gate_runs < 1:
             raise ValueError("gate_runs must be >= 1")
         check_op_types(self, "; Add/Concat/pooling follow the quantized layers automatically, use exclude to stop them")
@@ -144,6 +142,13 @@ class Quantize(Pass):
             raise ValueError(f"min_snr_db must be a finite number of dB, got {self.min_snr_db}")
         if self.threads < 0:
             raise ValueError("threads must be >= 0 (0: onnxruntime's default, one per core)")
+
+    @property
+    def activation_dtype(self) -> str:
+        """'uint8', 'int8' or 'none': ``activations``, or ('auto') the target's (`speed.activation_dtype`)."""
+        if self.activations == "auto":
+            return speed.activation_dtype(resolve_target(self.target))
+        return self.activations
 
     @property
     def weights_reduced(self) -> bool:
@@ -175,7 +180,7 @@ class Quantize(Pass):
         if self.weights == "int8" and self.activations != "none":
             report.note(f"target {resolve_target(self.target).describe()}: int8 weights on a "
                         + ("7-bit grid (reduce_range)" if self.weights_reduced else "full 8-bit grid")
-                        + f"; activations {self.activations}")
+                        + f"; activations {self.activation_dtype}")
         if folded:
             report.note(folded)
         if self.prefer == "speed" and self.target != "host" and self.activations != "none":

@@ -187,7 +187,7 @@ class _Placer:
         acts = self.pl.acts
         if t not in acts:
             lo, hi = self.ranges[t]
-            p = compute_params((lo, hi), self.opts.activations, symmetric=False)
+            p = compute_params((lo, hi), self.opts.activation_dtype, symmetric=False)
             acts[t] = TensorQuant.from_params(t, "activation", p, method=self.opts.calibration, range=(lo, hi))
         return acts[t]
 

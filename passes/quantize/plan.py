@@ -136,7 +136,7 @@ def _candidates(ix: GraphIndex, layers: dict[int, Layer], data: Dataset | None, 
                      "so activations stay float (weight-only)")
     elif wants_static and len(candidates) < len(layers):
         notes.append("blocked weights are weight-only (activations stay float for those layers)")
-    if wants_static and static_kind and opts.activations == "int8" and opts.weights == "uint8":
+    if wants_static and static_kind and opts.activation_dtype == "int8" and opts.weights == "uint8":
         notes.append("int8 activations with uint8 weights: onnxruntime has no fused kernel for this pair "
                      "(the QDQ graph stays correct but runs in float); prefer uint8 activations")
     if wants_static and candidates and data is None:
@@ -175,7 +175,7 @@ def _calibrate(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer],
     release_memory()
     ranges = calibration.Ranges(observers, opts)
     n = min(len(data), opts.max_samples)
-    notes.append(f"activations {opts.activations} per tensor, asymmetric, ranges by {opts.calibration} "
+    notes.append(f"activations {opts.activation_dtype} per tensor, asymmetric, ranges by {opts.calibration} "
                  f"over {n} samples ({len(ranges)} tensors observed in one streaming pass; "
                  f"{len(unasked)} other candidate tensors skipped: no placement could use them)")
     return ranges, unasked, ok

@@ -113,11 +113,11 @@ def test_a_float_gemm_output_moved_by_a_reshape_stays_float():
 def test_activation_type_and_weight_grid_follow_the_target(target, acts, steps):
     model = encoder_ffn()
     q = Quantize(sensitivity_snr_db=None, target=target)
-    assert q.activations == acts
+    assert q.activations == "auto" and q.activation_dtype == acts
     plan = q.plan(model, random_dataset(model, 8))
     assert {t.dtype for t in plan.by_role("activation")} == {acts}
     assert max(np.abs(t.codes).max() for t in plan.by_role("weight")) == steps
-    assert Quantize(target=target, activations="uint8").activations == "uint8"  # an explicit choice wins
+    assert Quantize(target=target, activations="uint8").activation_dtype == "uint8"  # an explicit choice wins
 
 
 def test_a_named_target_is_never_timed(monkeypatch):
