@@ -267,3 +267,19 @@ def test_clearly_faster_counts_the_float_layers_at_their_float_time():
     assert speed.clearly_faster([("a", 100.0), ("b", 100.0)], [("a", 40.0), ("b", 150.0)], r)  # 140 < 160
     assert not speed.clearly_faster([("a", 100.0), ("b", 100.0)], [("a", 90.0), ("b", 150.0)], r)  # 190
     assert not speed.clearly_faster([], [("a", 1.0)], r)
+
+
+@pytest.mark.parametrize("shape,bias_shape", [((6, 8), (5,)), ((2, 3, 8), (1, 5)), ((1, 2, 3, 8), (5,))])
+def test_gemm_form_is_exact_for_every_input_rank(shape, bias_shape):
+    g = GraphBuilder(seed=3)
+    x = g.input("x", list(shape))
+    h = g.node("MatMul", [x, g.weight("w", (8, 5))], name="mm")
+    g.output(g.node("Add", [g.weight("b", bias_shape), h], ["y"]), [*shape[:-1], 5])  # bias on the left
+    model = g.build()
+    out, names = speed.gemm_form(model)
+    assert names == ["mm"] and op_count(out, "Gemm") == 1 and op_count(out, "Add") == 0
+    assert op_count(out, "Reshape") == (0 if len(shape) == 2 else 2)
+    assert "b" not in {t.name for t in out.graph.initializer} or bias_shape == (5,)  # a (1, N) bias became a vector
+    assert_valid(out)
+    feed = {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+    np.testing.assert_allclose(run(out, feed)[0], run(model, feed)[0], rtol=1e-5, atol=1e-5)
