@@ -12,6 +12,8 @@ first line of onnxruntime's message.
 
 `run_model` runs every output over a `Dataset` (batches cut on each input's batch axis, outputs
 concatenated on axis 0); `graph_opt.intermediates` streams internal tensors instead.
+`profile_nodes` times several models node by node with onnxruntime's profiler, as deployed
+(optimizations on), the models alternating run by run.
 `release_memory` hands the heap that freed sessions left behind back to the OS (glibc's
 ``malloc_trim``; a no-op elsewhere), so that a later phase does not start from an earlier
 phase's peak.
@@ -30,10 +32,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import json
 import math
 import os
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import numpy as np
@@ -81,17 +86,21 @@ def session_options(*, optimize: bool | Literal["basic"] = False, threads: int =
 
 
 def make_session(model: onnx.ModelProto, *, optimize: bool | Literal["basic"] = False, threads: int = 1, fuse_qdq: bool = True,
-                 arena: bool = True, weights: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
+                 arena: bool = True, weights: Mapping[str, np.ndarray] | None = None,
+                 profile_prefix: str | None = None) -> ort.InferenceSession:
     """An onnxruntime CPU session; a model that onnxruntime refuses raises `InvalidModelError`.
 
     The weights reach onnxruntime as arrays, not inside the serialized model (`external_data.detached`):
     `weights`, the arrays of a model made by `detached` and then edited (a copy with extra
     outputs), or else `model`'s own. A model with weights kept on disk reaches onnxruntime
     through a temporary external-data copy (protobuf cannot serialize it), see
-    `model_io.session_source`."""
+    `model_io.session_source`. ``profile_prefix``: onnxruntime's profiler on, its file named so."""
     if weights is None and not needs_external_data(model):
         model, weights = detached(model)
     options = session_options(optimize=optimize, threads=threads, fuse_qdq=fuse_qdq, arena=arena)
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     if weights:
         options.add_external_initializers(list(weights), [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()])
     try:
@@ -210,6 +219,51 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
     if all(p.ndim and p.shape[1:] == parts[0].shape[1:] for p in parts):
         return np.concatenate(parts)
     return np.concatenate([p.ravel() for p in parts])  # varying shapes: compare element-wise
+
+
+@dataclass(frozen=True)
+class NodeTime:
+    """One kernel of an optimized session: onnxruntime's node name (after its fusions), its op
+    type and its median time per run in microseconds."""
+
+    name: str
+    op: str
+    us: float
+
+
+def profile_nodes(models: Sequence[onnx.ModelProto], feed: Mapping[str, np.ndarray], *, runs: int = 20,
+                  warmup: int = 3, threads: int = 1) -> list[list[NodeTime]]:
+    """Each model's kernels timed by onnxruntime's profiler, in the order they first ran.
+
+    Sessions as `measure_latency` makes them (every optimization on, spinning stopped); the first
+    `warmup` runs of each are left out, the models alternate run by run `runs` times, so that
+    a change in the machine's speed reaches all of them; each node's time is its median over the
+    runs. The profiler's files go to a temporary folder, removed before returning."""
+    out: list[list[NodeTime]] = []
+    with tempfile.TemporaryDirectory(prefix="graph-opt-profile-") as tmp:
+        sessions = []
+        for k, model in enumerate(models):
+            sessions.append(make_session(model, optimize=True, threads=threads,
+                                         profile_prefix=os.path.join(tmp, f"m{k}")))
+        names = [[o.name for o in s.get_outputs()] for s in sessions]
+        try:
+            for _ in range(max(warmup, 0) + runs):
+                for s, n in zip(sessions, names):
+                    s.run(n, dict(feed))
+        except Exception as exc:
+            raise GraphOptError(f"onnxruntime failed to run the model for profiling: {first_line(exc)[:300]}") from None
+        for s in sessions:
+            with open(s.end_profiling()) as fh:
+                events = json.load(fh)
+            times: dict[tuple[str, str], list[float]] = {}
+            for e in events:
+                if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+                    key = (e["name"][: -len("_kernel_time")], e.get("args", {}).get("op_name", ""))
+                    times.setdefault(key, []).append(float(e["dur"]))
+            # the first `warmup` runs of every node are left out (first-run allocation and packing)
+            out.append([NodeTime(name, op, float(np.median(v[warmup:] if len(v) > warmup else v)))
+                        for (name, op), v in times.items()])
+    return out
 
 
 # -- the runtimes `verify --runtime` offers ----------------------------------------------------

@@ -23,6 +23,7 @@ name, the float weight is removed, and the file really shrinks. One module per s
 - `placement`: which activations get a QDQ (layers, shared-scale data movement, own-scale
   Add/Mul/Concat/pooling) and which stay float, with the reason;
 - `sensitivity`: each quantized node's own SNR in isolation, against ``sensitivity_snr_db``;
+- `speed`: MatMul + bias as Gemm, the target's activation type, and the latency gate;
 - `plan`: the order of those decisions, the opset upgrade, weight-only fallbacks;
 - `emit`: the nodes written, and the report; ``int4_format='matmulnbits'`` writes a weight-only
   int4 MatMul as one ``com.microsoft.MatMulNBits`` (the same weights, bit for bit), ``'dq'`` as
@@ -33,9 +34,17 @@ name, the float weight is removed, and the file really shrinks. One module per s
 ``reduce_range='auto'`` (default) puts int8 weights with quantized activations on a 7-bit grid
 when the ``target`` CPU (``host``, or a name of `graph_opt.target.NAMED`) is x86 without int8
 dot products, whose u8×s8 kernels saturate (docs/design.md, fact 6); the report names the target.
+``activations='auto'`` (default) is uint8 on x86 and int8 on ARM (`speed.activation_dtype`).
+``prefer='speed'`` (default) with ``target='host'`` keeps float every layer that is not faster in
+int8 on this CPU, from one profiled run of the float and the planned int8 model (``gate_runs``
+runs each; `speed`, part 3); ``prefer='size'`` keeps every planned layer int8. A named target
+cannot be timed: its rules apply and the report says so. With static activations, a MatMul + bias
+Add of static shape is written as Gemm first (`speed.gemm_form`, exact), which onnxruntime's
+integer kernels take.
 BatchNormalization after a Conv/Gemm is folded first (`passes._fold`) when activations are
 quantized. ``min_snr_db``: after planning, the fewest least robust layers are kept float until
-the whole model holds the floor on the calibration data (`graph_opt/budget.py`).
+the whole model holds the floor on the calibration data (`graph_opt/budget.py`; no latency
+gate then).
 ``smooth`` (``off`` by default): the `smooth` pass runs first (SmoothQuant scale migration, exact
 in float) with ``alpha`` = the number given, or ``auto`` (`SMOOTH_AUTO`): it moves the outlier
 features of MatMul inputs (a transformer's projections) into the weights, one Mul per tensor where
@@ -45,7 +54,7 @@ Skipped, with the reason: op types not in ``op_types``; weights not constant, no
 non-finite, shared (an If/Loop/Scan body read counts) or 1-D; MatMul with the constant on the
 left or two activation operands; already quantized layers and quantized ops (never twice); layers
 inside subgraphs; unobserved or non-float activations; sensitive layers; mismatched Concats; a
-model whose opset cannot be upgraded.
+model whose opset cannot be upgraded; layers not faster in int8 on this CPU (``prefer='speed'``).
 
 Lossy, bounded per element: a weight by s/2 (ternary/binary: |w − α·code|, large by design), an
 activation inside its range by s_x/2 (outside it saturates), a bias by s_x·s_w/2. Weights already
@@ -65,11 +74,13 @@ import onnx
 
 from graph_opt.budget import exact_pattern, hold_floor, name_nodes
 from graph_opt.data import Dataset, random_dataset
+from graph_opt.errors import GraphOptError
 from graph_opt.model_io import copy_model
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._fold import apply_folds, find_folds
 from graph_opt.passes._graph import LAYER_OPS, GraphIndex, check_op_types
 from graph_opt.passes._qplan import QuantPlan
+from graph_opt.passes.quantize import speed
 from graph_opt.passes.quantize.calibration import calibrate
 from graph_opt.passes.quantize.emit import apply_plan, report_plan
 from graph_opt.passes.quantize.layers import INT8_CHANNEL_PACK, MIN_INT8_REDUCTION
@@ -103,7 +114,7 @@ class Quantize(Pass):
     name: ClassVar[str] = "quantize"
     edits_input: ClassVar[bool] = False
     weights: Literal["int8", "uint8", "int4", "ternary", "binary"] = "int8"
-    activations: Literal["uint8", "int8", "none"] = "uint8"
+    activations: Literal["auto", "uint8", "int8", "none"] = "auto"
     calibration: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
     percentile: float = 99.99
     per_channel: bool = True
@@ -111,6 +122,8 @@ class Quantize(Pass):
     block_size: int | None = None
     reduce_range: bool | Literal["auto"] = "auto"
     target: str = "host"
+    prefer: Literal["speed", "size"] = "speed"
+    gate_runs: int = 20
     op_types: tuple[str, ...] = LAYER_OPS
     exclude: tuple[str, ...] = ()
     keep_float: tuple[str, ...] = ()
@@ -129,6 +142,8 @@ class Quantize(Pass):
     def __post_init__(self) -> None:
         if self.target != "host" and self.target not in NAMED_TARGETS:
             raise ValueError(f"unknown target {self.target!r} (known: host, {', '.join(NAMED_TARGETS)})")
+        if self.gate_runs < 1:
+            raise ValueError("gate_runs must be >= 1")
         check_op_types(self, "; Add/Concat/pooling follow the quantized layers automatically, use exclude to stop them")
         if self.block_size is not None and self.block_size < 0:
             raise ValueError("block_size must be >= 0 (0: never blocked, None: automatic)")
@@ -146,6 +161,13 @@ class Quantize(Pass):
             raise ValueError("threads must be >= 0 (0: onnxruntime's default, one per core)")
         if not isinstance(self.smooth, str) and not 0.0 <= self.smooth <= 1.0:
             raise ValueError(f"smooth must be off, auto or an alpha in [0, 1], got {self.smooth}")
+
+    @property
+    def activation_dtype(self) -> str:
+        """'uint8', 'int8' or 'none': ``activations``, or ('auto') the target's (`speed.activation_dtype`)."""
+        if self.activations == "auto":
+            return speed.activation_dtype(resolve_target(self.target))
+        return self.activations
 
     @property
     def weights_reduced(self) -> bool:
@@ -166,39 +188,129 @@ class Quantize(Pass):
                 return out if report.rewritten else copy_model(model)
         if self.min_snr_db is not None:
             return self._run_with_floor(copy_model(model), report, ctx)
-        if self.weights == "int8" and self.activations != "none":
-            report.note(f"target {resolve_target(self.target).describe()}: int8 weights on a "
-                        + ("7-bit grid (reduce_range)" if self.weights_reduced else "full 8-bit grid"))
         private = False
+        folded = ""
         if self.activations != "none" and any(n.op_type == "BatchNormalization" for n in model.graph.node):
             # A BatchNormalization between a Conv/Gemm and its output QDQ would run in float
             # between int8 layers, slower than the fp32 model; folding is exact.
             ix = GraphIndex(model)
             folds, _ = find_folds(ix)
             if folds:
-                report.note(f"folded {len(folds)} BatchNormalization into their Conv/Gemm first "
-                            "(exact), so the layer outputs stay int8")
+                folded = (f"folded {len(folds)} BatchNormalization into their Conv/Gemm first "
+                          "(exact), so the layer outputs stay int8")
                 model, private = apply_folds(model, ix, folds), True
         plan, work = make_plan(model, ctx.data, self)
+        out = None if plan.empty else apply_plan(work, plan, int4_format=self.int4_format)
+        if out is not None and self._gated(ctx):
+            gated = self._gate(model, work, plan, out, report, ctx)
+            if gated is not None:
+                return gated
+        if self.weights == "int8" and self.activations != "none":
+            report.note(f"target {resolve_target(self.target).describe()}: int8 weights on a "
+                        + ("7-bit grid (reduce_range)" if self.weights_reduced else "full 8-bit grid")
+                        + f"; activations {self.activation_dtype}")
+        if folded:
+            report.note(folded)
+        if self.prefer == "speed" and self.target != "host" and self.activations != "none":
+            report.note(f"prefer=speed for target {self.target}: nothing can be timed for another machine, so no "
+                        "layer was gated by latency (the target's rules only: " + "; ".join(
+                            speed.target_rules(resolve_target(self.target))) + ")")
         for d in plan.nodes:
             if d.action != "quantize":
                 report.skip(d.node, d.reason)
-        if plan.empty:
+        if out is None:
             return model if private else copy_model(model)
-        out = apply_plan(work, plan, int4_format=self.int4_format)
         report_plan(plan, report, model, out)
         return out
+
+    def _gated(self, ctx: PassContext) -> bool:
+        return (self.prefer == "speed" and self.target == "host" and self.activations != "none"
+                and ctx.data is not None and self.weights in ("int8", "uint8"))
+
+    def _gate(self, model: onnx.ModelProto, work: onnx.ModelProto, plan: QuantPlan, out: onnx.ModelProto,
+              report: PassReport, ctx: PassContext) -> onnx.ModelProto | None:
+        """Keep float the layers not faster in int8 on this CPU (`speed`, part 3): the planned model
+        and its float form profiled once each, then planned again with those layers float (the
+        first plan's sensitivity verdicts reused) and, unless the first profile shows it clearly
+        faster (`speed.clearly_faster`), profiled once more; when the int8 model as a whole is not
+        faster, the model stays float. None: nothing to change."""
+        keys = speed.layer_keys(plan, work)
+        if not keys:
+            return None
+        timer = speed.profile_timer(ctx.data.laid_out(work).slice(0, 1), self.gate_runs, max(1, self.threads))
+        try:
+            f_prof, q_prof = timer(work, out)
+        except GraphOptError as exc:
+            report.note(f"prefer=speed: latency gate not run ({exc}); every planned layer kept as planned")
+            return None
+        result = speed.decide(keys, f_prof, q_prof)
+        note = (f"prefer=speed on {resolve_target(self.target).describe()}: {len(result.keep_float)} of {len(keys)} "
+                f"quantized layers kept float, not faster in int8 here (profiled {self.gate_runs} runs of the "
+                "float and int8 models, alternating)")
+        if result.unmatched:
+            note += f"; {len(result.unmatched)} layers not found in the profiles, left as planned"
+        if not result.keep_float:
+            if speed.slower_as_a_whole(f_prof, q_prof):
+                return self._all_float(model, plan, keys, f_prof, q_prof, report, note)
+            report.note(note)
+            return None
+        keep = self.keep_float + tuple(exact_pattern(label) for label in result.keep_float)
+        replan = dataclasses.replace(self, prefer="size", keep_float=keep)
+        # Each node's sensitivity is measured alone, so the first plan's verdicts still hold: the
+        # nodes it kept float for it are kept float by name, and nothing is measured again.
+        sensitive = {d.node: d.reason for d in plan.nodes if d.action == "float" and d.sensitivity is not None}
+        if self.sensitive == "float" and self.threshold_db() is not None:
+            replan = dataclasses.replace(replan, sensitivity_snr_db=None,
+                                         keep_float=keep + tuple(exact_pattern(label) for label in sensitive))
+        else:
+            sensitive = {}
+        second = replan(model, ctx)
+        if not second.report.rewritten:
+            return self._all_float(model, plan, keys, f_prof, q_prof, report, note, result.keep_float)
+        if not speed.clearly_faster(f_prof, q_prof, result):  # else no second profile is needed
+            try:
+                f_prof, q_prof = timer(work, second.model)
+            except GraphOptError:
+                f_prof, q_prof = [], []
+        if speed.slower_as_a_whole(f_prof, q_prof):
+            return self._all_float(model, plan, keys, f_prof, q_prof, report, note, result.keep_float)
+        report.rewritten.extend(second.report.rewritten)
+        report.skipped.extend(s for s in second.report.skipped
+                              if s.node not in result.keep_float and s.node not in sensitive)
+        for label, why in {**sensitive, **result.keep_float}.items():
+            report.skip(label, why)
+        report.notes.extend(n for n in second.report.notes if not n.startswith("prefer=size"))
+        report.notes.extend(n for n in plan.notes if n.startswith("sensitivity threshold") and sensitive)
+        report.note(note)
+        return second.model
+
+    def _all_float(self, model, plan, keys, f_prof, q_prof, report: PassReport, note: str,
+                   reasons: dict[str, str] | None = None) -> onnx.ModelProto:
+        """The model unchanged: no quantized layer gains, or the int8 model is not faster as a whole."""
+        f_us, q_us = speed.total_us(f_prof), speed.total_us(q_prof)
+        whole = (f"float: the int8 model as a whole is not faster on this CPU (profiled {q_us:.0f} µs against "
+                 f"{f_us:.0f} µs in float)")
+        for d in plan.nodes:
+            if d.action != "quantize":
+                report.skip(d.node, d.reason)
+        for k in keys:
+            report.skip(k.label, (reasons or {}).get(k.label, whole))
+        report.note(note)
+        if f_us > 0:
+            report.note(f"prefer=speed: the model stays float ({whole[len('float: '):]}); prefer=size quantizes it")
+        return copy_model(model)
 
     def _run_with_floor(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
         """Mixed precision: quantize as planned, then keep the fewest least robust layers (their
         measured SNR, lowest first) in float until the model's SNR on the calibration data holds
-        `min_snr_db` (graph_opt.budget.hold_floor)."""
+        `min_snr_db` (graph_opt.budget.hold_floor). The latency gate does not run here."""
         name_nodes(model)  # keep_float selects layers by node name
         runs: dict[int, PassReport] = {}
 
         def rebuild(kept: tuple[str, ...]) -> onnx.ModelProto:
             keep = self.keep_float + tuple(exact_pattern(n) for n in kept)
-            result = dataclasses.replace(self, min_snr_db=None, keep_float=keep)(model, ctx)
+            # the floor's rebuilds are not timed (one profile per rebuild would multiply the cost)
+            result = dataclasses.replace(self, min_snr_db=None, keep_float=keep, prefer="size")(model, ctx)
             runs[id(result.model)] = result.report
             return result.model
 

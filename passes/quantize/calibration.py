@@ -479,5 +479,5 @@ def _feature_axes(ix: GraphIndex) -> Callable[[str, int], int | None]:
 
 def _range(obs: MinMaxObserver, opts: Quantize) -> tuple[float, float]:
     if isinstance(obs, HistogramObserver):
-        return obs.range(opts.calibration, percentile=opts.percentile, symmetric=False, dtype=opts.activations)
+        return obs.range(opts.calibration, percentile=opts.percentile, symmetric=False, dtype=opts.activation_dtype)
     return obs.range("minmax")

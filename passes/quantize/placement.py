@@ -5,7 +5,8 @@ A layer (`layers.Layer`, ``op_types``) that is a static candidate and whose inpu
 an input QDQ, and an output QDQ after an absorbed Relu/Clip (`ops.ABSORBED_OPS`); a Gemm/MatMul
 output only when a quantized node reads it (onnxruntime fuses the float-output form, QGemm /
 MatMulIntegerToFloat). Data-movement ops (`ops.SHARED_OPS`: MaxPool, Reshape, Flatten,
-Transpose, Split, Slice, Gather, nearest Resize …) after a quantized tensor share its scale; Add,
+Transpose, Split, Slice, Gather, nearest Resize …) after a quantized tensor share its scale (after
+a float Gemm/MatMul output only when a quantized node reads what they write); Add,
 Mul, Concat and pooling (`ops.OWN_OPS`) with a quantized input get their own output scale.
 
 A tensor is usable when it is quantized already or has a calibrated range and no ``keep_float``
@@ -70,6 +71,7 @@ class _Placer:
         self.pl = Placement()
         self.region: set[str] = set()               # tensors whose producer is quantized: every reader reads DQ
         self.pending: dict[str, tuple[int, str | None]] = {}  # Gemm/MatMul outputs quantized only if read quantized
+        self.pending_shared: dict[str, int] = {}    # data movement (node index) of a pending output, likewise
         self.readers: dict[str, list[str]] = {}     # float-produced tensors: the quantized readers (labels)
 
     def run(self) -> Placement:
@@ -117,7 +119,7 @@ class _Placer:
             d.output, d.absorbed = t, absorbed
 
     def _shared(self, idx: int, data_inputs: list[str]) -> None:
-        node, pl = self.ix.nodes[idx], self.pl
+        node = self.ix.nodes[idx]
         op = node.op_type
         if not node.input or node.input[0] not in data_inputs or not self._quantized(node.input[0]):
             return
@@ -126,6 +128,18 @@ class _Placer:
             return  # (a MaxPool's second output holds int64 indices)
         if op == "Resize" and attr(node, "mode", b"nearest") != b"nearest":
             return
+        if src in self.pending or src in self.pending_shared:
+            # a float Gemm/MatMul output: the data movement is quantized only if a quantized node
+            # reads what it writes (then the layer's output gets its QDQ too)
+            for out in outs:
+                self.pending_shared[out] = idx
+            return
+        self._place_shared(idx)
+
+    def _place_shared(self, idx: int) -> None:
+        node, pl = self.ix.nodes[idx], self.pl
+        op = node.op_type
+        src, outs = node.input[0], [o for o in node.output if o]
         self._materialize(src)
         base = pl.acts[src]
         for out in outs:
@@ -173,12 +187,19 @@ class _Placer:
         acts = self.pl.acts
         if t not in acts:
             lo, hi = self.ranges[t]
-            p = compute_params((lo, hi), self.opts.activations, symmetric=False)
+            p = compute_params((lo, hi), self.opts.activation_dtype, symmetric=False)
             acts[t] = TensorQuant.from_params(t, "activation", p, method=self.opts.calibration, range=(lo, hi))
         return acts[t]
 
     def _materialize(self, t: str) -> None:
-        """A pending Gemm/MatMul output gets its QDQ: a quantized node reads it."""
+        """A pending Gemm/MatMul output gets its QDQ: a quantized node reads it (or reads what a
+        data-movement op made of it)."""
+        if t in self.pending_shared:
+            idx = self.pending_shared[t]
+            for out in self.ix.nodes[idx].output:
+                self.pending_shared.pop(out, None)
+            self._place_shared(idx)
+            return
         if t in self.pending:
             idx, absorbed = self.pending.pop(t)
             self._own(t)
@@ -186,7 +207,7 @@ class _Placer:
             self.pl.decisions[idx].output, self.pl.decisions[idx].absorbed = t, absorbed
 
     def _quantized(self, t: str) -> bool:
-        return t in self.region or t in self.pending
+        return t in self.region or t in self.pending or t in self.pending_shared
 
     def _usable(self, t: str) -> bool:
         return self._quantized(t) or (t in self.ranges and not self._keep(t))

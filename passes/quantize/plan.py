@@ -4,6 +4,8 @@
 a `passes._qplan.QuantPlan` (tensor → dtype, scale, zero point, axis, block, calibrated range;
 node → quantize / float / skip with the reason), which `emit.apply_plan` writes in one step:
 
+0. with static activations: MatMul + bias Add of static shape become Gemm (`speed.gemm_form`,
+   exact; onnxruntime's own MatMul + Add fusion would otherwise keep them from its integer kernels);
 1. match the layers (`layers.match_layers`); the plan needs opset 13 for per-channel
    DequantizeLinear, 21 for int4 and blocks, 25 for int2; a lower model is upgraded
    (`_upgrade_opset`: an opset bump when no used op changed, else ``onnx.version_converter``,
@@ -36,8 +38,8 @@ from graph_opt.errors import GraphOptError
 from graph_opt.model_io import check_model, copy_model
 from graph_opt.passes._graph import GraphIndex, all_nodes
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
-from graph_opt.passes.quantize import bias, calibration, sensitivity
-from graph_opt.passes.quantize.layers import Layer, float_on_input, match_layers, opset_of, rematch_layers
+from graph_opt.passes.quantize import bias, calibration, sensitivity, speed
+from graph_opt.passes.quantize.layers import Layer, excluded, float_on_input, match_layers, opset_of, rematch_layers
 from graph_opt.passes.quantize.placement import Placement, calibration_tensors, place
 from graph_opt.passes.quantize.weights import attach_hessians, block_for, weights_and_biases
 from graph_opt.runtime import make_session, release_memory
@@ -51,15 +53,22 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
               batch_size: int | None = None) -> tuple[QuantPlan, onnx.ModelProto]:
     """Decide everything (pure with respect to `model`): the plan and the model it applies to.
 
-    The returned model is `model` itself, or a copy upgraded to the opset the plan needs (and,
-    with ``bias_correction``, where Conv/Gemm layers without a bias read a zero one).
+    The returned model is `model` itself, or a copy with MatMul + bias written as Gemm,
+    upgraded to the opset the plan needs (and, with ``bias_correction``, where Conv/Gemm layers
+    without a bias read a zero one).
     """
     batch_size = batch_size or opts.batch_size
+    notes: list[str] = []
+    if (opts.activations != "none" and data is not None and opts.weights in ("int8", "uint8")
+            and {"MatMul", "Gemm"} <= set(opts.op_types)):
+        model, gemms = speed.gemm_form(model, lambda gix, idx: excluded(gix, idx, opts) is not None)
+        if gemms:
+            notes.append(f"{len(gemms)} MatMul + bias Add of static shape written as Gemm (exact), so that "
+                         "onnxruntime fuses them into integer kernels (speed.gemm_form)")
     if opts.bias_correction and data is not None and opts.activations != "none":
         model = bias.with_zero_biases(model, opts)
     ix = GraphIndex(model)
     decisions, layers, n_qdq = match_layers(ix, opts)
-    notes: list[str] = []
     if n_qdq:
         decisions.append(NodeDecision(f"QuantizeLinear/DequantizeLinear ×{n_qdq}", "QDQ", "skip",
                                       "already quantized: existing QDQ nodes are left as they are"))
@@ -133,7 +142,7 @@ def _candidates(ix: GraphIndex, layers: dict[int, Layer], data: Dataset | None, 
                      "so activations stay float (weight-only)")
     elif wants_static and len(candidates) < len(layers):
         notes.append("blocked weights are weight-only (activations stay float for those layers)")
-    if wants_static and static_kind and opts.activations == "int8" and opts.weights == "uint8":
+    if wants_static and static_kind and opts.activation_dtype == "int8" and opts.weights == "uint8":
         notes.append("int8 activations with uint8 weights: onnxruntime has no fused kernel for this pair "
                      "(the QDQ graph stays correct but runs in float); prefer uint8 activations")
     if wants_static and candidates and data is None:
@@ -172,7 +181,7 @@ def _calibrate(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer],
     release_memory()
     ranges = calibration.Ranges(observers, opts)
     n = min(len(data), opts.max_samples)
-    notes.append(f"activations {opts.activations} per tensor, asymmetric, ranges by {opts.calibration} "
+    notes.append(f"activations {opts.activation_dtype} per tensor, asymmetric, ranges by {opts.calibration} "
                  f"over {n} samples ({len(ranges)} tensors observed in one streaming pass; "
                  f"{len(unasked)} other candidate tensors skipped: no placement could use them)")
     return ranges, unasked, ok
