@@ -86,7 +86,7 @@ from graph_opt.passes.quantize.emit import apply_plan, report_plan
 from graph_opt.passes.quantize.layers import INT8_CHANNEL_PACK, MIN_INT8_REDUCTION
 from graph_opt.passes.quantize.ops import ABSORBED_OPS, OWN_OPS, QUANTIZED_OPS, SHARED_OPS
 from graph_opt.passes.quantize.placement import CONCAT_RANGE_RATIO
-from graph_opt.passes.quantize.plan import make_plan
+from graph_opt.passes.quantize.plan import make_plan, shared_calibration
 from graph_opt.passes.quantize.weights import INT4_AUTO_BLOCK
 from graph_opt.passes._smooth import Settings as SmoothSettings
 from graph_opt.passes._smooth import smooth
@@ -175,6 +175,11 @@ class Quantize(Pass):
         return resolve_target(self.target).reduce_range if self.reduce_range == "auto" else bool(self.reduce_range)
 
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
+        # The latency gate's and the floor's plans reuse the first plan's calibration (plan.shared_calibration).
+        with shared_calibration():
+            return self._run(model, report, ctx)
+
+    def _run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
         # `model` is the caller's (edits_input is False): the plan only reads it, and apply_plan,
         # apply_folds and the floor's runs each write a copy.
         if self.smooth != "off" and self.activations != "none" and ctx.data is not None:

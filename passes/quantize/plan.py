@@ -27,7 +27,10 @@ data (with a note).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import contextvars
+import hashlib
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import onnx
@@ -59,6 +62,7 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
     """
     batch_size = batch_size or opts.batch_size
     notes: list[str] = []
+    source = _fingerprint(model)  # before the exact rewrites below: what a shared calibration is keyed by
     if (opts.activations != "none" and data is not None and opts.weights in ("int8", "uint8")
             and {"MatMul", "Gemm"} <= set(opts.op_types)):
         model, gemms = speed.gemm_form(model, lambda gix, idx: excluded(gix, idx, opts) is not None)
@@ -96,7 +100,8 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
     ranges: Mapping[str, tuple[float, float]] = {}
     unasked: frozenset[str] = frozenset()
     if opts.activations != "none" and candidates:
-        ranges, unasked, ok = _calibrate(model, ix, layers, candidates, forced, data, opts, batch_size, notes)
+        ranges, unasked, ok = _calibrate(model, ix, layers, candidates, forced, data, opts, batch_size, notes,
+                                         source)
         if not ok:
             candidates, forced = set(), {}
     if isinstance(ranges, calibration.Ranges) and opts.calibration != "minmax":  # minmax ranges cost nothing
@@ -157,9 +162,56 @@ def _candidates(ix: GraphIndex, layers: dict[int, Layer], data: Dataset | None, 
     return candidates, forced
 
 
+# Observers calibrated inside a `shared_calibration()` scope, by what determines them: the bytes of
+# the model make_plan was given, the data object, the method, the sample cap and the batch size.
+# Plans of one model differ only by exact rewrites (MatMul + bias as Gemm, zero biases, an opset
+# upgrade) that name every tensor they add afresh, so a tensor of the same name holds the same values.
+_SHARED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("quantize_shared_calibration", default=None)
+
+
+@contextlib.contextmanager
+def shared_calibration() -> Iterator[None]:
+    """Within this scope (one quantize run and the plans it makes again: the latency gate's),
+    a calibration whose tensors were all observed before on the same model and data reuses those
+    observers instead of streaming the data again. Nested scopes share the outer one."""
+    if _SHARED.get() is not None:
+        yield
+        return
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def _fingerprint(model: onnx.ModelProto) -> str | None:
+    if _SHARED.get() is None:
+        return None
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _observe(model: onnx.ModelProto, source: str | None, data: Dataset, tensors: list[str], opts: Quantize,
+             batch_size: int | None, feature_axis) -> tuple[dict, bool]:
+    """calibration.calibrate, or the observers of an earlier calibration in the scope, of the same
+    source model and data, that observed every tensor asked for now (True: reused)."""
+    shared = _SHARED.get()
+    if shared is None or source is None:
+        return calibration.calibrate(model, data, tensors, opts.calibration, batch_size=batch_size,
+                                     max_samples=opts.max_samples, threads=opts.threads,
+                                     feature_axis=feature_axis), False
+    key = (source, id(data), opts.calibration, opts.max_samples, batch_size)
+    asked, observers = shared.get(key, (frozenset(), {}))
+    if key in shared and set(tensors) <= asked:
+        return {t: o for t, o in observers.items() if t in tensors}, True
+    observers = calibration.calibrate(model, data, tensors, opts.calibration, batch_size=batch_size,
+                                      max_samples=opts.max_samples, threads=opts.threads, feature_axis=feature_axis)
+    shared[key] = (frozenset(tensors), observers)
+    return observers, False
+
+
 def _calibrate(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], candidates: set[int],
-               forced: dict[int, str], data: Dataset, opts: Quantize, batch_size: int | None, notes: list[str]
-               ) -> tuple[calibration.Ranges, frozenset[str], bool]:
+               forced: dict[int, str], data: Dataset, opts: Quantize, batch_size: int | None, notes: list[str],
+               source: str | None = None) -> tuple[calibration.Ranges, frozenset[str], bool]:
     """The calibrated ranges, the candidate tensors left out of calibration, and False when the
     calibration failed (then every layer is weight-only, with a note)."""
     # Calibrate only what the placement can ask for: a dry run on stand-in ranges, where
@@ -170,19 +222,18 @@ def _calibrate(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer],
     place(ix, layers, candidates, dry, opts, forced)
     unasked = frozenset(tensors) - dry.asked.keys()
     tensors = [t for t in tensors if t in dry.asked]
-    ok = True
+    ok, reused = True, False
     try:
-        observers = calibration.calibrate(model, data, tensors, opts.calibration, batch_size=batch_size,
-                                          max_samples=opts.max_samples, threads=opts.threads,
-                                          feature_axis=calibration._feature_axes(ix))
+        observers, reused = _observe(model, source, data, tensors, opts, batch_size, calibration._feature_axes(ix))
     except GraphOptError as exc:
         notes.append(f"calibration failed, activations left in float (weight-only): {exc}")
         observers, ok = {}, False
     release_memory()
     ranges = calibration.Ranges(observers, opts)
     n = min(len(data), opts.max_samples)
+    how = "the first plan's streaming pass, reused" if reused else "one streaming pass"
     notes.append(f"activations {opts.activation_dtype} per tensor, asymmetric, ranges by {opts.calibration} "
-                 f"over {n} samples ({len(ranges)} tensors observed in one streaming pass; "
+                 f"over {n} samples ({len(ranges)} tensors observed in {how}; "
                  f"{len(unasked)} other candidate tensors skipped: no placement could use them)")
     return ranges, unasked, ok
 

@@ -251,6 +251,29 @@ def test_the_gated_replan_reuses_the_sensitivity_verdicts(monkeypatch):
     assert len(calls) == 1  # measured for the first plan only
 
 
+def test_the_gated_replan_reuses_the_first_calibration(monkeypatch):
+    from graph_opt.passes.quantize import calibration
+
+    real, calls = calibration.calibrate, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "calibrate", counted)
+    monkeypatch.setattr(speed, "profile_timer", _fake({"fc1": 100.0, "fc2": 100.0}, {"fc1": 40.0, "fc2": 130.0}))
+    model = encoder_ffn()
+    ctx = _ctx(model)
+    gated = Quantize()(model, ctx)
+    assert {e["node"] for e in gated.report.rewritten if e.get("weight")} == {"fc1"}  # the gate re-planned
+    assert len(calls) == 1  # the data streamed once
+    assert any("the first plan's streaming pass, reused" in n for n in gated.report.notes)
+    # the same layer kept float by hand, calibrated afresh: the same model
+    by_hand = Quantize(prefer="size", keep_float=("fc2",))(model, ctx)
+    assert len(calls) == 2
+    assert by_hand.model.SerializeToString() == gated.model.SerializeToString()
+
+
 def test_a_clearly_faster_gated_model_is_not_profiled_again(monkeypatch):
     model = encoder_ffn()
     calls = []
