@@ -76,3 +76,16 @@ def test_positions_a_mask_keeps():
     assert mask.keep(feed, (2, 4, 3, 3), -1) is None
     assert mask.keep(feed, (2, 5), -1) is None
     assert mask.fits((1, 3, 5), -1) and not mask.fits((1, 5), -1) and not mask.fits(None, -1)
+
+
+def test_cli_names_a_missing_mask_in_one_line(tmp_path, capsys):
+    import onnx
+    from builders import run_cli
+
+    model, data = tmp_path / "m.onnx", tmp_path / "calib.npz"
+    onnx.save(masked_pool_model(), model)
+    np.savez(data, **padded_data(8))
+    code, _, err = run_cli(capsys, "optimize", model, "-o", tmp_path / "out.onnx", "--data", data, "--no-latency",
+                           "--pass", "reconstruct:row_mask=mask")
+    assert code == 2 and "row_mask='mask'" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out.onnx").exists()
