@@ -4,6 +4,7 @@ a tensor it keeps."""
 import numpy as np
 import pytest
 from builders import embedding_model, ffn_model, masked_pool_model, padded_data
+from onnx import numpy_helper
 
 from graph_opt.data import Dataset, random_dataset
 from graph_opt.errors import DataError
@@ -89,3 +90,22 @@ def test_cli_names_a_missing_mask_in_one_line(tmp_path, capsys):
                            "--pass", "reconstruct:row_mask=mask")
     assert code == 2 and "row_mask='mask'" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out.onnx").exists()
+
+
+def test_second_moments_count_only_the_kept_positions():
+    from graph_opt.intermediates import second_moments
+
+    model, data = masked_pool_model(), calib()
+    mask, _ = resolve("auto", model, data)
+    hidden = model.graph.node[1].output[0]  # fc1 + b1: the Relu's input, [N, S, 64]
+    requests = {("x", -1), (hidden, -1)}
+    grams = second_moments(model, data, requests, mask)
+    keep = data.inputs["attention_mask"].reshape(-1) == 1
+    x = data.inputs["x"].reshape(-1, 32).astype(np.float64)[keep]
+    np.testing.assert_allclose(grams[("x", -1)], x.T @ x / len(x), rtol=1e-10)
+    w1 = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "w1")
+    b1 = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "b1")
+    h = (data.inputs["x"].reshape(-1, 32) @ w1 + b1).astype(np.float64)[keep]
+    np.testing.assert_allclose(grams[(hidden, -1)], h.T @ h / len(h), rtol=1e-4, atol=1e-6 * np.abs(h).max() ** 2)
+    unmasked = second_moments(model, data, requests)
+    assert not np.allclose(unmasked[("x", -1)], grams[("x", -1)], rtol=0.1)  # vacuity: padding changes it
