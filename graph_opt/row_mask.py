@@ -129,12 +129,13 @@ def _make(name: str, data: Dataset, how: str) -> RowMask:
 
 def _value_problem(values: np.ndarray, batch_axis: int | None) -> str | None:
     """Why `values` are not a usable 0/1 mask, or None."""
-    if values.ndim < 2 or batch_axis is None:
-        return f"has {values.ndim} dims and no batch axis in the data" if batch_axis is None else \
-            f"has {values.ndim} dims (a mask over positions has at least 2)"
-    if not (np.issubdtype(values.dtype, np.integer) or values.dtype == np.bool_ or
-            np.issubdtype(values.dtype, np.floating)):
-        return f"has dtype {values.dtype}"
+    if batch_axis is None:
+        return "has no batch axis in the data (one value shared by every run)"
+    if values.ndim < 2:
+        return f"has {values.ndim} dims (a mask over positions has at least 2)"
+    if not (np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)
+            or values.dtype == np.bool_):
+        return f"has dtype {values.dtype}, not a number or bool"
     if not np.all((values == 0) | (values == 1)):
         return "holds values other than 0 and 1"
     if values.all():
