@@ -3,6 +3,7 @@
     pip install -e '.[bench,train]'
     python benchmarks/bench_recovery.py [--models resnet,minilm,ppocr_cls,...] [--rounds 10] [--distill-minutes 5]
     python benchmarks/bench_recovery.py --models minilm --ffn 0.7     # a transformer's feed-forward blocks only
+    python benchmarks/bench_recovery.py --models minilm --ffn 0.7 --row-mask auto --budget-levels 0.8,0.7,0.6,0.5,0.4
 
 For each model (zoo and corpus, `zoo.get`) and each structural family at about 0.5–0.7× MACs —
 low-rank (`factorize_conv` Tucker-2 + `factorize_gemm` SVD at a per-layer MAC budget), channel
@@ -25,6 +26,15 @@ optionally with every layer's output as FitNets hints (``--distill-hints``).
 perturbed copies of each (`perturbed_sentences`: tokens dropped, replaced by tokens of other
 calibration sentences, or two sentences spliced), labelled by the teacher; no eval sentence is
 used, and `reconstruct` and the data-aware factors still see the calibration sentences only.
+
+``--row-mask INPUT`` (an input name or ``auto``) adds, per low-rank family, ``whitened + mask``:
+the whitening statistics, `reconstruct`'s least squares and its end-to-end check count only the
+positions where INPUT is non-zero (the real tokens of padded sentences, `graph_opt.row_mask`);
+``plain`` and ``whitened`` then run with ``row_mask=none`` (as before the mask existed) and only
+the masked variant goes on to distill. ``--budget-levels L1,L2,…`` (with ``--ffn``) adds
+``budget + mask``: the same masked statistics, but each FFN MatMul's MAC ratio is one of the
+levels, chosen from its measured end-to-end SNR (``target_macs`` = the model MACs of the
+``whitened + mask`` row, graph_opt/budget.py), then `reconstruct` with the mask.
 
 Corpus models are raw exports: `simplify` runs first (exact) and every variant starts from it.
 Every fidelity number is on the eval split (held out from calibration and from training);
@@ -61,8 +71,9 @@ def _apply(model, passes, ctx):
     return model
 
 
-def _lowrank(level: float, data: str) -> list:
-    return [FactorizeConv(macs_ratio=level, data=data), FactorizeGemm(macs_ratio=level, data=data)]
+def _lowrank(level: float, data: str, row_mask: str | None = None) -> list:
+    return [FactorizeConv(macs_ratio=level, data=data, row_mask=row_mask),
+            FactorizeGemm(macs_ratio=level, data=data, row_mask=row_mask)]
 
 
 # A BERT-style layer's feed-forward MatMuls (the torch exporter's node names; factors add /svd_i).
@@ -89,8 +100,16 @@ def ffn_families(level: float) -> dict[str, tuple[list, list]]:
     return {f"ffn prune {level}": (prune, []), f"ffn lowrank {level}": ([], [level])}
 
 
-def _ffn_lowrank(level: float, data: str) -> list:
-    return [FactorizeGemm(macs_ratio=level, data=data, include=(FFN_UP, FFN_DOWN), exclude=(ATTENTION,))]
+def _ffn_lowrank(level: float, data: str, row_mask: str | None = None) -> list:
+    return [FactorizeGemm(macs_ratio=level, data=data, include=(FFN_UP, FFN_DOWN), exclude=(ATTENTION,),
+                          row_mask=row_mask)]
+
+
+def _ffn_budget(target_macs: float, levels: tuple[float, ...], row_mask: str | None) -> list:
+    """Whitened factors with the rank of each FFN MatMul chosen from its measured end-to-end SNR
+    (graph_opt/budget.py) so that the whole model lands at `target_macs`."""
+    return [FactorizeGemm(target_macs=target_macs, levels=levels, data="whitened", include=(FFN_UP, FFN_DOWN),
+                          exclude=(ATTENTION,), row_mask=row_mask)]
 
 
 def perturbed_sentences(data: Dataset, copies: int, seed: int = 0) -> Dataset:
@@ -151,6 +170,12 @@ def main(argv=None) -> int:
                     help="with --ffn: every layer's output (its last LayerNormalization) as a FitNets hint")
     ap.add_argument("--distill-augment", type=int, default=0, metavar="N",
                     help="token inputs: distill also on N perturbed copies of each calibration sentence")
+    ap.add_argument("--row-mask", default=None, metavar="INPUT",
+                    help="add rows whose statistics count only positions where INPUT (or 'auto') is non-zero; "
+                         "reconstruct and distill then run on the masked rows only")
+    ap.add_argument("--budget-levels", type=lambda v: [float(x) for x in v.split(",")], default=None,
+                    metavar="L1,L2,...", help="with --ffn and --row-mask: also a row whose per-layer MAC ratios "
+                                             "come from measured sensitivities (target_macs = the masked row's)")
     args = ap.parse_args(argv)
     rows = []
     for name in args.models.split(","):
@@ -173,19 +198,34 @@ def main(argv=None) -> int:
             if args.only not in fam:
                 continue
             modes = ["plain", "whitened"] if lowrank else ["whitened"]
+            if args.row_mask:  # the same run without and with the mask: unmasked rows stop at reconstruct
+                modes += ["whitened + mask"] if lowrank else []
+                modes += ["budget + mask"] if lowrank and args.ffn is not None and args.budget_levels else []
+            masked_rows = args.row_mask is not None
+            fixed = base  # the masked fixed-level model: its MACs are the budget row's target
             for mode in modes:
                 ctx = PassContext(data=zm.calib, original=raw)
+                mask = args.row_mask if mode.endswith("+ mask") or not lowrank else None
                 start = time.perf_counter()
-                model = _apply(base, first + (factorize(lowrank[0], mode) if lowrank else []) + [Cleanup()], ctx)
+                if mode.startswith("budget"):
+                    target = round(model_stats(fixed, shapes=zm.shapes).macs / model_stats(base, shapes=zm.shapes).macs, 4)
+                    squeeze = _ffn_budget(target, tuple(args.budget_levels), mask)
+                    extra = {"target_macs": target}
+                else:
+                    squeeze = factorize(lowrank[0], mode.split()[0], mask) if lowrank else []
+                    extra = {}
+                model = _apply(base, first + squeeze + [Cleanup()], ctx)
                 label = fam + (f" {mode}" if lowrank else "")
-                keep(label, model, time.perf_counter() - start)
+                keep(label, model, time.perf_counter() - start, **extra)
+                if mode == "whitened + mask":
+                    fixed = model
                 if mode == "plain":
                     continue
                 start = time.perf_counter()
-                rec = Reconstruct()(model, ctx)
+                rec = Reconstruct(row_mask=mask)(model, ctx)
                 ctx.history.append(rec.report)
                 keep(label + " + reconstruct", rec.model, time.perf_counter() - start, refit=len(rec.report.rewritten))
-                if args.no_distill:
+                if args.no_distill or (masked_rows and lowrank and mode != "whitened + mask"):
                     continue
                 start = time.perf_counter()
                 dctx = ctx if not args.distill_augment else PassContext(

@@ -40,6 +40,7 @@ from graph_opt.data import Dataset, batch_size_for, paired_batch_size
 from graph_opt.errors import GraphOptError
 from graph_opt.external_data import detached
 from graph_opt.onnx_util import Namer, opset_version
+from graph_opt.row_mask import RowMask
 from graph_opt.runtime import make_session, run_batches
 
 
@@ -337,11 +338,12 @@ MAX_GRAM_WIDTH = 8192
 _GRAM_MEMO: dict[tuple, dict[tuple[str, int], np.ndarray]] = {}
 
 
-def second_moments(model: onnx.ModelProto, data: Dataset | None,
-                   requests: set[tuple[str, int]]) -> dict[tuple[str, int], np.ndarray]:
+def second_moments(model: onnx.ModelProto, data: Dataset | None, requests: set[tuple[str, int]],
+                   row_mask: RowMask | None = None) -> dict[tuple[str, int], np.ndarray]:
     """(tensor, feature axis) → ``E[x xᵀ]`` over every position of the tensor (all axes but the
     feature axis are samples), streamed over `data` in float64: the input statistics of
-    data-aware factorization and rounding. Graph inputs are read from the feed; intermediate
+    data-aware factorization and rounding. With `row_mask`, only the positions it keeps count
+    where it applies (`graph_opt.row_mask`). Graph inputs are read from the feed; intermediate
     tensors are exposed as extra outputs of one session. Tensors wider than `MAX_GRAM_WIDTH`,
     not float, or not finite are left out. The last result is memoized (see the key)."""
     requests = {r for r in requests if r[0]}
@@ -349,7 +351,7 @@ def second_moments(model: onnx.ModelProto, data: Dataset | None,
         return {}
     # id(model): a pass that only retrains weights (distill) keeps every name, so the structure
     # alone cannot tell its output from its input; a budget's runs all read the same model object.
-    key = (id(model), _fingerprint(model), id(data), len(data), tuple(sorted(requests)))
+    key = (id(model), _fingerprint(model), id(data), len(data), tuple(sorted(requests)), row_mask)
     if key in _GRAM_MEMO:
         return _GRAM_MEMO[key]
     inputs = {i.name for i in model.graph.input}
@@ -364,6 +366,8 @@ def second_moments(model: onnx.ModelProto, data: Dataset | None,
             if x.ndim == 0 or not np.issubdtype(x.dtype, np.floating):
                 continue
             rows = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]).astype(np.float64)
+            keep = row_mask.keep(feed, x.shape, axis) if row_mask is not None else None
+            rows = rows if keep is None else rows[keep]
             if rows.shape[1] > MAX_GRAM_WIDTH or not np.all(np.isfinite(rows)):
                 continue
             sums[(name, axis)] = sums.get((name, axis), 0.0) + rows.T @ rows

@@ -81,12 +81,17 @@ class ActivationStats:
         self.zeros = np.zeros(channels, np.int64)
         self.count = 0  # elements seen per channel
 
-    def update(self, batch: ArrayLike, axis: int) -> None:
-        """Add one batch whose channels lie on `axis`."""
+    def update(self, batch: ArrayLike, axis: int, keep: np.ndarray | None = None) -> None:
+        """Add one batch whose channels lie on `axis`; `keep` (bool per position: the other axes in
+        C order) counts only the positions where it is True."""
         a = np.asarray(batch)
         if a.shape[axis] != self.channels:
             raise ValueError(f"batch has {a.shape[axis]} channels on axis {axis}, expected {self.channels}")
         flat = np.moveaxis(a, axis, 0).reshape(self.channels, -1)
+        if keep is not None:
+            if keep.shape != (flat.shape[1],):
+                raise ValueError(f"keep has shape {keep.shape}, expected ({flat.shape[1]},): one per position")
+            flat = flat[:, keep]
         mag = np.abs(flat.astype(np.float64, copy=False))
         self.abs_sum += mag.sum(axis=1)
         self.zeros += np.count_nonzero(mag <= self.zero_tol, axis=1)

@@ -33,6 +33,7 @@ import onnx_graphsurgeon as gs
 from graph_opt.budget import Budgeted, run_budget
 from graph_opt.data import input_specs
 from graph_opt.intermediates import second_moments
+from graph_opt.row_mask import AUTO, RowMask, resolve as resolve_row_mask
 from graph_opt.kernels.rank import Cost, rank_for_energy, rank_for_ratio, round_rank
 from graph_opt.gs_convert import to_graph, to_model, weights_on_disk
 from graph_opt.pass_base import PassContext, PassReport
@@ -107,6 +108,7 @@ class LowRankPass(Budgeted):
     min_macs: int = 0
     require_saving: bool = True  # False: rewrite even when the factors are not smaller (full-rank checks)
     data: Literal["auto", "whitened", "plain"] = "auto"
+    row_mask: str | None = AUTO  # graph input whose 0 entries leave positions out of the statistics
 
     supported_ops: ClassVar[tuple[str, ...]] = ()
     default_levels: ClassVar[tuple[float, ...]] = (0.75, 0.5, 0.25)
@@ -151,20 +153,23 @@ class LowRankPass(Budgeted):
             return Selection("budget", params_ratio=self.params_ratio, macs_ratio=self.macs_ratio)
         return Selection("budget", macs_ratio=DEFAULT_MACS_RATIO, default=True)
 
-    def statistics(self, model: onnx.ModelProto, ctx: PassContext, report: PassReport,
-                   requests: set[tuple[str, int]]) -> dict[tuple[str, int], np.ndarray]:
-        """The input second moments data-aware factorization uses (`intermediates.second_moments`), or {} when
-        the factors truncate the weights: ``data=plain``, ``auto`` without user data, a budgeted
-        run (its per-level runs collect them, once)."""
+    def statistics(self, model: onnx.ModelProto, ctx: PassContext, report: PassReport, requests: set[tuple[str, int]]
+                   ) -> tuple[dict[tuple[str, int], np.ndarray], RowMask | None]:
+        """The input second moments data-aware factorization uses (`intermediates.second_moments`) and
+        the row mask they were counted under, or ({}, None) when the factors truncate the weights:
+        ``data=plain``, ``auto`` without user data, a budgeted run (its per-level runs collect them, once)."""
         if self.budgeted or self.data == "plain" or (self.data == "auto" and not real_data(ctx)):
-            return {}
+            return {}, None
         if ctx.data is None:
             report.note("data=whitened without calibration data: the factors truncate the weights")
-            return {}
-        grams = second_moments(model, ctx.data, requests)
+            return {}, None
+        mask, why = resolve_row_mask(self.row_mask, model, ctx.data)
+        if why:
+            report.note(why)
+        grams = second_moments(model, ctx.data, requests, mask)
         report.note(f"data-aware: the factors minimize each layer's output error on {len(ctx.data)} calibration "
-                    f"samples ({len(grams)} input statistics)")
-        return grams
+                    f"samples ({len(grams)} input statistics)" + (f"; {mask.describe()}" if mask else ""))
+        return grams, mask
 
     # -- budgets (graph_opt/budget.py) -----------------------------------------------------
 

@@ -138,7 +138,7 @@ class FactorizeConv(LowRankPass):
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
         grams = {}
         if self.method == "tucker2":  # CP and spatial SVD truncate the kernel itself
-            grams = self.statistics(model, ctx, report, _stat_requests(model))
+            grams, _ = self.statistics(model, ctx, report, _stat_requests(model))
         return self.rewrite_layers(model, report, ctx,
                                    lambda node, shapes, label: self._match(node, shapes, label, ctx.seed, grams))
 

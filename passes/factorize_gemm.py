@@ -16,7 +16,10 @@ best rank-r ``Ŵ`` truncates the SVD of ``R W`` and maps back with ``R⁻¹``
 (`kernels.lowrank.whitened_svd_factors`). Exact at full rank; the same as plain SVD on white
 inputs; the rewrite reports ``output_rel_error``, the predicted relative output error on that
 data, and ``energy=``/``rank=auto`` weigh the whitened spectrum (output energy), not the
-weight's. ``data=plain`` truncates the weights.
+weight's. ``data=plain`` truncates the weights. ``row_mask=`` (default ``auto``; an input name,
+or ``none``): ``C`` counts only the positions a 0/1 mask input keeps, e.g. the real tokens of
+padded sentences (`graph_opt.row_mask`: how ``auto`` finds one, and which tensors it applies to);
+the note names the mask and each rewrite's ``row_mask`` says whether it applied to that layer.
 
 Forms handled (each factor is the same op as the original, so batching and broadcasting rules are
 unchanged; the last factor writes the original output tensor and carries the bias):
@@ -86,6 +89,7 @@ from graph_opt.passes._lowrank import (
     float_dtype_reason,
     prod,
 )
+from graph_opt.row_mask import RowMask
 
 
 CANDIDATES = ("Gemm", "MatMul", "Conv")
@@ -101,12 +105,12 @@ class FactorizeGemm(LowRankPass):
 
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
         legacy_gemm = opset_version(model) < 11
-        grams = self.statistics(model, ctx, report, _stat_requests(model, self.op_types))
+        grams, mask = self.statistics(model, ctx, report, _stat_requests(model, self.op_types))
         return self.rewrite_layers(model, report, ctx, lambda node, shapes, label: self._match(node, shapes, label,
-                                                                                               legacy_gemm, grams))
+                                                                                               legacy_gemm, grams, mask))
 
     def _match(self, node: gs.Node, shapes: dict, label: str, legacy_gemm: bool = False,
-               grams: dict | None = None) -> Plan | str:
+               grams: dict | None = None, mask: RowMask | None = None) -> Plan | str:
         """The rewrite of one node, decided without touching the graph, or why there is none."""
         reason = self.name_filter(label)
         if reason:
@@ -167,6 +171,8 @@ class FactorizeGemm(LowRankPass):
         }
         if factors.output_rel_error is not None:
             details["output_rel_error"] = factors.output_rel_error
+        if gram is not None and mask is not None:
+            details["row_mask"] = mask.name if mask.fits(shapes.get(site.act.name), site.feature_axis) else None
         return Plan(node, site.act, steps, site.tail, "svd", details)
 
 

@@ -12,7 +12,9 @@ Split/Slice, depthwise convs, SE gates, Flatten/Reshape → Gemm and transformer
 **Importance** per channel, summed over a group's producers: `l1` Σ|w|, `l2` √Σw² (of the
 effective filter W·γ/√(σ²+ε) when a BatchNormalization follows, so the score is the same before
 and after `fold_batchnorm`), `bn_gamma` |γ|, `activation` mean |a| or 1 − APoZ of what the
-consumers read on the calibration data. `scope=layer` prunes ⌊ratio·n⌋ channels of every group;
+consumers read on the calibration data, counting only the positions a 0/1 mask input keeps
+(``row_mask=``, default ``auto``: the real tokens of padded sentences, see `graph_opt.row_mask`;
+a note names it). `scope=layer` prunes ⌊ratio·n⌋ channels of every group;
 `scope=global` ranks all groups together (scores over their group's mean). Every group keeps at
 least `min_channels`, rounded up to a multiple of `round_to` (default 4: widths that are not
 multiples of 4 can run slower than the original on onnxruntime's CPU kernels, see
@@ -67,6 +69,7 @@ from graph_opt.gs_convert import to_graph, to_model
 from graph_opt.model_io import copy_model
 from graph_opt.pass_base import PassContext, PassReport
 from graph_opt.onnx_util import Namer
+from graph_opt.row_mask import AUTO, RowMask, resolve as resolve_row_mask
 from graph_opt.passes._graph import (LAYER_OPS, check_op_types, constant, infer_shapes, is_graph_output, node_label,
                                      report_subgraphs,
                                      used_once)
@@ -97,6 +100,7 @@ class PruneChannels(Budgeted):
     keep_first_last: bool = True
     min_channels: int = 1
     round_to: int = 4
+    row_mask: str | None = AUTO
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -306,7 +310,11 @@ class PruneChannels(Budgeted):
         for site in an.folds:
             if an.groups_touching(site.chan.atoms) & roots:
                 wanted.setdefault(site.node.inputs[0].name, site.chan)
-        stats = _activation_stats(model, wanted, ctx)
+        mask, why = resolve_row_mask(self.row_mask, model, ctx.data)
+        for note in (why, mask and mask.describe()):
+            if note:
+                report.note(note)
+        stats = _activation_stats(model, wanted, ctx, mask)
         for name, chan in wanted.items():
             add(chan.atoms, stats[name].importance(self.activation_stat))
         out = []
@@ -336,13 +344,17 @@ def _bn_scale(node: gs.Node, n: int) -> np.ndarray:
     return np.abs(gamma.astype(np.float64).ravel()) / np.sqrt(var.astype(np.float64).ravel() + eps)
 
 
-def _activation_stats(model: onnx.ModelProto, wanted: dict, ctx: PassContext) -> dict[str, ActivationStats]:
-    """Per-channel statistics of the `wanted` tensors, batch by batch (only sums are kept)."""
+def _activation_stats(model: onnx.ModelProto, wanted: dict, ctx: PassContext,
+                      mask: RowMask | None = None) -> dict[str, ActivationStats]:
+    """Per-channel statistics of the `wanted` tensors, batch by batch (only sums are kept); with
+    `mask`, over the positions it keeps where it applies."""
     names = list(wanted)
     stats = {n: ActivationStats(len(wanted[n].atoms)) for n in names}
-    for _feed, values in stream(model, ctx.data, names, desc="activation statistics"):
+    for feed, values in stream(model, ctx.data, names, desc="activation statistics"):
         for name in names:
-            stats[name].update(values[name], wanted[name].axis)
+            value, axis = values[name], wanted[name].axis
+            keep = mask.keep(feed, np.shape(value), axis) if mask is not None else None
+            stats[name].update(value, axis, keep)
     return stats
 
 

@@ -36,17 +36,26 @@ over the batches (`graph_opt.kernels.lstsq`), so memory is O(d·(d + m)), never 
 ``max_samples`` keeps a seeded random subset of rows per batch (deterministic: ``ctx.seed`` and the
 layer's label).
 
-Error bound: the calibration error of each layer never increases. Its squared error before and
+Rows that do not count: ``row_mask=`` (default ``auto``; a graph input name, or ``none``) names a
+0/1 input over the leading dims of the layers' outputs, e.g. the attention mask of padded
+sentences (`graph_opt.row_mask`: how ``auto`` finds one). Rows at positions where it is 0 are left
+out of the sums (the bias correction's mean too) and of the end-to-end check (for outputs it
+applies to); where its shape does not match a layer's positions every row counts. The refit then
+fits the positions whose outputs the model uses instead of spending its degrees of freedom on
+padding.
+
+Error bound: the calibration error of each layer (over the rows that count) never increases. Its squared error before and
 after (with the weights as stored: float32, or an int32 bias on its grid) are known exactly from
 the statistics; a refit is kept only when it lowers it by more than MIN_GAIN. Finally the model's
 outputs are compared with the teacher's on the calibration data; if the refits made them worse,
 only the best prefix of them is kept.
 
 Report: per layer ``method`` (lstsq / bias_correction), ``compression``, ``op``, ``tensor`` (the
-student's) and ``target`` (the teacher's), ``samples``, ``rows``, ``mse_before``, ``mse_after``,
-``ridge``, ``lambda``, ``bias`` (float, float (created), int32 (re-quantized), none) and
-``teacher_channels`` when the target is a subset of the teacher's channels; a note with the
-end-to-end output MSE before and after.
+student's) and ``target`` (the teacher's), ``samples``, ``rows``, ``rows_masked`` (left out by the
+row mask), ``mse_before``, ``mse_after``, ``ridge``, ``lambda``, ``bias`` (float, float (created),
+int32 (re-quantized), none) and ``teacher_channels`` when the target is a subset of the teacher's
+channels; a note with the end-to-end output MSE before and after, and one naming the row mask and
+the share of positions it keeps.
 
 Skipped, with the reason: no calibration data or no teacher (the whole model); a compression not in
 ``targets``; a layer no longer in the model; not a Conv/Gemm/MatMul with a constant float weight
@@ -80,6 +89,7 @@ from graph_opt.passes._graph import GraphIndex
 from graph_opt.passes._reconstruct_layers import find_layers, output_map
 from graph_opt.passes._reconstruct_sites import Edit, Site, Writer, match_site, set_prefix
 from graph_opt.progress import progress
+from graph_opt.row_mask import AUTO, RowMask, resolve as resolve_row_mask
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +114,7 @@ class Reconstruct(Pass):
     max_samples: int | None = None
     targets: tuple[Target, ...] = TARGETS
     bias_only: bool = False
+    row_mask: str | None = AUTO
 
     def __post_init__(self) -> None:
         if not (isinstance(self.ridge, (int, float)) and math.isfinite(self.ridge) and self.ridge >= 0):
@@ -121,6 +132,10 @@ class Reconstruct(Pass):
         if ctx.original is None:
             report.skip("model", "no teacher (ctx.original is None): nothing to reconstruct towards")
             return model
+        mask, why = resolve_row_mask(self.row_mask, ctx.original, ctx.data)
+        for note in (why, mask and mask.describe()):
+            if note:
+                report.note(note)
         initial = copy_model(model)
         student, teacher = GraphIndex(model), GraphIndex(ctx.original)
         todo = []
@@ -142,7 +157,7 @@ class Reconstruct(Pass):
         for node, kinds in progress(todo, total=len(todo), desc="reconstruct"):
             label = student.label(node)
             site = match_site(student, teacher, node, kinds, self.bias_only)
-            outcome = site if isinstance(site, str) else self._refit(student, teacher, writer, site, ctx, bs, maps)
+            outcome = site if isinstance(site, str) else self._refit(student, teacher, writer, site, ctx, bs, maps, mask)
             if isinstance(outcome, str):
                 report.skip(label, outcome)
                 continue
@@ -151,7 +166,7 @@ class Reconstruct(Pass):
             applied.append((report.rewritten[-1], edits))
         if not applied:
             return model
-        kept = self._end_to_end(model, initial, applied, report, ctx, bs)
+        kept = self._end_to_end(model, initial, applied, report, ctx, bs, mask)
         if kept == 0:
             return initial
         dead = ({e.old for _, edits in applied[:kept] for e in edits}
@@ -160,11 +175,11 @@ class Reconstruct(Pass):
         return model
 
     def _end_to_end(self, model: onnx.ModelProto, initial: onnx.ModelProto, applied: list[tuple[dict, list[Edit]]],
-                    report: PassReport, ctx: PassContext, bs: int) -> int:
+                    report: PassReport, ctx: PassContext, bs: int, mask: RowMask | None) -> int:
         """How many refits (in order) to keep: all, unless the model's outputs got further from the
         teacher's on the calibration data; then the prefix with the smallest output error."""
-        base = _output_error(ctx.original, initial, ctx.data, bs)
-        final = _output_error(ctx.original, model, ctx.data, bs)
+        base = _output_error(ctx.original, initial, ctx.data, bs, mask)
+        final = _output_error(ctx.original, model, ctx.data, bs, mask)
         if base is None or final is None:
             report.note("end-to-end check skipped: the model's outputs do not match the teacher's in name and shape")
             return len(applied)
@@ -174,7 +189,7 @@ class Reconstruct(Pass):
         best_k, best = 0, base
         for k in range(len(applied) - 1, 0, -1):
             set_prefix(applied, k)
-            error = _output_error(ctx.original, model, ctx.data, bs)
+            error = _output_error(ctx.original, model, ctx.data, bs, mask)
             if error < best:
                 best_k, best = k, error
         set_prefix(applied, best_k)
@@ -188,9 +203,9 @@ class Reconstruct(Pass):
 
     # ------------------------------------------------------------------------------------- refit
     def _refit(self, student: GraphIndex, teacher: GraphIndex, writer: Writer, site: Site, ctx: PassContext,
-               bs: int, maps: dict) -> dict | str:
+               bs: int, maps: dict, mask: RowMask | None) -> dict | str:
         """Stream teacher and student over the data, solve, keep the better; a dict (rewritten) or a reason."""
-        cap = self._capture(student, teacher, site, ctx, bs, maps)
+        cap = self._capture(student, teacher, site, ctx, bs, maps, mask)
         if isinstance(cap, str):
             return cap
         acc, lstsq, sol = cap.acc, site.method == "lstsq", None
@@ -219,7 +234,8 @@ class Reconstruct(Pass):
         details = {
             "method": site.method, "compression": site.kinds, "op": site.node.op_type,
             "tensor": site.y_name, "target": site.target,
-            "samples": cap.samples, "rows": acc.rows, "mse_before": mse_before, "mse_after": mse_after,
+            "samples": cap.samples, "rows": acc.rows, "rows_masked": cap.masked,
+            "mse_before": mse_before, "mse_after": mse_after,
             "ridge": self.ridge if lstsq else None,
             "lambda": float(np.max(sol.lam)) if lstsq else None,
             "bias": bias_label,
@@ -230,7 +246,7 @@ class Reconstruct(Pass):
         return details
 
     def _capture(self, student: GraphIndex, teacher: GraphIndex, site: Site, ctx: PassContext, bs: int,
-                 maps: dict) -> _Capture | str:
+                 maps: dict, mask: RowMask | None) -> _Capture | str:
         """The layer's statistics over the calibration data (teacher's target, student's input and
         output, one batch at a time), or why there are none."""
         lstsq = site.method == "lstsq"
@@ -254,25 +270,30 @@ class Reconstruct(Pass):
                 return (f"shapes differ: the teacher's {site.target!r} is {list(y_t.shape)}, "
                         f"the student's {list(y_s.shape)}")
             cap.samples += len(next(iter(feed.values())))
+            keep = mask.keep(feed, y_s.shape, site.channel_axis) if mask is not None else None
+            rows = None if keep is None else np.flatnonzero(keep)
+            if keep is not None:
+                cap.masked += int(len(keep) - len(rows))
             if lstsq:
                 x = np.asarray(s_vals[site.x_name] if site.x_name in s_vals else feed[site.x_name])
-                self._add_rows(cap, site, x, y_t, y_s, rng)
+                self._add_rows(cap, site, x, y_t, y_s, rng, rows)
             else:
-                target = np.asarray(site.out_rows(y_t, None), np.float64)
+                target = np.asarray(site.out_rows(y_t, rows), np.float64)
                 cap.power += float(np.sum(target * target))
-                cap.acc.update(target - site.out_rows(y_s, None))
+                cap.acc.update(target - site.out_rows(y_s, rows))
         if cap is None or cap.acc.rows == 0:
-            return "no calibration rows reached the layer"
+            return "no calibration rows reached the layer" + (f" (row mask {mask.name!r})" if cap and cap.masked else "")
         return cap
 
     def _add_rows(self, cap: _Capture, site: Site, x: np.ndarray, y_t: np.ndarray, y_s: np.ndarray,
-                  rng: np.random.Generator) -> None:
-        """One batch's rows into the statistics: all of them or a seeded subset of ``max_samples``,
-        gathered in chunks that bound the im2col buffer."""
+                  rng: np.random.Generator, rows: np.ndarray | None = None) -> None:
+        """One batch's rows into the statistics: all of them (or those in `rows`, the row mask's) or
+        a seeded subset of ``max_samples`` of them, gathered in chunks that bound the im2col buffer."""
         total = site.count(y_s.shape)
-        chosen = None
-        if self.max_samples is not None and total > self.max_samples:
-            chosen = np.sort(rng.choice(total, self.max_samples, replace=False))
+        chosen = rows
+        if self.max_samples is not None and (total if rows is None else len(rows)) > self.max_samples:
+            pick = rng.choice(total if rows is None else len(rows), self.max_samples, replace=False)
+            chosen = np.sort(pick if rows is None else rows[pick])
         for idx in _chunks(total, chosen, max(1, _CHUNK_ELEMENTS // max(1, site.groups * site.d))):
             target = np.asarray(site.out_rows(y_t, idx), np.float64)
             cap.power += float(np.sum(target * target))
@@ -288,6 +309,7 @@ class _Capture:
     out_map: np.ndarray | None
     samples: int = 0
     power: float = 0.0
+    masked: int = 0  # rows the row mask left out
 
 
 def _drop_unused(model: onnx.ModelProto, names: set[str]) -> None:
@@ -311,19 +333,24 @@ def _chunks(total: int, chosen: np.ndarray | None, size: int) -> Iterator[np.nda
         yield rows[start:start + size]
 
 
-def _output_error(teacher: onnx.ModelProto, model: onnx.ModelProto, data: Dataset, bs: int) -> float | None:
-    """Mean squared error of the graph outputs against the teacher's (None when they do not match)."""
+def _output_error(teacher: onnx.ModelProto, model: onnx.ModelProto, data: Dataset, bs: int,
+                  mask: RowMask | None = None) -> float | None:
+    """Mean squared error of the graph outputs against the teacher's (None when they do not match);
+    with `mask`, over the positions it keeps of the outputs it applies to (features on the last axis)."""
     names = [o.name for o in teacher.graph.output]
     if not names or {o.name for o in model.graph.output} != set(names):
         return None
     total, count = 0.0, 0
     batches = zip(stream(teacher, data, names, batch_size=bs, desc="teacher outputs"),
                   stream(model, data, names, batch_size=bs, desc="student outputs"))
-    for (_, tv), (_, sv) in batches:
+    for (feed, tv), (_, sv) in batches:
         for n in names:
             t, s = np.asarray(tv[n], np.float64), np.asarray(sv[n], np.float64)
             if t.shape != s.shape:
                 return None
+            keep = mask.keep(feed, t.shape, -1) if mask is not None and t.ndim > 1 else None
+            if keep is not None:
+                t, s = t.reshape(len(keep), -1)[keep], s.reshape(len(keep), -1)[keep]
             total += float(np.sum((t - s) ** 2))
             count += t.size
     return total / max(count, 1)

@@ -229,6 +229,43 @@ def ffn_model(act: str = "Gelu", bias: bool = True, hidden: int = 8, ff: int = 3
     return g.build()
 
 
+def masked_pool_model(hidden: int = 32, ff: int = 64, seed: int = 0) -> onnx.ModelProto:
+    """A padded-sequence encoder's tail: x[B, S, hidden] → fc1 (MatMul + b) → Relu → fc2 (MatMul + b),
+    then the mean over the positions where attention_mask[B, S] (int64) is 1 → y[B, hidden]."""
+    g = GraphBuilder(seed=seed)
+    x = g.input("x", ["B", "S", hidden])
+    mask = g.input("attention_mask", ["B", "S"], np.int64)
+    h = g.node("Relu", [g.node("Add", [g.node("MatMul", [x, g.weight("w1", (hidden, ff), hidden ** -0.5)], name="fc1"),
+                                       g.weight("b1", (ff,), 0.1)])])
+    y = g.node("Add", [g.node("MatMul", [h, g.weight("w2", (ff, hidden), ff ** -0.5)], name="fc2"),
+                       g.weight("b2", (hidden,), 0.1)])
+    m = g.node("Cast", [g.node("Unsqueeze", [mask, g.const("ax", np.array([2], np.int64))])], to=TensorProto.FLOAT)
+    total = g.node("ReduceSum", [g.node("Mul", [y, m]), g.const("ax1", np.array([1], np.int64))], keepdims=0)
+    count = g.node("ReduceSum", [m, g.const("ax1b", np.array([1], np.int64))], keepdims=0)
+    g.node("Div", [total, count], ["y"])
+    g.output("y", ["B", hidden])
+    return g.build()
+
+
+def padding_bases(hidden: int = 32) -> np.ndarray:
+    """The two 8-dim subspaces of `padded_data` (real, padding), each 8 × hidden."""
+    return np.random.default_rng(100).standard_normal((2, 8, hidden))
+
+
+def padded_data(n: int = 48, seq: int = 16, hidden: int = 32, seed: int = 0):
+    """Inputs for `masked_pool_model`: 3–8 real positions per row whose features live in an 8-dim
+    subspace, the rest padding (mask 0) with 30× larger features in another one (the same two
+    subspaces for every `seed`)."""
+    real_basis, pad_basis = padding_bases(hidden)
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, seq, 8)) @ pad_basis * 30).astype(np.float32)
+    lengths = rng.integers(3, 9, n)
+    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
+    real = rng.standard_normal((n, seq, 8)) @ real_basis + 0.05 * rng.standard_normal((n, seq, hidden))
+    x = np.where(mask[..., None] == 1, real, x).astype(np.float32)
+    return {"x": x, "attention_mask": mask}
+
+
 def split_model(k: int = 3, seed: int = 0) -> onnx.ModelProto:
     """conv-bn-relu (10) → Split [4, 6] on channels → two convs → Add; and a Slice of channels 2:8."""
     g = GraphBuilder(seed=seed)

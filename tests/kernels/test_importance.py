@@ -151,3 +151,22 @@ def test_round_to_never_prunes_more_and_keeps_multiples(sizes, ratio, round_to, 
         assert kept % round_to == 0 or kept == n
         if r.any() and (p & ~r).any():                  # what was spared scored higher than what went
             assert s[p & ~r].min() >= s[r].max()
+
+
+def test_activation_stats_count_only_kept_positions():
+    a = RNG.standard_normal((3, 4, 5))  # [N, S, C], channels last
+    keep = RNG.random(12) < 0.5
+    keep[0] = True
+    masked = ActivationStats(5)
+    masked.update(a, -1, keep)
+    direct = ActivationStats(5)
+    direct.update(a.reshape(12, 5)[keep], -1)
+    np.testing.assert_array_equal(masked.mean_abs, direct.mean_abs)
+    assert masked.count == keep.sum()
+    # channels on axis 1: positions are the other axes in C order
+    b = np.moveaxis(a, -1, 1)
+    moved = ActivationStats(5)
+    moved.update(b, 1, keep)
+    np.testing.assert_allclose(moved.mean_abs, direct.mean_abs)
+    with pytest.raises(ValueError, match="one per position"):
+        ActivationStats(5).update(a, -1, keep[:5])

@@ -452,3 +452,46 @@ def test_whitened_factors_are_exact_at_full_rank_and_plain_on_random_inputs():
     assert forced.report.rewritten[0]["method"] == "whitened svd"
     with pytest.raises(SpecError):
         parse_spec("factorize_gemm:data=smart")
+
+
+# ---- row mask: statistics over the positions the model uses -----------------------------------
+
+
+def pooled_error(model, new, feeds):
+    """Relative error of the masked mean pool: only real positions reach it."""
+    ref, out = run(model, feeds)[0], run(new, feeds)[0]
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def test_masked_statistics_fit_the_real_positions_better():
+    from builders import masked_pool_model, padded_data
+
+    model = masked_pool_model()
+    calib, held_out = Dataset(padded_data(48, seed=0), source="calib"), padded_data(48, seed=1)
+    assert op_count(model, "MatMul") == 2  # vacuity: nothing factorized yet
+    results = {}
+    for mask in ("auto", None):
+        result = FactorizeGemm(rank=8, latency_gate=False, data="whitened", row_mask=mask)(
+            model, PassContext(data=calib, original=model))
+        assert op_count(result.model, "MatMul") == 4 and len(result.report.rewritten) == 2
+        assert_valid(result.model)  # checker, and onnxruntime loads and runs it
+        results[mask] = result
+    masked, plain = results["auto"], results[None]
+    assert [e["row_mask"] for e in masked.report.rewritten] == ["attention_mask", "attention_mask"]
+    assert all("row_mask" not in e for e in plain.report.rewritten)
+    assert any("row mask 'attention_mask'" in n for n in masked.report.notes)
+    # padding is 30x larger and lies in another subspace: unmasked factors spend the rank on it
+    err_masked, err_plain = (pooled_error(model, r.model, held_out) for r in (masked, plain))
+    assert err_masked < 0.6 * err_plain, (err_masked, err_plain)
+
+
+def test_masked_whitening_is_exact_at_full_rank():
+    from builders import masked_pool_model, padded_data
+
+    model = masked_pool_model()
+    calib, held_out = Dataset(padded_data(16, seed=0), source="calib"), padded_data(16, seed=1)
+    result = FactorizeGemm(rank=32, latency_gate=False, require_saving=False, data="whitened",
+                           row_mask="attention_mask")(model, PassContext(data=calib, original=model))
+    assert len(result.report.rewritten) == 2 and op_count(result.model, "MatMul") == 4
+    assert_valid(result.model)
+    assert pooled_error(model, result.model, held_out) < 1e-4

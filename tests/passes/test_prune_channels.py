@@ -517,3 +517,35 @@ def test_round_to_keeps_hardware_friendly_widths():
     assert_valid(rounded.model)
     with pytest.raises(ValueError):
         PruneChannels(round_to=0)
+
+
+def test_activation_importance_counts_the_positions_the_mask_keeps():
+    """Half the hidden units read only the real positions' subspace, half only the padding's (30x
+    larger): unmasked mean |a| keeps the padding units, the masked one the units the pooled output uses."""
+    from builders import masked_pool_model, padded_data, padding_bases
+
+    real, pad = padding_bases(32)
+    rng = np.random.default_rng(3)
+    def away_from(basis):  # projector onto the complement of `basis`' rows
+        q, _ = np.linalg.qr(basis.T)
+        return np.eye(32) - q @ q.T
+
+    w1 = np.concatenate([away_from(pad) @ real.T @ rng.standard_normal((8, 32)),
+                         away_from(real) @ pad.T @ rng.standard_normal((8, 32))], axis=1)
+    teacher = masked_pool_model()
+    for t in teacher.graph.initializer:
+        if t.name == "w1":
+            t.CopyFrom(numpy_helper.from_array((w1 / 8).astype(np.float32), "w1"))
+    calib, held_out = Dataset(padded_data(48, seed=0), source="calib"), padded_data(48, seed=1)
+    pruned, errors = {}, {}
+    for mask in ("auto", None):
+        result = PruneChannels(importance="activation", ratio=0.5, keep_first_last=False, row_mask=mask)(
+            teacher, PassContext(data=calib, original=teacher))
+        assert result.modified and op_count(result.model, "MatMul") == 2
+        assert_valid(result.model)
+        (group,) = [e for e in result.report.rewritten if e.get("pruned_channels") is not None]
+        pruned[mask] = set(group["pruned_channels"])
+        ref, out = run(teacher, held_out)[0], run(result.model, held_out)[0]
+        errors[mask] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+    assert pruned["auto"] == set(range(32, 64)) and pruned[None] == set(range(32))
+    assert errors["auto"] < 0.5 * errors[None], errors

@@ -527,3 +527,70 @@ def test_a_student_whose_batch_simplify_bound_is_refit_and_compared_on_its_own_b
     assert refit.accepted and refit.parity.snr_db > prune.parity.snr_db
     report = graph_opt.verify(model, result.model, data=data, layers=True)
     assert report.layers and report.outputs[0].shape == (8, 10)
+
+
+# ------------------------------------------------------------------------------ row mask
+
+
+def pooled_error(teacher, student, feeds):
+    ref, out = run(teacher, feeds)[0], run(student, feeds)[0]
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def test_masked_rows_refit_what_the_pooled_output_uses():
+    """Padding 30x larger than the real positions, in another subspace: an unmasked refit fits the
+    padding (and the end-to-end check then undoes it); a masked one fits the real positions."""
+    from builders import masked_pool_model, padded_data
+
+    teacher = masked_pool_model()
+    calib, held_out = Dataset(padded_data(48, seed=0), source="calib"), padded_data(48, seed=1)
+    student, ctx, _ = compress(teacher, [FactorizeGemm(rank=8, latency_gate=False, data="plain")], calib)
+    base = pooled_error(teacher, student, held_out)
+    out = {}
+    for mask in ("auto", None):
+        result = Reconstruct(row_mask=mask)(student, PassContext(data=calib, original=teacher,
+                                                                 history=list(ctx.history)))
+        out[mask] = result
+    masked = out["auto"]
+    assert masked.modified and len(masked.report.rewritten) == 2, skips(masked)
+    assert_valid(masked.model)
+    rows = calib.inputs["attention_mask"]
+    assert all(e["rows_masked"] == rows.size - rows.sum() and e["rows"] == rows.sum() for e in masked.report.rewritten)
+    assert any("row mask 'attention_mask'" in n for n in masked.report.notes)
+    err_masked = pooled_error(teacher, masked.model, held_out)
+    err_plain = pooled_error(teacher, out[None].model, held_out)
+    assert err_masked < 0.6 * base and err_masked < 0.6 * err_plain, (base, err_masked, err_plain)
+
+
+def test_masked_bias_correction_zeroes_the_mean_error_of_the_real_rows():
+    """The mean error of a factorized layer differs between real and padded positions: the masked
+    correction removes the real rows' mean error; the unmasked one shifts the bias by the padding's
+    (30x larger) mean error, which the end-to-end check then undoes."""
+    from builders import masked_pool_model, padded_data
+
+    teacher = masked_pool_model()
+    calib = Dataset(padded_data(16, seed=0), source="calib")
+    student, ctx, _ = compress(teacher, [FactorizeGemm(rank=8, latency_gate=False, data="plain")], calib)
+    real = calib.inputs["attention_mask"].reshape(-1) == 1
+
+    def real_mean_error(model, entry):
+        (_, tv), = stream(teacher, calib, [entry["target"]])
+        (_, sv), = stream(model, calib, [entry["tensor"]])
+        error = (tv[entry["target"]].astype(np.float64) - sv[entry["tensor"]]).reshape(len(real), -1)[real]
+        return float(np.abs(error.mean(axis=0)).max()), float(np.abs(error).mean())
+
+    def corrected(mask):
+        return Reconstruct(bias_only=True, row_mask=mask)(student, PassContext(data=calib, original=teacher,
+                                                                               history=list(ctx.history)))
+
+    masked = corrected("attention_mask")
+    assert masked.modified and [e["method"] for e in masked.report.rewritten] == ["bias_correction"] * 2
+    assert_valid(masked.model)
+    entry = masked.report.rewritten[-1]
+    before, scale = real_mean_error(student, entry)
+    after, _ = real_mean_error(masked.model, entry)
+    assert before > 0.05 * scale  # vacuity: the real rows had a mean error to remove
+    assert after < 1e-4 * scale
+    unmasked = corrected(None)
+    assert not unmasked.modified and any("rolled back by the end-to-end check" in s.reason
+                                         for s in unmasked.report.skipped)
