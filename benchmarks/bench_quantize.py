@@ -4,6 +4,7 @@
     pip install -e '.[bench]'                       # + NNCF / AIMET-ONNX: benchmarks/README.md
     python benchmarks/bench_quantize.py [--models ppocr_det,resnet,...] [--quantizers graph-opt,ort,...]
                                         [--rounds 10] [--runs 10] [--timeout 600] [--opt-timeout 240]
+    python benchmarks/bench_quantize.py --render     # bench_quantize.md again from the saved JSON
 
 Models: every corpus model (benchmarks/corpus.py) and the zoo's resnet and minilm. Each model's
 calibration split is the one set of samples every quantizer sees; its eval split scores them.
@@ -33,10 +34,11 @@ the worker at its end; the parent's polled value where the worker was killed). A
 process over its time limit or ``--mem-limit-gb`` of RSS and records the failure.
 
 Every produced model that onnxruntime loads and runs (optimizations off and on) is measured
-against the fp32 original in one process (benchmarks/_harness.py): output cosine with
-optimizations off, the task metric with every optimization on (the fused integer kernels, as
-deployed) and off, int8 latency against fp32 over ``--rounds`` interleaved rounds (median ratio
-and its spread, with how busy the machine was). Every table names the CPU and its flags.
+against the fp32 original in the parent process: the task metric, output cosine and per-sample
+cosine with every onnxruntime optimization on (the fused integer kernels, as deployed; with
+``--emulated`` also with optimizations off, QDQ emulated in float), int8 latency against fp32
+over ``--rounds`` interleaved rounds (median ratio and its spread over the rounds, with how busy
+the machine was; benchmarks/_harness.py). Every table names the CPU and its flags.
 
 Writes benchmarks/results/bench_quantize.json (after every model: a stopped run keeps what it
 measured; a run with ``--models`` replaces only those models) and bench_quantize.md.
@@ -47,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -135,7 +138,11 @@ def _go_summary(report: dict) -> dict:
 
 
 def _run_ort(spec: dict, result: dict) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     batches = _samples(spec, CALIB_BATCH)
@@ -201,6 +208,16 @@ def _run_aimet(spec: dict, result: dict) -> None:
     onnx.save(quantized, spec["out"])
 
 
+def _nested_qdq(graph) -> int:
+    """QuantizeLinear / DequantizeLinear nodes inside the subgraphs (If, Loop, Scan) of `graph`."""
+    count = 0
+    for node in graph.node:
+        for attr in node.attribute:
+            for g in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                count += sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in g.node) + _nested_qdq(g)
+    return count
+
+
 RUNNERS = {"graph-opt": _run_graph_opt, "ort": _run_ort, "nncf": _run_nncf, "aimet": _run_aimet,
            "aimet+seqmse": _run_aimet, "aimet+adaround": _run_aimet}
 
@@ -217,6 +234,9 @@ def worker(spec: dict) -> int:
         for n in qm.graph.node:
             ops[n.op_type] = ops.get(n.op_type, 0) + 1
         result["q_nodes"], result["dq_nodes"] = ops.get("QuantizeLinear", 0), ops.get("DequantizeLinear", 0)
+        nested = _nested_qdq(qm.graph)
+        if nested:  # silero_vad's network lives in If branches
+            result["qdq_in_subgraphs"] = nested
         result["ok"] = True
     except BaseException as exc:  # noqa: BLE001 - recorded, not raised: the parent reports this quantizer's failure
         import traceback
@@ -390,7 +410,8 @@ def bench_model(name: str, args, work: Path) -> dict:
     emulated = {}
     for q, m in variants.items():
         deployed[q] = _fidelity(zm, ref, _outputs(zm, m, optimize=True))
-        emulated[q] = _fidelity(zm, ref, _outputs(zm, m, optimize=False))
+        if args.emulated:
+            emulated[q] = _fidelity(zm, ref, _outputs(zm, m, optimize=False))
     busy0 = _harness.cpu_busy(0.5)
     _, spread = _harness.latency_rounds([model, *variants.values()], zm.sample(0), rounds=args.rounds,
                                         runs=args.runs)
@@ -402,7 +423,7 @@ def bench_model(name: str, args, work: Path) -> dict:
     return {"model": name, "task": zm.task, "macs": macs, "calib": len(zm.calib), "eval": len(zm.eval),
             "primary": PRIMARY[name][0], "target": PRIMARY[name][1], "target_text": PRIMARY[name][2],
             "input_shapes": {k: list(v) for k, v in base["input_shapes"].items()},
-            "jobs": jobs, "deployed": deployed, "emulated": emulated, "latency": latency, "size_ratio": sizes,
+            "date": time.strftime("%Y-%m-%d %H:%M"), "jobs": jobs, "deployed": deployed, "emulated": emulated, "latency": latency, "size_ratio": sizes,
             "cpu_busy": [round(busy0, 3), round(busy1, 3)]}
 
 
@@ -415,14 +436,18 @@ def _num(v, fmt=".4f") -> str:
 
 def model_table(r: dict) -> str:
     key = r["primary"]
-    head = ["quantizer", "status", f"{key} (deployed)", f"{key} (opt off)", "cosine", "int8 / fp32 latency (spread)",
-            "size", "wall s (quantize call)", "peak MB", "Q / DQ"]
+    off = bool(r["emulated"])  # scored with optimizations off too (--emulated)
+    head = ["quantizer", "status", f"{key} (deployed)", *([f"{key} (opt off)"] if off else []), "cosine",
+            "int8 / fp32 latency (spread)",
+            "size", "wall s (quantize call)", "CPU s", "peak MB", "Q / DQ"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fp = r["deployed"]["fp32"]
-    lines.append(f"| fp32 | - | {_num(fp.get(key))} | - | 1.0000 | 1.00x | 1.00x | - | - | - |")
+    lines.append(f"| fp32 | - | {_num(fp.get(key))} |{' - |' if off else ''} 1.0000 | 1.00x | 1.00x | - | - | - | - |")
     for q, j in r["jobs"].items():
         d, e, lat = r["deployed"].get(q, {}), r["emulated"].get(q, {}), r["latency"].get(q)
         status = "ok" if j.get("ok") else j.get("error", "?")
+        if j.get("earlier_run"):
+            status += f" (run of {j['earlier_run']})"
         if q == "ort" and j.get("pre_process", "ok") != "ok":
             status += f" (quant_pre_process {j['pre_process']})"
         if q == "graph-opt" and j.get("report"):
@@ -431,11 +456,13 @@ def model_table(r: dict) -> str:
                       ("" if rep.get("accepted", True) else ", ROLLED BACK") + ")"
         call = f" ({j['call_s']:.1f})" if j.get("call_s") is not None else ""
         lines.append("| " + " | ".join([
-            q, status, _num(d.get(key)), _num(e.get(key)), _num(d.get("cosine")),
+            q, status, _num(d.get(key)), *([_num(e.get(key))] if off else []), _num(d.get("cosine")),
             "-" if lat is None else f"{lat[0]:.2f}x ({lat[1]:.2f}-{lat[2]:.2f})",
             "-" if q not in r["size_ratio"] else f"{r['size_ratio'][q]:.2f}x",
-            f"{j['wall_s']:.1f}{call}", f"{j['peak_rss_mb']:,.0f}",
-            f"{j.get('q_nodes', '-')} / {j.get('dq_nodes', '-')}" if j.get("ok") else "-"]) + " |")
+            f"{j['wall_s']:.1f}{call}", f"{j['cpu_s']:.1f}", f"{j['peak_rss_mb']:,.0f}",
+            (f"{j.get('q_nodes', '-')} / {j.get('dq_nodes', '-')}"
+             + (f" (+{j['qdq_in_subgraphs']} in subgraphs)" if j.get("qdq_in_subgraphs") else "")) if j.get("ok") else "-",
+        ]) + " |")
     return "\n".join(lines)
 
 
@@ -469,7 +496,8 @@ def targets(r: dict) -> list[dict]:
             f"{lat['graph-opt'][0]:.2f}x ({lat['graph-opt'][1]:.2f}-{lat['graph-opt'][2]:.2f})")
     o = r["jobs"].get("ort", {})
     if go.get("ok") and o.get("ok"):
-        add("wall <= ort (CLI)", go["wall_s"] <= o["wall_s"], f"{go['wall_s']:.1f} vs {o['wall_s']:.1f} s")
+        add("wall <= ort (CLI)", go["wall_s"] <= o["wall_s"],
+            f"{go['wall_s']:.1f} vs {o['wall_s']:.1f} s (CPU {go['cpu_s']:.1f} vs {o['cpu_s']:.1f} s)")
         add("peak memory <= ort (CLI)", go["peak_rss_mb"] <= o["peak_rss_mb"],
             f"{go['peak_rss_mb']:,.0f} vs {o['peak_rss_mb']:,.0f} MB")
     return recs
@@ -477,7 +505,7 @@ def targets(r: dict) -> list[dict]:
 
 def summary_table(results: list[dict]) -> str:
     head = ["model", "metric (target)", "fp32", *QUANTIZERS, "graph-opt latency", "ort latency",
-            "graph-opt / ort wall", "graph-opt / ort peak"]
+            "graph-opt / ort wall (CPU)", "graph-opt / ort peak"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         key = r["primary"]
@@ -496,7 +524,7 @@ def summary_table(results: list[dict]) -> str:
             cells.append("-" if lat is None else f"{lat[0]:.2f}x ({lat[1]:.2f}-{lat[2]:.2f})")
         go, o = r["jobs"].get("graph-opt", {}), r["jobs"].get("ort", {})
         both = go.get("ok") and o.get("ok")
-        cells.append(f"{go['wall_s']:.1f} / {o['wall_s']:.1f} s" if both else "-")
+        cells.append(f"{go['wall_s']:.0f} / {o['wall_s']:.0f} s ({go['cpu_s']:.0f} / {o['cpu_s']:.0f} s)" if both else "-")
         cells.append(f"{go['peak_rss_mb']:,.0f} / {o['peak_rss_mb']:,.0f} MB" if both else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -522,23 +550,41 @@ def render(doc: dict) -> str:
         f"`{doc['command']}` ({doc['date']}, {doc['total_seconds']:.0f} s; raw numbers in `bench_quantize.json`).",
         f"{cpu}. onnxruntime {env['onnxruntime']}, onnx {env['onnx']}, "
         + ", ".join(f"{k} {v}" for k, v in doc.get("versions", {}).items()) + ".",
-        f"Machine shared with other jobs: up to {busy:.0%} of all CPU busy while timing latency "
-        "(50% = one of two cores): latency ratios are indicative.", "",
-        "Fidelity: the task metric as deployed (onnxruntime, every optimization on) against the fp32 model; "
-        "latency: int8 / fp32 median over interleaved rounds (min-max over the rounds); wall and peak: the "
-        "whole quantizer process (graph-opt: its CLI, verification included).", "",
+        (f"Machine shared with other jobs: up to {busy:.0%} of all CPU busy while timing latency "
+         "(50% = one of two cores): latency ratios are indicative."), "",
+        ("Fidelity: the task metric as deployed (onnxruntime, every optimization on) against the fp32 model; "
+         "latency: int8 / fp32 median over interleaved rounds (min-max over the rounds); wall and peak: the "
+         "whole quantizer process (graph-opt: its CLI, verification included)."), "",
         "## Summary", "", summary_table(doc["results"]), "", cpu, "", "## Targets (issue 20)", "",
         targets_table(doc["results"]), "", cpu]
     for r in doc["results"]:
-        parts += ["", f"## {r['model']} ({r['task']}; {r['macs'] or 0:.3g} MACs; calib {r['calib']}, "
-                  f"eval {r['eval']}; machine busy {r['cpu_busy'][0]:.0%} / {r['cpu_busy'][1]:.0%})", "",
+        parts += ["", (f"## {r['model']} ({r['task']}; {r['macs'] or 0:.3g} MACs; calib {r['calib']}, "
+                       f"eval {r['eval']}; machine busy {r['cpu_busy'][0]:.0%} / {r['cpu_busy'][1]:.0%})"), "",
                   f"Target: {r['target_text']}.", "", model_table(r), "", cpu]
         go = r["jobs"].get("graph-opt", {})
         if go.get("report", {}).get("skip_reasons"):
-            parts += ["", "graph-opt skipped: " + "; ".join(f"{n}× {k}" for k, n in
-                                                            go["report"]["skip_reasons"].items())]
+            grouped: dict[str, int] = {}
+            for reason, n in go["report"]["skip_reasons"].items():  # "sensitive: SNR 23.0 dB < 25 dB (...)"
+                reason = re.sub(r"-?\d+(\.\d+)?", "#", reason.split(" (")[0]).strip()
+                grouped[reason] = grouped.get(reason, 0) + n
+            parts += ["", "graph-opt kept float: " + "; ".join(f"{n}× {k}" for k, n in grouped.items())]
     del _harness
     return "\n".join(parts) + "\n"
+
+
+def _keep_earlier(res: dict, earlier: dict | None) -> None:
+    """A run of some quantizers (``--quantizers``) keeps the earlier run's rows of the others,
+    each marked with that run's date (its latency ratio is to the fp32 of its own run)."""
+    if earlier is None:
+        return
+    for q, job in earlier["jobs"].items():
+        if q in res["jobs"]:
+            continue
+        res["jobs"][q] = {**job, "earlier_run": job.get("earlier_run", earlier.get("date", "?"))}
+        for part in ("deployed", "emulated", "latency", "size_ratio"):
+            if q in earlier.get(part, {}):
+                res[part][q] = earlier[part][q]
+    res["jobs"] = {q: res["jobs"][q] for q in QUANTIZERS if q in res["jobs"]}
 
 
 def _versions() -> dict[str, str]:
@@ -562,10 +608,17 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per quantizer process")
     ap.add_argument("--opt-timeout", type=float, default=240.0, help=f"seconds for {', '.join(SLOW)}")
     ap.add_argument("--mem-limit-gb", type=float, default=12.0, help="RSS limit per quantizer process")
+    ap.add_argument("--emulated", action="store_true",
+                    help="also score every model with onnxruntime optimizations off (QDQ emulated in float)")
+    ap.add_argument("--render", action="store_true", help="only rewrite bench_quantize.md from the saved JSON")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))
+    if args.render:
+        saved = BENCH_DIR / "results" / "bench_quantize.json"
+        saved.with_suffix(".md").write_text(render(json.loads(saved.read_text())))
+        return 0
     args.quantizers = [q for q in args.quantizers.split(",") if q]
     bad = [q for q in args.quantizers if q not in QUANTIZERS] + [m for m in args.models.split(",") if m not in MODELS]
     if bad:
@@ -586,6 +639,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_quantize-") as tmp:
         for name in names:
             res = bench_model(name, args, Path(tmp))
+            _keep_earlier(res, next((r for r in old.get("results", []) if r["model"] == name), None))
             res["targets"] = targets(res)
             doc["results"] = [r for r in doc["results"] if r["model"] != name] + [res]
             doc["results"].sort(key=lambda r: MODELS.index(r["model"]))
