@@ -323,13 +323,15 @@ def _dynamic_shapes(model, shapes: dict[str, tuple[int, ...]]) -> dict[str, tupl
 def _outputs(zm, model, *, optimize: bool) -> dict[str, np.ndarray]:
     """The model's outputs over the eval split, with onnxruntime optimizations on or off (the
     model's own runner where its inputs do not all stack on axis 0)."""
+    from graph_opt.data import batch_size_for
     from graph_opt.runtime import make_session, run_model
 
     session = make_session(model, optimize=optimize)
     if zm.runner is not None:  # whole split in one run (silero's state is batched on axis 1)
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, dict(zm.eval.inputs))))
-    return run_model(session, zm.eval, batch_size=CALIB_BATCH)
+    # a quantizer may have fixed a dynamic batch to 1 (its calibration batch)
+    return run_model(session, zm.eval, batch_size=batch_size_for(model, CALIB_BATCH))
 
 
 def _fidelity(zm, ref: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> dict[str, float]:
@@ -408,10 +410,15 @@ def bench_model(name: str, args, work: Path) -> dict:
     ref = _outputs(zm, model, optimize=False)
     deployed = {"fp32": _fidelity(zm, ref, _outputs(zm, model, optimize=True))}
     emulated = {}
-    for q, m in variants.items():
-        deployed[q] = _fidelity(zm, ref, _outputs(zm, m, optimize=True))
-        if args.emulated:
-            emulated[q] = _fidelity(zm, ref, _outputs(zm, m, optimize=False))
+    for q, m in list(variants.items()):
+        try:
+            deployed[q] = _fidelity(zm, ref, _outputs(zm, m, optimize=True))
+            if args.emulated:
+                emulated[q] = _fidelity(zm, ref, _outputs(zm, m, optimize=False))
+        except Exception as exc:  # noqa: BLE001 - this quantizer's model is reported as failing, the run goes on
+            jobs[q]["ok"], jobs[q]["error"] = False, f"eval split fails: {_first_line(exc)}"
+            deployed.pop(q, None)
+            del variants[q]
     busy0 = _harness.cpu_busy(0.5)
     _, spread = _harness.latency_rounds([model, *variants.values()], zm.sample(0), rounds=args.rounds,
                                         runs=args.runs)
@@ -547,7 +554,8 @@ def render(doc: dict) -> str:
     busy = max((max(r["cpu_busy"]) for r in doc["results"]), default=0.0)
     parts = [
         "# bench_quantize: graph-opt (CLI) vs onnxruntime, NNCF, AIMET-ONNX on real exports (one run)", "",
-        f"`{doc['command']}` ({doc['date']}, {doc['total_seconds']:.0f} s; raw numbers in `bench_quantize.json`).",
+        (f"`{doc['command']}` ({doc['date']}, {doc['total_seconds']:.0f} s; raw numbers in `bench_quantize.json`; "
+         "a model measured by an earlier invocation says so under its table)."),
         f"{cpu}. onnxruntime {env['onnxruntime']}, onnx {env['onnx']}, "
         + ", ".join(f"{k} {v}" for k, v in doc.get("versions", {}).items()) + ".",
         (f"Machine shared with other jobs: up to {busy:.0%} of all CPU busy while timing latency "
@@ -559,7 +567,8 @@ def render(doc: dict) -> str:
         targets_table(doc["results"]), "", cpu]
     for r in doc["results"]:
         parts += ["", (f"## {r['model']} ({r['task']}; {r['macs'] or 0:.3g} MACs; calib {r['calib']}, "
-                       f"eval {r['eval']}; machine busy {r['cpu_busy'][0]:.0%} / {r['cpu_busy'][1]:.0%})"), "",
+                       f"eval {r['eval']}; measured {r.get('date', '?')}; machine busy while timing "
+                       f"{r['cpu_busy'][0]:.0%} / {r['cpu_busy'][1]:.0%})"), "",
                   f"Target: {r['target_text']}.", "", model_table(r), "", cpu]
         go = r["jobs"].get("graph-opt", {})
         if go.get("report", {}).get("skip_reasons"):
