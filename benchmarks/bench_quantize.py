@@ -21,8 +21,9 @@ Quantizers (``--quantizers``), each run once in a fresh subprocess (``--worker``
   yields the calibration split in batches of 8 (the model's fixed batch where it has one).
 - ``nncf``: ``nncf.quantize(model, nncf.Dataset(samples), subset_size=len(calib))`` on the ONNX
   backend, defaults otherwise; ``model_type=nncf.ModelType.TRANSFORMER`` for the text encoders.
-- ``aimet``: ``QuantizationSimModel(model)`` (int8 / int8, min-max, the default config),
-  ``compute_encodings(samples)``, exported with ``to_onnx_qdq()``.
+- ``aimet``: ``QuantizationSimModel(model, dummy_input=sample)`` (int8 / int8, min-max, the
+  default config), ``compute_encodings(samples)``, exported with ``to_onnx_qdq()``; input dims
+  declared -1 (paddle2onnx) are renamed symbolic first, as AIMET's own dummy input fails on them.
 - ``aimet+seqmse`` / ``aimet+adaround``: the same sim with ``apply_seq_mse`` (20 candidates) /
   ``apply_adaround`` (10,000 iterations per layer) first, both at their defaults, under the
   shorter ``--opt-timeout`` guard: where they do not finish, the row says so.
