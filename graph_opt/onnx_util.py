@@ -31,6 +31,28 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     return text.splitlines()[0][:limit]
 
 
+def drop_unused_initializers(model: onnx.ModelProto, names: set[str] | None = None) -> int:
+    """Remove the main graph's initializers that no node of any graph (subgraphs included) reads
+    and no graph outputs: those in `names`, or, without `names`, every one that is not also a
+    graph input (an input with a default is part of the interface). Edits `model`; returns how
+    many were removed."""
+    graphs = list(all_graphs(model.graph))
+    used = {x for g in graphs for n in g.node for x in n.input} | {o.name for g in graphs for o in g.output}
+    if names is None:
+        names = {t.name for t in model.graph.initializer} - {i.name for i in model.graph.input}
+    dead = {n for n in names if n not in used}
+    if not dead:
+        return 0
+    keep = [t for t in model.graph.initializer if t.name not in dead]
+    removed = len(model.graph.initializer) - len(keep)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    inputs = [i for i in model.graph.input if i.name not in dead]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    return removed
+
+
 def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     """The graphs `node` holds in its attributes (If branches, Loop and Scan bodies)."""
     return [g for a in node.attribute

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from graph_opt.external_data import on_disk
-from graph_opt.onnx_util import Namer, all_graphs, subgraphs
+from graph_opt.onnx_util import Namer, all_graphs, drop_unused_initializers, subgraphs
 from graph_opt.pass_base import PassReport
 
 
@@ -72,6 +72,7 @@ class _Rewriter:
                 elif node.op_type == "Slice" and node.domain in ("", "ai.onnx"):
                     changed |= self._merge_slices(node)
         self._drop_dead_slices()
+        drop_unused_initializers(self.model)  # what a folding replaced (a Mul's scale, a Pad's pads)
         return self.model
 
     # -- helpers

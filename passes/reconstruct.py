@@ -83,7 +83,7 @@ from graph_opt.data import Dataset, paired_batch_size
 from graph_opt.intermediates import stream
 from graph_opt.kernels.lstsq import LstsqAccumulator, MeanErrorAccumulator
 from graph_opt.model_io import copy_model
-from graph_opt.onnx_util import all_graphs
+from graph_opt.onnx_util import drop_unused_initializers
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._graph import GraphIndex
 from graph_opt.passes._reconstruct_layers import find_layers, output_map
@@ -171,7 +171,7 @@ class Reconstruct(Pass):
             return initial
         dead = ({e.old for _, edits in applied[:kept] for e in edits}
                 | {e.new for _, edits in applied[kept:] for e in edits})
-        _drop_unused(model, {n for n in dead if n})
+        drop_unused_initializers(model, {n for n in dead if n})
         return model
 
     def _end_to_end(self, model: onnx.ModelProto, initial: onnx.ModelProto, applied: list[tuple[dict, list[Edit]]],
@@ -310,21 +310,6 @@ class _Capture:
     samples: int = 0
     power: float = 0.0
     masked: int = 0  # rows the row mask left out
-
-
-def _drop_unused(model: onnx.ModelProto, names: set[str]) -> None:
-    """Remove the initializers this pass replaced once nothing reads them (subgraphs included)."""
-    graphs = list(all_graphs(model.graph))
-    used = {x for g in graphs for n in g.node for x in n.input} | {o.name for g in graphs for o in g.output}
-    dead = {n for n in names if n not in used}
-    if not dead:
-        return
-    keep = [t for t in model.graph.initializer if t.name not in dead]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    inputs = [i for i in model.graph.input if i.name not in dead]
-    del model.graph.input[:]
-    model.graph.input.extend(inputs)
 
 
 def _chunks(total: int, chosen: np.ndarray | None, size: int) -> Iterator[np.ndarray]:

@@ -486,20 +486,27 @@ def test_spec_and_options():
 
 
 def test_replaced_weights_read_inside_a_subgraph_are_kept():
-    """_drop_unused drops a replaced initializer nothing reads, but keeps one an If branch reads."""
+    """drop_unused_initializers drops an initializer nothing reads, but keeps one an If branch reads
+    (and, asked for no names, one that is also a graph input)."""
     from builders import control_flow_model
     from onnx import helper
 
-    from graph_opt.passes.reconstruct import _drop_unused
+    from graph_opt.onnx_util import drop_unused_initializers
 
     model = control_flow_model("If")
-    for name in ("outer_w", "dead_w"):
+    for name in ("outer_w", "dead_w", "dead_input"):
         model.graph.initializer.append(numpy_helper.from_array(np.ones(4, np.float32), name))
+    model.graph.input.append(helper.make_tensor_value_info("dead_input", onnx.TensorProto.FLOAT, [4]))
     branch = next(n for n in model.graph.node if n.op_type == "If").attribute[0].g
     branch.node.append(helper.make_node("Identity", ["outer_w"], ["outer_w_copy"]))
-    _drop_unused(model, {"outer_w", "dead_w"})
+    every = onnx.ModelProto()
+    every.CopyFrom(model)
+    assert drop_unused_initializers(model, {"outer_w", "dead_w"}) == 1
     names = {t.name for t in model.graph.initializer}
     assert "outer_w" in names and "dead_w" not in names
+    assert drop_unused_initializers(every) == 1
+    names = {t.name for t in every.graph.initializer}
+    assert {"outer_w", "dead_input"} <= names and "dead_w" not in names
 
 
 def test_a_student_whose_batch_simplify_bound_is_refit_and_compared_on_its_own_batches():

@@ -132,6 +132,8 @@ def test_pad_folds_into_the_next_conv_or_pool(op, value, before, attrs):
     assert op_count(out, "Pad") == 0 and op_count(out, op) == 1
     node = next(n for n in out.graph.node if n.op_type == op)
     assert helper.get_attribute_value(next(a for a in node.attribute if a.name == "pads")) != [0, 0, 0, 0]
+    read = {i for n in out.graph.node for i in n.input}
+    assert [t.name for t in out.graph.initializer if t.name not in read] == []  # the Pad's pads are gone
     _close(model, out, {"x": random_input((2, 4, 8, 8))})
 
 
@@ -166,6 +168,8 @@ def test_conv_and_gemm_absorb_constant_mul_and_add():
     assert sum("folded into" in r.get("action", "") for r in result.report.rewritten) == 4
     assert {t.name for t in model.graph.initializer} - {"s", "t", "s2", "t2"} <= {t.name for t in out.graph.initializer} | {
         "c1.w", "c1.b", "head.w", "head.b"}
+    read = {i for n in out.graph.node for i in n.input}
+    assert [t.name for t in out.graph.initializer if t.name not in read] == []  # the replaced weights are gone
     _close(model, out, {"x": random_input((2, 3, 8, 8))})
 
 
