@@ -234,51 +234,57 @@ class Quantize(Pass):
 
     def _gate(self, model: onnx.ModelProto, work: onnx.ModelProto, plan: QuantPlan, out: onnx.ModelProto,
               report: PassReport, ctx: PassContext) -> onnx.ModelProto | None:
-        """Keep float the layers not faster in int8 on this CPU (`speed`, part 3): the planned model
-        and its float form profiled once each, then planned again with those layers float (the
-        first plan's sensitivity verdicts reused) and, unless the first profile shows it clearly
-        faster (`speed.clearly_faster`), profiled once more; when the int8 model as a whole is not
-        faster, the model stays float. None: nothing to change."""
+        """Keep float what is not faster in int8 on this CPU (`speed`, part 3). The planned model and
+        its float form are profiled once each, kernel by kernel; the layers that do not gain are
+        planned again as float (the first plan's calibration and sensitivity verdicts reused). Then
+        the float, the planned and the gated models are timed as wholes, interleaved: the fastest
+        int8 form is kept when it is `speed.MIN_GAIN` faster than float, else the model stays float
+        (a profiler's per-kernel overhead weighs on small kernels, a wall clock does not). None:
+        the planned model as it is."""
         keys = speed.layer_keys(plan, work)
         if not keys:
             return None
-        timer = speed.profile_timer(ctx.data.laid_out(work).slice(0, 1), self.gate_runs, max(1, self.threads))
+        feed = ctx.data.laid_out(work).slice(0, 1)
+        threads = max(1, self.threads)
         try:
-            f_prof, q_prof = timer(work, out)
+            f_prof, q_prof = speed.profile_timer(feed, self.gate_runs, threads)(work, out)
         except GraphOptError as exc:
             report.note(f"prefer=speed: latency gate not run ({exc}); every planned layer kept as planned")
             return None
         result = speed.decide(keys, f_prof, q_prof)
         note = (f"prefer=speed on {resolve_target(self.target).describe()}: {len(result.keep_float)} of {len(keys)} "
-                f"quantized layers kept float, not faster in int8 here (profiled {self.gate_runs} runs of the "
+                f"quantized layers not faster in int8 here (profiled {self.gate_runs} runs of the "
                 "float and int8 models, alternating)")
         if result.unmatched:
             note += f"; {len(result.unmatched)} layers not found in the profiles, left as planned"
-        if not result.keep_float:
-            if speed.slower_as_a_whole(f_prof, q_prof):
-                return self._all_float(model, plan, keys, f_prof, q_prof, report, note)
-            report.note(note)
+        second, sensitive = None, {}
+        if result.keep_float:
+            keep = self.keep_float + tuple(exact_pattern(label) for label in result.keep_float)
+            replan = dataclasses.replace(self, prefer="size", keep_float=keep)
+            # Each node's sensitivity is measured alone, so the first plan's verdicts still hold: the
+            # nodes it kept float for it are kept float by name, and nothing is measured again.
+            sensitive = {d.node: d.reason for d in plan.nodes if d.action == "float" and d.sensitivity is not None}
+            if self.sensitive == "float" and self.threshold_db() is not None:
+                replan = dataclasses.replace(replan, sensitivity_snr_db=None,
+                                             keep_float=keep + tuple(exact_pattern(label) for label in sensitive))
+            else:
+                sensitive = {}
+            second = replan(model, ctx)
+            if not second.report.rewritten:
+                second = None
+        try:
+            times = speed.latency_timer(feed, self.gate_runs, threads)([work, out, *([second.model] if second else [])])
+        except GraphOptError as exc:
+            report.note(f"prefer=speed: the models could not be timed as wholes ({exc}); kept as planned")
             return None
-        keep = self.keep_float + tuple(exact_pattern(label) for label in result.keep_float)
-        replan = dataclasses.replace(self, prefer="size", keep_float=keep)
-        # Each node's sensitivity is measured alone, so the first plan's verdicts still hold: the
-        # nodes it kept float for it are kept float by name, and nothing is measured again.
-        sensitive = {d.node: d.reason for d in plan.nodes if d.action == "float" and d.sensitivity is not None}
-        if self.sensitive == "float" and self.threshold_db() is not None:
-            replan = dataclasses.replace(replan, sensitivity_snr_db=None,
-                                         keep_float=keep + tuple(exact_pattern(label) for label in sensitive))
-        else:
-            sensitive = {}
-        second = replan(model, ctx)
-        if not second.report.rewritten:
-            return self._all_float(model, plan, keys, f_prof, q_prof, report, note, result.keep_float)
-        if not speed.clearly_faster(f_prof, q_prof, result):  # else no second profile is needed
-            try:
-                f_prof, q_prof = timer(work, second.model)
-            except GraphOptError:
-                f_prof, q_prof = [], []
-        if speed.slower_as_a_whole(f_prof, q_prof):
-            return self._all_float(model, plan, keys, f_prof, q_prof, report, note, result.keep_float)
+        timed = (f"{self.gate_runs} interleaved runs: float {times[0]:.3f} ms, planned int8 {times[1]:.3f} ms"
+                 + (f", with the slow layers float {times[2]:.3f} ms" if second else ""))
+        best = min(range(1, len(times)), key=times.__getitem__)
+        if times[best] > (1.0 - speed.MIN_GAIN) * times[0]:
+            return self._all_float(model, plan, keys, report, note, timed, result.keep_float if second else None)
+        if best == 1:
+            report.note(note + f"; the planned int8 model ran fastest ({timed}): every planned layer kept int8")
+            return None
         report.rewritten.extend(second.report.rewritten)
         report.skipped.extend(s for s in second.report.skipped
                               if s.node not in result.keep_float and s.node not in sensitive)
@@ -286,23 +292,20 @@ class Quantize(Pass):
             report.skip(label, why)
         report.notes.extend(n for n in second.report.notes if not n.startswith("prefer=size"))
         report.notes.extend(n for n in plan.notes if n.startswith("sensitivity threshold") and sensitive)
-        report.note(note)
+        report.note(note + f"; those kept float ({timed})")
         return second.model
 
-    def _all_float(self, model, plan, keys, f_prof, q_prof, report: PassReport, note: str,
+    def _all_float(self, model, plan, keys, report: PassReport, note: str, timed: str,
                    reasons: dict[str, str] | None = None) -> onnx.ModelProto:
-        """The model unchanged: no quantized layer gains, or the int8 model is not faster as a whole."""
-        f_us, q_us = speed.total_us(f_prof), speed.total_us(q_prof)
-        whole = (f"float: the int8 model as a whole is not faster on this CPU (profiled {q_us:.0f} µs against "
-                 f"{f_us:.0f} µs in float)")
+        """The model unchanged: its int8 forms are not faster as wholes."""
+        whole = f"float: no int8 form of the model is faster as a whole on this CPU ({timed})"
         for d in plan.nodes:
             if d.action != "quantize":
                 report.skip(d.node, d.reason)
         for k in keys:
             report.skip(k.label, (reasons or {}).get(k.label, whole))
         report.note(note)
-        if f_us > 0:
-            report.note(f"prefer=speed: the model stays float ({whole[len('float: '):]}); prefer=size quantizes it")
+        report.note(f"prefer=speed: the model stays float ({whole[len('float: '):]}); prefer=size quantizes it")
         return copy_model(model)
 
     def _run_with_floor(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:

@@ -149,6 +149,17 @@ def _fake(float_us, int8_us, calls=None):
     return factory
 
 
+def _clock(ms, seen=None):
+    """A `speed.latency_timer` giving fixed whole-model times (float first), recording the models."""
+    def factory(feed, runs, threads=1):
+        def timer(models):
+            if seen is not None:
+                seen.append(list(models))
+            return list(ms[:len(models)])
+        return timer
+    return factory
+
+
 def test_decide_keeps_float_what_does_not_gain_and_shares_a_tensor_qdq():
     layers = [speed.LayerKeys("a", ("a", "a_out"), ("x", "a_out", "wa")),
               speed.LayerKeys("b", ("b", "b_out"), ("x", "wb")),
@@ -170,20 +181,21 @@ def test_name_matching_takes_the_longest_key_and_needs_a_separator():
 
 def test_gate_keeps_the_slow_layer_float(tmp_path, monkeypatch):
     model = encoder_ffn()
-    calls = []
-    # fc1 gains a little: the gated model (185 µs predicted against 200) is profiled again
-    monkeypatch.setattr(speed, "profile_timer", _fake({"fc1": 100.0, "fc2": 100.0},
-                                                      [{"fc1": 85.0, "fc2": 130.0}, {"fc1": 85.0, "fc2": 100.0}], calls))
+    calls, timed = [], []
+    monkeypatch.setattr(speed, "profile_timer", _fake({"fc1": 100.0, "fc2": 100.0}, {"fc1": 85.0, "fc2": 130.0}, calls))
+    # the wall clock: float, planned, gated; the gated model is the fastest
+    monkeypatch.setattr(speed, "latency_timer", _clock([1.0, 0.9, 0.8], timed))
     result = Quantize()(model, _ctx(model))
-    assert len(calls) == 2  # the float and planned models, then the float and gated models
+    assert len(calls) == 1  # the float and planned models profiled once
     f, q = calls[0]
     assert op_count(f, "QuantizeLinear") == 0 and op_count(q, "QuantizeLinear") > 0
-    assert calls[1][0] is f and op_count(calls[1][1], "QuantizeLinear") < op_count(q, "QuantizeLinear")
+    (models,) = timed
+    assert models[0] is f and models[1] is q and 0 < op_count(models[2], "QuantizeLinear") < op_count(q, "QuantizeLinear")
     layers = {e["node"] for e in result.report.rewritten if e.get("weight")}
     assert layers == {"fc1"}
     skipped = {s.node: s.reason for s in result.report.skipped}
     assert "not faster in int8" in skipped["fc2"]
-    assert any("1 of 2 quantized layers kept float" in n for n in result.report.notes)
+    assert any("1 of 2 quantized layers not faster" in n and "those kept float" in n for n in result.report.notes)
     out = result.model
     assert_valid(out)
     assert "fc2.w" in {t.name for t in out.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
@@ -195,21 +207,33 @@ def test_gate_keeps_the_slow_layer_float(tmp_path, monkeypatch):
 def test_gate_keeps_everything_float_when_nothing_gains(monkeypatch):
     model = encoder_ffn()
     monkeypatch.setattr(speed, "profile_timer", _fake({"fc1": 100.0, "fc2": 100.0}, {"fc1": 100.0, "fc2": 100.0}))
+    monkeypatch.setattr(speed, "latency_timer", _clock([1.0, 1.0]))  # and the whole is no faster either
     result = Quantize()(model, _ctx(model))
     assert not result.modified and op_count(result.model, "QuantizeLinear") == 0
     assert {s.node for s in result.report.skipped} >= {"fc1", "fc2"}
 
 
 def test_a_model_not_faster_as_a_whole_stays_float(monkeypatch):
-    # each layer gains, but the quantize/dequantize nodes no layer owns eat the gain
+    # each layer gains in the profile, but the wall clock finds no int8 form 5% faster
     model = encoder_ffn()
     monkeypatch.setattr(speed, "profile_timer", _fake({"fc1": 100.0, "fc2": 100.0},
                                                       {"fc1": 50.0, "fc2": 50.0, "stray_QuantizeLinear": 200.0}))
+    monkeypatch.setattr(speed, "latency_timer", _clock([1.0, 0.97]))
     result = Quantize()(model, _ctx(model))
     assert not result.modified and op_count(result.model, "QuantizeLinear") == 0
     reasons = {s.node: s.reason for s in result.report.skipped}
-    assert "as a whole is not faster" in reasons["fc1"] and "as a whole is not faster" in reasons["fc2"]
+    assert "faster as a whole" in reasons["fc1"] and "faster as a whole" in reasons["fc2"]
     assert any("prefer=size quantizes it" in n for n in result.report.notes)
+
+
+def test_the_planned_model_wins_when_it_runs_faster_than_the_gated_one(monkeypatch):
+    # the profile calls fc2 slow in int8, the wall clock says the fully int8 model is the fastest
+    model = encoder_ffn()
+    monkeypatch.setattr(speed, "profile_timer", _fake({"fc1": 100.0, "fc2": 100.0}, {"fc1": 85.0, "fc2": 130.0}))
+    monkeypatch.setattr(speed, "latency_timer", _clock([1.0, 0.5, 0.7]))
+    result = Quantize()(model, _ctx(model))
+    assert {e["node"] for e in result.report.rewritten if e.get("weight")} == {"fc1", "fc2"}
+    assert any("the planned int8 model ran fastest" in n for n in result.report.notes)
 
 
 def test_prefer_size_does_not_gate(monkeypatch):
@@ -272,24 +296,6 @@ def test_the_gated_replan_reuses_the_first_calibration(monkeypatch):
     by_hand = Quantize(prefer="size", keep_float=("fc2",))(model, ctx)
     assert len(calls) == 2
     assert by_hand.model.SerializeToString() == gated.model.SerializeToString()
-
-
-def test_a_clearly_faster_gated_model_is_not_profiled_again(monkeypatch):
-    model = encoder_ffn()
-    calls = []
-    # fc2 stays float; fc1 saves so much that the gated model is predicted at 0.55 of float
-    monkeypatch.setattr(speed, "profile_timer", _fake({"fc1": 200.0, "fc2": 20.0}, {"fc1": 100.0, "fc2": 30.0},
-                                                      calls))
-    result = Quantize()(model, _ctx(model))
-    assert {e["node"] for e in result.report.rewritten if e.get("weight")} == {"fc1"}
-    assert len(calls) == 1
-
-
-def test_clearly_faster_counts_the_float_layers_at_their_float_time():
-    r = speed.GateResult({"b": "float"}, {"a": (100.0, 40.0), "b": (100.0, 150.0)}, [])
-    assert speed.clearly_faster([("a", 100.0), ("b", 100.0)], [("a", 40.0), ("b", 150.0)], r)  # 140 < 160
-    assert not speed.clearly_faster([("a", 100.0), ("b", 100.0)], [("a", 90.0), ("b", 150.0)], r)  # 190
-    assert not speed.clearly_faster([], [("a", 1.0)], r)
 
 
 @pytest.mark.parametrize("shape,bias_shape", [((6, 8), (5,)), ((2, 3, 8), (1, 5)), ((1, 2, 3, 8), (5,))])
