@@ -1174,3 +1174,16 @@ def decoder_model(d: int = 128, heads: int = 4, ff: int = 256, layers: int = 1, 
     g.node("Identity", [x], ["y"])
     g.output("y", ["N", seq, d])
     return g.build()
+
+
+def optimized_ops(model: onnx.ModelProto, tmp_path: Path) -> list[str]:
+    """Op types after onnxruntime's own optimizations (all levels), read back from the saved file."""
+    import onnxruntime as ort
+
+    path = tmp_path / "optimized.onnx"
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(path)
+    opts.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(path)).graph.node]

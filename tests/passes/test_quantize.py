@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from builders import GraphBuilder, assert_valid, decoder_model, op_count, run, small_cnn
+from builders import GraphBuilder, assert_valid, decoder_model, op_count, optimized_ops, run, small_cnn
 from onnx import TensorProto, helper, numpy_helper
 
 from graph_opt.data import Dataset, random_dataset
@@ -42,20 +42,9 @@ def _float_weight_names(model):
             int(np.prod(t.dims)) > 16}
 
 
-def _optimized_ops(model, tmp_path):
-    """Op types after onnxruntime's own optimizations (all levels), read back from the saved file."""
-    path = tmp_path / "optimized.onnx"
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.optimized_model_filepath = str(path)
-    opts.log_severity_level = 3
-    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return [n.op_type for n in onnx.load(str(path)).graph.node]
-
-
 def _optimized_nodes(model, tmp_path):
     """The nodes after onnxruntime's own optimizations (all levels), read back from the saved file."""
-    _optimized_ops(model, tmp_path)
+    optimized_ops(model, tmp_path)
     return list(onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
 
 
@@ -129,7 +118,7 @@ def test_small_cnn_int8_static_parity_and_fusion(tmp_path):
     ref, got = _outputs(model, test)[0], _outputs(out, test)[0]
     assert cosine(ref, got) >= 0.999
     _assert_deployable(model, out, test)
-    ops = _optimized_ops(out, tmp_path)
+    ops = optimized_ops(out, tmp_path)
     assert ops.count("QLinearConv") == 4 and "QGemm" in ops and "QLinearAdd" in ops
     assert "Conv" not in ops and "Gemm" not in ops
 
@@ -140,7 +129,7 @@ def test_conv_chain_becomes_qlinearconv_with_relu_absorbed(tmp_path):
     assert_valid(result.model)
     rewritten = {e["node"]: e for e in result.report.rewritten}
     assert rewritten["c1"]["absorbed"] and rewritten["c2"]["output"] == "y"
-    ops = _optimized_ops(result.model, tmp_path)
+    ops = optimized_ops(result.model, tmp_path)
     assert ops.count("QLinearConv") == 2 and "Conv" not in ops and "Relu" not in ops
     assert "MaxPool" in ops or "NhwcMaxPool" in ops  # int8 MaxPool: the shared scale let ORT drop the QDQ
     # The graph output keeps its name and its float type.
@@ -159,7 +148,7 @@ def test_mlp_matmul_int8_static(tmp_path):
     test = random_dataset(model, 32, seed=9)
     assert cosine(_outputs(model, test)[0], _outputs(out, test)[0]) >= 0.999
     _assert_deployable(model, out, test)
-    ops = _optimized_ops(out, tmp_path)
+    ops = optimized_ops(out, tmp_path)
     # fc1 + its bias Add become QGemm (float output), fc2 QLinearMatMul, the head QGemm.
     integer = ("QLinearMatMul", "MatMulIntegerToFloat", "QGemm")
     assert sum(ops.count(op) for op in integer) == 3 and "QLinearMatMul" in ops
@@ -175,7 +164,7 @@ def test_batched_matmul_weight_runs_fused(tmp_path):
     result = Quantize()(model, _ctx(model))
     assert result.report.rewritten[0]["weight"]["granularity"] == "tensor" and result.report.rewritten[0]["input"]
     _assert_deployable(model, result.model, random_dataset(model, 8, seed=3))
-    assert "MatMul" not in _optimized_ops(result.model, tmp_path)
+    assert "MatMul" not in optimized_ops(result.model, tmp_path)
 
 
 @pytest.mark.parametrize("target,reduced", [("x86-avx2", True), ("x86-avx512", True), ("x86-avx512-vnni", False),
@@ -206,7 +195,7 @@ def test_other_weight_types_stay_fusable(weights, symmetric, tmp_path):
     model = conv_chain()
     result = Quantize(weights=weights, symmetric=symmetric)(model, _ctx(model))
     assert_valid(result.model)
-    assert _optimized_ops(result.model, tmp_path).count("QLinearConv") == 2
+    assert optimized_ops(result.model, tmp_path).count("QLinearConv") == 2
     test = random_dataset(model, 8, seed=3)
     ref = _outputs(model, test)[0]
     assert cosine(ref, _outputs(result.model, test)[0]) >= 0.999
@@ -297,7 +286,7 @@ def test_int4_weight_only_matmul_is_blocked_along_k(tmp_path):
     assert len(q[f"{wname}_quantized"].raw_data) == w.size // 2  # two codes per byte
     got = _dq_outputs(out, [wname], random_dataset(model, 2).inputs)[wname]
     np.testing.assert_array_equal(got, fake_quantize(w, blockwise_params(w, 128, 0, "int4")))
-    assert "MatMulNBits" in _optimized_ops(out, tmp_path)
+    assert "MatMulNBits" in optimized_ops(out, tmp_path)
 
 
 def _decoder_data(d=128, n=24, seed=0):
@@ -1357,7 +1346,7 @@ def test_data_movement_between_int8_layers_shares_the_scale_and_runs_in_int8(op,
     assert_valid(result.model)
     name = op.split("-")[0]
     shared = [e for e in result.report.rewritten if e["op"] == name and "shares its input's scale" in e.get("note", "")]
-    ops = _optimized_ops(result.model, tmp_path)
+    ops = optimized_ops(result.model, tmp_path)
     fused = onnx.load(str(tmp_path / "optimized.onnx")).graph
     producer = {o: n for n in fused.node for o in n.output}
     moved = [n for n in fused.node if n.op_type.endswith(name)]

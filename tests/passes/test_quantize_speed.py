@@ -3,25 +3,14 @@ activation type, and the latency gate, fed fake timings (tests never depend on t
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-from builders import GraphBuilder, assert_valid, op_count, run
+from builders import GraphBuilder, assert_valid, op_count, optimized_ops, run
 
 from graph_opt.data import random_dataset
 from graph_opt.metrics import cosine
 from graph_opt.pass_base import PassContext
 from graph_opt.passes.quantize import Quantize, speed
 from graph_opt.runtime import make_session, profile_nodes
-
-
-def _optimized_ops(model, tmp_path):
-    path = tmp_path / "optimized.onnx"
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.optimized_model_filepath = str(path)
-    opts.log_severity_level = 3
-    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return [n.op_type for n in onnx.load(str(path)).graph.node]
 
 
 def encoder_ffn(batch=1, tokens=16, width=32, hidden=64, seed=0):
@@ -81,13 +70,13 @@ def test_dynamic_shapes_and_shared_biases_are_left_as_they_are():
 def test_static_transformer_block_runs_on_integer_kernels(tmp_path):
     model = encoder_ffn()
     # the hazard: onnxruntime itself turns the float MatMul + Add into a Gemm before any QDQ fusion
-    assert "Gemm" in _optimized_ops(model, tmp_path)
+    assert "Gemm" in optimized_ops(model, tmp_path)
     result = Quantize()(model, _ctx(model))
     out = result.model
     assert_valid(out)
     assert {e["node"] for e in result.report.rewritten if e.get("weight")} == {"fc1", "fc2"}
     assert any("written as Gemm" in n for n in result.report.notes)
-    ops = _optimized_ops(out, tmp_path)
+    ops = optimized_ops(out, tmp_path)
     assert ops.count("QGemm") == 2 and "Gemm" not in ops and "MatMul" not in ops
     assert "DequantizeLinear" not in ops  # no weight is dequantized at run time
     test = random_dataset(model, 16, seed=5)
@@ -201,7 +190,7 @@ def test_gate_keeps_the_slow_layer_float(tmp_path, monkeypatch):
     assert "fc2.w" in {t.name for t in out.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
     test = random_dataset(model, 8, seed=2)
     assert cosine(_outs(model, test), _outs(out, test)) >= 0.999
-    assert "QGemm" in _optimized_ops(out, tmp_path)
+    assert "QGemm" in optimized_ops(out, tmp_path)
 
 
 def test_gate_keeps_everything_float_when_nothing_gains(monkeypatch):
