@@ -441,7 +441,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     candidate = load_model(args.candidate)
     data = load_data(args.data, original, shapes=shapes, n_random=args.samples, seed=args.seed)
     features = [tuple(f.split("=", 1)) if "=" in f else f for f in args.feature]
-    report = api.verify(original, candidate, data=data, labels=args.labels, tolerances=tolerances, threads=args.threads,
+    report = api.verify(original, candidate, data=data, labels=args.labels, shapes=shapes, tolerances=tolerances,
+                        threads=args.threads,
                         temperature=args.temperature, kd_alpha=args.kd_alpha, layers=args.layers, features=features,
                         runtime=args.runtime)
     first = first_divergence(report.layers, args.diverge_snr) if args.layers else None

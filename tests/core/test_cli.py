@@ -127,6 +127,17 @@ def test_closed_stdout_pipe_is_not_a_traceback():
     assert proc.wait(timeout=60) == 0 and "Traceback" not in err
 
 
+def test_verify_layers_binds_the_dims_given_by_input_shape(tmp_path, capsys):
+    model = symbolic_model()  # every input dim symbolic: the per-layer shapes need --input-shape
+    path = save_model(model, tmp_path / "m.onnx")
+    shapes = ("--input-shape", "x=2x3x8x8", "--input-shape", "t=2x5x16")
+    code, stdout, err = _run(capsys, "verify", path, path, "--layers", *shapes)
+    assert code == 0, err + stdout
+    rows = {line.split()[0] for line in stdout.splitlines() if line.strip()}
+    assert {"c2_out", "ffn1_out", "ffn2_out", "z"} <= rows  # a per-layer row for both inputs' branches
+    assert "first divergence (SNR < 30 dB): none" in stdout
+
+
 # ---- inspect shows what it can; inputs as real exports have them ----
 
 def test_inspect_with_dynamic_dims_reports_what_is_known(tmp_path, capsys):
