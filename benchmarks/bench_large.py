@@ -78,6 +78,34 @@ ALIGN = 4096  # external data offsets on page boundaries (onnxruntime can then m
 
 # --------------------------------------------------------------------------- the model
 
+class ExternalData:
+    """Float32 weights appended one at a time to an open external-data file, at page-aligned
+    offsets; `inits` holds the initializers that point at them, `total` the bytes written."""
+
+    def __init__(self, fh, data_name: str):
+        self.fh, self.data_name = fh, data_name
+        self.inits: list = []
+        self.offset = self.total = 0
+
+    def add(self, name: str, arr: np.ndarray) -> str:
+        from onnx import TensorProto
+
+        pad = (-self.offset) % ALIGN
+        self.fh.write(b"\0" * pad)
+        self.offset += pad
+        raw = np.ascontiguousarray(arr, np.float32).tobytes()
+        self.fh.write(raw)
+        t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(arr.shape))
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.data_name), ("offset", str(self.offset)), ("length", str(len(raw)))):
+            entry = t.external_data.add()
+            entry.key, entry.value = k, v
+        self.inits.append(t)
+        self.offset += len(raw)
+        self.total += len(raw)
+        return name
+
+
 def generate(path: Path, *, target_bytes: int, seed: int = 0, hidden: int = 512, wide: int = 32768) -> dict:
     """Write the model and `<name>.data` (external data), one tensor at a time; return its summary."""
     import onnx
@@ -85,31 +113,16 @@ def generate(path: Path, *, target_bytes: int, seed: int = 0, hidden: int = 512,
 
     rng = np.random.default_rng(seed)
     data_name = path.name + ".data"
-    inits: list[TensorProto] = []
     nodes: list[onnx.NodeProto] = []
-    offset = 0
-    total = 0
 
     with open(path.parent / data_name, "wb") as fh:
+        store = ExternalData(fh, data_name)
+
         def weight(name: str, shape: tuple[int, ...], scale: float, *, positive: bool = False) -> str:
-            nonlocal offset, total
             arr = rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
             if positive:
                 arr = np.abs(arr) + np.float32(0.5)
-            pad = (-offset) % ALIGN
-            fh.write(b"\0" * pad)
-            offset += pad
-            raw = arr.tobytes()
-            fh.write(raw)
-            t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(shape))
-            t.data_location = TensorProto.EXTERNAL
-            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
-                entry = t.external_data.add()
-                entry.key, entry.value = k, v
-            inits.append(t)
-            offset += len(raw)
-            total += len(raw)
-            return name
+            return store.add(name, arr)
 
         x = "input"
         channels = [3, 64, 128, 256]
@@ -128,7 +141,7 @@ def generate(path: Path, *, target_bytes: int, seed: int = 0, hidden: int = 512,
         nodes.append(helper.make_node("Gemm", ["flat", w, b], ["proj"], name="proj", transB=1))
         x = "proj"
         pair_bytes = 2 * hidden * wide * 4
-        pairs = max(1, -(-(target_bytes - total) // pair_bytes))
+        pairs = max(1, -(-(target_bytes - store.total) // pair_bytes))
         for k in range(pairs):
             nodes.append(helper.make_node("Relu", [x], [f"a{k}"], name=f"act{k}"))
             w = weight(f"up{k}.w", (wide, hidden), (2.0 / hidden) ** 0.5)
@@ -146,13 +159,13 @@ def generate(path: Path, *, target_bytes: int, seed: int = 0, hidden: int = 512,
         nodes.append(helper.make_node("Gemm", ["feat", w, b], ["logits"], name="head", transB=1))
 
     graph = helper.make_graph(nodes, "large_mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1000])], initializer=inits)
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1000])], initializer=store.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="bench_large")
     model.ir_version = 8
     path.write_bytes(model.SerializeToString())
-    return {"weight_bytes": total, "file_bytes": path.stat().st_size + (path.parent / data_name).stat().st_size,
-            "initializers": len(inits), "nodes": len(nodes), "pairs": pairs, "hidden": hidden, "wide": wide,
-            "params": total // 4, "seed": seed}
+    return {"weight_bytes": store.total, "file_bytes": path.stat().st_size + (path.parent / data_name).stat().st_size,
+            "initializers": len(store.inits), "nodes": len(nodes), "pairs": pairs, "hidden": hidden, "wide": wide,
+            "params": store.total // 4, "seed": seed}
 
 
 # --------------------------------------------------------------------------- children

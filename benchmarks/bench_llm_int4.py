@@ -46,10 +46,10 @@ from pathlib import Path
 
 import numpy as np
 from _proc import status_kb
+from bench_large import ExternalData
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
-ALIGN = 4096
 
 VARIANTS = {
     "int4 gptq matmulnbits": "quantize:weights=int4,activations=none,rounding=gptq,int4_format=matmulnbits,"
@@ -67,9 +67,8 @@ def generate(path: Path, *, layers: int, hidden: int, ff: int, heads: int, vocab
 
     rng = np.random.default_rng(seed)
     data_name = path.name + ".data"
-    inits: list[TensorProto] = []
     nodes: list[onnx.NodeProto] = []
-    offset = total = 0
+    inits: list[TensorProto] = []  # the small constants in the file; the weights go to `store`
     dh = hidden // heads
     count = [0]
 
@@ -84,25 +83,13 @@ def generate(path: Path, *, layers: int, hidden: int, ff: int, heads: int, vocab
         return name
 
     with open(path.parent / data_name, "wb") as fh:
+        store = ExternalData(fh, data_name)
+
         def weight(name: str, shape: tuple[int, ...], scale: float, *, around_one: bool = False) -> str:
-            nonlocal offset, total
             arr = rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
             if around_one:
                 arr += np.float32(1.0)
-            pad = (-offset) % ALIGN
-            fh.write(b"\0" * pad)
-            offset += pad
-            raw = arr.tobytes()
-            fh.write(raw)
-            t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(shape))
-            t.data_location = TensorProto.EXTERNAL
-            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
-                entry = t.external_data.add()
-                entry.key, entry.value = k, v
-            inits.append(t)
-            offset += len(raw)
-            total += len(raw)
-            return name
+            return store.add(name, arr)
 
         const("eps", np.array(1e-5, np.float32))
         const("heads_shape", np.array([0, 0, heads, dh], np.int64))
@@ -148,12 +135,12 @@ def generate(path: Path, *, layers: int, hidden: int, ff: int, heads: int, vocab
     graph = helper.make_graph(nodes, "llm_decoder",
                               [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", vocab])],
-                              initializer=inits)
+                              initializer=inits + store.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], producer_name="bench_llm_int4")
     model.ir_version = 10
     path.write_bytes(model.SerializeToString())
-    params = total // 4
-    return {"params": params, "weight_bytes": total, "layers": layers, "hidden": hidden, "ff": ff, "heads": heads,
+    params = store.total // 4
+    return {"params": params, "weight_bytes": store.total, "layers": layers, "hidden": hidden, "ff": ff, "heads": heads,
             "vocab": vocab, "seed": seed, "matmuls": 7 * layers + 1}
 
 
