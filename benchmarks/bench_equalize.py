@@ -1,7 +1,7 @@
 """Cross-layer equalization and bias correction before / inside int8 quantization, on real CNNs.
 
     pip install -e '.[bench]'
-    GRAPH_OPT_ZOO=/work/cache python benchmarks/bench_equalize.py [--models resnet,orinet,...] [--rounds 10]
+    GRAPH_OPT_ZOO=<cache> python benchmarks/bench_equalize.py [--models resnet,orinet,...] [--rounds 10]
 
 For each model (zoo and corpus, `zoo.get`; raw exports go through `simplify`, `fold_batchnorm`
 and `cleanup` first, exact) the variants are:

@@ -296,11 +296,6 @@ def layer_keys(plan, work: onnx.ModelProto) -> list[LayerKeys]:
     return out
 
 
-def total_us(profile: Sequence[tuple[str, float]]) -> float:
-    """A profile's time per run: the sum of its kernels' medians."""
-    return float(sum(us for _, us in profile))
-
-
 def latency_timer(feed: Mapping[str, np.ndarray], runs: int, threads: int = 1
                   ) -> Callable[[Sequence[onnx.ModelProto]], list[float]]:
     """The gate's whole-model check on this machine: each model's median milliseconds over `runs`
