@@ -291,7 +291,8 @@ class Quantize(Pass):
         for label, why in {**sensitive, **result.keep_float}.items():
             report.skip(label, why)
         report.notes.extend(n for n in second.report.notes if not n.startswith("prefer=size"))
-        report.notes.extend(n for n in plan.notes if n.startswith("sensitivity threshold") and sensitive)
+        report.notes.extend(n for n in plan.notes
+                            if n.startswith("sensitivity:") or (n.startswith("sensitivity threshold") and sensitive))
         report.note(note + f"; those kept float ({timed})")
         return second.model
 

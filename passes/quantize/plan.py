@@ -17,7 +17,8 @@ node → quantize / float / skip with the reason), which `emit.apply_plan` write
 4. calibrate only what a dry run of the placement on stand-in ranges asks for (`_calibrate`),
    then place (`placement.place`) and quantize the weights and biases (`weights`);
 5. measure the sensitivity (`sensitivity.measure`), keep the sensitive nodes float or
-   weight-only, and place again when any changed;
+   weight-only, and place again when any changed; with the 'auto' threshold, a node below it on
+   its own is quantized after all when the model's outputs still hold it (`_admit`);
 6. record the decisions, tensors and notes (`_record`).
 
 Weight-only (DQ(weight) → float op) is the outcome for every layer when ``activations=none``,
@@ -38,6 +39,7 @@ from onnx import helper
 
 from graph_opt.data import Dataset
 from graph_opt.errors import GraphOptError
+from graph_opt.external_data import has_disk_weights
 from graph_opt.model_io import check_model, copy_model
 from graph_opt.passes._graph import GraphIndex, all_nodes
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
@@ -119,6 +121,9 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
             notes.append(f"sensitivity not measured ({exc}); every planned node is quantized")
         release_memory()
         sensitive, weight_only = sensitivity.split_sensitive(sens, threshold, opts.sensitive)
+        if sensitive and opts.sensitivity_snr_db == "auto" and opts.sensitive == "float":
+            sensitive = _admit(model, ix, layers, decisions, target, candidates, ranges, forced, unasked, sensitive,
+                               sens, quantized, data, threshold, opts, notes)
         forced.update(sensitive)
         if forced or weight_only:
             pl = place(ix, layers, candidates - set(weight_only), ranges, opts, forced, unasked)
@@ -133,6 +138,64 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
     _record(plan, ix, layers, pl, forced, sens, [*weights.values(), *biases.values(), *pl.acts.values()],
             biases)
     return plan, model
+
+
+def _admit(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], decisions: list[NodeDecision],
+           opset: int, candidates: set[int], ranges: Mapping[str, tuple[float, float]], forced: dict[int, str],
+           unasked: frozenset[str], sensitive: dict[int, str], sens: dict[int, dict[str, float]],
+           quantized: dict, data: Dataset, threshold: float, opts: Quantize, notes: list[str]) -> dict[int, str]:
+    """The locally sensitive nodes that stay float once their effect on the model's outputs is seen.
+
+    A node's own SNR is measured with everything around it in float; what reaches the outputs
+    can be far less (a max-pool, a normalization or a residual path dilutes it) or more. So, with
+    the 'auto' threshold, the nodes below it on their own are quantized after all when the whole
+    model, every other planned node quantized, still holds the same threshold at its outputs
+    (worst output SNR on ``sensitivity_samples`` samples). Otherwise the fewest of them, least
+    robust first, stay float: found by bisection, each candidate checked end to end. Nothing is
+    admitted when the model misses the threshold even with every one of them float. Models whose
+    weights are kept on disk are not rebuilt this way (their local verdicts stand).
+    """
+    if has_disk_weights(model):
+        return sensitive
+    from graph_opt.passes.quantize.emit import apply_plan
+    from graph_opt.verify import Reference
+
+    order = sorted(sensitive, key=lambda i: sens[i]["snr_db"])  # least robust first
+    reference = Reference(model, data.take(min(opts.max_samples, opts.sensitivity_samples)), threads=opts.threads)
+
+    def snr_keeping(kept: list[int]) -> float:
+        keep = {**forced, **{i: sensitive[i] for i in kept}}
+        pl = place(ix, layers, candidates, ranges, opts, keep, unasked)
+        weights, biases = weights_and_biases(layers, pl, opts, quantized)
+        trial = QuantPlan(opset=opset, nodes=list(decisions), notes=[])
+        _record(trial, ix, layers, pl, keep, sens, [*weights.values(), *biases.values(), *pl.acts.values()], biases)
+        out = apply_plan(model, trial, int4_format=opts.int4_format)
+        return reference.compare(out).snr_db
+
+    def result(k: int, value: float) -> dict[int, str]:
+        notes.append(f"sensitivity: {len(order) - k} of {len(order)} nodes below {threshold:g} dB on their own "
+                     f"quantized anyway: the model's outputs hold {threshold:g} dB with them ({value:.1f} dB on "
+                     f"{len(reference.data)} samples)")
+        return {i: sensitive[i] for i in order[:k]}
+
+    try:
+        if snr_keeping(order) < threshold:
+            return sensitive  # the rest of the plan already misses it: admitting cannot help
+        first = snr_keeping([])
+        if first >= threshold:
+            return result(0, first)
+        lo, hi, best = 0, len(order), None  # keeping order[:lo] fails; keeping order[:hi] holds
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            value = snr_keeping(order[:mid])
+            if value >= threshold:
+                hi, best = mid, value
+            else:
+                lo = mid
+    except GraphOptError as exc:  # a trial model does not load or run
+        notes.append(f"sensitivity: the nodes below {threshold:g} dB stay float (end-to-end check failed: {exc})")
+        return sensitive
+    return sensitive if best is None else result(hi, best)
 
 
 def _candidates(ix: GraphIndex, layers: dict[int, Layer], data: Dataset | None, opts: Quantize,

@@ -19,7 +19,7 @@ from graph_opt.kernels.quant import (
     ternary_weights,
     unpack_int4,
 )
-from graph_opt.metrics import cosine
+from graph_opt.metrics import cosine, snr_db
 from graph_opt.pass_base import PassContext
 from graph_opt.passes.fold_batchnorm import FoldBatchnorm
 from graph_opt import runtime
@@ -1015,6 +1015,48 @@ def test_layer_with_lossy_activations_falls_back_to_weight_only():
     # Without the check the layer would be ruined.
     blind = Quantize(sensitivity_snr_db=None)(model, PassContext(data=data)).model
     assert cosine(_outputs(model, test)[0], _outputs(blind, test)[0]) < 0.99
+
+
+def _diluted_and_exposed_layers():
+    """fc1's input range is set by a silent outlier feature, so fc1 alone is lossy, but its output
+    is added to a residual that dwarfs it; fc2 is as lossy and feeds an output of its own."""
+    rng = np.random.default_rng(1)
+    g = GraphBuilder(seed=1)
+    x, z = g.input("x", ["N", 32]), g.input("z", ["N", 32])
+    w1 = (rng.standard_normal((32, 32)) * 0.003).astype(np.float32)
+    w1[0] = 0.0
+    w2 = (rng.standard_normal((32, 8)) * 0.3).astype(np.float32)
+    w2[0] = 0.0
+    g.output(g.node("Add", [x, g.node("MatMul", [x, g.const("fc1.w", w1)], name="fc1")], ["y"], name="residual"),
+             ["N", 32])
+    g.output(g.node("MatMul", [z, g.const("fc2.w", w2)], ["y2"], name="fc2"), ["N", 8])
+    model = g.build()
+    data = random_dataset(model, 32, seed=0)
+    data.inputs["x"][:, 0] = 100.0
+    data.inputs["z"][:, 0] = 30000.0  # fc2 is the least robust of the two on its own
+    return model, data
+
+
+def test_sensitive_layer_whose_error_does_not_reach_the_outputs_is_quantized():
+    model, data = _diluted_and_exposed_layers()
+    result = Quantize(prefer="size")(model, PassContext(data=data))
+    plan = Quantize(prefer="size").plan(model, data)
+    local = {d.node: d.sensitivity["snr_db"] for d in plan.nodes if d.sensitivity}
+    assert local["fc1"] < 25 and local["fc2"] < local["fc1"]  # both fail on their own
+    assert "fc1" in {e["node"] for e in result.report.rewritten}
+    skipped = {s.node: s.reason for s in result.report.skipped}
+    assert skipped["fc2"].startswith("sensitive: SNR") and "fc1" not in skipped
+    assert any(n.startswith("sensitivity: 1 of 2 nodes below 25 dB on their own quantized anyway") for n in plan.notes)
+    assert "fc1.w" not in _float_weight_names(result.model) and "fc2.w" in _float_weight_names(result.model)
+    assert_valid(result.model)
+    test = random_dataset(model, 16, seed=3)
+    test.inputs["x"][:, 0], test.inputs["z"][:, 0] = 100.0, 30000.0
+    ref, got = _outputs(model, test), _outputs(result.model, test)
+    assert snr_db(ref[0], got[0]) >= 25 and np.array_equal(ref[1], got[1])  # y2 stays exact: fc2 is float
+    _assert_deployable(model, result.model, test)
+    # An explicit threshold is a per-node rule: fc1 stays float, as its own SNR says.
+    explicit = Quantize(prefer="size", sensitivity_snr_db=25.0)(model, PassContext(data=data)).report
+    assert {"fc1", "fc2"} <= {s.node for s in explicit.skipped if s.reason.startswith("sensitive: SNR")}
 
 
 def test_layer_whose_weights_do_not_survive_stays_float():
