@@ -46,7 +46,10 @@ def run_cli(checkout: Path, model: Path, data: Path, shapes: list[str], passes: 
         cmd += ["--pass", p]
     env = dict(os.environ, PYTHONPATH=str(checkout), OPENBLAS_NUM_THREADS="1", GRAPH_OPT_PROGRESS="0")
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # cwd outside every checkout: `python -m` puts the working directory first on sys.path, so run
+    # from this tree both checkouts would import this tree's graph_opt whatever PYTHONPATH says
+    proc = subprocess.Popen(cmd, env=env, cwd=out.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     err = proc.stderr.read() if proc.stderr else ""
