@@ -29,7 +29,9 @@ What it does, in order:
    duplicate small initializers and common subexpressions merged, Identity/no-op Cast/Expand
    removed, Cast/Reshape/Transpose/Unsqueeze pairs collapsed, Flatten → Reshape, Pad → Conv,
    BatchNormalization → Conv/Gemm, inside If/Loop/Scan bodies too; ConstantOfShape fills of known
-   shape are folded up to a size limit.
+   shape are folded up to a size limit. Each rewrite rule is tried only on nodes of its pattern's
+   root op type (`_RootOpRule`): the engine's own rewrites, without its cost that grows with the
+   square of the graph.
 4. **graph-opt's own rewrites** on what the engine leaves (`passes/_simplify_rules.py` states each
    one's conditions and skip reasons): duplicate initializers of any size merged; constant Pad
    folded into the following Conv, AveragePool or MaxPool; MatMul by a constant matrix + Add of a
