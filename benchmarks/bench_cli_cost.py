@@ -9,8 +9,11 @@ wall time, and are the number to compare on a shared machine.
 
 A checkout is a folder whose ``graph_opt/`` package imports from it (``PYTHONPATH``): this tree, or
 a `git worktree` of an older commit with ``graph_opt/passes`` and ``graph_opt/kernels`` linked to
-its top-level ``passes/`` and ``kernels/``. Models and data come from the corpus
-(``GRAPH_OPT_ZOO``, ``corpus.py --export-data DIR``).
+its top-level ``passes/`` and ``kernels/``. Models come from the corpus and the zoo
+(``GRAPH_OPT_ZOO``; ``zoo.get``: corpus models and the zoo's resnet and minilm), their calibration
+data from ``--data DIR`` (``NAME_calib.npz``: ``corpus.py --export-data DIR``, or
+``corpus.export_data(zoo.get(NAME), DIR)`` for the zoo's models). The table gives each checkout's
+median and its range over the rounds.
 
     python benchmarks/bench_cli_cost.py --old /path/to/old-checkout --data DIR --models yolo,orinet
 """
@@ -43,7 +46,10 @@ def run_cli(checkout: Path, model: Path, data: Path, shapes: list[str], passes: 
         cmd += ["--pass", p]
     env = dict(os.environ, PYTHONPATH=str(checkout), OPENBLAS_NUM_THREADS="1", GRAPH_OPT_PROGRESS="0")
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # cwd outside every checkout: `python -m` puts the working directory first on sys.path, so run
+    # from this tree both checkouts would import this tree's graph_opt whatever PYTHONPATH says
+    proc = subprocess.Popen(cmd, env=env, cwd=out.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     err = proc.stderr.read() if proc.stderr else ""
@@ -63,17 +69,17 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_cli_cost.json")
     args = ap.parse_args(argv)
     passes = args.passes or ["quantize"]
-    zoo = Path(os.environ.get("GRAPH_OPT_ZOO", Path.home() / ".cache" / "graph-opt-zoo"))
-    import corpus  # the models' input shapes
+    import zoo  # the models' paths and input shapes
 
     rows = []
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     busy_before = cpu_busy()
     for name in args.models.split(","):
-        shapes = ["{}={}".format(k, "x".join(map(str, v))) for k, v in corpus.load(name).shapes.items()]
+        zm = zoo.get(name)
+        shapes = ["{}={}".format(k, "x".join(map(str, v))) for k, v in zm.shapes.items() if len(v)]
         for r in range(args.rounds):
             for label, checkout in (("old", args.old), ("new", args.new)):
-                res = run_cli(checkout, zoo / f"{name}.onnx", args.data / f"{name}_calib.npz", shapes, passes,
+                res = run_cli(checkout, zm.path, args.data / f"{name}_calib.npz", shapes, passes,
                               tmp / f"bench_cli_cost_{name}_{label}.onnx")
                 rows.append({"model": name, "checkout": label, "round": r, **res})
                 print(json.dumps(rows[-1]), flush=True)
@@ -82,7 +88,7 @@ def main(argv=None) -> int:
            "load_average": os.getloadavg(), "rows": rows}
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"\n{doc['cpu']}; machine busy (all CPU): {busy_before:.0%} before, {doc['busy_after']:.0%} after\n")
-    print("| model | checkout | CPU s (median) | wall s (median) | peak MB |")
+    print("| model | checkout | CPU s median (range) | wall s median (range) | peak MB |")
     print("|---|---|---|---|---|")
     for name in args.models.split(","):
         for label in ("old", "new"):
@@ -90,8 +96,11 @@ def main(argv=None) -> int:
             if not mine:
                 print(f"| {name} | {label} | failed | - | - |")
                 continue
-            cpu, wall = (statistics.median(x[k] for x in mine) for k in ("cpu_s", "wall_s"))
-            print(f"| {name} | {label} | {cpu:.1f} | {wall:.1f} | {max(x['peak_mb'] for x in mine)} |")
+            cells = []
+            for k in ("cpu_s", "wall_s"):
+                v = [x[k] for x in mine]
+                cells.append(f"{statistics.median(v):.1f} ({min(v):.1f}–{max(v):.1f})")
+            print(f"| {name} | {label} | {cells[0]} | {cells[1]} | {max(x['peak_mb'] for x in mine)} |")
     return 0
 
 

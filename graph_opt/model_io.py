@@ -210,14 +210,20 @@ def update_digest(h, model: onnx.ModelProto) -> None:
     h.update(shell.SerializeToString(deterministic=True))
 
 
-def check_model(model: onnx.ModelProto, *, full: bool = True) -> onnx.ModelProto:
+def check_model(model: onnx.ModelProto, *, full: bool = True, infer: bool = True) -> onnx.ModelProto:
     """Run onnx.checker (with strict shape inference when `full`); return the shape-inferred model.
 
+    ``infer=False``: only check, and return `model` itself. The full check already runs strict,
+    type-checking shape inference (the options `onnx.shape_inference.infer_shapes` is given here);
+    inferring again only builds the returned copy, which costs a serialization of the whole
+    model each way.
     Raises `InvalidModelError` with the checker's first line.
     """
     try:
         if not needs_external_data(model):
             onnx.checker.check_model(model, full_check=full)
+            if not infer:
+                return model
             return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=full)
         _check_weightless(model, full)
         return model

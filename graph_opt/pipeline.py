@@ -100,7 +100,7 @@ def check_candidate(candidate: onnx.ModelProto, reference: Reference | None, tol
     verification data or loses/reshapes an output; rejected when it breaks a tolerance.
     """
     try:
-        check_model(candidate, full=True)
+        check_model(candidate, full=True, infer=False)
         if reference is None:  # with a reference, comparing loads the candidate: one session, not two
             make_session(candidate, threads=threads)
     except InvalidModelError as exc:

@@ -97,14 +97,13 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
 
 def bound_model(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None, *,
                 partial: bool = False) -> onnx.ModelProto:
-    """A copy with every graph input fixed to a concrete shape, shapes inferred throughout.
+    """A copy with every graph input fixed to a concrete shape, shapes inferred throughout, for
+    its type annotations: the weights of 1 KB or more are references to no file
+    (`external_data.weightless_copy`), since shape inference serializes the model it is given and
+    parses its result, and reads no weight that large (the values it propagates are shape-sized).
     With `partial`, a dimension that cannot be bound keeps its name (see `data.bind_shapes`)."""
     bound = bind_shapes(model, shapes, partial=partial)
-    if needs_external_data(model):  # shape inference serializes the model: over 2 GB, without the weights
-        work = weightless_copy(model)
-    else:
-        work = onnx.ModelProto()
-        work.CopyFrom(model)
+    work = weightless_copy(model)
     for value in (*work.graph.input, *work.graph.output, *work.graph.value_info):
         for d in value.type.tensor_type.shape.dim:  # exporters write -1 for "dynamic": not a size
             if d.HasField("dim_value") and d.dim_value <= 0:

@@ -50,8 +50,6 @@ import warnings
 from dataclasses import dataclass, fields
 
 import numpy as np
-import tensorly as tl
-from tensorly.decomposition import parafac, partial_tucker
 
 __all__ = [
     "CpFactors",
@@ -70,6 +68,27 @@ __all__ = [
 ]
 
 _BACKEND = "numpy"
+
+
+def __getattr__(name: str):
+    """``tl``, ``parafac`` and ``partial_tucker``: tensorly and its two decompositions, imported on
+    first use (importing tensorly pulls in scipy.optimize, a fraction of a second that every process
+    loading the pass registry would pay). Module attributes, so that tests can replace them."""
+    if name not in ("tl", "parafac", "partial_tucker"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import tensorly
+    from tensorly.decomposition import parafac, partial_tucker
+
+    for key, value in (("tl", tensorly), ("parafac", parafac), ("partial_tucker", partial_tucker)):
+        globals().setdefault(key, value)  # one replaced by a test stays replaced
+    return globals()[name]
+
+
+def _tensorly(decomposition: str):
+    """tensorly and one of its decompositions, as this module's attributes hold them now."""
+    if "tl" not in globals() or decomposition not in globals():
+        __getattr__(decomposition)
+    return globals()["tl"], globals()[decomposition]
 
 
 class FactorizationError(RuntimeError):
@@ -386,6 +405,7 @@ def tucker2(
             last=np.eye(o, rank_out),
             rel_error=0.0,
         )
+    tl, partial_tucker = _tensorly("partial_tucker")
     with tl.backend_context(_BACKEND), warnings.catch_warnings():
         # A rank above the rank of an unfolding makes tensorly warn, truncate that SVD and
         # complete the factor with orthonormal columns drawn from random_state (= seed).
@@ -443,6 +463,7 @@ def cp_conv(
             rel_error=0.0,
             iterations=0,
         )
+    tl, parafac = _tensorly("parafac")
     with tl.backend_context(_BACKEND), warnings.catch_warnings():
         # When R exceeds a mode's size, tensorly warns that it truncates that mode's SVD and
         # fills the remaining columns from random_state: expected here, not news to the caller.

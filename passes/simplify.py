@@ -29,7 +29,9 @@ What it does, in order:
    duplicate small initializers and common subexpressions merged, Identity/no-op Cast/Expand
    removed, Cast/Reshape/Transpose/Unsqueeze pairs collapsed, Flatten → Reshape, Pad → Conv,
    BatchNormalization → Conv/Gemm, inside If/Loop/Scan bodies too; ConstantOfShape fills of known
-   shape are folded up to a size limit.
+   shape are folded up to a size limit. Each rewrite rule is tried only on nodes of its pattern's
+   root op type (`_RootOpRule`): the engine's own rewrites, without its cost that grows with the
+   square of the graph.
 4. **graph-opt's own rewrites** on what the engine leaves (`passes/_simplify_rules.py` states each
    one's conditions and skip reasons): duplicate initializers of any size merged; constant Pad
    folded into the following Conv, AveragePool or MaxPool; MatMul by a constant matrix + Add of a
@@ -59,6 +61,7 @@ is step 4 and the batch probe of step 2.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections import Counter
@@ -72,7 +75,7 @@ import onnx
 from graph_opt.data import batch_layout
 from graph_opt.errors import InvalidModelError
 from graph_opt.external_data import DISK_KEY, on_disk
-from graph_opt.model_io import check_model
+from graph_opt.model_io import check_model, copy_model
 from graph_opt.onnx_util import all_graphs
 from graph_opt.opset import RuntimeOpsetError, upgrade_for_runtime
 from graph_opt.pass_base import Pass, PassContext, PassReport
@@ -242,9 +245,11 @@ def _fold_with_shapes(model: onnx.ModelProto, bound: dict[str, dict[int, int]],
         for name, (axis, _) in batch.items():
             sizes[name][axis] = size
         probes.append(_engine(_with_dims(model, sizes)))
-    if not _same_graph(*probes):
+    same = _same_graph(*probes)
+    if not same:
         _generalize_reshapes(*probes)
-    if _same_graph(*probes):
+        same = _same_graph(*probes)
+    if same:
         out = probes[0]
         _unbind_batch(out, probes[1], model)
         report.note("the batch dim stays dynamic: folding gives the same graph at batch sizes "
@@ -278,16 +283,21 @@ def _tensor_types(type_proto: onnx.TypeProto) -> Iterator[onnx.TypeProto.Tensor]
 
 
 def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
-    """Equal up to the dims written in type annotations."""
+    """Equal up to the dims written in type annotations. The main graph's initializers are compared
+    one by one where they are, the rest on a copy without them (a copy of the weights would cost
+    more than the comparison)."""
     def stripped(m: onnx.ModelProto) -> bytes:
-        m = _shallow(m)
+        m = copy_model(m, without={t.name for t in m.graph.initializer})
         for graph in all_graphs(m.graph):
             del graph.value_info[:]
         for t in _type_protos(m):
             for tt in _tensor_types(t):
                 tt.ClearField("shape")
         return m.SerializeToString(deterministic=True)
-    return stripped(a) == stripped(b)
+    ia, ib = a.graph.initializer, b.graph.initializer
+    return (len(ia) == len(ib) and stripped(a) == stripped(b)
+            and all(x.SerializeToString(deterministic=True) == y.SerializeToString(deterministic=True)
+                    for x, y in zip(ia, ib)))
 
 
 def _generalize_reshapes(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
@@ -371,12 +381,13 @@ def _engine(model: onnx.ModelProto) -> onnx.ModelProto:
             value.const_value = ir.ExternalTensor(tensor.location, tensor.offset, tensor.length, tensor.dtype,
                                                   shape=tensor.shape, name=tensor.name, base_dir=info[DISK_KEY])
     count = _node_count(irm)
-    for _ in range(_MAX_ROUNDS):
-        optimizer.optimize_ir(irm, num_iterations=2, should_fold=_should_fold)
-        now = _node_count(irm)
-        if now >= count:
-            break
-        count = now
+    with _rules_by_root_op():
+        for _ in range(_MAX_ROUNDS):
+            optimizer.optimize_ir(irm, num_iterations=2, should_fold=_should_fold)
+            now = _node_count(irm)
+            if now >= count:
+                break
+            count = now
     out = ir.to_proto(irm)
     by_place = {(e["location"], e.get("offset", "0")): t for t in disk.values()
                 for e in [{x.key: x.value for x in t.external_data}]}
@@ -390,6 +401,59 @@ def _engine(model: onnx.ModelProto) -> onnx.ModelProto:
             tensor.CopyFrom(src)
             tensor.name = name
     return out
+
+
+class _RootOpRule:
+    """One of the engine's rewrite rules, tried only on nodes of its pattern's root op type.
+
+    The engine tries every rule on every node, and a rule whose pattern ends in another op fails
+    at its first comparison: a waste that grows with the graph (a rule with two output nodes
+    indexes the whole graph by op type first, once per node tried, so its misses cost N² on a
+    graph of N nodes). Skipping the nodes whose op type differs gives the same matches, in the
+    same order, hence the same model. Everything but `try_rewrite` is the rule's own."""
+
+    def __init__(self, rule, op_type: str):
+        self._rule = rule
+        self._op_type = op_type
+
+    def __getattr__(self, name: str):
+        return getattr(self._rule, name)
+
+    def try_rewrite(self, model, graph_or_function, node, **kwargs):
+        if node.op_type != self._op_type:
+            return None
+        return self._rule.try_rewrite(model, graph_or_function, node, **kwargs)
+
+
+def _root_op(rule) -> str | None:
+    """The op type every match of `rule` starts from, or None when onnxscript's rule does not say
+    (a pattern whose root op is not one constant name: that rule is tried on every node)."""
+    from onnxscript.rewriter._pattern_ir import StringConstantPattern
+
+    try:
+        op = rule._target_pattern.output_nodes[0].op
+    except (AttributeError, IndexError):
+        return None
+    return op.value() if isinstance(op, StringConstantPattern) else None
+
+
+@contextlib.contextmanager
+def _rules_by_root_op() -> Iterator[None]:
+    """While inside: the engine's default rewrite rules as `_RootOpRule`s (the same rules, in
+    the same order). onnxscript's optimizer reads them from the rewriter module on every call;
+    when that module does not hold them under the expected name, nothing changes."""
+    from onnxscript import rewriter
+
+    rules = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
+    if not isinstance(rules, tuple):
+        yield
+        return
+    wrapped = tuple(rule if (op := _root_op(rule)) is None else _RootOpRule(rule, op) for rule in rules)
+    rewriter._DEFAULT_REWRITE_RULES = wrapped
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = rules
 
 
 def _should_fold(node) -> bool | None:
@@ -429,7 +493,7 @@ def _interface_changed(before: onnx.ModelProto, after: onnx.ModelProto) -> str:
 def _checked(model: onnx.ModelProto) -> str:
     """"" when `model` passes the full checker, else the reason."""
     try:
-        check_model(model, full=True)
+        check_model(model, full=True, infer=False)
     except InvalidModelError as exc:
         return f"the folded model fails onnx.checker: {exc}"
     return ""

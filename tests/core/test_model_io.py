@@ -202,3 +202,26 @@ def test_wire_size_equals_protobuf_bytesize_without_encoding_the_weights():
         q = Quantize(**opts)(cnn, PassContext(data=random_dataset(cnn, 8))).model
         assert any(t.HasField("raw_data") for t in q.graph.initializer)
         assert wire_size(q) == q.ByteSize()
+
+
+def test_check_model_without_inference_still_runs_the_strict_shape_check():
+    from onnx import TensorProto, helper
+
+    from graph_opt.errors import InvalidModelError
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    n = helper.make_tensor_value_info("n", TensorProto.INT64, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    relu = helper.make_node("Relu", ["x"], ["h"])
+    good = helper.make_model(helper.make_graph([relu, helper.make_node("Relu", ["h"], ["y"])], "g", [x], [y]),
+                             opset_imports=[helper.make_opsetid("", 13)])
+    inferred = check_model(good)
+    assert [v.name for v in inferred.graph.value_info] == ["h"]  # the default returns the inferred copy
+    assert check_model(good, infer=False) is good and not good.graph.value_info
+    # Add of float and int64: every node is well formed, only type inference finds the mismatch
+    bad = helper.make_model(helper.make_graph([helper.make_node("Add", ["x", "n"], ["y"])], "g", [x, n], [y]),
+                            opset_imports=[helper.make_opsetid("", 13)])
+    check_model(bad, full=False, infer=False)
+    for infer in (True, False):
+        with pytest.raises(InvalidModelError):
+            check_model(bad, full=True, infer=infer)

@@ -375,3 +375,54 @@ def test_a_batch_bound_by_the_user_is_verified_at_that_batch_size():
     assert op_count(result.model, "Shape") == 0 and op_count(result.model, "ConstantOfShape") == 0
     assert result.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
     assert step.parity.max_abs == 0.0 and step.parity.samples == 8
+
+
+def test_engine_tries_rules_by_root_op_and_writes_the_same_model(monkeypatch):
+    """The engine tries each rewrite rule only on nodes of its pattern's root op type: the model is
+    byte for byte the one of trying every rule on every node."""
+    import contextlib
+
+    from graph_opt.passes import simplify
+
+    model = tf_same_padding_model()
+    fired = []
+    real = simplify._RootOpRule.try_rewrite
+
+    def counting(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if out is not None:
+            fired.append(self._op_type)
+        return out
+
+    monkeypatch.setattr(simplify._RootOpRule, "try_rewrite", counting)
+    filtered = simplify._engine(model)
+    assert fired, "no rewrite rule fired: the comparison below would not exercise the filter"
+    monkeypatch.setattr(simplify, "_rules_by_root_op", contextlib.nullcontext)
+    unfiltered = simplify._engine(model)
+    assert len(filtered.graph.node) < len(model.graph.node)
+    assert filtered.SerializeToString(deterministic=True) == unfiltered.SerializeToString(deterministic=True)
+
+
+def test_root_op_rule_skips_other_ops_and_the_rules_are_restored():
+    from types import SimpleNamespace
+
+    from onnxscript import rewriter
+
+    from graph_opt.passes import simplify
+
+    calls = []
+    stub = SimpleNamespace(try_rewrite=lambda model, graph, node, **kw: calls.append(node.op_type) or "match",
+                           name="stub")
+    rule = simplify._RootOpRule(stub, "Transpose")
+    assert rule.try_rewrite(None, None, SimpleNamespace(op_type="Relu")) is None and calls == []
+    assert rule.try_rewrite(None, None, SimpleNamespace(op_type="Transpose")) == "match" and calls == ["Transpose"]
+    assert rule.name == "stub"  # everything else is the rule's own
+
+    before = rewriter._DEFAULT_REWRITE_RULES
+    with pytest.raises(RuntimeError), simplify._rules_by_root_op():
+        inside = rewriter._DEFAULT_REWRITE_RULES
+        assert len(inside) == len(before)
+        wrapped = [(w, b) for w, b in zip(inside, before) if isinstance(w, simplify._RootOpRule)]
+        assert wrapped and all(w._rule is b for w, b in wrapped)
+        raise RuntimeError("the rules are restored on the way out")
+    assert rewriter._DEFAULT_REWRITE_RULES is before
