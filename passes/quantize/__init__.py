@@ -104,9 +104,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# ``smooth=auto``: the smooth pass's settings chosen on the transformer exports of bench_smooth.py.
-# Only on transformers (`passes._smooth.has_attention`): CNNs gain nothing from it.
-SMOOTH_AUTO = {"alpha": 0.7, "unfoldable": "mul", "op_types": ("MatMul",), "scope": "transformer"}
+# ``smooth=auto``: the smooth pass's settings chosen on the MiniLM exports, alpha through the CLI
+# (benchmarks/RESULTS.md, "Quantization vs onnxruntime, NNCF and AIMET-ONNX"). Only on transformers
+# (`passes._smooth.has_attention`): nothing was measured to gain on a CNN.
+SMOOTH_AUTO = {"alpha": 0.6, "unfoldable": "mul", "op_types": ("MatMul",), "scope": "transformer"}
 AUTO_SNR_DB = {"int8": 25.0, "uint8": 25.0, "int4": 10.0, "ternary": None, "binary": None}
 
 
