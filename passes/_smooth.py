@@ -77,18 +77,23 @@ class Settings:
     op_types: tuple[str, ...] = ("MatMul", "Gemm")
     max_samples: int = 256
     threads: int = 0
+    scope: Literal["all", "transformer"] = "all"
 
 
 def smooth(model: onnx.ModelProto, report: PassReport, ctx: PassContext, opts: Settings) -> onnx.ModelProto:
     """Smooth `model` in place (a private copy: the caller's), reporting into `report` (see passes/smooth.py)."""
     ix = GraphIndex(model)
     groups = []
+    outside = "" if opts.scope == "all" or has_attention(ix) else (
+        "scope=transformer and the model has no attention (a MatMul of two computed operands and a Softmax)")
     for x, found in find_groups(ix, opts.op_types).items():
-        why = found if isinstance(found, str) else _why_not(found, opts)
+        why = outside or (found if isinstance(found, str) else _why_not(found, opts))
         if why:
             report.skip(x, why)
         else:
             groups.append(found)
+    if outside:
+        report.note(f"{outside}: nothing smoothed")
     if not groups:
         return model
     data = ctx.data
@@ -143,6 +148,18 @@ def _why_not(g: Group, opts: Settings) -> str:
 
 
 # ------------------------------------------------------------------------------------------- match
+
+
+def has_attention(ix: GraphIndex) -> bool:
+    """Whether the main graph looks like a transformer: a MatMul whose two operands are both
+    computed (attention's Q·Kᵀ or its product with V) and a Softmax. A CNN's layers, heads and
+    classifier MatMuls all read a constant weight."""
+    def computed(name: str) -> bool:
+        return bool(name) and not ix.is_const(name)
+
+    default = [n for n in ix.nodes if n.domain in _DEFAULT]
+    return (any(n.op_type == "Softmax" for n in default)
+            and any(n.op_type == "MatMul" and len(n.input) == 2 and all(map(computed, n.input)) for n in default))
 
 
 def find_groups(ix: GraphIndex, op_types: tuple[str, ...] = ("MatMul", "Gemm")) -> dict[str, Group | str]:

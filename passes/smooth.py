@@ -37,7 +37,9 @@ producer writes X' and ``Mul(X', s)`` gives those readers X back under its old n
 ``op_types`` limits the readers that take s (``MatMul``: a transformer's projections, not a
 CNN's Gemm head). ``min_spread``: a tensor is only smoothed when its largest feature range is at
 least that many times the median one (`kernels.smooth.spread`): without outliers there is
-nothing to move.
+nothing to move. ``scope=transformer`` smooths only a model with attention (a MatMul of two
+computed operands, and a Softmax: `passes._smooth.has_attention`), where the outlier features
+SmoothQuant is for live; a CNN's classifier MatMul or Gemm head is left alone.
 
 Per-feature extremes come from one streaming onnxruntime pass over at most ``max_samples``
 calibration samples (`graph_opt.intermediates`: `PerFeature` max and min of each tensor reduced
@@ -46,8 +48,8 @@ inside the session); without data, seeded random inputs stand in (and the report
 Skipped, with the reason: a layer's weight not constant, not float32, not 2-D or shared; X not
 float32 or of unknown width; the producer is not one of the above (unless ``unfoldable=mul``),
 its constants not along the last axis; X read by other nodes or a graph output (unless
-``unfoldable=mul``); X never observed, or its extremes not finite; X's spread under
-``min_spread``. The mechanism (matching, statistics, rewrite) is `passes._smooth`, which
+``unfoldable=mul``); the model has no attention (``scope=transformer``); X never observed, or
+its extremes not finite; X's spread under ``min_spread``. The mechanism (matching, statistics, rewrite) is `passes._smooth`, which
 `quantize`'s ``smooth`` option calls too.
 """
 
@@ -73,6 +75,7 @@ class Smooth(Pass):
     op_types: tuple[str, ...] = ("MatMul", "Gemm")
     max_samples: int = 256
     threads: int = 0
+    scope: Literal["all", "transformer"] = "all"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -83,6 +86,8 @@ class Smooth(Pass):
             raise ValueError("max_samples must be >= 1")
         if self.threads < 0:
             raise ValueError("threads must be >= 0 (0: onnxruntime's default, one per core)")
+        if self.scope not in ("all", "transformer"):
+            raise ValueError(f"scope must be all or transformer, got {self.scope!r}")
         if not self.op_types or set(self.op_types) - {"MatMul", "Gemm"}:
             raise ValueError(f"op_types must be among MatMul, Gemm, got {', '.join(self.op_types) or 'none'}")
 

@@ -45,10 +45,12 @@ BatchNormalization after a Conv/Gemm is folded first (`passes._fold`) when activ
 quantized. ``min_snr_db``: after planning, the fewest least robust layers are kept float until
 the whole model holds the floor on the calibration data (`graph_opt/budget.py`; no latency
 gate then).
-``smooth`` (``off`` by default): the `smooth` pass runs first (SmoothQuant scale migration, exact
-in float) with ``alpha`` = the number given, or ``auto`` (`SMOOTH_AUTO`): it moves the outlier
-features of MatMul inputs (a transformer's projections) into the weights, one Mul per tensor where
-they cannot be folded.
+``smooth`` (``auto`` by default; with calibration data, int8/uint8 weights and static
+activations): the `smooth` pass runs first (SmoothQuant scale migration, exact in float).
+``auto`` (`SMOOTH_AUTO`) runs it on transformers only (a MatMul of two activations and a
+Softmax: `passes._smooth.has_attention`) and there moves the outlier features of the MatMul
+inputs (the projections) into the weights, one Mul per tensor where they cannot be folded; on
+any other model it does nothing and streams nothing. A number runs it with that ``alpha`` on every model; ``off`` never.
 
 Skipped, with the reason: op types not in ``op_types``; weights not constant, not float32,
 non-finite, shared (an If/Loop/Scan body read counts) or 1-D; MatMul with the constant on the
@@ -102,8 +104,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# ``smooth=auto``: the smooth pass's settings chosen on the transformer exports of bench_smooth.py.
-SMOOTH_AUTO = {"alpha": 0.7, "unfoldable": "mul", "op_types": ("MatMul",)}
+# ``smooth=auto``: the smooth pass's settings chosen on the MiniLM exports, alpha through the CLI
+# (benchmarks/RESULTS.md, "Quantization vs onnxruntime, NNCF and AIMET-ONNX"). Only on transformers
+# (`passes._smooth.has_attention`): nothing was measured to gain on a CNN.
+SMOOTH_AUTO = {"alpha": 0.6, "unfoldable": "mul", "op_types": ("MatMul",), "scope": "transformer"}
 AUTO_SNR_DB = {"int8": 25.0, "uint8": 25.0, "int4": 10.0, "ternary": None, "binary": None}
 
 
@@ -136,7 +140,7 @@ class Quantize(Pass):
     threads: int = 0
     rounding: Literal["nearest", "gptq"] = "nearest"
     bias_correction: bool = False
-    smooth: float | Literal["off", "auto"] = "off"
+    smooth: float | Literal["off", "auto"] = "auto"
     int4_format: Literal["matmulnbits", "dq"] = "dq"
 
     def __post_init__(self) -> None:
@@ -182,12 +186,14 @@ class Quantize(Pass):
     def _run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
         # `model` is the caller's (edits_input is False): the plan only reads it, and apply_plan,
         # apply_folds and the floor's runs each write a copy.
-        if self.smooth != "off" and self.activations != "none" and ctx.data is not None:
-            settings = SMOOTH_AUTO if self.smooth == "auto" else {**SMOOTH_AUTO, "alpha": float(self.smooth)}
+        if (self.smooth != "off" and self.activations != "none" and self.weights in ("int8", "uint8")
+                and ctx.data is not None):  # smoothing helps int8 activations; it costs weight-only int4
+            settings = SMOOTH_AUTO if self.smooth == "auto" else {**SMOOTH_AUTO, "alpha": float(self.smooth),
+                                                                  "scope": "all"}
             sub = PassReport("smooth", settings)
             smoothed = smooth(copy_model(model), sub, ctx,
                               SmoothSettings(**settings, max_samples=self.max_samples, threads=self.threads))
-            report.note("smooth: " + "; ".join(sub.notes) if sub.rewritten else "smooth: nothing to smooth")
+            report.note("smooth: " + ("; ".join(sub.notes) or "nothing to smooth"))
             if sub.rewritten:
                 out = dataclasses.replace(self, smooth="off").run(smoothed, report, ctx)
                 return out if report.rewritten else copy_model(model)

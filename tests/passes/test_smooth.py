@@ -2,12 +2,13 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from builders import GraphBuilder, assert_valid, run
+from builders import GraphBuilder, assert_valid, run, small_cnn
 from onnx import numpy_helper
 
 from graph_opt.data import Dataset
 from graph_opt.kernels.smooth import spread
 from graph_opt.pass_base import PassContext
+from graph_opt.passes import _smooth
 from graph_opt.passes.quantize import Quantize
 from graph_opt.passes._smooth import feature_extremes
 from graph_opt.passes.smooth import Smooth
@@ -220,7 +221,7 @@ def test_without_data_seeded_random_inputs_stand_in_and_say_so():
 
 def test_options_are_validated():
     for bad in ({"alpha": 1.5}, {"min_spread": 0.5}, {"max_samples": 0}, {"unfoldable": "maybe"},
-                {"op_types": ("Conv",)}, {"op_types": ()}):
+                {"op_types": ("Conv",)}, {"op_types": ()}, {"scope": "cnn"}):
         with pytest.raises(ValueError):
             Smooth(**bad)
 
@@ -228,7 +229,7 @@ def test_options_are_validated():
 def test_int8_after_smooth_loses_less_than_int8_alone():
     model, data = qkv_model(), _data(n=32)
     smoothed = Smooth(alpha=0.5)(model, PassContext(data=data)).model
-    q = Quantize(target="x86-avx512-vnni", sensitivity_snr_db=None)
+    q = Quantize(target="x86-avx512-vnni", sensitivity_snr_db=None, smooth="off")
     plain = q(model, PassContext(data=data)).model
     both = q(smoothed, PassContext(data=data)).model
     ref = run(model, data.inputs)[0].astype(np.float64)
@@ -240,24 +241,98 @@ def test_int8_after_smooth_loses_less_than_int8_alone():
     assert err(both) < 0.6 * err(plain), (err(both), err(plain))
 
 
-def test_quantize_smooth_option_runs_the_pass_first_and_says_so():
-    data = _data(n=32)
-    q = Quantize(target="x86-avx512-vnni", sensitivity_snr_db=None)
-    post_ln = Quantize(target="x86-avx512-vnni", smooth="auto")(qkv_model(residual=True), PassContext(data=data))
-    assert_valid(post_ln.model)
-    assert any(n.startswith("smooth: ") and "1 Mul node(s) added" in n for n in post_ln.report.notes)
-    model = qkv_model()
-    plain = q(model, PassContext(data=data))
-    smoothed = Quantize(target="x86-avx512-vnni", sensitivity_snr_db=None, smooth=0.5)(model, PassContext(data=data))
-    assert_valid(smoothed.model)
-    assert len(smoothed.report.rewritten) == len(plain.report.rewritten)
+def attention_model(*, residual=True, seed=0):
+    """One transformer block: x → LayerNorm (outlier gammas) → h → Q, K, V; softmax(Q·Kᵀ/√D)·V → the
+    output projection (+ h when `residual`, as a post-LN encoder adds it)."""
+    g = GraphBuilder(seed=seed)
+    h = _ln(g, g.input("x", ["N", T, D]))
+    q, k, v = (g.node("MatMul", [h, g.weight(f"w{p}", (D, D), 0.2)], name=p) for p in "qkv")
+    scores = g.node("Mul", [g.node("MatMul", [q, g.node("Transpose", [k], perm=[0, 2, 1])], name="qk"),
+                            g.const("inv_sqrt_d", np.array(D ** -0.5, np.float32))])
+    mixed = g.node("MatMul", [g.node("Softmax", [scores], axis=-1), v], ["mixed"], name="av")
+    y = g.node("MatMul", [mixed, g.weight("wo", (D, D), 0.2)], name="o")
+    if residual:
+        y = g.node("Add", [y, h], name="residual")
+    g.node("Identity", [y], ["y"])
+    g.output("y", ["N", T, D])
+    return g.build()
+
+
+# A named target (no latency gate: deterministic plans) and every layer int8.
+FIXED = {"target": "x86-avx512-vnni", "sensitivity_snr_db": None}
+
+
+def _rel_err(model, out, data):
     ref = run(model, data.inputs)[0].astype(np.float64)
+    return float(np.mean((run(out, data.inputs)[0] - ref) ** 2) / np.mean(ref ** 2))
 
-    def err(m):
-        return float(np.mean((run(m, data.inputs)[0] - ref) ** 2) / np.mean(ref ** 2))
 
-    assert err(smoothed.model) < 0.6 * err(plain.model), (err(smoothed.model), err(plain.model))
-    assert not any(n.startswith("smooth") for n in plain.report.notes)  # off by default
+def test_quantize_smooths_a_transformer_by_default_and_says_so():
+    model, data = attention_model(), _data(n=32)
+    assert spread(feature_extremes(model, data, {"h": D})["h"]) > 10  # vacuity: outlier features to move
+    assert Quantize().smooth == "auto"
+    default = Quantize(**FIXED)(model, PassContext(data=data))
+    plain = Quantize(**FIXED, smooth="off")(model, PassContext(data=data))
+    assert_valid(default.model)
+    assert not any(n.startswith("smooth") for n in plain.report.notes)  # off says nothing and does nothing
+    # h (read by the residual Add too) and the attention output (written by a MatMul of two
+    # activations) cannot absorb 1/s: one Mul each, as the note says
+    assert any(n.startswith("smooth: ") and "2 Mul node(s) added" in n and "2 tensor(s) smoothed" in n
+               for n in default.report.notes), default.report.notes
+    assert _ops(default.model)["Mul"] == _ops(plain.model)["Mul"] + 2
+    weights = {e["node"] for e in default.report.rewritten if e.get("weight")}
+    assert weights == {e["node"] for e in plain.report.rewritten if e.get("weight")} >= {"q", "k", "v", "o"}
+    # one activation scale for h: the 40x features coarsen every other feature's grid without smoothing
+    assert _rel_err(model, default.model, data) < 0.6 * _rel_err(model, plain.model, data)
+
+
+def test_quantize_default_leaves_a_model_without_attention_as_smooth_off_does(monkeypatch):
+    """A CNN's classifier MatMul whose input has outlier features: smooth could move them (vacuity),
+    the default leaves them, bit for bit as smooth=off, and streams no statistics for it."""
+    g = GraphBuilder(seed=8)
+    x = g.input("x", ["N", 4, 8, 8])
+    f = g.node("Flatten", [g.node("GlobalAveragePool", [g.node("Relu", [g.conv(x, 4, D, 3)])])], axis=1)
+    g.node("MatMul", [g.node("Mul", [f, g.const("boost", np.where(np.arange(D) == 3, 40.0, 1.0).astype(np.float32))],
+                                 ["h"]), g.weight("head", (D, 10), 0.2)], ["y"], name="head")
+    g.output("y", ["N", 10])
+    model = g.build()
+    data = Dataset({"x": np.random.default_rng(2).standard_normal((16, 4, 8, 8)).astype(np.float32)})
+    ctx = PassContext(data=data)
+    assert Smooth(unfoldable="mul", op_types=("MatMul",))(model, ctx).modified  # vacuity: smooth=alpha would fire
+    scoped = Smooth(unfoldable="mul", op_types=("MatMul",), scope="transformer")(model, ctx)
+    assert not scoped.modified and [s.node for s in scoped.report.skipped] == ["h"]
+    assert "no attention" in scoped.report.skipped[0].reason
+
+    def no_stream(*args, **kwargs):
+        raise AssertionError("smooth streamed statistics for a model it leaves alone")
+
+    monkeypatch.setattr(_smooth, "feature_extremes", no_stream)
+    default = Quantize(**FIXED)(model, ctx)
+    off = Quantize(**FIXED, smooth="off")(model, ctx)
+    assert default.report.rewritten  # the model was quantized
+    assert default.model.SerializeToString(deterministic=True) == off.model.SerializeToString(deterministic=True)
+    assert any(n.startswith("smooth: ") and "no attention" in n for n in default.report.notes)
+
+
+def test_quantize_default_leaves_a_cnn_alone():
+    model = small_cnn()
+    data = Dataset({"x": np.random.default_rng(3).standard_normal((16, 3, 16, 16)).astype(np.float32)})
+    default = Quantize(**FIXED)(model, PassContext(data=data))
+    off = Quantize(**FIXED, smooth="off")(model, PassContext(data=data))
+    assert default.report.rewritten
+    assert default.model.SerializeToString(deterministic=True) == off.model.SerializeToString(deterministic=True)
+
+
+def test_quantize_smooth_alpha_smooths_any_model_and_is_validated():
+    model, data = qkv_model(), _data(n=32)  # projections without attention: auto leaves them
+    auto = Quantize(**FIXED)(model, PassContext(data=data))
+    plain = Quantize(**FIXED, smooth="off")(model, PassContext(data=data))
+    assert auto.model.SerializeToString(deterministic=True) == plain.model.SerializeToString(deterministic=True)
+    smoothed = Quantize(**FIXED, smooth=0.5)(model, PassContext(data=data))  # an alpha: asked for, no scope
+    assert_valid(smoothed.model)
+    assert any(n.startswith("smooth: ") and "1 tensor(s) smoothed" in n for n in smoothed.report.notes)
+    assert len(smoothed.report.rewritten) == len(plain.report.rewritten)
+    assert _rel_err(model, smoothed.model, data) < 0.6 * _rel_err(model, plain.model, data)
     with pytest.raises(ValueError, match="smooth must be"):
         Quantize(smooth=2.0)
 
