@@ -123,19 +123,25 @@ class BlockStage:
         torch = self.t
         later = self._needed_after()
         envs = [{k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in f.items()} for f in feeds]
-        for b, block in enumerate(self.blocks):
+        last = max((b for b, block in enumerate(self.blocks) if block.why_not is None), default=-1)
+        for b, block in enumerate(self.blocks[:last + 1]):  # nothing after the last trained block needs to run
             label = f"block {b + 1} (ending at {block.end!r})"
             if block.why_not is not None:
                 report.note(f"distill blocks: {label} run, not trained: {block.why_not}")
             elif time.monotonic() > deadline:
-                report.note(f"distill blocks: {label} run, not trained: max_minutes reached")
+                report.note(f"distill blocks: {label} and the blocks after it not trained: max_minutes reached")
+                return
             else:
                 self._train(block, label, feeds, envs, n_train, report)
+            if b == last:
+                break
             with torch.no_grad():
                 for env in envs:
                     self.tg.run(block.indices, env)
                     for name in [k for k in env if k not in later[b]]:
                         del env[name]
+        for b, block in enumerate(self.blocks[last + 1:], start=last + 2):
+            report.note(f"distill blocks: block {b} (ending at {block.end!r}) not trained: {block.why_not}")
 
     def _needed_after(self) -> list[set[str]]:
         """Per block, the tensors a node after it (or an output) reads: what the envs must keep."""
