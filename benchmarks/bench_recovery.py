@@ -249,7 +249,7 @@ def main(argv=None) -> int:
                                blocks=blocks, block_epochs=args.distill_block_epochs,
                                block_lr=args.distill_block_lr)(rec.model, dctx)
                 keep(label + " + reconstruct + distill" + (" blocks" if blocks else ""), dist.model, time.perf_counter() - start,
-                     notes=[n for n in dist.report.notes if n.startswith("distill:")],
+                     notes=[n for n in dist.report.notes if n.startswith(("distill:", "distill blocks: block"))],
                      skipped=[s.reason for s in dist.report.skipped])
         if args.ffn is not None:
             full = ffn_macs(raw, zm.shapes)
