@@ -40,6 +40,8 @@ the masked variant goes on to distill. ``--budget-levels L1,L2,…`` (with ``--f
 levels, chosen from its measured end-to-end SNR (``target_macs`` = the model MACs of the
 ``whitened + mask`` row, graph_opt/budget.py), then `reconstruct` with the mask.
 
+``--modes M1,M2`` runs only the named low-rank modes (e.g. ``whitened + mask``; fp32 is always timed).
+
 Corpus models are raw exports: `simplify` runs first (exact) and every variant starts from it.
 Every fidelity number is on the eval split (held out from calibration and from training);
 latency is interleaved over rounds (median ratio and its spread), with the CPU recorded, and

@@ -153,6 +153,9 @@ class BlockStage:
 
     def _train(self, block: Block, label: str, feeds, envs, n_train: int, report: PassReport) -> None:
         torch = self.t
+        if not block.inputs:
+            report.note(f"distill blocks: {label} run, not trained: it reads no tensor computed before it")
+            return
         xs = {name: [] for name in block.inputs}
         for feed, env in zip(feeds, envs):
             for name in block.inputs:
