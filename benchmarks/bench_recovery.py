@@ -22,6 +22,10 @@ l1), ``ffn lowrank`` factorizes both MatMuls (``factorize_gemm``, per-layer MAC 
 attention is untouched. Each row then also gives the FFN MAC ratio (``ffn_macs``). Outputs
 that are not logits (a sentence embedding) are distilled with the relative MSE (``loss=mse``),
 optionally with every layer's output as FitNets hints (``--distill-hints``).
+``--distill-blocks`` (with ``--ffn``): distill first trains block by block (``blocks=``): every
+layer's attention output (its LayerNorm) and layer output bound the blocks, so each feed-forward
+block learns to map the student's own attention output to the teacher's layer output (real tokens
+only), layer after layer; the whole-model stage follows for the remaining minutes.
 ``--distill-augment N`` (token inputs): distill trains on the calibration sentences plus N
 perturbed copies of each (`perturbed_sentences`: tokens dropped, replaced by tokens of other
 calibration sentences, or two sentences spliced), labelled by the teacher; no eval sentence is
@@ -35,6 +39,8 @@ the masked variant goes on to distill. ``--budget-levels L1,L2,…`` (with ``--f
 ``budget + mask``: the same masked statistics, but each FFN MatMul's MAC ratio is one of the
 levels, chosen from its measured end-to-end SNR (``target_macs`` = the model MACs of the
 ``whitened + mask`` row, graph_opt/budget.py), then `reconstruct` with the mask.
+
+``--modes M1,M2`` runs only the named low-rank modes (e.g. ``whitened + mask``; fp32 is always timed).
 
 Corpus models are raw exports: `simplify` runs first (exact) and every variant starts from it.
 Every fidelity number is on the eval split (held out from calibration and from training);
@@ -168,6 +174,12 @@ def main(argv=None) -> int:
                     help="compress only a transformer's feed-forward MatMuls, to LEVEL x their MACs")
     ap.add_argument("--distill-hints", action="store_true",
                     help="with --ffn: every layer's output (its last LayerNormalization) as a FitNets hint")
+    ap.add_argument("--modes", default="", metavar="M1,M2,...",
+                    help="run only these low-rank modes (plain, whitened, whitened + mask, budget + mask)")
+    ap.add_argument("--distill-blocks", action="store_true",
+                    help="with --ffn: block-local training of each FFN block before the whole-model stage")
+    ap.add_argument("--distill-block-epochs", type=float, default=4.0)
+    ap.add_argument("--distill-block-lr", type=float, default=1e-3)
     ap.add_argument("--distill-augment", type=int, default=0, metavar="N",
                     help="token inputs: distill also on N perturbed copies of each calibration sentence")
     ap.add_argument("--row-mask", default=None, metavar="INPUT",
@@ -194,6 +206,8 @@ def main(argv=None) -> int:
         hints = tuple(n.output[0] for n in base.graph.node
                       if n.op_type == "LayerNormalization" and fnmatch.fnmatch(n.name, "*/output/LayerNorm/*")
                       and not fnmatch.fnmatch(n.name, ATTENTION)) if args.distill_hints else ()
+        blocks = tuple(n.output[0] for n in base.graph.node if n.op_type == "LayerNormalization"
+                       and fnmatch.fnmatch(n.name, "*/layer.*/*output/LayerNorm/*")) if args.distill_blocks else ()
         for fam, (first, lowrank) in fams.items():
             if args.only not in fam:
                 continue
@@ -202,6 +216,8 @@ def main(argv=None) -> int:
                 modes += ["whitened + mask"] if lowrank else []
                 modes += ["budget + mask"] if lowrank and args.ffn is not None and args.budget_levels else []
             masked_rows = args.row_mask is not None
+            if args.modes and lowrank:
+                modes = [m for m in modes if m in args.modes.split(",")]
             fixed = base  # the masked fixed-level model: its MACs are the budget row's target
             for mode in modes:
                 ctx = PassContext(data=zm.calib, original=raw)
@@ -231,9 +247,11 @@ def main(argv=None) -> int:
                 dctx = ctx if not args.distill_augment else PassContext(
                     data=perturbed_sentences(zm.calib, args.distill_augment), original=raw, history=ctx.history)
                 dist = Distill(loss="kd" if classifier else "mse", hint=hints, steps=args.distill_steps,
-                               max_minutes=args.distill_minutes, lr=args.distill_lr, threads=2, patience=6)(rec.model, dctx)
-                keep(label + " + reconstruct + distill", dist.model, time.perf_counter() - start,
-                     notes=[n for n in dist.report.notes if n.startswith("distill:")],
+                               max_minutes=args.distill_minutes, lr=args.distill_lr, threads=2, patience=6,
+                               blocks=blocks, block_epochs=args.distill_block_epochs,
+                               block_lr=args.distill_block_lr)(rec.model, dctx)
+                keep(label + " + reconstruct + distill" + (" blocks" if blocks else ""), dist.model, time.perf_counter() - start,
+                     notes=[n for n in dist.report.notes if n.startswith(("distill:", "distill blocks: block"))],
                      skipped=[s.reason for s in dist.report.skipped])
         if args.ffn is not None:
             full = ffn_macs(raw, zm.shapes)

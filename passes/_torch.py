@@ -365,8 +365,13 @@ class TorchGraph(torch.nn.Module):
         return self.params[self.keys[name]] if name in self.keys else self.fixed[name]
 
     def forward(self, **feeds: torch.Tensor) -> dict[str, torch.Tensor]:
-        env: dict[str, torch.Tensor] = dict(feeds)
-        for node in self.nodes:
+        env = self.run(range(len(self.nodes)), dict(feeds))
+        return {k: env[k] for k in (*self.outputs, *self.keep) if k in env}
+
+    def run(self, indices, env: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run the nodes at `indices` (in graph order) on `env` (tensor name → value), adding their outputs."""
+        for index in indices:
+            node = self.nodes[index]
             if node.op_type == "Constant":
                 continue
             args = [None if not i else (env[i] if i in env else self.value(i)) for i in node.input]
@@ -377,7 +382,7 @@ class TorchGraph(torch.nn.Module):
             for name, v in zip(node.output, outs):
                 if name:
                     env[name] = v
-        return {k: env[k] for k in (*self.outputs, *self.keep) if k in env}
+        return env
 
     def state(self) -> dict[str, np.ndarray]:
         return {name: self.params[key].detach().cpu().numpy() for name, key in self.keys.items()}

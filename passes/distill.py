@@ -18,6 +18,14 @@ minimizes, per batch (unlabeled unless the data carries labels):
 - ``relation`` > 0 (RKD distance): the batch's pairwise output distances, each normalized by their
   mean, matched by smooth-L1.
 
+``blocks=T1,T2,…`` first trains block by block (`passes._distill_blocks`): the student's nodes are
+cut at those tensors (computed by both graphs under the same names) and each block whose nodes act
+on every position's features alone (a transformer's feed-forward block) learns, on the student's
+own inputs with the blocks before it already trained, to reproduce the teacher's tensor at its end
+(relative MSE over the positions ``row_mask`` keeps; ``block_epochs`` passes over those rows, Adam
+from ``block_lr``). The whole-model training above then starts from the better (on the held-out
+batches) of the block-trained and the input weights; ``steps=0`` stops after the block stage.
+
 A share (``holdout``) of the calibration batches is held out; every ``eval_every`` steps the same
 loss is measured there, the best weights are kept, and training stops after ``patience`` evaluations
 without improvement, at ``steps``, or at ``max_minutes``. CPU by default, CUDA when present
@@ -50,6 +58,7 @@ from graph_opt.model_io import copy_model
 from graph_opt.pass_base import Pass, PassContext, PassReport
 from graph_opt.passes._graph import GraphIndex
 from graph_opt.progress import bar
+from graph_opt.row_mask import AUTO, resolve as resolve_row_mask
 from graph_opt.runtime import make_session
 
 log = logging.getLogger(__name__)
@@ -82,9 +91,13 @@ class Distill(Pass):
     max_minutes: float = 15.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0
+    blocks: tuple[str, ...] = ()
+    block_epochs: float = 4.0
+    block_lr: float = 1e-3
+    row_mask: str | None = AUTO
 
     def __post_init__(self) -> None:
-        for opt in ("T", "lr", "max_minutes"):
+        for opt in ("T", "lr", "max_minutes", "block_epochs", "block_lr"):
             if not getattr(self, opt) > 0:
                 raise ValueError(f"{opt} must be > 0, got {getattr(self, opt)}")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
@@ -92,8 +105,9 @@ class Distill(Pass):
         if not 0.0 < self.holdout < 1.0:
             raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
         for opt in ("steps", "batch_size", "eval_every", "patience"):
-            if getattr(self, opt) < 1:
-                raise ValueError(f"{opt} must be >= 1, got {getattr(self, opt)}")
+            if getattr(self, opt) < (0 if opt == "steps" and self.blocks else 1):
+                raise ValueError(f"{opt} must be >= 1{' (0 only with blocks=)' if opt == 'steps' else ''}, "
+                                 f"got {getattr(self, opt)}")
         for opt in ("beta", "attention", "relation", "threads"):
             if getattr(self, opt) < 0:
                 raise ValueError(f"{opt} must be >= 0, got {getattr(self, opt)}")
@@ -124,6 +138,26 @@ class Distill(Pass):
         finally:
             torch.set_num_threads(threads)  # a process-wide setting: give it back
 
+    def _blocks(self, student, batches, n_train, report, ctx, torch, device, deadline, error, held_loss,
+                start_loss) -> float:
+        """The block-local stage; returns the held-out loss of the whole model after it."""
+        from graph_opt.passes._distill_blocks import BlockStage, plan, teacher_rows
+
+        mask, why = resolve_row_mask(self.row_mask, ctx.original, ctx.data)
+        for note in (why, mask and mask.describe()):
+            if note:
+                report.note(f"distill blocks: {note}")
+        blocks = plan(student, self.blocks, error)
+        feeds = [b.feed for b in batches]
+        stage = BlockStage(student, blocks, {}, mask, torch, device, epochs=self.block_epochs, lr=self.block_lr,
+                           seed=ctx.seed)
+        stage.teacher_rows = teacher_rows(ctx.original, blocks, feeds, stage)
+        stage.run(feeds, n_train, report, deadline)
+        after = held_loss()
+        report.note(f"distill blocks: whole-model held-out loss {start_loss:.5g} → {after:.5g}"
+                    + ("" if after < start_loss else " (not lower: the input weights are kept)"))
+        return after
+
     def _train(self, model, report, ctx, torch, TorchGraph, UntrainableError) -> onnx.ModelProto:
         pairs = [tuple(h.split("=", 1)) if "=" in h else (h, h) for h in self.hint]
         torch.manual_seed(ctx.seed)
@@ -153,14 +187,22 @@ class Distill(Pass):
 
         start_loss = best = held_loss()
         best_state = {k: v.detach().clone() for k, v in student.params.items()}
+        deadline = time.monotonic() + 60.0 * self.max_minutes
+        if self.blocks:
+            best = self._blocks(student, batches, len(train), report, ctx, torch, device, deadline,
+                                UntrainableError, held_loss, start_loss)
+            if best < start_loss:
+                best_state = {k: v.detach().clone() for k, v in student.params.items()}
+            else:
+                student.params.load_state_dict(best_state)
+                best = start_loss
         best_step, stale, step = 0, 0, 0
         optim = torch.optim.Adam(student.params.parameters(), lr=self.lr)
         rng = np.random.default_rng(ctx.seed)
-        deadline = time.monotonic() + 60.0 * self.max_minutes
-        stopped = "steps"
+        stopped = "steps" if time.monotonic() <= deadline else "max_minutes"
         progress = bar(self.steps, desc="distill")
         try:
-            while step < self.steps:
+            while step < self.steps and time.monotonic() <= deadline:
                 for i in rng.permutation(len(train)):
                     loss = losses(student, train[i])
                     optim.zero_grad()

@@ -168,3 +168,55 @@ def test_conversion_reproduces_a_sentence_encoders_shape_and_pooling_ops():
     TorchGraph(model).check(feed, run(model, feed), rtol=1e-5)
     # scalar constants (GELU's 0.5, a mask value) are not trained; the MatMul weight is
     assert TorchGraph.layer_weights(model) == {"w"}
+
+
+def _pool_student_and_data():
+    from builders import masked_pool_model, padded_data
+
+    teacher = masked_pool_model()
+    student = onnx.ModelProto()
+    student.CopyFrom(teacher)
+    rng = np.random.default_rng(3)
+    for t in student.graph.initializer:  # a student whose two layers drifted (as a compression leaves them)
+        if t.name in ("w1", "w2"):
+            w = onnx.numpy_helper.to_array(t)
+            t.CopyFrom(onnx.numpy_helper.from_array((w + 0.5 * np.std(w) * rng.standard_normal(w.shape))
+                                                    .astype(np.float32), t.name))
+    return teacher, student, Dataset(padded_data(64, seed=0), None, "calib"), padded_data(48, seed=1)
+
+
+def _masked_error(teacher, student, feed):
+    (t,), (s,) = run(teacher, feed), run(student, feed)
+    return float(np.sum((s - t) ** 2) / np.sum(t ** 2))
+
+
+@needs_torch
+def test_blocks_train_a_row_wise_block_on_real_rows_and_only_run_the_rest():
+    teacher, student, calib, test = _pool_student_and_data()
+    fc2 = next(n for n in teacher.graph.node if "b2" in n.input).output[0]  # fc2's bias Add: row-wise up to here
+    before = _masked_error(teacher, student, test)
+    assert before > 0.05, before  # vacuity: pruning really moved the output
+    result = Distill(blocks=(fc2, "y"), steps=0, block_epochs=30, block_lr=3e-3, batch_size=16, threads=1)(
+        student, PassContext(data=calib, original=teacher))
+    assert result.modified, (result.report.notes, result.report.skipped)
+    assert _structure(result.model) == _structure(student)
+    assert_valid(result.model)
+    notes = [n for n in result.report.notes if n.startswith("distill blocks:")]
+    assert any("row mask 'attention_mask'" in n for n in notes), notes
+    train_rows = int(calib.inputs["attention_mask"][:48].sum())  # 4 batches of 16, the last one held out
+    trained = next(n for n in notes if "block 1" in n)
+    assert f"trained on {train_rows} rows" in trained, trained  # real positions only, no padding
+    assert any("block 2" in n and "not trained" in n and "position's features alone" in n for n in notes), notes
+    after = _masked_error(teacher, result.model, test)
+    assert after < 0.5 * before, (before, after)  # on held-out inputs
+
+
+@needs_torch
+def test_blocks_refuse_a_boundary_the_student_lacks_and_steps_zero_needs_blocks():
+    from graph_opt.passes._torch import UntrainableError
+
+    teacher, student, calib, _ = _pool_student_and_data()
+    with pytest.raises(UntrainableError, match="'nope' is not computed by the student"):
+        Distill(blocks=("nope",), steps=0, threads=1)(student, PassContext(data=calib, original=teacher))
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        Distill(steps=0)
