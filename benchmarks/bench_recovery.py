@@ -55,6 +55,7 @@ import numpy as np
 import zoo
 
 from graph_opt.data import Dataset
+from graph_opt.errors import GraphOptError
 from graph_opt.pass_base import PassContext
 from graph_opt.passes import (Cleanup, Distill, FactorizeConv, FactorizeGemm, FoldBatchnorm, PruneChannels,
                               Reconstruct, Simplify)
@@ -234,8 +235,14 @@ def main(argv=None) -> int:
                 start = time.perf_counter()
                 dctx = ctx if not args.distill_augment else PassContext(
                     data=perturbed_sentences(zm.calib, args.distill_augment), original=raw, history=ctx.history)
-                dist = Distill(loss="kd" if classifier else "mse", hint=hints, steps=args.distill_steps,
-                               max_minutes=args.distill_minutes, lr=args.distill_lr, threads=2, patience=6)(rec.model, dctx)
+                try:
+                    dist = Distill(loss="kd" if classifier else "mse", hint=hints, steps=args.distill_steps,
+                                   max_minutes=args.distill_minutes, lr=args.distill_lr, threads=2,
+                                   patience=6)(rec.model, dctx)
+                except GraphOptError as exc:  # an op the torch conversion cannot train: say so, keep going
+                    extras[label + " + reconstruct"]["distill_refused"] = str(exc).splitlines()[0]
+                    print(f"{name}: distill refused: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
+                    continue
                 keep(label + " + reconstruct + distill", dist.model, time.perf_counter() - start,
                      notes=[n for n in dist.report.notes if n.startswith("distill:")],
                      skipped=[s.reason for s in dist.report.skipped])
