@@ -394,6 +394,8 @@ class PatchRequest:
 
 # im2col rows × features gathered at a time (bounds the patch buffer of one chunk).
 _PATCH_CHUNK = 1 << 22
+# Widest patch kept: its float64 moment is d² · 8 bytes (170 MB at 4608 = 512 channels × 3×3).
+MAX_PATCH_WIDTH = 4608
 _PATCH_MEMO: dict[tuple, dict[PatchRequest, np.ndarray]] = {}
 
 
@@ -402,7 +404,7 @@ def patch_moments(model: onnx.ModelProto, data: Dataset | None, requests: Mappin
     """key → ``E[p pᵀ]`` per group, ``[groups, d, d]`` with ``d = (C/groups)·∏kernel``, of the
     im2col patches of each requested conv input (every output pixel a sample; channel major, tap
     minor, as `kernels.lstsq.im2col` orders them), streamed over `data` in float64, in chunks
-    that bound the patch buffer. Patches wider than `MAX_GRAM_WIDTH`, inputs that are not float
+    that bound the patch buffer. Patches wider than `MAX_PATCH_WIDTH`, inputs that are not float
     or not finite are left out. The last result is memoized (a budget's runs read the same model)."""
     if not requests or data is None:
         return {}
@@ -424,7 +426,7 @@ def patch_moments(model: onnx.ModelProto, data: Dataset | None, requests: Mappin
                 bad.add(r)
                 continue
             d = x.shape[1] // r.groups * math.prod(r.kernel)
-            if d > MAX_GRAM_WIDTH or not np.all(np.isfinite(x)):
+            if d > MAX_PATCH_WIDTH or not np.all(np.isfinite(x)):
                 bad.add(r)
                 continue
             x = x.astype(np.float64)

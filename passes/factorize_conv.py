@@ -32,7 +32,7 @@ first factor's patches ``z = B p`` the best map is ``M = E[y zᵀ] E[z zᵀ]⁻�
 output factor the top principal directions of ``M z`` (reduced-rank regression;
 `kernels.lowrank.patch_tucker2`), never worse on that data than the channel-only factors
 (``fit``: ``patches``, else ``channels``: a row mask in force, an unnamed node, patches wider than
-8192). Exact at full ranks; the rewrite reports ``whitened tucker2``. CP and spatial SVD truncate
+4608). Exact at full ranks; the rewrite reports ``whitened tucker2``. CP and spatial SVD truncate
 the kernel.
 
 Grouped convs (≥ 2 input channels per group) are factorized per group, one rank for all groups,
