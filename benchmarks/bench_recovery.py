@@ -2,6 +2,7 @@
 
     pip install -e '.[bench,train]'
     python benchmarks/bench_recovery.py [--models resnet,minilm,ppocr_cls,...] [--rounds 10] [--distill-minutes 5]
+    python benchmarks/bench_recovery.py --models magika --level 0.7   # low-rank at 0.7x MACs per layer
     python benchmarks/bench_recovery.py --models minilm --ffn 0.7     # a transformer's feed-forward blocks only
     python benchmarks/bench_recovery.py --models minilm --ffn 0.7 --row-mask auto --budget-levels 0.8,0.7,0.6,0.5,0.4
 
@@ -60,6 +61,7 @@ import numpy as np
 import zoo
 
 from graph_opt.data import Dataset
+from graph_opt.errors import GraphOptError
 from graph_opt.pass_base import PassContext
 from graph_opt.passes import (Cleanup, Distill, FactorizeConv, FactorizeGemm, FoldBatchnorm, PruneChannels,
                               Reconstruct, Simplify)
@@ -152,9 +154,10 @@ def perturbed_sentences(data: Dataset, copies: int, seed: int = 0) -> Dataset:
     return Dataset(inputs, None, f"{data.source} + {copies} perturbed copies of each sentence")
 
 
-def families(zm) -> dict[str, tuple[list, list]]:
-    """name → (passes before the data-aware choice, the low-rank passes or [] for pruning only)."""
-    level = LOWRANK_LEVEL["classification" if zm.task.startswith("classification") else "default"]
+def families(zm, level: float | None = None) -> dict[str, tuple[list, list]]:
+    """name → (passes before the data-aware choice, the low-rank passes or [] for pruning only).
+    `level`: the low-rank families' per-layer MAC ratio (default by task, LOWRANK_LEVEL)."""
+    level = level or LOWRANK_LEVEL["classification" if zm.task.startswith("classification") else "default"]
     prune = [PruneChannels(ratio=PRUNE_RATIO)]
     return {f"lowrank {level}": ([], [level]), f"prune {PRUNE_RATIO:.0%}": (prune, []),
             f"prune {PRUNE_RATIO:.0%} + lowrank {level}": (prune, [level])}
@@ -169,6 +172,8 @@ def main(argv=None) -> int:
     ap.add_argument("--distill-steps", type=int, default=400)
     ap.add_argument("--distill-lr", type=float, default=1e-4, help="Adam's step size (the pass's default)")
     ap.add_argument("--no-distill", action="store_true")
+    ap.add_argument("--level", type=float, default=None,
+                    help="per-layer MAC ratio of the low-rank families (default: 0.5 for classifiers, else 0.7)")
     ap.add_argument("--only", default="", help="run only families whose name contains this text")
     ap.add_argument("--ffn", type=float, default=None, metavar="LEVEL",
                     help="compress only a transformer's feed-forward MatMuls, to LEVEL x their MACs")
@@ -200,7 +205,7 @@ def main(argv=None) -> int:
             variants[label] = model
             extras[label] = {"seconds": round(seconds, 2), **extra}
 
-        fams = ffn_families(args.ffn) if args.ffn is not None else families(zm)
+        fams = ffn_families(args.ffn) if args.ffn is not None else families(zm, args.level)
         factorize = _ffn_lowrank if args.ffn is not None else _lowrank
         classifier = zm.task.startswith("classification")
         hints = tuple(n.output[0] for n in base.graph.node
@@ -246,10 +251,15 @@ def main(argv=None) -> int:
                 start = time.perf_counter()
                 dctx = ctx if not args.distill_augment else PassContext(
                     data=perturbed_sentences(zm.calib, args.distill_augment), original=raw, history=ctx.history)
-                dist = Distill(loss="kd" if classifier else "mse", hint=hints, steps=args.distill_steps,
-                               max_minutes=args.distill_minutes, lr=args.distill_lr, threads=2, patience=6,
-                               blocks=blocks, block_epochs=args.distill_block_epochs,
-                               block_lr=args.distill_block_lr)(rec.model, dctx)
+                try:
+                    dist = Distill(loss="kd" if classifier else "mse", hint=hints, steps=args.distill_steps,
+                                   max_minutes=args.distill_minutes, lr=args.distill_lr, threads=2, patience=6,
+                                   blocks=blocks, block_epochs=args.distill_block_epochs,
+                                   block_lr=args.distill_block_lr)(rec.model, dctx)
+                except GraphOptError as exc:  # an op the torch conversion cannot train: say so, keep going
+                    extras[label + " + reconstruct"]["distill_refused"] = str(exc).splitlines()[0]
+                    print(f"{name}: distill refused: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
+                    continue
                 keep(label + " + reconstruct + distill" + (" blocks" if blocks else ""), dist.model, time.perf_counter() - start,
                      notes=[n for n in dist.report.notes if n.startswith(("distill:", "distill blocks: block"))],
                      skipped=[s.reason for s in dist.report.skipped])

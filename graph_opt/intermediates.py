@@ -39,6 +39,7 @@ from onnx import helper, numpy_helper
 from graph_opt.data import Dataset, batch_size_for, paired_batch_size
 from graph_opt.errors import GraphOptError
 from graph_opt.external_data import detached
+from graph_opt.kernels.lstsq import conv_output_shape, conv_pads, im2col
 from graph_opt.onnx_util import Namer, opset_version
 from graph_opt.row_mask import RowMask
 from graph_opt.runtime import make_session, run_batches
@@ -376,6 +377,77 @@ def second_moments(model: onnx.ModelProto, data: Dataset | None, requests: set[t
     _GRAM_MEMO.clear()
     _GRAM_MEMO[key] = grams
     return grams
+
+
+@dataclass(frozen=True)
+class PatchRequest:
+    """The im2col patches of one conv's input: its kernel, strides, pads, dilations, groups, auto_pad."""
+
+    tensor: str
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...] | None = None
+    pads: tuple[int, ...] | None = None
+    dilations: tuple[int, ...] | None = None
+    groups: int = 1
+    auto_pad: str = "NOTSET"
+
+
+# im2col rows × features gathered at a time (bounds the patch buffer of one chunk).
+_PATCH_CHUNK = 1 << 22
+# Widest patch kept: its float64 moment is d² · 8 bytes (170 MB at 4608 = 512 channels × 3×3).
+MAX_PATCH_WIDTH = 4608
+_PATCH_MEMO: dict[tuple, dict[PatchRequest, np.ndarray]] = {}
+
+
+def patch_moments(model: onnx.ModelProto, data: Dataset | None, requests: Mapping[str, PatchRequest]
+                  ) -> dict[str, np.ndarray]:
+    """key → ``E[p pᵀ]`` per group, ``[groups, d, d]`` with ``d = (C/groups)·∏kernel``, of the
+    im2col patches of each requested conv input (every output pixel a sample; channel major, tap
+    minor, as `kernels.lstsq.im2col` orders them), streamed over `data` in float64, in chunks
+    that bound the patch buffer. Patches wider than `MAX_PATCH_WIDTH`, inputs that are not float
+    or not finite are left out. The last result is memoized (a budget's runs read the same model)."""
+    if not requests or data is None:
+        return {}
+    key = (id(model), _fingerprint(model), id(data), len(data), tuple(sorted(requests.items())))
+    if key in _PATCH_MEMO:
+        return {k: _PATCH_MEMO[key][r] for k, r in requests.items() if r in _PATCH_MEMO[key]}
+    wanted = set(requests.values())
+    inputs = {i.name for i in model.graph.input}
+    names = sorted({r.tensor for r in wanted if r.tensor not in inputs})
+    sums: dict[PatchRequest, np.ndarray] = {}
+    counts: dict[PatchRequest, int] = {}
+    bad: set[PatchRequest] = set()
+    batches = (stream(model, data, names, desc="patch statistics") if names
+               else ((feed, {}) for feed in data.batches(batch_size_for(model))))
+    for feed, values in batches:
+        for r in wanted - bad:
+            x = np.asarray(feed[r.tensor] if r.tensor in inputs else values[r.tensor])
+            if x.ndim != len(r.kernel) + 2 or not np.issubdtype(x.dtype, np.floating) or x.shape[1] % r.groups:
+                bad.add(r)
+                continue
+            d = x.shape[1] // r.groups * math.prod(r.kernel)
+            if d > MAX_PATCH_WIDTH or not np.all(np.isfinite(x)):
+                bad.add(r)
+                continue
+            x = x.astype(np.float64)
+            pads = conv_pads(x.shape[2:], r.kernel, strides=r.strides, dilations=r.dilations, pads=r.pads,
+                             auto_pad=r.auto_pad)
+            total = len(x) * math.prod(conv_output_shape(x.shape[2:], r.kernel, strides=r.strides,
+                                                         dilations=r.dilations, pads=pads))
+            step = max(1, _PATCH_CHUNK // (d * r.groups))
+            acc = sums.get(r)
+            if acc is None:
+                acc = np.zeros((r.groups, d, d))
+            for start in range(0, total, step):
+                rows = im2col(x, r.kernel, strides=r.strides, pads=r.pads, dilations=r.dilations, groups=r.groups,
+                              auto_pad=r.auto_pad, rows=np.arange(start, min(start + step, total)))
+                acc += np.einsum("rgi,rgj->gij", rows, rows, optimize=True)
+            sums[r] = acc
+            counts[r] = counts.get(r, 0) + total
+    moments = {r: v / counts[r] for r, v in sums.items() if r not in bad and counts[r]}
+    _PATCH_MEMO.clear()
+    _PATCH_MEMO[key] = moments
+    return {k: moments[r] for k, r in requests.items() if r in moments}
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,13 @@ Factorizations (K is a conv kernel ``O×I×kh×kw``, W a matrix ``m×n``):
 - ``whitened_tucker2(K, gram, r_out, r_in)``: Tucker-2 weighted by the input channels' second
   moment (pixels treated as uncorrelated): ``tucker2`` of ``K ×₂ R``, the first factor mapped
   back by ``R⁻¹``. Exact at full ranks.
+- ``patch_tucker2(K, patch_gram, r_out, r_in)``: Tucker-2 fitted to the conv's **output** on inputs
+  whose im2col patches have second moment ``patch_gram`` (neighbouring pixels correlated, as they
+  are in images and sequences). The first factor is `whitened_tucker2`'s (input channels weighted
+  by the tap-averaged channel moment); given it, the core and the last factor are the exact
+  optimum: a reduced-rank regression of the conv's response on the first factor's patches
+  (``M = W Σ Bᵀ (B Σ Bᵀ)⁻¹``, then the top ``r_out`` principal directions of the fitted response
+  ``M B Σ Bᵀ Mᵀ``). Never worse than `whitened_tucker2` on that data; exact at full ranks.
 - ``tucker2(K, r_out, r_in)``: Tucker on the two channel modes, ``K ≈ core ×₁ last ×₂ firstᵀ``.
   The conv becomes 1×1 (I→r_in, weight ``first``) → kh×kw core (r_in→r_out, the original stride,
   pads, dilation) → 1×1 (r_out→O, weight ``last``, carries the bias). HOSVD initialisation then
@@ -58,6 +65,7 @@ __all__ = [
     "SvdFactors",
     "Tucker2Factors",
     "cp_conv",
+    "patch_tucker2",
     "reconstruct",
     "relative_error",
     "spatial_svd",
@@ -366,6 +374,44 @@ def whitened_tucker2(kernel: np.ndarray, gram: np.ndarray, rank_out: int, rank_i
     white = tucker2(np.einsum("ji,oiyx->ojyx", root, k), rank_out, rank_in, seed, n_iter=n_iter)
     factors = Tucker2Factors(first=np.ascontiguousarray(white.first @ inverse.T), core=white.core,
                              last=white.last, rel_error=0.0)
+    return _with_error(factors, k)
+
+
+def patch_tucker2(kernel: np.ndarray, patch_gram: np.ndarray, rank_out: int, rank_in: int, seed: int = 0, *,
+                  ridge: float = 1e-6, n_iter: int = 50) -> Tucker2Factors:
+    """Tucker-2 whose core and last factor minimize the output error on the data (module docstring).
+
+    ``kernel`` is ``O×I×kh×kw``; ``patch_gram`` is ``E[p pᵀ]`` of its input patches, ``(I·taps)²``
+    with the channel major and the tap minor (the order of `kernels.lstsq.im2col`). ``ridge``
+    (relative to the mean eigenvalue) keeps directions the data never excites finite. Returns
+    `Tucker2Factors`; ``rel_error`` is the kernel's own (the output error is what is minimized)."""
+    k = _as_float64(kernel, 4, "kernel")
+    o, i = k.shape[:2]
+    taps = int(np.prod(k.shape[2:]))
+    sigma = _as_float64(patch_gram, 2, "patch_gram")
+    if sigma.shape != (i * taps, i * taps):
+        raise ValueError(f"patch_gram must be {i * taps}×{i * taps} for this kernel, got {sigma.shape}")
+    sigma = (sigma + sigma.T) / 2.0
+    rank_out = _check_rank(rank_out, o, "rank_out")
+    channel = np.einsum("itjt->ij", sigma.reshape(i, taps, i, taps)) / taps
+    first = whitened_tucker2(k, channel, rank_out, rank_in, seed, ridge=ridge, n_iter=n_iter).first  # r_in×I
+    r_in = first.shape[0]
+    b = np.kron(first, np.eye(taps))                      # (r_in·taps)×(I·taps): patches of the first factor
+    w = k.reshape(o, i * taps)
+    # The ridge is added to the data's moment (as in `_whitener`): directions the data never excites
+    # keep the kernel's own response instead of being fitted to nothing.
+    sigma = sigma + max(ridge * float(np.trace(sigma)) / len(sigma), np.finfo(np.float64).tiny) * np.eye(len(sigma))
+    cross = w @ sigma @ b.T                               # E[y zᵀ]
+    sz = b @ sigma @ b.T                                  # E[z zᵀ]
+    evals, q = np.linalg.eigh((sz + sz.T) / 2.0)
+    keep = evals > evals.max() * 1e-13
+    m = cross @ (q[:, keep] / evals[keep]) @ q[:, keep].T  # O×(r_in·taps): the best unconstrained map
+    fitted = m @ sz @ m.T
+    _, u = np.linalg.eigh((fitted + fitted.T) / 2.0)
+    last = np.ascontiguousarray(u[:, ::-1][:, :rank_out])  # top principal directions of the response
+    core = (last.T @ m).reshape(rank_out, r_in, *k.shape[2:])
+    factors = Tucker2Factors(first=np.ascontiguousarray(first), core=np.ascontiguousarray(core), last=last,
+                             rel_error=0.0)
     return _with_error(factors, k)
 
 

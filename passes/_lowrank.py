@@ -89,7 +89,8 @@ class LowRankPass(Budgeted):
     """Options shared by the low-rank passes (not registered itself).
 
     With ``target_macs``/``target_params``/``min_snr_db`` (graph_opt/budget.py) the per-layer
-    levels are MAC ratios (``levels``, default 0.75, 0.5, 0.25; parameter ratios for
+    levels are MAC ratios (``levels``, default 0.75, 0.625, 0.5, 0.375, 0.25: steps of 1/8, so that a
+    layer holding most of the MACs does not overshoot the target by a quarter of them; parameter ratios for
     ``target_params``), chosen per layer from its measured sensitivity.
     """
 
@@ -111,7 +112,7 @@ class LowRankPass(Budgeted):
     row_mask: str | None = AUTO  # graph input whose 0 entries leave positions out of the statistics
 
     supported_ops: ClassVar[tuple[str, ...]] = ()
-    default_levels: ClassVar[tuple[float, ...]] = (0.75, 0.5, 0.25)
+    default_levels: ClassVar[tuple[float, ...]] = (0.75, 0.625, 0.5, 0.375, 0.25)
     level_name: ClassVar[str] = "MAC ratio"
 
     def __post_init__(self) -> None:

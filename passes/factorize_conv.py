@@ -24,8 +24,16 @@ Data-aware Tucker-2 (``data=whitened``; the default ``auto`` when calibration da
 for seeded random inputs): with ``C = E[x xᵀ]`` of the input channels (every pixel a sample,
 streamed once in float64) and ``C + λI = RᵀR``, treating pixels as uncorrelated the output error
 is ``‖(K − K̂) ×₂ R‖``: Tucker-2 of ``K ×₂ R``, the first 1×1 mapped back by ``R⁻¹``
-(`kernels.lowrank.whitened_tucker2`; per group with the group's block of C). Exact at full ranks;
-the rewrite reports ``whitened tucker2``. CP and spatial SVD truncate the kernel.
+(`kernels.lowrank.whitened_tucker2`; per group with the group's block of C). Neighbouring pixels
+are not uncorrelated in images or sequences, so where the im2col patches' second moment ``Σ``
+(``(I/G·kh·kw)²`` per group, `intermediates.patch_moments`, every output pixel a sample) is
+available, the core and the last factor are then fitted to the conv's output exactly: for the
+first factor's patches ``z = B p`` the best map is ``M = E[y zᵀ] E[z zᵀ]⁻¹`` and the best rank-R₁
+output factor the top principal directions of ``M z`` (reduced-rank regression;
+`kernels.lowrank.patch_tucker2`), never worse on that data than the channel-only factors
+(``fit``: ``patches``, else ``channels``: a row mask in force, an unnamed node, patches wider than
+4608). Exact at full ranks; the rewrite reports ``whitened tucker2``. CP and spatial SVD truncate
+the kernel.
 
 Grouped convs (≥ 2 input channels per group) are factorized per group, one rank for all groups,
 every factor conv grouped: exact when each group's factors are. ``auto_pad`` is copied to the
@@ -72,10 +80,10 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-
 from graph_opt.kernels.lowrank import (
     FactorizationError,
     cp_conv,
+    patch_tucker2,
     relative_error,
     spatial_svd,
     tucker2,
@@ -93,7 +101,6 @@ from graph_opt.kernels.rank import (
     tucker2_vbmf_ranks,
     vbmf_rank,
 )
-from graph_opt.pass_base import PassContext, PassReport
 from graph_opt.passes._graph import constant, used_once
 from graph_opt.passes._lowrank import (
     GATE_MIN_CONV_CHANNELS,
@@ -109,6 +116,8 @@ from graph_opt.passes._lowrank import (
     prod,
 )
 
+from graph_opt.intermediates import PatchRequest, patch_moments
+from graph_opt.pass_base import PassContext, PassReport
 
 # CP-ALS can stall far from a good fit; without an explicit limit, a CP layer whose weight error
 # exceeds this is skipped.
@@ -136,11 +145,16 @@ class FactorizeConv(LowRankPass):
                              "or rank=, rank_ratio=, params_ratio=, macs_ratio=")
 
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
-        grams = {}
+        grams, patches = {}, {}
         if self.method == "tucker2":  # CP and spatial SVD truncate the kernel itself
-            grams, _ = self.statistics(model, ctx, report, _stat_requests(model))
-        return self.rewrite_layers(model, report, ctx,
-                                   lambda node, shapes, label: self._match(node, shapes, label, ctx.seed, grams))
+            grams, mask = self.statistics(model, ctx, report, _stat_requests(model))
+            if grams and mask is None:  # a row mask selects tokens, not pixels: channel statistics only
+                patches = patch_moments(model, ctx.data, _patch_requests(model, self.latency_gate))
+                if patches:
+                    report.note(f"data-aware: the core and last factor of {len(patches)} convs fit their output "
+                                "on the input patches' second moment")
+        return self.rewrite_layers(model, report, ctx, lambda node, shapes, label: self._match(
+            node, shapes, label, ctx.seed, grams, patches))
 
     @property
     def weight_error_limit(self) -> float | None:
@@ -148,7 +162,8 @@ class FactorizeConv(LowRankPass):
             return self.max_weight_error
         return CP_DEFAULT_MAX_WEIGHT_ERROR if self.method == "cp" else None
 
-    def _match(self, node: gs.Node, shapes: dict, label: str, seed: int, grams: dict | None = None) -> Plan | str:
+    def _match(self, node: gs.Node, shapes: dict, label: str, seed: int, grams: dict | None = None,
+               patches: dict | None = None) -> Plan | str:
         """The rewrite of one conv, decided without touching the graph, or why there is none."""
         reason = self.name_filter(label)
         if reason:
@@ -159,6 +174,10 @@ class FactorizeConv(LowRankPass):
         gram = (grams or {}).get((node.inputs[0].name, 1))
         if gram is not None and gram.shape[0] == layer.i:
             layer = dataclasses.replace(layer, gram=gram)
+            patch = (patches or {}).get(node.name)
+            d = layer.ig * prod(layer.kernel)
+            if patch is not None and patch.shape == (layer.groups, d, d):
+                layer = dataclasses.replace(layer, patch_gram=patch)
         reason = self.size_filter(layer.reference, layer.macs_known) or self.shape_requirement(layer.macs_known)
         if reason:
             return reason
@@ -187,6 +206,7 @@ class FactorizeConv(LowRankPass):
         ranks = choice.ranks
         details = {
             "op": node.op, "method": self.method if layer.gram is None else f"whitened {self.method}",
+            **({"fit": "patches" if layer.patch_gram is not None else "channels"} if layer.gram is not None else {}),
             "shape": list(layer.w.shape), "group": layer.groups,
             "rank": list(ranks) if len(ranks) > 1 else ranks[0], "rule": choice.rule,
             "macs_before": layer.reference.macs if layer.macs_known else None,
@@ -214,6 +234,7 @@ class _ConvLayer:
     reference: Cost
     tail: list[gs.Tensor]
     gram: np.ndarray | None = None  # E[x xᵀ] of the input channels (data-aware Tucker-2)
+    patch_gram: np.ndarray | None = None  # E[p pᵀ] of the im2col patches, [groups, d, d]
 
     @functools.cached_property
     def group_kernels(self) -> list[np.ndarray]:
@@ -374,6 +395,8 @@ def _tucker2_steps(layer: _ConvLayer, ranks: Ranks, seed: int, attrs: dict):
     for g, k in enumerate(layer.group_kernels):
         if layer.gram is None:
             f = tucker2(_as4d(k), r_out, r_in, seed=seed)
+        elif layer.patch_gram is not None:
+            f = patch_tucker2(_as4d(k), layer.patch_gram[g], r_out, r_in, seed=seed)
         else:  # group g reads input channels g·ig … (g+1)·ig
             block = layer.gram[g * layer.ig:(g + 1) * layer.ig, g * layer.ig:(g + 1) * layer.ig]
             f = whitened_tucker2(_as4d(k), block, r_out, r_in, seed=seed)
@@ -433,6 +456,28 @@ def _stat_requests(model: onnx.ModelProto) -> set[tuple[str, int]]:
     return {(n.input[0], 1) for n in model.graph.node
             if n.op_type == "Conv" and len(n.input) > 1 and len(dims.get(n.input[1], ())) >= 3
             and any(d != 1 for d in dims[n.input[1]][2:])}
+
+
+def _patch_requests(model: onnx.ModelProto, latency_gate: bool) -> dict[str, PatchRequest]:
+    """node name → the patches of every main-graph k×k Conv with a constant weight (stems left out
+    under the latency gate: never factorized there)."""
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        w = dims.get(n.input[1], ()) if n.op_type == "Conv" and len(n.input) > 1 else ()
+        if len(w) < 3 or all(d == 1 for d in w[2:]) or w[1] == 1 or not n.name:
+            continue
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+        groups = int(a.get("group", 1))
+        if latency_gate and w[1] * groups <= GATE_STEM_CHANNELS:
+            continue
+        auto_pad = a.get("auto_pad", b"NOTSET")
+        out[n.name] = PatchRequest(n.input[0], tuple(int(d) for d in w[2:]),
+                                   tuple(a["strides"]) if a.get("strides") else None,
+                                   tuple(a["pads"]) if a.get("pads") else None,
+                                   tuple(a["dilations"]) if a.get("dilations") else None, groups,
+                                   auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad)
+    return out
 
 
 _FACTORIZE = {"tucker2": _tucker2_steps, "cp": _cp_steps, "spatial_svd": _spatial_steps}

@@ -89,7 +89,9 @@ def test_floor_alone_compresses_as_much_as_the_floor_allows():
     result = run_pass(FactorizeGemm(min_snr_db=60.0), model, data)
     assert verify(model, result.model, data).snr_db >= 60.0
     assert [e["node"] for e in result.report.rewritten] == ["easy"]
-    assert result.report.rewritten[0]["budget_level"] == 0.25  # the harshest level is still exact
+    # the harshest level is still exact: rank 16 (levels 0.375 and 0.25 both align down to it)
+    assert result.report.rewritten[0]["rank"] == 16
+    assert result.report.rewritten[0]["budget_level"] in (0.375, 0.25)
 
 
 def test_curves_are_cached(tmp_path, monkeypatch):
@@ -98,7 +100,7 @@ def test_curves_are_cached(tmp_path, monkeypatch):
     first = run_pass(FactorizeGemm(target_macs=0.6), model, data)
     assert list(tmp_path.rglob("*.json"))
     second = run_pass(FactorizeGemm(target_macs=0.6), model, data)
-    assert any("9 sensitivity points over 3 units, 9 from the cache" in n for n in second.report.notes)
+    assert any("15 sensitivity points over 3 units, 15 from the cache" in n for n in second.report.notes)
     assert second.model.SerializeToString() == first.model.SerializeToString()
 
 
@@ -163,3 +165,21 @@ def test_unmeasurable_macs_target_is_a_reasoned_skip():
     result = FactorizeGemm(target_macs=0.5)(model, PassContext())
     assert not result.modified
     assert any("target_macs needs the model's MACs" in s.reason for s in result.report.skipped)
+
+
+def test_target_lands_close_when_one_layer_holds_most_macs():
+    """A layer with 80% of the MACs: the default levels must be fine enough that the target is not
+    overshot by a whole coarse step (with levels 0.75/0.5/0.25 this model landed at 0.525x for 0.7x)."""
+    g = GraphBuilder(seed=2)
+    rng = np.random.default_rng(2)
+    x = g.input("x", ["N", TOKENS, 256])
+    x = g.node("MatMul", [x, g.const("big.w", (rng.standard_normal((256, 256)) / 16).astype(np.float32))], name="big")
+    x = g.node("MatMul", [g.node("Relu", [x]), g.const("small.w", (rng.standard_normal((256, 64)) / 16).astype(np.float32))],
+               name="small")
+    g.output(x, ["N", TOKENS, 64])
+    model = g.build()
+    data = Dataset({"x": np.random.default_rng(3).standard_normal((16, TOKENS, 256)).astype(np.float32)})
+    result = run_pass(FactorizeGemm(target_macs=0.7), model, data)
+    achieved = macs(result.model) / macs(model)
+    assert "big" in [e["node"] for e in result.report.rewritten], result.report.skipped
+    assert 0.6 < achieved <= 0.7, achieved

@@ -372,3 +372,47 @@ def test_whitened_tucker2_lowers_the_output_error_on_correlated_channels(groups)
     assert full.report.rewritten[0]["method"] == "whitened tucker2"
     feed = {"x": random_input([2, i, 8, 8])}  # exact at full rank on any input, not just the data's
     np.testing.assert_allclose(run(full.model, feed)[0], run(model, feed)[0], rtol=1e-3, atol=1e-4)
+
+
+def _smooth_images(n, c, hw=10, seed=0):
+    """Feature maps whose neighbouring pixels are correlated (a 3×3 box blur of noise), channels mixed."""
+    x = np.random.default_rng(seed).standard_normal((n, c, hw + 2, hw + 2))
+    x = sum(x[:, :, dy:dy + hw, dx:dx + hw] for dy in range(3) for dx in range(3)) / 3.0
+    mix = np.random.default_rng(101).standard_normal((c, c)) * np.exp(-np.arange(c) / 8.0)[None, :]
+    return np.einsum("ij,njhw->nihw", mix, x).astype(np.float32)
+
+
+def test_whitened_tucker2_fits_core_and_last_factor_on_correlated_pixels(monkeypatch):
+    """With the patches' second moment the core and the last factor are the output-optimal ones:
+    lower output error than the channel-only factors on held-out data of the same distribution."""
+    import graph_opt.passes.factorize_conv as fc
+
+    from graph_opt.data import Dataset
+    from graph_opt.pass_base import PassContext
+
+    o, i = 64, 48
+    w = (np.random.default_rng(4).standard_normal((o, i, 3, 3)) / 12).astype(np.float32)
+    g = GraphBuilder()
+    g.input("x", ["N", i, 10, 10])
+    g.node("Conv", ["x", g.const("c.w", w)], ["y"], name="c", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    g.output("y", ["N", o, 10, 10])
+    model = g.build()
+    ctx = PassContext(data=Dataset({"x": _smooth_images(40, i)}, None, "calib.npz"))
+    options = {"rank": 16, "latency_gate": False}
+    patches = FactorizeConv(**options)(model, ctx)
+    monkeypatch.setattr(fc, "patch_moments", lambda *a, **k: {})
+    channels = FactorizeConv(**options)(model, ctx)
+    monkeypatch.undo()
+    assert [e["fit"] for e in patches.report.rewritten] == ["patches"], patches.report.skipped
+    assert [e["fit"] for e in channels.report.rewritten] == ["channels"]
+    assert op_count(patches.model, "Conv") == 3
+    assert_valid(patches.model)
+    test = {"x": _smooth_images(16, i, seed=1)}  # held out
+    ref = run(model, test)[0]
+    err = {k: np.linalg.norm(run(r.model, test)[0] - ref) / np.linalg.norm(ref)
+           for k, r in (("patches", patches), ("channels", channels))}
+    assert err["patches"] < 0.9 * err["channels"], err
+    full = FactorizeConv(rank_ratio=1.0, latency_gate=False, require_saving=False, align=0)(model, ctx)
+    assert full.report.rewritten[0]["fit"] == "patches"
+    feed = {"x": random_input([2, i, 10, 10])}  # exact at full rank on any input
+    np.testing.assert_allclose(run(full.model, feed)[0], run(model, feed)[0], rtol=1e-3, atol=1e-4)
