@@ -115,7 +115,7 @@ class Quantize(Pass):
     edits_input: ClassVar[bool] = False
     weights: Literal["int8", "uint8", "int4", "ternary", "binary"] = "int8"
     activations: Literal["auto", "uint8", "int8", "none"] = "auto"
-    calibration: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
+    calibration: Literal["output", "minmax", "percentile", "entropy", "mse"] = "output"
     percentile: float = 99.99
     per_channel: bool = True
     symmetric: bool = True
@@ -134,7 +134,7 @@ class Quantize(Pass):
     batch_size: int | None = None
     min_snr_db: float | None = None
     threads: int = 0
-    rounding: Literal["nearest", "gptq"] = "nearest"
+    rounding: Literal["auto", "nearest", "gptq"] = "auto"
     bias_correction: bool = False
     smooth: float | Literal["off", "auto"] = "off"
     int4_format: Literal["matmulnbits", "dq"] = "dq"
@@ -168,6 +168,14 @@ class Quantize(Pass):
         if self.activations == "auto":
             return speed.activation_dtype(resolve_target(self.target))
         return self.activations
+
+    def rounding_for(self, has_data: bool) -> str:
+        """'gptq' or 'nearest': ``rounding``, or ('auto') GPTQ for unblocked 8-bit weights when
+        calibration data is given (`weights`), nearest otherwise."""
+        if self.rounding != "auto":
+            return self.rounding
+        unblocked = self.block_size in (None, 0)
+        return "gptq" if has_data and unblocked and self.weights in ("int8", "uint8") else "nearest"
 
     @property
     def weights_reduced(self) -> bool:
