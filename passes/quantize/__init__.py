@@ -15,11 +15,14 @@ name, the float weight is removed, and the file really shrinks. One module per s
 
 - `layers`: which Conv/Gemm/MatMul (``op_types``) can be quantized, or why not;
 - `weights`: weight and bias codes (int8/uint8/int4 grids, 7-bit ``reduce_range``, GPTQ
-  rounding, ternary/binary) and their error bounds;
+  rounding of Gemm/MatMul and 1×1 Conv weights, ternary/binary) and their error bounds;
+  ``rounding='auto'`` (default) is GPTQ for unblocked 8-bit weights with calibration data;
 - `bias`: ``bias_correction``, the expected output shift of rounded weights removed from the bias;
 - `gptq`: ``rounding=gptq`` for block-wise (int4) weights, streamed one layer input at a time;
 - `calibration`: one streaming onnxruntime pass for the activation ranges (minmax, percentile,
   entropy, mse; per-feature floors);
+- `search`: ``calibration='output'`` (default): each activation read only by quantized layers
+  takes the fraction of its min/max range with the least per-position error at their outputs;
 - `placement`: which activations get a QDQ (layers, shared-scale data movement, own-scale
   Add/Mul/Concat/pooling) and which stay float, with the reason;
 - `sensitivity`: each quantized node's own SNR in isolation, against ``sensitivity_snr_db``;

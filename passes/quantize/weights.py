@@ -9,7 +9,9 @@ Numerics (`graph_opt.kernels.quant`): ``q = saturate(round(x/s) + z)``, ``x̂ = 
   (weight-only).
 - ``reduce_range`` (int8 weights with quantized activations): a 7-bit grid, codes within
   [-64, 63], the int8 parameters of a range widened so that the step doubles.
-- ``rounding=gptq``: the codes of 2-D Gemm/MatMul weights follow the data
+- ``rounding=gptq`` (``auto``: for unblocked 8-bit weights with data): the codes of 2-D
+  Gemm/MatMul weights and of 1×1 Convs of one group (a Gemm over the channels at every
+  position; the second moment over channels, axis 1) follow the data
   (`kernels.quant.gptq_quantize`): each input column's rounding error is spread over the columns
   not yet rounded through the inverse of the layer's input second moment, measured on the float
   model's activations (not chained through the quantized layers). Same grid, codes inside the
