@@ -93,7 +93,10 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
         layers = rematch_layers(ix, opts)
 
     if opts.rounding_for(data is not None) == "gptq":
-        attach_hessians(model, ix, layers, data, notes, opts)
+        try:
+            attach_hessians(model, ix, layers, data, notes, opts)
+        except GraphOptError as exc:  # the statistics' model does not load or run (e.g. a custom op onnxruntime lacks)
+            notes.append(f"rounding=gptq not run ({exc}); weights rounded to nearest")
     candidates, forced = _candidates(ix, layers, data, opts, notes)
     if opts.bias_correction and candidates:
         bias.attach_means(model, ix, layers, candidates, data, opts, notes)
