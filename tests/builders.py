@@ -925,7 +925,8 @@ def _on_disk(model: onnx.ModelProto) -> onnx.ModelProto:
 def _step_problems(step, previous, original: onnx.ModelProto, data) -> list[str]:
     out = []
     if step.name == "quantize":
-        out += quantized_grid_problems(previous.model, step.model)
+        gptq = any(n.startswith("rounding=gptq: ") for n in step.report.notes)
+        out += quantized_grid_problems(previous.model, step.model, gptq)
     if step.name == "reconstruct":  # its guarantee: the pooled output MSE on its calibration data never grows
         before, after = (output_mse(original, m, data) for m in (previous.model, step.model))
         if after > before * (1 + 1e-5) + 1e-12:
@@ -942,9 +943,16 @@ def output_mse(teacher: onnx.ModelProto, student: onnx.ModelProto, data) -> floa
     return total / max(sum(v.size for v in t.values()), 1)
 
 
-def quantized_grid_problems(before: onnx.ModelProto, after: onnx.ModelProto) -> list[str]:
+# GPTQ moves a code off nearest to carry the error of the columns before it: its weights are held to
+# this many steps at most, and to one step in the mean (nearest rounding: half a step everywhere).
+GPTQ_MAX_STEPS = 8.0
+
+
+def quantized_grid_problems(before: onnx.ModelProto, after: onnx.ModelProto, gptq: bool = False) -> list[str]:
     """Every int8/uint8/int32 weight or bias DequantizeLinear (constant input, per tensor or per
-    channel) must reproduce the float tensor it replaced to within half a step of its scale."""
+    channel) must reproduce the float tensor it replaced to within half a step of its scale; with
+    `gptq` (the pass rounded weights by GPTQ) every weight within `GPTQ_MAX_STEPS`, one step in
+    the mean."""
     floats = {t.name: read_array(t) for t in before.graph.initializer}
     consts = {t.name: t for t in after.graph.initializer}
     problems = []
@@ -967,7 +975,12 @@ def quantized_grid_problems(before: onnx.ModelProto, after: onnx.ModelProto) -> 
         s, z = scale.reshape(shape), zero.reshape(shape)
         error = np.abs(floats[node.output[0]].astype(np.float64) - (codes - z) * s)
         bound = s / 2 * (1 + 1e-5) + 1e-12
-        if np.any(error > bound):
+        if gptq and q.data_type != TensorProto.INT32:
+            steps = error / (s + 1e-30)
+            if np.max(steps) > GPTQ_MAX_STEPS or np.mean(steps) > 1.0:
+                problems.append(f"{node.output[0]} (GPTQ) is off its grid by up to {float(np.max(steps)):.3f} "
+                                f"steps, {float(np.mean(steps)):.3f} in the mean")
+        elif np.any(error > bound):
             problems.append(f"{node.output[0]} is off its grid by up to {float(np.max(error / (s + 1e-30))):.3f} steps")
     return problems
 

@@ -15,11 +15,14 @@ name, the float weight is removed, and the file really shrinks. One module per s
 
 - `layers`: which Conv/Gemm/MatMul (``op_types``) can be quantized, or why not;
 - `weights`: weight and bias codes (int8/uint8/int4 grids, 7-bit ``reduce_range``, GPTQ
-  rounding, ternary/binary) and their error bounds;
+  rounding of Gemm/MatMul and 1×1 Conv weights, ternary/binary) and their error bounds;
+  ``rounding='auto'`` (default) is GPTQ for unblocked 8-bit weights with calibration data;
 - `bias`: ``bias_correction``, the expected output shift of rounded weights removed from the bias;
 - `gptq`: ``rounding=gptq`` for block-wise (int4) weights, streamed one layer input at a time;
 - `calibration`: one streaming onnxruntime pass for the activation ranges (minmax, percentile,
   entropy, mse; per-feature floors);
+- `search`: ``calibration='output'`` (default): each activation read only by quantized layers
+  takes the fraction of its min/max range with the least per-position error at their outputs;
 - `placement`: which activations get a QDQ (layers, shared-scale data movement, own-scale
   Add/Mul/Concat/pooling) and which stay float, with the reason;
 - `sensitivity`: each quantized node's own SNR in isolation, against ``sensitivity_snr_db``;
@@ -119,7 +122,7 @@ class Quantize(Pass):
     edits_input: ClassVar[bool] = False
     weights: Literal["int8", "uint8", "int4", "ternary", "binary"] = "int8"
     activations: Literal["auto", "uint8", "int8", "none"] = "auto"
-    calibration: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
+    calibration: Literal["output", "minmax", "percentile", "entropy", "mse"] = "output"
     percentile: float = 99.99
     per_channel: bool = True
     symmetric: bool = True
@@ -138,7 +141,7 @@ class Quantize(Pass):
     batch_size: int | None = None
     min_snr_db: float | None = None
     threads: int = 0
-    rounding: Literal["nearest", "gptq"] = "nearest"
+    rounding: Literal["auto", "nearest", "gptq"] = "auto"
     bias_correction: bool = False
     smooth: float | Literal["off", "auto"] = "auto"
     int4_format: Literal["matmulnbits", "dq"] = "dq"
@@ -172,6 +175,14 @@ class Quantize(Pass):
         if self.activations == "auto":
             return speed.activation_dtype(resolve_target(self.target))
         return self.activations
+
+    def rounding_for(self, has_data: bool) -> str:
+        """'gptq' or 'nearest': ``rounding``, or ('auto') GPTQ for unblocked 8-bit weights when
+        calibration data is given (`weights`), nearest otherwise."""
+        if self.rounding != "auto":
+            return self.rounding
+        unblocked = self.block_size in (None, 0)
+        return "gptq" if has_data and unblocked and self.weights in ("int8", "uint8") else "nearest"
 
     @property
     def weights_reduced(self) -> bool:

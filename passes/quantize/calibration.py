@@ -477,7 +477,12 @@ def _feature_axes(ix: GraphIndex) -> Callable[[str, int], int | None]:
     return axis
 
 
+def observed(method: str) -> str:
+    """The observation a ``calibration`` method needs: 'output' (`search`) starts from min/max."""
+    return "minmax" if method == "output" else method
+
+
 def _range(obs: MinMaxObserver, opts: Quantize) -> tuple[float, float]:
     if isinstance(obs, HistogramObserver):
-        return obs.range(opts.calibration, percentile=opts.percentile, symmetric=False, dtype=opts.activation_dtype)
+        return obs.range(observed(opts.calibration), percentile=opts.percentile, symmetric=False, dtype=opts.activation_dtype)
     return obs.range("minmax")

@@ -43,7 +43,7 @@ from graph_opt.external_data import has_disk_weights
 from graph_opt.model_io import check_model, copy_model
 from graph_opt.passes._graph import GraphIndex, all_nodes
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
-from graph_opt.passes.quantize import bias, calibration, sensitivity, speed
+from graph_opt.passes.quantize import bias, calibration, search, sensitivity, speed
 from graph_opt.passes.quantize.layers import Layer, excluded, float_on_input, match_layers, opset_of, rematch_layers
 from graph_opt.passes.quantize.placement import Placement, calibration_tensors, place
 from graph_opt.passes.quantize.weights import attach_hessians, block_for, weights_and_biases
@@ -94,8 +94,11 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
         ix = GraphIndex(model)
         layers = rematch_layers(ix, opts)
 
-    if opts.rounding == "gptq":
-        attach_hessians(model, ix, layers, data, notes, opts)
+    if opts.rounding_for(data is not None) == "gptq":
+        try:
+            attach_hessians(model, ix, layers, data, notes, opts)
+        except GraphOptError as exc:  # the statistics' model does not load or run (e.g. a custom op onnxruntime lacks)
+            notes.append(f"rounding=gptq not run ({exc}); weights rounded to nearest")
     candidates, forced = _candidates(ix, layers, data, opts, notes)
     if opts.bias_correction and candidates:
         bias.attach_means(model, ix, layers, candidates, data, opts, notes)
@@ -106,11 +109,15 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
                                          source)
         if not ok:
             candidates, forced = set(), {}
-    if isinstance(ranges, calibration.Ranges) and opts.calibration != "minmax":  # minmax ranges cost nothing
+    if isinstance(ranges, calibration.Ranges) and calibration.observed(opts.calibration) != "minmax":  # minmax ranges cost nothing
         ranges.prefetch(lambda r: place(ix, layers, candidates, r, opts, forced, unasked))
     pl = place(ix, layers, candidates, ranges, opts, forced, unasked)
     quantized: dict[tuple[int, bool], TensorQuant] = {}
     weights, biases = weights_and_biases(layers, pl, opts, quantized)
+    if opts.calibration == "output" and data is not None and pl.acts and weights:
+        ranges = _search(model, ix, layers, weights, biases, pl, ranges, data, opts, batch_size, notes, source)
+        pl = place(ix, layers, candidates, ranges, opts, forced, unasked)
+        weights, biases = weights_and_biases(layers, pl, opts, quantized)
 
     threshold = opts.threshold_db()
     sens: dict[int, dict[str, float]] = {}
@@ -259,17 +266,48 @@ def _observe(model: onnx.ModelProto, source: str | None, data: Dataset, tensors:
     source model and data, that observed every tensor asked for now (True: reused)."""
     shared = _SHARED.get()
     if shared is None or source is None:
-        return calibration.calibrate(model, data, tensors, opts.calibration, batch_size=batch_size,
+        return calibration.calibrate(model, data, tensors, calibration.observed(opts.calibration), batch_size=batch_size,
                                      max_samples=opts.max_samples, threads=opts.threads,
                                      feature_axis=feature_axis), False
     key = (source, id(data), opts.calibration, opts.max_samples, batch_size)
     asked, observers = shared.get(key, (frozenset(), {}))
     if key in shared and set(tensors) <= asked:
         return {t: o for t, o in observers.items() if t in tensors}, True
-    observers = calibration.calibrate(model, data, tensors, opts.calibration, batch_size=batch_size,
+    observers = calibration.calibrate(model, data, tensors, calibration.observed(opts.calibration), batch_size=batch_size,
                                       max_samples=opts.max_samples, threads=opts.threads, feature_axis=feature_axis)
     shared[key] = (frozenset(tensors), observers)
     return observers, False
+
+
+def _search(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], weights: dict[int, TensorQuant],
+            biases: dict[int, TensorQuant], pl: Placement, ranges: Mapping[str, tuple[float, float]], data: Dataset,
+            opts: Quantize, batch_size: int | None, notes: list[str], source: str | None
+            ) -> Mapping[str, tuple[float, float]]:
+    """`ranges` with the output-error search's choices (`search.search_ranges`). Within a
+    `shared_calibration` scope the first plan's choices are reused: the plans made again there
+    (the latency gate's) keep a subset of its layers quantized, and are not searched again."""
+    shared = _SHARED.get()
+    key = ("search", source, id(data), opts.max_samples, opts.sensitivity_samples)
+    reused = shared is not None and source is not None and key in shared
+    if reused:
+        chosen = shared[key]
+    else:
+        try:
+            chosen = search.search_ranges(model, ix, layers, weights, biases, pl, data, opts, batch_size)
+        except GraphOptError as exc:  # the probe model does not load or run (e.g. a custom op onnxruntime lacks)
+            notes.append(f"range search not run ({exc}); the observed min/max ranges are kept")
+            return ranges
+        finally:
+            release_memory()
+        if shared is not None and source is not None:
+            shared[key] = chosen
+    n = sum(q.scheme != "shared" for q in pl.acts.values())
+    how = "the first plan's, reused" if reused else "one streaming pass"
+    notes.append(f"ranges by output-error search ({how} "
+                 f"over {min(len(data), opts.max_samples, opts.sensitivity_samples)} samples): {len(chosen)} of {n} "
+                 "activation ranges clipped below their observed min/max, where the error of the layers reading "
+                 "them was least (search.ALPHAS)")
+    return search.Searched(ranges, {t: r for t, r in chosen.items() if t in ranges})
 
 
 def _calibrate(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], candidates: set[int],
@@ -295,7 +333,8 @@ def _calibrate(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer],
     ranges = calibration.Ranges(observers, opts)
     n = min(len(data), opts.max_samples)
     how = "the first plan's streaming pass, reused" if reused else "one streaming pass"
-    notes.append(f"activations {opts.activation_dtype} per tensor, asymmetric, ranges by {opts.calibration} "
+    notes.append(f"activations {opts.activation_dtype} per tensor, asymmetric, ranges by "
+                 f"{calibration.observed(opts.calibration)} "
                  f"over {n} samples ({len(ranges)} tensors observed in {how}; "
                  f"{len(unasked)} other candidate tensors skipped: no placement could use them)")
     return ranges, unasked, ok

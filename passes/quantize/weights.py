@@ -9,7 +9,9 @@ Numerics (`graph_opt.kernels.quant`): ``q = saturate(round(x/s) + z)``, ``x̂ = 
   (weight-only).
 - ``reduce_range`` (int8 weights with quantized activations): a 7-bit grid, codes within
   [-64, 63], the int8 parameters of a range widened so that the step doubles.
-- ``rounding=gptq``: the codes of 2-D Gemm/MatMul weights follow the data
+- ``rounding=gptq`` (``auto``: for unblocked 8-bit weights with data): the codes of 2-D
+  Gemm/MatMul weights and of 1×1 Convs of one group (a Gemm over the channels at every
+  position; the second moment over channels, axis 1) follow the data
   (`kernels.quant.gptq_quantize`): each input column's rounding error is spread over the columns
   not yet rounded through the inverse of the layer's input second moment, measured on the float
   model's activations (not chained through the quantized layers). Same grid, codes inside the
@@ -28,6 +30,7 @@ s_x·s_w/2. A weight already on the grid comes back exactly.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -110,9 +113,15 @@ def _quantize_weight(layer: Layer, opts: Quantize, static: bool) -> TensorQuant:
         codes, p = layer.gptq
         return TensorQuant.from_params(layer.w, "weight", p, shape=shape, codes=codes)
     codes = quantize(w, p)
-    if layer.hessian is not None and w.ndim == 2:
+    if layer.hessian is not None and (w.ndim == 2 or _pointwise(layer)):
         reduced = static and dtype == "int8" and opts.weights_reduced and block == 0
-        codes = gptq_quantize(w, p, layer.hessian, layer.red_axis, limits=_code_limits(dtype, opts.symmetric, reduced))
+        limits = _code_limits(dtype, opts.symmetric, reduced)
+        if w.ndim == 2:
+            codes = gptq_quantize(w, p, layer.hessian, layer.red_axis, limits=limits)
+        else:  # a 1×1 Conv is a Gemm over its channels at every position: (out, in) and back
+            flat = w.reshape(w.shape[0], w.shape[1])
+            pf = p if p.axis is None else dataclasses.replace(p, axis=0)
+            codes = gptq_quantize(flat, pf, layer.hessian, 1, limits=limits).reshape(w.shape)
     return TensorQuant.from_params(layer.w, "weight", p, shape=shape, codes=codes)
 
 
@@ -149,6 +158,8 @@ def attach_hessians(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, La
         if layer.op in ("Gemm", "MatMul") and layer.wv.ndim == 2:
             trans_a = attr(ix.nodes[idx], "transA", 0) if layer.op == "Gemm" else 0
             requests[idx] = (layer.x, 0 if trans_a else -1)
+        elif _pointwise(layer, ix.nodes[idx]):
+            requests[idx] = (layer.x, 1)
     grams = second_moments(model, data, set(requests.values()))
     done = 0
     for idx, key in requests.items():
@@ -157,7 +168,16 @@ def attach_hessians(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, La
             layers[idx].hessian = h
             done += 1
     notes.append(f"rounding=gptq: {done} of {len(layers)} layers' weights rounded against their input statistics "
-                 f"on {len(data)} samples (Gemm/MatMul with 2-D weights; the rest to nearest)")
+                 f"on {len(data)} samples (Gemm/MatMul with 2-D weights, 1×1 Convs of one group; the rest to nearest)")
+
+
+def _pointwise(layer: Layer, node: onnx.NodeProto | None = None) -> bool:
+    """A 1×1 Conv of one group: every output position is a Gemm over the input channels (so its
+    GPTQ statistic is E[x xᵀ] over the channels, axis 1, at every position)."""
+    w = layer.wv
+    if layer.op != "Conv" or w.ndim < 3 or any(int(d) != 1 for d in w.shape[2:]):
+        return False
+    return node is None or attr(node, "group", 1) == 1
 
 
 def _quantize_bias(layer: Layer, x_scale: np.ndarray, wq: TensorQuant) -> TensorQuant | str:

@@ -141,7 +141,8 @@ def test_conv_chain_becomes_qlinearconv_with_relu_absorbed(tmp_path):
 
 def test_mlp_matmul_int8_static(tmp_path):
     model = mlp()
-    result = Quantize()(model, _ctx(model, 256))  # minmax: enough samples that test data stays in range
+    # minmax (not the default output-error search, which clips): enough samples that test data stays in range
+    result = Quantize(calibration="minmax")(model, _ctx(model, 256))
     out = result.model
     assert_valid(out)
     assert not (_float_weight_names(out) & {"fc1.w", "fc2.w", "head.w"})
@@ -777,7 +778,7 @@ def test_clipping_methods_tighten_an_outlier_range(method):
     model = conv_chain()
     data = random_dataset(model, 32, seed=4)
     data.inputs["x"][0, 0, 0, 0] = 80.0  # one outlier in 8192 values
-    wide = Quantize(sensitivity_snr_db=None).plan(model, data).tensors["x"].range
+    wide = Quantize(calibration="minmax", sensitivity_snr_db=None).plan(model, data).tensors["x"].range
     tight = Quantize(calibration=method, percentile=99.9, sensitivity_snr_db=None).plan(model, data).tensors["x"].range
     assert wide[1] == 80.0 and tight[1] < 20.0
 
@@ -1268,10 +1269,12 @@ def test_min_snr_db_keeps_the_least_robust_layers_float_until_the_floor_holds():
     from graph_opt.verify import verify
 
     model, data = _example()
-    plain = Quantize()(model, PassContext(data=data))
+    # the floor's mechanism, on the min/max ranges and nearest rounding (with the defaults' output-error
+    # ranges and GPTQ rounding, 2 dB above their own SNR is held only with every layer float)
+    plain = Quantize(calibration="minmax", rounding="nearest")(model, PassContext(data=data))
     achieved = verify(model, plain.model, data).snr_db
     floor = achieved + 2.0
-    result = Quantize(min_snr_db=floor)(model, PassContext(data=data))
+    result = Quantize(calibration="minmax", rounding="nearest", min_snr_db=floor)(model, PassContext(data=data))
     assert_valid(result.model)
     assert verify(model, result.model, data).snr_db >= floor  # the floor holds on the calibration data
     q_plain, q_floor = op_count(plain.model, "QuantizeLinear"), op_count(result.model, "QuantizeLinear")
