@@ -36,7 +36,8 @@ Three parts, each independent of the others:
    ``:``), the longest such key winning. A layer that no kernel of one of the profiles matches is
    left as planned. Then the float model, the planned int8 model and the model planned again
    with those layers float are timed as wholes, interleaved (`latency_timer`): the fastest int8
-   form is kept when it is ``MIN_GAIN`` below float, else the whole model stays float. The
+   form is kept when it is ``MIN_GAIN`` below float (the gated form also ``MIN_GAIN`` below the
+   planned one, unless the planned one misses float), else the whole model stays float. The
    wall clock has the last word because a profiler's per-kernel overhead weighs on small kernels
    and on the extra Q/DQ nodes of an int8 graph, so profiled sums can call a faster int8 model
    slower. The timings come from `profile_timer` and `latency_timer`; tests inject fake ones.

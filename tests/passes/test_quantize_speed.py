@@ -225,6 +225,21 @@ def test_the_planned_model_wins_when_it_runs_faster_than_the_gated_one(monkeypat
     assert any("the planned int8 model ran fastest" in n for n in result.report.notes)
 
 
+def test_the_gated_model_must_beat_the_planned_one_too(monkeypatch):
+    # the profile calls fc2 slow in int8; the wall clock puts the gated form within 5% of the planned one
+    model = encoder_ffn()
+    monkeypatch.setattr(speed, "profile_timer", _fake({"fc1": 100.0, "fc2": 100.0}, {"fc1": 85.0, "fc2": 130.0}))
+    monkeypatch.setattr(speed, "latency_timer", _clock([1.0, 0.80, 0.78]))
+    result = Quantize()(model, _ctx(model))
+    assert {e["node"] for e in result.report.rewritten if e.get("weight")} == {"fc1", "fc2"}
+    assert any("the planned int8 model is kept: the form with the slow layers float is not 5% faster" in n
+               for n in result.report.notes)
+    # ... but when the planned model is not 5% faster than float, the gated one is taken alone
+    monkeypatch.setattr(speed, "latency_timer", _clock([1.0, 0.97, 0.9]))
+    gated = Quantize()(model, _ctx(model))
+    assert {e["node"] for e in gated.report.rewritten if e.get("weight")} == {"fc1"}
+
+
 def test_prefer_size_does_not_gate(monkeypatch):
     monkeypatch.setattr(speed, "profile_timer", _fake({"fc1": 1.0, "fc2": 1.0}, {"fc1": 100.0, "fc2": 100.0}))
     model = encoder_ffn()
