@@ -147,6 +147,11 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
     return plan, model
 
 
+# What the model's outputs must hold, above the per-node threshold, for `_admit` to quantize a
+# node that fails it on its own (docs/design.md, fact 7).
+ADMIT_MARGIN_DB = 10.0
+
+
 def _admit(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], decisions: list[NodeDecision],
            opset: int, candidates: set[int], ranges: Mapping[str, tuple[float, float]], forced: dict[int, str],
            unasked: frozenset[str], sensitive: dict[int, str], sens: dict[int, dict[str, float]],
@@ -156,8 +161,10 @@ def _admit(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], dec
     A node's own SNR is measured with everything around it in float; what reaches the outputs
     can be far less (a max-pool, a normalization or a residual path dilutes it) or more. So, with
     the 'auto' threshold, the nodes below it on their own are quantized after all when the whole
-    model, every other planned node quantized, still holds the same threshold at its outputs
-    (worst output SNR on ``sensitivity_samples`` samples). Otherwise the fewest of them, least
+    model, every other planned node quantized, still holds the threshold plus `ADMIT_MARGIN_DB` at
+    its outputs (worst output SNR on ``sensitivity_samples`` samples). The margin is there because
+    an output's SNR is weighted by energy: a detector's class scores sit beside box coordinates
+    hundreds of times larger in one tensor, and their damage hardly moves it. Otherwise the fewest of them, least
     robust first, stay float: found by bisection, each candidate checked end to end. Nothing is
     admitted when the model misses the threshold even with every one of them float. Models whose
     weights are kept on disk are not rebuilt this way (their local verdicts stand).
@@ -168,6 +175,7 @@ def _admit(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], dec
     from graph_opt.verify import Reference
 
     order = sorted(sensitive, key=lambda i: sens[i]["snr_db"])  # least robust first
+    floor = threshold + ADMIT_MARGIN_DB
     reference = Reference(model, data.take(min(opts.max_samples, opts.sensitivity_samples)), threads=opts.threads)
 
     def snr_keeping(kept: list[int]) -> float:
@@ -181,21 +189,21 @@ def _admit(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], dec
 
     def result(k: int, value: float) -> dict[int, str]:
         notes.append(f"sensitivity: {len(order) - k} of {len(order)} nodes below {threshold:g} dB on their own "
-                     f"quantized anyway: the model's outputs hold {threshold:g} dB with them ({value:.1f} dB on "
+                     f"quantized anyway: the model's outputs hold {floor:g} dB with them ({value:.1f} dB on "
                      f"{len(reference.data)} samples)")
         return {i: sensitive[i] for i in order[:k]}
 
     try:
-        if snr_keeping(order) < threshold:
+        if snr_keeping(order) < floor:
             return sensitive  # the rest of the plan already misses it: admitting cannot help
         first = snr_keeping([])
-        if first >= threshold:
+        if first >= floor:
             return result(0, first)
         lo, hi, best = 0, len(order), None  # keeping order[:lo] fails; keeping order[:hi] holds
         while hi - lo > 1:
             mid = (lo + hi) // 2
             value = snr_keeping(order[:mid])
-            if value >= threshold:
+            if value >= floor:
                 hi, best = mid, value
             else:
                 lo = mid
