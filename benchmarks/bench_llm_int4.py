@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 from _proc import status_kb
-from bench_large import ExternalData
+from bench_large import ExternalData, _commit
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -372,14 +372,6 @@ def main() -> int:
     (RESULTS_DIR / "bench_llm_int4.md").write_text(md)
     print(md)
     return 0
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, capture_output=True, text=True,
-                              timeout=10, check=False).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def markdown(doc: dict) -> str:

@@ -56,7 +56,7 @@ its extremes not finite; X's spread under ``min_spread``. The mechanism (matchin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import onnx
 
@@ -65,17 +65,11 @@ from graph_opt.passes._smooth import Settings, smooth
 
 
 @dataclass(frozen=True, kw_only=True)
-class Smooth(Pass):
-    """Migrate activation outliers of MatMul/Gemm inputs into the weights (SmoothQuant; exact in float)."""
+class Smooth(Settings, Pass):
+    """Migrate activation outliers of MatMul/Gemm inputs into the weights (SmoothQuant; exact in float).
+    Its options are `passes._smooth.Settings` (quantize:smooth= fills them too)."""
 
     name: ClassVar[str] = "smooth"
-    alpha: float = 0.7
-    min_spread: float = 1.0
-    unfoldable: Literal["skip", "mul"] = "skip"
-    op_types: tuple[str, ...] = ("MatMul", "Gemm")
-    max_samples: int = 256
-    threads: int = 0
-    scope: Literal["all", "transformer"] = "all"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -92,4 +86,4 @@ class Smooth(Pass):
             raise ValueError(f"op_types must be among MatMul, Gemm, got {', '.join(self.op_types) or 'none'}")
 
     def run(self, model: onnx.ModelProto, report: PassReport, ctx: PassContext) -> onnx.ModelProto:
-        return smooth(model, report, ctx, Settings(**self.options()))
+        return smooth(model, report, ctx, self)
