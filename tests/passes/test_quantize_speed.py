@@ -262,16 +262,22 @@ def test_an_excluded_matmul_keeps_its_form():
     assert {d.node: d.op for d in plan.nodes if d.node in ("fc1", "fc2")} == {"fc1": "Gemm", "fc2": "MatMul"}
 
 
-def test_the_gated_replan_reuses_the_sensitivity_verdicts(monkeypatch):
-    from graph_opt.passes.quantize import sensitivity
-
-    real, calls = sensitivity.measure, []
+def _counted(monkeypatch, module, name):
+    """Replace module.name by a wrapper that still calls it; returns the list its calls append to."""
+    real, calls = getattr(module, name), []
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sensitivity, "measure", counted)
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_the_gated_replan_reuses_the_sensitivity_verdicts(monkeypatch):
+    from graph_opt.passes.quantize import sensitivity
+
+    calls = _counted(monkeypatch, sensitivity, "measure")
     monkeypatch.setattr(speed, "profile_timer", _fake({"fc1": 100.0, "fc2": 100.0}, {"fc1": 40.0, "fc2": 130.0}))
     model = encoder_ffn()
     result = Quantize()(model, _ctx(model))
@@ -282,13 +288,7 @@ def test_the_gated_replan_reuses_the_sensitivity_verdicts(monkeypatch):
 def test_the_gated_replan_reuses_the_first_calibration(monkeypatch):
     from graph_opt.passes.quantize import calibration
 
-    real, calls = calibration.calibrate, []
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(calibration, "calibrate", counted)
+    calls = _counted(monkeypatch, calibration, "calibrate")
     monkeypatch.setattr(speed, "profile_timer", _fake({"fc1": 100.0, "fc2": 100.0}, {"fc1": 40.0, "fc2": 130.0}))
     model = encoder_ffn()
     ctx = _ctx(model)
