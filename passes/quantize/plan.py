@@ -44,10 +44,12 @@ from graph_opt.model_io import check_model, copy_model
 from graph_opt.passes._graph import GraphIndex, all_nodes
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
 from graph_opt.passes.quantize import bias, calibration, search, sensitivity, speed
+from graph_opt.passes.quantize.emit import apply_plan
 from graph_opt.passes.quantize.layers import Layer, excluded, float_on_input, match_layers, opset_of, rematch_layers
 from graph_opt.passes.quantize.placement import Placement, calibration_tensors, place
 from graph_opt.passes.quantize.weights import attach_hessians, block_for, weights_and_biases
 from graph_opt.runtime import make_session, release_memory
+from graph_opt.verify import Reference
 from graph_opt.onnx_util import first_line
 
 if TYPE_CHECKING:
@@ -171,9 +173,6 @@ def _admit(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], dec
     """
     if has_disk_weights(model):
         return sensitive
-    from graph_opt.passes.quantize.emit import apply_plan
-    from graph_opt.verify import Reference
-
     order = sorted(sensitive, key=lambda i: sens[i]["snr_db"])  # least robust first
     floor = threshold + ADMIT_MARGIN_DB
     reference = Reference(model, data.take(min(opts.max_samples, opts.sensitivity_samples)), threads=opts.threads)
