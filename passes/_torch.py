@@ -191,8 +191,20 @@ def _reduce(kind):
         keep = bool(a.get("keepdims", 1))
         if kind == "sum":
             return x.sum(dim=dims, keepdim=keep)
+        if kind == "max":
+            return x.amax(dim=dims, keepdim=keep)
+        if kind == "min":
+            return x.amin(dim=dims, keepdim=keep)
         return torch.sqrt((x * x).sum(dim=dims, keepdim=keep))
     return run
+
+
+def _fold(op, xs):
+    """A variadic elementwise op (Max, Min) as pairwise broadcasting calls."""
+    out = xs[0]
+    for x in xs[1:]:
+        out = op(out, x)
+    return out
 
 
 def _shape(n, a, x):
@@ -293,14 +305,20 @@ OPS: dict[str, Callable] = {
     "Concat": lambda n, a, *xs: torch.cat(xs, dim=int(a["axis"])),
     "Split": _split, "Slice": _slice, "Gather": _gather, "Pad": _pad,
     "Unsqueeze": _unsqueeze, "Squeeze": _squeeze, "ReduceMean": _reduce_mean,
-    "ReduceSum": _reduce("sum"), "ReduceL2": _reduce("l2"),
+    "ReduceSum": _reduce("sum"), "ReduceL2": _reduce("l2"), "ReduceMax": _reduce("max"), "ReduceMin": _reduce("min"),
+    "Max": lambda n, a, *xs: _fold(torch.maximum, xs), "Min": lambda n, a, *xs: _fold(torch.minimum, xs),
+    "Reciprocal": lambda n, a, x: torch.reciprocal(x),
+    "Equal": lambda n, a, x, y: torch.eq(x, y), "Greater": lambda n, a, x, y: torch.gt(x, y),
+    "Less": lambda n, a, x, y: torch.lt(x, y), "Not": lambda n, a, x: torch.logical_not(x),
+    "Where": lambda n, a, c, x, y: torch.where(c, x, y),
     "Shape": _shape, "ConstantOfShape": _constant_of_shape, "CumSum": _cumsum, "Cast": _cast, "Expand": _expand,
 }
 # Inputs that must be constants for the conversion (shapes, axes, indices of data-movement ops).
 # A Reshape/Expand/ConstantOfShape target may be computed at run time (Shape → Gather → Concat, as
 # exporters write them): those chains are integer ops on shapes and run here as they do in onnxruntime.
 CONSTANT_INPUTS = {"Slice": (1, 2, 3, 4), "Split": (1,), "Pad": (1, 2, 3), "Unsqueeze": (1,),
-                   "Squeeze": (1,), "ReduceMean": (1,), "ReduceSum": (1,), "ReduceL2": (1,), "CumSum": (1,),
+                   "Squeeze": (1,), "ReduceMean": (1,), "ReduceSum": (1,), "ReduceL2": (1,), "ReduceMax": (1,),
+                   "ReduceMin": (1,), "CumSum": (1,),
                    "Clip": (1, 2)}
 
 

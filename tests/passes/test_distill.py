@@ -170,6 +170,33 @@ def test_conversion_reproduces_a_sentence_encoders_shape_and_pooling_ops():
     assert TorchGraph.layer_weights(model) == {"w"}
 
 
+@needs_torch
+def test_conversion_reproduces_a_one_hot_byte_prefix_and_elementwise_extremes():
+    """A byte classifier's preprocessing (magika's kind): an int32 input broadcast against the
+    value range, Equal, Cast to float, then a MatMul; Max/Min over three inputs, Reciprocal,
+    ReduceMax/ReduceMin with axes as an input, Where on a Greater/Less/Not mask."""
+    from graph_opt.passes._torch import TorchGraph
+
+    g = GraphBuilder(opset=18, seed=4)
+    b = g.input("bytes", ["N", 6], dtype=np.int32)
+    col = g.node("Unsqueeze", [b, g.const("ax", np.array([2], np.int64))])
+    hot = g.node("Cast", [g.node("Equal", [col, g.const("values", np.arange(5, dtype=np.int32).reshape(1, 1, 5))])],
+                 to=onnx.TensorProto.FLOAT)
+    h = g.node("MatMul", [hot, g.weight("emb", (5, 4))])
+    top = g.node("Max", [h, g.weight("floor", (4,)), g.node("Neg", [h])])
+    low = g.node("Min", [h, g.weight("ceil", (4,)), g.node("Reciprocal", [g.node("Add", [top, g.const("one", np.array(1.0, np.float32))])])])
+    keep = g.node("Not", [g.node("Less", [low, g.const("zero", np.array(0.0, np.float32))])])
+    mixed = g.node("Where", [g.node("Greater", [top, low]), g.node("Where", [keep, low, top]), h])
+    axes = g.const("axes1", np.array([1], np.int64))
+    g.node("Add", [g.node("ReduceMax", [mixed, axes], keepdims=0), g.node("ReduceMin", [mixed, axes], keepdims=0)], ["y"])
+    g.output("y", ["N", 4])
+    model = g.build()
+    rng = np.random.default_rng(1)
+    feed = {"bytes": rng.integers(0, 6, (3, 6)).astype(np.int32)}  # 5 is outside the one-hot's range
+    assert {"Equal", "Max", "Min", "Reciprocal", "ReduceMax", "ReduceMin", "Where"} <= {n.op_type for n in model.graph.node}
+    TorchGraph(model).check(feed, run(model, feed), rtol=1e-5)
+
+
 def _pool_student_and_data():
     from builders import masked_pool_model, padded_data
 
