@@ -75,12 +75,12 @@ CALIB_BATCH = 8
 # "top1" is top-1 agreement with fp32; "sample_cos_mean" the mean per-sample embedding cosine.
 PRIMARY: dict[str, tuple[str, float | None, str]] = {
     "ppocr_det": ("iou_vs_fp32", 0.9, "detector/segmenter: map IoU vs fp32 >= 0.9"),
-    "ppocr_rec": ("agreement_vs_fp32", 0.9, "OCR: CTC exact match (same string as fp32) >= 0.9"),
+    "ppocr_rec": ("agreement_vs_fp32", 0.9, "OCR: CTC exact match (same string as fp32, end spaces aside) >= 0.9"),
     "ppocr_cls": ("top1", 0.97, "CNN classifier: top-1 agreement >= 0.97"),
     "magika": ("top1", 0.97, "classifier: top-1 agreement >= 0.97"),
     "silero_vad": ("agreement_vs_fp32", None, "no target in the issue (frame agreement with fp32)"),
     "dddd_det": ("det_f1_vs_fp32", 0.9, "detector: detection F1 vs fp32 >= 0.9 (one class)"),
-    "dddd_ocr": ("agreement_vs_fp32", 0.9, "OCR: CTC exact match (same string as fp32) >= 0.9"),
+    "dddd_ocr": ("agreement_vs_fp32", 0.9, "OCR: CTC exact match (same string as fp32, end spaces aside) >= 0.9"),
     "yolo": ("top_class_agreement_vs_fp32", 0.95, "detector: top-class agreement >= 0.95"),
     "minilm_dynamo": ("sample_cos_mean", 0.995, "text encoder: embedding cosine >= 0.995"),
     "orinet": ("top1", 0.97, "CNN classifier: top-1 agreement >= 0.97"),
