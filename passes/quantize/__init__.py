@@ -16,7 +16,7 @@ name, the float weight is removed, and the file really shrinks. One module per s
 - `layers`: which Conv/Gemm/MatMul (``op_types``) can be quantized, or why not;
 - `weights`: weight and bias codes (int8/uint8/int4 grids, 7-bit ``reduce_range``, GPTQ
   rounding of Gemm/MatMul and 1×1 Conv weights, ternary/binary) and their error bounds;
-  ``rounding='auto'`` (default) is GPTQ for unblocked 8-bit weights with calibration data;
+  ``rounding='auto'`` (default) is GPTQ for unblocked 8-bit and for int4 weights with calibration data;
 - `bias`: ``bias_correction``, the expected output shift of rounded weights removed from the bias;
 - `gptq`: ``rounding=gptq`` for block-wise (int4) weights, streamed one layer input at a time;
 - `calibration`: one streaming onnxruntime pass for the activation ranges (minmax, percentile,
@@ -177,12 +177,15 @@ class Quantize(Pass):
         return self.activations
 
     def rounding_for(self, has_data: bool) -> str:
-        """'gptq' or 'nearest': ``rounding``, or ('auto') GPTQ for unblocked 8-bit weights when
-        calibration data is given (`weights`), nearest otherwise."""
+        """'gptq' or 'nearest': ``rounding``, or ('auto') GPTQ when calibration data is given for
+        unblocked 8-bit weights and for int4 (per channel, or block-wise by the streamed solver),
+        nearest otherwise (`weights`)."""
         if self.rounding != "auto":
             return self.rounding
         unblocked = self.block_size in (None, 0)
-        return "gptq" if has_data and unblocked and self.weights in ("int8", "uint8") else "nearest"
+        if has_data and (self.weights == "int4" or (unblocked and self.weights in ("int8", "uint8"))):
+            return "gptq"
+        return "nearest"
 
     @property
     def weights_reduced(self) -> bool:

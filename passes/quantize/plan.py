@@ -22,8 +22,8 @@ node → quantize / float / skip with the reason), which `emit.apply_plan` write
 6. record the decisions, tensors and notes (`_record`).
 
 Weight-only (DQ(weight) → float op) is the outcome for every layer when ``activations=none``,
-for int4/ternary/binary or blocked weights, and when static activations are asked for without
-data (with a note).
+for ternary/binary or blocked weights, for int4 unless ``activations`` names int8 or uint8 (W4A8),
+and when static activations are asked for without data (with a note).
 """
 
 from __future__ import annotations
@@ -217,11 +217,18 @@ def _candidates(ix: GraphIndex, layers: dict[int, Layer], data: Dataset | None, 
     """The layers that may run with quantized activations, and those of them kept float (a Conv
     on a graph input, `layers.float_on_input`) with the reason; `notes` says why others cannot."""
     wants_static = opts.activations != "none"
-    static_kind = opts.weights in ("int8", "uint8")
+    # int4 weights with 8-bit activations (W4A8) only when asked for by name: onnxruntime's CPU has
+    # no kernel for the pair (the layer runs in float behind both dequantizations), so it is a
+    # format for accelerators that have one, not a speed-up here.
+    w4a8 = opts.weights == "int4" and opts.activations in ("int8", "uint8")
+    static_kind = opts.weights in ("int8", "uint8") or w4a8
     candidates = {i for i, lay in layers.items() if block_for(lay, opts) == 0} if static_kind else set()
     if wants_static and not static_kind:
         notes.append(f"weights={opts.weights}: onnxruntime has no integer conv/gemm kernel for these weights, "
-                     "so activations stay float (weight-only)")
+                     "so activations stay float (weight-only; activations=int8 or uint8 asks for W4A8)")
+    elif w4a8:
+        notes.append("W4A8: int4 weights with static 8-bit activations, as asked; onnxruntime's CPU runs "
+                     "these layers in float behind the dequantizations (a format for accelerators with W4A8 kernels)")
     elif wants_static and len(candidates) < len(layers):
         notes.append("blocked weights are weight-only (activations stay float for those layers)")
     if wants_static and static_kind and opts.activation_dtype == "int8" and opts.weights == "uint8":

@@ -275,7 +275,7 @@ def test_no_data_falls_back_to_weight_only_and_says_so():
 def test_int4_weight_only_matmul_is_blocked_along_k(tmp_path):
     model, wname, _ = _single_layer("MatMul", k=256, n=32)
     w = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}[wname]
-    result = Quantize(weights="int4")(model, _ctx(model, 8))
+    result = Quantize(weights="int4", rounding="nearest")(model, _ctx(model, 8))  # (auto: GPTQ, with data)
     out = result.model
     assert_valid(out)
     entry = result.report.rewritten[0]
@@ -305,6 +305,28 @@ def _nbits_weight(model, node):
     s = np.repeat(inits[node.input[2]].reshape(n, -1), block, axis=1)[:, :k]
     assert len(node.input) == 3  # symmetric codes: onnxruntime's default zero point (8)
     return ((u.astype(np.float32) - 8) * s).T
+
+
+def test_w4a8_only_when_activations_are_asked_for_by_name():
+    """int4 weights keep activations float by default (no CPU kernel for the pair); activations=int8
+    or uint8 asks for W4A8: per-channel int4 weights, 8-bit activations, each layer still computing
+    its float result within the grids' error."""
+    model = small_cnn()
+    ctx = _ctx(model, 16)
+    default = Quantize(weights="int4", prefer="size")(model, ctx)
+    assert op_count(default.model, "QuantizeLinear") == 0  # vacuity: weight-only unless asked
+    result = Quantize(weights="int4", activations="uint8", prefer="size")(model, ctx)
+    out = result.model
+    assert_valid(out)
+    assert op_count(out, "QuantizeLinear") > 0
+    int4 = [t for t in out.graph.initializer if t.data_type == TensorProto.INT4]
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert len(int4) >= len(convs)
+    assert all(e["input"] != "float" for e in result.report.rewritten if e["op"] == "Conv")
+    assert any("W4A8" in n for n in result.report.notes)
+    data = random_dataset(model, 16, seed=5).inputs
+    ref, got = _outputs(model, Dataset(data, None, "t"))[0], run(out, data)[0]
+    assert snr_db(ref, got) > 12.0  # int4 weights: a bounded, not an exact, error
 
 
 def test_int4_matmulnbits_matches_the_dequantizelinear_form(tmp_path):
@@ -1466,3 +1488,16 @@ def test_gptq_rounding_lowers_the_output_error(weights, activations):
             steps = 63 if (weights, activations) == ("int8", "uint8") else symmetric_steps(weights)
             assert all(np.abs(t.codes).max() <= steps for t in plan.by_role("weight"))  # the grid's own limits
     assert err["gptq"] < (0.5 if weights == "int4" else 0.95) * err["nearest"], err
+
+
+def test_int4_rounding_auto_is_gptq_with_data_and_nearest_without():
+    model, calib, _ = _correlated_mlp_and_data()
+    auto = Quantize(weights="int4", activations="none", sensitivity_snr_db=None)
+    gptq = Quantize(weights="int4", activations="none", sensitivity_snr_db=None, rounding="gptq")
+    nearest = Quantize(weights="int4", activations="none", sensitivity_snr_db=None, rounding="nearest")
+    codes = {name: [t.codes for t in q.plan(model, calib).by_role("weight")]
+             for name, q in (("auto", auto), ("gptq", gptq), ("nearest", nearest))}
+    assert any(not np.array_equal(a, b) for a, b in zip(codes["gptq"], codes["nearest"]))  # vacuity
+    assert all(np.array_equal(a, b) for a, b in zip(codes["auto"], codes["gptq"]))
+    without = [t.codes for t in auto.plan(model, None).by_role("weight")]
+    assert all(np.array_equal(a, b) for a, b in zip(without, [t.codes for t in nearest.plan(model, None).by_role("weight")]))
