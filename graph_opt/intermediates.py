@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from graph_opt.data import Dataset, batch_size_for, paired_batch_size
+from graph_opt.data import Dataset, batch_size_for, batch_size_within, paired_batch_size
 from graph_opt.errors import GraphOptError
 from graph_opt.external_data import detached
 from graph_opt.kernels.lstsq import conv_output_shape, conv_pads, im2col
@@ -354,8 +354,9 @@ def second_moments(model: onnx.ModelProto, data: Dataset | None, requests: set[t
     where it applies (`graph_opt.row_mask`). Graph inputs are read from the feed; intermediate
     tensors are exposed as extra outputs of one session. Tensors wider than `MAX_GRAM_WIDTH`,
     not float, or not finite are left out (a batch with a non-finite value is skipped for that
-    tensor). The rows of consecutive small batches are multiplied together, `GRAM_ROWS` at a
-    time (the same sum, rounded in another order). The last result is memoized (see the key) and
+    tensor). Batches hold at most `data.RUN_INPUT_BYTES` of inputs (`data.batch_size_within`); the
+    rows of consecutive small batches are multiplied together, `GRAM_ROWS` at a time (the same
+    sum, rounded in another order). The last result is memoized (see the key) and
     serves every later call asking for some of its tensors (a plan made again with fewer layers)."""
     requests = {r for r in requests if r[0]}
     if not requests or data is None:
@@ -381,7 +382,8 @@ def second_moments(model: onnx.ModelProto, data: Dataset | None, requests: set[t
             sums[k] = rows.T @ rows
         counts[k] = counts.get(k, 0) + rows.shape[0]
 
-    batches = (stream(model, data, names, desc="input statistics") if names
+    batches = (stream(model, data, names, desc="input statistics", batch_size=batch_size_within(data, model))
+               if names
                else ((feed, {}) for feed in data.batches(batch_size_for(model))))
     for feed, values in batches:
         for name, axis in sorted(requests):
