@@ -251,7 +251,8 @@ _SHARED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("quantize_
 def shared_calibration() -> Iterator[None]:
     """Within this scope (one quantize run and the plans it makes again: the latency gate's),
     a calibration whose tensors were all observed before on the same model and data reuses those
-    observers instead of streaming the data again. Nested scopes share the outer one."""
+    observers instead of streaming the data again, and so do GPTQ's input second moments
+    (`_moments`) and the range search's choices (`_search`). Nested scopes share the outer one."""
     if _SHARED.get() is not None:
         yield
         return
