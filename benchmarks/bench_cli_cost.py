@@ -27,18 +27,21 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import RESULTS_DIR, cpu_busy, cpu_line  # noqa: E402
+from _proc import status_kb
 
 HERE = Path(__file__).resolve().parents[1]
 
 
 def run_cli(checkout: Path, model: Path, data: Path, shapes: list[str], passes: list[str], out: Path) -> dict:
-    """One CLI process: wall seconds, its CPU seconds and peak RSS (from wait4, the child alone)."""
+    """One CLI process: wall seconds, its CPU seconds (wait4, the child alone) and peak RSS (its
+    VmHWM, polled every 50 ms)."""
     cmd = [sys.executable, "-m", "graph_opt.cli", "optimize", str(model), "-o", str(out), "--data", str(data)]
     for s in shapes:
         cmd += ["--input-shape", s]
@@ -48,14 +51,24 @@ def run_cli(checkout: Path, model: Path, data: Path, shapes: list[str], passes: 
     start = time.perf_counter()
     # cwd outside every checkout: `python -m` puts the working directory first on sys.path, so run
     # from this tree both checkouts would import this tree's graph_opt whatever PYTHONPATH says
-    proc = subprocess.Popen(cmd, env=env, cwd=out.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read() if proc.stderr else ""
+    # stderr to a file: a pipe nobody reads while polling could fill and stall the child
+    with tempfile.TemporaryFile("w+") as err_file:
+        proc = subprocess.Popen(cmd, env=env, cwd=out.parent, stdout=subprocess.DEVNULL, stderr=err_file, text=True)
+        # The peak is the child's VmHWM, polled: wait4's ru_maxrss starts from this (large) process's
+        # resident set at the spawn, so every model read at least this script's size.
+        hwm = 0
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            hwm = max(hwm, status_kb("VmHWM", proc.pid))
+            time.sleep(0.05)
+        wall = time.perf_counter() - start
+        err_file.seek(0)
+        err = err_file.read()
     code = os.waitstatus_to_exitcode(status)
     return {"exit": code, "wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-            "peak_mb": round(usage.ru_maxrss / 1024, 1), "error": err.strip().splitlines()[-1] if code else ""}
+            "peak_mb": round(hwm / 1024, 1), "error": err.strip().splitlines()[-1] if code else ""}
 
 
 def main(argv=None) -> int:

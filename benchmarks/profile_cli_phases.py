@@ -26,6 +26,10 @@ PHASES = [
     ("graph_opt.passes.quantize.plan", "make_plan"),
     ("graph_opt.passes.quantize.calibration", "calibrate"),
     ("graph_opt.passes.quantize.sensitivity", "measure"),
+    ("graph_opt.passes.quantize.weights", "attach_hessians"),   # GPTQ's input second moments
+    ("graph_opt.passes.quantize.search", "search_ranges"),      # calibration=output
+    ("graph_opt.passes.quantize.plan", "_admit"),               # the end-to-end admission check
+    ("graph_opt.passes._smooth", "smooth"),
     ("graph_opt.passes.quantize", "Quantize._gate"),
     ("graph_opt.passes.quantize.emit", "apply_plan"),
     ("graph_opt.pipeline", "Pipeline._measure_latency"),
@@ -39,6 +43,8 @@ REBOUND = [
     ("graph_opt.pipeline", "check_model", "graph_opt.model_io"),
     ("graph_opt.passes.simplify", "check_model", "graph_opt.model_io"),
     ("graph_opt.passes.quantize", "make_plan", "graph_opt.passes.quantize.plan"),
+    ("graph_opt.passes.quantize.plan", "attach_hessians", "graph_opt.passes.quantize.weights"),
+    ("graph_opt.passes.quantize", "smooth", "graph_opt.passes._smooth"),
 ]
 
 seconds: collections.Counter[str] = collections.Counter()

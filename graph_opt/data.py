@@ -283,6 +283,22 @@ def batch_size_for(model: onnx.ModelProto, requested: int = 32) -> int:
     return batch_layout(model).fixed or requested
 
 
+# A run of a model whose batch is dynamic takes at most this many bytes of inputs: inside
+# onnxruntime a large image's activations take many times its input, and 32 such images in one run
+# held hundreds of MB for no speed (a Conv computes each image on its own).
+RUN_INPUT_BYTES = 4 << 20
+
+
+def batch_size_within(data: Dataset, model: onnx.ModelProto, requested: int = 32) -> int:
+    """Samples per run of `model` on `data`: its static batch, else `requested` or as many as
+    `RUN_INPUT_BYTES` of inputs hold, whichever is fewer (at least one)."""
+    fixed = batch_layout(model).fixed
+    if fixed or not len(data):
+        return fixed or requested
+    per_sample = sum(int(np.asarray(v).nbytes) for v in data.slice(0, 1).values())
+    return int(min(requested, max(1, RUN_INPUT_BYTES // max(per_sample, 1))))
+
+
 def paired_batch_size(teacher: onnx.ModelProto, student: onnx.ModelProto, requested: int = 32) -> int:
     """The batch size both models take when run side by side on the same batches: a static batch
     of either (a student whose batch `simplify` bound under the user's --input-shape), else `requested`."""

@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from graph_opt.data import Dataset, batch_size_for, paired_batch_size
+from graph_opt.data import Dataset, batch_size_for, batch_size_within, paired_batch_size
 from graph_opt.errors import GraphOptError
 from graph_opt.external_data import detached
 from graph_opt.kernels.lstsq import conv_output_shape, conv_pads, im2col
@@ -335,8 +335,15 @@ def feature_distances(teacher: onnx.ModelProto, student: onnx.ModelProto, data: 
 
 # The largest input width whose second moment is accumulated (a k×k float64 matrix per layer).
 MAX_GRAM_WIDTH = 8192
+# Rows of one tensor gathered before their product is added: a batch of one short sequence gives a
+# few dozen rows, and the product of so few rows with a wide input is bound by memory, not
+# arithmetic (each one reads and writes the whole k×k sum). Batches with at least this many rows
+# are added as they come.
+GRAM_ROWS = 1024
+# The rows held back at once over every tensor (as they come, float32 mostly); past it all are added.
+GRAM_BUFFER_BYTES = 64 * 2**20
 # One memo entry: a budgeted pass runs the same model on the same data at every level and layer.
-_GRAM_MEMO: dict[tuple, dict[tuple[str, int], np.ndarray]] = {}
+_GRAM_MEMO: dict[tuple, tuple[frozenset[tuple[str, int]], dict[tuple[str, int], np.ndarray]]] = {}
 
 
 def second_moments(model: onnx.ModelProto, data: Dataset | None, requests: set[tuple[str, int]],
@@ -346,36 +353,61 @@ def second_moments(model: onnx.ModelProto, data: Dataset | None, requests: set[t
     data-aware factorization and rounding. With `row_mask`, only the positions it keeps count
     where it applies (`graph_opt.row_mask`). Graph inputs are read from the feed; intermediate
     tensors are exposed as extra outputs of one session. Tensors wider than `MAX_GRAM_WIDTH`,
-    not float, or not finite are left out. The last result is memoized (see the key)."""
+    not float, or not finite are left out (a batch with a non-finite value is skipped for that
+    tensor). Batches hold at most `data.RUN_INPUT_BYTES` of inputs (`data.batch_size_within`); the
+    rows of consecutive small batches are multiplied together, `GRAM_ROWS` at a time (the same
+    sum, rounded in another order). The last result is memoized (see the key) and
+    serves every later call asking for some of its tensors (a plan made again with fewer layers)."""
     requests = {r for r in requests if r[0]}
     if not requests or data is None:
         return {}
     # id(model): a pass that only retrains weights (distill) keeps every name, so the structure
     # alone cannot tell its output from its input; a budget's runs all read the same model object.
-    key = (id(model), _fingerprint(model), id(data), len(data), tuple(sorted(requests)), row_mask)
-    if key in _GRAM_MEMO:
-        return _GRAM_MEMO[key]
+    key = (id(model), _fingerprint(model), id(data), len(data), row_mask)
+    if key in _GRAM_MEMO and requests <= _GRAM_MEMO[key][0]:
+        grams = _GRAM_MEMO[key][1]
+        return {r: grams[r] for r in requests if r in grams}
     inputs = {i.name for i in model.graph.input}
     names = sorted({name for name, _ in requests if name not in inputs})
     sums: dict[tuple[str, int], np.ndarray] = {}
     counts: dict[tuple[str, int], int] = {}
-    batches = (stream(model, data, names, desc="input statistics") if names
+    held: dict[tuple[str, int], list[np.ndarray]] = {}
+
+    def add(k: tuple[str, int]) -> None:
+        parts = held.pop(k)
+        rows = (parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(np.float64)
+        if k in sums:
+            sums[k] += rows.T @ rows
+        else:
+            sums[k] = rows.T @ rows
+        counts[k] = counts.get(k, 0) + rows.shape[0]
+
+    batches = (stream(model, data, names, desc="input statistics", batch_size=batch_size_within(data, model))
+               if names
                else ((feed, {}) for feed in data.batches(batch_size_for(model))))
     for feed, values in batches:
-        for name, axis in requests:
+        for name, axis in sorted(requests):
             x = np.asarray(feed[name] if name in inputs else values[name])
             if x.ndim == 0 or not np.issubdtype(x.dtype, np.floating):
                 continue
-            rows = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]).astype(np.float64)
+            rows = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
             keep = row_mask.keep(feed, x.shape, axis) if row_mask is not None else None
             rows = rows if keep is None else rows[keep]
             if rows.shape[1] > MAX_GRAM_WIDTH or not np.all(np.isfinite(rows)):
                 continue
-            sums[(name, axis)] = sums.get((name, axis), 0.0) + rows.T @ rows
-            counts[(name, axis)] = counts.get((name, axis), 0) + rows.shape[0]
+            k = (name, axis)
+            held.setdefault(k, []).append(rows)
+            if sum(r.shape[0] for r in held[k]) >= GRAM_ROWS:
+                add(k)
+        if sum(r.nbytes for parts in held.values() for r in parts) > GRAM_BUFFER_BYTES:
+            for k in list(held):
+                add(k)
+        del values
+    for k in list(held):
+        add(k)
     grams = {k: v / counts[k] for k, v in sums.items() if counts[k]}
     _GRAM_MEMO.clear()
-    _GRAM_MEMO[key] = grams
+    _GRAM_MEMO[key] = (frozenset(requests), grams)
     return grams
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from graph_opt import metrics
-from graph_opt.data import Dataset, batch_size_for
+from graph_opt.data import Dataset, batch_size_for, batch_size_within
 from graph_opt.errors import GraphOptError, InvalidModelError
 from graph_opt.runtime import run_model
 
@@ -210,7 +210,7 @@ class Reference:
     def __init__(self, original: onnx.ModelProto, data: Dataset, *, threads: int = 1, temperature: float = 1.0,
                  kd_alpha: float = 1.0):
         self.data = data.laid_out(original)  # a plain Dataset gets the model's batch axes
-        self.batch_size = batch_size_for(original)
+        self.batch_size = batch_size_within(self.data, original)
         self.threads = threads
         self.temperature = temperature
         self.kd_alpha = kd_alpha

@@ -40,6 +40,7 @@ from onnx import helper
 from graph_opt.data import Dataset
 from graph_opt.errors import GraphOptError
 from graph_opt.external_data import has_disk_weights
+from graph_opt.intermediates import second_moments
 from graph_opt.model_io import check_model, copy_model
 from graph_opt.passes._graph import GraphIndex, all_nodes
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
@@ -98,7 +99,7 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
 
     if opts.rounding_for(data is not None) == "gptq":
         try:
-            attach_hessians(model, ix, layers, data, notes, opts)
+            attach_hessians(model, ix, layers, data, notes, opts, _moments(source, data))
         except GraphOptError as exc:  # the statistics' model does not load or run (e.g. a custom op onnxruntime lacks)
             notes.append(f"rounding=gptq not run ({exc}); weights rounded to nearest")
     candidates, forced = _candidates(ix, layers, data, opts, notes)
@@ -257,7 +258,8 @@ _SHARED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("quantize_
 def shared_calibration() -> Iterator[None]:
     """Within this scope (one quantize run and the plans it makes again: the latency gate's),
     a calibration whose tensors were all observed before on the same model and data reuses those
-    observers instead of streaming the data again. Nested scopes share the outer one."""
+    observers instead of streaming the data again, and so do GPTQ's input second moments
+    (`_moments`) and the range search's choices (`_search`). Nested scopes share the outer one."""
     if _SHARED.get() is not None:
         yield
         return
@@ -291,6 +293,25 @@ def _observe(model: onnx.ModelProto, source: str | None, data: Dataset, tensors:
                                       max_samples=opts.max_samples, threads=opts.threads, feature_axis=feature_axis)
     shared[key] = (frozenset(tensors), observers)
     return observers, False
+
+
+def _moments(source: str | None, data: Dataset | None):
+    """`intermediates.second_moments`, or within a `shared_calibration` scope one that reuses the
+    second moments an earlier plan of the same source model and data computed, when they cover
+    every tensor asked for (the latency gate's plan asks for those of a subset of the layers)."""
+    shared = _SHARED.get()
+    if shared is None or source is None:
+        return second_moments
+    key = ("moments", source, id(data))
+
+    def moments(model: onnx.ModelProto, data: Dataset | None, requests: set[tuple[str, int]]):
+        asked, grams = shared.get(key, (frozenset(), {}))
+        if key in shared and requests <= asked:
+            return {r: grams[r] for r in requests if r in grams}
+        grams = second_moments(model, data, requests)
+        shared[key] = (frozenset(requests), grams)
+        return grams
+    return moments
 
 
 def _search(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], weights: dict[int, TensorQuant],

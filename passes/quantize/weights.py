@@ -138,7 +138,7 @@ def _code_limits(dtype: str, symmetric: bool, reduced: bool) -> tuple[int, int]:
 
 
 def attach_hessians(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], data: Dataset | None,
-              notes: list[str], opts: Quantize) -> None:
+              notes: list[str], opts: Quantize, moments=second_moments) -> None:
     """rounding=gptq: attach each 2-D Gemm/MatMul weight's input second moment, from the float
     model's activations on the calibration data (not chained through the quantized layers).
     Block-wise weights are solved here, one input at a time (`gptq.solve_blocked`: codes and
@@ -160,7 +160,7 @@ def attach_hessians(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, La
             requests[idx] = (layer.x, 0 if trans_a else -1)
         elif _pointwise(layer, ix.nodes[idx]):
             requests[idx] = (layer.x, 1)
-    grams = second_moments(model, data, set(requests.values()))
+    grams = moments(model, data, set(requests.values()))  # `second_moments`, or a plan's shared ones
     done = 0
     for idx, key in requests.items():
         h = grams.get(key)

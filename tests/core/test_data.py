@@ -242,3 +242,23 @@ def test_unnamed_state_batch_axis_is_taken_from_the_data(tmp_path):
     first = data.sample(0)
     assert first["state"].shape == (2, 1, 8) and np.array_equal(first["state"], arrays["state"][:, :1])
     onnx.checker.check_model(model)
+
+
+def test_batch_size_within_bounds_the_inputs_of_a_run(monkeypatch):
+    from graph_opt import data as data_mod
+    from graph_opt.data import batch_size_within
+    from graph_opt.verify import Reference
+
+    model = small_cnn()  # [N, 3, 16, 16] float32: 3 KB per sample
+    data = random_dataset(model, 40)
+    assert batch_size_within(data, model) == 32  # small samples: the usual 32
+    monkeypatch.setattr(data_mod, "RUN_INPUT_BYTES", 3 * 16 * 16 * 4 * 5)  # five samples' inputs
+    assert batch_size_within(data, model) == 5
+    monkeypatch.setattr(data_mod, "RUN_INPUT_BYTES", 1)
+    assert batch_size_within(data, model) == 1  # at least one
+    fixed = fixed_batch_model()
+    assert batch_size_within(random_dataset(fixed, 8), fixed) == batch_layout(fixed).fixed  # a static batch wins
+    monkeypatch.setattr(data_mod, "RUN_INPUT_BYTES", 3 * 16 * 16 * 4 * 5)
+    ref = Reference(model, data)
+    assert ref.batch_size == 5 and len(ref.outputs["logits"]) == 40
+    assert ref.compare(model).snr_db == float("inf")

@@ -128,3 +128,42 @@ def test_feature_matched_by_position_when_a_rewrite_renamed_it():
     data = random_dataset(model, 3)
     got = feature_distances(model, renamed, data, [("relu10_out", "relu10_out")])
     assert got == {"relu10_out=renamed": 0.0}
+
+
+def test_second_moments_same_sum_whether_batches_are_multiplied_alone_or_gathered(monkeypatch):
+    from graph_opt import intermediates
+
+    model = small_cnn()
+    data = random_dataset(model, 40, seed=3)  # batches of 32 and 8
+    hidden = "relu5_out"  # [N, 16, 16, 16]
+    requests = {(hidden, 1), ("x", -1)}
+    h = np.concatenate([v[hidden] for _, v in stream(model, data, [hidden])])
+    h = np.moveaxis(h, 1, -1).reshape(-1, 16).astype(np.float64)
+    x = data.inputs["x"].reshape(-1, data.inputs["x"].shape[-1]).astype(np.float64)
+    direct = {(hidden, 1): h.T @ h, ("x", -1): x.T @ x}
+    counts = {(hidden, 1): 40 * 16 * 16, ("x", -1): x.shape[0]}
+    results = []
+    for rows in (1, 10**9):  # each batch alone; everything gathered into one product
+        monkeypatch.setattr(intermediates, "GRAM_ROWS", rows)
+        intermediates._GRAM_MEMO.clear()
+        results.append(intermediates.second_moments(model, data, requests))
+    for got in results:
+        for k, total in direct.items():
+            np.testing.assert_allclose(got[k], total / counts[k], rtol=1e-12, atol=1e-12 * np.abs(total).max())
+
+
+def test_second_moments_serve_a_subset_of_the_last_request_without_running(monkeypatch):
+    from graph_opt import intermediates
+
+    model = small_cnn()
+    data = random_dataset(model, 6)
+    both = intermediates.second_moments(model, data, {("relu5_out", 1), ("x", 1)})
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("streamed again")
+
+    monkeypatch.setattr(intermediates, "stream", no_run)
+    one = intermediates.second_moments(model, data, {("relu5_out", 1)})
+    assert set(one) == {("relu5_out", 1)} and one[("relu5_out", 1)] is both[("relu5_out", 1)]
+    with pytest.raises(AssertionError, match="streamed again"):  # a tensor not asked for before: a new run
+        intermediates.second_moments(model, data, {("relu5_out", 1), ("conv6_out", 1)})

@@ -302,6 +302,22 @@ def test_the_gated_replan_reuses_the_first_calibration(monkeypatch):
     assert by_hand.model.SerializeToString() == gated.model.SerializeToString()
 
 
+def test_the_gated_replan_reuses_the_first_plans_second_moments(monkeypatch):
+    from graph_opt.passes.quantize import plan
+
+    calls = _counted(monkeypatch, plan, "second_moments")
+    monkeypatch.setattr(speed, "profile_timer", _fake({"fc1": 100.0, "fc2": 100.0}, {"fc1": 40.0, "fc2": 130.0}))
+    monkeypatch.setattr(speed, "latency_timer", _clock([10.0, 9.0, 5.0]))  # the gated form wins
+    model = encoder_ffn()
+    ctx = _ctx(model)
+    gated = Quantize()(model, ctx)
+    assert {e["node"] for e in gated.report.rewritten if e.get("weight")} == {"fc1"}  # the gate re-planned
+    assert len(calls) == 1  # computed for the first plan only (GPTQ ran: rounding=auto with data)
+    by_hand = Quantize(prefer="size", keep_float=("fc2",))(model, ctx)
+    assert len(calls) == 2
+    assert by_hand.model.SerializeToString() == gated.model.SerializeToString()
+
+
 @pytest.mark.parametrize("shape,bias_shape", [((6, 8), (5,)), ((2, 3, 8), (1, 5)), ((1, 2, 3, 8), (5,))])
 def test_gemm_form_is_exact_for_every_input_rank(shape, bias_shape):
     g = GraphBuilder(seed=3)
