@@ -111,6 +111,8 @@ log = logging.getLogger(__name__)
 # (benchmarks/RESULTS.md, "Quantization vs onnxruntime, NNCF and AIMET-ONNX"). Only on transformers
 # (`passes._smooth.has_attention`): nothing was measured to gain on a CNN.
 SMOOTH_AUTO = {"alpha": 0.6, "unfoldable": "mul", "op_types": ("MatMul",), "scope": "transformer"}
+# ``chain=auto``: stages of chained GPTQ (benchmarks/RESULTS.md, "Chained GPTQ rounding").
+AUTO_CHAIN = 1
 AUTO_SNR_DB = {"int8": 25.0, "uint8": 25.0, "int4": 10.0, "ternary": None, "binary": None}
 
 
@@ -142,6 +144,7 @@ class Quantize(Pass):
     min_snr_db: float | None = None
     threads: int = 0
     rounding: Literal["auto", "nearest", "gptq"] = "auto"
+    chain: int | Literal["auto", "off"] = "off"
     bias_correction: bool = False
     smooth: float | Literal["off", "auto"] = "auto"
     int4_format: Literal["matmulnbits", "dq"] = "dq"
@@ -166,6 +169,8 @@ class Quantize(Pass):
             raise ValueError(f"min_snr_db must be a finite number of dB, got {self.min_snr_db}")
         if self.threads < 0:
             raise ValueError("threads must be >= 0 (0: onnxruntime's default, one per core)")
+        if not isinstance(self.chain, str) and self.chain < 1:
+            raise ValueError(f"chain must be off, auto or a number of stages >= 1, got {self.chain}")
         if not isinstance(self.smooth, str) and not 0.0 <= self.smooth <= 1.0:
             raise ValueError(f"smooth must be off, auto or an alpha in [0, 1], got {self.smooth}")
 
@@ -183,6 +188,12 @@ class Quantize(Pass):
             return self.rounding
         unblocked = self.block_size in (None, 0)
         return "gptq" if has_data and unblocked and self.weights in ("int8", "uint8") else "nearest"
+
+    def chain_stages(self) -> int:
+        """GPTQ's chained stages (`chain`): 0 unchained (``off``), else ``chain`` or ('auto') `AUTO_CHAIN`."""
+        if self.chain == "off":
+            return 0
+        return AUTO_CHAIN if self.chain == "auto" else int(self.chain)
 
     @property
     def weights_reduced(self) -> bool:

@@ -43,7 +43,7 @@ from graph_opt.external_data import has_disk_weights
 from graph_opt.model_io import check_model, copy_model
 from graph_opt.passes._graph import GraphIndex, all_nodes
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
-from graph_opt.passes.quantize import bias, calibration, search, sensitivity, speed
+from graph_opt.passes.quantize import bias, calibration, chain, search, sensitivity, speed
 from graph_opt.passes.quantize.emit import apply_plan
 from graph_opt.passes.quantize.layers import Layer, excluded, float_on_input, match_layers, opset_of, rematch_layers
 from graph_opt.passes.quantize.placement import Placement, calibration_tensors, place
@@ -119,6 +119,11 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
     if opts.calibration == "output" and data is not None and pl.acts and weights:
         ranges = _search(model, ix, layers, weights, biases, pl, ranges, data, opts, batch_size, notes, source)
         pl = place(ix, layers, candidates, ranges, opts, forced, unasked)
+        weights, biases = weights_and_biases(layers, pl, opts, quantized)
+    chained = (opts.chain_stages() and data is not None and any(lay.hessian is not None for lay in layers.values())
+               and _chain(model, ix, layers, decisions, target, candidates, ranges, forced, unasked, quantized, data,
+                          opts, notes, source))
+    if chained:
         weights, biases = weights_and_biases(layers, pl, opts, quantized)
 
     threshold = opts.threshold_db()
@@ -315,6 +320,51 @@ def _search(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], we
                  "activation ranges clipped below their observed min/max, where the error of the layers reading "
                  "them was least (search.ALPHAS)")
     return search.Searched(ranges, {t: r for t, r in chosen.items() if t in ranges})
+
+
+def _chain(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], decisions: list[NodeDecision],
+           opset: int, candidates: set[int], ranges: Mapping[str, tuple[float, float]], forced: dict[int, str],
+           unasked: frozenset[str], quantized: dict, data: Dataset, opts: Quantize, notes: list[str],
+           source: str | None) -> bool:
+    """Chained GPTQ (`chain.rechain`) on the plan placed so far: each stage's model is this plan
+    applied with the codes of the moment. Within a `shared_calibration` scope the first plan's
+    chained statistics are reused by the plans made again there (the latency gate's keep a subset
+    of its layers quantized). True when any layer was re-solved."""
+    shared = _SHARED.get()
+    key = ("chain", source, id(data), opts.max_samples, opts.chain_stages())
+    if shared is not None and source is not None and key in shared:
+        solved = shared[key]
+        hit = {i for i, lay in layers.items() if lay.hessian is not None and lay.label in solved}
+        for i in hit:
+            layers[i].hessian, layers[i].aim = solved[layers[i].label]
+            quantized.pop((i, True), None)
+            quantized.pop((i, False), None)
+        notes.append(f"chain: {len(hit)} GPTQ layers rounded against the first plan's chained inputs, reused")
+        return bool(hit)
+
+    def build() -> chain.StageModel:
+        pl = place(ix, layers, candidates, ranges, opts, forced, unasked)
+        weights, biases = weights_and_biases(layers, pl, opts, quantized)
+        trial = QuantPlan(opset=opset, nodes=list(decisions), notes=[])
+        _record(trial, ix, layers, pl, forced, {}, [*weights.values(), *biases.values(), *pl.acts.values()], biases)
+        acts = {i: pl.acts.get(layers[i].x) if i in pl.static else None for i in layers}
+        return apply_plan(model, trial, int4_format=opts.int4_format), acts
+
+    def forget(ids: set[int]) -> None:
+        for i in ids:
+            quantized.pop((i, True), None)
+            quantized.pop((i, False), None)
+
+    try:
+        done = chain.rechain(model, ix, layers, data, opts.chain_stages(), opts, build, forget, notes)
+    except GraphOptError as exc:  # a stage model does not load or run
+        notes.append(f"chain not run ({exc}); GPTQ kept its unchained codes")
+        return False
+    finally:
+        release_memory()
+    if shared is not None and source is not None:
+        shared[key] = {layers[i].label: (layers[i].hessian, layers[i].aim) for i in done}
+    return bool(done)
 
 
 def _calibrate(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], candidates: set[int],

@@ -116,10 +116,11 @@ def _quantize_weight(layer: Layer, opts: Quantize, static: bool) -> TensorQuant:
     if layer.hessian is not None and (w.ndim == 2 or _pointwise(layer)):
         reduced = static and dtype == "int8" and opts.weights_reduced and block == 0
         limits = _code_limits(dtype, opts.symmetric, reduced)
+        aim = w if layer.aim is None else layer.aim  # chained: the weight that also corrects its input's error
         if w.ndim == 2:
-            codes = gptq_quantize(w, p, layer.hessian, layer.red_axis, limits=limits)
+            codes = gptq_quantize(aim, p, layer.hessian, layer.red_axis, limits=limits)
         else:  # a 1×1 Conv is a Gemm over its channels at every position: (out, in) and back
-            flat = w.reshape(w.shape[0], w.shape[1])
+            flat = aim.reshape(w.shape[0], w.shape[1])
             pf = p if p.axis is None else dataclasses.replace(p, axis=0)
             codes = gptq_quantize(flat, pf, layer.hessian, 1, limits=limits).reshape(w.shape)
     return TensorQuant.from_params(layer.w, "weight", p, shape=shape, codes=codes)
