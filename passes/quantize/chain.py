@@ -25,7 +25,8 @@ A layer deeper in a stage than another of the same stage sees that one's unchain
 one stage per depth, each layer sees exactly the codes it will be deployed next to (up to the
 sensitivity verdicts made afterwards, which may keep some layers float).
 
-Cost: per stage, one model build and two streaming passes over at most ``max_samples`` samples,
+Cost: per stage, one model build and two streaming passes over the calibration data (the samples
+the unchained statistics were taken on),
 plus the chained layers' solves (each layer is solved twice in all: unchained, then chained).
 Skipped (the unchained codes kept, with a note): layers whose chained input is not captured (not
 float, not finite, a width other than the weight's); every layer when no GPTQ layer was solved.
@@ -136,7 +137,6 @@ def rechain(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], da
     if not ids:
         return set()
     plan = stages(depths(ix, ids), n_stages)
-    data = data.take(min(len(data), opts.max_samples))
     inputs = {i.name for i in model.graph.input}
     clock = {"codes and stage models": 0.0, "streaming": 0.0, "aims": 0.0}
     done: set[int] = set()

@@ -10,7 +10,7 @@ node → quantize / float / skip with the reason), which `emit.apply_plan` write
    DequantizeLinear, 21 for int4 and blocks, 25 for int2; a lower model is upgraded
    (`_upgrade_opset`: an opset bump when no used op changed, else ``onnx.version_converter``,
    then checked to load) or its layers are skipped with the reason;
-2. ``rounding=gptq``: the layers' input second moments (`weights.attach_hessians`);
+2. ``rounding=gptq``: the layers' input second moments in the float model (`weights.attach_hessians`);
 3. the static candidates (`_candidates`): 8-bit unblocked weights with ``activations`` not
    'none' and calibration data, less the Convs on a graph input `layers.float_on_input` keeps;
    ``bias_correction``: their input channel means (`bias.attach_means`);
@@ -19,7 +19,10 @@ node → quantize / float / skip with the reason), which `emit.apply_plan` write
 5. measure the sensitivity (`sensitivity.measure`), keep the sensitive nodes float or
    weight-only, and place again when any changed; with the 'auto' threshold, a node below it on
    its own is quantized after all when the model's outputs still hold it (`_admit`);
-6. record the decisions, tensors and notes (`_record`).
+6. ``chain``: the GPTQ layers rounded again against their inputs in the model as planned
+   (`_chain`, `chain.rechain`), after the sensitivity verdicts, which judge each node's own
+   rounding against its float input;
+7. record the decisions, tensors and notes (`_record`).
 
 Weight-only (DQ(weight) → float op) is the outcome for every layer when ``activations=none``,
 for int4/ternary/binary or blocked weights, and when static activations are asked for without
@@ -120,14 +123,9 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
         ranges = _search(model, ix, layers, weights, biases, pl, ranges, data, opts, batch_size, notes, source)
         pl = place(ix, layers, candidates, ranges, opts, forced, unasked)
         weights, biases = weights_and_biases(layers, pl, opts, quantized)
-    chained = (opts.chain_stages() and data is not None and any(lay.hessian is not None for lay in layers.values())
-               and _chain(model, ix, layers, decisions, target, candidates, ranges, forced, unasked, quantized, data,
-                          opts, notes, source))
-    if chained:
-        weights, biases = weights_and_biases(layers, pl, opts, quantized)
-
     threshold = opts.threshold_db()
     sens: dict[int, dict[str, float]] = {}
+    weight_only: dict[int, str] = {}
     if threshold is not None and data is not None and weights:
         try:
             sens = sensitivity.measure(model, ix, layers, weights, biases, pl, data, opts, batch_size)
@@ -149,6 +147,13 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
                     pl.decisions[idx].reason = weight_only[idx]
         notes.append(f"sensitivity threshold {threshold:g} dB: {len(forced)} of {len(sens)} nodes kept float, "
                      f"{len(weight_only)} layers weight-only")
+    # Chained last: on the final placement (a sensitivity verdict is about a node's own robustness,
+    # and a chained weight aims at its quantized input, not at the float one it is measured on).
+    chained = (opts.chain_stages() and data is not None and any(lay.hessian is not None for lay in layers.values())
+               and _chain(model, ix, layers, decisions, target, candidates - set(weight_only), ranges, forced,
+                          unasked, quantized, data, opts, notes, source))
+    if chained:
+        weights, biases = weights_and_biases(layers, pl, opts, quantized)
     _record(plan, ix, layers, pl, forced, sens, [*weights.values(), *biases.values(), *pl.acts.values()],
             biases)
     return plan, model
@@ -331,7 +336,7 @@ def _chain(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], dec
     chained statistics are reused by the plans made again there (the latency gate's keep a subset
     of its layers quantized). True when any layer was re-solved."""
     shared = _SHARED.get()
-    key = ("chain", source, id(data), opts.max_samples, opts.chain_stages())
+    key = ("chain", source, id(data), len(data), opts.chain_stages())
     if shared is not None and source is not None and key in shared:
         solved = shared[key]
         hit = {i for i, lay in layers.items() if lay.hessian is not None and lay.label in solved}

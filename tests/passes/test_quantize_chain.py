@@ -1,0 +1,125 @@
+"""Chained GPTQ rounding (passes/quantize/chain.py): each GPTQ layer's statistics come from the
+model in which the layers before it are quantized, and its codes aim at the weight that corrects
+the error reaching it."""
+
+import numpy as np
+import pytest
+from builders import GraphBuilder, assert_valid, op_count, run
+
+from graph_opt.data import Dataset
+from graph_opt.pass_base import PassContext
+from graph_opt.passes.quantize import Quantize, chain
+from graph_opt.registry import parse_spec
+
+K = 32
+
+
+def _mlp(depth: int = 4):
+    """x [N, K] (strongly correlated features) → (Gemm → Relu) × (depth − 1) → Gemm → y: every
+    layer a GPTQ layer, each one reading the one before."""
+    mix = np.random.default_rng(100).standard_normal((K, K)) * np.exp(-np.arange(K) / 5.0)[None, :]
+
+    def draw(n, seed):
+        return Dataset({"x": (np.random.default_rng(seed).standard_normal((n, K)) @ mix.T).astype(np.float32)})
+
+    g = GraphBuilder(seed=3)
+    h = g.input("x", ["N", K])
+    for i in range(depth - 1):
+        h = g.node("Relu", [g.gemm(h, K, K, name=f"fc{i}")])
+    g.node("Identity", [g.gemm(h, K, 16, name=f"fc{depth - 1}")], ["y"])
+    g.output("y", ["N", 16])
+    return g.build(), draw(512, 0), draw(256, 1)
+
+
+def _quantize(model, data, **kw):
+    opts = dict(sensitivity_snr_db=None, prefer="size", calibration="minmax", rounding="gptq")
+    return Quantize(**{**opts, **kw})(model, PassContext(data=data))
+
+
+def _error(model, out, test):
+    ref = run(model, test.inputs)[0]
+    return float(np.linalg.norm(run(out, test.inputs)[0] - ref) / np.linalg.norm(ref))
+
+
+def test_stages_follow_the_depth_of_the_layers():
+    model, _, _ = _mlp(4)
+    from graph_opt.passes._graph import GraphIndex
+    ix = GraphIndex(model)
+    ids = {i for i, n in enumerate(ix.nodes) if n.op_type == "Gemm"}
+    depth = chain.depths(ix, ids)
+    assert sorted(depth.values()) == [0, 1, 2, 3]
+    assert [len(s) for s in chain.stages(depth, 2)] == [2, 2]
+    assert [len(s) for s in chain.stages(depth, 99)] == [1, 1, 1, 1]  # never more stages than depths
+    assert chain.stages(depth, 1) == [sorted(ids)]
+
+
+@pytest.mark.parametrize("activations", ["none", "uint8"])
+def test_chained_statistics_equal_the_float_ones_for_the_first_layer_only(monkeypatch, activations):
+    model, calib, _ = _mlp(2)
+    seen = {}
+    original = chain.rechain
+
+    def spy(model, ix, layers, *args, **kw):
+        before = {lay.label: lay.hessian.copy() for lay in layers.values()}
+        done = original(model, ix, layers, *args, **kw)
+        seen.update({lay.label: (before[lay.label], lay.hessian, lay.aim, lay.wv) for lay in layers.values()})
+        return done
+
+    monkeypatch.setattr(chain, "rechain", spy)
+    _quantize(model, calib, activations=activations, chain=2)
+    assert set(seen) == {"fc0", "fc1"}
+    h_float, h_chained, aim, w = seen["fc0"]
+    if activations == "none":  # its input is the graph input: nothing before it is quantized
+        np.testing.assert_allclose(h_chained, h_float, rtol=1e-5, atol=1e-7 * np.abs(h_float).max())
+        np.testing.assert_allclose(aim, w, rtol=1e-4, atol=1e-6)
+    else:  # its own input's QuantizeLinear → DequantizeLinear, and nothing else
+        assert not np.allclose(h_chained, h_float, rtol=1e-7, atol=0)
+        np.testing.assert_allclose(h_chained, h_float, rtol=0.05, atol=0.01 * np.abs(h_float).max())
+    h_float, h_chained, aim, w = seen["fc1"]  # reads fc0's quantized output
+    rel = np.linalg.norm(h_chained - h_float) / np.linalg.norm(h_float)
+    assert 1e-5 < rel < 0.2, rel
+    assert not np.allclose(aim, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("activations", ["none", "uint8"])
+def test_chained_rounding_fires_and_stays_valid(activations):
+    model, calib, test = _mlp(4)
+    assert op_count(model, "Gemm") == 4 and op_count(model, "DequantizeLinear") == 0  # vacuity
+    plain = _quantize(model, calib, activations=activations, chain="off")
+    chained = _quantize(model, calib, activations=activations, chain=4)
+    assert not any(n.startswith("chain:") for n in plain.report.notes)
+    assert any(n.startswith("chain: 4 of 4 GPTQ layers") and "in 4 stages" in n for n in chained.report.notes), \
+        chained.report.notes
+    assert len(chained.report.rewritten) == len(plain.report.rewritten) == 4
+    assert_valid(chained.model)  # checker, onnxruntime loads it
+    weights = {}
+    for name, r in (("plain", plain), ("chained", chained)):
+        weights[name] = {t.name: t for t in r.model.graph.initializer if t.name.endswith(".w_quantized")}
+    assert weights["plain"].keys() == weights["chained"].keys() and len(weights["plain"]) == 4
+    from onnx import numpy_helper
+    moved = [n for n in weights["plain"]
+             if not np.array_equal(numpy_helper.to_array(weights["plain"][n]), numpy_helper.to_array(weights["chained"][n]))]
+    assert any(not n.startswith("fc0") for n in moved), moved  # the deeper layers' codes followed their inputs
+    assert _error(model, chained.model, test) < (0.02 if activations == "none" else 0.1)  # parity bound
+
+
+def test_chained_rounding_lowers_the_output_error():
+    """Weight-only int8, four layers: each layer's rounding error reaches the next, which the
+    chained codes correct (on held-out data, by a margin far above float accidents)."""
+    model, calib, test = _mlp(4)
+    err = {c: _error(model, _quantize(model, calib, activations="none", chain=c).model, test) for c in ("off", 4)}
+    assert err[4] < 0.9 * err["off"], err
+
+
+def test_chain_option_is_validated_and_spelled_on_the_cli():
+    with pytest.raises(ValueError, match="chain must be"):
+        Quantize(chain=0)
+    assert parse_spec("quantize:chain=3").chain == 3
+    assert parse_spec("quantize:chain=off").chain_stages() == 0
+    assert Quantize(chain="auto").chain_stages() >= 1
+
+
+def test_chain_without_gptq_layers_does_nothing():
+    model, calib, _ = _mlp(2)
+    result = _quantize(model, calib, activations="none", rounding="nearest", chain=2)
+    assert not any(n.startswith("chain") for n in result.report.notes)
