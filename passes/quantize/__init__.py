@@ -19,6 +19,9 @@ name, the float weight is removed, and the file really shrinks. One module per s
   ``rounding='auto'`` (default) is GPTQ for unblocked 8-bit weights with calibration data;
 - `bias`: ``bias_correction``, the expected output shift of rounded weights removed from the bias;
 - `gptq`: ``rounding=gptq`` for block-wise (int4) weights, streamed one layer input at a time;
+- `chain`: ``chain`` (stages, ``auto`` or ``off``): the unblocked GPTQ layers rounded again, stage
+  by stage in depth order, against the inputs they get in the model as planned (weights and
+  activations quantized before them), aiming at the weight that corrects the error reaching them;
 - `calibration`: one streaming onnxruntime pass for the activation ranges (minmax, percentile,
   entropy, mse; per-feature floors);
 - `search`: ``calibration='output'`` (default): each activation read only by quantized layers

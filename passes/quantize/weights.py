@@ -14,7 +14,9 @@ Numerics (`graph_opt.kernels.quant`): ``q = saturate(round(x/s) + z)``, ``x̂ = 
   position; the second moment over channels, axis 1) follow the data
   (`kernels.quant.gptq_quantize`): each input column's rounding error is spread over the columns
   not yet rounded through the inverse of the layer's input second moment, measured on the float
-  model's activations (not chained through the quantized layers). Same grid, codes inside the
+  model's activations, or with ``chain`` on the model quantized before the layer (`chain`: the
+  second moment of the input it really gets, and ``layer.aim``, the weight that also corrects the
+  error in that input, rounded instead of the weight). Same grid, codes inside the
   limits nearest rounding can reach (`_code_limits`). Block-wise weights (int4) are solved by
   `gptq.solve_blocked` instead: per-block scales chosen as the feedback proceeds (the grid then
   differs from nearest rounding's), streamed one layer input at a time.
@@ -141,7 +143,7 @@ def _code_limits(dtype: str, symmetric: bool, reduced: bool) -> tuple[int, int]:
 def attach_hessians(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], data: Dataset | None,
               notes: list[str], opts: Quantize) -> None:
     """rounding=gptq: attach each 2-D Gemm/MatMul weight's input second moment, from the float
-    model's activations on the calibration data (not chained through the quantized layers).
+    model's activations on the calibration data (``chain`` replaces them later, `chain.rechain`).
     Block-wise weights are solved here, one input at a time (`gptq.solve_blocked`: codes and
     per-block scales on ``layer.gptq``), so no second moment is held for them."""
     blocked = {i: lay for i, lay in layers.items() if block_for(lay, opts) > 0}

@@ -5,10 +5,13 @@ the error reaching it."""
 import numpy as np
 import pytest
 from builders import GraphBuilder, assert_valid, op_count, run
+from graph_opt.passes._graph import GraphIndex
+from graph_opt.passes.quantize import Quantize, chain
+from graph_opt.passes.quantize.plan import make_plan, shared_calibration
+from onnx import numpy_helper
 
 from graph_opt.data import Dataset
 from graph_opt.pass_base import PassContext
-from graph_opt.passes.quantize import Quantize, chain
 from graph_opt.registry import parse_spec
 
 K = 32
@@ -32,7 +35,7 @@ def _mlp(depth: int = 4):
 
 
 def _quantize(model, data, **kw):
-    opts = dict(sensitivity_snr_db=None, prefer="size", calibration="minmax", rounding="gptq")
+    opts = {"sensitivity_snr_db": None, "prefer": "size", "calibration": "minmax", "rounding": "gptq"}
     return Quantize(**{**opts, **kw})(model, PassContext(data=data))
 
 
@@ -43,7 +46,6 @@ def _error(model, out, test):
 
 def test_stages_follow_the_depth_of_the_layers():
     model, _, _ = _mlp(4)
-    from graph_opt.passes._graph import GraphIndex
     ix = GraphIndex(model)
     ids = {i for i, n in enumerate(ix.nodes) if n.op_type == "Gemm"}
     depth = chain.depths(ix, ids)
@@ -96,7 +98,6 @@ def test_chained_rounding_fires_and_stays_valid(activations):
     for name, r in (("plain", plain), ("chained", chained)):
         weights[name] = {t.name: t for t in r.model.graph.initializer if t.name.endswith(".w_quantized")}
     assert weights["plain"].keys() == weights["chained"].keys() and len(weights["plain"]) == 4
-    from onnx import numpy_helper
     moved = [n for n in weights["plain"]
              if not np.array_equal(numpy_helper.to_array(weights["plain"][n]), numpy_helper.to_array(weights["chained"][n]))]
     assert any(not n.startswith("fc0") for n in moved), moved  # the deeper layers' codes followed their inputs
@@ -123,3 +124,21 @@ def test_chain_without_gptq_layers_does_nothing():
     model, calib, _ = _mlp(2)
     result = _quantize(model, calib, activations="none", rounding="nearest", chain=2)
     assert not any(n.startswith("chain") for n in result.report.notes)
+
+
+def test_plans_made_again_in_one_run_reuse_the_chained_statistics(monkeypatch):
+    """The latency gate plans again inside the same run (`plan.shared_calibration`): the chained
+    statistics of the first plan are reused, not streamed again, and give the same codes."""
+    model, calib, _ = _mlp(3)
+    calls = []
+    original = chain.rechain
+    monkeypatch.setattr(chain, "rechain", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    q = Quantize(activations="uint8", rounding="gptq", chain=3, sensitivity_snr_db=None, prefer="size")
+    with shared_calibration():
+        first, _ = make_plan(model, calib, q)
+        again, _ = make_plan(model, calib, q)
+    assert len(calls) == 1
+    assert any(n.startswith("chain: 3 GPTQ layers") and "reused" in n for n in again.notes), again.notes
+    codes = [{t.tensor: t.codes for t in p.by_role("weight")} for p in (first, again)]
+    assert codes[0].keys() == codes[1].keys() and len(codes[0]) == 3
+    assert all(np.array_equal(codes[0][k], codes[1][k]) for k in codes[0])
