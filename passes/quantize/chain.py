@@ -11,8 +11,12 @@ against the float model:
     E‖W x − Ŵ x̂‖² = E‖(W' − Ŵ) x̂‖² + const,   W' = W C H⁻¹,   H = E[x̂ x̂ᵀ],  C = E[x x̂ᵀ]
 
 so GPTQ rounds the aim ``W'`` (`kernels.quant.chained_target`, damped toward ``W``) with its
-feedback through the chained ``H``, on the same grid (the scales still come from ``W``).
-``W' = W`` when nothing before the layer is quantized and its own input is float.
+feedback through the chained ``H``, on the same grid (the scales still come from ``W``). Each
+element of the aim stays within `weights.AIM_STEPS` grid steps of ``W`` (one): the correction
+refines which way a weight rounds, as GPTQ's feedback does, and cannot move a weight far for
+the sake of the few large activations an output's squared error is dominated by.
+``W' = W`` when nothing before the layer is quantized and its own input is float. Block-wise
+(int4) weights are not chained.
 
 Stages: the GPTQ layers are ordered by depth, the number of GPTQ layers on the longest path
 from the graph inputs to their input (layers of one depth never read each other's outputs); the
