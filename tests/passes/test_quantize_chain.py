@@ -5,8 +5,10 @@ the error reaching it."""
 import numpy as np
 import pytest
 from builders import GraphBuilder, assert_valid, op_count, run
+from graph_opt.kernels.quant import compute_params
 from graph_opt.passes._graph import GraphIndex
 from graph_opt.passes.quantize import Quantize, chain
+from graph_opt.passes.quantize import weights as qw
 from graph_opt.passes.quantize.plan import make_plan, shared_calibration
 from onnx import numpy_helper
 
@@ -142,3 +144,15 @@ def test_plans_made_again_in_one_run_reuse_the_chained_statistics(monkeypatch):
     codes = [{t.tensor: t.codes for t in p.by_role("weight")} for p in (first, again)]
     assert codes[0].keys() == codes[1].keys() and len(codes[0]) == 3
     assert all(np.array_equal(codes[0][k], codes[1][k]) for k in codes[0])
+
+
+def test_a_chained_aim_moves_each_weight_at_most_one_grid_step():
+    w = np.random.default_rng(7).standard_normal((8, 6, 1, 1)).astype(np.float32)
+    p = compute_params(w, "int8", axis=0)
+    far = w + np.random.default_rng(8).standard_normal(w.shape).astype(np.float32)
+    bounded = qw._bounded_aim(w, far, p)
+    step = p.scale.reshape(-1, 1, 1, 1)
+    assert np.all(np.abs(bounded - w) <= qw.AIM_STEPS * step + 1e-6 * (np.abs(w) + step))  # float32 ulps
+    assert np.any(np.abs(far - w) > step)  # vacuity: the bound did clip
+    near = w + 0.25 * step * np.sign(far - w)
+    np.testing.assert_array_equal(qw._bounded_aim(w, near, p), near)  # within the bound: untouched
