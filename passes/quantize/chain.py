@@ -24,7 +24,8 @@ depths are cut into ``chain`` consecutive stages of about equal numbers of depth
 the partly chained model is built once (the plan with the stages before already chained, the
 layers of this stage and after at their unchained codes) and the calibration data runs once
 through it and through the float model side by side (one onnxruntime session each per stage,
-streamed batches, products in float32 summed in float64), then the stage's layers are solved.
+each cut down to the nodes the stage's inputs depend on (`upto`), streamed batches, products in
+float32 summed in float64), then the stage's layers are solved.
 A layer deeper in a stage than another of the same stage sees that one's unchained codes: with
 one stage per depth, each layer sees exactly the codes it will be deployed next to (up to the
 sensitivity verdicts made afterwards, which may keep some layers float).
@@ -46,7 +47,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 from graph_opt.kernels.quant import chained_target, fake_quantize
-from graph_opt.passes._graph import GraphIndex
+from graph_opt.passes._graph import GraphIndex, subgraph_reads
 from graph_opt.passes._qplan import TensorQuant
 from graph_opt.passes.quantize.gptq import shrinkage
 from graph_opt.passes.quantize.layers import Layer
@@ -92,6 +93,29 @@ def stages(depth: dict[int, int], n: int) -> list[list[int]]:
     for idx in sorted(depth):
         out[where[depth[idx]]].append(idx)
     return [s for s in out if s]
+
+
+def upto(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """`model` (edited in place) cut down to the nodes that `names` depend on, with `names` as its
+    only outputs: a stage's inputs are computed without the rest of the model. Graph inputs
+    stay, read or not (every batch feeds them); unread initializers are dropped by the session."""
+    g = model.graph
+    producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
+    keep: set[int] = set()
+    todo = list(names)
+    while todo:
+        i = producer.get(todo.pop())
+        if i is None or i in keep:
+            continue
+        keep.add(i)
+        todo.extend(t for t in g.node[i].input if t)
+        todo.extend(subgraph_reads(g.node[i]))
+    nodes = [n for i, n in enumerate(g.node) if i in keep]
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.output[:]
+    g.output.extend(onnx.ValueInfoProto(name=t) for t in names)
+    return model
 
 
 def _feature_axis(ix: GraphIndex, layer: Layer) -> int:
@@ -168,8 +192,13 @@ def rechain(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], da
         t0 = time.perf_counter()
         bs = paired_batch_size(model, staged)
         if names:
-            pairs = zip(stream(model, data, names, batch_size=bs, threads=opts.threads, desc="chain float"),
-                        stream(staged, data, names, batch_size=bs, threads=opts.threads, desc="chain quantized"))
+            head = onnx.ModelProto()
+            head.CopyFrom(model)
+            pairs = zip(stream(upto(head, names), data, names, batch_size=bs, threads=opts.threads,
+                               desc="chain float"),
+                        stream(upto(staged, names), data, names, batch_size=bs, threads=opts.threads,
+                               desc="chain quantized"))
+            del head
         else:
             pairs = (((feed, {}), (feed, {})) for feed in data.batches(bs))
         for (feed, f_vals), (_, q_vals) in pairs:

@@ -13,6 +13,8 @@ from graph_opt.passes.quantize.plan import make_plan, shared_calibration
 from onnx import numpy_helper
 
 from graph_opt.data import Dataset
+from graph_opt.intermediates import stream
+from graph_opt.model_io import copy_model
 from graph_opt.pass_base import PassContext
 from graph_opt.registry import parse_spec
 
@@ -156,3 +158,12 @@ def test_a_chained_aim_moves_each_weight_at_most_one_grid_step():
     assert np.any(np.abs(far - w) > step)  # vacuity: the bound did clip
     near = w + 0.25 * step * np.sign(far - w)
     np.testing.assert_array_equal(qw._bounded_aim(w, near, p), near)  # within the bound: untouched
+
+
+def test_a_stage_runs_only_the_nodes_its_inputs_depend_on():
+    model, calib, _ = _mlp(4)
+    cut = chain.upto(copy_model(model), ["fc1_out"])
+    assert [n.op_type for n in cut.graph.node] == ["Gemm", "Relu", "Gemm"]  # of 7
+    assert [o.name for o in cut.graph.output] == ["fc1_out"]
+    (_, whole), (_, part) = (next(stream(m, calib, ["fc1_out"], batch_size=len(calib))) for m in (model, cut))
+    np.testing.assert_array_equal(whole["fc1_out"], part["fc1_out"])  # the same tensor, computed alike
