@@ -22,6 +22,8 @@ name, the float weight is removed, and the file really shrinks. One module per s
 - `chain`: ``chain`` (stages, ``auto`` or ``off``): the unblocked GPTQ layers rounded again, stage
   by stage in depth order, against the inputs they get in the model as planned (weights and
   activations quantized before them), aiming at the weight that corrects the error reaching them;
+  ``auto`` (default): `AUTO_CHAIN` stages on a model without attention, off on a transformer
+  (`passes._smooth.has_attention`);
 - `calibration`: one streaming onnxruntime pass for the activation ranges (minmax, percentile,
   entropy, mse; per-feature floors);
 - `search`: ``calibration='output'`` (default): each activation read only by quantized layers
@@ -114,8 +116,9 @@ log = logging.getLogger(__name__)
 # (benchmarks/RESULTS.md, "Quantization vs onnxruntime, NNCF and AIMET-ONNX"). Only on transformers
 # (`passes._smooth.has_attention`): nothing was measured to gain on a CNN.
 SMOOTH_AUTO = {"alpha": 0.6, "unfoldable": "mul", "op_types": ("MatMul",), "scope": "transformer"}
-# ``chain=auto``: stages of chained GPTQ (benchmarks/RESULTS.md, "Chained GPTQ rounding").
-AUTO_CHAIN = 1
+# ``chain=auto``: stages of chained GPTQ on models without attention; off on transformers, where
+# it lost output SNR at twice the cost (benchmarks/RESULTS.md, "Chained GPTQ rounding").
+AUTO_CHAIN = 4
 AUTO_SNR_DB = {"int8": 25.0, "uint8": 25.0, "int4": 10.0, "ternary": None, "binary": None}
 
 
@@ -147,7 +150,7 @@ class Quantize(Pass):
     min_snr_db: float | None = None
     threads: int = 0
     rounding: Literal["auto", "nearest", "gptq"] = "auto"
-    chain: int | Literal["auto", "off"] = "off"
+    chain: int | Literal["auto", "off"] = "auto"
     bias_correction: bool = False
     smooth: float | Literal["off", "auto"] = "auto"
     int4_format: Literal["matmulnbits", "dq"] = "dq"
@@ -193,7 +196,8 @@ class Quantize(Pass):
         return "gptq" if has_data and unblocked and self.weights in ("int8", "uint8") else "nearest"
 
     def chain_stages(self) -> int:
-        """GPTQ's chained stages (`chain`): 0 unchained (``off``), else ``chain`` or ('auto') `AUTO_CHAIN`."""
+        """GPTQ's chained stages (`chain`): 0 unchained (``off``), else ``chain`` or ('auto') `AUTO_CHAIN`
+        (``auto`` is off on a transformer: `plan.make_plan` checks the model)."""
         if self.chain == "off":
             return 0
         return AUTO_CHAIN if self.chain == "auto" else int(self.chain)

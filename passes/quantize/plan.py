@@ -46,6 +46,7 @@ from graph_opt.external_data import has_disk_weights
 from graph_opt.model_io import check_model, copy_model
 from graph_opt.passes._graph import GraphIndex, all_nodes
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
+from graph_opt.passes._smooth import has_attention
 from graph_opt.passes.quantize import bias, calibration, chain, search, sensitivity, speed
 from graph_opt.passes.quantize.emit import apply_plan
 from graph_opt.passes.quantize.layers import Layer, excluded, float_on_input, match_layers, opset_of, rematch_layers
@@ -149,7 +150,7 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
                      f"{len(weight_only)} layers weight-only")
     # Chained last: on the final placement (a sensitivity verdict is about a node's own robustness,
     # and a chained weight aims at its quantized input, not at the float one it is measured on).
-    chained = (opts.chain_stages() and data is not None and any(lay.hessian is not None for lay in layers.values())
+    chained = (_chain_wanted(ix, layers, data, opts, notes)
                and _chain(model, ix, layers, decisions, target, candidates - set(weight_only), ranges, forced,
                           unasked, quantized, data, opts, notes, source))
     if chained:
@@ -325,6 +326,18 @@ def _search(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], we
                  "activation ranges clipped below their observed min/max, where the error of the layers reading "
                  "them was least (search.ALPHAS)")
     return search.Searched(ranges, {t: r for t, r in chosen.items() if t in ranges})
+
+
+def _chain_wanted(ix: GraphIndex, layers: dict[int, Layer], data: Dataset | None, opts: Quantize,
+                  notes: list[str]) -> bool:
+    """Whether GPTQ's layers are chained (`_chain`): ``chain`` is not off, some layer was solved
+    against the data, and with ``chain=auto`` the model has no attention (`has_attention`)."""
+    if not opts.chain_stages() or data is None or not any(lay.hessian is not None for lay in layers.values()):
+        return False
+    if opts.chain == "auto" and has_attention(ix):
+        notes.append("chain=auto: GPTQ not chained on a transformer (attention found); chain=N chains it")
+        return False
+    return True
 
 
 def _chain(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], decisions: list[NodeDecision],

@@ -167,3 +167,31 @@ def test_a_stage_runs_only_the_nodes_its_inputs_depend_on():
     assert [o.name for o in cut.graph.output] == ["fc1_out"]
     (_, whole), (_, part) = (next(stream(m, calib, ["fc1_out"], batch_size=len(calib))) for m in (model, cut))
     np.testing.assert_array_equal(whole["fc1_out"], part["fc1_out"])  # the same tensor, computed alike
+
+
+def _attention(d: int = 16, t: int = 6):
+    """softmax(Q·Kᵀ)·V → output projection: a transformer's attention, every projection a GPTQ layer."""
+    g = GraphBuilder(seed=5)
+    x = g.input("x", ["N", t, d])
+    q, k, v = (g.node("MatMul", [x, g.weight(f"w{p}", (d, d), 0.3)], name=p) for p in "qkv")
+    scores = g.node("MatMul", [q, g.node("Transpose", [k], perm=[0, 2, 1])], name="qk")
+    mixed = g.node("MatMul", [g.node("Softmax", [scores], axis=-1), v], name="av")
+    g.node("MatMul", [mixed, g.weight("wo", (d, d), 0.3)], ["y"], name="o")
+    g.output("y", ["N", t, d])
+    data = Dataset({"x": np.random.default_rng(0).standard_normal((64, t, d)).astype(np.float32)})
+    return g.build(), data
+
+
+def test_chain_auto_chains_a_cnn_or_mlp_and_leaves_a_transformer_unchained():
+    model, calib, _ = _mlp(4)
+    auto = _quantize(model, calib, activations="uint8", rounding="auto")  # chain="auto", the default
+    assert any(n.startswith("chain: 4 of 4 GPTQ layers") for n in auto.report.notes), auto.report.notes
+    attn, data = _attention()
+    kw = {"activations": "uint8", "rounding": "auto", "smooth": "off"}
+    skipped = _quantize(attn, data, **kw)
+    assert any(n.startswith("chain=auto: GPTQ not chained on a transformer") for n in skipped.report.notes)
+    assert not any(n.startswith("chain:") for n in skipped.report.notes)
+    assert any(n.startswith("rounding=gptq: 4 of 4") for n in skipped.report.notes), skipped.report.notes  # vacuity
+    forced = _quantize(attn, data, chain=2, **kw)
+    assert any(n.startswith("chain: 4 of 4 GPTQ layers") for n in forced.report.notes), forced.report.notes
+    assert_valid(forced.model)
