@@ -232,9 +232,10 @@ def rechain(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], da
             done.add(idx)
         forget(set(stage))
         clock["aims"] += time.perf_counter() - t0
+    # the plan's notes stay deterministic (a plan is compared and serialized): the times go to the log
+    log.info("chain: %s", ", ".join(f"{k} {v:.1f} s" for k, v in clock.items()))
     notes.append(f"chain: {len(done)} of {len(ids)} GPTQ layers rounded against their inputs in the model "
-                 f"quantized before them, in {len(plan)} stages by depth, on {len(data)} samples ("
-                 + ", ".join(f"{k} {v:.1f} s" for k, v in clock.items()) + ")")
+                 f"quantized before them, in {len(plan)} stages by depth, on {len(data)} samples")
     for idx, why in skipped.items():
         notes.append(f"chain: {layers[idx].label} keeps its unchained codes: {why}")
     return done
