@@ -156,12 +156,13 @@ class _Moments:
 
 def rechain(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], data: Dataset, n_stages: int,
             opts: Quantize, build: Callable[[], StageModel], forget: Callable[[set[int]], None],
-            notes: list[str]) -> set[int]:
-    """Solve the GPTQ layers of `layers` (those with a ``hessian``) chained, in `n_stages` stages
+            notes: list[str], only: set[int] | None = None) -> set[int]:
+    """Solve the GPTQ layers of `layers` (those with a ``hessian``; of `only`, when given) chained, in `n_stages` stages
     (see the module docstring): set each one's ``hessian`` (``E[x̂ x̂ᵀ]``) and ``aim`` (``W'``).
     ``build()`` returns the model as planned with the layers' current codes; ``forget(ids)`` is
     told which layers were re-solved, so that their codes are computed again. Returns those layers."""
-    ids = {i for i, lay in layers.items() if lay.hessian is not None and np.ndim(lay.wv) >= 2}
+    ids = {i for i, lay in layers.items()
+           if lay.hessian is not None and np.ndim(lay.wv) >= 2 and (only is None or i in only)}
     if not ids:
         return set()
     plan = stages(depths(ix, ids), n_stages)

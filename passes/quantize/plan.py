@@ -373,8 +373,9 @@ def _chain(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], dec
             quantized.pop((i, True), None)
             quantized.pop((i, False), None)
 
+    placed = set(place(ix, layers, candidates, ranges, opts, forced, unasked).decisions)  # not the layers kept float
     try:
-        done = chain.rechain(model, ix, layers, data, opts.chain_stages(), opts, build, forget, notes)
+        done = chain.rechain(model, ix, layers, data, opts.chain_stages(), opts, build, forget, notes, only=placed)
     except GraphOptError as exc:  # a stage model does not load or run
         notes.append(f"chain not run ({exc}); GPTQ kept its unchained codes")
         return False
