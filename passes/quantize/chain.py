@@ -26,15 +26,15 @@ layers of this stage and after at their unchained codes) and the calibration dat
 through it and through the float model side by side (one onnxruntime session each per stage,
 each cut down to the nodes the stage's inputs depend on (`upto`), streamed batches, products in
 float32 summed in float64), then the stage's layers are solved.
-A layer deeper in a stage than another of the same stage sees that one's unchained codes: with
-one stage per depth, each layer sees exactly the codes it will be deployed next to (up to the
-sensitivity verdicts made afterwards, which may keep some layers float).
+A layer deeper in a stage than another of the same stage sees that one's unchained codes, which
+then change too: the corrections add up (one stage for a deep model over-corrects), so with one
+stage per depth each layer sees exactly the codes it is deployed next to. Chaining runs last in
+the plan (`plan.make_plan`), on the final placement, for the layers it quantizes.
 
 Cost: per stage, one model build and two streaming passes over the calibration data (the samples
-the unchained statistics were taken on),
-plus the chained layers' solves (each layer is solved twice in all: unchained, then chained).
-Skipped (the unchained codes kept, with a note): layers whose chained input is not captured (not
-float, not finite, a width other than the weight's); every layer when no GPTQ layer was solved.
+the unchained statistics were taken on), plus the chained layers' solves (each layer is solved
+twice in all: unchained, then chained). Skipped (the unchained codes kept, with a note): layers
+whose chained input is not captured (not float, not finite, a width other than the weight's).
 """
 
 from __future__ import annotations
