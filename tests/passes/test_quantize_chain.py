@@ -184,14 +184,17 @@ def _attention(d: int = 16, t: int = 6):
 
 def test_chain_auto_chains_a_cnn_or_mlp_and_leaves_a_transformer_unchained():
     model, calib, _ = _mlp(4)
-    auto = _quantize(model, calib, activations="uint8", rounding="auto")  # chain="auto", the default
+    default = _quantize(model, calib, activations="uint8", rounding="auto")
+    assert any(n.startswith("rounding=gptq: 4 of 4") for n in default.report.notes)  # GPTQ, unchained
+    assert not any(n.startswith("chain") for n in default.report.notes)  # chain=off is the default
+    auto = _quantize(model, calib, activations="uint8", rounding="auto", chain="auto")
     assert any(n.startswith("chain: 4 of 4 GPTQ layers") for n in auto.report.notes), auto.report.notes
     attn, data = _attention()
-    kw = {"activations": "uint8", "rounding": "auto", "smooth": "off"}
+    kw = {"activations": "uint8", "rounding": "auto", "smooth": "off", "chain": "auto"}
     skipped = _quantize(attn, data, **kw)
     assert any(n.startswith("chain=auto: GPTQ not chained on a transformer") for n in skipped.report.notes)
     assert not any(n.startswith("chain:") for n in skipped.report.notes)
     assert any(n.startswith("rounding=gptq: 4 of 4") for n in skipped.report.notes), skipped.report.notes  # vacuity
-    forced = _quantize(attn, data, chain=2, **kw)
+    forced = _quantize(attn, data, **{**kw, "chain": 2})
     assert any(n.startswith("chain: 4 of 4 GPTQ layers") for n in forced.report.notes), forced.report.notes
     assert_valid(forced.model)
