@@ -2,7 +2,8 @@
 and the output SNR against fp32 on the eval split, with onnxruntime's optimizations on (the
 fused integer kernels, as deployed) and off (QDQ emulated in float). The model is simplified
 first, with the batch-1 shapes of its dynamic inputs bound, as the CLI does. No latency: this
-is for questions of fidelity (which layer, which option), one row per variant.
+is for questions of fidelity (which layer, which option), one row per variant, with the quantize
+pass's CPU seconds (all threads of this process) and wall seconds.
 
     GRAPH_OPT_ZOO=<cache> python benchmarks/probe_quantize.py yolo "prefer=size" \\
         "prefer=size,sensitivity_snr_db=25"
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import _harness
 import zoo
@@ -60,11 +62,13 @@ def main(argv=None) -> int:
     model = Simplify()(raw, ctx).model
     ref = {opt: _outputs(zm, model, opt) for opt in (True, False)}
     print(f"{args.model}; {_harness.cpu_line()}")
-    print("| variant | task (deployed) | SNR dB deployed | SNR dB emulated | layers int8 |")
-    print("|---|---|---|---|---|")
+    print("| variant | task (deployed) | SNR dB deployed | SNR dB emulated | layers int8 | quantize CPU s (wall s) |")
+    print("|---|---|---|---|---|---|")
     for variant in args.variants:
         q = parse_spec(_spec(variant))
+        cpu, wall = time.process_time(), time.perf_counter()
         result = q(model, ctx)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         snr = {}
         for opt in (True, False):
             out = _outputs(zm, result.model, opt)
@@ -74,7 +78,7 @@ def main(argv=None) -> int:
                 task = zm.evaluate(out)
         layers = sum(1 for e in result.report.rewritten if e.get("weight"))
         task_text = ", ".join(f"{k} {v:.4f}" for k, v in task.items())
-        print(f"| {variant} | {task_text} | {snr[True]:.2f} | {snr[False]:.2f} | {layers} |", flush=True)
+        print(f"| {variant} | {task_text} | {snr[True]:.2f} | {snr[False]:.2f} | {layers} | {cpu:.1f} ({wall:.1f}) |", flush=True)
     return 0
 
 

@@ -73,6 +73,7 @@ __all__ = [
     "QuantParams",
     "binary_weights",
     "blockwise_params",
+    "chained_target",
     "compute_params",
     "dequantize",
     "fake_quantize",
@@ -563,6 +564,44 @@ def gptq_quantize(w: ArrayLike, params: QuantParams, hessian: ArrayLike, in_axis
         W[:, i2:] -= errors @ upper[i1:i2, i2:]
     out = codes.T if in_axis == 0 else codes
     return np.ascontiguousarray(out).astype(storage_dtype(params.dtype))
+
+
+def chained_target(w: ArrayLike, cross: ArrayLike, hessian: ArrayLike, in_axis: int, *, damp: float = 0.01
+                   ) -> np.ndarray:
+    """The weight whose rounding against ``hessian`` also corrects the error already in a layer's input.
+
+    A layer computes ``W x`` in the float model and ``Ŵ x̂`` once the layers before it are
+    quantized. With ``H = E[x̂ x̂ᵀ]`` (``hessian``) and ``C = E[x x̂ᵀ]`` (``cross``),
+    ``E‖W x − Ŵ x̂‖² = E‖(W' − Ŵ) x̂‖² + const`` for ``W' = W C H⁻¹``, so rounding ``W'`` with GPTQ's
+    feedback through ``H`` minimizes the error at the layer's output against the float model.
+    Damped toward ``W`` (``λ‖Ŵ − W‖²`` added, ``λ = damp · mean(diag H)``):
+    ``W' = W (C + λI)(H + λI)⁻¹``, which is ``W`` itself when ``x̂ = x``. Input features the data
+    never excites (zero diagonal of ``H``) keep their weights. ``in_axis`` as in `gptq_quantize`;
+    the result has ``w``'s shape, float32; float64 inside."""
+    a = np.asarray(w, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"chained_target takes a 2-D weight, got shape {a.shape}")
+    in_axis = _normalize_axis(in_axis, 2)
+    rows = a.T if in_axis == 0 else a  # (outputs, inputs)
+    n = rows.shape[1]
+    h = np.array(hessian, dtype=np.float64)
+    c = np.array(cross, dtype=np.float64)
+    if h.shape != (n, n) or c.shape != (n, n):
+        raise ValueError(f"hessian and cross must be {n}×{n}, got {h.shape} and {c.shape}")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(h)) and np.all(np.isfinite(c))):
+        raise ValueError("weight, hessian and cross must be finite")
+    dead = np.diag(h) <= 0
+    h[dead, :] = 0.0
+    h[:, dead] = 0.0
+    c[dead, :] = 0.0
+    c[:, dead] = 0.0
+    lam = damp * float(np.mean(np.diag(h))) if np.any(~dead) else 1.0
+    h[np.diag_indices(n)] += lam
+    c[np.diag_indices(n)] += lam
+    h[dead, dead] = c[dead, dead] = 1.0  # a dead feature maps to itself
+    # W' = W (C + λI)(H + λI)⁻¹  ⇔  (H + λI) W'ᵀ = (C + λI)ᵀ Wᵀ  (H symmetric)
+    out = np.linalg.solve(h, c.T @ rows.T).T
+    return np.ascontiguousarray(out.T if in_axis == 0 else out, dtype=np.float32)
 
 
 def inverse_cholesky_upper(hessian: ArrayLike, *, damp: float = 0.01) -> np.ndarray:

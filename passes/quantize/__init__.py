@@ -19,6 +19,12 @@ name, the float weight is removed, and the file really shrinks. One module per s
   ``rounding='auto'`` (default) is GPTQ for unblocked 8-bit and for int4 weights with calibration data;
 - `bias`: ``bias_correction``, the expected output shift of rounded weights removed from the bias;
 - `gptq`: ``rounding=gptq`` for block-wise (int4) weights, streamed one layer input at a time;
+- `chain`: ``chain`` (stages, ``auto`` or ``off``): the unblocked GPTQ layers rounded again, stage
+  by stage in depth order, against the inputs they get in the model as planned (weights and
+  activations quantized before them), aiming at the weight that corrects the error reaching them;
+  ``auto``: `AUTO_CHAIN` stages on a model without attention, off on a transformer
+  (`passes._smooth.has_attention`); ``off`` (default): output SNR rose on CNNs, but not the task
+  metrics, and YOLOv8n's class agreement fell;
 - `calibration`: one streaming onnxruntime pass for the activation ranges (minmax, percentile,
   entropy, mse; per-feature floors);
 - `search`: ``calibration='output'`` (default): each activation read only by quantized layers
@@ -111,6 +117,10 @@ log = logging.getLogger(__name__)
 # (benchmarks/RESULTS.md, "Quantization vs onnxruntime, NNCF and AIMET-ONNX"). Only on transformers
 # (`passes._smooth.has_attention`): nothing was measured to gain on a CNN.
 SMOOTH_AUTO = {"alpha": 0.6, "unfoldable": "mul", "op_types": ("MatMul",), "scope": "transformer"}
+# ``chain=auto``: stages of chained GPTQ on models without attention; off on transformers, where
+# it lost output SNR at twice the cost. Not the default: on YOLOv8n through the default
+# prefer=speed it cost top-class agreement below 0.95 (benchmarks/RESULTS.md, "Chained GPTQ rounding").
+AUTO_CHAIN = 4
 AUTO_SNR_DB = {"int8": 25.0, "uint8": 25.0, "int4": 10.0, "ternary": None, "binary": None}
 
 
@@ -142,6 +152,7 @@ class Quantize(Pass):
     min_snr_db: float | None = None
     threads: int = 0
     rounding: Literal["auto", "nearest", "gptq"] = "auto"
+    chain: int | Literal["auto", "off"] = "off"
     bias_correction: bool = False
     smooth: float | Literal["off", "auto"] = "auto"
     int4_format: Literal["matmulnbits", "dq"] = "dq"
@@ -166,6 +177,8 @@ class Quantize(Pass):
             raise ValueError(f"min_snr_db must be a finite number of dB, got {self.min_snr_db}")
         if self.threads < 0:
             raise ValueError("threads must be >= 0 (0: onnxruntime's default, one per core)")
+        if not isinstance(self.chain, str) and self.chain < 1:
+            raise ValueError(f"chain must be off, auto or a number of stages >= 1, got {self.chain}")
         if not isinstance(self.smooth, str) and not 0.0 <= self.smooth <= 1.0:
             raise ValueError(f"smooth must be off, auto or an alpha in [0, 1], got {self.smooth}")
 
@@ -186,6 +199,13 @@ class Quantize(Pass):
         if has_data and (self.weights == "int4" or (unblocked and self.weights in ("int8", "uint8"))):
             return "gptq"
         return "nearest"
+
+    def chain_stages(self) -> int:
+        """GPTQ's chained stages (`chain`): 0 unchained (``off``), else ``chain`` or ('auto') `AUTO_CHAIN`
+        (``auto`` is off on a transformer: `plan.make_plan` checks the model)."""
+        if self.chain == "off":
+            return 0
+        return AUTO_CHAIN if self.chain == "auto" else int(self.chain)
 
     @property
     def weights_reduced(self) -> bool:

@@ -73,6 +73,7 @@ class Layer:
     bv: np.ndarray | None = None
     bias_float: str = ""  # why the bias cannot become int32 ('' when it can)
     hessian: np.ndarray | None = None  # E[x xᵀ] of the input features (rounding=gptq)
+    aim: np.ndarray | None = None  # the weight GPTQ's codes aim at when not the weight itself (`chain`)
     input_mean: np.ndarray | None = None  # E[x] per input channel, (Cin, *kernel) for a Conv (bias_correction)
     gptq: tuple[np.ndarray, Any] | None = None  # block-wise codes and QuantParams solved by GPTQ
 

@@ -10,7 +10,7 @@ node → quantize / float / skip with the reason), which `emit.apply_plan` write
    DequantizeLinear, 21 for int4 and blocks, 25 for int2; a lower model is upgraded
    (`_upgrade_opset`: an opset bump when no used op changed, else ``onnx.version_converter``,
    then checked to load) or its layers are skipped with the reason;
-2. ``rounding=gptq``: the layers' input second moments (`weights.attach_hessians`);
+2. ``rounding=gptq``: the layers' input second moments in the float model (`weights.attach_hessians`);
 3. the static candidates (`_candidates`): 8-bit unblocked weights with ``activations`` not
    'none' and calibration data, less the Convs on a graph input `layers.float_on_input` keeps;
    ``bias_correction``: their input channel means (`bias.attach_means`);
@@ -19,7 +19,10 @@ node → quantize / float / skip with the reason), which `emit.apply_plan` write
 5. measure the sensitivity (`sensitivity.measure`), keep the sensitive nodes float or
    weight-only, and place again when any changed; with the 'auto' threshold, a node below it on
    its own is quantized after all when the model's outputs still hold it (`_admit`);
-6. record the decisions, tensors and notes (`_record`).
+6. ``chain``: the GPTQ layers rounded again against their inputs in the model as planned
+   (`_chain`, `chain.rechain`), after the sensitivity verdicts, which judge each node's own
+   rounding against its float input;
+7. record the decisions, tensors and notes (`_record`).
 
 Weight-only (DQ(weight) → float op) is the outcome for every layer when ``activations=none``,
 for ternary/binary or blocked weights, for int4 unless ``activations`` names int8 or uint8 (W4A8),
@@ -44,7 +47,8 @@ from graph_opt.intermediates import second_moments
 from graph_opt.model_io import check_model, copy_model
 from graph_opt.passes._graph import GraphIndex, all_nodes
 from graph_opt.passes._qplan import NodeDecision, QuantPlan, TensorQuant
-from graph_opt.passes.quantize import bias, calibration, search, sensitivity, speed
+from graph_opt.passes._smooth import has_attention
+from graph_opt.passes.quantize import bias, calibration, chain, search, sensitivity, speed
 from graph_opt.passes.quantize.emit import apply_plan
 from graph_opt.passes.quantize.layers import Layer, excluded, float_on_input, match_layers, opset_of, rematch_layers
 from graph_opt.passes.quantize.placement import Placement, calibration_tensors, place
@@ -121,9 +125,9 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
         ranges = _search(model, ix, layers, weights, biases, pl, ranges, data, opts, batch_size, notes, source)
         pl = place(ix, layers, candidates, ranges, opts, forced, unasked)
         weights, biases = weights_and_biases(layers, pl, opts, quantized)
-
     threshold = opts.threshold_db()
     sens: dict[int, dict[str, float]] = {}
+    weight_only: dict[int, str] = {}
     if threshold is not None and data is not None and weights:
         try:
             sens = sensitivity.measure(model, ix, layers, weights, biases, pl, data, opts, batch_size)
@@ -145,6 +149,13 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
                     pl.decisions[idx].reason = weight_only[idx]
         notes.append(f"sensitivity threshold {threshold:g} dB: {len(forced)} of {len(sens)} nodes kept float, "
                      f"{len(weight_only)} layers weight-only")
+    # Chained last: on the final placement (a sensitivity verdict is about a node's own robustness,
+    # and a chained weight aims at its quantized input, not at the float one it is measured on).
+    chained = (_chain_wanted(ix, layers, data, opts, notes)
+               and _chain(model, ix, layers, decisions, target, candidates - set(weight_only), ranges, forced,
+                          unasked, quantized, data, opts, notes, source))
+    if chained:
+        weights, biases = weights_and_biases(layers, pl, opts, quantized)
     _record(plan, ix, layers, pl, forced, sens, [*weights.values(), *biases.values(), *pl.acts.values()],
             biases)
     return plan, model
@@ -343,6 +354,64 @@ def _search(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], we
                  "activation ranges clipped below their observed min/max, where the error of the layers reading "
                  "them was least (search.ALPHAS)")
     return search.Searched(ranges, {t: r for t, r in chosen.items() if t in ranges})
+
+
+def _chain_wanted(ix: GraphIndex, layers: dict[int, Layer], data: Dataset | None, opts: Quantize,
+                  notes: list[str]) -> bool:
+    """Whether GPTQ's layers are chained (`_chain`): ``chain`` is not off, some layer was solved
+    against the data, and with ``chain=auto`` the model has no attention (`has_attention`)."""
+    if not opts.chain_stages() or data is None or not any(lay.hessian is not None for lay in layers.values()):
+        return False
+    if opts.chain == "auto" and has_attention(ix):
+        notes.append("chain=auto: GPTQ not chained on a transformer (attention found); chain=N chains it")
+        return False
+    return True
+
+
+def _chain(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], decisions: list[NodeDecision],
+           opset: int, candidates: set[int], ranges: Mapping[str, tuple[float, float]], forced: dict[int, str],
+           unasked: frozenset[str], quantized: dict, data: Dataset, opts: Quantize, notes: list[str],
+           source: str | None) -> bool:
+    """Chained GPTQ (`chain.rechain`) on the plan placed so far: each stage's model is this plan
+    applied with the codes of the moment. Within a `shared_calibration` scope the first plan's
+    chained statistics are reused by the plans made again there (the latency gate's keep a subset
+    of its layers quantized). True when any layer was re-solved."""
+    shared = _SHARED.get()
+    key = ("chain", source, id(data), len(data), opts.chain_stages())
+    if shared is not None and source is not None and key in shared:
+        solved = shared[key]
+        hit = {i for i, lay in layers.items() if lay.hessian is not None and lay.label in solved}
+        for i in hit:
+            layers[i].hessian, layers[i].aim = solved[layers[i].label]
+            quantized.pop((i, True), None)
+            quantized.pop((i, False), None)
+        notes.append(f"chain: {len(hit)} GPTQ layers rounded against the first plan's chained inputs, reused")
+        return bool(hit)
+
+    def build() -> chain.StageModel:
+        pl = place(ix, layers, candidates, ranges, opts, forced, unasked)
+        weights, biases = weights_and_biases(layers, pl, opts, quantized)
+        trial = QuantPlan(opset=opset, nodes=list(decisions), notes=[])
+        _record(trial, ix, layers, pl, forced, {}, [*weights.values(), *biases.values(), *pl.acts.values()], biases)
+        acts = {i: pl.acts.get(layers[i].x) if i in pl.static else None for i in layers}
+        return apply_plan(model, trial, int4_format=opts.int4_format), acts
+
+    def forget(ids: set[int]) -> None:
+        for i in ids:
+            quantized.pop((i, True), None)
+            quantized.pop((i, False), None)
+
+    placed = set(place(ix, layers, candidates, ranges, opts, forced, unasked).decisions)  # not the layers kept float
+    try:
+        done = chain.rechain(model, ix, layers, data, opts.chain_stages(), opts, build, forget, notes, only=placed)
+    except GraphOptError as exc:  # a stage model does not load or run
+        notes.append(f"chain not run ({exc}); GPTQ kept its unchained codes")
+        return False
+    finally:
+        release_memory()
+    if shared is not None and source is not None:
+        shared[key] = {layers[i].label: (layers[i].hessian, layers[i].aim) for i in done}
+    return bool(done)
 
 
 def _calibrate(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], candidates: set[int],

@@ -14,7 +14,9 @@ Numerics (`graph_opt.kernels.quant`): ``q = saturate(round(x/s) + z)``, ``x̂ = 
   position; the second moment over channels, axis 1) follow the data
   (`kernels.quant.gptq_quantize`): each input column's rounding error is spread over the columns
   not yet rounded through the inverse of the layer's input second moment, measured on the float
-  model's activations (not chained through the quantized layers). Same grid, codes inside the
+  model's activations, or with ``chain`` on the model quantized before the layer (`chain`: the
+  second moment of the input it really gets, and ``layer.aim``, the weight that also corrects the
+  error in that input, within `AIM_STEPS` grid steps of the weight, rounded instead of it). Same grid, codes inside the
   limits nearest rounding can reach (`_code_limits`). Block-wise weights (int4) are solved by
   `gptq.solve_blocked` instead: per-block scales chosen as the feedback proceeds (the grid then
   differs from nearest rounding's), streamed one layer input at a time.
@@ -116,13 +118,29 @@ def _quantize_weight(layer: Layer, opts: Quantize, static: bool) -> TensorQuant:
     if layer.hessian is not None and (w.ndim == 2 or _pointwise(layer)):
         reduced = static and dtype == "int8" and opts.weights_reduced and block == 0
         limits = _code_limits(dtype, opts.symmetric, reduced)
+        aim = w if layer.aim is None else _bounded_aim(w, layer.aim, p)  # chained: also corrects its input's error
         if w.ndim == 2:
-            codes = gptq_quantize(w, p, layer.hessian, layer.red_axis, limits=limits)
+            codes = gptq_quantize(aim, p, layer.hessian, layer.red_axis, limits=limits)
         else:  # a 1×1 Conv is a Gemm over its channels at every position: (out, in) and back
-            flat = w.reshape(w.shape[0], w.shape[1])
+            flat = aim.reshape(w.shape[0], w.shape[1])
             pf = p if p.axis is None else dataclasses.replace(p, axis=0)
             codes = gptq_quantize(flat, pf, layer.hessian, 1, limits=limits).reshape(w.shape)
     return TensorQuant.from_params(layer.w, "weight", p, shape=shape, codes=codes)
+
+
+# How far, in grid steps, a chained aim may move a weight before it is rounded (`chain`). The
+# correction is a least-squares fit of the layer's output, weighted by energy like every output
+# MSE: unbounded, it moved some of YOLOv8n's weights by 30% and cost top-class agreement that the
+# bounded one keeps (benchmarks/RESULTS.md, "Chained GPTQ rounding").
+AIM_STEPS = 1.0
+
+
+def _bounded_aim(w: np.ndarray, aim: np.ndarray, p: QuantParams) -> np.ndarray:
+    """The chained aim clipped to within `AIM_STEPS` grid steps of the weight, per element."""
+    s = np.asarray(p.scale, dtype=np.float32)
+    if p.axis is not None and s.ndim == 1:
+        s = np.expand_dims(s, tuple(i for i in range(w.ndim) if i != p.axis))
+    return np.clip(aim, w - AIM_STEPS * s, w + AIM_STEPS * s)
 
 
 def _code_limits(dtype: str, symmetric: bool, reduced: bool) -> tuple[int, int]:
@@ -140,7 +158,7 @@ def _code_limits(dtype: str, symmetric: bool, reduced: bool) -> tuple[int, int]:
 def attach_hessians(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], data: Dataset | None,
               notes: list[str], opts: Quantize, moments=second_moments) -> None:
     """rounding=gptq: attach each 2-D Gemm/MatMul weight's input second moment, from the float
-    model's activations on the calibration data (not chained through the quantized layers).
+    model's activations on the calibration data (``chain`` replaces them later, `chain.rechain`).
     Block-wise weights are solved here, one input at a time (`gptq.solve_blocked`: codes and
     per-block scales on ``layer.gptq``), so no second moment is held for them."""
     blocked = {i: lay for i, lay in layers.items() if block_for(lay, opts) > 0}

@@ -566,6 +566,45 @@ def test_gptq_keeps_nearest_rounding_for_unexcited_inputs_and_checks_shapes():
         q.gptq_quantize(w, p, np.eye(8), 0)
 
 
+@pytest.mark.parametrize("in_axis", [0, 1])
+def test_chained_target_is_the_weight_when_the_input_is_unchanged(in_axis):
+    x = _correlated(2000, 24)
+    w = np.random.default_rng(4).standard_normal((24, 10) if in_axis == 0 else (10, 24)).astype(np.float32)
+    h = x.T @ x / len(x)
+    np.testing.assert_allclose(q.chained_target(w, h, h, in_axis), w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("in_axis", [0, 1])
+def test_chained_target_corrects_the_error_already_in_the_input(in_axis):
+    """x̂ = x + e (an upstream layer's error, correlated with x): W x is matched better by W' x̂
+    than by W x̂, on inputs never seen; undamped, W' is the least-squares fit."""
+    k, n = 32, 12
+    rng = np.random.default_rng(5)
+    distort = np.eye(k) + 0.1 * rng.standard_normal((k, k))
+    x, held = _correlated(4000, k), _correlated(1000, k, seed=1)
+    xq, held_q = x @ distort.T, held @ distort.T
+    rows = rng.standard_normal((n, k)).astype(np.float32)  # (outputs, inputs)
+    w = rows.T if in_axis == 0 else rows
+    h, c = xq.T @ xq / len(x), x.T @ xq / len(x)
+    aim = q.chained_target(w, c, h, in_axis, damp=0.0)
+    aim_rows = aim.T if in_axis == 0 else aim
+    assert aim.shape == w.shape and aim.dtype == np.float32
+
+    def err(m):
+        return np.linalg.norm(held @ rows.T - held_q @ m.T) / np.linalg.norm(held @ rows.T)
+
+    assert err(aim_rows) < 0.1 * err(rows)
+    lstsq = np.linalg.lstsq(xq, x @ rows.T, rcond=None)[0].T
+    np.testing.assert_allclose(aim_rows, lstsq, rtol=1e-3, atol=1e-3)
+    # heavy damping pulls the aim back to the weight; unexcited inputs keep theirs
+    np.testing.assert_allclose(q.chained_target(w, c, h, in_axis, damp=1e6), w, rtol=1e-3, atol=1e-4)
+    h[3, :] = h[:, 3] = c[3, :] = c[:, 3] = 0.0
+    kept = q.chained_target(w, c, h, in_axis)
+    np.testing.assert_array_equal(np.take(kept, 3, axis=in_axis), np.take(w, 3, axis=in_axis))
+    with pytest.raises(ValueError, match="must be 32×32"):
+        q.chained_target(w, c[:8, :8], h, in_axis)
+
+
 # ----------------------------------------------------------------------------- block-wise GPTQ
 
 
