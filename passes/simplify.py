@@ -93,6 +93,9 @@ class Simplify(Pass):
     """Fold constants and shape arithmetic, merge duplicates, fold Pad and constant Mul/Add into convs (exact)."""
 
     name: ClassVar[str] = "simplify"
+    # `run` only reads its argument (the engine works on onnx-ir's view of it and writes a new model;
+    # input dims are bound on that view), so the pipeline need not copy every weight for it
+    edits_input: ClassVar[bool] = False
 
     bind_shapes: bool = True  # bind dynamic non-batch dims from --input-shape / the data's shapes
     fold_pads: bool = True  # Pad → Conv / AveragePool / MaxPool
@@ -106,7 +109,7 @@ class Simplify(Pass):
                 model, note = upgrade_for_runtime(model, shapes=_known_shapes(model, ctx))
             except RuntimeOpsetError as exc:
                 report.skip("model", str(exc))
-                return source
+                return copy_model(source)
             if note:
                 report.rewrite("model", action=note)
         model = _ir3_constants(model, report)
@@ -117,7 +120,7 @@ class Simplify(Pass):
             log.warning("simplify: the folding engine failed: %s", exc)
             report.skip("model", f"the folding engine failed: {type(exc).__name__}: {str(exc).strip()[:200]}")
             report.rewritten.clear()
-            return source
+            return copy_model(source)
         out = apply_rules(folded, report, pads=self.fold_pads, affine=self.fold_affine)
         problem = _interface_changed(source, out) or _checked(out)
         if problem and (bound or batch):  # bound dims the graph does not agree with: fold without them
@@ -129,9 +132,9 @@ class Simplify(Pass):
         if problem:
             report.skip("model", f"result discarded: {problem}")
             report.rewritten.clear()
-            return source
+            return copy_model(source)
         _report_counts(model, out, report)
-        return out if report.rewritten else source
+        return out if report.rewritten else copy_model(source)
 
 
 def _ir3_constants(model: onnx.ModelProto, report: PassReport) -> onnx.ModelProto:
@@ -208,16 +211,6 @@ def _bindings(model: onnx.ModelProto, ctx: PassContext,
     return bound, batch
 
 
-def _with_dims(model: onnx.ModelProto, sizes: dict[str, dict[int, int]]) -> onnx.ModelProto:
-    out = _shallow(model)
-    for value in out.graph.input:
-        for axis, size in sizes.get(value.name, {}).items():
-            dim = value.type.tensor_type.shape.dim[axis]
-            dim.Clear()
-            dim.dim_value = size
-    return out
-
-
 def _shallow(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy whose graph inputs may be edited (everything else is only read by the engine)."""
     out = onnx.ModelProto()
@@ -231,7 +224,7 @@ def _fold_with_shapes(model: onnx.ModelProto, bound: dict[str, dict[int, int]],
         report.note("bound for folding (kept in the output): " + ", ".join(
             f"{n}[{a}]={s}" for n, axes in bound.items() for a, s in axes.items()))
     if not batch:
-        return _engine(_with_dims(model, bound))
+        return _engine(model, bound)
     given = {n: (axis, s) for n, (axis, s) in batch.items() if s is not None}
     # Two batch sizes that differ. When the user bound every batch dim to one size, that size is the
     # first probe: its graph is the answer when folding turns out to depend on the batch, so the
@@ -244,7 +237,7 @@ def _fold_with_shapes(model: onnx.ModelProto, bound: dict[str, dict[int, int]],
         sizes = {n: dict(bound.get(n, {})) for n in set(bound) | set(batch)}
         for name, (axis, _) in batch.items():
             sizes[name][axis] = size
-        probes.append(_engine(_with_dims(model, sizes)))
+        probes.append(_engine(model, sizes))
     same = _same_graph(*probes)
     if not same:
         _generalize_reshapes(*probes)
@@ -263,9 +256,9 @@ def _fold_with_shapes(model: onnx.ModelProto, bound: dict[str, dict[int, int]],
         sizes = {n: dict(bound.get(n, {})) for n in set(bound) | set(given)}
         for name, (axis, size) in given.items():
             sizes[name][axis] = size
-        return _engine(_with_dims(model, sizes))
+        return _engine(model, sizes)
     report.note("folding with a dynamic batch dim: more would fold with it bound (--input-shape)")
-    return _engine(_with_dims(model, bound))
+    return _engine(model, bound)
 
 
 def _type_protos(model: onnx.ModelProto) -> Iterator[onnx.TypeProto]:
@@ -366,7 +359,10 @@ def _unbind_batch(out: onnx.ModelProto, other: onnx.ModelProto, original: onnx.M
 # The engine: onnxscript's optimizer on onnx-ir, weights kept on disk stay there
 
 
-def _engine(model: onnx.ModelProto) -> onnx.ModelProto:
+def _engine(model: onnx.ModelProto, dims: dict[str, dict[int, int]] | None = None) -> onnx.ModelProto:
+    """onnxscript's optimizer on onnx-ir's view of `model` (not edited: its weights are read where
+    they are, not copied), with the graph inputs' dims in `dims` ({input: {axis: size}}) bound on
+    that view; the folded model is a new proto."""
     import onnx_ir as ir
     from onnxscript import optimizer
 
@@ -374,21 +370,33 @@ def _engine(model: onnx.ModelProto) -> onnx.ModelProto:
     with warnings.catch_warnings():  # our folder key is read below; onnx-ir need not know it
         warnings.filterwarnings("ignore", message=".*unknown external data key.*", category=UserWarning)
         irm = ir.from_proto(model)
+    _bind_dims(irm, dims or {})
     for value in irm.graph.initializers.values():
         tensor = value.const_value
         if value.name in disk and isinstance(tensor, ir.ExternalTensor):
             info = {e.key: e.value for e in disk[value.name].external_data}
             value.const_value = ir.ExternalTensor(tensor.location, tensor.offset, tensor.length, tensor.dtype,
                                                   shape=tensor.shape, name=tensor.name, base_dir=info[DISK_KEY])
-    count = _node_count(irm)
-    with _rules_by_root_op():
-        for _ in range(_MAX_ROUNDS):
-            optimizer.optimize_ir(irm, num_iterations=2, should_fold=_should_fold)
-            now = _node_count(irm)
-            if now >= count:
-                break
-            count = now
-    out = ir.to_proto(irm)
+    # onnx-ir's tensors read `model`'s tensor protos in place (initializers, Constant values), and
+    # renaming a tensor renames its proto: the names are put back once the result is written, so
+    # `model` leaves as it came
+    names = [(t, t.name if t.HasField("name") else None) for t in _tensor_protos(model)]
+    try:
+        count = _node_count(irm)
+        with _rules_by_root_op():
+            for _ in range(_MAX_ROUNDS):
+                optimizer.optimize_ir(irm, num_iterations=2, should_fold=_should_fold)
+                now = _node_count(irm)
+                if now >= count:
+                    break
+                count = now
+        out = ir.to_proto(irm)
+    finally:
+        for tensor, name in names:
+            if name is None:
+                tensor.ClearField("name")
+            elif tensor.name != name:
+                tensor.name = name
     by_place = {(e["location"], e.get("offset", "0")): t for t in disk.values()
                 for e in [{x.key: x.value for x in t.external_data}]}
     for tensor in out.graph.initializer:
@@ -401,6 +409,31 @@ def _engine(model: onnx.ModelProto) -> onnx.ModelProto:
             tensor.CopyFrom(src)
             tensor.name = name
     return out
+
+
+def _tensor_protos(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor proto of `model`'s graphs: initializers and tensor-valued node attributes."""
+    for graph in all_graphs(model.graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+
+
+def _bind_dims(irm, dims: dict[str, dict[int, int]]) -> None:
+    """Fix the graph inputs' dims in `dims` to their sizes (a bound dim loses its name and its
+    denotation, as a cleared `TensorShapeProto.Dimension` would)."""
+    import onnx_ir as ir
+
+    for value in irm.graph.inputs:
+        axes = dims.get(value.name)
+        if not axes or value.shape is None:
+            continue
+        shape = value.shape
+        value.shape = ir.Shape([axes.get(i, d) for i, d in enumerate(shape.dims)],
+                               [None if i in axes else shape.get_denotation(i) for i in range(shape.rank())])
 
 
 class _RootOpRule:

@@ -86,8 +86,8 @@ def test_a_batch_bound_by_the_user_is_one_of_the_two_probes(monkeypatch, size):
     model = g.build()
     runs = []
     real = simplify._engine
-    monkeypatch.setattr(simplify, "_engine", lambda m: runs.append(m.graph.input[0].type.tensor_type.shape.dim[0].dim_value)
-                        or real(m))
+    monkeypatch.setattr(simplify, "_engine", lambda m, dims=None: runs.append((dims or {}).get("x", {}).get(0))
+                        or real(m, dims))
     out = _simplify(model, shapes={"x": (size, 4)})
     assert len(runs) == 2 and runs[0] == size and runs[1] != size
     assert op_count(out.model, "Shape") == 0
@@ -426,3 +426,23 @@ def test_root_op_rule_skips_other_ops_and_the_rules_are_restored():
         assert wrapped and all(w._rule is b for w, b in wrapped)
         raise RuntimeError("the rules are restored on the way out")
     assert rewriter._DEFAULT_REWRITE_RULES is before
+
+
+def test_the_input_model_is_read_in_place_and_left_as_it_came():
+    """simplify is handed the caller's model itself (no deep copy): the engine's view of it reads
+    its tensor protos in place, so a Constant lifted to an initializer under its output's name must
+    not rename the caller's tensor, and binding dims must not touch the caller's inputs."""
+    model = constant_node_model()
+    consts = [node for node in model.graph.node if node.op_type == "Constant"]
+    for i, node in enumerate(consts):
+        if i % 2:
+            node.attribute[0].t.name = "tensor_" + node.output[0]  # differs from the name it is lifted to
+        else:
+            node.attribute[0].t.ClearField("name")  # no name at all (not even "")
+    assert not Simplify.edits_input
+    before = model.SerializeToString(deterministic=True)
+    x = model.graph.input[0].type.tensor_type.shape.dim
+    assert x[0].HasField("dim_param")  # vacuity guard: there is a batch dim to bind for the probes
+    out = _simplify(model, shapes={model.graph.input[0].name: tuple([2] + [d.dim_value for d in x[1:]])})
+    assert op_count(out.model, "Constant") == 0 and out.model.graph.initializer  # the lift fired
+    assert model.SerializeToString(deterministic=True) == before
