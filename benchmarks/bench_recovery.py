@@ -49,6 +49,9 @@ the masked variant goes on to distill. ``--budget-levels L1,L2,…`` (with ``--f
 levels, chosen from its measured end-to-end SNR (``target_macs`` = the model MACs of the
 ``whitened + mask`` row, graph_opt/budget.py), then `reconstruct` with the mask.
 
+``--label SUFFIX`` is appended to the distilled rows' names, so that runs with other distill settings
+keep their own rows in the JSON (rows of the same name are replaced).
+
 ``--modes M1,M2`` runs only the named low-rank modes (e.g. ``whitened + mask``; fp32 is always timed).
 
 Corpus models are raw exports: `simplify` runs first (exact) and every variant starts from it.
@@ -207,7 +210,7 @@ def distill_data(zm, calib: Dataset, text: int, held: int, batch: int = 16) -> t
     # distill holds out round(batches · holdout) batches from the end: exactly the prose held out
     batches = -(-total // batch)
     holdout = (n_held // batch) / batches
-    info = {"distill_text": text, "distill_text_held": n_held, "prose_pool": pool,
+    info = {"distill_text": text, "distill_text_held": n_held, "distill_calib_rows": len(calib), "prose_pool": pool,
             "distill_sentences": total, "distill_real_tokens": int(inputs["attention_mask"].sum())}
     return Dataset(inputs, None, f"{calib.source} + {text} prose sentences, {n_held} held out"), holdout, info
 
@@ -250,6 +253,9 @@ def main(argv=None) -> int:
     ap.add_argument("--distill-text-held", type=int, default=256, metavar="H",
                     help="with --distill-text: H more prose sentences (unseen by any statistic) as distill's "
                          "held-out batches")
+    ap.add_argument("--label", default="", metavar="SUFFIX",
+                    help="appended to the distilled rows' variant names (keeps runs with other distill "
+                         "settings apart in the JSON)")
     ap.add_argument("--row-mask", default=None, metavar="INPUT",
                     help="add rows whose statistics count only positions where INPUT (or 'auto') is non-zero; "
                          "reconstruct and distill then run on the masked rows only")
@@ -328,7 +334,7 @@ def main(argv=None) -> int:
                     print(f"{name}: distill refused: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
                     continue
                 keep(label + " + reconstruct + distill" + (" blocks" if blocks else "")
-                     + (f" + text {text_info['distill_text']}" if text_info else ""), dist.model, time.perf_counter() - start,
+                     + (f" + text {text_info['distill_text']}" if text_info else "") + args.label, dist.model, time.perf_counter() - start,
                      **text_info, notes=[n for n in dist.report.notes if n.startswith(("distill:", "distill blocks: block"))],
                      skipped=[s.reason for s in dist.report.skipped])
         if args.ffn is not None:
