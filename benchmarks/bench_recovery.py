@@ -266,6 +266,9 @@ def main(argv=None) -> int:
     rows = []
     for name in args.models.split(","):
         zm = zoo.get(name)
+        if args.distill_text and set(zm.calib.inputs) != set(zoo.MINILM_INPUTS):  # before any work, not after
+            raise SystemExit(f"--distill-text: {name} is not a MiniLM-style token model "
+                             f"(inputs {', '.join(zoo.MINILM_INPUTS)})")
         raw = zm.load()
         base = _apply(raw, [Simplify(), FoldBatchnorm(), Cleanup()], PassContext(data=zm.calib, original=raw))
         variants, extras = {}, {}
