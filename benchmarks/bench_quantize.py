@@ -603,7 +603,7 @@ def render(doc: dict) -> str:
     cpu = "CPU: " + doc.get("cpu_line", "?")
     busy = max((max(r["cpu_busy"]) for r in doc["results"]), default=0.0)
     w4 = any(r.get("weights") == "int4" for r in doc["results"])
-    stem = "bench_quantize_w4a8" if w4 else "bench_quantize"
+    stem = doc.get("stem") or ("bench_quantize_w4a8" if w4 else "bench_quantize")
     parts = [
         ("# bench_quantize: graph-opt (CLI) vs onnxruntime, NNCF, AIMET-ONNX on real exports (one run)"
          + (", W4A8 (4-bit weights, 8-bit activations)" if w4 else "")), "",
@@ -674,12 +674,14 @@ def main(argv=None) -> int:
                     help="also score every model with onnxruntime optimizations off (QDQ emulated in float)")
     ap.add_argument("--weights", choices=("int8", "int4"), default="int8",
                     help="int4: W4A8 on the CNN classifiers, into bench_quantize_w4a8.{json,md}")
+    ap.add_argument("--tag", default="", metavar="TAG",
+                    help="write bench_quantize[_w4a8]_TAG.{json,md}, e.g. a run on another kind of CPU")
     ap.add_argument("--render", action="store_true", help="only rewrite bench_quantize.md from the saved JSON")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))
-    stem = "bench_quantize_w4a8" if args.weights == "int4" else "bench_quantize"
+    stem = ("bench_quantize_w4a8" if args.weights == "int4" else "bench_quantize") + (f"_{args.tag}" if args.tag else "")
     if args.weights == "int4" and "--models" not in (argv or sys.argv[1:]):
         args.models = ",".join(W4A8_MODELS)
     if args.weights == "int4" and "--quantizers" not in (argv or sys.argv[1:]):
@@ -706,7 +708,7 @@ def main(argv=None) -> int:
     kept = [r for r in old.get("results", []) if r["model"] not in names]
     doc = {"bench": "bench_quantize", "environment": _harness.environment(), "cpu_line": _harness.host().describe(),
            "versions": _versions(), "command": "python benchmarks/bench_quantize.py " + " ".join(argv or sys.argv[1:]),
-           "date": time.strftime("%Y-%m-%d %H:%M"), "calib_batch_ort": CALIB_BATCH,
+           "stem": stem, "date": time.strftime("%Y-%m-%d %H:%M"), "calib_batch_ort": CALIB_BATCH,
            "timeouts_s": {"default": args.timeout, "slow": args.opt_timeout}, "rounds": args.rounds,
            "runs": args.runs, "results": kept}
     with tempfile.TemporaryDirectory(prefix="bench_quantize-") as tmp:

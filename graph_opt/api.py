@@ -42,7 +42,7 @@ def optimize(model_or_path: onnx.ModelProto | str | os.PathLike, passes: Sequenc
              data: Any = None, calib_data: Any = None, shapes: dict[str, tuple[int, ...]] | None = None,
              tolerances: dict[str, float] | None = None, rollback: bool = True, latency: bool = True,
              latency_runs: int | None = None, latency_steps: bool = False, threads: int = 1, seed: int = 0,
-             n_random: int = 8, simplify: bool = True) -> PipelineResult:
+             n_random: int = 8, simplify: bool = True, verify_threads: int = 0) -> PipelineResult:
     """Run `passes` (configured passes or `name:key=value` specs) and verify against the original.
 
     `simplify` (the pass of that name) runs first unless `simplify=False` or `passes` starts with it.
@@ -50,7 +50,8 @@ def optimize(model_or_path: onnx.ModelProto | str | os.PathLike, passes: Sequenc
     random inputs) is used for verification, and for calibration unless `calib_data` is given.
     Latency (``latency``) is measured for the original and the final model, and for every step
     with ``latency_steps``; ``latency_runs`` None sizes the interleaved rounds by time
-    (`graph_opt.stats.measure_latency`).
+    (`graph_opt.stats.measure_latency`). ``threads``: onnxruntime's intra-op threads for the latency;
+    ``verify_threads``: for running the models over the data (0: one per core).
     """
     model = _model(model_or_path)
     configured = _passes(passes, simplify)
@@ -58,7 +59,8 @@ def optimize(model_or_path: onnx.ModelProto | str | os.PathLike, passes: Sequenc
     calib = load_data(calib_data, model, shapes=shapes, seed=seed) if calib_data is not None else verify_data
     pipeline = Pipeline(configured, verify_data=verify_data, calib_data=calib, tolerances=tolerances,
                         rollback=rollback, latency=latency, latency_runs=latency_runs,
-                        latency_steps=latency_steps, threads=threads, seed=seed, shapes=shapes)
+                        latency_steps=latency_steps, threads=threads, seed=seed, shapes=shapes,
+                        verify_threads=verify_threads)
     return pipeline.run(model)
 
 

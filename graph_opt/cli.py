@@ -72,6 +72,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="stop with exit 1 (writing nothing) when a pass exceeds the tolerance, instead of rolling it back")
     opt.add_argument("--latency-steps", action="store_true",
                      help="time every step's model, not only the original and the final one")
+    opt.add_argument("--verify-threads", type=int, default=0, metavar="N",
+                     help="onnxruntime threads for running the models over the data (default 0: one per core; "
+                          "--threads sets the latency's)")
     _run_args(opt)
 
     com = sub.add_parser("compare", help="run several pipelines (recipes or pass orderings) on one or more models: "
@@ -239,7 +242,7 @@ def _optimize(args, model, passes, verify_data, calib, shapes, tolerances):
     return api.optimize(model, passes, data=verify_data, calib_data=calib, shapes=shapes, tolerances=tolerances,
                         rollback=not args.no_rollback, latency=not args.no_latency, latency_runs=args.latency_runs,
                         latency_steps=args.latency_steps, threads=args.threads, seed=args.seed,
-                        simplify=not args.no_simplify)
+                        simplify=not args.no_simplify, verify_threads=args.verify_threads)
 
 
 def _optimize_folder(args, passes, shapes, tolerances) -> int:

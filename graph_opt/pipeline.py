@@ -211,7 +211,10 @@ class Pipeline:
     def __init__(self, passes: list[Pass], *, verify_data: Dataset | None = None, calib_data: Dataset | None = None,
                  tolerances: dict[str, float] | None = None, rollback: bool = True, latency: bool = True,
                  latency_runs: int | None = None, latency_steps: bool = False, threads: int = 1, seed: int = 0,
-                 shapes: dict[str, tuple[int, ...]] | None = None):
+                 shapes: dict[str, tuple[int, ...]] | None = None, verify_threads: int = 0):
+        """``threads``: onnxruntime's intra-op threads when timing latency (the deployment's setting);
+        ``verify_threads``: when running the models over the verification data (0: one per core),
+        which measures outputs, not time."""
         self.passes = list(passes)
         self.verify_data = verify_data
         self.calib_data = calib_data if calib_data is not None else verify_data
@@ -221,6 +224,7 @@ class Pipeline:
         self.latency_runs = latency_runs
         self.latency_steps = latency_steps
         self.threads = threads
+        self.verify_threads = verify_threads
         self.seed = seed
         self.shapes = shapes
 
@@ -228,7 +232,7 @@ class Pipeline:
         for p in self.passes:
             p.preflight()
         original, reference, upgraded = reference_for(original, self.verify_data, [self.passes[0] if self.passes else None],
-                                                      threads=self.threads, shapes=self.shapes)
+                                                      threads=self.verify_threads, shapes=self.shapes)
         baseline = StepRecord("original", "original", stats=self._stats(original), model=original, reason=upgraded)
         if reference is not None:
             baseline.parity = reference.itself()
@@ -240,7 +244,7 @@ class Pipeline:
         steps: list[StepRecord] = []
         stopped = ""
         for p in progress(self.passes, total=len(self.passes), desc="passes"):
-            out = run_step(p, current, ctx, reference, self.tolerances, threads=self.threads, shapes=self.shapes,
+            out = run_step(p, current, ctx, reference, self.tolerances, threads=self.verify_threads, shapes=self.shapes,
                            before=[s.spec for s in steps], keep=(lambda m: spill(m, spill_to)) if spill_to else None)
             if not out.accepted:
                 log.warning("%s rolled back: %s", p.name, out.reason)

@@ -112,3 +112,21 @@ def test_the_original_row_is_not_run_twice(monkeypatch):
     assert len(runs) == 2  # the reference and the one step's candidate
     assert result.baseline.parity.cosine == 1.0 and result.baseline.parity.max_abs == 0.0
     assert result.baseline.parity.to_dict() == verify.Reference(model, data).compare(model).to_dict()
+
+
+def test_verification_runs_on_their_own_threads_and_latency_on_the_deployments(monkeypatch):
+    import importlib
+
+    verify = importlib.import_module("graph_opt.verify")
+    pipeline = importlib.import_module("graph_opt.pipeline")
+    model = small_cnn()
+    runs, timed = [], []
+    real_run, real_time = verify.run_model, pipeline.measure_latency
+    monkeypatch.setattr(verify, "run_model", lambda *a, **k: runs.append(k["threads"]) or real_run(*a, **k))
+    monkeypatch.setattr(pipeline, "measure_latency", lambda *a, **k: timed.append(k["threads"]) or real_time(*a, **k))
+    Pipeline([FoldBatchnorm()], verify_data=random_dataset(model, 2), latency_runs=3, threads=1).run(model)
+    assert runs == [0, 0] and timed == [1]  # the default: every core for the data, the deployment's for latency
+    runs.clear(), timed.clear()
+    Pipeline([FoldBatchnorm()], verify_data=random_dataset(model, 2), latency_runs=3, threads=2,
+             verify_threads=1).run(model)
+    assert runs == [1, 1] and timed == [2]
