@@ -71,10 +71,16 @@ def test_campaign_finding_cp_singular_system_is_a_skip(monkeypatch):
             raise np.linalg.LinAlgError("Singular matrix")
         return real(*args, **kwargs)
 
+    def failed(result) -> set[str]:
+        return {s.node for s in result.report.skipped if "CP-ALS at rank 4 failed" in s.reason}
+
+    cp = FactorizeConv(method="cp", rank=4, align=0, latency_gate=False, max_weight_error=1.0)
+    natural = failed(cp(model, PassContext()))  # on AVX2 one of its convs meets a singular system by itself
     monkeypatch.setattr(lowrank, "parafac", singular_once)
-    result = FactorizeConv(method="cp", rank=4, align=0, latency_gate=False, max_weight_error=1.0)(model, PassContext())
+    result = cp(model, PassContext())
     assert len(calls) > 1  # the model has other convs: the failure does not end the pass
-    assert sum("CP-ALS at rank 4 failed" in s.reason for s in result.report.skipped) == 1
+    forced = failed(result)
+    assert forced and natural <= forced and len(forced - natural) <= 1
     assert result.report.rewritten, "the other layers are still factorized"
     assert_valid(result.model)
 
