@@ -368,6 +368,15 @@ def detached(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndar
     return shell, arrays
 
 
+def handed_over(name: str, array: np.ndarray) -> onnx.TensorProto:
+    """An initializer named `name` whose bytes are `array`, handed to onnxruntime separately
+    (`runtime.make_session`'s ``weights``), as `detached` leaves the weights it takes out."""
+    tensor = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+                              dims=array.shape)
+    _point_at(tensor, None, "weights-handed-over", 0, array.nbytes)
+    return tensor
+
+
 def names_read(graph: onnx.GraphProto) -> set[str]:
     """Every name a node of `graph` or of its subgraphs reads."""
     return {name for g in all_graphs(graph) for node in g.node for name in node.input}

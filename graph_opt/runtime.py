@@ -47,7 +47,7 @@ import onnxruntime as ort
 
 from graph_opt.data import Dataset, batch_size_for
 from graph_opt.errors import GraphOptError, InvalidModelError
-from graph_opt.external_data import detached, needs_external_data
+from graph_opt.external_data import detached, handed_over, names_read, needs_external_data
 from graph_opt.model_io import session_source
 from graph_opt.onnx_util import first_line
 from graph_opt.progress import progress
@@ -109,6 +109,48 @@ def make_session(model: onnx.ModelProto, *, optimize: bool | Literal["basic"] = 
     except Exception as exc:
         first = first_line(exc)
         raise InvalidModelError(f"onnxruntime cannot load the model: {first[:300]}") from None
+
+
+def weights_dequantized(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]] | None:
+    """`model` with every main-graph DequantizeLinear of constant inputs (a quantized weight) replaced
+    by its output, and the weights to hand to `make_session`; None when there is none, or when the
+    weights stay on disk.
+
+    The outputs are computed once by onnxruntime's own DequantizeLinear kernel, the one that runs
+    them when optimizations are off, and the activations' QuantizeLinear/DequantizeLinear still run
+    as written, so the result emulates the same integer arithmetic in float without dequantizing
+    every weight again for every batch. Convolutions give the same values bit for bit; a MatMul
+    whose weight is now an initializer may take another kernel path, whose last-bit differences an
+    activation's rounding can carry further (on a quantized MiniLM the output cosine to the float
+    model read 0.997647 against 0.997639 unfolded and 0.997640 as deployed)."""
+    g = model.graph
+    consts = {t.name for t in g.initializer}
+    folds = [n for n in g.node if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx")
+             and all(not x or x in consts for x in n.input)]
+    if not folds or needs_external_data(model):
+        return None
+    shell, weights = detached(model)
+    stubs = {t.name: t for t in shell.graph.initializer}
+    needed = list(dict.fromkeys(x for n in folds for x in n.input if x))
+    outputs = [onnx.helper.make_tensor_value_info(n.output[0], stubs[n.input[1]].data_type, None) for n in folds]
+    mini = onnx.helper.make_model(onnx.helper.make_graph(folds, "weights", [], outputs, [stubs[x] for x in needed]),
+                                  opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    session = make_session(mini, weights={x: weights[x] for x in needed if x in weights})
+    values = session.run([o.name for o in outputs], {})
+    folded = {o.name: np.asarray(v) for o, v in zip(outputs, values)}
+    folded_at = {i for i, n in enumerate(g.node) if n.op_type == "DequantizeLinear" and n.output[0] in folded}
+    kept = [onnx.NodeProto() for i in range(len(g.node)) if i not in folded_at]
+    for node, i in zip(kept, (i for i in range(len(g.node)) if i not in folded_at)):
+        node.CopyFrom(shell.graph.node[i])
+    del shell.graph.node[:]
+    shell.graph.node.extend(kept)
+    read = names_read(shell.graph) | {o.name for o in g.output}
+    live = [t for t in shell.graph.initializer if t.name in read]
+    del shell.graph.initializer[:]
+    shell.graph.initializer.extend(live)
+    shell.graph.initializer.extend(handed_over(name, a) for name, a in folded.items())
+    weights = {k: v for k, v in weights.items() if k in read} | folded
+    return shell, weights
 
 
 def cores(threads: int) -> int:

@@ -21,7 +21,7 @@ import onnx
 from graph_opt import metrics
 from graph_opt.data import Dataset, batch_size_for, batch_size_within
 from graph_opt.errors import GraphOptError, InvalidModelError
-from graph_opt.runtime import run_model
+from graph_opt.runtime import make_session, run_model, weights_dequantized
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,10 @@ class Reference:
     def compare(self, candidate: onnx.ModelProto, tolerances: dict[str, float] | None = None) -> ParityReport:
         # a candidate whose batch is bound (simplify with the user's --input-shape) runs at its own size
         batch_size = batch_size_for(candidate, self.batch_size)
-        cand = run_model(candidate, self.data, batch_size=batch_size, threads=self.threads, desc="candidate")
+        folded = weights_dequantized(candidate)  # a quantized model's weights dequantized once, not per batch
+        runnable = make_session(*folded[:1], weights=folded[1], threads=self.threads) if folded else candidate
+        cand = run_model(runnable, self.data.laid_out(candidate), batch_size=batch_size, threads=self.threads,
+                         desc="candidate")
         return compare_outputs(self.outputs, cand, labels=self.data.labels, temperature=self.temperature,
                                kd_alpha=self.kd_alpha,
                                data_source=self.data.source, tolerances=tolerances)

@@ -132,3 +132,28 @@ def test_sessions_take_the_weights_as_arrays_not_inside_the_serialized_model(mon
     assert [t.name for t in carried if len(t.raw_data) >= 1024] == ["unread_weight"]
     handed = [t.name for t in carried if t.data_location == onnx.TensorProto.EXTERNAL]
     assert len(handed) >= 2 and all(len(t.raw_data) >= 1024 for t in model.graph.initializer if t.name in handed)
+
+
+def test_a_quantized_candidate_runs_with_its_weights_dequantized_once():
+    from graph_opt.pass_base import PassContext
+    from graph_opt.passes import Quantize
+    from graph_opt.runtime import make_session, weights_dequantized
+    from graph_opt.verify import Reference
+
+    model = small_cnn()
+    data = random_dataset(model, 6)
+    quantized = Quantize(sensitivity_snr_db=None, prefer="size")(model, PassContext(data=data)).model
+    shell, weights = weights_dequantized(quantized)
+    dq = [n for n in quantized.graph.node if n.op_type == "DequantizeLinear"]
+    left = [n for n in shell.graph.node if n.op_type == "DequantizeLinear"]
+    assert dq and len(left) < len(dq)  # the weights' DequantizeLinear are gone, the activations' stay
+    assert all(n.input[0] not in {t.name for t in quantized.graph.initializer} for n in left)
+    folded = run_model(make_session(shell, weights=weights), data)
+    as_written = run_model(quantized, data)  # optimizations off: every DequantizeLinear runs
+    assert all(np.array_equal(folded[k], as_written[k]) for k in as_written)  # convolutions: bit for bit
+    from graph_opt.verify import compare_outputs
+
+    reference = Reference(model, data)
+    assert reference.compare(quantized).to_dict() == compare_outputs(reference.outputs, as_written, data_source=data.source).to_dict()
+    assert weights_dequantized(model) is None  # nothing to fold
+    assert len(quantized.graph.node) > len(shell.graph.node)  # the input model is not touched
