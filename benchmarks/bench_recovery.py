@@ -37,6 +37,9 @@ only), layer after layer; the whole-model stage follows for the remaining minute
 perturbed copies of each (`perturbed_sentences`: tokens dropped, replaced by tokens of other
 calibration sentences, or two sentences spliced), labelled by the teacher; no eval sentence is
 used, and `reconstruct` and the data-aware factors still see the calibration sentences only.
+``--distill-splice N`` (one input of fixed-length rows, e.g. magika's first and last 1024 bytes of a
+file): distill trains on N copies of each calibration row whose second half is another row's (seeded),
+labelled by the teacher, before the calibration rows themselves (the held-out batches are real rows).
 ``--distill-text N`` (MiniLM): distill also trains on N sentences of English prose that ships with
 Python (the standard library's docstrings and help topics, `benchmarks/_prose.py`), tokenized by the
 model's own tokenizer and labelled by the teacher; ``--distill-text-held H`` more of them (disjoint,
@@ -182,6 +185,21 @@ def perturbed_sentences(data: Dataset, copies: int, seed: int = 0) -> Dataset:
     return Dataset(inputs, None, f"{data.source} + {copies} perturbed copies of each sentence")
 
 
+def spliced_rows(data: Dataset, copies: int, seed: int = 0) -> Dataset:
+    """`data` (one input, rows of a fixed-length sequence, e.g. magika's first and last 1024 bytes)
+    with `copies` spliced copies of every row first, then the rows themselves (last, so that
+    distill's held-out batches, taken from the end, are real rows): each copy joins the first half
+    of its row to the second half of a row drawn at random (seeded); unlabelled (the teacher labels)."""
+    if len(data.inputs) != 1:
+        raise SystemExit(f"--distill-splice needs a model with one input, not {', '.join(data.inputs)}")
+    (name, rows), = data.inputs.items()
+    n, half = len(rows), rows.shape[1] // 2
+    rng = np.random.default_rng(seed)
+    out = np.concatenate([rows] * copies)
+    out[:, half:] = rows[rng.integers(n, size=n * copies), half:]
+    return Dataset({name: np.concatenate([out, rows])}, None, f"{data.source} + {copies} spliced copies of each row")
+
+
 def prose_sentences(zm, n_train: int, n_held: int, seed: int = 0) -> tuple[Dataset, int, str]:
     """`n_train` then `n_held` tokenized prose sentences (`_prose`), drawn seeded from the standard
     library's docstrings, none of them a sentence of the zoo MiniLM's calibration or eval text; a
@@ -270,6 +288,9 @@ def main(argv=None) -> int:
     ap.add_argument("--distill-block-lr", type=float, default=1e-3)
     ap.add_argument("--distill-augment", type=int, default=0, metavar="N",
                     help="token inputs: distill also on N perturbed copies of each calibration sentence")
+    ap.add_argument("--distill-splice", type=int, default=0, metavar="N",
+                    help="one-input sequence models: distill also on N copies of each calibration row whose "
+                         "second half is another row's")
     ap.add_argument("--distill-text", type=int, default=0, metavar="N",
                     help="MiniLM: distill also on N sentences of the Python standard library's docstrings")
     ap.add_argument("--distill-text-held", type=int, default=256, metavar="H",
@@ -346,6 +367,7 @@ def main(argv=None) -> int:
                     continue
                 start = time.perf_counter()
                 dtrain = perturbed_sentences(zm.calib, args.distill_augment) if args.distill_augment else zm.calib
+                dtrain = spliced_rows(dtrain, args.distill_splice) if args.distill_splice else dtrain
                 holdout, text_info = None, {}
                 if args.distill_text:
                     dtrain, holdout, text_info = distill_data(zm, dtrain, args.distill_text, args.distill_text_held)
