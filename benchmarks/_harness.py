@@ -23,7 +23,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -117,15 +117,20 @@ class Row:
 
 
 def measure(zm, variants: dict[str, onnx.ModelProto], *, runs: int = 200, threads: int = 1,
-            extras: dict[str, dict[str, Any]] | None = None, rounds: int = 1) -> list[Row]:
+            extras: dict[str, dict[str, Any]] | None = None, rounds: int = 1,
+            macs_of: onnx.ModelProto | None = None) -> list[Row]:
     """Rows for the original ('fp32') and every variant of one zoo model, measured in one run.
 
     ``rounds`` > 1: latency over that many interleaved rounds of ``runs`` runs (`latency_rounds`),
-    each row's ``extra['latency_spread']`` = (min, max) of its ratio over the rounds."""
+    each row's ``extra['latency_spread']`` = (min, max) of its ratio over the rounds.
+    ``macs_of``: an exact rewrite of the original (e.g. simplified) whose MACs stand for fp32's, for
+    exports whose shapes stop at a computed op; every other fp32 figure is the original's."""
     original = zm.load()
     models = {"fp32": original, **variants}
     ref_out = zm.outputs(original, threads=threads)  # the model's own runner where it has one
     stats = {name: model_stats(m, shapes=zm.shapes) for name, m in models.items()}
+    if macs_of is not None:
+        stats["fp32"] = replace(stats["fp32"], macs=model_stats(macs_of, shapes=zm.shapes).macs)
     feed = zm.sample(0)
     busy_before = cpu_busy(0.5)
     spread = None

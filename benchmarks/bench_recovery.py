@@ -3,6 +3,7 @@
     pip install -e '.[bench,train]'
     python benchmarks/bench_recovery.py [--models resnet,minilm,ppocr_cls,...] [--rounds 10] [--distill-minutes 5]
     python benchmarks/bench_recovery.py --models magika --level 0.7   # low-rank at 0.7x MACs per layer
+    python benchmarks/bench_recovery.py --models magika --level 0.7 --factorize conv --only lowrank --skip prune
     python benchmarks/bench_recovery.py --models minilm --ffn 0.7     # a transformer's feed-forward blocks only
     python benchmarks/bench_recovery.py --models minilm --ffn 0.7 --row-mask auto --budget-levels 0.8,0.7,0.6,0.5,0.4
 
@@ -15,6 +16,11 @@ pruning (`prune_channels`, l1), and both — the variants are:
   (least-squares refit, no training) and ``whitened + reconstruct + distill`` (the student trained
   against the teacher: soft labels / relative MSE, early stopping on held-out calibration batches);
 - pruning: ``pruned``, ``+ reconstruct``, ``+ reconstruct + distill``; both: the same on prune → low-rank.
+
+``--factorize conv`` (or ``gemm``): the low-rank families run only `factorize_conv` (or only
+`factorize_gemm`) at the level, and are named ``lowrank conv LEVEL`` (``lowrank gemm LEVEL``); the
+default ``all`` runs both. On a model whose MACs sit in one kind of layer, this keeps the level from
+also cutting the small layers of the other kind (magika's one-hot embedding, a Gemm).
 
 ``--ffn LEVEL`` (BERT-style encoders): the families act on the feed-forward blocks only, the
 two MatMuls of each layer (``intermediate/dense``, ``output/dense``), at LEVEL× their MACs:
@@ -31,6 +37,9 @@ only), layer after layer; the whole-model stage follows for the remaining minute
 perturbed copies of each (`perturbed_sentences`: tokens dropped, replaced by tokens of other
 calibration sentences, or two sentences spliced), labelled by the teacher; no eval sentence is
 used, and `reconstruct` and the data-aware factors still see the calibration sentences only.
+``--distill-splice N`` (one input of fixed-length rows, e.g. magika's first and last 1024 bytes of a
+file): distill trains on N copies of each calibration row whose second half is another row's (seeded),
+labelled by the teacher, before the calibration rows themselves (the held-out batches are real rows).
 ``--distill-text N`` (MiniLM): distill also trains on N sentences of English prose that ships with
 Python (the standard library's docstrings and help topics, `benchmarks/_prose.py`), tokenized by the
 model's own tokenizer and labelled by the teacher; ``--distill-text-held H`` more of them (disjoint,
@@ -52,9 +61,14 @@ levels, chosen from its measured end-to-end SNR (``target_macs`` = the model MAC
 ``--label SUFFIX`` is appended to the distilled rows' names, so that runs with other distill settings
 keep their own rows in the JSON (rows of the same name are replaced).
 
+``--only TEXT`` runs only the families whose name contains TEXT, ``--skip TEXT`` leaves out those whose
+name contains it (``--only lowrank --skip prune``: the low-rank family alone).
+
 ``--modes M1,M2`` runs only the named low-rank modes (e.g. ``whitened + mask``; fp32 is always timed).
 
-Corpus models are raw exports: `simplify` runs first (exact) and every variant starts from it.
+Corpus models are raw exports: `simplify` runs first (exact) and every variant starts from it; the
+MAC ratios are to the simplified model's MACs (the raw export's shapes can stop at a computed op:
+ppocr_cls's Pad), every other fp32 figure is the raw export's.
 Every fidelity number is on the eval split (held out from calibration and from training);
 latency is interleaved over rounds (median ratio and its spread), with the CPU recorded, and
 the wall time of each step is kept. Writes results/bench_recovery.json and Markdown tables.
@@ -91,9 +105,14 @@ def _apply(model, passes, ctx):
     return model
 
 
-def _lowrank(level: float, data: str, row_mask: str | None = None) -> list:
-    return [FactorizeConv(macs_ratio=level, data=data, row_mask=row_mask),
-            FactorizeGemm(macs_ratio=level, data=data, row_mask=row_mask)]
+LOWRANK_PASSES = {"all": (FactorizeConv, FactorizeGemm), "conv": (FactorizeConv,), "gemm": (FactorizeGemm,)}
+
+
+def lowrank_passes(kinds: str = "all"):
+    """The low-rank passes of `kinds` (``all``, ``conv``, ``gemm``), as f(level, data, row_mask) → passes."""
+    def passes(level: float, data: str, row_mask: str | None = None) -> list:
+        return [kind(macs_ratio=level, data=data, row_mask=row_mask) for kind in LOWRANK_PASSES[kinds]]
+    return passes
 
 
 # A BERT-style layer's feed-forward MatMuls (the torch exporter's node names; factors add /svd_i).
@@ -166,6 +185,21 @@ def perturbed_sentences(data: Dataset, copies: int, seed: int = 0) -> Dataset:
     return Dataset(inputs, None, f"{data.source} + {copies} perturbed copies of each sentence")
 
 
+def spliced_rows(data: Dataset, copies: int, seed: int = 0) -> Dataset:
+    """`data` (one input, rows of a fixed-length sequence, e.g. magika's first and last 1024 bytes)
+    with `copies` spliced copies of every row first, then the rows themselves (last, so that
+    distill's held-out batches, taken from the end, are real rows): each copy joins the first half
+    of its row to the second half of a row drawn at random (seeded); unlabelled (the teacher labels)."""
+    if len(data.inputs) != 1:
+        raise SystemExit(f"--distill-splice needs a model with one input, not {', '.join(data.inputs)}")
+    (name, rows), = data.inputs.items()
+    n, half = len(rows), rows.shape[1] // 2
+    rng = np.random.default_rng(seed)
+    out = np.concatenate([rows] * copies)
+    out[:, half:] = rows[rng.integers(n, size=n * copies), half:]
+    return Dataset({name: np.concatenate([out, rows])}, None, f"{data.source} + {copies} spliced copies of each row")
+
+
 def prose_sentences(zm, n_train: int, n_held: int, seed: int = 0) -> tuple[Dataset, int, str]:
     """`n_train` then `n_held` tokenized prose sentences (`_prose`), drawn seeded from the standard
     library's docstrings, none of them a sentence of the zoo MiniLM's calibration or eval text; a
@@ -215,13 +249,15 @@ def distill_data(zm, calib: Dataset, text: int, held: int, batch: int = 16) -> t
     return Dataset(inputs, None, f"{calib.source} + {text} prose sentences, {n_held} held out"), holdout, info
 
 
-def families(zm, level: float | None = None) -> dict[str, tuple[list, list]]:
+def families(zm, level: float | None = None, kinds: str = "all") -> dict[str, tuple[list, list]]:
     """name → (passes before the data-aware choice, the low-rank passes or [] for pruning only).
-    `level`: the low-rank families' per-layer MAC ratio (default by task, LOWRANK_LEVEL)."""
+    `level`: the low-rank families' per-layer MAC ratio (default by task, LOWRANK_LEVEL); `kinds`: the
+    layers they factorize (LOWRANK_PASSES), named in the family unless ``all``."""
     level = level or LOWRANK_LEVEL["classification" if zm.task.startswith("classification") else "default"]
     prune = [PruneChannels(ratio=PRUNE_RATIO)]
-    return {f"lowrank {level}": ([], [level]), f"prune {PRUNE_RATIO:.0%}": (prune, []),
-            f"prune {PRUNE_RATIO:.0%} + lowrank {level}": (prune, [level])}
+    low = "lowrank" + ("" if kinds == "all" else f" {kinds}")
+    return {f"{low} {level}": ([], [level]), f"prune {PRUNE_RATIO:.0%}": (prune, []),
+            f"prune {PRUNE_RATIO:.0%} + {low} {level}": (prune, [level])}
 
 
 def main(argv=None) -> int:
@@ -236,6 +272,10 @@ def main(argv=None) -> int:
     ap.add_argument("--level", type=float, default=None,
                     help="per-layer MAC ratio of the low-rank families (default: 0.5 for classifiers, else 0.7)")
     ap.add_argument("--only", default="", help="run only families whose name contains this text")
+    ap.add_argument("--skip", default="", help="leave out families whose name contains this text")
+    ap.add_argument("--factorize", choices=sorted(LOWRANK_PASSES), default="all",
+                    help="the layers the low-rank families factorize: all (factorize_conv + factorize_gemm), "
+                         "conv or gemm only")
     ap.add_argument("--ffn", type=float, default=None, metavar="LEVEL",
                     help="compress only a transformer's feed-forward MatMuls, to LEVEL x their MACs")
     ap.add_argument("--distill-hints", action="store_true",
@@ -248,6 +288,9 @@ def main(argv=None) -> int:
     ap.add_argument("--distill-block-lr", type=float, default=1e-3)
     ap.add_argument("--distill-augment", type=int, default=0, metavar="N",
                     help="token inputs: distill also on N perturbed copies of each calibration sentence")
+    ap.add_argument("--distill-splice", type=int, default=0, metavar="N",
+                    help="one-input sequence models: distill also on N copies of each calibration row whose "
+                         "second half is another row's")
     ap.add_argument("--distill-text", type=int, default=0, metavar="N",
                     help="MiniLM: distill also on N sentences of the Python standard library's docstrings")
     ap.add_argument("--distill-text-held", type=int, default=256, metavar="H",
@@ -277,8 +320,10 @@ def main(argv=None) -> int:
             variants[label] = model
             extras[label] = {"seconds": round(seconds, 2), **extra}
 
-        fams = ffn_families(args.ffn) if args.ffn is not None else families(zm, args.level)
-        factorize = _ffn_lowrank if args.ffn is not None else _lowrank
+        if args.ffn is not None and args.factorize != "all":
+            raise SystemExit("--factorize applies to the whole-model families, not to --ffn")
+        fams = ffn_families(args.ffn) if args.ffn is not None else families(zm, args.level, args.factorize)
+        factorize = _ffn_lowrank if args.ffn is not None else lowrank_passes(args.factorize)
         classifier = zm.task.startswith("classification")
         hints = tuple(n.output[0] for n in base.graph.node
                       if n.op_type == "LayerNormalization" and fnmatch.fnmatch(n.name, "*/output/LayerNorm/*")
@@ -286,7 +331,7 @@ def main(argv=None) -> int:
         blocks = tuple(n.output[0] for n in base.graph.node if n.op_type == "LayerNormalization"
                        and fnmatch.fnmatch(n.name, "*/layer.*/*output/LayerNorm/*")) if args.distill_blocks else ()
         for fam, (first, lowrank) in fams.items():
-            if args.only not in fam:
+            if args.only not in fam or (args.skip and args.skip in fam):
                 continue
             modes = ["plain", "whitened"] if lowrank else ["whitened"]
             if args.row_mask:  # the same run without and with the mask: unmasked rows stop at reconstruct
@@ -322,6 +367,7 @@ def main(argv=None) -> int:
                     continue
                 start = time.perf_counter()
                 dtrain = perturbed_sentences(zm.calib, args.distill_augment) if args.distill_augment else zm.calib
+                dtrain = spliced_rows(dtrain, args.distill_splice) if args.distill_splice else dtrain
                 holdout, text_info = None, {}
                 if args.distill_text:
                     dtrain, holdout, text_info = distill_data(zm, dtrain, args.distill_text, args.distill_text_held)
@@ -345,7 +391,7 @@ def main(argv=None) -> int:
             extras["fp32"] = {"ffn_macs": 1.0}
             for label, model in variants.items():
                 extras[label]["ffn_macs"] = round(ffn_macs(model, zm.shapes) / full, 4)
-        got = _harness.measure(zm, variants, rounds=args.rounds, runs=args.runs, extras=extras)
+        got = _harness.measure(zm, variants, rounds=args.rounds, runs=args.runs, extras=extras, macs_of=base)
         rows += got
         print(f"\n## {name}\n", flush=True)
         print(_harness.markdown(got, extra_keys=["ffn_macs", "seconds"] if args.ffn is not None else ()), flush=True)

@@ -11,7 +11,11 @@ minimizes, per batch (unlabeled unless the data carries labels):
 
 - outputs, ``loss=kd``: ``α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1 − α)·CE(s, y)`` on logits
   (2-D outputs of two or more classes; ``α`` 1 without labels, 0.9 with them), relative MSE
-  ``‖s − t‖² / ‖t‖²`` on every other output; ``loss=mse``: relative MSE everywhere;
+  ``‖s − t‖² / ‖t‖²`` on every other output; ``loss=mse``: relative MSE everywhere. An output that
+  already holds probabilities (every teacher row non-negative and summing to 1: a softmax inside
+  the graph) is taken through ``log`` first (clamped at 1e-30), which gives back its logits up to
+  a per-row constant that softmax ignores: the soft labels at ``T`` are then the softmax's own,
+  where the softmax of the probabilities would be nearly uniform;
 - ``hint=TEACHER=STUDENT`` (FitNets): ``½‖A_s − A_t‖²`` per element between intermediate tensors
   (one name when both graphs call it the same), weighted by ``beta``; ``attention`` > 0 adds
   attention transfer on 4-D hints: ``‖Q_s/‖Q_s‖ − Q_t/‖Q_t‖‖²`` with ``Q = Σ_c A_c²``;
@@ -62,6 +66,9 @@ from graph_opt.row_mask import AUTO, resolve as resolve_row_mask
 from graph_opt.runtime import make_session
 
 log = logging.getLogger(__name__)
+
+# Probabilities are clamped here before their log (a softmax's tail underflows to 0 in float32).
+PROBABILITY_FLOOR = 1e-30
 
 
 class MissingExtraError(GraphOptError):
@@ -179,7 +186,11 @@ class Distill(Pass):
         train, held = (batches[:-n_hold], batches[-n_hold:]) if n_hold else (batches, batches)
         labels = ctx.data.labels is not None
         alpha = self.alpha if self.alpha is not None else (0.9 if labels else 1.0)
-        losses = _Losses(self, student.outputs, pairs, alpha, torch, device)
+        probabilities = _probability_outputs(batches, student.outputs) if self.loss == "kd" else frozenset()
+        if probabilities:
+            report.note(f"distill: {', '.join(sorted(probabilities))} hold probabilities (teacher rows non-negative, "
+                        "summing to 1): KD and cross-entropy on their logs")
+        losses = _Losses(self, student.outputs, pairs, alpha, torch, device, probabilities)
 
         def held_loss() -> float:
             with torch.no_grad():
@@ -271,8 +282,10 @@ def _teacher_batches(teacher: onnx.ModelProto, data: Dataset, hints: list[str], 
 class _Losses:
     """The training loss of one batch: outputs (KD or relative MSE), hints, attention, relations."""
 
-    def __init__(self, opts: Distill, outputs: list[str], pairs: list[tuple[str, str]], alpha: float, torch, device):
+    def __init__(self, opts: Distill, outputs: list[str], pairs: list[tuple[str, str]], alpha: float, torch, device,
+                 probabilities: frozenset[str] = frozenset()):
         self.o, self.outputs, self.pairs, self.alpha, self.t, self.device = opts, outputs, pairs, alpha, torch, device
+        self.probabilities = probabilities  # outputs matched on their logs (`_probability_outputs`)
 
     def __call__(self, student, batch: _Batch):
         torch, F = self.t, self.t.nn.functional
@@ -285,6 +298,8 @@ class _Losses:
             if not torch.is_floating_point(s):
                 continue
             if self.o.loss == "kd" and s.dim() == 2 and s.shape[1] >= 2:
+                if name in self.probabilities:
+                    s, t = (torch.log(torch.clamp(v, min=PROBABILITY_FLOOR)) for v in (s, t))
                 T = self.o.T
                 kl = F.kl_div(F.log_softmax(s / T, 1), F.log_softmax(t / T, 1), reduction="batchmean", log_target=True)
                 total = total + self.alpha * T * T * kl
@@ -305,6 +320,16 @@ class _Losses:
             if self.o.attention > 0 and s.dim() == 4:
                 total = total + self.o.attention * _attention_transfer(s, t, torch)
         return total
+
+
+def _probability_outputs(batches: list[_Batch], outputs: list[str]) -> frozenset[str]:
+    """The 2-D outputs of two or more columns whose teacher rows, in every batch, are non-negative
+    and sum to 1 (within 1e-3): probabilities, not logits."""
+    def rows_are_probabilities(t) -> bool:
+        return (t.ndim == 2 and t.shape[1] >= 2 and np.issubdtype(t.dtype, np.floating) and bool(np.all(t >= 0))
+                and bool(np.all(np.abs(t.sum(1, dtype=np.float64) - 1.0) <= 1e-3)))
+    return frozenset(name for name in outputs
+                     if all(name in b.targets and rows_are_probabilities(np.asarray(b.targets[name])) for b in batches))
 
 
 def _attention_transfer(s, t, torch):

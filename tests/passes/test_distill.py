@@ -70,6 +70,37 @@ def test_distill_lowers_the_kd_loss_and_keeps_the_graph():
     assert any(n.startswith("distill:") and "held-out loss" in n for n in result.report.notes)
 
 
+def _softmax_cnn():
+    """small_cnn's logits through a Softmax: the graph's output holds probabilities."""
+    model = small_cnn(channels=4)
+    identity = next(n for n in model.graph.node if n.op_type == "Identity")
+    identity.op_type = "Softmax"
+    identity.attribute.append(onnx.helper.make_attribute("axis", 1))
+    return model
+
+
+@needs_torch
+def test_a_softmax_output_is_distilled_on_its_logs():
+    teacher = _softmax_cnn()
+    student = PruneWeights(sparsity=0.6)(teacher).model
+    calib, test = _data(96, 0), _data(64, 1)
+
+    def kd(model):  # KD at T=4 on the logits the probabilities come from (log p = z − logsumexp z)
+        return kd_loss(np.log(run(teacher, test.inputs)[0]), np.log(run(model, test.inputs)[0]), temperature=4.0)
+
+    before = kd(student)
+    result = Distill(steps=120, lr=3e-3, batch_size=16, eval_every=20, patience=10, T=4.0, threads=1)(
+        student, PassContext(data=calib, original=teacher))
+    assert result.modified, result.report.skipped
+    assert any("logits hold probabilities" in n for n in result.report.notes), result.report.notes
+    assert kd(result.model) < 0.7 * before
+    # the held-out loss the pass reports is that KD (its scale), not the one of softmax(probabilities / T)
+    start = float(next(n for n in result.report.notes if "held-out loss" in n).split("held-out loss ")[1].split()[0])
+    assert start > 0.1 * before, (start, before)
+    logits = Distill(steps=1, threads=1)(small_cnn(channels=4), PassContext(data=_data(32, 0), original=small_cnn(channels=4)))
+    assert not any("probabilities" in n for n in logits.report.notes)  # logits are left as they are
+
+
 @needs_torch
 def test_hints_attention_and_relation_losses_train():
     teacher = small_cnn(channels=4)
