@@ -249,15 +249,17 @@ def distill_data(zm, calib: Dataset, text: int, held: int, batch: int = 16) -> t
     return Dataset(inputs, None, f"{calib.source} + {text} prose sentences, {n_held} held out"), holdout, info
 
 
-def families(zm, level: float | None = None, kinds: str = "all") -> dict[str, tuple[list, list]]:
+def families(zm, level: float | None = None, kinds: str = "all",
+             prune_ratio: float = PRUNE_RATIO) -> dict[str, tuple[list, list]]:
     """name → (passes before the data-aware choice, the low-rank passes or [] for pruning only).
     `level`: the low-rank families' per-layer MAC ratio (default by task, LOWRANK_LEVEL); `kinds`: the
-    layers they factorize (LOWRANK_PASSES), named in the family unless ``all``."""
+    layers they factorize (LOWRANK_PASSES), named in the family unless ``all``; `prune_ratio`: the
+    share of channels the pruning families remove."""
     level = level or LOWRANK_LEVEL["classification" if zm.task.startswith("classification") else "default"]
-    prune = [PruneChannels(ratio=PRUNE_RATIO)]
+    prune = [PruneChannels(ratio=prune_ratio)]
     low = "lowrank" + ("" if kinds == "all" else f" {kinds}")
-    return {f"{low} {level}": ([], [level]), f"prune {PRUNE_RATIO:.0%}": (prune, []),
-            f"prune {PRUNE_RATIO:.0%} + {low} {level}": (prune, [level])}
+    return {f"{low} {level}": ([], [level]), f"prune {prune_ratio:.0%}": (prune, []),
+            f"prune {prune_ratio:.0%} + {low} {level}": (prune, [level])}
 
 
 def main(argv=None) -> int:
@@ -271,6 +273,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-distill", action="store_true")
     ap.add_argument("--level", type=float, default=None,
                     help="per-layer MAC ratio of the low-rank families (default: 0.5 for classifiers, else 0.7)")
+    ap.add_argument("--prune-ratio", type=float, default=PRUNE_RATIO,
+                    help="share of channels the pruning families remove (prune_channels ratio)")
     ap.add_argument("--only", default="", help="run only families whose name contains this text")
     ap.add_argument("--skip", default="", help="leave out families whose name contains this text")
     ap.add_argument("--factorize", choices=sorted(LOWRANK_PASSES), default="all",
@@ -322,7 +326,7 @@ def main(argv=None) -> int:
 
         if args.ffn is not None and args.factorize != "all":
             raise SystemExit("--factorize applies to the whole-model families, not to --ffn")
-        fams = ffn_families(args.ffn) if args.ffn is not None else families(zm, args.level, args.factorize)
+        fams = ffn_families(args.ffn) if args.ffn is not None else families(zm, args.level, args.factorize, args.prune_ratio)
         factorize = _ffn_lowrank if args.ffn is not None else lowrank_passes(args.factorize)
         classifier = zm.task.startswith("classification")
         hints = tuple(n.output[0] for n in base.graph.node
