@@ -138,12 +138,9 @@ def weights_dequantized(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[s
     session = make_session(mini, weights={x: weights[x] for x in needed if x in weights})
     values = session.run([o.name for o in outputs], {})
     folded = {o.name: np.asarray(v) for o, v in zip(outputs, values)}
-    folded_at = {i for i, n in enumerate(g.node) if n.op_type == "DequantizeLinear" and n.output[0] in folded}
-    kept = [onnx.NodeProto() for i in range(len(g.node)) if i not in folded_at]
-    for node, i in zip(kept, (i for i in range(len(g.node)) if i not in folded_at)):
-        node.CopyFrom(shell.graph.node[i])
-    del shell.graph.node[:]
-    shell.graph.node.extend(kept)
+    for i in reversed(range(len(g.node))):  # the shell's nodes are in the model's order
+        if g.node[i].op_type == "DequantizeLinear" and g.node[i].output[0] in folded:
+            del shell.graph.node[i]
     read = names_read(shell.graph) | {o.name for o in g.output}
     live = [t for t in shell.graph.initializer if t.name in read]
     del shell.graph.initializer[:]

@@ -220,7 +220,10 @@ class Reference:
         # a candidate whose batch is bound (simplify with the user's --input-shape) runs at its own size
         batch_size = batch_size_for(candidate, self.batch_size)
         folded = weights_dequantized(candidate)  # a quantized model's weights dequantized once, not per batch
-        runnable = make_session(*folded[:1], weights=folded[1], threads=self.threads) if folded else candidate
+        runnable = candidate
+        if folded is not None:
+            shell, weights = folded
+            runnable = make_session(shell, weights=weights, threads=self.threads)
         cand = run_model(runnable, self.data.laid_out(candidate), batch_size=batch_size, threads=self.threads,
                          desc="candidate")
         return compare_outputs(self.outputs, cand, labels=self.data.labels, temperature=self.temperature,
