@@ -347,7 +347,8 @@ _GRAM_MEMO: dict[tuple, tuple[frozenset[tuple[str, int]], dict[tuple[str, int], 
 
 
 def second_moments(model: onnx.ModelProto, data: Dataset | None, requests: set[tuple[str, int]],
-                   row_mask: RowMask | None = None) -> dict[tuple[str, int], np.ndarray]:
+                   row_mask: RowMask | None = None, *, product: type = np.float64
+                   ) -> dict[tuple[str, int], np.ndarray]:
     """(tensor, feature axis) → ``E[x xᵀ]`` over every position of the tensor (all axes but the
     feature axis are samples), streamed over `data` in float64: the input statistics of
     data-aware factorization and rounding. With `row_mask`, only the positions it keeps count
@@ -357,13 +358,17 @@ def second_moments(model: onnx.ModelProto, data: Dataset | None, requests: set[t
     tensor). Batches hold at most `data.RUN_INPUT_BYTES` of inputs (`data.batch_size_within`); the
     rows of consecutive small batches are multiplied together, `GRAM_ROWS` at a time (the same
     sum, rounded in another order). The last result is memoized (see the key) and
-    serves every later call asking for some of its tensors (a plan made again with fewer layers)."""
+    serves every later call asking for some of its tensors (a plan made again with fewer layers).
+    ``product``: the dtype each gathered block of rows is multiplied in (`GRAM_ROWS` rows at a
+    time, or a batch); the sum over blocks is float64 either way. ``np.float32`` halves the
+    arithmetic (a block's product then carries a relative rounding error near 1e-6), for users
+    that damp the moment far above that (GPTQ); data-aware factorization keeps float64."""
     requests = {r for r in requests if r[0]}
     if not requests or data is None:
         return {}
     # id(model): a pass that only retrains weights (distill) keeps every name, so the structure
     # alone cannot tell its output from its input; a budget's runs all read the same model object.
-    key = (id(model), _fingerprint(model), id(data), len(data), row_mask)
+    key = (id(model), _fingerprint(model), id(data), len(data), row_mask, np.dtype(product).name)
     if key in _GRAM_MEMO and requests <= _GRAM_MEMO[key][0]:
         grams = _GRAM_MEMO[key][1]
         return {r: grams[r] for r in requests if r in grams}
@@ -375,11 +380,12 @@ def second_moments(model: onnx.ModelProto, data: Dataset | None, requests: set[t
 
     def add(k: tuple[str, int]) -> None:
         parts = held.pop(k)
-        rows = (parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(np.float64)
+        rows = (parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(product, copy=False)
+        block = (rows.T @ rows).astype(np.float64, copy=False)
         if k in sums:
-            sums[k] += rows.T @ rows
+            sums[k] += block
         else:
-            sums[k] = rows.T @ rows
+            sums[k] = block
         counts[k] = counts.get(k, 0) + rows.shape[0]
 
     batches = (stream(model, data, names, desc="input statistics", batch_size=batch_size_within(data, model))
