@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import math
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -55,7 +56,7 @@ from graph_opt.passes.quantize.layers import Layer, excluded, float_on_input, ma
 from graph_opt.passes.quantize.placement import Placement, calibration_tensors, place
 from graph_opt.passes.quantize.weights import attach_hessians, block_for, weights_and_biases
 from graph_opt.runtime import make_session, release_memory
-from graph_opt.verify import Reference
+from graph_opt.verify import Reference, is_logits
 from graph_opt.onnx_util import first_line
 
 if TYPE_CHECKING:
@@ -179,7 +180,11 @@ def _admit(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], dec
     model, every other planned node quantized, still holds the threshold plus `ADMIT_MARGIN_DB` at
     its outputs (worst output SNR on ``sensitivity_samples`` samples). The margin is there because
     an output's SNR is weighted by energy: a detector's class scores sit beside box coordinates
-    hundreds of times larger in one tensor, and their damage hardly moves it. Otherwise the fewest of them, least
+    hundreds of times larger in one tensor, and their damage hardly moves it. A classifier, whose
+    every output is one score per class (`verify.is_logits`), has no such mix and its decision is
+    checked directly: there the floor is the weights' base threshold plus the margin (without the
+    7-bit grid's increment, which is for per-node verdicts that cannot see the noise add up; the
+    end-to-end check sees it), and every check sample must keep its top class. Otherwise the fewest of them, least
     robust first, stay float: found by bisection, each candidate checked end to end. Nothing is
     admitted when the model misses the threshold even with every one of them float. Models whose
     weights are kept on disk are not rebuilt this way (their local verdicts stand).
@@ -187,8 +192,10 @@ def _admit(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], dec
     if has_disk_weights(model):
         return sensitive
     order = sorted(sensitive, key=lambda i: sens[i]["snr_db"])  # least robust first
-    floor = threshold + ADMIT_MARGIN_DB
     reference = Reference(model, data.take(min(opts.max_samples, opts.sensitivity_samples)), threads=opts.threads)
+    classifier = bool(reference.outputs) and all(is_logits(v) for v in reference.outputs.values())
+    base = opts.threshold_db(reduced_grid=False)
+    floor = (min(threshold, base) if classifier and base is not None else threshold) + ADMIT_MARGIN_DB
 
     def snr_keeping(kept: list[int]) -> float:
         keep = {**forced, **{i: sensitive[i] for i in kept}}
@@ -196,13 +203,15 @@ def _admit(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], dec
         weights, biases = weights_and_biases(layers, pl, opts, quantized)
         trial = QuantPlan(opset=opset, nodes=list(decisions), notes=[])
         _record(trial, ix, layers, pl, keep, sens, [*weights.values(), *biases.values(), *pl.acts.values()], biases)
-        out = apply_plan(model, trial, int4_format=opts.int4_format)
-        return reference.compare(out).snr_db
+        parity = reference.compare(apply_plan(model, trial, int4_format=opts.int4_format))
+        if classifier and parity.top1 is not None and parity.top1 < 1.0:
+            return -math.inf  # a check sample changed its top class: not held, whatever the SNR
+        return parity.snr_db
 
     def result(k: int, value: float) -> dict[int, str]:
         notes.append(f"sensitivity: {len(order) - k} of {len(order)} nodes below {threshold:g} dB on their own "
                      f"quantized anyway: the model's outputs hold {floor:g} dB with them ({value:.1f} dB on "
-                     f"{len(reference.data)} samples)")
+                     f"{len(reference.data)} samples{', every top class kept' if classifier else ''})")
         return {i: sensitive[i] for i in order[:k]}
 
     try:

@@ -1,3 +1,4 @@
+import importlib
 import json
 import time
 import weakref
@@ -788,7 +789,7 @@ def test_sensitivity_on_a_few_samples_finds_the_sensitive_layer():
     data.inputs["x"][:4, 0] = 3000.0  # the outlier feature: in the first 4 samples only
     few = Quantize(sensitivity_samples=4)(model, PassContext(data=data)).report
     assert any(s.node == "fc1" and s.reason.startswith("sensitive: SNR") for s in few.skipped)
-    assert "sensitivity threshold 25 dB: 1 of" in " ".join(few.notes)
+    assert f"sensitivity threshold {Quantize().threshold_db():g} dB: 1 of" in " ".join(few.notes)
     with pytest.raises(ValueError, match="sensitivity_samples"):
         Quantize(sensitivity_samples=0)
     with pytest.raises(ValueError, match="batch_size"):
@@ -1024,8 +1025,9 @@ def test_layer_with_lossy_activations_falls_back_to_weight_only():
     entries = {e["node"]: e for e in result.report.rewritten}
     fc1 = entries["fc1"]
     assert fc1["input"] == "float" and "weight-only: quantized activations too lossy" in fc1["note"]
-    assert "dB < 25 dB" in fc1["note"] and fc1["snr_db"] < 25
-    assert entries["fc2"]["input"] != "float" and entries["fc2"]["snr_db"] > 25
+    t = Quantize().threshold_db()  # 25 dB, 30 on a CPU whose int8 weights are 7-bit
+    assert f"dB < {t:g} dB" in fc1["note"] and fc1["snr_db"] < t
+    assert entries["fc2"]["input"] != "float" and entries["fc2"]["snr_db"] > t
     assert "x_scale" not in {t.name for t in result.model.graph.initializer}  # the input stays float
     # Its weight, quantized for the static first placement (7-bit grid), is quantized again for the
     # weight-only one: the full int8 grid; fc2 keeps its 7-bit grid.
@@ -1040,47 +1042,75 @@ def test_layer_with_lossy_activations_falls_back_to_weight_only():
     assert cosine(_outputs(model, test)[0], _outputs(blind, test)[0]) < 0.99
 
 
-def _diluted_and_exposed_layers():
+def _diluted_and_exposed_layers(tokens: int | None = None):
     """fc1's input range is set by a silent outlier feature, so fc1 alone is lossy, but its output
-    is added to a residual that dwarfs it; fc2 is as lossy and feeds an output of its own."""
+    is added to a residual that dwarfs it; fc2 is as lossy and feeds an output of its own. Two
+    score-per-class outputs ([N, 32], [N, 8]: a classifier's shape), or with `tokens` one row of
+    features per token ([N, tokens, ·]: not a classifier's)."""
     rng = np.random.default_rng(1)
     g = GraphBuilder(seed=1)
-    x, z = g.input("x", ["N", 32]), g.input("z", ["N", 32])
+    lead = ["N"] if tokens is None else ["N", tokens]
+    x, z = g.input("x", [*lead, 32]), g.input("z", [*lead, 32])
     w1 = (rng.standard_normal((32, 32)) * 0.003).astype(np.float32)
     w1[0] = 0.0
     w2 = (rng.standard_normal((32, 8)) * 0.3).astype(np.float32)
     w2[0] = 0.0
     g.output(g.node("Add", [x, g.node("MatMul", [x, g.const("fc1.w", w1)], name="fc1")], ["y"], name="residual"),
-             ["N", 32])
-    g.output(g.node("MatMul", [z, g.const("fc2.w", w2)], ["y2"], name="fc2"), ["N", 8])
+             [*lead, 32])
+    g.output(g.node("MatMul", [z, g.const("fc2.w", w2)], ["y2"], name="fc2"), [*lead, 8])
     model = g.build()
     data = random_dataset(model, 32, seed=0)
-    data.inputs["x"][:, 0] = 100.0
-    data.inputs["z"][:, 0] = 30000.0  # fc2 is the least robust of the two on its own
+    data.inputs["x"][..., 0] = 100.0
+    data.inputs["z"][..., 0] = 30000.0  # fc2 is the least robust of the two on its own
     return model, data
 
 
-def test_sensitive_layer_whose_error_does_not_reach_the_outputs_is_quantized():
-    model, data = _diluted_and_exposed_layers()
+@pytest.mark.parametrize("tokens", [None, 4], ids=["classifier", "per-token"])
+def test_sensitive_layer_whose_error_does_not_reach_the_outputs_is_quantized(tokens):
+    model, data = _diluted_and_exposed_layers(tokens)
     result = Quantize(prefer="size")(model, PassContext(data=data))
     plan = Quantize(prefer="size").plan(model, data)
     local = {d.node: d.sensitivity["snr_db"] for d in plan.nodes if d.sensitivity}
-    assert local["fc1"] < 25 and local["fc2"] < local["fc1"]  # both fail on their own
+    t = Quantize().threshold_db()  # 25 dB, 30 on a CPU whose int8 weights are 7-bit
+    assert local["fc1"] < t and local["fc2"] < local["fc1"]  # both fail on their own
     assert "fc1" in {e["node"] for e in result.report.rewritten}
     skipped = {s.node: s.reason for s in result.report.skipped}
     assert skipped["fc2"].startswith("sensitive: SNR") and "fc1" not in skipped
-    assert any(n.startswith("sensitivity: 1 of 2 nodes below 25 dB on their own quantized anyway: the model's "
-                          "outputs hold 35 dB") for n in plan.notes)
+    # A classifier's floor is the base 25 dB + 10 (its top classes checked too); any other model's
+    # is the threshold + 10, which on a 7-bit grid includes its 5 dB increment.
+    floor = (Quantize().threshold_db(reduced_grid=False) if tokens is None else t) + 10
+    note = next(n for n in plan.notes if n.startswith("sensitivity: 1 of"))
+    assert note.startswith(f"sensitivity: 1 of 2 nodes below {t:g} dB on their own quantized anyway: the model's "
+                           f"outputs hold {floor:g} dB")
+    assert note.endswith(", every top class kept)") == (tokens is None)
     assert "fc1.w" not in _float_weight_names(result.model) and "fc2.w" in _float_weight_names(result.model)
     assert_valid(result.model)
     test = random_dataset(model, 16, seed=3)
-    test.inputs["x"][:, 0], test.inputs["z"][:, 0] = 100.0, 30000.0
+    test.inputs["x"][..., 0], test.inputs["z"][..., 0] = 100.0, 30000.0
     ref, got = _outputs(model, test), _outputs(result.model, test)
-    assert snr_db(ref[0], got[0]) >= 35 and np.array_equal(ref[1], got[1])  # y2 stays exact: fc2 is float
+    assert snr_db(ref[0], got[0]) >= floor and np.array_equal(ref[1], got[1])  # y2 stays exact: fc2 is float
     _assert_deployable(model, result.model, test)
     # An explicit threshold is a per-node rule: fc1 stays float, as its own SNR says.
     explicit = Quantize(prefer="size", sensitivity_snr_db=25.0)(model, PassContext(data=data)).report
     assert {"fc1", "fc2"} <= {s.node for s in explicit.skipped if s.reason.startswith("sensitive: SNR")}
+
+
+def test_a_classifier_admits_no_node_that_changes_a_top_class(monkeypatch):
+    verify = importlib.import_module("graph_opt.verify")  # the module (graph_opt.verify is also a function)
+    model, data = _diluted_and_exposed_layers()
+    real = verify.compare_outputs
+
+    def one_swapped(reference, candidate, **kwargs):  # every trial model loses one check sample's top class
+        report = real(reference, candidate, **kwargs)
+        for o in report.outputs:
+            o.top1 = min(o.top1, 0.9) if o.top1 is not None else None
+        return report
+
+    monkeypatch.setattr(verify, "compare_outputs", one_swapped)
+    plan = Quantize(prefer="size").plan(model, data)
+    kept = {d.node for d in plan.nodes if d.action == "float" and d.sensitivity is not None}
+    assert kept == {"fc1", "fc2"}  # fc1's outputs hold the SNR floor, but a top class moved: not admitted
+    assert not any(n.startswith("sensitivity: 1 of") for n in plan.notes)
 
 
 def test_layer_whose_weights_do_not_survive_stays_float():
@@ -1092,7 +1122,7 @@ def test_layer_whose_weights_do_not_survive_stays_float():
     # Even the weight-only fallback is measured too lossy (its SNR is in the reason), so fc1 stays float.
     result = Quantize(sensitive="weight_only")(model, PassContext(data=data))
     skipped = {s.node: s.reason for s in result.report.skipped}
-    assert skipped["fc1"].startswith("sensitive: SNR") and "dB < 25 dB" in skipped["fc1"]
+    assert skipped["fc1"].startswith("sensitive: SNR") and f"dB < {Quantize().threshold_db():g} dB" in skipped["fc1"]
     assert "weight_only_snr_db" in skipped["fc1"]
     # The default (sensitive='float') never needs the weight-only SNR, so it does not measure it.
     default = {s.node: s.reason for s in Quantize()(model, PassContext(data=data)).report.skipped}
@@ -1207,7 +1237,13 @@ def test_batchnorm_after_a_conv_is_folded_so_the_output_stays_int8():
 
 
 def test_auto_sensitivity_thresholds():
-    assert Quantize().threshold_db() == 25.0 and Quantize(weights="uint8").threshold_db() == 25.0
+    vnni, avx2 = "x86-avx512-vnni", "x86-avx2"
+    assert Quantize(target=vnni).threshold_db() == 25.0 and Quantize(target=vnni, weights="uint8").threshold_db() == 25.0
+    # int8 weights on a 7-bit grid (x86 without int8 dot products) carry more noise: 5 dB more
+    assert Quantize(target=avx2).threshold_db() == 30.0 and Quantize(target=avx2, reduce_range=False).threshold_db() == 25.0
+    assert Quantize(target=avx2, weights="uint8").threshold_db() == 25.0  # uint8 weights keep their 8 bits
+    assert Quantize(target=avx2, activations="none").threshold_db() == 25.0  # weight-only: no 7-bit grid
+    assert Quantize(reduce_range=True).threshold_db() == 30.0 and Quantize(reduce_range=False).threshold_db() == 25.0
     assert Quantize(weights="int4").threshold_db() == 10.0 and Quantize(weights="ternary").threshold_db() is None
     assert Quantize(sensitivity_snr_db=18.0).threshold_db() == 18.0
 
