@@ -180,11 +180,12 @@ def _admit(model: onnx.ModelProto, ix: GraphIndex, layers: dict[int, Layer], dec
     model, every other planned node quantized, still holds the threshold plus `ADMIT_MARGIN_DB` at
     its outputs (worst output SNR on ``sensitivity_samples`` samples). The margin is there because
     an output's SNR is weighted by energy: a detector's class scores sit beside box coordinates
-    hundreds of times larger in one tensor, and their damage hardly moves it. A classifier, whose
-    every output is one score per class (`verify.is_logits`), has no such mix and its decision is
-    checked directly: there the floor is the weights' base threshold plus the margin (without the
-    7-bit grid's increment, which is for per-node verdicts that cannot see the noise add up; the
-    end-to-end check sees it), and every check sample must keep its top class. Otherwise the fewest of them, least
+    hundreds of times larger in one tensor, and their damage hardly moves it. A model whose every
+    output is one row of scores per sample (`verify.is_logits`: a classifier's logits or
+    probabilities, an embedding) has no such mix, and its top score is checked directly: there the
+    floor is the weights' base threshold plus the margin (without the 7-bit grid's increment, which
+    is for per-node verdicts that cannot see the noise add up; the end-to-end check sees it), and
+    every check sample must keep its top score's index. Otherwise the fewest of them, least
     robust first, stay float: found by bisection, each candidate checked end to end. Nothing is
     admitted when the model misses the threshold even with every one of them float. Models whose
     weights are kept on disk are not rebuilt this way (their local verdicts stand).
