@@ -10,6 +10,10 @@ pass's CPU seconds (all threads of this process) and wall seconds.
     python benchmarks/probe_quantize.py ppocr_rec "prefer=size" \\
         "prefer=size,keep_float=p2o.Conv.1|p2o.Conv.2|p2o.Conv.3|p2o.Conv.4"
 
+``--notes`` prints the pass's sensitivity notes and verdicts under each row. ``--split-rows K`` adds the SNR of the first output's rows below K and from K on, along axis 1
+(YOLOv8's output: 4 box coordinates, then one row of scores per class: ``--split-rows 4``), each
+on the eval split as deployed.
+
 A variant is quantize's options as the CLI spells them (without ``quantize:``); in
 ``keep_float`` and ``exclude`` names are separated by ``|`` and match exactly. Prints a table
 with the CPU's model and flags; nothing is written.
@@ -54,6 +58,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
     ap.add_argument("variants", nargs="+")
+    ap.add_argument("--notes", action="store_true", help="print the pass's sensitivity notes and verdicts under each row")
+    ap.add_argument("--split-rows", type=int, default=None, metavar="K",
+                    help="also the SNR of the first output's rows < K and >= K along axis 1")
     args = ap.parse_args(argv)
     zm = zoo.get(args.model)
     raw = zm.load()
@@ -62,8 +69,10 @@ def main(argv=None) -> int:
     model = Simplify()(raw, ctx).model
     ref = {opt: _outputs(zm, model, opt) for opt in (True, False)}
     print(f"{args.model}; {_harness.cpu_line()}")
-    print("| variant | task (deployed) | SNR dB deployed | SNR dB emulated | layers int8 | quantize CPU s (wall s) |")
-    print("|---|---|---|---|---|---|")
+    k = args.split_rows
+    split = f" SNR dB rows < {k} | SNR dB rows >= {k} |" if k is not None else ""
+    print(f"| variant | task (deployed) | SNR dB deployed | SNR dB emulated |{split} layers int8 | quantize CPU s (wall s) |")
+    print("|---|---|---|---|" + ("---|---|" if k is not None else "") + "---|---|")
     for variant in args.variants:
         q = parse_spec(_spec(variant))
         cpu, wall = time.process_time(), time.perf_counter()
@@ -76,9 +85,25 @@ def main(argv=None) -> int:
             snr[opt] = snr_db(ref[opt][name], out[name])
             if opt:
                 task = zm.evaluate(out)
+                rows = ""
+                if k is not None:
+                    r, o = ref[opt][name], out[name]
+                    rows = f" {snr_db(r[:, :k], o[:, :k]):.2f} | {snr_db(r[:, k:], o[:, k:]):.2f} |"
         layers = sum(1 for e in result.report.rewritten if e.get("weight"))
         task_text = ", ".join(f"{k} {v:.4f}" for k, v in task.items())
-        print(f"| {variant} | {task_text} | {snr[True]:.2f} | {snr[False]:.2f} | {layers} | {cpu:.1f} ({wall:.1f}) |", flush=True)
+        print(f"| {variant} | {task_text} | {snr[True]:.2f} | {snr[False]:.2f} |{rows} {layers} | {cpu:.1f} ({wall:.1f}) |",
+              flush=True)
+        if args.notes:
+            for note in result.report.notes:
+                if note.startswith("sensitivity"):
+                    print(f"    {note}")
+            for s in result.report.skipped:
+                if s.reason.startswith("sensitive"):
+                    print(f"    {s.node}: {s.reason}")
+            threshold = q.threshold_db()
+            for e in result.report.rewritten:  # quantized although below the threshold on their own
+                if threshold is not None and e.get("snr_db") is not None and e["snr_db"] < threshold:
+                    print(f"    {e['node']}: int8 at {e['snr_db']:.1f} dB on its own")
     return 0
 
 
