@@ -347,7 +347,7 @@ _GRAM_MEMO: dict[tuple, tuple[frozenset[tuple[str, int]], dict[tuple[str, int], 
 
 
 def second_moments(model: onnx.ModelProto, data: Dataset | None, requests: set[tuple[str, int]],
-                   row_mask: RowMask | None = None, *, product: type = np.float64
+                   row_mask: RowMask | None = None, *, product: type = np.float64, threads: int = 1
                    ) -> dict[tuple[str, int], np.ndarray]:
     """(tensor, feature axis) → ``E[x xᵀ]`` over every position of the tensor (all axes but the
     feature axis are samples), streamed over `data` in float64: the input statistics of
@@ -362,7 +362,8 @@ def second_moments(model: onnx.ModelProto, data: Dataset | None, requests: set[t
     ``product``: the dtype each gathered block of rows is multiplied in (`GRAM_ROWS` rows at a
     time, or a batch); the sum over blocks is float64 either way. ``np.float32`` halves the
     arithmetic (a block's product then carries a relative rounding error near 1e-6), for users
-    that damp the moment far above that (GPTQ); data-aware factorization keeps float64."""
+    that damp the moment far above that (GPTQ); data-aware factorization keeps float64.
+    ``threads``: onnxruntime's intra-op threads for the streamed run (0: one per core)."""
     requests = {r for r in requests if r[0]}
     if not requests or data is None:
         return {}
@@ -388,7 +389,8 @@ def second_moments(model: onnx.ModelProto, data: Dataset | None, requests: set[t
             sums[k] = block
         counts[k] = counts.get(k, 0) + rows.shape[0]
 
-    batches = (stream(model, data, names, desc="input statistics", batch_size=batch_size_within(data, model))
+    batches = (stream(model, data, names, desc="input statistics", batch_size=batch_size_within(data, model),
+                      threads=threads)
                if names
                else ((feed, {}) for feed in data.batches(batch_size_for(model))))
     for feed, values in batches:

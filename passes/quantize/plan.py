@@ -105,7 +105,7 @@ def make_plan(model: onnx.ModelProto, data: Dataset | None, opts: Quantize, *,
 
     if opts.rounding_for(data is not None) == "gptq":
         try:
-            attach_hessians(model, ix, layers, data, notes, opts, _moments(source, data))
+            attach_hessians(model, ix, layers, data, notes, opts, _moments(source, data, opts.threads))
         except GraphOptError as exc:  # the statistics' model does not load or run (e.g. a custom op onnxruntime lacks)
             notes.append(f"rounding=gptq not run ({exc}); weights rounded to nearest")
     candidates, forced = _candidates(ix, layers, data, opts, notes)
@@ -317,27 +317,29 @@ def _observe(model: onnx.ModelProto, source: str | None, data: Dataset, tensors:
     return observers, False
 
 
-def _gptq_moments(model: onnx.ModelProto, data: Dataset | None, requests: set[tuple[str, int]]):
+def _gptq_moments(threads: int):
     """GPTQ's input statistics: `second_moments` with each block of rows multiplied in float32
     (half the arithmetic; `gptq` damps the moment by a share of its mean diagonal, far above the
-    product's rounding)."""
-    return second_moments(model, data, requests, product=np.float32)
+    product's rounding), streamed with the pass's onnxruntime threads."""
+    def moments(model: onnx.ModelProto, data: Dataset | None, requests: set[tuple[str, int]]):
+        return second_moments(model, data, requests, product=np.float32, threads=threads)
+    return moments
 
 
-def _moments(source: str | None, data: Dataset | None):
+def _moments(source: str | None, data: Dataset | None, threads: int):
     """`intermediates.second_moments`, or within a `shared_calibration` scope one that reuses the
     second moments an earlier plan of the same source model and data computed, when they cover
     every tensor asked for (the latency gate's plan asks for those of a subset of the layers)."""
     shared = _SHARED.get()
     if shared is None or source is None:
-        return _gptq_moments
+        return _gptq_moments(threads)
     key = ("moments", source, id(data))
 
     def moments(model: onnx.ModelProto, data: Dataset | None, requests: set[tuple[str, int]]):
         asked, grams = shared.get(key, (frozenset(), {}))
         if key in shared and requests <= asked:
             return {r: grams[r] for r in requests if r in grams}
-        grams = _gptq_moments(model, data, requests)
+        grams = _gptq_moments(threads)(model, data, requests)
         shared[key] = (frozenset(requests), grams)
         return grams
     return moments
