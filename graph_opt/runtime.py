@@ -119,10 +119,9 @@ def weights_dequantized(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[s
     The outputs are computed once by onnxruntime's own DequantizeLinear kernel, the one that runs
     them when optimizations are off, and the activations' QuantizeLinear/DequantizeLinear still run
     as written, so the result emulates the same integer arithmetic in float without dequantizing
-    every weight again for every batch. Convolutions give the same values bit for bit; a MatMul
-    whose weight is now an initializer may take another kernel path, whose last-bit differences an
-    activation's rounding can carry further (on a quantized MiniLM the output cosine to the float
-    model read 0.997647 against 0.997639 unfolded and 0.997640 as deployed)."""
+    every weight again for every batch. Convolutions give the same values bit for bit
+    (tests/core/test_verify.py); a MatMul whose weight is now an initializer may take another
+    kernel path, whose last-bit differences an activation's rounding can carry further."""
     g = model.graph
     consts = {t.name for t in g.initializer}
     folds = [n for n in g.node if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx")

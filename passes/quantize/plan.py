@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 import math
 from collections.abc import Iterator, Mapping
@@ -317,29 +318,24 @@ def _observe(model: onnx.ModelProto, source: str | None, data: Dataset, tensors:
     return observers, False
 
 
-def _gptq_moments(threads: int):
-    """GPTQ's input statistics: `second_moments` with each block of rows multiplied in float32
-    (half the arithmetic; `gptq` damps the moment by a share of its mean diagonal, far above the
-    product's rounding), streamed with the pass's onnxruntime threads."""
-    def moments(model: onnx.ModelProto, data: Dataset | None, requests: set[tuple[str, int]]):
-        return second_moments(model, data, requests, product=np.float32, threads=threads)
-    return moments
-
-
 def _moments(source: str | None, data: Dataset | None, threads: int):
-    """`intermediates.second_moments`, or within a `shared_calibration` scope one that reuses the
-    second moments an earlier plan of the same source model and data computed, when they cover
-    every tensor asked for (the latency gate's plan asks for those of a subset of the layers)."""
+    """GPTQ's input statistics: `intermediates.second_moments` with each block of rows multiplied
+    in float32 (half the arithmetic; `gptq` damps the moment by a share of its mean diagonal, far
+    above the product's rounding) and the pass's onnxruntime threads; within a `shared_calibration`
+    scope, one that reuses the second moments an earlier plan of the same source model and data
+    computed, when they cover every tensor asked for (the latency gate's plan asks for those of a
+    subset of the layers)."""
+    compute = functools.partial(second_moments, product=np.float32, threads=threads)
     shared = _SHARED.get()
     if shared is None or source is None:
-        return _gptq_moments(threads)
+        return compute
     key = ("moments", source, id(data))
 
     def moments(model: onnx.ModelProto, data: Dataset | None, requests: set[tuple[str, int]]):
         asked, grams = shared.get(key, (frozenset(), {}))
         if key in shared and requests <= asked:
             return {r: grams[r] for r in requests if r in grams}
-        grams = _gptq_moments(threads)(model, data, requests)
+        grams = compute(model, data, requests)
         shared[key] = (frozenset(requests), grams)
         return grams
     return moments

@@ -11,9 +11,9 @@ its parts (layer, or inputs, and output) by adding their noise-to-signal ratios.
 `split_sensitive`: below ``sensitivity_snr_db`` ('auto': 25 dB for 8-bit weights, 30 dB for int8
 weights on a 7-bit grid, 10 dB for int4, none for ternary/binary) a node is kept float, or with
 ``sensitive='weight_only'`` a layer whose weight-only probe (float input and bias) holds the
-threshold keeps its quantized weight and runs on float activations. The session runs with onnxruntime's basic optimizations only (a few
-samples: the layout changes' reordered weight copies cost memory and win no time), none for a
-model whose weights are kept on disk.
+threshold keeps its quantized weight and runs on float activations. The session runs with
+onnxruntime's basic optimizations only (a few samples: the layout changes' reordered weight copies
+cost memory and win no time), none for a model whose weights are kept on disk.
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ def test_a_quantized_candidate_runs_with_its_weights_dequantized_once():
     from graph_opt.pass_base import PassContext
     from graph_opt.passes import Quantize
     from graph_opt.runtime import make_session, weights_dequantized
-    from graph_opt.verify import Reference
+    from graph_opt.verify import Reference, compare_outputs
 
     model = small_cnn()
     data = random_dataset(model, 6)
@@ -151,8 +151,6 @@ def test_a_quantized_candidate_runs_with_its_weights_dequantized_once():
     folded = run_model(make_session(shell, weights=weights), data)
     as_written = run_model(quantized, data)  # optimizations off: every DequantizeLinear runs
     assert all(np.array_equal(folded[k], as_written[k]) for k in as_written)  # convolutions: bit for bit
-    from graph_opt.verify import compare_outputs
-
     reference = Reference(model, data)
     assert reference.compare(quantized).to_dict() == compare_outputs(reference.outputs, as_written, data_source=data.source).to_dict()
     assert weights_dequantized(model) is None  # nothing to fold
